@@ -1,0 +1,78 @@
+"""Command line: `fsdptrain train | config` (click). User mistakes become one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from .errors import UserError
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def friendly_errors(fn):
+    """Turn UserError into `fsdptrain: error: ...` on stderr (rank 0 only) and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if _rank() == 0 or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS"):
+                prefix = f"[rank {_rank()}] " if "RANK" in os.environ else ""
+                click.echo(f"fsdptrain: error: {prefix}{e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """fsdptrain: fine-tune and pretrain Hugging Face causal LMs with PyTorch FSDP2."""
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("config", required=False)
+@click.argument("overrides", nargs=-1)
+@friendly_errors
+def train(config: str | None, overrides: tuple[str, ...]) -> None:
+    """Train. CONFIG is a YAML file (omit it for the built-in tiny demo); OVERRIDES are key.path=value."""
+    from .config import load_config
+    from .trainer import train as run
+
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides = (config, *overrides)
+        config = None
+    cfg = load_config(config, overrides)
+    run(cfg)
+
+
+@main.command("config")
+@click.argument("config", required=False)
+@click.argument("overrides", nargs=-1)
+@click.option("--dump", is_flag=True, help="Print the effective config (defaults filled in) with each key's doc.")
+@friendly_errors
+def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool) -> None:
+    """Validate a config; with --dump print the effective config."""
+    from .config import dump_yaml, load_config
+
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides = (config, *overrides)
+        config = None
+    cfg = load_config(config, overrides)
+    if dump:
+        click.echo(dump_yaml(cfg), nl=False)
+    else:
+        click.echo(f"{config or 'default config'}: ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Typed configuration: dataclasses per concern, YAML loading, overrides, validation.
+
+A run is described by one `Config`: a few top-level keys plus one section per
+concern (model, data, train, parallel, checkpoint, logging, memory). Every key
+is declared once with `opt(default, doc, ...)`; the doc string feeds
+`fsdptrain config --dump` and the README's reference table.
+
+Loading is strict: an unknown key, a wrong type or a value outside the allowed
+set raises `ConfigError` with one line naming the file (or override), the
+dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default: Any, doc: str, *, choices: Optional[list] = None, min: Optional[float] = None) -> Any:
+    """Declare a config key: default value, one-line doc, optional allowed values / minimum."""
+    meta = {"doc": doc, "choices": choices, "min": min}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: _copy(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # what `fsdptrain train` runs without a CONFIG
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = opt(None, "Local Hugging Face model folder (config.json + *.safetensors); weights load from it unless random_init is true.")
+    hf_config: Optional[dict] = opt(None, "Inline Hugging Face config (model_type + fields) for a randomly initialised model; used when path is null. vocab_size defaults to the tokenizer's.")
+    random_init: bool = opt(False, "Take only the architecture from model.path and start from random weights.")
+    tokenizer: Optional[str] = opt(None, "Tokenizer folder; null: model.path if it has one, else the built-in character tokenizer.")
+    attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.", choices=["sdpa", "eager", "flash_attention_2"])
+    trust_remote_code: bool = opt(False, "Allow custom modelling code shipped inside model.path (off unless you trust the folder).")
+
+
+@dataclass
+class DataConfig:
+    synthetic_task: str = opt("add", "Built-in generated instruction task used when no data sets are given.", choices=["reverse", "add", "sort"])
+    synthetic_examples: int = opt(10000, "Number of generated examples for the built-in task.", min=1)
+    max_length: int = opt(2048, "Truncate tokenised examples to this many tokens (LLaMA-Factory cutoff_len).", min=8)
+    shuffle: bool = opt(True, "Shuffle examples each epoch (seeded by seed and epoch).")
+    drop_last: bool = opt(True, "Drop the last incomplete global batch of an epoch (keeps every rank on the same number of micro-steps).")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = opt(None, "Optimizer steps to run; null: derive from epochs.", min=1)
+    epochs: float = opt(1.0, "Passes over the data when max_steps is null.", min=0)
+    micro_batch_size: int = opt(1, "Examples per rank per micro-step.", min=1)
+    grad_accum_steps: int = opt(1, "Micro-steps per optimizer step (gradient sync only on the last).", min=1)
+    lr: float = opt(1.0e-5, "Peak learning rate.", min=0)
+    schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=["cosine", "linear", "constant"])
+    warmup_steps: int = opt(0, "Linear warmup steps (takes precedence over warmup_ratio when > 0).", min=0)
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of max_steps.", min=0)
+    min_lr_ratio: float = opt(0.0, "Final learning rate as a fraction of lr (cosine/linear).", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (never applied to norms and biases).", min=0)
+    adam_betas: list = opt([0.9, 0.95], "AdamW (beta1, beta2).")
+    adam_eps: float = opt(1.0e-8, "AdamW epsilon.", min=0)
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
+    on_nonfinite: str = opt("stop", "Non-finite loss or grad norm: stop the run (naming step and rank) or skip the update.", choices=["stop", "skip"])
+
+
+@dataclass
+class ParallelConfig:
+    device: str = opt("auto", "auto: CUDA + NCCL when GPUs exist, else CPU + gloo.", choices=["auto", "cpu", "cuda"])
+    precision: str = opt("auto", "auto: bf16-mixed on CUDA, fp32 on CPU. bf16-mixed: bf16 params/compute, fp32 master weights and gradient reduction. bf16-pure: everything bf16.", choices=["auto", "bf16-mixed", "fp32", "bf16-pure"])
+    reshard_after_forward: bool = opt(True, "Free gathered block weights after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like, more memory, less traffic).")
+    cpu_offload: bool = opt(False, "Keep sharded params, grads and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; needs CUDA).")
+    activation_checkpointing: str = opt("none", "Recompute block activations in backward: none, full (every block) or every_k (every k-th block).", choices=["none", "full", "every_k"])
+    activation_checkpointing_k: int = opt(2, "k for activation_checkpointing: every_k.", min=1)
+    sync_grads_every_micro_step: bool = opt(False, "Reduce-scatter gradients on every micro-step; false (default) reduces only on the last one (less traffic, but unsharded gradients are held during accumulation).")
+    timeout_minutes: float = opt(30.0, "Process-group timeout: a collective waiting longer fails instead of hanging.", min=0.1)
+
+
+@dataclass
+class CheckpointConfig:
+    export_hf: bool = opt(False, "At the end of training write a Hugging Face model folder (safetensors) to output_dir/hf.")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = opt(1, "Write metrics every N optimizer steps.", min=1)
+    tensorboard: bool = opt(True, "Write TensorBoard events to output_dir/tb.")
+    progress: str = opt("auto", "Rank-0 progress: bar (tqdm), lines (one line per log step), none; auto: bar on a terminal, lines otherwise.", choices=["auto", "bar", "lines", "none"])
+    peak_tflops: Optional[float] = opt(None, "Per-device peak bf16 TFLOP/s for MFU; null: guess from the GPU name (H100/H200 989, A100 312).", min=0)
+
+
+@dataclass
+class MemoryConfig:
+    track_peak: bool = opt(True, "Record each step's peak memory per rank (CUDA max allocated / CPU VmHWM) in metrics.")
+
+
+@dataclass
+class Config:
+    output_dir: str = opt("runs/default", "Run directory: resolved config, metrics.jsonl, TensorBoard events.")
+    seed: int = opt(42, "Seed for model init, data order and synthetic data.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Defaults, then the YAML file (the built-in demo when None), then `key.path=value` overrides."""
+    cfg = Config()
+    if path is None:
+        path = str(DEMO_CONFIG)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+        _apply(cfg, raw, source=str(path), prefix="")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key.path=value, e.g. train.lr=1e-4")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        nested: dict = {}
+        cur = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = value
+        _apply(cfg, nested, source=f"override '{item}'", prefix="")
+    validate(cfg, source=str(path) if path else "config")
+    return cfg
+
+
+def _apply(obj: Any, raw: dict, source: str, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            where = f"'{prefix[:-1]}'" if prefix else "the top level"
+            raise ConfigError(
+                f"{source}: unknown key '{dotted}'{hint} (keys in {where}: {', '.join(fields)})"
+            )
+        f = fields[key]
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' is a section; expected a mapping of keys, got {value!r}")
+            _apply(getattr(obj, key), value, source, prefix=f"{dotted}.")
+            continue
+        setattr(obj, key, _coerce(value, typ, f, source, dotted))
+
+
+def _coerce(value: Any, typ: Any, f: dataclasses.Field, source: str, dotted: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        typ = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(typ)
+    if value is None:
+        raise ConfigError(f"{source}: {dotted}: must not be null ({_describe(typ, f)})")
+    ok = True
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                ok = False
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            ok = False
+        if ok:
+            value = float(value)
+    elif typ is str:
+        ok = isinstance(value, str)
+    elif typ is list or origin is list:
+        ok = isinstance(value, list)
+    elif typ is dict or origin is dict:
+        ok = isinstance(value, dict)
+    if not ok:
+        raise ConfigError(
+            f"{source}: {dotted}: expected {_describe(typ, f)}, got {value!r} ({type(value).__name__})"
+        )
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: {dotted}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+    lo = f.metadata.get("min")
+    if lo is not None and isinstance(value, (int, float)) and value < lo:
+        raise ConfigError(f"{source}: {dotted}: {value!r} is below the minimum {lo}")
+    return value
+
+
+def _describe(typ: Any, f: dataclasses.Field) -> str:
+    if f.metadata.get("choices"):
+        return "one of " + ", ".join(map(str, f.metadata["choices"]))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    return names.get(typ, names.get(typing.get_origin(typ), str(typ)))
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Checks that involve several keys."""
+    m = cfg.model
+    if m.path is None and not m.hf_config:
+        raise ConfigError(f"{source}: set model.path (a local Hugging Face folder) or model.hf_config (an inline config)")
+    if m.path is None and m.random_init is False and m.hf_config and "model_type" not in m.hf_config:
+        raise ConfigError(f"{source}: model.hf_config needs a model_type (e.g. llama, qwen2, mistral, gemma)")
+    t = cfg.train
+    if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"{source}: train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas!r}")
+    if t.warmup_ratio >= 1:
+        raise ConfigError(f"{source}: train.warmup_ratio: {t.warmup_ratio} must be below 1")
+    if t.min_lr_ratio > 1:
+        raise ConfigError(f"{source}: train.min_lr_ratio: {t.min_lr_ratio} must be at most 1")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, with_docs: bool = True) -> str:
+    """The effective config as YAML, each key preceded by its one-line doc."""
+    lines: list[str] = []
+
+    def emit(obj: Any, indent: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                emit(value, indent + "  ")
+                continue
+            if with_docs:
+                doc = f.metadata.get("doc", "")
+                if f.metadata.get("choices"):
+                    doc += f" [{' | '.join(map(str, f.metadata['choices']))}]"
+                lines.append(f"{indent}# {doc}")
+            text = yaml.safe_dump({f.name: value}, default_flow_style=True, width=10_000).strip()
+            if text.startswith("{") and text.endswith("}"):
+                text = text[1:-1]
+            lines.append(f"{indent}{text}")
+
+    emit(cfg, "")
+    return "\n".join(lines) + "\n"
+
+
+def reference_rows() -> list[tuple[str, str, str]]:  # noqa: C901
+    """(dotted key, default, doc) for every key: the README's config reference."""
+    rows = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                doc += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+            default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").removesuffix("...").strip()
+            rows.append((f"{prefix}{f.name}", default, doc))
+
+    walk(Config(), "")
+    return rows

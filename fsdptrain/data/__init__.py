@@ -1,0 +1,1 @@
+"""Data: tokenizer, sources, conversation tokenisation with loss masks, and per-rank batching."""

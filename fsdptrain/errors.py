@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+A `UserError` is a mistake in what the user gave us (config, data, launch
+environment, checkpoint). The CLI prints its message as one line and exits
+with status 2; it never shows a traceback for these. Everything else is a bug
+and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the file/key and the fix."""
+
+
+class ConfigError(UserError):
+    """Invalid configuration: unknown key, wrong type or bad value."""
+
+
+class LaunchError(UserError):
+    """Bad launch environment (torchrun variables, devices, rendezvous)."""
+
+
+class TrainingError(UserError):
+    """The run stopped on purpose (non-finite loss, ...); the message says where."""

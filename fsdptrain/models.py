@@ -1,0 +1,230 @@
+"""Build and load Hugging Face causal LMs without materialising them whole on any rank.
+
+The recipe (see `trainer.py`):
+  1. `build_meta_model`: the architecture on the meta device (no memory).
+  2. `parallelize.apply_fsdp`: shard it (DTensor params, still on meta).
+  3. `materialize`: allocate only the local shards, then fill them either from
+     the model folder's safetensors (each rank reads just its own rows with
+     `get_slice`) or with Hugging Face's own init, computed per module from a
+     seed so that every world size produces the same weights.
+Non-persistent buffers (RoPE `inv_freq`) are recomputed: `to_empty` leaves
+garbage in them and no state dict restores them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import zlib
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from .errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.float32, "bf16-pure": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- config + skeleton
+
+
+def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Optional[int], trust_remote_code: bool):
+    """The transformers config from model.path or model.hf_config."""
+    from transformers import AutoConfig
+
+    if path is not None:
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"model.path: {path}: no config.json there; point it at a local Hugging Face model folder")
+        try:
+            return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            raise UserError(f"model.path: {path}/config.json: {str(e).splitlines()[0]} "
+                            "(set model.trust_remote_code=true only if you trust this folder's code)") from None
+    fields = dict(inline or {})
+    model_type = fields.pop("model_type", None)
+    if vocab_size is not None:
+        fields.setdefault("vocab_size", vocab_size)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as e:
+        raise UserError(f"model.hf_config: {str(e).splitlines()[0]}") from None
+
+
+def build_meta_model(hf_config, attn_implementation: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model's modules with parameters on the meta device (no memory used)."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config.use_cache = False
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(
+                hf_config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        except (ValueError, ImportError) as e:
+            raise UserError(f"model: cannot build {hf_config.model_type!r} with attn_implementation={attn_implementation!r}: "
+                            f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, in order: classes named in `_no_split_modules`, else the longest ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        raise UserError(f"model: cannot find transformer blocks in {type(model).__name__} (no _no_split_modules, no layer list)")
+    return list(max(lists, key=len))
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(hf_config, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (N without the input embedding lookup, with lm_head) + 12*L*h*s attention."""
+    hidden = hf_config.hidden_size
+    layers = hf_config.num_hidden_layers
+    embed = hf_config.vocab_size * hidden
+    tied = getattr(hf_config, "tie_word_embeddings", False)
+    n_compute = n_params - embed + (embed if tied else 0)
+    return 6.0 * n_compute + 12.0 * layers * hidden * seq_len
+
+
+# ----------------------------------------------------------------------------- materialising shards
+
+
+def _local_slices(param: torch.Tensor) -> tuple[slice, ...]:
+    """Index of this rank's shard inside the full tensor."""
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, s) for s in param.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _owned_params(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+    """(module name, module, attribute, param) for every distinct parameter, in a fixed order."""
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        for attr, p in mod.named_parameters(recurse=False):
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield mod_name, mod, attr, p
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+@torch.no_grad()
+def init_random(model: nn.Module, seed: int) -> None:
+    """Hugging Face init per module on a full-size CPU copy, then keep the local rows.
+
+    Seeding per module name makes the weights independent of world size and of
+    the DTensor RNG (which on CPU meshes can repeat shards across ranks).
+    Modules' buffers (RoPE inv_freq) are recomputed in place by the same call.
+    """
+    done: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        params = {a: p for a, p in mod.named_parameters(recurse=False) if p is not None and id(p) not in done}
+        has_buffers = any(True for _ in mod.buffers(recurse=False))
+        if not params and not has_buffers:
+            continue
+        proxy = copy.copy(mod)  # same class (so _init_weights dispatches right), own parameter dict
+        proxy._parameters = {  # None entries (e.g. bias=False) stay None
+            a: None if p is None else nn.Parameter(torch.full(tuple(p.shape), float("nan")), requires_grad=False)
+            for a, p in mod._parameters.items()
+        }
+        torch.manual_seed(_module_seed(seed, mod_name))
+        model._init_weights(proxy)
+        for attr, p in params.items():
+            full = proxy._parameters[attr]
+            if torch.isnan(full).any():  # a parameter the model's own init does not cover
+                full.normal_(0.0, 0.02) if full.dim() > 1 else full.zero_()
+            _local(p).copy_(full[_local_slices(p)].to(p.dtype))
+            done.add(id(p))
+
+
+def safetensors_index(folder: str) -> dict[str, Path]:
+    """Checkpoint key -> file for a Hugging Face folder (sharded with an index, or one model.safetensors)."""
+    root = Path(folder)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+        return {k: root / v for k, v in weight_map.items()}
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"model.path: {folder}: no *.safetensors weights (only safetensors are loaded; "
+                        "convert .bin/.pt weights first, or set model.random_init=true)")
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                out[k] = f
+    return out
+
+
+@torch.no_grad()
+def load_pretrained(model: nn.Module, folder: str) -> None:
+    """Each rank reads only the rows of its own shards from the safetensors files."""
+    from safetensors import safe_open
+
+    index = safetensors_index(folder)
+    handles: dict[Path, object] = {}
+    try:
+        for mod_name, mod, attr, p in _owned_params(model):
+            key = f"{mod_name}.{attr}" if mod_name else attr
+            if key not in index:
+                raise UserError(f"model.path: {folder}: weight '{key}' is missing from the safetensors files "
+                                "(is this checkpoint for another architecture?)")
+            f = index[key]
+            if f not in handles:
+                if not f.is_file():
+                    raise UserError(f"model.path: {f}: listed in model.safetensors.index.json but missing")
+                handles[f] = safe_open(str(f), framework="pt")
+            sl = handles[f].get_slice(key)
+            shape = tuple(sl.get_shape())
+            if shape != tuple(p.shape):
+                raise UserError(f"model.path: {f}: weight '{key}' has shape {list(shape)}, the model expects {list(p.shape)}")
+            rows = sl[_local_slices(p)]
+            _local(p).copy_(rows.to(p.dtype))
+    finally:
+        handles.clear()
+    init_buffers(model)
+
+
+@torch.no_grad()
+def init_buffers(model: nn.Module) -> None:
+    """Recompute non-persistent buffers (RoPE inv_freq) of modules that own no parameters."""
+    for mod in model.modules():
+        if any(True for _ in mod.buffers(recurse=False)) and not any(True for _ in mod.parameters(recurse=False)):
+            model._init_weights(mod)
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int, weights_from: Optional[str]) -> None:
+    """Allocate local shards on `device` and fill them (pretrained or random init)."""
+    model.to_empty(device=device)
+    if weights_from is not None:
+        load_pretrained(model, weights_from)
+    else:
+        init_random(model, seed)

@@ -1,0 +1,219 @@
+"""The training loop, top to bottom: set up, build, shard, load, then step.
+
+Read `train()` as the recipe. Each optimizer step:
+  1. take this rank's micro-batches for the step (see data/loader.py);
+  2. one all_reduce of the target-token count over all ranks and micro-batches;
+  3. per micro-batch: forward, summed cross-entropy scaled by world_size /
+     global_targets (FSDP averages gradients over ranks, so the product is the
+     gradient of the global per-token mean loss whatever the split), backward,
+     with gradient reduction only on the last micro-batch;
+  4. clip the global grad norm, check loss and norm are finite, step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from . import distributed, models
+from .checkpoint import export_hf
+from .config import Config, dump_yaml
+from .data.loader import StepSampler, collate
+from .data.synthetic import generate
+from .data.tokenize import IGNORE, Example, tokenize_all
+from .data.tokenizer import load_tokenizer
+from .errors import TrainingError, UserError
+from .memory import stats as memstats
+from .metrics import RunLogger, peak_tflops
+from .optim import build_optimizer, build_scheduler
+from .parallelize import apply_fsdp
+
+
+@dataclass
+class RunResult:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    steps: int = 0
+    skipped_steps: int = 0
+    output_dir: str = ""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of per-token cross-entropy over the batch's target tokens (fp32)."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(
+        logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all (sharded) gradients; clips when max_norm > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def load_examples(cfg: Config, tokenizer, log: RunLogger) -> list[Example]:
+    conversations = generate(cfg.data.synthetic_task, cfg.data.synthetic_examples, cfg.seed)
+    examples, st = tokenize_all(tokenizer, conversations, cfg.data.max_length)
+    log.info(f"data: synthetic '{cfg.data.synthetic_task}': read {st.read}, kept {st.kept}, "
+             f"truncated {st.truncated}, dropped (no target token) {st.dropped_no_target}, "
+             f"target tokens {st.target_tokens}")
+    if not examples:
+        raise UserError("data: every example was dropped (no target tokens left after truncation); raise data.max_length")
+    return examples
+
+
+def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
+    """Run training as configured. `examples` replaces the configured data (tests, notebooks)."""
+    info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
+    try:
+        return _train(cfg, info, examples)
+    finally:
+        distributed.shutdown(info)
+
+
+def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Example]]) -> RunResult:
+    # -- run directory (rank 0 writes shared files) -------------------------------------------
+    out = Path(cfg.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+    seed_everything(cfg.seed)
+
+    # -- tokenizer and data -------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
+    boot_log = RunLogger(out, info.is_main, tensorboard=False, progress="none", total_steps=0)
+    boot_log.info(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
+    if examples is None:
+        examples = load_examples(cfg, tokenizer, boot_log)
+    sampler = StepSampler(len(examples), info.world_size, info.rank, cfg.train.micro_batch_size,
+                          cfg.train.grad_accum_steps, cfg.seed, cfg.data.shuffle, cfg.data.drop_last)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
+
+    # -- model: meta -> shard -> materialise local shards ------------------------------------
+    hf_config = models.load_hf_config(cfg.model.path, cfg.model.hf_config if cfg.model.path is None else None,
+                                      len(tokenizer), cfg.model.trust_remote_code)
+    if len(tokenizer) > hf_config.vocab_size:
+        raise UserError(f"model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                        f"{hf_config.vocab_size}; use the model's own tokenizer or a larger vocab_size")
+    from .parallelize import resolve_precision
+
+    precision = resolve_precision(cfg.parallel.precision, info.device_type)
+    model = models.build_meta_model(hf_config, cfg.model.attn_implementation, models.DTYPES[precision],
+                                    cfg.model.trust_remote_code)
+    n_params = models.count_params(model)
+    blocks = models.find_blocks(model)
+    plan = apply_fsdp(model, blocks, distributed.build_mesh(info), cfg.parallel, info.device_type)
+    weights = None if (cfg.model.path is None or cfg.model.random_init) else cfg.model.path
+    models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights)
+    boot_log.info(f"model: {hf_config.model_type}, {n_params / 1e6:.2f}M params, {len(blocks)} blocks, "
+                  f"precision {plan.precision}, checkpointed blocks {len(plan.checkpointed)}, "
+                  f"offload {plan.offload}, weights {'from ' + weights if weights else 'random init'}")
+    seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
+
+    # -- optimizer and schedule ---------------------------------------------------------------
+    optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+
+    # -- the loop -----------------------------------------------------------------------------
+    log = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps)
+    peak = peak_tflops(info.device, cfg.logging.peak_tflops)
+    result = RunResult(output_dir=str(out))
+    pad_id = tokenizer.pad_token_id
+    accum = cfg.train.grad_accum_steps
+    model.train()
+    try:
+        for step in range(total_steps):
+            t0 = time.perf_counter()
+            if cfg.memory.track_peak:
+                memstats.reset_peak(info.device)
+            batches = [collate([examples[i] for i in ids], pad_id) for ids in sampler.rank_micro_batches(step)]
+
+            # One all_reduce: target tokens (normaliser) and input tokens (throughput) of the whole step.
+            counts = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches),
+                                   sum(int(b["n_tokens"]) for b in batches)], dtype=torch.float64, device=info.device)
+            distributed.all_reduce_sum(counts)
+            global_targets, global_tokens = max(1.0, counts[0].item()), counts[1].item()
+
+            loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
+            for i, b in enumerate(batches):
+                if not cfg.parallel.sync_grads_every_micro_step:
+                    model.set_requires_gradient_sync(i == accum - 1)
+                batch = {k: v.to(info.device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
+                micro_loss = token_loss_sum(model, batch)
+                (micro_loss * (info.world_size / global_targets)).backward()
+                loss_sum += micro_loss.detach()
+
+            grad_norm = grad_norm_and_clip(model, cfg.train.max_grad_norm).float()
+            per_rank = distributed.all_gather_rows(loss_sum.reshape(1), info.world_size).flatten()
+            loss = per_rank.sum().item() / global_targets
+            norm = grad_norm.item()
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                bad = [r for r, v in enumerate(per_rank.tolist()) if not math.isfinite(v)]
+                where = f"loss on rank(s) {bad}" if bad else "gradient norm (all ranks' losses finite)"
+                if cfg.train.on_nonfinite == "stop":
+                    raise TrainingError(
+                        f"non-finite {where} at step {step + 1}: loss={loss}, grad_norm={norm}; "
+                        "lower train.lr, check the data, or set train.on_nonfinite=skip"
+                    )
+                log.info(f"step {step + 1}: non-finite {where}; update skipped")
+                result.skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            dt = time.perf_counter() - t0
+            result.losses.append(loss)
+            result.grad_norms.append(norm)
+            result.steps = step + 1
+            if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
+                tok_s = global_tokens / dt / info.world_size
+                metrics = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(global_tokens),
+                           "target_tokens": int(global_targets), "step_time_s": dt,
+                           "tokens_per_s_per_device": tok_s}
+                if peak:
+                    seq = max(b["input_ids"].shape[1] for b in batches)
+                    mfu = models.flops_per_token(hf_config, n_params, seq) * tok_s / (peak * 1e12)
+                    metrics["mfu"] = mfu
+                if cfg.memory.track_peak:
+                    peaks = distributed.all_gather_rows(
+                        torch.tensor([memstats.peak_bytes(info.device)], dtype=torch.float64, device=info.device),
+                        info.world_size).flatten().tolist()
+                    metrics["peak_mem_gib_max"] = max(peaks) / 2**30
+                    metrics["peak_mem_rank_of_max"] = int(max(range(len(peaks)), key=peaks.__getitem__))
+                log.log(step + 1, metrics)
+    finally:
+        log.close()
+
+    if cfg.checkpoint.export_hf:
+        export_dtype = torch.bfloat16 if plan.precision.startswith("bf16") else torch.float32
+        export_hf(model, hf_config, tokenizer, out / "hf", info.is_main, dtype=export_dtype)
+        boot_log.info(f"export: Hugging Face model written to {out / 'hf'}")
+    if result.losses:
+        boot_log.info(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+                      f"skipped {result.skipped_steps}; outputs in {out}")
+    return result
