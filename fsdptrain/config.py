@@ -104,7 +104,13 @@ class LoggingConfig:
 
 @dataclass
 class MemoryConfig:
-    track_peak: bool = opt(True, "Record each step's peak memory per rank (CUDA max allocated / CPU VmHWM) in metrics.")
+    track_peak: bool = opt(True, "Record memory per rank at each phase (step start, forward, backward, optimizer) to output_dir/memory/rank{R}.jsonl and gather the peaks to rank 0 every log step (CUDA allocator / CPU RSS).")
+    per_module: bool = opt(False, "Also record memory after each FSDP block's forward and backward (a per-block timeline; costs time).")
+    imbalance_warn: float = opt(1.2, "Warn when one rank's peak exceeds the median rank's peak by this factor (names rank, phase and likely cause).", min=1.0)
+    snapshot_steps: list = opt([], "Optimizer steps (1-based) at which every CUDA rank records allocation history and dumps output_dir/memory/snapshot_step{S}_rank{R}.pickle.")
+    snapshot_max_entries: int = opt(200000, "Allocation-history entries kept per snapshot (ring buffer).", min=1)
+    oom_postmortem: bool = opt(True, "On out-of-memory the failing rank writes a snapshot, its stats and a readable post-mortem to output_dir/memory/, and all ranks stop.")
+    record_history: bool = opt(False, "Record CUDA allocation stacks for the whole run so an OOM post-mortem names source lines (slower).")
 
 
 @dataclass
@@ -247,6 +253,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas!r}")
     if t.warmup_ratio >= 1:
         raise ConfigError(f"{source}: train.warmup_ratio: {t.warmup_ratio} must be below 1")
+    bad_steps = [s for s in cfg.memory.snapshot_steps if not (isinstance(s, int) and not isinstance(s, bool) and s >= 1)]
+    if bad_steps:
+        raise ConfigError(f"{source}: memory.snapshot_steps: expected optimizer steps (integers >= 1), got {bad_steps!r}")
     if t.min_lr_ratio > 1:
         raise ConfigError(f"{source}: train.min_lr_ratio: {t.min_lr_ratio} must be at most 1")
 

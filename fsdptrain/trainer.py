@@ -32,7 +32,7 @@ from .data.synthetic import generate
 from .data.tokenize import IGNORE, Example, tokenize_all
 from .data.tokenizer import load_tokenizer
 from .errors import TrainingError, UserError
-from .memory import stats as memstats
+from .memory.tracker import MemoryTracker
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import apply_fsdp
@@ -142,13 +142,13 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     result = RunResult(output_dir=str(out))
     pad_id = tokenizer.pad_token_id
     accum = cfg.train.grad_accum_steps
+    mem = MemoryTracker(cfg.memory, info, out, model, blocks)  # per-phase records, OOM post-mortem
     model.train()
     try:
         for step in range(total_steps):
             t0 = time.perf_counter()
-            if cfg.memory.track_peak:
-                memstats.reset_peak(info.device)
             batches = [collate([examples[i] for i in ids], pad_id) for ids in sampler.rank_micro_batches(step)]
+            mem.step_start(step, batches)
 
             # One all_reduce: target tokens (normaliser) and input tokens (throughput) of the whole step.
             counts = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches),
@@ -162,7 +162,9 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                     model.set_requires_gradient_sync(i == accum - 1)
                 batch = {k: v.to(info.device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
                 micro_loss = token_loss_sum(model, batch)
+                mem.phase("forward", i)
                 (micro_loss * (info.world_size / global_targets)).backward()
+                mem.phase("backward", i)
                 loss_sum += micro_loss.detach()
 
             grad_norm = grad_norm_and_clip(model, cfg.train.max_grad_norm).float()
@@ -185,6 +187,7 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            mem.phase("optimizer")
 
             dt = time.perf_counter() - t0
             result.losses.append(loss)
@@ -199,14 +202,13 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                     seq = max(b["input_ids"].shape[1] for b in batches)
                     mfu = models.flops_per_token(hf_config, n_params, seq) * tok_s / (peak * 1e12)
                     metrics["mfu"] = mfu
-                if cfg.memory.track_peak:
-                    peaks = distributed.all_gather_rows(
-                        torch.tensor([memstats.peak_bytes(info.device)], dtype=torch.float64, device=info.device),
-                        info.world_size).flatten().tolist()
-                    metrics["peak_mem_gib_max"] = max(peaks) / 2**30
-                    metrics["peak_mem_rank_of_max"] = int(max(range(len(peaks)), key=peaks.__getitem__))
+                metrics.update(mem.gather(step + 1, log))
                 log.log(step + 1, metrics)
+    except BaseException as e:
+        mem.on_error(e, model, optimizer)  # OOM: post-mortem and stop every rank; otherwise re-raised
+        raise
     finally:
+        mem.close()
         log.close()
 
     if cfg.checkpoint.export_hf:

@@ -1,8 +1,14 @@
-"""Peak-memory backends: CUDA allocator statistics, or process RSS high-water mark on CPU.
+"""Memory backends: CUDA caching-allocator statistics, or process RSS on CPU, in one schema.
 
-On CPU `torch.cuda.memory_stats()` is empty, so we read VmHWM from
-/proc/self/status and reset it by writing 5 to /proc/self/clear_refs, which
-gives a per-interval peak just like `reset_peak_memory_stats` does on CUDA.
+`sample(device)` returns the fields every memory record carries (see SCHEMA).
+On CUDA they come from `torch.cuda.memory_stats()`: allocated, reserved,
+active and inactive-split bytes (current and peak since the last reset),
+`num_alloc_retries` and `num_ooms`. On CPU `memory_stats()` is empty, so we
+read VmRSS (current) and VmHWM (peak) from /proc/self/status and reset the
+peak by writing 5 to /proc/self/clear_refs, which gives a per-interval peak
+just like `reset_peak_memory_stats` does on CUDA. On CPU allocated, reserved
+and active are all the resident set (there is no caching allocator to tell
+them apart) and fragmentation, retries and OOM counts are 0.
 """
 
 from __future__ import annotations
@@ -10,6 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+# (record field, CUDA memory_stats key): current and peak of each.
+_POOLS = [("allocated", "allocated_bytes.all"), ("reserved", "reserved_bytes.all"),
+          ("active", "active_bytes.all"), ("inactive_split", "inactive_split_bytes.all")]
+SCHEMA = [f for name, _ in _POOLS for f in (name, f"{name}_peak")] + ["num_alloc_retries", "num_ooms"]
 
 
 def _read_status_kib(field: str) -> int:
@@ -43,3 +54,40 @@ def current_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
     return _read_status_kib("VmRSS") * 1024
+
+
+def from_cuda_stats(stats: dict) -> dict[str, int]:
+    """The SCHEMA fields from a `torch.cuda.memory_stats()` dictionary."""
+    out: dict[str, int] = {}
+    for name, key in _POOLS:
+        out[name] = int(stats.get(f"{key}.current", 0))
+        out[f"{name}_peak"] = int(stats.get(f"{key}.peak", 0))
+    out["num_alloc_retries"] = int(stats.get("num_alloc_retries", 0))
+    out["num_ooms"] = int(stats.get("num_ooms", 0))
+    return out
+
+
+def from_proc_status(text: str) -> dict[str, int]:
+    """The SCHEMA fields from /proc/self/status text (CPU runs)."""
+    kib = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM") and rest.split():
+            kib[key] = int(rest.split()[0]) * 1024
+    cur, peak = kib.get("VmRSS", 0), kib.get("VmHWM", 0)
+    out = {}
+    for name, _ in _POOLS:
+        out[name], out[f"{name}_peak"] = (0, 0) if name == "inactive_split" else (cur, max(cur, peak))
+    out["num_alloc_retries"] = 0
+    out["num_ooms"] = 0
+    return out
+
+
+def sample(device: torch.device) -> dict[str, int]:
+    """Current and peak-since-reset memory of this process on `device`, as SCHEMA fields."""
+    if device.type == "cuda":
+        return from_cuda_stats(torch.cuda.memory_stats(device))
+    try:
+        return from_proc_status(Path("/proc/self/status").read_text())
+    except OSError:
+        return from_proc_status("")

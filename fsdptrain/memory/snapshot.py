@@ -1,0 +1,239 @@
+"""CUDA allocator snapshots: record, dump, read safely, find the peak, group live memory by owner and site.
+
+A snapshot is the dictionary `torch.cuda.memory._snapshot()` returns (and
+`_dump_snapshot` pickles): `segments` (cudaMalloc'd ranges split into blocks,
+each `active_allocated`, `active_awaiting_free` or `inactive`, with the Python
+frames of the allocation when history was recorded) and `device_traces` (the
+allocator's recent actions: alloc, free_completed, oom, ...).
+
+Everything below the recording helpers works on plain dictionaries, so the
+parsing, peak replay and grouping are tested on CPU with hand-built snapshots;
+the recording itself needs CUDA.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from ..errors import UserError
+
+OWNERS = ["parameters", "gradients", "optimizer state", "activations", "other"]
+
+
+# ----------------------------------------------------------------------------- recording (CUDA)
+
+
+def start_recording(max_entries: int) -> None:
+    """Record every allocation with its Python stack (C++ stacks would make dumps take minutes)."""
+    torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
+
+
+def stop_recording() -> None:
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def dump(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.cuda.memory._dump_snapshot(str(path))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _NoGlobals(pickle.Unpickler):
+    """Snapshots are dicts, lists, tuples, strings and numbers: refuse anything that would import code."""
+
+    def find_class(self, module: str, name: str):  # noqa: D401
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a memory snapshot holds only plain data)")
+
+
+def load(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: snapshot file not found")
+    try:
+        snap = _NoGlobals(io.BytesIO(p.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise UserError(f"{path}: not a PyTorch memory snapshot pickle ({e})") from None
+    if not isinstance(snap, dict) or "segments" not in snap:
+        raise UserError(f"{path}: not a PyTorch memory snapshot (no 'segments'; write one with "
+                        "torch.cuda.memory._dump_snapshot or memory.snapshot_steps)")
+    return snap
+
+
+# ----------------------------------------------------------------------------- live blocks and the peak
+
+
+@dataclass
+class Block:
+    addr: int
+    size: int
+    frames: list = field(default_factory=list)
+
+
+def live_blocks(snap: dict) -> list[Block]:
+    """Allocated blocks at the moment the snapshot was taken."""
+    out = []
+    for seg in snap.get("segments", []):
+        for b in seg.get("blocks", []):
+            if b.get("state") == "active_allocated":
+                out.append(Block(int(b["address"]), int(b["size"]), list(b.get("frames") or [])))
+    return out
+
+
+def live_at_peak(snap: dict, device: int = 0) -> tuple[list[Block], int]:
+    """The allocated blocks when allocated memory peaked within the recorded trace, and that total.
+
+    Walk the trace backwards from the final state: undoing an `alloc` removes
+    its block, undoing a `free_completed` puts it back. This needs no state
+    from before the (ring-buffered) trace began.
+    """
+    live = {b.addr: b for b in live_blocks(snap)}
+    total = sum(b.size for b in live.values())
+    best, best_total = dict(live), total
+    traces = snap.get("device_traces") or []
+    trace = traces[device] if device < len(traces) else []
+    for ev in reversed(trace):
+        action = ev.get("action")
+        if action == "alloc":
+            b = live.pop(int(ev["addr"]), None)
+            if b is not None:
+                total -= b.size
+        elif action == "free_completed":
+            addr = int(ev["addr"])
+            if addr not in live:
+                live[addr] = Block(addr, int(ev["size"]), list(ev.get("frames") or []))
+                total += int(ev["size"])
+        else:
+            continue
+        if total > best_total:
+            best, best_total = dict(live), total
+    return list(best.values()), best_total
+
+
+# ----------------------------------------------------------------------------- where a block came from
+
+
+def _frame_text(fr: dict) -> str:
+    name = str(fr.get("filename", "?"))
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in name:
+            name = name.split(marker, 1)[1]
+    return f"{name}:{fr.get('line', '?')} ({fr.get('name', '?')})"
+
+
+def _is_internal(filename: str) -> bool:
+    return "/torch/" in filename or filename.startswith("<")
+
+
+def site(frames: list) -> str:
+    """The allocation site: the innermost frame outside torch itself (model or trainer code)."""
+    if not frames:
+        return "<no Python stack: autograd engine, C++ or allocated before recording>"
+    for fr in frames:
+        if not _is_internal(str(fr.get("filename", ""))):
+            return _frame_text(fr)
+    return _frame_text(frames[0])
+
+
+def owner_from_frames(frames: list) -> Optional[str]:
+    """Guess the owner of a block from its stack when its address is not a known tensor."""
+    text = " ".join(f"{fr.get('filename', '')}:{fr.get('name', '')}" for fr in frames)
+    if "torch/optim/" in text:
+        return "optimizer state"
+    if "foreach_reduce" in text or "reduce_scatter" in text:
+        return "gradients"
+    if "foreach_all_gather" in text or "_fsdp_param" in text or "alloc_storage" in text:
+        return "parameters"
+    if ":backward" in text or "autograd" in text:
+        return "gradients" if "accumulate" in text else "activations"
+    if "forward" in text:
+        return "activations"
+    return None
+
+
+def owner_ranges(model: Optional[torch.nn.Module], optimizer: Optional[torch.optim.Optimizer]) -> list[tuple[int, int, str]]:
+    """(start, end, owner) of the storages of parameters (local shards), gradients and optimizer state."""
+    ranges: list[tuple[int, int, str]] = []
+
+    def add(t: Optional[torch.Tensor], owner: str) -> None:
+        if t is None or not isinstance(t, torch.Tensor):
+            return
+        local = getattr(t, "_local_tensor", t)  # DTensor -> this rank's shard
+        try:
+            st = local.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        if st.nbytes() and st.data_ptr():
+            ranges.append((st.data_ptr(), st.data_ptr() + st.nbytes(), owner))
+
+    if model is not None:
+        for p in model.parameters():
+            add(p, "parameters")
+            add(p.grad, "gradients")
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for v in state.values():
+                add(v, "optimizer state")
+    return sorted(ranges)
+
+
+def classify(block: Block, ranges: list[tuple[int, int, str]]) -> str:
+    for start, end, owner in ranges:  # a handful of ranges per parameter; fine at post-mortem time
+        if start < block.addr + block.size and block.addr < end:
+            return owner
+    return owner_from_frames(block.frames) or "other"
+
+
+def group(blocks: Iterable[Block], ranges: list[tuple[int, int, str]]) -> dict[str, dict]:
+    """owner -> {"bytes", "count", "blocks": [(size, site), ...] largest first}."""
+    out = {o: {"bytes": 0, "count": 0, "blocks": []} for o in OWNERS}
+    for b in blocks:
+        g = out[classify(b, ranges)]
+        g["bytes"] += b.size
+        g["count"] += 1
+        g["blocks"].append((b.size, site(b.frames)))
+    for g in out.values():
+        g["blocks"].sort(key=lambda x: -x[0])
+    return out
+
+
+def by_site(blocks: Iterable[Block]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for b in blocks:
+        s = site(b.frames)
+        out[s] = out.get(s, 0) + b.size
+    return out
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def postmortem_text(rank: int, step: int, where: str, error: str, stats: dict, groups: dict[str, dict],
+                    top: int = 15) -> str:
+    """The readable post-mortem: totals, memory by owner, the largest live allocations with their source lines."""
+    lines = [f"fsdptrain out-of-memory post-mortem: rank {rank}, step {step}, {where}",
+             f"error: {error.strip().splitlines()[0] if error.strip() else '?'}", ""]
+    alloc, reserved = stats.get("allocated", 0), stats.get("reserved", 0)
+    lines.append(f"allocated {gib(alloc)}, reserved {gib(reserved)}, peak allocated {gib(stats.get('allocated_peak', 0))}, "
+                 f"fragmentation (inactive split) {gib(stats.get('inactive_split', 0))}, "
+                 f"alloc retries {stats.get('num_alloc_retries', 0)}, OOMs {stats.get('num_ooms', 0)}")
+    total = sum(g["bytes"] for g in groups.values()) or 1
+    lines += ["", "live memory by owner:", f"  {'owner':<16} {'bytes':>12} {'share':>6} {'blocks':>7}"]
+    for owner in OWNERS:
+        g = groups[owner]
+        lines.append(f"  {owner:<16} {gib(g['bytes']):>12} {100 * g['bytes'] / total:5.1f}% {g['count']:>7}")
+    allb = sorted(((s, o, where_) for o, g in groups.items() for s, where_ in g["blocks"]), key=lambda x: -x[0])
+    lines += ["", f"largest live allocations (top {min(top, len(allb))}):"]
+    for size, owner, src in allb[:top]:
+        lines.append(f"  {gib(size):>12}  {owner:<16} {src}")
+    lines += ["", "next: `fsdptrain estimate CONFIG` for what each term should be; "
+              "`fsdptrain mem report RUN_DIR` to compare ranks; open the .pickle in https://pytorch.org/memory_viz"]
+    return "\n".join(lines) + "\n"
