@@ -1,4 +1,4 @@
-"""Command line: `fsdptrain train | config` (click). User mistakes become one line and exit 2."""
+"""Command line: `fsdptrain train | config | estimate | mem report | mem diff` (click). User mistakes become one line and exit 2."""
 
 from __future__ import annotations
 
@@ -72,6 +72,59 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool) -> No
         click.echo(dump_yaml(cfg), nl=False)
     else:
         click.echo(f"{config or 'default config'}: ok")
+
+
+@main.group("mem")
+def mem() -> None:
+    """Memory tools: per-rank report of a run, snapshot diff."""
+
+
+@mem.command("report")
+@click.argument("run_dir")
+@click.option("--plot", "plot_file", default=None, help="Also draw every rank's memory over steps and phases into this PNG.")
+@friendly_errors
+def mem_report(run_dir: str, plot_file: str | None) -> None:
+    """Per-rank peak memory table and imbalance summary of RUN_DIR (from memory/rank*.jsonl)."""
+    from .memory import report
+
+    runs = report.read_run(run_dir)
+    click.echo(report.render(run_dir, runs), nl=False)
+    if plot_file:
+        report.plot(runs, plot_file)
+        click.echo(f"plot: {plot_file}")
+
+
+@mem.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--top", default=20, show_default=True, help="Rows to show.")
+@friendly_errors
+def mem_diff(a: str, b: str, top: int) -> None:
+    """Live memory at the peak of snapshots A and B by allocation site, largest difference first."""
+    from .memory import diff, snapshot
+
+    rows, pa, pb = diff.diff(snapshot.load(a), snapshot.load(b))
+    click.echo(diff.render(rows, pa, pb, a, b, top), nl=False)
+
+
+@main.command("estimate")
+@click.argument("config")
+@click.argument("overrides", nargs=-1)
+@click.option("--nnodes", default=1, show_default=True, help="Nodes.")
+@click.option("--gpus-per-node", default=8, show_default=True, help="GPUs per node.")
+@click.option("--gpu-memory", default="80GiB", show_default=True, help="Memory per GPU, e.g. 80GiB, 141GB.")
+@click.option("--cpu-memory", default=None, help="Host memory per node (checked when offloading), e.g. 1TiB.")
+@friendly_errors
+def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_node: int, gpu_memory: str,
+                 cpu_memory: str | None) -> None:
+    """Per-rank memory of CONFIG from the model config alone (no weights, no GPU), the verdict and what to change."""
+    from .config import load_config
+    from .memory import estimate
+
+    cfg = load_config(config, overrides)
+    est = estimate.estimate(cfg, nnodes, gpus_per_node, estimate.parse_size(gpu_memory),
+                            estimate.parse_size(cpu_memory) if cpu_memory else None)
+    click.echo(estimate.render(est), nl=False)
 
 
 if __name__ == "__main__":

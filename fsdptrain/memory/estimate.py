@@ -1,0 +1,363 @@
+"""`fsdptrain estimate CONFIG`: per-rank memory of a run from the model config alone (meta device, no weights).
+
+Two kinds of terms:
+- Model state, exact. The model is built on the meta device and split into
+  the same FSDP units as parallelize.apply_fsdp (one per block, the root keeps
+  the rest). FSDP2 shards every parameter on dim 0 like torch.chunk: rank r
+  holds rows [r*c, min((r+1)*c, d0)) with c = ceil(d0 / world) and allocates
+  a padded c-row buffer; reduced gradients are one padded buffer per unit;
+  AdamW's exp_avg / exp_avg_sq are zeros_like the local (unpadded) shard, plus
+  a 4-byte `step` per parameter tensor.
+- Working memory, modelled: unsharded all-gather buffers of the root (kept
+  from forward to backward) and of the current + prefetched block, unsharded
+  gradients and the fp32 reduce-scatter input of a unit, fp32 gradient
+  accumulation when gradients are reduced only on the last micro-step,
+  activations saved per block (Llama-family block with flash/efficient SDPA;
+  eager attention adds the s x s scores) for the checkpointing mode, and the
+  logits spike (tokens x vocab: bf16 logits, fp32 copy, log-softmax and its
+  gradient). The peak is the largest of the phase sums in `phases`.
+The verdict adds a fixed allowance for the CUDA context, NCCL buffers and
+allocator fragmentation that torch's allocator does not count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import UserError
+
+GIB = 2**30
+RUNTIME_OVERHEAD = 2 * GIB  # CUDA context + NCCL + allocator slack, outside torch.cuda.memory_allocated
+FRAGMENTATION = 1.05
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '80G', '80GB' (decimal), '141 GiB', or a number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UserError(f"memory size {text!r}: expected e.g. 80GiB, 80GB or 141G")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = " KMGT".index(unit) if unit else 0
+    base = 1024 if (binary or (unit and not text.strip().upper().endswith("B"))) else 1000
+    return int(num * base**power)
+
+
+# ----------------------------------------------------------------------------- model shape (meta device)
+
+
+@dataclass
+class ModelShape:
+    units: list[list[tuple[int, ...]]]  # parameter shapes per FSDP unit; blocks first, the root last
+    unit_names: list[str]
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    layers: int
+    lm_head_numel: int
+    n_params: int
+    model_type: str
+
+
+def shape_of_model(model) -> ModelShape:
+    """FSDP units and dimensions of a (meta) transformers model, split like parallelize.apply_fsdp."""
+    from .. import models
+
+    blocks = models.find_blocks(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    seen: set[int] = set()
+    units, unit_names = [], []
+    for b in blocks:
+        shapes = []
+        for p in b.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                shapes.append(tuple(p.shape))
+        units.append(shapes)
+        unit_names.append(names.get(id(b), "block"))
+    root = []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            root.append(tuple(p.shape))
+    units.append(root)
+    unit_names.append("root (embeddings, final norm, lm_head)")
+    c = model.config
+    text = getattr(c, "get_text_config", lambda: c)()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is model.get_input_embeddings().weight
+    return ModelShape(units=units, unit_names=unit_names, hidden=text.hidden_size,
+                      intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
+                      kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                      vocab=text.vocab_size, layers=len(blocks),
+                      lm_head_numel=0 if (out is None or tied) else out.weight.numel(),
+                      n_params=sum(math.prod(s) for u in units for s in u), model_type=c.model_type)
+
+
+def shape_from_config(cfg) -> ModelShape:
+    """Build the configured model on the meta device (no weights are read) and measure it."""
+    import torch
+
+    from .. import models
+
+    inline = cfg.model.hf_config if cfg.model.path is None else None
+    vocab = None
+    if inline is None or "vocab_size" not in inline:
+        from ..data.tokenizer import load_tokenizer
+
+        vocab = len(load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code))
+    hf = models.load_hf_config(cfg.model.path, inline, vocab, cfg.model.trust_remote_code)
+    model = models.build_meta_model(hf, cfg.model.attn_implementation, torch.float32, cfg.model.trust_remote_code)
+    return shape_of_model(model)
+
+
+# ----------------------------------------------------------------------------- exact model-state terms
+
+
+def shard_rows(d0: int, world: int, rank: int) -> tuple[int, int]:
+    """(local rows, padded rows) of a dim-0 FSDP2 shard."""
+    c = -(-d0 // world)
+    return max(0, min(c, d0 - rank * c)), c
+
+
+@dataclass
+class ModelState:
+    local_numel: int  # sum of this rank's unpadded shard sizes (DTensor.to_local().numel())
+    padded_numel: int  # sum of the padded shard buffers FSDP2 allocates
+    n_tensors: int
+    params: int  # bytes
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state(shape: ModelShape, world: int, rank: int, param_bytes: int) -> ModelState:
+    local = padded = n = 0
+    for unit in shape.units:
+        for s in unit:
+            rest = math.prod(s[1:]) if len(s) > 1 else 1
+            lr, pr = shard_rows(s[0], world, rank) if s else (1, 1)
+            local += lr * rest
+            padded += pr * rest
+            n += 1
+    return ModelState(local_numel=local, padded_numel=padded, n_tensors=n, params=padded * param_bytes,
+                      grads=padded * param_bytes, optimizer=2 * local * param_bytes + 4 * n)
+
+
+def unit_numel(unit: list[tuple[int, ...]], world: int) -> int:
+    """Unsharded (all-gathered, padded to world x c rows) elements of one unit."""
+    total = 0
+    for s in unit:
+        rest = math.prod(s[1:]) if len(s) > 1 else 1
+        total += shard_rows(s[0], world, 0)[1] * world * rest
+    return total
+
+
+# ----------------------------------------------------------------------------- settings and working memory
+
+
+@dataclass
+class Settings:
+    world: int
+    gpus_per_node: int
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    checkpointing: str
+    checkpointing_k: int
+    precision: str  # resolved: bf16-mixed | bf16-pure | fp32
+    offload: bool
+    reshard_after_forward: bool
+    sync_every_micro_step: bool
+    attn: str
+    gpu_memory: int
+    cpu_memory: Optional[int] = None  # per node
+
+
+def settings_from_config(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int,
+                         cpu_memory: Optional[int] = None) -> Settings:
+    from ..parallelize import resolve_precision
+
+    p, t = cfg.parallel, cfg.train
+    device = "cpu" if p.device == "cpu" else "cuda"
+    return Settings(world=nnodes * gpus_per_node, gpus_per_node=gpus_per_node, micro_batch=t.micro_batch_size,
+                    seq_len=cfg.data.max_length, grad_accum=t.grad_accum_steps, checkpointing=p.activation_checkpointing,
+                    checkpointing_k=p.activation_checkpointing_k, precision=resolve_precision(p.precision, device),
+                    offload=p.cpu_offload, reshard_after_forward=p.reshard_after_forward,
+                    sync_every_micro_step=p.sync_grads_every_micro_step, attn=cfg.model.attn_implementation,
+                    gpu_memory=gpu_memory, cpu_memory=cpu_memory)
+
+
+def block_activation_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: int) -> int:
+    """Bytes saved for backward by one decoder block per token (c = compute dtype bytes)."""
+    h, f, kvd = m.hidden, m.intermediate, m.kv_heads * m.head_dim
+    norms = 2 * (4 * h + 2 * c * h)  # fp32 input copy, normalised, weighted output (input of the projections)
+    qkv = c * (m.heads * m.head_dim + 2 * kvd)  # q, k after RoPE and v, saved by attention
+    attn_out = c * m.heads * m.head_dim * 2 + 4 * m.heads  # output, its contiguous copy for o_proj, logsumexp
+    mlp = 4 * c * f  # gate, up, act(gate), act(gate) * up
+    total = norms + qkv + attn_out + mlp
+    if attn == "eager":  # fp32 softmax output and its cast, s x s per head
+        total += m.heads * seq_len * (4 + c)
+    return total
+
+
+@dataclass
+class Estimate:
+    settings: Settings
+    shape: ModelShape
+    state: ModelState
+    terms: dict[str, int]  # GPU bytes per rank by term
+    phases: dict[str, int]  # GPU bytes per rank at each phase's peak
+    peak: int
+    peak_phase: str
+    cpu_per_rank: int
+    cpu_per_node: int
+    fits: bool
+    advice: list[str] = field(default_factory=list)
+
+
+def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
+    pb = 2 if s.precision == "bf16-pure" else 4  # sharded parameter / gradient / optimizer dtype
+    c = 2 if s.precision.startswith("bf16") else 4  # compute (all-gather) dtype
+    W = s.world
+    st = model_state(m, W, rank, pb)
+    blocks, root = m.units[:-1], m.units[-1]
+    block_un = sorted((unit_numel(u, W) for u in blocks), reverse=True)
+    root_un = unit_numel(root, W)
+    tokens = s.micro_batch * s.seq_len
+    a_block = block_activation_bytes_per_token(m, c, s.attn, s.seq_len) * tokens
+    n_ckpt = {"none": 0, "full": m.layers, "every_k": len([i for i in range(m.layers) if i % s.checkpointing_k == 0])}[s.checkpointing]
+    h = m.hidden
+    acts = (n_ckpt * c * h * tokens + (m.layers - n_ckpt) * a_block
+            + (4 * h + 2 * c * h) * tokens)  # + final norm (its output is the lm_head input)
+    recompute = a_block if n_ckpt else 0
+    held_blocks = sum(block_un) if not s.reshard_after_forward else sum(block_un[:2])
+    gather_bufs = c * (root_un + held_blocks)
+    logits_fwd = tokens * m.vocab * (c + 4 + 4 if c == 2 else 8)
+    logits_bwd = tokens * m.vocab * 12
+    lm_head_grad = c * m.lm_head_numel  # unsharded root gradient held until the root's reduce-scatter
+    unit_grad = (c + 4) * (block_un[0] if block_un else 0)  # unsharded grad + fp32 reduce-scatter input
+    root_grad_end = (c + 4) * root_un
+    accum = 4 * sum(unit_numel(u, W) for u in m.units) if (s.grad_accum > 1 and not s.sync_every_micro_step) else 0
+    params_gpu = 0 if s.offload else st.params
+    grads_gpu = 0 if s.offload else st.grads
+    opt_gpu = 0 if s.offload else st.optimizer
+    offload_staging = pb * 2 * max((unit_numel(u, W) // W for u in m.units), default=0) if s.offload else 0
+    terms = {
+        "parameters (sharded)": params_gpu,
+        "gradients (sharded)": grads_gpu,
+        "optimizer state (AdamW m, v, step)": opt_gpu,
+        "all-gather: root (unsharded, fwd->bwd)": c * root_un,
+        "all-gather: current + prefetched block" if s.reshard_after_forward else "all-gather: every block (no reshard)": c * held_blocks,
+        "offload staging (H2D shards)": offload_staging,
+        "activations (saved for backward)": acts,
+        "recompute of one block (checkpointing)": recompute,
+        "backward working set (one block)": a_block,
+        "unit gradient + fp32 reduce-scatter input": unit_grad,
+        "fp32 gradient accumulation (no sync)": accum,
+        "logits + loss (forward)": logits_fwd,
+        "logits + loss (backward)": logits_bwd,
+    }
+    base = params_gpu + opt_gpu + offload_staging  # fused AdamW on CUDA: no full-size temporaries
+    phases = {
+        "forward (loss)": base + accum + gather_bufs + acts + logits_fwd,
+        "backward (loss)": base + accum + gather_bufs + acts + logits_bwd + lm_head_grad,
+        "backward (last block)": base + accum + gather_bufs + lm_head_grad + acts + recompute + a_block + unit_grad,
+        "backward (root reduce)": base + grads_gpu + accum + c * root_un + root_grad_end,
+        "optimizer": base + grads_gpu,
+    }
+    peak_phase = max(phases, key=phases.get)
+    peak = phases[peak_phase]
+    cpu_rank = st.total if s.offload else 0
+    fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.gpu_memory
+    if s.offload and s.cpu_memory is not None:
+        fits = fits and cpu_rank * s.gpus_per_node <= s.cpu_memory
+    return Estimate(settings=s, shape=m, state=st, terms=terms, phases=phases, peak=peak, peak_phase=peak_phase,
+                    cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.gpus_per_node, fits=fits)
+
+
+def advise(m: ModelShape, est: Estimate) -> list[str]:
+    """Changes that would make the run fit (or fit with more room), each with its estimated peak."""
+    s = est.settings
+    tries: list[tuple[str, Settings]] = []
+    if s.checkpointing != "full":
+        tries.append(("parallel.activation_checkpointing=full", dataclasses.replace(s, checkpointing="full")))
+    if s.grad_accum > 1 and not s.sync_every_micro_step:
+        tries.append(("parallel.sync_grads_every_micro_step=true",
+                      dataclasses.replace(s, sync_every_micro_step=True)))
+    if not s.reshard_after_forward:
+        tries.append(("parallel.reshard_after_forward=true", dataclasses.replace(s, reshard_after_forward=True)))
+    if s.micro_batch > 1:
+        half = s.micro_batch // 2
+        tries.append((f"train.micro_batch_size={half} train.grad_accum_steps={s.grad_accum * 2}",
+                      dataclasses.replace(s, micro_batch=half, grad_accum=s.grad_accum * 2)))
+    if not s.offload:
+        tries.append(("parallel.cpu_offload=true", dataclasses.replace(s, offload=True)))
+    if s.seq_len > 512:
+        tries.append((f"data.max_length={s.seq_len // 2}", dataclasses.replace(s, seq_len=s.seq_len // 2)))
+    out = []
+    for label, alt in tries:
+        e = compute(m, alt)
+        if e.peak < est.peak:
+            out.append(f"{label}: peak {e.peak / GIB:.1f} GiB ({(e.peak - est.peak) / GIB:+.1f}){'  fits' if e.fits else ''}")
+    if not est.fits:
+        nodes = s.world // max(1, s.gpus_per_node)
+        for more in range(nodes + 1, 4 * nodes + 1):
+            e = compute(m, dataclasses.replace(s, world=more * s.gpus_per_node))
+            if e.fits:
+                out.append(f"{more} nodes x {s.gpus_per_node} GPUs: peak {e.peak / GIB:.1f} GiB  fits")
+                break
+    return out
+
+
+def render(est: Estimate) -> str:
+    s, m, st = est.settings, est.shape, est.state
+    nodes = s.world // max(1, s.gpus_per_node)
+    lines = [f"model: {m.model_type}, {m.n_params / 1e9:.2f}B parameters, {m.layers} blocks, hidden {m.hidden}, "
+             f"vocab {m.vocab}",
+             f"run: {nodes} node(s) x {s.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
+             f"micro-batch {s.micro_batch} x {s.seq_len} tokens, grad accumulation {s.grad_accum}, "
+             f"checkpointing {s.checkpointing}, offload {s.offload}", "",
+             "per rank (rank 0, the largest shard), GiB:"]
+    for k, v in est.terms.items():
+        if v:
+            lines.append(f"  {k:<44} {v / GIB:>9.2f}")
+    lines += ["", "peak by phase, GiB:"]
+    for k, v in est.phases.items():
+        mark = "  <- peak" if k == est.peak_phase else ""
+        lines.append(f"  {k:<44} {v / GIB:>9.2f}{mark}")
+    need = est.peak * FRAGMENTATION + RUNTIME_OVERHEAD
+    lines += ["", f"GPU: peak allocated {est.peak / GIB:.1f} GiB; with {int((FRAGMENTATION - 1) * 100)}% fragmentation "
+              f"and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about {need / GIB:.1f} GiB of "
+              f"{s.gpu_memory / GIB:.1f} GiB"]
+    if s.offload:
+        cpu = f"CPU (offload): {est.cpu_per_rank / GIB:.1f} GiB per rank, {est.cpu_per_node / GIB:.1f} GiB per node (pinned)"
+        if s.cpu_memory is not None:
+            cpu += f" of {s.cpu_memory / GIB:.0f} GiB"
+        lines.append(cpu)
+    lines.append(f"verdict: {'fits' if est.fits else 'does NOT fit'}")
+    if est.advice:
+        lines.append("what to change (each alone):" if not est.fits else "more room:")
+        lines += [f"  {a}" for a in est.advice]
+    return "\n".join(lines) + "\n"
+
+
+def estimate(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_memory: Optional[int] = None,
+             shape: Optional[ModelShape] = None) -> Estimate:
+    if nnodes < 1 or gpus_per_node < 1:
+        raise UserError(f"estimate: --nnodes {nnodes} and --gpus-per-node {gpus_per_node} must be at least 1")
+    m = shape or shape_from_config(cfg)
+    est = compute(m, settings_from_config(cfg, nnodes, gpus_per_node, gpu_memory, cpu_memory))
+    est.advice = advise(m, est)
+    return est
