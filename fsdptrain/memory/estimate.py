@@ -200,15 +200,19 @@ def settings_from_config(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int,
 
 
 def block_activation_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: int) -> int:
-    """Bytes saved for backward by one decoder block per token (c = compute dtype bytes)."""
-    h, f, kvd = m.hidden, m.intermediate, m.kv_heads * m.head_dim
-    norms = 2 * (4 * h + 2 * c * h)  # fp32 input copy, normalised, weighted output (input of the projections)
-    qkv = c * (m.heads * m.head_dim + 2 * kvd)  # q, k after RoPE and v, saved by attention
-    attn_out = c * m.heads * m.head_dim * 2 + 4 * m.heads  # output, its contiguous copy for o_proj, logsumexp
+    """Bytes one decoder block saves for backward per token (c = compute dtype bytes).
+
+    Counted for a Llama-family block (RMSNorm, GQA attention, gated MLP) and
+    checked tensor by tensor against autograd's saved tensors in the tests.
+    """
+    h, f, kvd, qd = m.hidden, m.intermediate, m.kv_heads * m.head_dim, m.heads * m.head_dim
+    norms = 2 * (4 * h + 4 + 2 * c * h)  # fp32 input, rsqrt, normalised, weighted output (projections' input)
+    qkv = c * (qd + 2 * kvd)  # q and k after RoPE, v: saved by attention
+    attn_out = c * qd + 4 * m.heads  # output (also o_proj's input) and the fp32 log-sum-exp
     mlp = 4 * c * f  # gate, up, act(gate), act(gate) * up
     total = norms + qkv + attn_out + mlp
-    if attn == "eager":  # fp32 softmax output and its cast, s x s per head
-        total += m.heads * seq_len * (4 + c)
+    if attn == "eager":  # s x s probabilities (fp32 softmax output, and its cast when c < 4), full-head k/v copies
+        total += m.heads * seq_len * (4 + (c if c < 4 else 0)) + 2 * c * (qd - kvd) - 4 * m.heads
     return total
 
 

@@ -158,11 +158,14 @@ def owner_from_frames(frames: list) -> Optional[str]:
     return None
 
 
-def owner_ranges(model: Optional[torch.nn.Module], optimizer: Optional[torch.optim.Optimizer]) -> list[tuple[int, int, str]]:
-    """(start, end, owner) of the storages of parameters (local shards), gradients and optimizer state."""
-    ranges: list[tuple[int, int, str]] = []
+Range = tuple[int, int, str, str]  # start, end, owner, tensor name
 
-    def add(t: Optional[torch.Tensor], owner: str) -> None:
+
+def owner_ranges(model: Optional[torch.nn.Module], optimizer: Optional[torch.optim.Optimizer]) -> list[Range]:
+    """(start, end, owner, name) of the storages of parameters (local shards), gradients and optimizer state."""
+    ranges: list[Range] = []
+
+    def add(t: Optional[torch.Tensor], owner: str, name: str) -> None:
         if t is None or not isinstance(t, torch.Tensor):
             return
         local = getattr(t, "_local_tensor", t)  # DTensor -> this rank's shard
@@ -171,34 +174,38 @@ def owner_ranges(model: Optional[torch.nn.Module], optimizer: Optional[torch.opt
         except (RuntimeError, NotImplementedError):
             return
         if st.nbytes() and st.data_ptr():
-            ranges.append((st.data_ptr(), st.data_ptr() + st.nbytes(), owner))
+            ranges.append((st.data_ptr(), st.data_ptr() + st.nbytes(), owner, name))
 
+    names: dict[int, str] = {}
     if model is not None:
-        for p in model.parameters():
-            add(p, "parameters")
-            add(p.grad, "gradients")
+        for n, p in model.named_parameters():
+            names[id(p)] = n
+            add(p, "parameters", f"{n} (local shard)")
+            add(p.grad, "gradients", f"grad of {n}")
     if optimizer is not None:
-        for state in optimizer.state.values():
-            for v in state.values():
-                add(v, "optimizer state")
+        for p, state in optimizer.state.items():
+            for k, v in state.items():
+                add(v, "optimizer state", f"{k} of {names.get(id(p), 'a parameter')}")
     return sorted(ranges)
 
 
-def classify(block: Block, ranges: list[tuple[int, int, str]]) -> str:
-    for start, end, owner in ranges:  # a handful of ranges per parameter; fine at post-mortem time
+def classify(block: Block, ranges: list[Range]) -> tuple[str, str]:
+    """(owner, description) of a block: a known tensor by address, else a guess from its stack."""
+    for start, end, owner, name in ranges:  # a few ranges per parameter; fine at post-mortem time
         if start < block.addr + block.size and block.addr < end:
-            return owner
-    return owner_from_frames(block.frames) or "other"
+            return owner, name
+    return owner_from_frames(block.frames) or "other", site(block.frames)
 
 
-def group(blocks: Iterable[Block], ranges: list[tuple[int, int, str]]) -> dict[str, dict]:
-    """owner -> {"bytes", "count", "blocks": [(size, site), ...] largest first}."""
+def group(blocks: Iterable[Block], ranges: list[Range]) -> dict[str, dict]:
+    """owner -> {"bytes", "count", "blocks": [(size, description), ...] largest first}."""
     out = {o: {"bytes": 0, "count": 0, "blocks": []} for o in OWNERS}
     for b in blocks:
-        g = out[classify(b, ranges)]
+        owner, what = classify(b, ranges)
+        g = out[owner]
         g["bytes"] += b.size
         g["count"] += 1
-        g["blocks"].append((b.size, site(b.frames)))
+        g["blocks"].append((b.size, what))
     for g in out.values():
         g["blocks"].sort(key=lambda x: -x[0])
     return out
@@ -213,7 +220,11 @@ def by_site(blocks: Iterable[Block]) -> dict[str, int]:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """A byte count in the largest binary unit that keeps it >= 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def postmortem_text(rank: int, step: int, where: str, error: str, stats: dict, groups: dict[str, dict],

@@ -157,7 +157,7 @@ class MemoryTracker:
         rec = {"step": self.step, "phase": label, "micro": micro, "t": round(time.perf_counter() - self.t0, 6),
                **s, "batch_tokens": batch_tokens, "longest": longest}
         self._file.write(json.dumps(rec) + "\n")
-        if s["allocated_peak"] >= self.interval["allocated_peak"]:
+        if s["allocated_peak"] > self.interval["allocated_peak"]:  # the first record to reach the peak names it
             self.interval.update(allocated_peak=s["allocated_peak"], step=self.step, phase=PHASES.index(phase),
                                  module=module, micro=-1 if micro is None else micro,
                                  batch_tokens=batch_tokens, longest=longest)
@@ -280,7 +280,7 @@ class MemoryTracker:
             files.append(base.with_suffix(".pickle"))
             snapshot.dump(files[-1])
         else:  # no allocator to ask: list the tensors we know (activations are not visible on CPU)
-            blocks = [snapshot.Block(s, e - s, []) for s, e, _ in ranges]
+            blocks = [snapshot.Block(s, e - s, []) for s, e, _, _ in ranges]
         groups = snapshot.group(blocks, ranges)
         files[0].write_text(snapshot.postmortem_text(self.rank, self.step, self.where, str(exc), stats, groups))
         files[1].write_text(json.dumps({"rank": self.rank, "step": self.step, "where": self.where,

@@ -1,0 +1,110 @@
+"""Memory-feature cases run inside one launched process group (see test_memory.py).
+
+Usage (under torchrun): python tests/mem_cases.py SPEC.json
+SPEC: {"train": [config yaml, ...],            runs with imbalanced_examples(world_size)
+       "model_state": {"config": yaml, "out": dir},  writes out/rank{R}.json (real shard sizes)
+       "oom": {"config": yaml, "rank": R, "at_call": N}}  rank R raises OutOfMemoryError in its N-th forward
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fsdptrain import distributed, models  # noqa: E402
+from fsdptrain.config import load_config  # noqa: E402
+from fsdptrain.data.tokenize import IGNORE, Example  # noqa: E402
+from fsdptrain.optim import build_optimizer  # noqa: E402
+from fsdptrain.parallelize import apply_fsdp  # noqa: E402
+
+LONG, SHORT = 1024, 32
+
+
+def imbalanced_examples(world: int, n_steps: int = 4) -> list[Example]:
+    """With shuffle off and micro-batch 1, the last rank gets a LONG example every step, the others SHORT ones."""
+    out = []
+    for i in range(n_steps * world):
+        n = LONG if i % world == world - 1 else SHORT
+        ids = [(5 * i + k) % 90 + 4 for k in range(n)]
+        out.append(Example(ids, [IGNORE] * 4 + ids[4:]))
+    return out
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def measure_model_state(config: str, info: distributed.DistInfo) -> dict:
+    """Real per-rank sizes of the sharded parameters, gradients and AdamW state after one step."""
+    cfg = load_config(config)
+    hf = models.load_hf_config(None, cfg.model.hf_config, None, False)
+    model = models.build_meta_model(hf, cfg.model.attn_implementation, torch.float32, False)
+    apply_fsdp(model, models.find_blocks(model), distributed.build_mesh(info), cfg.parallel, "cpu")
+    models.materialize(model, info.device, cfg.seed, None)
+    opt = build_optimizer(model, cfg.train, fused=False)
+    ids = torch.arange(24).reshape(2, 12) % hf.vocab_size
+    model(input_ids=ids).logits.float().square().mean().backward()
+    params = [_local(p) for p in model.parameters()]
+    grads = [_local(p.grad) for p in model.parameters()]
+    out = {"rank": info.rank, "world": info.world_size,
+           "params_local": sum(t.numel() for t in params), "params_storage": _storage_bytes(params),
+           "grads_local": sum(t.numel() for t in grads), "grads_storage": _storage_bytes(grads),
+           "n_tensors": len(params)}
+    opt.step()
+    out["optimizer_bytes"] = sum(_local(v).numel() * v.element_size()
+                                 for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+    return out
+
+
+def run_oom(spec: dict) -> None:
+    """Rank spec['rank'] fails its spec['at_call']-th forward with the error CUDA would raise."""
+    from fsdptrain import cli, trainer
+
+    real = trainer.token_loss_sum
+    calls = {"n": 0}
+
+    def failing(model, batch):
+        calls["n"] += 1
+        if torch.distributed.get_rank() == spec["rank"] and calls["n"] == spec["at_call"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated in a test)")
+        return real(model, batch)
+
+    trainer.token_loss_sum = failing
+    cli.main(["train", spec["config"]])
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    if "oom" in spec:
+        run_oom(spec["oom"])
+        return
+    from fsdptrain.trainer import train
+
+    info = distributed.init("cpu")
+    for config in spec.get("train", []):
+        train(load_config(config), examples=imbalanced_examples(info.world_size))
+    if "model_state" in spec:
+        ms = spec["model_state"]
+        res = measure_model_state(ms["config"], info)
+        Path(ms["out"]).mkdir(parents=True, exist_ok=True)
+        (Path(ms["out"]) / f"rank{info.rank}.json").write_text(json.dumps(res))
+    distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
