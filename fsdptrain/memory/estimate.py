@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import UserError
+from .snapshot import gib
 
 GIB = 2**30
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context + NCCL + allocator slack, outside torch.cuda.memory_allocated
@@ -314,13 +315,13 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
     for label, alt in tries:
         e = compute(m, alt)
         if e.peak < est.peak:
-            out.append(f"{label}: peak {e.peak / GIB:.1f} GiB ({(e.peak - est.peak) / GIB:+.1f}){'  fits' if e.fits else ''}")
+            out.append(f"{label}: peak {gib(e.peak)} (-{gib(est.peak - e.peak)}){'  fits' if e.fits else ''}")
     if not est.fits:
         nodes = s.world // max(1, s.gpus_per_node)
         for more in range(nodes + 1, 4 * nodes + 1):
             e = compute(m, dataclasses.replace(s, world=more * s.gpus_per_node))
             if e.fits:
-                out.append(f"{more} nodes x {s.gpus_per_node} GPUs: peak {e.peak / GIB:.1f} GiB  fits")
+                out.append(f"{more} nodes x {s.gpus_per_node} GPUs: peak {gib(e.peak)}  fits")
                 break
     return out
 
@@ -328,27 +329,27 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
 def render(est: Estimate) -> str:
     s, m, st = est.settings, est.shape, est.state
     nodes = s.world // max(1, s.gpus_per_node)
-    lines = [f"model: {m.model_type}, {m.n_params / 1e9:.2f}B parameters, {m.layers} blocks, hidden {m.hidden}, "
+    count = f"{m.n_params / 1e9:.2f}B" if m.n_params >= 1e9 else f"{m.n_params / 1e6:.2f}M"
+    lines = [f"model: {m.model_type}, {count} parameters, {m.layers} blocks, hidden {m.hidden}, "
              f"vocab {m.vocab}",
              f"run: {nodes} node(s) x {s.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
              f"micro-batch {s.micro_batch} x {s.seq_len} tokens, grad accumulation {s.grad_accum}, "
              f"checkpointing {s.checkpointing}, offload {s.offload}", "",
-             "per rank (rank 0, the largest shard), GiB:"]
+             "per rank (rank 0, the largest shard):"]
     for k, v in est.terms.items():
         if v:
-            lines.append(f"  {k:<44} {v / GIB:>9.2f}")
-    lines += ["", "peak by phase, GiB:"]
+            lines.append(f"  {k:<44} {gib(v):>12}")
+    lines += ["", "peak by phase:"]
     for k, v in est.phases.items():
         mark = "  <- peak" if k == est.peak_phase else ""
-        lines.append(f"  {k:<44} {v / GIB:>9.2f}{mark}")
+        lines.append(f"  {k:<44} {gib(v):>12}{mark}")
     need = est.peak * FRAGMENTATION + RUNTIME_OVERHEAD
-    lines += ["", f"GPU: peak allocated {est.peak / GIB:.1f} GiB; with {int((FRAGMENTATION - 1) * 100)}% fragmentation "
-              f"and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about {need / GIB:.1f} GiB of "
-              f"{s.gpu_memory / GIB:.1f} GiB"]
+    lines += ["", f"GPU: peak allocated {gib(est.peak)}; with {int((FRAGMENTATION - 1) * 100)}% fragmentation "
+              f"and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about {gib(need)} of {gib(s.gpu_memory)}"]
     if s.offload:
-        cpu = f"CPU (offload): {est.cpu_per_rank / GIB:.1f} GiB per rank, {est.cpu_per_node / GIB:.1f} GiB per node (pinned)"
+        cpu = f"CPU (offload): {gib(est.cpu_per_rank)} per rank, {gib(est.cpu_per_node)} per node (pinned)"
         if s.cpu_memory is not None:
-            cpu += f" of {s.cpu_memory / GIB:.0f} GiB"
+            cpu += f" of {gib(s.cpu_memory)}"
         lines.append(cpu)
     lines.append(f"verdict: {'fits' if est.fits else 'does NOT fit'}")
     if est.advice:

@@ -186,7 +186,11 @@ def owner_ranges(model: Optional[torch.nn.Module], optimizer: Optional[torch.opt
         for p, state in optimizer.state.items():
             for k, v in state.items():
                 add(v, "optimizer state", f"{k} of {names.get(id(p), 'a parameter')}")
-    return sorted(ranges)
+    merged: dict[tuple[int, int, str], list[str]] = {}  # FSDP keeps a unit's reduced gradients in one buffer
+    for start, end, owner, name in ranges:
+        merged.setdefault((start, end, owner), []).append(name)
+    return sorted((s, e, o, n[0] if len(n) == 1 else f"{n[0]} (+{len(n) - 1} more in this buffer)")
+                  for (s, e, o), n in merged.items())
 
 
 def classify(block: Block, ranges: list[Range]) -> tuple[str, str]:

@@ -1,0 +1,387 @@
+"""Memory observability: per-rank phase records, imbalance, report, snapshots, OOM stop, estimator.
+
+One 3-rank torchrun launch (tests/mem_cases.py) runs: a training run where the
+last rank gets 32x the tokens of the others, the real shard sizes for the
+estimator check, and finally a simulated out-of-memory error on rank 1 (which
+ends the launch). Everything else runs in this process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from helpers import REPO, torchrun
+from mem_cases import LONG, SHORT, measure_model_state
+
+from fsdptrain.cli import main as cli
+from fsdptrain.config import load_config
+from fsdptrain.errors import ConfigError, UserError
+from fsdptrain.memory import diff, estimate, report, snapshot
+from fsdptrain.memory import stats as memstats
+from fsdptrain.memory.tracker import likely_cause
+
+GIB = 2**30
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048, "vocab_size": 100}
+# Dimensions that do not divide by 3 ranks, so FSDP pads some shards.
+UNEVEN = {"model_type": "llama", "hidden_size": 56, "intermediate_size": 100, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "vocab_size": 101,
+          "tie_word_embeddings": False}
+PER_STEP = ["step_start", "forward:model.layers.0", "forward:model.layers.1", "forward",
+            "backward:model.layers.1", "backward:model.layers.0", "backward", "optimizer"]
+
+
+def _write(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mem")
+    train = _write(root / "train.yaml", {
+        "output_dir": str(root / "run"), "seed": 3, "model": {"hf_config": TINY, "attn_implementation": "eager"},
+        "data": {"max_length": 2048, "shuffle": False}, "train": {"max_steps": 4, "micro_batch_size": 1},
+        "parallel": {"device": "cpu", "precision": "fp32"},
+        "logging": {"log_every": 2, "tensorboard": True, "progress": "lines"},
+        "memory": {"per_module": True, "imbalance_warn": 1.05}})
+    state = _write(root / "state.yaml", {"seed": 1, "model": {"hf_config": UNEVEN},
+                                         "parallel": {"device": "cpu", "precision": "fp32"}})
+    oom = _write(root / "oom.yaml", {
+        "output_dir": str(root / "oomrun"), "model": {"hf_config": TINY},
+        "data": {"synthetic_examples": 48, "max_length": 48}, "train": {"max_steps": 4},
+        "parallel": {"device": "cpu", "precision": "fp32"}, "logging": {"tensorboard": False, "progress": "none"}})
+    spec = {"train": [train], "model_state": {"config": state, "out": str(root / "state")},
+            "oom": {"config": oom, "rank": 1, "at_call": 2}}
+    (root / "spec.json").write_text(json.dumps(spec))
+    t0 = time.perf_counter()
+    proc = torchrun(3, [str(REPO / "tests" / "mem_cases.py"), str(root / "spec.json")], timeout=400)
+    return root, proc, time.perf_counter() - t0
+
+
+def _records(run: Path, rank: int) -> list[dict]:
+    return [json.loads(x) for x in (run / "memory" / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- the launched run
+
+
+def test_every_rank_records_every_phase_and_block(launch):
+    root, proc, _ = launch
+    assert (root / "run" / "metrics.jsonl").is_file(), proc.stderr[-3000:]
+    for rank in range(3):
+        recs = _records(root / "run", rank)
+        assert [r["phase"] for r in recs] == PER_STEP * 4
+        assert [r["step"] for r in recs] == [s for s in range(1, 5) for _ in PER_STEP]
+        assert set(memstats.SCHEMA) <= set(recs[0])
+        assert all(r["allocated_peak"] >= r["allocated"] > 0 for r in recs)
+        want = LONG if rank == 2 else SHORT
+        assert {r["batch_tokens"] for r in recs} == {want} and {r["longest"] for r in recs} == {want}
+        assert [r["micro"] for r in recs[:8]] == [None, 0, 0, 0, 0, 0, 0, None]
+    peak = [max(r["allocated_peak"] for r in _records(root / "run", k)) for k in range(3)]
+    assert peak[2] > 1.05 * max(peak[:2])  # the long sequences' s x s attention scores show in RSS
+
+
+def test_imbalance_warning_names_rank_phase_and_token_ratio(launch):
+    root, proc, _ = launch
+    warnings = [x for x in proc.stdout.splitlines() if x.startswith("memory imbalance")]
+    assert len(warnings) == 2, proc.stdout[-3000:]
+    assert warnings[0].startswith("memory imbalance at step 2: rank 2 peaked at ")
+    assert "likely cause: rank 2's micro-batch had 32.0x the median's tokens (1,024 vs 32 padded tokens)" in warnings[0]
+    metrics = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["peak_mem_rank_of_max"] for m in metrics] == [2, 2]
+    recs = [_records(root / "run", k) for k in range(3)]
+    for m, steps in zip(metrics, [(1, 2), (3, 4)]):
+        peaks = [max(r["allocated_peak"] for r in rs if r["step"] in steps) for rs in recs]
+        assert m["peak_mem_gib_max"] == pytest.approx(max(peaks) / GIB, rel=1e-12)
+        assert m["mem_imbalance"] == pytest.approx(max(peaks) / sorted(peaks)[1], rel=1e-12)
+
+
+def test_tensorboard_gets_per_rank_peaks(launch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = launch[0]
+    acc = EventAccumulator(str(root / "run" / "tb"))
+    acc.Reload()
+    for rank in range(3):
+        recs = _records(root / "run", rank)
+        events = acc.Scalars(f"memory/rank{rank}/peak_allocated_gib")
+        assert [e.step for e in events] == [2, 4]
+        want = max(r["allocated_peak"] for r in recs if r["step"] <= 2) / GIB
+        assert events[0].value == pytest.approx(want, rel=1e-6)
+        assert [e.value for e in acc.Scalars(f"memory/rank{rank}/alloc_retries")] == [0, 0]
+
+
+def test_report_table_imbalance_and_plot(launch, tmp_path):
+    root = launch[0]
+    png = tmp_path / "mem.png"
+    res = CliRunner().invoke(cli, ["mem", "report", str(root / "run"), "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    rows = {int(x.split()[0]): x.split() for x in res.output.splitlines() if x[:4].strip().isdigit()}
+    assert sorted(rows) == [0, 1, 2]
+    recs = _records(root / "run", 2)
+    top = max(recs, key=lambda r: r["allocated_peak"])
+    assert rows[2][1] == f"{top['allocated_peak'] / GIB:.3f}" and rows[2][-2] == "1,024"
+    assert "imbalance: max/median peak allocated = " in res.output and "(rank 2:" in res.output
+    assert "likely cause: rank 2's batch at its peak had 32.0x the median's tokens" in res.output
+    from PIL import Image
+
+    img = Image.open(png).convert("RGB")
+    assert img.size == (1200, 600)
+    colors = set(img.getdata())
+    assert all(c in colors for c in report.COLORS[:3])  # one line per rank
+
+
+def test_model_state_terms_equal_the_real_shards(launch, tmp_path):
+    root = launch[0]
+    cfg_path = root / "state.yaml"
+    shape = estimate.shape_from_config(load_config(str(cfg_path)))
+    measured = [json.loads((root / "state" / f"rank{r}.json").read_text()) for r in range(3)]
+    from fsdptrain import distributed
+
+    info = distributed.init("cpu")  # a 1-rank group in this process: world size 1
+    try:
+        measured.append(measure_model_state(str(cfg_path), info))
+    finally:
+        distributed.shutdown(info)
+    for m in measured:
+        est = estimate.model_state(shape, m["world"], m["rank"], 4)
+        assert est.local_numel == m["params_local"] == m["grads_local"]
+        assert (est.params, est.grads, est.optimizer) == (m["params_storage"], m["grads_storage"], m["optimizer_bytes"])
+        assert est.n_tensors == m["n_tensors"]
+    assert measured[2]["params_local"] < measured[0]["params_local"]  # the padding case is exercised
+    assert measured[3]["params_local"] == shape.n_params
+
+
+def test_oom_on_one_rank_stops_all_with_one_message(launch):
+    root, proc, seconds = launch
+    assert proc.returncode != 0
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("fsdptrain: error:")]
+    mem = root / "oomrun" / "memory"
+    assert errors == [f"fsdptrain: error: rank 1 ran out of memory at step 2 (forward of micro-batch 0); "
+                      f"post-mortem: {mem / 'oom_rank1.txt'}, {mem / 'oom_rank1_stats.json'}"], proc.stderr[-3000:]
+    assert "fsdptrain/trainer.py" not in proc.stderr  # no worker traceback from the other ranks
+    assert seconds < 300  # well before the 30-minute collective timeout
+    post = json.loads((mem / "oom_rank1_stats.json").read_text())
+    assert post["rank"] == 1 and post["step"] == 2
+    shape = estimate.shape_from_config(load_config(str(root / "oom.yaml")))
+    exact = estimate.model_state(shape, 3, 1, 4)
+    assert post["owners"] == {"parameters": exact.params, "gradients": 0,  # zero_grad(set_to_none) ran after step 1
+                              "optimizer state": exact.optimizer, "activations": 0, "other": 0}
+    text = (mem / "oom_rank1.txt").read_text()
+    assert "rank 1, step 2, forward of micro-batch 0" in text
+    assert "exp_avg of model.embed_tokens.weight" in text and "model.embed_tokens.weight (local shard)" in text
+    assert not (root / "oomrun" / "memory" / "oom_rank0.txt").exists()
+
+
+# ----------------------------------------------------------------------------- stats and causes
+
+
+def test_cuda_stats_map_to_the_schema():
+    raw = {"allocated_bytes.all.current": 10, "allocated_bytes.all.peak": 50, "reserved_bytes.all.current": 64,
+           "reserved_bytes.all.peak": 96, "active_bytes.all.current": 12, "active_bytes.all.peak": 52,
+           "inactive_split_bytes.all.current": 3, "inactive_split_bytes.all.peak": 7,
+           "num_alloc_retries": 2, "num_ooms": 1, "allocated_bytes.large_pool.peak": 999}
+    assert memstats.from_cuda_stats(raw) == {
+        "allocated": 10, "allocated_peak": 50, "reserved": 64, "reserved_peak": 96, "active": 12, "active_peak": 52,
+        "inactive_split": 3, "inactive_split_peak": 7, "num_alloc_retries": 2, "num_ooms": 1}
+
+
+def test_cpu_peak_resets_per_phase():
+    memstats.reset_peak(torch.device("cpu"))
+    big = torch.ones(256 * 2**20 // 4)  # 256 MiB touched
+    del big
+    a = memstats.sample(torch.device("cpu"))
+    memstats.reset_peak(torch.device("cpu"))
+    b = memstats.sample(torch.device("cpu"))
+    assert a["allocated_peak"] - a["allocated"] > 200 * 2**20
+    assert b["allocated_peak"] - b["allocated"] < 50 * 2**20
+    assert memstats.from_proc_status("VmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n")["reserved_peak"] == 2048 * 1024
+
+
+def _row(**kw):
+    base = {"allocated_peak": 10 * GIB, "reserved_peak": 11 * GIB, "inactive_split_peak": 0, "num_alloc_retries": 0,
+            "num_ooms": 0, "step": 5, "phase": 2, "module": -1, "micro": 0, "batch_tokens": 1000, "longest": 1000}
+    return {**base, **kw}
+
+
+def test_likely_cause_names_tokens_sequence_fragmentation_or_rank0():
+    rows = [_row(), _row(batch_tokens=3100), _row(batch_tokens=900)]
+    assert likely_cause(rows, 1).startswith("rank 1's micro-batch had 3.1x the median's tokens (3,100 vs 1,000")
+    rows = [_row(longest=512), _row(longest=2048), _row(longest=512)]
+    assert likely_cause(rows, 1).startswith("rank 1 had the longest sequence (2,048 vs median 512")
+    rows = [_row(), _row(num_alloc_retries=7), _row()]
+    assert "allocator retries on rank 1 (7" in likely_cause(rows, 1)
+    assert "rank 0's extra work" in likely_cause([_row(), _row(), _row()], 0)
+
+
+def test_snapshot_steps_must_be_step_numbers(tmp_path):
+    with pytest.raises(ConfigError, match=r"memory.snapshot_steps: expected optimizer steps \(integers >= 1\), got \[0\]"):
+        load_config(None, ["memory.snapshot_steps=[0, 3]"])
+
+
+# ----------------------------------------------------------------------------- snapshots and diff
+
+
+def _fr(f, line, name):
+    return {"filename": f, "line": line, "name": name}
+
+
+MODEL_FR = [_fr("/x/site-packages/torch/nn/modules/linear.py", 125, "forward"),
+            _fr("/x/site-packages/transformers/models/llama/modeling_llama.py", 200, "forward")]
+OPT_FR = [_fr("/x/site-packages/torch/optim/adamw.py", 90, "_init_group"), _fr("/w/fsdptrain/trainer.py", 187, "_train")]
+LOSS_FR = [_fr("/w/fsdptrain/trainer.py", 63, "token_loss_sum")]
+
+
+def _snap(live, trace):
+    blocks = [{"address": a, "size": s, "requested_size": s, "state": "active_allocated", "frames": f} for a, s, f in live]
+    blocks.append({"address": 999_000, "size": 4096, "requested_size": 0, "state": "inactive", "frames": []})
+    return {"segments": [{"address": 0, "total_size": 2**30, "blocks": blocks}], "device_traces": [trace]}
+
+
+def _ev(action, addr, size, frames=()):
+    return {"action": action, "addr": addr, "size": size, "frames": list(frames), "stream": 0}
+
+
+def test_live_at_peak_replays_the_trace_backwards():
+    # params (100) allocated before the trace; then logits 500 and activation 300 come and go
+    snap = _snap([(0, 100, []), (5000, 40, OPT_FR)],
+                 [_ev("alloc", 1000, 300, MODEL_FR), _ev("alloc", 2000, 500, LOSS_FR),
+                  _ev("free_requested", 2000, 500), _ev("free_completed", 2000, 500, LOSS_FR),
+                  _ev("free_completed", 1000, 300, MODEL_FR), _ev("alloc", 5000, 40, OPT_FR)])
+    blocks, peak = snapshot.live_at_peak(snap)
+    assert peak == 900 and sorted(b.addr for b in blocks) == [0, 1000, 2000]
+    assert snapshot.site(MODEL_FR) == "transformers/models/llama/modeling_llama.py:200 (forward)"
+    assert snapshot.site([]).startswith("<no Python stack")
+
+
+def test_grouping_by_owner_uses_addresses_then_stacks():
+    ranges = [(0, 100, "parameters", "w (local shard)"), (200, 260, "gradients", "grad of w")]
+    blocks = [snapshot.Block(0, 100), snapshot.Block(200, 60), snapshot.Block(300, 80, OPT_FR),
+              snapshot.Block(400, 30, MODEL_FR), snapshot.Block(500, 7)]
+    g = snapshot.group(blocks, ranges)
+    assert {k: v["bytes"] for k, v in g.items()} == {"parameters": 100, "gradients": 60, "optimizer state": 80,
+                                                      "activations": 30, "other": 7}
+    text = snapshot.postmortem_text(3, 7, "backward of micro-batch 1", "CUDA out of memory. Tried",
+                                    {"allocated": 277, "reserved": 2**31}, g)
+    assert "rank 3, step 7, backward of micro-batch 1" in text and "reserved 2.00 GiB" in text
+    assert "      100 B  parameters       w (local shard)" in text
+
+
+def test_diff_orders_sites_by_difference(tmp_path):
+    a = _snap([(0, 100, OPT_FR), (1000, 3 * 2**20, LOSS_FR)], [])
+    b = _snap([(0, 100, OPT_FR), (1000, 2**20, LOSS_FR), (3000, 2**19, MODEL_FR)], [])
+    rows, pa, pb = diff.diff(a, b)
+    assert (pa, pb) == (100 + 3 * 2**20, 100 + 2**20 + 2**19)
+    assert [(r.site, r.delta) for r in rows] == [("/w/fsdptrain/trainer.py:63 (token_loss_sum)", 2 * 2**20),
+                                                 ("transformers/models/llama/modeling_llama.py:200 (forward)", -2**19),
+                                                 ("/w/fsdptrain/trainer.py:187 (_train)", 0)]
+    for name, snap in (("a.pickle", a), ("b.pickle", b)):
+        (tmp_path / name).write_bytes(pickle.dumps(snap))
+    res = CliRunner().invoke(cli, ["mem", "diff", str(tmp_path / "a.pickle"), str(tmp_path / "b.pickle")])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[5].split() == ["3.0", "1.0", "+2.0", "/w/fsdptrain/trainer.py:63", "(token_loss_sum)"]
+
+
+def test_snapshot_loader_refuses_code(tmp_path):
+    bad = tmp_path / "bad.pickle"
+    bad.write_bytes(pickle.dumps({"segments": [], "x": io.BytesIO}))
+    with pytest.raises(UserError, match="refusing to load _io.BytesIO"):
+        snapshot.load(bad)
+    res = CliRunner().invoke(cli, ["mem", "diff", str(bad), str(bad)])
+    assert res.exit_code == 2 and "fsdptrain: error:" in res.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="allocation history needs CUDA")
+def test_cuda_snapshot_round_trip(tmp_path):
+    snapshot.start_recording(10000)
+    try:
+        x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        y = torch.empty(32 * 2**20, dtype=torch.uint8, device="cuda")
+        del y
+        snapshot.dump(tmp_path / "s.pickle")
+    finally:
+        snapshot.stop_recording()
+    blocks, peak = snapshot.live_at_peak(snapshot.load(tmp_path / "s.pickle"))
+    sites = snapshot.by_site(blocks)
+    assert peak >= 96 * 2**20
+    assert any("test_memory.py" in s for s in sites), sites
+    del x
+
+
+# ----------------------------------------------------------------------------- estimator
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_block_activations_equal_autograd_saved_tensors(attn):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(UNEVEN)
+    cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32).train()
+    b, s = 2, 40
+    x = model.model.embed_tokens(torch.randint(0, 100, (b, s))).detach().requires_grad_()
+    pos = torch.arange(s)[None]
+    cos_sin = model.model.rotary_emb(x, pos)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *cos_sin]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, position_embeddings=cos_sin, position_ids=pos)
+    shape = estimate.shape_of_model(model)
+    assert estimate.block_activation_bytes_per_token(shape, 4, attn, s) * b * s == sum(saved.values())
+
+
+def test_parse_size():
+    assert estimate.parse_size("80GiB") == 80 * 2**30
+    assert estimate.parse_size("80G") == 80 * 2**30
+    assert estimate.parse_size("141GB") == 141 * 10**9
+    assert estimate.parse_size("1TiB") == 2**40
+    with pytest.raises(UserError, match="expected e.g. 80GiB"):
+        estimate.parse_size("lots")
+
+
+def test_qwen25_32b_on_2x8_with_and_without_offload():
+    path = str(REPO / "configs" / "estimate-qwen2.5-32b-2x8-offload.yaml")
+    cfg = load_config(path)
+    shape = estimate.shape_from_config(cfg)
+    h, f, kv, v, L = 5120, 27648, 1024, 152064, 64
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * f + 2 * h
+    assert shape.n_params == L * per_layer + 2 * v * h + h == 32_763_876_352
+    off = estimate.estimate(cfg, 2, 8, 80 * GIB, 1024 * GIB, shape=shape)
+    st = estimate.model_state(shape, 16, 0, 4)
+    assert off.fits and off.cpu_per_node == 8 * st.total and off.terms["parameters (sharded)"] == 0
+    assert st.params == st.padded_numel * 4 and st.total == pytest.approx(16 * shape.n_params / 16, rel=0.01)
+    plain = estimate.estimate(load_config(path, ["parallel.cpu_offload=false", "parallel.activation_checkpointing=none"]),
+                              2, 8, 80 * GIB, shape=shape)
+    assert not plain.fits and plain.terms["optimizer state (AdamW m, v, step)"] == st.optimizer
+    assert plain.peak > 80 * GIB
+    assert any(a.startswith("parallel.activation_checkpointing=full:") and a.endswith("fits") for a in plain.advice)
+    text = estimate.render(plain)
+    assert "verdict: does NOT fit" in text and "what to change" in text
+
+
+def test_estimate_cli(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", {"model": {"hf_config": TINY}, "data": {"max_length": 128}})
+    res = CliRunner().invoke(cli, ["estimate", cfg, "train.micro_batch_size=4", "--nnodes", "1", "--gpus-per-node", "2",
+                                   "--gpu-memory", "8GiB"])
+    assert res.exit_code == 0, res.output
+    assert "run: 1 node(s) x 2 GPUs = 2 ranks, precision bf16-mixed, micro-batch 4 x 128 tokens" in res.output
+    assert "verdict: fits" in res.output
+    res = CliRunner().invoke(cli, ["estimate", cfg, "--gpu-memory", "huge"])
+    assert res.exit_code == 2 and "memory size 'huge'" in res.output
