@@ -3,7 +3,7 @@
 Usage (under torchrun): python tests/mem_cases.py SPEC.json
 SPEC: {"train": [config yaml, ...],            runs with imbalanced_examples(world_size)
        "model_state": {"config": yaml, "out": dir},  writes out/rank{R}.json (real shard sizes)
-       "oom": {"config": yaml, "rank": R, "at_call": N}}  rank R raises OutOfMemoryError in its N-th forward
+       "oom": {"config": yaml, "rank": R, "at_call": N}}  then rank R raises OutOfMemoryError in its N-th forward
 """
 
 from __future__ import annotations
@@ -89,9 +89,6 @@ def run_oom(spec: dict) -> None:
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    if "oom" in spec:
-        run_oom(spec["oom"])
-        return
     from fsdptrain.trainer import train
 
     info = distributed.init("cpu")
@@ -103,6 +100,8 @@ def main() -> None:
         Path(ms["out"]).mkdir(parents=True, exist_ok=True)
         (Path(ms["out"]) / f"rank{info.rank}.json").write_text(json.dumps(res))
     distributed.barrier()
+    if "oom" in spec:  # last: it ends the launch
+        run_oom(spec["oom"])
     torch.distributed.destroy_process_group()
 
 
