@@ -13,7 +13,7 @@ them apart) and fragmentation, retries and OOM counts are 0.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import torch
 
@@ -23,9 +23,24 @@ _POOLS = [("allocated", "allocated_bytes.all"), ("reserved", "reserved_bytes.all
 SCHEMA = [f for name, _ in _POOLS for f in (name, f"{name}_peak")] + ["num_alloc_retries", "num_ooms"]
 
 
+_FDS: dict[tuple[int, str], int] = {}  # (pid, path) -> open fd: /proc reads without open/close per phase
+
+
+def _proc_fd(path: str, flags: int) -> int:
+    key = (os.getpid(), path)  # a forked child must not read its parent's /proc/self
+    fd = _FDS.get(key)
+    if fd is None:
+        fd = _FDS[key] = os.open(path, flags)
+    return fd
+
+
+def _status_text() -> str:
+    return os.pread(_proc_fd("/proc/self/status", os.O_RDONLY), 8192, 0).decode(errors="replace")
+
+
 def _read_status_kib(field: str) -> int:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in _status_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -38,7 +53,7 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        os.write(_proc_fd("/proc/self/clear_refs", os.O_WRONLY), b"5")  # resets VmHWM to the current RSS
     except OSError:
         pass
 
@@ -70,10 +85,10 @@ def from_cuda_stats(stats: dict) -> dict[str, int]:
 def from_proc_status(text: str) -> dict[str, int]:
     """The SCHEMA fields from /proc/self/status text (CPU runs)."""
     kib = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM") and rest.split():
-            kib[key] = int(rest.split()[0]) * 1024
+    for key in ("VmHWM", "VmRSS"):
+        i = text.find(key + ":")
+        if i >= 0:
+            kib[key] = int(text[i + len(key) + 1:text.find("kB", i)]) * 1024
     cur, peak = kib.get("VmRSS", 0), kib.get("VmHWM", 0)
     out = {}
     for name, _ in _POOLS:
@@ -88,6 +103,6 @@ def sample(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         return from_cuda_stats(torch.cuda.memory_stats(device))
     try:
-        return from_proc_status(Path("/proc/self/status").read_text())
+        return from_proc_status(_status_text())
     except OSError:
         return from_proc_status("")

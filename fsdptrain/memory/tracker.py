@@ -198,8 +198,10 @@ class MemoryTracker:
         if not self.enabled:
             return {}
         mine = torch.tensor([float(self.interval[k]) for k in GATHERED], dtype=torch.float64, device=self.device)
-        out = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(out, mine)
+        out = [mine]
+        if self.world > 1:
+            out = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(out, mine)
         rows = [dict(zip(GATHERED, t.tolist())) for t in out]
         self._reset_interval()
         peaks = [r["allocated_peak"] for r in rows]
