@@ -237,7 +237,7 @@ class MemoryTracker:
             return False
 
     def _watch_peers(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(1.0):  # one store lookup per rank per second
             if not self._failing and self._peer_failed():
                 self._quit(1)
 
