@@ -102,6 +102,9 @@ class MemoryTracker:
             if mcfg.per_module and model is not None and blocks:
                 self._install_hooks(model, blocks)
             memstats.reset_peak(self.device)
+        if self.device.type != "cuda" and (mcfg.snapshot_steps or mcfg.record_history) and info.is_main:
+            print("memory: snapshot_steps / record_history need CUDA allocation history; ignored on "
+                  f"{self.device.type} (per-phase records and the OOM post-mortem still work)", flush=True)
         if self.device.type == "cuda" and mcfg.record_history:
             snapshot.start_recording(mcfg.snapshot_max_entries)
             self._recording = True
