@@ -8,8 +8,10 @@ Two kinds of terms:
   a padded c-row buffer; reduced gradients are one padded buffer per unit;
   AdamW's exp_avg / exp_avg_sq are zeros_like the local (unpadded) shard, plus
   a 4-byte `step` per parameter tensor.
-- Working memory, modelled: unsharded all-gather buffers of the root (kept
-  from forward to backward) and of the current + prefetched block, unsharded
+- Working memory, modelled: unsharded all-gather buffers of the root (all
+  through forward, and from the start of backward until its gradients are
+  reduced at the end), of the current + prefetched block and of the last
+  block (parallelize never reshards it after forward), unsharded
   gradients and the fp32 reduce-scatter input of a unit, fp32 gradient
   accumulation when gradients are reduced only on the last micro-step,
   activations saved per block (Llama-family block with flash/efficient SDPA;
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import UserError
+from ..parallelize import checkpointed_indices
 from .snapshot import gib
 
 GIB = 2**30
@@ -233,27 +236,34 @@ class Estimate:
 
 
 def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
+    """Per-rank GPU memory by term and by phase for settings `s` (see the module docstring)."""
     pb = 2 if s.precision == "bf16-pure" else 4  # sharded parameter / gradient / optimizer dtype
     c = 2 if s.precision.startswith("bf16") else 4  # compute (all-gather) dtype
     W = s.world
     st = model_state(m, W, rank, pb)
     blocks, root = m.units[:-1], m.units[-1]
-    block_un = sorted((unit_numel(u, W) for u in blocks), reverse=True)
+    block_un = [unit_numel(u, W) for u in blocks]
+    two_blocks = sum(sorted(block_un, reverse=True)[:2])  # the current block and the prefetched one
+    last_block = block_un[-1] if block_un else 0  # parallelize never reshards the last block after forward
     root_un = unit_numel(root, W)
     tokens = s.micro_batch * s.seq_len
     a_block = block_activation_bytes_per_token(m, c, s.attn, s.seq_len) * tokens
-    n_ckpt = {"none": 0, "full": m.layers, "every_k": len([i for i in range(m.layers) if i % s.checkpointing_k == 0])}[s.checkpointing]
-    h = m.hidden
+    n_ckpt = len(checkpointed_indices(m.layers, s.checkpointing, s.checkpointing_k))
+    h, V = m.hidden, m.vocab
     acts = (n_ckpt * c * h * tokens + (m.layers - n_ckpt) * a_block
-            + (4 * h + 2 * c * h) * tokens)  # + final norm (its output is the lm_head input)
+            + (4 * h + 4 + 2 * c * h) * tokens)  # + the final norm (its output is the lm_head input)
     recompute = a_block if n_ckpt else 0
-    held_blocks = sum(block_un) if not s.reshard_after_forward else sum(block_un[:2])
-    gather_bufs = c * (root_un + held_blocks)
-    logits_fwd = tokens * m.vocab * (c + 4 + 4 if c == 2 else 8)
-    logits_bwd = tokens * m.vocab * 12
-    lm_head_grad = c * m.lm_head_numel  # unsharded root gradient held until the root's reduce-scatter
-    unit_grad = (c + 4) * (block_un[0] if block_un else 0)  # unsharded grad + fp32 reduce-scatter input
-    root_grad_end = (c + 4) * root_un
+    root_buf = c * root_un  # gathered at the start of forward and again at the start of backward
+    # After forward FSDP frees the gathered blocks (and the root, which parallelize shards with an explicit
+    # reshard_after_forward) except the last block; with reshard_after_forward=false all of them stay.
+    held_after_fwd = c * last_block if s.reshard_after_forward else c * (sum(block_un) + root_un)
+    during_fwd = root_buf + (c * two_blocks if s.reshard_after_forward else c * sum(block_un))
+    logits_bf = c * V * tokens  # lm_head output (compute dtype)
+    logits_fwd = tokens * V * (c + 4 + 4 if c == 2 else 8)  # logits, fp32 copy, log-softmax output
+    logits_bwd = tokens * V * 12  # saved log-softmax, its gradient, the gradient of the logits (fp32)
+    logits_grad = tokens * V * (4 + c if c == 2 else 4)  # fp32 gradient and its cast, entering lm_head backward
+    lm_head_grad = c * m.lm_head_numel  # unsharded root gradient, held until the root's reduce-scatter at the end
+    unit_grad = (c + 4) * max(block_un, default=0)  # a block's unsharded grad + fp32 reduce-scatter input
     accum = 4 * sum(unit_numel(u, W) for u in m.units) if (s.grad_accum > 1 and not s.sync_every_micro_step) else 0
     params_gpu = 0 if s.offload else st.params
     grads_gpu = 0 if s.offload else st.grads
@@ -263,8 +273,9 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "parameters (sharded)": params_gpu,
         "gradients (sharded)": grads_gpu,
         "optimizer state (AdamW m, v, step)": opt_gpu,
-        "all-gather: root (unsharded, fwd->bwd)": c * root_un,
-        "all-gather: current + prefetched block" if s.reshard_after_forward else "all-gather: every block (no reshard)": c * held_blocks,
+        "all-gather: root (embeddings, norm, lm_head)": root_buf,
+        ("all-gather: current + prefetched block" if s.reshard_after_forward
+         else "all-gather: every block (no reshard)"): c * (two_blocks if s.reshard_after_forward else sum(block_un)),
         "offload staging (H2D shards)": offload_staging,
         "activations (saved for backward)": acts,
         "recompute of one block (checkpointing)": recompute,
@@ -274,17 +285,19 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "logits + loss (forward)": logits_fwd,
         "logits + loss (backward)": logits_bwd,
     }
-    base = params_gpu + opt_gpu + offload_staging  # fused AdamW on CUDA: no full-size temporaries
+    base = params_gpu + opt_gpu + offload_staging + accum  # fused AdamW on CUDA: no full-size temporaries
     phases = {
-        "forward (loss)": base + accum + gather_bufs + acts + logits_fwd,
-        "backward (loss)": base + accum + gather_bufs + acts + logits_bwd + lm_head_grad,
-        "backward (last block)": base + accum + gather_bufs + lm_head_grad + acts + recompute + a_block + unit_grad,
-        "backward (root reduce)": base + grads_gpu + accum + c * root_un + root_grad_end,
+        "forward (lm_head)": base + during_fwd + acts + logits_bf,
+        "forward (loss)": base + held_after_fwd + acts + logits_fwd,
+        "backward (loss)": base + held_after_fwd + acts + logits_bwd,
+        "backward (lm_head)": base + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
+        "backward (last block)": base + root_buf + lm_head_grad + c * two_blocks + acts + recompute + a_block + unit_grad,
+        "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * root_un,
         "optimizer": base + grads_gpu,
     }
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
-    cpu_rank = st.total if s.offload else 0
+    cpu_rank = st.total + st.local_numel * pb if s.offload else 0  # + AdamW foreach's sqrt(v) temporary on CPU
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.gpu_memory
     if s.offload and s.cpu_memory is not None:
         fits = fits and cpu_rank * s.gpus_per_node <= s.cpu_memory
@@ -347,7 +360,7 @@ def render(est: Estimate) -> str:
     lines += ["", f"GPU: peak allocated {gib(est.peak)}; with {int((FRAGMENTATION - 1) * 100)}% fragmentation "
               f"and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about {gib(need)} of {gib(s.gpu_memory)}"]
     if s.offload:
-        cpu = f"CPU (offload): {gib(est.cpu_per_rank)} per rank, {gib(est.cpu_per_node)} per node (pinned)"
+        cpu = f"CPU (offload): {gib(est.cpu_per_rank)} per rank, {gib(est.cpu_per_node)} per node (sharded params, grads, AdamW state and its step temporary)"
         if s.cpu_memory is not None:
             cpu += f" of {gib(s.cpu_memory)}"
         lines.append(cpu)
