@@ -386,3 +386,54 @@ def test_estimate_cli(tmp_path):
     assert "verdict: fits" in res.output
     res = CliRunner().invoke(cli, ["estimate", cfg, "--gpu-memory", "huge"])
     assert res.exit_code == 2 and "memory size 'huge'" in res.output
+
+
+# ----------------------------------------------------------------------------- CUDA only (skipped on CPU)
+
+
+def _fixed(n: int, seq: int):
+    from fsdptrain.data.tokenize import IGNORE, Example
+
+    return [Example([(3 * i + k) % 90 + 4 for k in range(seq)], [IGNORE] + [(3 * i + k) % 90 + 4 for k in range(1, seq)])
+            for i in range(n)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA allocator records and snapshots need a GPU")
+def test_cuda_run_records_allocator_stats_and_snapshot(tmp_path):
+    from fsdptrain.trainer import train
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "train.max_steps=3", "train.micro_batch_size=2",
+                             "data.max_length=256", "logging.tensorboard=false", "logging.progress=none",
+                             "memory.snapshot_steps=[2]", "parallel.device=cuda"])
+    cfg.model.hf_config = dict(TINY)
+    train(cfg, examples=_fixed(8, 256))
+    recs = _records(tmp_path, 0)
+    assert [r["phase"] for r in recs] == ["step_start", "forward", "backward", "optimizer"] * 3
+    assert all(r["reserved"] >= r["allocated"] > 0 and r["allocated_peak"] >= r["allocated"] for r in recs)
+    fwd = [r for r in recs if r["phase"] == "forward"]
+    assert all(r["allocated"] > recs[0]["allocated"] for r in fwd)  # activations live after forward
+    snap = snapshot.load(tmp_path / "memory" / "snapshot_step2_rank0.pickle")
+    blocks, peak = snapshot.live_at_peak(snap)
+    assert peak >= max(r["allocated_peak"] for r in recs if r["step"] == 2) * 0.5 and blocks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory error needs a GPU")
+def test_cuda_oom_post_mortem(tmp_path):
+    from fsdptrain.errors import TrainingError
+    from fsdptrain.trainer import train
+
+    big_vocab = {**TINY, "vocab_size": 151936}
+    cfg = load_config(None, [f"output_dir={tmp_path}", "train.max_steps=1", "train.micro_batch_size=128",
+                             "data.max_length=4096", "logging.tensorboard=false", "logging.progress=none",
+                             "parallel.device=cuda"])
+    cfg.model.hf_config = big_vocab  # 128 x 4096 x 151936 logits cannot fit on any GPU
+    with pytest.raises(TrainingError, match=r"rank 0 ran out of memory at step 1 \(forward of micro-batch 0\); post-mortem: "):
+        train(cfg, examples=_fixed(128, 4096))
+    mem = tmp_path / "memory"
+    post = json.loads((mem / "oom_rank0_stats.json").read_text())
+    shape = estimate.shape_from_config(cfg)
+    exact = estimate.model_state(shape, 1, 0, 4)
+    assert exact.params <= post["owners"]["parameters"] <= exact.params + 512 * exact.n_tensors
+    assert post["memory_stats"]["num_ooms"] >= 1
+    assert "live memory by owner:" in (mem / "oom_rank0.txt").read_text()
+    assert snapshot.live_blocks(snapshot.load(mem / "oom_rank0.pickle"))
