@@ -4,6 +4,7 @@ Usage (under torchrun): python tests/mem_cases.py SPEC.json
 SPEC: {"train": [config yaml, ...],            runs with imbalanced_examples(world_size)
        "model_state": {"config": yaml, "out": dir},  writes out/rank{R}.json (real shard sizes)
        "oom": {"config": yaml, "rank": R, "at_call": N}}  then rank R raises OutOfMemoryError in its N-th forward
+   or {"watchdog": run_dir}: the peer-failure watchdog alone (2 ranks)
 """
 
 from __future__ import annotations
@@ -87,8 +88,31 @@ def run_oom(spec: dict) -> None:
     cli.main(["train", spec["config"]])
 
 
+def run_watchdog(run_dir: str) -> None:
+    """Rank 1 announces a failure and stays alive; rank 0 waits in a collective rank 1 never joins."""
+    import time
+
+    import torch.distributed as dist
+
+    from fsdptrain.config import MemoryConfig
+    from fsdptrain.memory.tracker import MemoryTracker
+
+    info = distributed.init("cpu")
+    mem = MemoryTracker(MemoryConfig(track_peak=False), info, run_dir)
+    if info.rank == 1:
+        mem._failing = True  # what on_error sets on the failing rank
+        dist.distributed_c10d._get_default_store().set(mem._key, "rank 1 failed")
+        time.sleep(120)
+    else:
+        dist.barrier()  # without the watchdog: blocked until the 30-minute process-group timeout
+    print(f"rank {info.rank}: still running", flush=True)
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
+    if "watchdog" in spec:
+        run_watchdog(spec["watchdog"])
+        return
     from fsdptrain.trainer import train
 
     info = distributed.init("cpu")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import time
 from pathlib import Path
 
@@ -182,6 +183,17 @@ def test_oom_on_one_rank_stops_all_with_one_message(launch):
     assert "  11.00 KiB  parameters       model.layers.1.mlp.down_proj.weight (local shard)" in text
     assert "  11.00 KiB  optimizer state  exp_avg of model.layers.0.mlp.down_proj.weight" in text
     assert not (root / "oomrun" / "memory" / "oom_rank0.txt").exists()
+
+
+def test_watchdog_stops_a_rank_blocked_in_a_collective(tmp_path):
+    # NCCL collectives do not fail when a peer stops; the store key is what frees the waiting ranks.
+    (tmp_path / "spec.json").write_text(json.dumps({"watchdog": str(tmp_path / "run")}))
+    t0 = time.perf_counter()
+    proc = torchrun(2, [str(REPO / "tests" / "mem_cases.py"), str(tmp_path / "spec.json")], timeout=100)
+    assert time.perf_counter() - t0 < 90  # rank 1 sleeps 120 s: only rank 0's quiet exit ended the launch
+    assert proc.returncode != 0 and "still running" not in proc.stdout
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 1 ", proc.stderr), proc.stderr[-2000:]
+    assert "[rank0]: Traceback" not in proc.stderr  # a quiet exit, not an error of its own
 
 
 # ----------------------------------------------------------------------------- stats and causes

@@ -114,7 +114,7 @@ def shape_from_config(cfg) -> ModelShape:
 
     inline = cfg.model.hf_config if cfg.model.path is None else None
     vocab = None
-    if inline is None or "vocab_size" not in inline:
+    if cfg.model.path is None and "vocab_size" not in (inline or {}):  # the trainer takes it from the tokenizer
         from ..data.tokenizer import load_tokenizer
 
         vocab = len(load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code))
