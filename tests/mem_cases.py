@@ -24,7 +24,7 @@ from fsdptrain.data.tokenize import IGNORE, Example  # noqa: E402
 from fsdptrain.optim import build_optimizer  # noqa: E402
 from fsdptrain.parallelize import apply_fsdp  # noqa: E402
 
-LONG, SHORT = 1024, 32
+LONG, SHORT = 1536, 32
 
 
 def imbalanced_examples(world: int, n_steps: int = 4) -> list[Example]:

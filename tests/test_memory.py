@@ -95,11 +95,11 @@ def test_every_rank_records_every_phase_and_block(launch):
 def test_imbalance_warning_names_rank_phase_and_token_ratio(launch):
     root, proc, _ = launch
     warnings = [x for x in proc.stdout.splitlines() if x.startswith("memory imbalance")]
-    assert len(warnings) == 2, proc.stdout[-3000:]
-    assert warnings[0].startswith("memory imbalance at step 2: rank 2 peaked at ")
-    assert "likely cause: rank 2's micro-batch had 32.0x the median's tokens (1,024 vs 32 padded tokens)" in warnings[0]
     metrics = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["peak_mem_rank_of_max"] for m in metrics] == [2, 2]
+    assert len(warnings) == 2, (proc.stdout[-3000:], metrics)
+    assert warnings[0].startswith("memory imbalance at step 2: rank 2 peaked at ")
+    assert "likely cause: rank 2's micro-batch had 48.0x the median's tokens (1,536 vs 32 padded tokens)" in warnings[0]
+    assert [m["peak_mem_rank_of_max"] for m in metrics] == [2, 2], metrics
     recs = [_records(root / "run", k) for k in range(3)]
     for m, steps in zip(metrics, [(1, 2), (3, 4)]):
         peaks = [max(r["allocated_peak"] for r in rs if r["step"] in steps) for rs in recs]
@@ -131,9 +131,9 @@ def test_report_table_imbalance_and_plot(launch, tmp_path):
     assert sorted(rows) == [0, 1, 2]
     recs = _records(root / "run", 2)
     top = max(recs, key=lambda r: r["allocated_peak"])
-    assert rows[2][1] == f"{top['allocated_peak'] / GIB:.3f}" and rows[2][-2] == "1,024"
+    assert rows[2][1] == f"{top['allocated_peak'] / GIB:.3f}" and rows[2][-2] == "1,536"
     assert "imbalance: max/median peak allocated = " in res.output and "(rank 2:" in res.output
-    assert "likely cause: rank 2's batch at its peak had 32.0x the median's tokens" in res.output
+    assert "likely cause: rank 2's batch at its peak had 48.0x the median's tokens" in res.output
     from PIL import Image
 
     img = Image.open(png).convert("RGB")
