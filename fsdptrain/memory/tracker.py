@@ -75,6 +75,8 @@ def phase_name(code: int, module: int, modules: list[str]) -> str:
 
 
 class MemoryTracker:
+    """One per run and rank: phase records, interval peaks for `gather`, snapshots and the OOM stop."""
+
     def __init__(self, mcfg, info, run_dir: str | Path, model: Optional[nn.Module] = None,
                  blocks: Optional[list[nn.Module]] = None):
         self.cfg = mcfg
@@ -91,7 +93,8 @@ class MemoryTracker:
         self._micro: Optional[int] = None
         self._recording = False
         self._failing = False
-        self._key = f"fsdptrain/oom/{zlib.crc32(str(Path(run_dir).resolve()).encode())}"
+        # One key per run; output_dir as configured (identical on every node, unlike a resolved path).
+        self._key = f"fsdptrain/oom/{zlib.crc32(str(run_dir).encode())}"
         self._stop = threading.Event()
         self._watch: Optional[threading.Thread] = None
         self.t0 = time.perf_counter()
