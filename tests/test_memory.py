@@ -449,3 +449,18 @@ def test_cuda_oom_post_mortem(tmp_path):
     assert post["memory_stats"]["num_ooms"] >= 1
     assert "live memory by owner:" in (mem / "oom_rank0.txt").read_text()
     assert snapshot.live_blocks(snapshot.load(mem / "oom_rank0.pickle"))
+
+
+def test_estimate_from_a_model_folder_reads_only_its_config(tmp_path):
+    from helpers import LLAMA, make_model_dir
+
+    folder = make_model_dir(tmp_path / "m", LLAMA)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()  # no weights needed: the model is built on the meta device
+    cfg = load_config(None, [f"model.path={folder}"])
+    shape = estimate.shape_from_config(cfg)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    assert shape.n_params == sum(p.numel() for p in real.parameters())
+    assert shape.lm_head_numel == 0 and shape.layers == LLAMA["num_hidden_layers"]  # tied embeddings
