@@ -87,6 +87,7 @@ def test_every_rank_records_every_phase_and_block(launch):
         assert all(r["allocated_peak"] >= r["allocated"] > 0 for r in recs)
         want = LONG if rank == 2 else SHORT
         assert {r["batch_tokens"] for r in recs} == {want} and {r["longest"] for r in recs} == {want}
+        assert {r["tokens"] for r in recs} == {want}  # one example of exactly `want` tokens per step
         assert [r["micro"] for r in recs[:8]] == [None, 0, 0, 0, 0, 0, 0, None]
     peak = [max(r["allocated_peak"] for r in _records(root / "run", k)) for k in range(3)]
     assert peak[2] > 1.05 * max(peak[:2])  # the long sequences' s x s attention scores show in RSS

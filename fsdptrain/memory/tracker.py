@@ -91,6 +91,7 @@ class MemoryTracker:
         self._file = None
         self._batches: list[tuple[int, int]] = []  # (padded tokens, width) per micro-batch of this step
         self._micro: Optional[int] = None
+        self._tokens = 0  # real (unpadded) tokens of this rank's step
         self._recording = False
         self._failing = False
         # One key per run; output_dir as configured (identical on every node, unlike a resolved path).
@@ -125,6 +126,7 @@ class MemoryTracker:
         """`step` is the 0-based loop index; records carry the 1-based optimizer step like metrics.jsonl."""
         self.step = step + 1
         self._batches = [(int(b["input_ids"].numel()), int(b["input_ids"].shape[1])) for b in batches]
+        self._tokens = sum(int(b["n_tokens"]) if "n_tokens" in b else int(b["input_ids"].numel()) for b in batches)
         self._micro = None
         if self.device.type == "cuda" and self.step in self.cfg.snapshot_steps and not self._recording:
             snapshot.start_recording(self.cfg.snapshot_max_entries)
@@ -161,7 +163,7 @@ class MemoryTracker:
             longest = max((w for _, w in self._batches), default=0)
         label = phase if module < 0 else f"{phase}:{self.modules[module]}"
         rec = {"step": self.step, "phase": label, "micro": micro, "t": round(time.perf_counter() - self.t0, 6),
-               **s, "batch_tokens": batch_tokens, "longest": longest}
+               **s, "tokens": self._tokens, "batch_tokens": batch_tokens, "longest": longest}
         self._file.write(json.dumps(rec) + "\n")
         if s["allocated_peak"] > self.interval["allocated_peak"]:  # the first record to reach the peak names it
             self.interval.update(allocated_peak=s["allocated_peak"], step=self.step, phase=PHASES.index(phase),
