@@ -58,14 +58,19 @@ def apply_activation_checkpointing(blocks: list[nn.Module], indices: list[int]) 
         checkpoint(blocks[i])
 
 
-def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg: ParallelConfig,
-               device_type: str) -> ParallelPlan:
-    precision = resolve_precision(pcfg.precision, device_type)
+def check_device_support(pcfg: ParallelConfig, device_type: str) -> None:
+    """Fail before any work is done when the options cannot run on this device."""
     if pcfg.cpu_offload and device_type != "cuda":
         raise ConfigError(
             "parallel.cpu_offload: true needs CUDA GPUs (FSDP2 offload pins host memory for GPU copies); "
             "this run is on CPU, so set parallel.cpu_offload=false"
         )
+
+
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg: ParallelConfig,
+               device_type: str) -> ParallelPlan:
+    check_device_support(pcfg, device_type)
+    precision = resolve_precision(pcfg.precision, device_type)
     ac = checkpointed_indices(len(blocks), pcfg.activation_checkpointing, pcfg.activation_checkpointing_k)
     apply_activation_checkpointing(blocks, ac)
 

@@ -35,7 +35,7 @@ from .errors import TrainingError, UserError
 from .memory import stats as memstats
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
-from .parallelize import apply_fsdp
+from .parallelize import apply_fsdp, check_device_support, resolve_precision
 
 
 @dataclass
@@ -95,6 +95,7 @@ def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
 
 def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Example]]) -> RunResult:
     # -- run directory (rank 0 writes shared files) -------------------------------------------
+    check_device_support(cfg.parallel, info.device_type)
     out = Path(cfg.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +118,6 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     if len(tokenizer) > hf_config.vocab_size:
         raise UserError(f"model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                         f"{hf_config.vocab_size}; use the model's own tokenizer or a larger vocab_size")
-    from .parallelize import resolve_precision
-
     precision = resolve_precision(cfg.parallel.precision, info.device_type)
     model = models.build_meta_model(hf_config, cfg.model.attn_implementation, models.DTYPES[precision],
                                     cfg.model.trust_remote_code)
@@ -190,7 +189,7 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
             result.losses.append(loss)
             result.grad_norms.append(norm)
             result.steps = step + 1
-            if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
+            if step == 0 or (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
                 tok_s = global_tokens / dt / info.world_size
                 metrics = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(global_tokens),
                            "target_tokens": int(global_targets), "step_time_s": dt,
