@@ -181,7 +181,11 @@ def _apply(obj: Any, raw: dict, source: str, prefix: str) -> None:
                 raise ConfigError(f"{source}: '{dotted}' is a section; expected a mapping of keys, got {value!r}")
             _apply(getattr(obj, key), value, source, prefix=f"{dotted}.")
             continue
-        setattr(obj, key, _coerce(value, typ, f, source, dotted))
+        value = _coerce(value, typ, f, source, dotted)
+        current = getattr(obj, key)
+        if isinstance(value, dict) and isinstance(current, dict) and source.startswith("override"):
+            value = {**current, **value}  # `model.hf_config.num_hidden_layers=2` changes one field
+        setattr(obj, key, value)
 
 
 def _coerce(value: Any, typ: Any, f: dataclasses.Field, source: str, dotted: str) -> Any:

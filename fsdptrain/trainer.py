@@ -42,6 +42,9 @@ from .parallelize import apply_fsdp, check_device_support, resolve_precision
 class RunResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    peak_mem_bytes: int = 0
     steps: int = 0
     skipped_steps: int = 0
     output_dir: str = ""
@@ -188,6 +191,8 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
             dt = time.perf_counter() - t0
             result.losses.append(loss)
             result.grad_norms.append(norm)
+            result.step_times.append(dt)
+            result.tokens.append(int(global_tokens))
             result.steps = step + 1
             if step == 0 or (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
                 tok_s = global_tokens / dt / info.world_size
@@ -203,6 +208,7 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                         torch.tensor([memstats.peak_bytes(info.device)], dtype=torch.float64, device=info.device),
                         info.world_size).flatten().tolist()
                     metrics["peak_mem_gib_max"] = max(peaks) / 2**30
+                    result.peak_mem_bytes = max(result.peak_mem_bytes, int(max(peaks)))
                     metrics["peak_mem_rank_of_max"] = int(max(range(len(peaks)), key=peaks.__getitem__))
                 log.log(step + 1, metrics)
     finally:
