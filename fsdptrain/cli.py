@@ -59,10 +59,17 @@ def train(config: str | None, overrides: tuple[str, ...]) -> None:
 @click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--dump", is_flag=True, help="Print the effective config (defaults filled in) with each key's doc.")
+@click.option("--reference", is_flag=True, help="Print every key, its default and doc as a Markdown table.")
 @friendly_errors
-def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool) -> None:
+def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, reference: bool) -> None:
     """Validate a config; with --dump print the effective config."""
-    from .config import dump_yaml, load_config
+    from .config import dump_yaml, load_config, reference_rows
+
+    if reference:
+        click.echo("| key | default | meaning |\n| --- | --- | --- |")
+        for key, default, doc in reference_rows():
+            click.echo(f"| `{key}` | `{default}` | {doc} |")
+        return
 
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides = (config, *overrides)

@@ -115,3 +115,17 @@ def test_dump_round_trips_and_documents_every_key(tmp_path):
     n_keys = len(reference_rows())
     assert text.count("# ") >= n_keys
     assert all(doc for _, _, doc in reference_rows())
+
+
+def test_readme_documents_every_key():
+    from helpers import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key, _, _ in reference_rows() if f"| `{key}` |" not in readme]
+    assert not missing, f"README config reference lacks {missing}; regenerate with `fsdptrain config --reference`"
+
+
+def test_mapping_override_merges_one_field():
+    cfg = load_config(None, ["model.hf_config.num_hidden_layers=2"])
+    assert cfg.model.hf_config["num_hidden_layers"] == 2
+    assert cfg.model.hf_config["hidden_size"] == 128
