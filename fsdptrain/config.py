@@ -73,6 +73,7 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay (never applied to norms and biases).", min=0)
     adam_betas: list = opt([0.9, 0.95], "AdamW (beta1, beta2).")
     adam_eps: float = opt(1.0e-8, "AdamW epsilon.", min=0)
+    loss_chunk_tokens: int = opt(0, "Compute lm_head + cross-entropy this many tokens at a time (checkpointed) so full-vocabulary fp32 logits never exist at once; 0 computes full logits.", min=0)
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
     on_nonfinite: str = opt("stop", "Non-finite loss or grad norm: stop the run (naming step and rank) or skip the update.", choices=["stop", "skip"])
 
@@ -83,8 +84,12 @@ class ParallelConfig:
     precision: str = opt("auto", "auto: bf16-mixed on CUDA, fp32 on CPU. bf16-mixed: bf16 params/compute, fp32 master weights and gradient reduction. bf16-pure: everything bf16.", choices=["auto", "bf16-mixed", "fp32", "bf16-pure"])
     reshard_after_forward: bool = opt(True, "Free gathered block weights after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like, more memory, less traffic).")
     cpu_offload: bool = opt(False, "Keep sharded params, grads and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; needs CUDA).")
-    activation_checkpointing: str = opt("none", "Recompute block activations in backward: none, full (every block) or every_k (every k-th block).", choices=["none", "full", "every_k"])
+    activation_checkpointing: str = opt("none", "Recompute block activations in backward: none, full (every block), every_k (every k-th block) or selective (every block, but keep matmul and attention outputs; recompute only cheap element-wise ops).", choices=["none", "full", "every_k", "selective"])
     activation_checkpointing_k: int = opt(2, "k for activation_checkpointing: every_k.", min=1)
+    optimizer_offload: bool = opt(False, "Keep AdamW state in CPU memory and run the update there; parameters and gradients stay on the GPU (less GPU memory than none, much faster than cpu_offload).")
+    compile: bool = opt(False, "torch.compile each transformer block.")
+    compile_backend: str = opt("inductor", "torch.compile backend for compile: true.", choices=["inductor", "aot_eager", "eager"])
+    prefetch_blocks: int = opt(0, "Explicitly prefetch (all-gather) this many next blocks in forward and backward; 0 keeps FSDP2's implicit prefetching.", min=0)
     sync_grads_every_micro_step: bool = opt(False, "Reduce-scatter gradients on every micro-step; false (default) reduces only on the last one (less traffic, but unsharded gradients are held during accumulation).")
     timeout_minutes: float = opt(30.0, "Process-group timeout: a collective waiting longer fails instead of hanging.", min=0.1)
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -32,6 +31,7 @@ from .data.synthetic import generate
 from .data.tokenize import IGNORE, Example, tokenize_all
 from .data.tokenizer import load_tokenizer
 from .errors import TrainingError, UserError
+from .loss import install_chunked_loss, token_loss_sum
 from .memory import stats as memstats
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
@@ -59,14 +59,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:
         pass
-
-
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of per-token cross-entropy over the batch's target tokens (fp32)."""
-    logits = model(input_ids=batch["input_ids"]).logits
-    return F.cross_entropy(
-        logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=IGNORE, reduction="sum"
-    )
 
 
 def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -135,7 +127,9 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
     # -- optimizer and schedule ---------------------------------------------------------------
-    optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload)
+    loss_head = install_chunked_loss(model, cfg.train.loss_chunk_tokens)
+    optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload,
+                                offload=cfg.parallel.optimizer_offload)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -163,7 +157,7 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                 if not cfg.parallel.sync_grads_every_micro_step:
                     model.set_requires_gradient_sync(i == accum - 1)
                 batch = {k: v.to(info.device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
-                micro_loss = token_loss_sum(model, batch)
+                micro_loss = token_loss_sum(model, batch, loss_head)
                 (micro_loss * (info.world_size / global_targets)).backward()
                 loss_sum += micro_loss.detach()
 
