@@ -86,6 +86,8 @@ class ParallelConfig:
     activation_checkpointing: str = opt("none", "Recompute block activations in backward: none, full (every block) or every_k (every k-th block).", choices=["none", "full", "every_k"])
     activation_checkpointing_k: int = opt(2, "k for activation_checkpointing: every_k.", min=1)
     sync_grads_every_micro_step: bool = opt(False, "Reduce-scatter gradients on every micro-step; false (default) reduces only on the last one (less traffic, but unsharded gradients are held during accumulation).")
+    sharding: str = opt("full", "full: shard parameters over all ranks (ZeRO-3). hybrid: shard within a node, replicate across nodes (2-D mesh; only gradient all-reduce crosses nodes).", choices=["full", "hybrid"])
+    shard_group_size: Optional[int] = opt(None, "hybrid: ranks per shard group; null: the processes of one node (LOCAL_WORLD_SIZE). Set it to try hybrid layouts on one host.", min=1)
     timeout_minutes: float = opt(30.0, "Process-group timeout: a collective waiting longer fails instead of hanging.", min=0.1)
 
 
