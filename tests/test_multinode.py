@@ -277,3 +277,20 @@ def test_two_hosts_train_like_one_host_and_fail_loudly(two_hosts, tmp_path):
     assert err1.startswith(f"fsdptrain: error: [node 1] could not reach node 0's rendezvous at {h.unused}:29500 "
                            f"(this host reaches it from {h.addr[1]} on fv"), err1
     assert "within 4 s (RDZV_TIMEOUT), last error: " in err1 and "check that MASTER_ADDR is node 0's address" in err1
+
+
+@pytest.mark.skipif(not os.environ.get("FSDPTRAIN_TEST_ELASTIC"),
+                    reason="elastic two-host run (+20 s): set FSDPTRAIN_TEST_ELASTIC=1")
+def test_two_hosts_elastic_c10d_rendezvous(two_hosts, tmp_path):
+    h = two_hosts
+    common = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": h.addr[0], "RDZV_ID": "job1", "RDZV_TIMEOUT": "60"}
+    args = [*DEMO, f"output_dir={tmp_path / 'elastic'}"]
+    procs = [launch({**common, "NODE_RANK": str(i)}, args, cwd=tmp_path, wrap=h.wrap(i)) for i in range(2)]
+    results = [finish(p, 240) for p in procs]
+    for i, (rc, out) in enumerate(results):
+        assert rc == 0, f"node {i}:\n{out[-3000:]}"
+        assert f"--rdzv-conf is_host={'true' if i == 0 else 'false'},join_timeout=60 --local-addr {h.addr[i]}" in out
+    logs = "".join(out for _, out in results)
+    # c10d may give global rank 0 to either node; whichever has it writes the metrics
+    assert "rank 0/2" in logs and "rank 1/2" in logs
+    assert len(read_metrics(tmp_path / "elastic")) == 3
