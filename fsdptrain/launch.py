@@ -100,7 +100,7 @@ def free_port() -> int:
 def read_plan(env: Mapping[str, str]) -> Plan:
     nnodes = _int(env, "NNODES", 1, lo=1)
     node_rank = _int(env, "NODE_RANK", 0)
-    nproc = _int(env, "NPROC_PER_NODE", max(1, visible_gpus(env)), lo=1)
+    nproc = _int(env, "NPROC_PER_NODE", None if env.get("NPROC_PER_NODE", "").strip() else max(1, visible_gpus(env)), lo=1)
     timeout = float(_int(env, "RDZV_TIMEOUT", 300, lo=1))
     rdzv_id = env.get("RDZV_ID", "").strip() or None
     min_n = _int(env, "MIN_NNODES", nnodes, lo=1) if rdzv_id else nnodes
@@ -119,7 +119,9 @@ def read_plan(env: Mapping[str, str]) -> Plan:
     port = _int(env, "MASTER_PORT", port_default, lo=1)
     if port > 65535:
         raise LaunchError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
-    restarts = _int(env, "MAX_RESTARTS", 3 if rdzv_id else None, lo=0) if (rdzv_id or env.get("MAX_RESTARTS")) else None
+    restarts = None  # static runs: torchrun's default (no restarts) unless asked
+    if rdzv_id or env.get("MAX_RESTARTS", "").strip():
+        restarts = _int(env, "MAX_RESTARTS", 3, lo=0)
     return Plan(nnodes, node_rank, nproc, addr, port, timeout, rdzv_id, min_n, max_n, restarts)
 
 

@@ -46,10 +46,17 @@ def runs(tmp_path_factory):
     return root, llama, proc.stdout
 
 
-def test_hybrid_2x2_matches_single_process_reference(runs):
-    root, llama, stdout = runs
+@pytest.fixture(scope="module")
+def reference(runs):
+    """The single-process reference on the synthetic data: (losses, trained model)."""
+    llama = runs[1]
     examples = synthetic_examples(llama)
-    ref, _ = reference_run(llama, examples, global_batches(len(examples)))
+    return reference_run(llama, examples, global_batches(len(examples)))
+
+
+def test_hybrid_2x2_matches_single_process_reference(runs, reference):
+    root, llama, stdout = runs
+    ref, _ = reference
     got = [m["loss"] for m in read_metrics(root / "hybrid")]
     assert len(got) == STEPS
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5, (got, ref)
@@ -66,12 +73,11 @@ def test_hybrid_normalises_tokens_across_replicas(runs):
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5, (got, ref)
 
 
-def test_hybrid_export_has_the_reference_weights(runs):
+def test_hybrid_export_has_the_reference_weights(runs, reference):
     from transformers import AutoModelForCausalLM
 
-    root, llama, _ = runs
-    examples = synthetic_examples(llama)
-    _, ref_model = reference_run(llama, examples, global_batches(len(examples)))
+    root = runs[0]
+    ref_model = reference[1]
     exported = AutoModelForCausalLM.from_pretrained(str(root / "hybrid" / "hf"), dtype=torch.float32)
     for (name, a), b in zip(exported.state_dict().items(), ref_model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
