@@ -60,7 +60,6 @@ def build_mesh(info: DistInfo, pcfg: ParallelConfig) -> DeviceMesh:
         group = info.local_world_size
         node = int(os.environ.get("GROUP_RANK", info.rank // max(1, group)))
         nodes = all_gather_rows(torch.tensor([node], dtype=torch.int64, device=info.device), info.world_size)
-        hybrid_shape(info.world_size, group)
         check_node_layout(nodes.flatten().tolist(), group)
     shape = hybrid_shape(info.world_size, group)
     return init_device_mesh(info.device_type, shape, mesh_dim_names=("replicate", "shard"))

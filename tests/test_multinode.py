@@ -165,11 +165,14 @@ def netns_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root to create network namespaces"
     probe = f"{PREFIX}probe-{os.getpid()}"
-    try:
+    try:  # everything the fixture does: a namespace, a veth pair in it, running a command inside
         _ip("netns", "add", probe)
+        _ip("-n", probe, "link", "add", "fvprobea", "type", "veth", "peer", "name", "fvprobeb")
+        subprocess.run(["ip", "netns", "exec", probe, "true"], check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as e:
-        return f"cannot create a network namespace here: {e.stderr.strip()}"
-    _ip("netns", "del", probe)
+        return f"cannot create network namespaces and veth pairs here: {(e.stderr or '').strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
 
 
