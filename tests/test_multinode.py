@@ -282,8 +282,11 @@ def test_two_hosts_train_like_one_host_and_fail_loudly(two_hosts, tmp_path):
     assert "within 4 s (RDZV_TIMEOUT), last error: " in err1 and "check that MASTER_ADDR is node 0's address" in err1
 
 
-@pytest.mark.skipif(not os.environ.get("FSDPTRAIN_TEST_ELASTIC"),
-                    reason="elastic two-host run (+20 s): set FSDPTRAIN_TEST_ELASTIC=1")
+SLOW = pytest.mark.skipif(not os.environ.get("FSDPTRAIN_SLOW_MULTINODE"),
+                          reason="slower two-host variant (20-60 s): set FSDPTRAIN_SLOW_MULTINODE=1")
+
+
+@SLOW
 def test_two_hosts_elastic_c10d_rendezvous(two_hosts, tmp_path):
     h = two_hosts
     common = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": h.addr[0], "RDZV_ID": "job1", "RDZV_TIMEOUT": "60"}
@@ -297,3 +300,20 @@ def test_two_hosts_elastic_c10d_rendezvous(two_hosts, tmp_path):
     # c10d may give global rank 0 to either node; whichever has it writes the metrics
     assert "rank 0/2" in logs and "rank 1/2" in logs
     assert len(read_metrics(tmp_path / "elastic")) == 3
+
+
+@SLOW
+def test_two_hosts_hybrid_2x2_equals_one_host_full_sharding(two_hosts, tmp_path):
+    h = two_hosts
+    one = launch({"NPROC_PER_NODE": "4", "MASTER_PORT": str(free_port())}, [*DEMO, f"output_dir={tmp_path / 'one'}"],
+                 cwd=tmp_path)
+    rc, out = finish(one, 300)
+    assert rc == 0, out[-3000:]
+    common = {"NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": h.addr[0], "RDZV_TIMEOUT": "60"}
+    args = [*DEMO, f"output_dir={tmp_path / 'two'}", "parallel.sharding=hybrid"]
+    procs = [launch({**common, "NODE_RANK": str(i)}, args, cwd=tmp_path, wrap=h.wrap(i)) for i in range(2)]
+    results = [finish(p, 300) for p in procs]
+    for i, (rc, out) in enumerate(results):
+        assert rc == 0, f"node {i}:\n{out[-3000:]}"
+    assert "mesh replicate 2 x shard 2" in results[0][1]  # shard groups = the two hosts' own ranks
+    assert [m["loss"] for m in read_metrics(tmp_path / "two")] == [m["loss"] for m in read_metrics(tmp_path / "one")]
