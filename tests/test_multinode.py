@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fsdptrain.errors import LaunchError
-from fsdptrain.launch import read_plan, torchrun_command
+from fsdptrain.launch import interface_env, read_plan, route_to, torchrun_command
 from helpers import REPO, env, free_port, read_metrics
 
 LAUNCH = str(REPO / "launch" / "torchrun.sh")
@@ -67,6 +67,21 @@ def test_bad_launch_variables_are_one_line_errors():
     plan = read_plan({"CUDA_VISIBLE_DEVICES": ""})  # no GPUs: one CPU process, a free local port
     assert (plan.nproc, plan.nnodes, plan.master_addr) == (1, 1, "127.0.0.1")
     assert read_plan({"CUDA_VISIBLE_DEVICES": "0,3,5"}).nproc == 3
+
+
+def test_interface_selection():
+    assert route_to("127.0.0.1") == ("127.0.0.1", "lo")
+    two = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert interface_env(read_plan(two), {}, "127.0.0.1", "lo")[0] == {"GLOO_SOCKET_IFNAME": "lo",
+                                                                        "NCCL_SOCKET_IFNAME": "lo"}
+    # the user's choice wins
+    assert interface_env(read_plan(two), {"NCCL_SOCKET_IFNAME": "ib0"}, "10.0.0.1", "eth0")[0] == {
+        "GLOO_SOCKET_IFNAME": "eth0"}
+    # a host name that resolves to loopback on this node: binding gloo to lo would strand the other nodes
+    named = read_plan({**two, "MASTER_ADDR": "node0.example"})
+    set_env, notes = interface_env(named, {}, "127.0.1.1", "lo")
+    assert set_env == {} and notes[0].startswith("MASTER_ADDR=node0.example resolves to the loopback 127.0.1.1 here")
+    assert interface_env(read_plan({}), {}, "127.0.0.1", "lo") == ({}, [])  # one node: leave them alone
 
 
 # ----------------------------------------------------------------------------- failures on loopback
