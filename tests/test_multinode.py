@@ -245,16 +245,15 @@ def two_hosts():
 
 def test_two_hosts_train_like_one_host_and_fail_loudly(two_hosts, tmp_path):
     h = two_hosts
-    # one host, two processes: what the two-host run must reproduce
+    # one host, two processes (what the two-host run must reproduce), run alongside the two hosts
     single = launch({"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())},
                     [*DEMO, f"output_dir={tmp_path / 'single'}"], cwd=tmp_path)
-    rc, out_single = finish(single, 240)
-    assert rc == 0, out_single[-3000:]
-
     common = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": h.addr[0], "MASTER_PORT": "29500",
               "RDZV_TIMEOUT": "60"}
     args = [*DEMO, f"output_dir={tmp_path / 'two'}"]
     procs = [launch({**common, "NODE_RANK": str(i)}, args, cwd=tmp_path, wrap=h.wrap(i)) for i in range(2)]
+    rc, out_single = finish(single, 240)
+    assert rc == 0, out_single[-3000:]
     results = [finish(p, 240) for p in procs]
     for i, (rc, out) in enumerate(results):
         assert rc == 0, f"node {i}:\n{out[-3000:]}"
