@@ -26,7 +26,8 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            if _rank() == 0 or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS"):
+            # rank 0, and the first process of every other node (so each node's log shows why it stopped)
+            if _rank() == 0 or os.environ.get("LOCAL_RANK") == "0" or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS"):
                 prefix = f"[rank {_rank()}] " if "RANK" in os.environ else ""
                 click.echo(f"fsdptrain: error: {prefix}{e}", err=True)
             sys.exit(2)

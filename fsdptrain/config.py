@@ -91,6 +91,8 @@ class ParallelConfig:
     compile_backend: str = opt("inductor", "torch.compile backend for compile: true.", choices=["inductor", "aot_eager", "eager"])
     prefetch_blocks: int = opt(0, "Explicitly prefetch (all-gather) this many next blocks in forward and backward; 0 keeps FSDP2's implicit prefetching.", min=0)
     sync_grads_every_micro_step: bool = opt(False, "Reduce-scatter gradients on every micro-step; false (default) reduces only on the last one (less traffic, but unsharded gradients are held during accumulation).")
+    sharding: str = opt("full", "full: shard parameters over all ranks (ZeRO-3). hybrid: shard within a node, replicate across nodes (2-D mesh; only gradient all-reduce crosses nodes).", choices=["full", "hybrid"])
+    shard_group_size: Optional[int] = opt(None, "hybrid: ranks per shard group; null: the processes of one node (LOCAL_WORLD_SIZE). Set it to try hybrid layouts on one host.", min=1)
     timeout_minutes: float = opt(30.0, "Process-group timeout: a collective waiting longer fails instead of hanging.", min=0.1)
 
 

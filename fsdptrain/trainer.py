@@ -33,6 +33,7 @@ from .data.tokenizer import load_tokenizer
 from .errors import TrainingError, UserError
 from .loss import install_chunked_loss, token_loss_sum
 from .memory import stats as memstats
+from .mesh import build_mesh, describe
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import apply_fsdp, check_device_support, resolve_precision
@@ -118,12 +119,13 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                                     cfg.model.trust_remote_code)
     n_params = models.count_params(model)
     blocks = models.find_blocks(model)
-    plan = apply_fsdp(model, blocks, distributed.build_mesh(info), cfg.parallel, info.device_type)
+    mesh = build_mesh(info, cfg.parallel)
+    plan = apply_fsdp(model, blocks, mesh, cfg.parallel, info.device_type)
     weights = None if (cfg.model.path is None or cfg.model.random_init) else cfg.model.path
     models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights)
     boot_log.info(f"model: {hf_config.model_type}, {n_params / 1e6:.2f}M params, {len(blocks)} blocks, "
                   f"precision {plan.precision}, checkpointed blocks {len(plan.checkpointed)}, "
-                  f"offload {plan.offload}, weights {'from ' + weights if weights else 'random init'}")
+                  f"offload {plan.offload}, mesh {describe(mesh)}, weights {'from ' + weights if weights else 'random init'}")
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
     # -- optimizer and schedule ---------------------------------------------------------------
