@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2, help="alternate the two loops this many times; best kept")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=K=V,K=V",
+                    help="also run fsdptrain with these overrides (repeatable), e.g. "
+                         "'compile=parallel.compile=true'; the hand loop runs once as the baseline")
     ap.add_argument("overrides", nargs="*", help="key.path=value overrides for the fsdptrain config")
     args = ap.parse_args()
 
@@ -126,6 +129,25 @@ def main() -> None:
             rows["hand-written FSDP2"].append(per_step(stamps, args.warmup))
             peaks["hand-written FSDP2"] = peak
 
+    for spec in args.variant:  # extra fsdptrain configurations, same batches
+        name, _, kv = spec.partition("=")
+        vcfg = load_config(args.config, [*overrides, f"train.micro_batch_size={mb}", f"train.max_steps={steps}",
+                                         *[x for x in kv.split(",") if x]])
+        vcfg.model.hf_config.setdefault("vocab_size", 100)
+        with tempfile.TemporaryDirectory() as tmp:
+            vcfg.output_dir = f"{tmp}/run"
+            try:
+                result = train(vcfg, examples=examples)
+            except Exception as e:  # one failing variant must not hide the others' numbers
+                if info.is_main:
+                    print(f"variant {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            elapsed = [m["elapsed_s"] for m in map(json.loads, Path(vcfg.output_dir, "metrics.jsonl").read_text().splitlines())]
+        rows[f"fsdptrain {name}"] = [per_step(elapsed, args.warmup)]
+        peaks[f"fsdptrain {name}"] = result.peak_mem_bytes
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     hf = models.load_hf_config(None, cfg.model.hf_config, None, False)
     n_params = models.count_params(models.build_meta_model(hf, "sdpa", torch.float32, False))
     tflops = peak_tflops(info.device, cfg.logging.peak_tflops)
@@ -145,6 +167,9 @@ def main() -> None:
             print(f"| {name} | {tok_s:,.0f} | {t:.4f} | {peaks[name] / 2**30:.2f} | {mfu} |")
         ratio = best["hand-written FSDP2"] / best["fsdptrain"]
         print(f"\nfsdptrain throughput / hand-written loop = {ratio:.3f}")
+        for name in rows:
+            if name.startswith("fsdptrain "):
+                print(f"{name} / hand-written loop = {best['hand-written FSDP2'] / min(rows[name]):.3f}")
     distributed.shutdown(info)
 
 
