@@ -253,6 +253,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: set model.path (a local Hugging Face folder) or model.hf_config (an inline config)")
     if m.path is None and m.random_init is False and m.hf_config and "model_type" not in m.hf_config:
         raise ConfigError(f"{source}: model.hf_config needs a model_type (e.g. llama, qwen2, mistral, gemma)")
+    if cfg.parallel.cpu_offload and cfg.parallel.optimizer_offload:
+        raise ConfigError(f"{source}: parallel.cpu_offload already keeps the optimizer state on the CPU; "
+                          "set parallel.optimizer_offload=false (or cpu_offload=false to keep parameters on the GPU)")
     t = cfg.train
     if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"{source}: train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas!r}")

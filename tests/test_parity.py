@@ -26,6 +26,9 @@ def runs(tmp_path_factory):
         "base": base_config(root / "base", llama, checkpoint={"export_hf": True}),
         "accum": base_config(root / "accum", llama, train={"micro_batch_size": 1, "grad_accum_steps": 2}),
         "ac": base_config(root / "ac", llama, parallel={"activation_checkpointing": "full"}),
+        "zero2_sync_every_micro_step": base_config(
+            root / "zero2_sync_every_micro_step", llama, train={"micro_batch_size": 1, "grad_accum_steps": 2},
+            parallel={"reshard_after_forward": False, "sync_grads_every_micro_step": True}),
         "uneven": base_config(root / "uneven", llama, data={"shuffle": False}),
         # performance paths (issue 7) must not change the numbers
         "chunked_loss": base_config(root / "chunked_loss", llama, train={"loss_chunk_tokens": 24},
@@ -54,7 +57,7 @@ def fsdp_losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir)]
 
 
-@pytest.mark.parametrize("case", ["base", "accum", "ac", "chunked_loss", "selective_ac", "optimizer_offload",
+@pytest.mark.parametrize("case", ["base", "accum", "ac", "zero2_sync_every_micro_step", "chunked_loss", "selective_ac", "optimizer_offload",
                                   "compiled_ac"])
 def test_two_rank_llama_matches_single_process_reference(runs, case):
     root, _, llama, _ = runs
