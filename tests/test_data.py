@@ -399,3 +399,32 @@ def test_pipeline_logs_counts_and_packs(tmp_path):
     lines.clear()
     pipeline.load_examples(cfg, tok, log=lines.append)
     assert any(x.startswith("data: cache hit") for x in lines)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_masking_with_a_byte_level_bpe_tokenizer(template):
+    """A subword tokenizer (trained here: no hub) with each built-in template: the same text-level guarantee."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fsdptrain.data.tokenizer import apply_template
+
+    raw = json.loads((LF / "identity.json").read_text())
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    core.train_from_iterator([r["instruction"] + " " + r["output"] for r in raw],
+                             trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", bos_token="<|begin_of_text|>")
+    apply_template(bpe, template)
+    end = END if template == "chatml" else "<|eot_id|>"
+    for r in raw[:30]:
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["instruction"]},
+                {"role": "assistant", "content": r["output"]}, {"role": "user", "content": "again?"},
+                {"role": "assistant", "content": "Yes, " + r["output"]}]
+        (ex,), _ = tokenize_record(bpe, {"messages": msgs}, 4096)
+        assert target_runs(bpe, ex) == [r["output"] + end, "Yes, " + r["output"] + end]
+        assert ex.input_ids == bpe.apply_chat_template(msgs, tokenize=True, return_dict=False)

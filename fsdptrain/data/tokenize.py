@@ -1,12 +1,14 @@
 """Render conversations with the chat template and mask everything but the assistant's tokens.
 
 Each assistant turn is located by rendering the conversation incrementally: the
-tokens from "history + generation prompt" to "history + this turn" are the
-turn's target (its content and end-of-turn marker); all other tokens get label
--100. This works with any template whose rendering of a prefix of the
-conversation is a prefix of the full rendering, which we check (a template that
-rewrites history, e.g. one that strips earlier reasoning, is refused with a
-hint to pick a built-in one).
+text from "history + generation prompt" to "history + this turn" is the turn's
+target (its content and end-of-turn marker); all other tokens get label -100.
+This works with any template whose rendering of a prefix of the conversation
+is a prefix of the full rendering, which we check (a template that rewrites
+history, e.g. one that strips earlier reasoning, is refused with a hint to pick
+a built-in one). The full text is tokenised once and cut at those character
+boundaries via the fast tokenizer's offsets; if a token straddles a boundary,
+each prefix is tokenised on its own instead.
 
 Options: train_on_prompt trains every token; mask_history trains only the last
 assistant turn. Truncation to cutoff_len follows LLaMA-Factory's rule per
@@ -81,7 +83,50 @@ def segments(tok, messages: list[dict], tools: Optional[list] = None) -> list[tu
             gen = len(texts) - 1
         texts.append(_render(tok, messages[: i + 1], tools, False))
         plan.append((len(texts) - 1, gen))
-    encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    if not texts:
+        return []
+    full = texts[-1]
+    if any(not full.startswith(t) for t in texts):
+        raise TemplateError("chat template is not prefix-stable")
+    fast = _segments_by_offsets(tok, full, plan, texts)
+    return fast if fast is not None else _segments_by_prefixes(tok, plan, texts)
+
+
+def _segments_by_offsets(tok, full: str, plan, texts: list[str]) -> Optional[list[tuple[list[int], bool]]]:
+    """Tokenise the whole conversation once and cut it at the turns' character boundaries.
+
+    None when the tokenizer gives no offsets or a token straddles a boundary
+    (then every prefix is tokenised on its own instead).
+    """
+    if not getattr(tok, "is_fast", False):
+        return None
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+
+    def at(char: int) -> Optional[int]:
+        """The index of the token starting exactly at `char` (None: a token straddles it)."""
+        if char == len(full):
+            return len(ids)
+        k = enc.char_to_token(char)
+        if k is None or offsets[k][0] != char or (k > 0 and offsets[k - 1][1] > char):
+            return None
+        return k
+
+    out: list[tuple[list[int], bool]] = []
+    cur = 0
+    for full_i, gen_i in plan:
+        cuts = ([(len(texts[gen_i]), False)] if gen_i >= 0 else []) + [(len(texts[full_i]), gen_i >= 0)]
+        for char, is_target in cuts:
+            k = at(char)
+            if k is None or k < cur:
+                return None
+            out.append((ids[cur:k], is_target))
+            cur = k
+    return [(x, t) for x, t in out if x]
+
+
+def _segments_by_prefixes(tok, plan, texts: list[str]) -> list[tuple[list[int], bool]]:
+    encoded = tok(texts, add_special_tokens=False)["input_ids"]
     out: list[tuple[list[int], bool]] = []
     cur: list[int] = []
     for full_i, gen_i in plan:
