@@ -258,6 +258,7 @@ def test_cache_hit_on_second_run_and_miss_when_a_file_changes(tok, tmp_path, mon
         fh.write("\n")  # same records, different bytes: a new key
     with pytest.raises(AssertionError, match="tokenised again"):
         cache.prepare(specs, tok, s, tmp_path / "c", 0, 0, False, lambda m: None)
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [first.path.name]  # the failed build left nothing
 
 
 # ----------------------------------------------------------------------------- packing
@@ -309,6 +310,29 @@ def test_packed_rows_give_the_per_token_losses_of_the_unpacked_examples(attn):
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
     assert torch.allclose(flat, want, atol=1e-5, rtol=0)
     assert (leaked - want).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention varlen packing needs a CUDA GPU")
+def test_flash_attention_packed_rows_match_unpacked_on_gpu():
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(LLAMA)
+    cfg = AutoConfig.for_model(fields.pop("model_type"), vocab_size=100, **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="flash_attention_2", dtype=torch.bfloat16)
+    model = model.cuda().eval()
+    g = torch.Generator().manual_seed(3)
+    examples = [Example(ids, ids) for ids in (torch.randint(4, 100, (n,), generator=g).tolist() for n in (13, 22, 9))]
+    packed = pack(examples, [len(e.input_ids) for e in examples], 48)
+
+    def losses(batch):
+        return _per_token_losses(model, {k: v.cuda() for k, v in batch.items()}).float()
+
+    with torch.no_grad():
+        got = losses(collate([packed[i] for i in range(len(packed))], 0, flatten=True))
+        want = torch.cat([losses(collate([e], 0)) for i in range(len(packed)) for e in packed.unpacked(i)])
+    assert torch.allclose(got, want, atol=3e-2, rtol=0), (got - want).abs().max()  # bf16 kernels
 
 
 # ----------------------------------------------------------------------------- sampler

@@ -116,25 +116,33 @@ def build(specs: list[formats.Spec], tok, s: Settings, target: Path, log: Callab
         per_set.append({"name": spec.name, "read": conv.read, "skipped": conv.skipped})
     tmp = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    raw = datasets.Dataset.from_dict({"record": records, "source": source, "where": where})
-    log(f"data: tokenising {len(records)} records with {s.num_proc} process(es) into {target}")
-    tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256, num_proc=s.num_proc if s.num_proc > 1 else None,
-                        remove_columns=raw.column_names, new_fingerprint=target.name,
-                        fn_kwargs={"tok": tok, "max_length": s.max_length, "train_on_prompt": s.train_on_prompt,
-                                   "mask_history": s.mask_history},
-                        features=_features(), desc="tokenising")
-    lengths = tokenized.data.column("length").to_numpy()
-    counts = {c: tokenized.data.column(c).to_numpy() for c in ("source", "truncated", "split", "dropped")}
-    keep = (lengths > 0).nonzero()[0]
-    kept = tokenized.select(keep).remove_columns(["truncated", "split", "dropped"])
-    kept.save_to_disk(str(tmp / "examples"))
-    for d, entry in enumerate(per_set):
-        mine = counts["source"] == d
-        kept_mine = mine & (lengths > 0)
-        entry.update(truncated=int(counts["truncated"][mine].sum()), split=int(counts["split"][mine].sum()),
-                     dropped_no_target=int(counts["dropped"][mine].sum()), kept=int(kept_mine.sum()))
-    meta = {"version": CACHE_VERSION, "sets": per_set}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "map").mkdir(parents=True)  # datasets.map's own files stay inside our temporary folder
+    try:
+        raw = datasets.Dataset.from_dict({"record": records, "source": source, "where": where})
+        log(f"data: tokenising {len(records)} records with {s.num_proc} process(es) into {target}")
+        tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256,
+                            num_proc=s.num_proc if s.num_proc > 1 else None, remove_columns=raw.column_names, new_fingerprint=target.name,
+                            fn_kwargs={"tok": tok, "max_length": s.max_length, "train_on_prompt": s.train_on_prompt,
+                                       "mask_history": s.mask_history},
+                            features=_features(), cache_file_name=str(tmp / "map" / "tokenized.arrow"),
+                            desc="tokenising")
+        lengths = tokenized.data.column("length").to_numpy()
+        counts = {c: tokenized.data.column(c).to_numpy() for c in ("source", "truncated", "split", "dropped")}
+        keep = (lengths > 0).nonzero()[0]
+        kept = tokenized.select(keep).remove_columns(["truncated", "split", "dropped"])
+        kept.save_to_disk(str(tmp / "examples"))
+        del tokenized, kept
+        shutil.rmtree(tmp / "map", ignore_errors=True)
+        for d, entry in enumerate(per_set):
+            mine = counts["source"] == d
+            kept_mine = mine & (lengths > 0)
+            entry.update(truncated=int(counts["truncated"][mine].sum()), split=int(counts["split"][mine].sum()),
+                         dropped_no_target=int(counts["dropped"][mine].sum()), kept=int(kept_mine.sum()))
+        meta = {"version": CACHE_VERSION, "sets": per_set}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    except BaseException:  # leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(tmp, target)
