@@ -120,6 +120,46 @@ def test_sharegpt_tool_calls_and_observations_are_turns(tok, tmp_path):
     assert f"<|im_start|>tool\n5{END}" in text and '# Tools\n{"name": "add"' in text
 
 
+def test_openai_messages_with_tool_calls(tok, tmp_path):
+    msgs = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "Rain in Oslo."}]
+    write(tmp_path / "oa.jsonl", json.dumps({"messages": msgs}) + "\n")
+    (rec,) = records_of({"path": str(tmp_path / "oa.jsonl"), "formatting": "openai"}, tmp_path).records
+    (ex,), _ = tokenize_record(tok, rec, 2048)
+    call = '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert target_runs(tok, ex) == [call + END, "Rain in Oslo." + END]
+    assert tok.decode(ex.input_ids).startswith(f"<|im_start|>system\nUse tools.{END}")
+
+
+@needs_fixtures
+@pytest.mark.parametrize("kind", ["parquet", "csv", "jsonl-folder", "save_to_disk"])
+def test_other_file_types_read_the_same_records(tmp_path, kind):
+    import datasets
+
+    raw = json.loads((LF / "identity.json").read_text())
+    ds = datasets.Dataset.from_list(raw)
+    if kind == "parquet":
+        ds.to_parquet(str(tmp_path / "id.parquet"))
+        path = tmp_path / "id.parquet"
+    elif kind == "csv":
+        ds.to_csv(str(tmp_path / "id.csv"), index=False)
+        path = tmp_path / "id.csv"
+    elif kind == "jsonl-folder":
+        path = tmp_path / "parts"
+        path.mkdir()
+        for k in range(3):
+            write(path / f"part{k}.jsonl", "".join(json.dumps(r) + "\n" for r in raw[k::3]))
+        raw = [r for k in range(3) for r in raw[k::3]]
+    else:
+        ds.save_to_disk(str(tmp_path / "saved"))
+        path = tmp_path / "saved"
+    conv = records_of(str(path), tmp_path)
+    assert conv.read == 91
+    assert [m["messages"][-1]["content"] for m in conv.records] == [r["output"] for r in raw]
+
+
 def test_sharegpt_broken_role_order_is_skipped_and_counted_then_an_error_when_all_are(tmp_path):
     good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
     swapped = {"conversations": [{"from": "gpt", "value": "yo"}, {"from": "human", "value": "hi"}]}
