@@ -58,7 +58,7 @@ class DataConfig:
     shuffle: bool = opt(True, "Shuffle examples each epoch (seeded by seed and epoch).")
     drop_last: bool = opt(True, "Drop the last incomplete global batch of an epoch (keeps every rank on the same number of micro-steps).")
     dataset_dir: str = opt("data", "Folder holding dataset_info.json (LLaMA-Factory's registry); relative file_name entries resolve against it.")
-    datasets: list = opt([], "Data sets to mix: names in dataset_info.json, paths (json/jsonl/parquet/csv/arrow/txt file, folder, save_to_disk folder) or mappings {name|path, formatting, columns, tags, num_samples}. Empty: the synthetic task.")
+    datasets: list = opt([], "Data sets to mix: names in dataset_info.json, paths (json/jsonl/parquet/csv/arrow/txt file, folder, save_to_disk folder) or mappings {name or path, formatting, columns, tags, num_samples}. Empty: the synthetic task.")
     max_samples: Optional[int] = opt(None, "Keep at most this many records of each data set (after num_samples).", min=1)
     template: str = opt("auto", "Chat template: auto uses the tokenizer's own (ChatML if it has none); a name forces a built-in one.", choices=["auto", "chatml", "llama3"])
     train_on_prompt: bool = opt(False, "Train on prompt tokens too (default: only assistant turns carry labels).")
