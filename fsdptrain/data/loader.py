@@ -10,11 +10,11 @@ global step), so a resumed run sees exactly the batches of an uninterrupted one:
   part, cut into grad_accum_steps micro-batches of m_r. It does not depend on the
   number of ranks, only on G. A smaller GPU can take a smaller m_r while every
   rank still runs grad_accum_steps micro-steps (fewer would hang FSDP).
-- by token budget (data.token_budget): the epoch's permutation is cut greedily
-  into micro-batches whose padded size (examples x longest, rounded up to 8)
-  stays within the budget, and each step deals world_size x grad_accum_steps
-  of them out to the ranks in order, so every rank processes nearly the same
-  number of tokens.
+- by token budget (data.token_budget): the epoch's permutation is cut, in
+  length-sorted windows, into micro-batches whose padded size (examples x
+  longest, rounded up to 8) stays within the budget, and each step deals
+  world_size x grad_accum_steps of them out to the ranks in order, so every
+  rank processes nearly the same number of tokens.
 
 The last incomplete global batch of an epoch is dropped by default; with
 drop_last=false it is completed from the start of the epoch's order, so no rank
@@ -33,6 +33,7 @@ from ..errors import UserError
 from .tokenize import IGNORE, Example
 
 PAD_MULTIPLE = 8
+SORT_WINDOW = 2048  # token budget: examples sorted by length together before cutting micro-batches
 
 
 def padded(n: int, multiple: int = PAD_MULTIPLE) -> int:
@@ -133,21 +134,31 @@ class StepSampler:
 
     # -- by token budget --------------------------------------------------------------------
     def _plan(self, epoch: int) -> list[list[int]]:
-        """The epoch's micro-batches under the token budget (cached, one epoch at a time)."""
+        """The epoch's micro-batches under the token budget (cached, one epoch at a time).
+
+        Windows of SORT_WINDOW examples of the epoch's order are sorted by length
+        and cut greedily, so a micro-batch holds examples of similar length (little
+        padding, real tokens close to the budget); the micro-batches are then
+        shuffled, so neither steps nor ranks drift from short to long examples.
+        """
         if epoch not in self._plans:
             plan: list[list[int]] = []
-            cur: list[int] = []
-            longest = 0
-            for i in self.permutation(epoch):
-                n = int(self.lengths[i])
-                width = padded(max(longest, n))
-                if cur and width * (len(cur) + 1) > self.token_budget:
-                    plan.append(cur)
-                    cur, longest = [], 0
-                cur.append(i)
-                longest = max(longest, n)
+            perm = self.permutation(epoch)
+            cur: list[int] = []  # a window's last, underfull micro-batch moves on into the next window
+            for w in range(0, len(perm), SORT_WINDOW):
+                window, cur, longest = cur + perm[w:w + SORT_WINDOW], [], 0
+                for i in sorted(window, key=lambda i: int(self.lengths[i])):
+                    n = int(self.lengths[i])
+                    if cur and padded(max(longest, n)) * (len(cur) + 1) > self.token_budget:
+                        plan.append(cur)
+                        cur, longest = [], 0
+                    cur.append(i)
+                    longest = max(longest, n)
             if cur:
                 plan.append(cur)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 10_007 + epoch + 7_919)
+                plan = [plan[k] for k in torch.randperm(len(plan), generator=g).tolist()]
             self._plans = {epoch: plan}
         return self._plans[epoch]
 
