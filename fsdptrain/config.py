@@ -57,6 +57,20 @@ class DataConfig:
     max_length: int = opt(2048, "Truncate tokenised examples to this many tokens (LLaMA-Factory cutoff_len).", min=8)
     shuffle: bool = opt(True, "Shuffle examples each epoch (seeded by seed and epoch).")
     drop_last: bool = opt(True, "Drop the last incomplete global batch of an epoch (keeps every rank on the same number of micro-steps).")
+    dataset_dir: str = opt("data", "Folder holding dataset_info.json (LLaMA-Factory's registry); relative file_name entries resolve against it.")
+    datasets: list = opt([], "Data sets to mix: names in dataset_info.json, paths (json/jsonl/parquet/csv/arrow/txt file, folder, save_to_disk folder) or mappings {name or path, formatting, columns, tags, num_samples}. Empty: the synthetic task.")
+    max_samples: Optional[int] = opt(None, "Keep at most this many records of each data set (after num_samples).", min=1)
+    template: str = opt("auto", "Chat template: auto uses the tokenizer's own (ChatML if it has none); a name forces a built-in one.", choices=["auto", "chatml", "llama3"])
+    train_on_prompt: bool = opt(False, "Train on prompt tokens too (default: only assistant turns carry labels).")
+    mask_history: bool = opt(False, "Train only the last assistant turn of multi-turn conversations.")
+    packing: bool = opt(False, "Pack examples into rows of pack_length tokens; each example attends only to itself (position_ids restart).")
+    pack_length: Optional[int] = opt(None, "Row length for packing; null: max_length.", min=8)
+    token_budget: Optional[int] = opt(None, "Cut micro-batches by padded tokens (examples x longest) instead of by count, so ranks process nearly equal tokens.", min=8)
+    micro_batch_sizes: list = opt([], "Per-rank micro-batch sizes (one per rank, or one per node) for mixed-memory clusters; empty: train.micro_batch_size everywhere.")
+    num_proc: int = opt(1, "Processes for tokenising (datasets.map num_proc) on each node's local rank 0.", min=1)
+    cache_dir: Optional[str] = opt(None, "Tokenised-data cache; null: $FSDPTRAIN_CACHE or ~/.cache/fsdptrain/tokenized.")
+    overwrite_cache: bool = opt(False, "Tokenise again even when the cache has this data.")
+    num_workers: Optional[int] = opt(None, "DataLoader worker processes building batches; null: 2 on CUDA, 0 on CPU.", min=0)
 
 
 @dataclass

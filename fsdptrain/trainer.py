@@ -26,9 +26,8 @@ from torch.distributed.tensor import DTensor
 from . import distributed, models
 from .checkpoint import export_hf
 from .config import Config, dump_yaml
-from .data.loader import StepSampler, collate
-from .data.synthetic import generate
-from .data.tokenize import IGNORE, Example, tokenize_all
+from .data import pipeline
+from .data.tokenize import IGNORE, Example
 from .data.tokenizer import load_tokenizer
 from .errors import TrainingError, UserError
 from .loss import install_chunked_loss, token_loss_sum
@@ -69,15 +68,8 @@ def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def load_examples(cfg: Config, tokenizer, log: RunLogger) -> list[Example]:
-    conversations = generate(cfg.data.synthetic_task, cfg.data.synthetic_examples, cfg.seed)
-    examples, st = tokenize_all(tokenizer, conversations, cfg.data.max_length)
-    log.info(f"data: synthetic '{cfg.data.synthetic_task}': read {st.read}, kept {st.kept}, "
-             f"truncated {st.truncated}, dropped (no target token) {st.dropped_no_target}, "
-             f"target tokens {st.target_tokens}")
-    if not examples:
-        raise UserError("data: every example was dropped (no target tokens left after truncation); raise data.max_length")
-    return examples
+def load_examples(cfg: Config, tokenizer, info: distributed.DistInfo, log: RunLogger):
+    return pipeline.load_examples(cfg, tokenizer, info.rank, info.local_rank, log.info)
 
 
 def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
@@ -103,9 +95,8 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     boot_log = RunLogger(out, info.is_main, tensorboard=False, progress="none", total_steps=0)
     boot_log.info(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
     if examples is None:
-        examples = load_examples(cfg, tokenizer, boot_log)
-    sampler = StepSampler(len(examples), info.world_size, info.rank, cfg.train.micro_batch_size,
-                          cfg.train.grad_accum_steps, cfg.seed, cfg.data.shuffle, cfg.data.drop_last)
+        examples = load_examples(cfg, tokenizer, info, boot_log)
+    sampler = pipeline.build_sampler(cfg, examples, info.world_size, info.rank, info.local_world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
 
     # -- model: meta -> shard -> materialise local shards ------------------------------------
@@ -141,12 +132,14 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     pad_id = tokenizer.pad_token_id
     accum = cfg.train.grad_accum_steps
     model.train()
+    step_batches = iter(pipeline.batches(cfg, sampler, examples, pad_id, sampler.step, total_steps, info.device_type))
     try:
-        for step in range(total_steps):
+        for step in range(sampler.step, total_steps):
             t0 = time.perf_counter()
             if cfg.memory.track_peak:
                 memstats.reset_peak(info.device)
-            batches = [collate([examples[i] for i in ids], pad_id) for ids in sampler.rank_micro_batches(step)]
+            batches = next(step_batches)
+            sampler.step = step + 1  # the data position a checkpoint taken after this step resumes from
 
             # One all_reduce: target tokens (normaliser) and input tokens (throughput) of the whole step.
             counts = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches),
