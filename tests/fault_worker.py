@@ -1,11 +1,9 @@
 """Test harness: run `fsdptrain` under torchrun and SIGKILL one worker at a chosen point.
 
-FSDPTRAIN_TEST_FAULTS="ATTEMPT:POINT:STEP:RANK,..." where ATTEMPT is torchrun's
-restart count (TORCHELASTIC_RESTART_COUNT), POINT is
-  step  - after optimizer step STEP finished (before its checkpoint check),
-  save  - inside the checkpoint of step STEP, once this rank wrote its DCP data
-          (before the metadata and the marker exist).
-The faults live here, in the tests, not in fsdptrain.
+FSDPTRAIN_TEST_FAULTS="ATTEMPT:save:STEP:RANK,..." where ATTEMPT is torchrun's
+restart count (TORCHELASTIC_RESTART_COUNT): the rank kills itself inside the
+checkpoint of step STEP, once it wrote its DCP data (before the metadata and
+the marker exist). The faults live here, in the tests, not in fsdptrain.
 """
 
 from __future__ import annotations
@@ -43,14 +41,6 @@ def install() -> None:
     faults = _faults()
     state = {"saving": None}
 
-    due = checkpoint.Checkpointer.due
-
-    def patched_due(self, step, total):
-        if ("step", step) in faults:
-            print(f"fault_worker: killing rank {os.environ.get('RANK')} after step {step}", flush=True)
-            _die()
-        return due(self, step, total)
-
     save = checkpoint.Checkpointer.save
 
     def patched_save(self, ts, *args, **kwargs):
@@ -70,7 +60,6 @@ def install() -> None:
             _die()
         return result
 
-    checkpoint.Checkpointer.due = patched_due
     checkpoint.Checkpointer.save = patched_save
     FileSystemWriter.write_data = patched_write_data
 

@@ -1,8 +1,8 @@
 """Checkpoints: exact resume, resharding (2 -> 1 and 4 ranks), export, restart after SIGKILL, bad input.
 
 Launches (shared between tests): one 2-rank torchrun runs the uninterrupted run
-and an exact resume; one 2-rank elastic torchrun is killed twice (mid-run, then
-mid-save) and must finish by itself; one 4-rank torchrun resumes the 2-rank
+and an exact resume; one 2-rank elastic torchrun loses a worker to SIGKILL in
+the middle of a save and must restart and finish by itself; one 4-rank torchrun resumes the 2-rank
 checkpoint. Everything else runs in the pytest process (a one-rank group).
 """
 
@@ -149,28 +149,28 @@ def test_export_cli_matches_trained_model_and_ties_weights(two_rank, tmp_path):
     assert all(torch.equal(t, sd_live[k]) for k, t in exported.state_dict().items())
 
 
-def test_restart_after_sigkill_mid_run_and_mid_save(two_rank, root):
-    """Attempt 0: rank 1 dies after step 5. Attempt 1 resumes from step 4 and rank 1 dies while writing
-    step 6. Attempt 2 cleans the half-written step 6, resumes from step 4 again and finishes."""
+def test_restart_after_sigkill_during_a_save(two_rank, root):
+    """Rank 1 is SIGKILLed while writing the step-6 checkpoint (steps 5 and 6 done, step 4 saved). torchrun
+    restarts the group; it must delete the half-written step 6, resume from step 4 and finish as if
+    nothing happened."""
     full = two_rank[0]
     run = root / "elastic"
     cfg = write(root / "elastic.yaml", config(run, checkpoint={"keep_last": 2}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--monitor-interval", "0.1",
            str(REPO / "tests" / "fault_worker.py"), "train", cfg]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=env(FSDPTRAIN_TEST_FAULTS="0:step:5:1,1:save:6:1"))
+                          env=env(FSDPTRAIN_TEST_FAULTS="0:save:6:1"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "killing rank 1 after step 5" in out and "killing rank 1 while saving step 6" in out
-    assert out.count(f"resumed from {ckpt(run, 4)} at step 4") == 2
+    assert "killing rank 1 while saving step 6" in out
     assert "removed incomplete checkpoint folder(s) left by a crash: step-00000006.tmp" in out
+    assert out.count(f"resumed from {ckpt(run, 4)} at step 4") == 1
     records = read_metrics(run)
     assert [m["step"] for m in records] == list(range(1, STEPS + 1))  # re-run steps replaced, not duplicated
     ref = losses(full)
     assert all(m["loss"] == ref[m["step"]] for m in records), (records, ref)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006", "step-00000008"]
-
 
 # ----------------------------------------------------------------------------- bad input (one rank, in process)
 
