@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import secrets
+import socket
 import time
 from typing import Optional
 
@@ -51,11 +52,14 @@ def fresh_store(rank: int, world_size: int, timeout: datetime.timedelta) -> Opti
         entry = agent.get(key).decode()  # blocks until some attempt published one
         p, _, token = entry.partition(":")
         try:
+            # A plain socket first: a dead attempt's port refuses at once, where a TCPStore client
+            # would retry for its whole timeout and log a stack trace per try.
+            socket.create_connection((addr, int(p)), timeout=_PROBE.total_seconds()).close()
             client = dist.TCPStore(addr, int(p), None, False, timeout=_PROBE)
             if client.get("token").decode() == token:
                 client.set_timeout(timeout)
                 return client
-        except (RuntimeError, ValueError, dist.DistStoreError):
+        except (OSError, RuntimeError, ValueError, dist.DistStoreError):
             pass  # the entry is from a dead attempt: wait for rank 0 of this one
         time.sleep(0.2)
     raise LaunchError(f"rank {rank}: global rank 0 did not publish a rendezvous store at {addr}:{port} within "
