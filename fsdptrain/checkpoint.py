@@ -265,7 +265,7 @@ class Checkpointer:
         self.async_ok = ccfg.async_save and device_type == "cuda"
         if ccfg.async_save and not self.async_ok:
             log("checkpoint: async_save needs CUDA (it overlaps the GPU step with the CPU write); saving synchronously")
-        if self.async_ok and world_size > 1:
+        if self.async_ok:
             # DCP's background thread runs its own collectives; a separate gloo group keeps them
             # from interleaving with the training loop's (and gives the CPU backend async_save needs).
             self.async_group = dist.new_group(backend="gloo")

@@ -284,3 +284,31 @@ def test_async_save_on_cuda_resumes_exactly(tmp_path):
     resumed = train(load_config(write(tmp_path / "b.yaml", config(
         tmp_path / "b", parallel=cuda, checkpoint={"resume": str(ckpt(tmp_path / "a", 4))}))))
     assert max(abs(x - y) for x, y in zip(resumed.losses, full.losses[4:])) < 1e-6
+
+
+def test_safetensors_rows_read_without_mmap(tmp_path):
+    from safetensors.torch import save_file
+
+    from fsdptrain.safetensors_io import SafetensorsFile
+
+    w = torch.randn(7, 5)
+    save_file({"w": w.to(torch.bfloat16), "v": torch.arange(6.0)}, str(tmp_path / "a.safetensors"))
+    f = SafetensorsFile(tmp_path / "a.safetensors")
+    out = torch.empty(3, 5)  # rows 4..6, bf16 in the file -> fp32 here
+    f.read_into("w", (slice(4, 7), slice(0, 5)), out)
+    assert torch.equal(out, w.to(torch.bfloat16)[4:7].float())
+    cols = torch.empty(7, 2)  # not one contiguous range: falls back to safetensors' get_slice
+    f.read_into("w", (slice(0, 7), slice(1, 3)), cols)
+    assert torch.equal(cols, w.to(torch.bfloat16)[:, 1:3].float())
+    v = torch.empty(2)
+    f.read_into("v", (slice(4, 6),), v)
+    assert v.tolist() == [4.0, 5.0]
+    f.close()
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "b.safetensors").write_bytes(data[:-20])
+    g = SafetensorsFile(tmp_path / "b.safetensors")
+    with pytest.raises(UserError, match=r"b.safetensors: truncated: tensor '(v|w)' ends past the end of the file"):
+        for key in ("v", "w"):
+            g.read_into(key, (slice(0, g.shape(key)[0]),) + tuple(slice(0, n) for n in g.shape(key)[1:]),
+                        torch.empty(g.shape(key)))
+    g.close()
