@@ -273,7 +273,7 @@ class Checkpointer:
     # -- resume -----------------------------------------------------------------------------
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sampler, micro: int,
-               accum: int) -> TrainState:
+               accum: int, total_steps: int) -> TrainState:
         """Load the checkpoint checkpoint.resume points at (if any); returns where training continues."""
         if self.rank == 0:
             removed = clean_incomplete(self.root)
@@ -289,9 +289,13 @@ class Checkpointer:
         if saved.get("format") != FORMAT:
             raise CheckpointError(f"{path / STATE_FILE}: checkpoint format {saved.get('format')!r}, "
                                   f"this fsdptrain reads {FORMAT}")
-        check_sampler(path, saved.get("sampler", {}), sampler_identity(sampler), self.world_size, micro, accum)
         msd, osd = get_state_dict(model, optimizer)
-        check_model(path, msd, saved)
+        try:
+            check_sampler(path, saved.get("sampler", {}), sampler_identity(sampler), self.world_size, micro, accum)
+            check_model(path, msd, saved)
+        except CheckpointError as e:
+            how = "checkpoint.resume=none or another output_dir" if self.cfg.resume == "auto" else "checkpoint.resume=none"
+            raise CheckpointError(f"{e} ({how} starts fresh)") from None
         state = {"model": msd, "optim": osd}
         try:
             dcp.load(state, checkpoint_id=str(path))
@@ -314,6 +318,9 @@ class Checkpointer:
         if self.rank == 0:
             trim_metrics(self.root.parent / "metrics.jsonl", ts.step)
         self.log(f"checkpoint: resumed from {path} at step {ts.step} ({ts.tokens_seen} tokens seen)")
+        if ts.step >= total_steps:
+            self.log(f"checkpoint: the run is already complete ({ts.step} of {total_steps} steps); nothing to train. "
+                     "Raise train.max_steps to continue, or set checkpoint.resume=none or another output_dir to start over")
         return ts
 
     # -- save ---------------------------------------------------------------------------------

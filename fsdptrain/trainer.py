@@ -138,7 +138,7 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     ckpt = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, info.device_type, plan.precision, boot_log.info)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    state = ckpt.resume(model, optimizer, scheduler, sampler, micro, accum)
+    state = ckpt.resume(model, optimizer, scheduler, sampler, micro, accum, total_steps)
 
     # -- the loop -----------------------------------------------------------------------------
     log = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step)

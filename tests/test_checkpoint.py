@@ -97,17 +97,24 @@ def test_resume_reproduces_uninterrupted_losses_bitwise(two_rank):
     assert f"resumed from {ckpt(full, 4)} at step 4" in stdout
 
 
-def test_resume_on_one_rank_reshards(two_rank, tmp_path):
+def test_resume_on_one_rank_reshards(two_rank, tmp_path, capsys):
     from fsdptrain.config import load_config
     from fsdptrain.trainer import train
 
     full = two_rank[0]
-    cfg = load_config(write(tmp_path / "c.yaml", config(tmp_path / "one", train={"micro_batch_size": 4},
-                                                        checkpoint={"resume": str(ckpt(full, 4))})))
-    result = train(cfg)
+    cfg = config(tmp_path / "one", train={"micro_batch_size": 4}, checkpoint={"resume": str(ckpt(full, 4))})
+    result = train(load_config(write(tmp_path / "c.yaml", cfg)))
     ref = losses(full)
     assert len(result.losses) == STEPS - 4
     assert max(abs(x - ref[5 + i]) for i, x in enumerate(result.losses)) < 1e-5, (result.losses, ref)
+    # started again with resume: auto, the finished run says so and trains nothing
+    cfg["checkpoint"]["resume"] = "auto"
+    capsys.readouterr()
+    again = train(load_config(write(tmp_path / "c.yaml", cfg)))
+    assert again.losses == []
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt(tmp_path / 'one', STEPS)} at step {STEPS}" in out
+    assert f"the run is already complete ({STEPS} of {STEPS} steps); nothing to train" in out
 
 
 def test_resume_on_four_ranks_reshards(two_rank, root):
@@ -217,7 +224,7 @@ def test_world_size_the_sampler_cannot_map(two_rank, tmp_path):
     path = ckpt(two_rank[0], 4) / "train_state.json"
     assert msg == (f"{path}: the sampler state (global batch 4 = 2 ranks x micro 2 x accum 1) cannot map onto 1 ranks "
                    "x micro 2 x accum 1 = 2; choose train.micro_batch_size and train.grad_accum_steps so that "
-                   "ranks x micro x accum = 4"), msg
+                   "ranks x micro x accum = 4 (checkpoint.resume=none starts fresh)"), msg
 
 
 def test_incomplete_checkpoint_path_and_export_errors(two_rank, tmp_path):
