@@ -1,9 +1,9 @@
 """Peak CPU memory per rank while loading pretrained safetensors into a sharded model.
 
-    python benchmarks/load_memory.py [--workdir DIR] [--nproc 2]
+    python benchmarks/load_memory.py [--size 254m|1.1b] [--workdir DIR] [--nproc 2]
 
-Writes (once) a ~252M-parameter Llama-shaped model folder in fp32 (two
-safetensors shards + index, ~1 GB), then launches `torchrun --nproc-per-node
+Writes (once) a Llama-shaped model folder with random fp32 weights (two
+safetensors shards + index; 254M parameters ~1 GB by default), then launches `torchrun --nproc-per-node
 N` workers that do what the trainer does: build the model on the meta device,
 `fully_shard` it, and fill the local shards with `models.materialize` (each
 rank reads only its own rows through safetensors `get_slice`). Each rank
@@ -25,13 +25,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ARCH = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
-        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
-        "max_position_embeddings": 2048, "tie_word_embeddings": False}
+BASE = {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+SIZES = {  # Llama shapes: (hidden, intermediate, layers, heads, kv heads)
+    "254m": (1024, 2816, 16, 16, 8),
+    "1.1b": (2048, 5632, 20, 16, 8),
+}
 
 
-def make_model(folder: Path) -> None:
-    """Random fp32 weights for ARCH, written shard by shard so this process never holds all of them."""
+def arch(size: str) -> dict:
+    h, i, n, a, kv = SIZES[size]
+    return {**BASE, "hidden_size": h, "intermediate_size": i, "num_hidden_layers": n, "num_attention_heads": a,
+            "num_key_value_heads": kv}
+
+
+def make_model(folder: Path, size: str) -> None:
+    """Random fp32 weights of the given size, written shard by shard so this process never holds all of them."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -39,7 +47,7 @@ def make_model(folder: Path) -> None:
     if (folder / "model.safetensors.index.json").is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    fields = dict(ARCH)
+    fields = arch(size)
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(cfg)
@@ -92,13 +100,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/fsdptrain-load-memory")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--size", choices=list(SIZES), default="254m", help="model shape (fp32 file: ~1 GB or ~4.3 GB)")
     ap.add_argument("--worker", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(*args.worker)
         return
-    folder = Path(args.workdir) / "model"
-    make_model(folder)
+    folder = Path(args.workdir) / f"model-{args.size}"
+    make_model(folder, args.size)
     total = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     out = Path(args.workdir) / "rows.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -108,14 +117,15 @@ def main() -> None:
     rows = json.loads(out.read_text())
     gib = 2**30
     print(f"\nmodel: {total / 4 / 1e6:.0f}M params, full fp32 state dict {total / gib:.2f} GiB, {args.nproc} CPU ranks\n")
-    print("| rank | RSS before load (GiB) | peak RSS during load (GiB) | load cost = peak - before (GiB) "
-          "| load cost / full state dict | local shard (GiB) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| rank | RSS before load (GiB) | peak RSS during load (GiB) | peak / full state dict "
+          "| load cost = peak - before (GiB) | load cost / full state dict | local shard (GiB) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     worst = 0.0
     for r, (before, peak, local) in enumerate(rows):
         cost = peak - before
         worst = max(worst, cost / total)
-        print(f"| {r} | {before / gib:.2f} | {peak / gib:.2f} | {cost / gib:.2f} | {cost / total:.2f} | {local / gib:.2f} |")
+        print(f"| {r} | {before / gib:.2f} | {peak / gib:.2f} | {peak / total:.2f} | {cost / gib:.2f} | {cost / total:.2f} "
+              f"| {local / gib:.2f} |")
     print(f"\nworst rank: load cost {worst:.2f} x the full state dict (target < 0.60): "
           f"{'OK' if worst < 0.6 else 'ABOVE TARGET'}")
 

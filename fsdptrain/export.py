@@ -17,7 +17,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import nn
