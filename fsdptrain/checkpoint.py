@@ -251,8 +251,8 @@ def _fsync_dir(path: Path) -> None:
 class Checkpointer:
     """Saves and restores one run's checkpoints; every rank holds one and calls it at the same points."""
 
-    def __init__(self, ccfg: CheckpointConfig, output_dir: Path, rank: int, world_size: int, device_type: str,
-                 precision: str, log: Callable[[str], None]):
+    def __init__(self, ccfg: CheckpointConfig, output_dir: Path, rank: int, world_size: int, precision: str,
+                 log: Callable[[str], None]):
         self.cfg = ccfg
         self.precision = precision
         self.root = Path(output_dir) / SUBDIR
@@ -262,9 +262,7 @@ class Checkpointer:
         self.last_saved_step = -1
         self.pending: Optional[tuple[Future, Path, Path, int]] = None
         self.async_group = None
-        self.async_ok = ccfg.async_save and device_type == "cuda"
-        if ccfg.async_save and not self.async_ok:
-            log("checkpoint: async_save needs CUDA (it overlaps the GPU step with the CPU write); saving synchronously")
+        self.async_ok = ccfg.async_save
         if self.async_ok:
             # DCP's background thread runs its own collectives; a separate gloo group keeps them
             # from interleaving with the training loop's (and gives the CPU backend async_save needs).
@@ -361,7 +359,8 @@ class Checkpointer:
         if self.async_ok:
             fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=self.async_group)
             self.pending = (fut, tmp, final, ts.step)
-            self.log(f"checkpoint: step {ts.step} staged in {time.perf_counter() - t0:.2f}s, writing in the background")
+            self.log(f"checkpoint: step {ts.step} copied to CPU memory in {time.perf_counter() - t0:.2f}s; "
+                     "writing it in the background")
         else:
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
             self._publish(tmp, final, ts.step, t0)

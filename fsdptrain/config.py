@@ -95,7 +95,7 @@ class CheckpointConfig:
     save_at_end: bool = opt(True, "Save a checkpoint after the last step.")
     keep_last: int = opt(3, "Keep the newest K complete checkpoints and delete older ones; 0 keeps all.", min=0)
     resume: str = opt("auto", "auto: continue from the newest complete checkpoint in output_dir (fresh start if none); none: always start fresh; or the path of a checkpoint folder.")
-    async_save: bool = opt(False, "CUDA only: copy the checkpoint to CPU memory and write it in a background thread while training continues.")
+    async_save: bool = opt(False, "Copy the checkpoint to CPU memory and write it in a background thread while training continues (costs one extra CPU copy of the rank's shards).")
     export_hf: bool = opt(False, "At the end of training write a Hugging Face model folder (safetensors) to output_dir/hf.")
     export_dtype: str = opt("auto", "Weight dtype of exported Hugging Face folders; auto: bf16 when training in bf16, else fp32.", choices=["auto", "fp32", "bf16"])
     export_max_shard_size: str = opt("5GB", "Largest safetensors file of an export (e.g. 5GB, 500MB); bigger models get several files and an index.")

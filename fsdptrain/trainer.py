@@ -136,7 +136,7 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     # -- optimizer and schedule ---------------------------------------------------------------
     optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    ckpt = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, info.device_type, plan.precision, boot_log.info)
+    ckpt = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, plan.precision, boot_log.info)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     state = ckpt.resume(model, optimizer, scheduler, sampler, micro, accum, total_steps)
 

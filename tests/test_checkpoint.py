@@ -68,10 +68,12 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_rank(root):
-    """The uninterrupted 2-rank run (checkpoint every 2 steps, export at the end) and an exact resume of it."""
+    """The uninterrupted 2-rank run (async checkpoint every 2 steps, export at the end) and an exact resume of it."""
     full, resumed = root / "full", root / "resumed"
     spec = {"cases": [
-        {"name": "full", "config": write(root / "full.yaml", config(full, checkpoint={"export_hf": True}))},
+        # written asynchronously: every test that resumes from or exports these checkpoints checks them
+        {"name": "full", "config": write(root / "full.yaml", config(full, checkpoint={"export_hf": True,
+                                                                                   "async_save": True}))},
         {"name": "resumed", "config": write(root / "resumed.yaml", config(
             resumed, checkpoint={"resume": str(ckpt(full, 4))}))},
     ]}
@@ -95,6 +97,7 @@ def test_resume_reproduces_uninterrupted_losses_bitwise(two_rank):
     assert state["sampler"]["global_batch"] == 4
     assert sorted(os.listdir(ckpt(full, 4) / "rng")) == ["rank-00000.json", "rank-00001.json"]
     assert f"resumed from {ckpt(full, 4)} at step 4" in stdout
+    assert "step 4 copied to CPU memory in" in stdout  # the full run saved in the background
 
 
 def test_resume_on_one_rank_reshards(two_rank, tmp_path, capsys):
@@ -279,7 +282,7 @@ def test_trim_metrics_drops_steps_that_will_rerun(tmp_path):
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="async checkpoint save needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_async_save_on_cuda_resumes_exactly(tmp_path):
     from fsdptrain.config import load_config
     from fsdptrain.trainer import train
