@@ -1,4 +1,4 @@
-"""Command line: `fsdptrain train | config` (click). User mistakes become one line and exit 2."""
+"""Command line: `fsdptrain train | config | export` (click). User mistakes become one line and exit 2."""
 
 from __future__ import annotations
 
@@ -80,6 +80,21 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, refer
         click.echo(dump_yaml(cfg), nl=False)
     else:
         click.echo(f"{config or 'default config'}: ok")
+
+
+@main.command("export")
+@click.argument("checkpoint")
+@click.option("--out", "out_dir", required=True, help="Folder to write the Hugging Face model to (replaced if it exists).")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Weight dtype; auto: bf16 if the run trained in bf16, else fp32.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file (e.g. 5GB, 500MB).")
+@friendly_errors
+def export_cmd(checkpoint: str, out_dir: str, dtype: str, max_shard_size: str) -> None:
+    """Write a Hugging Face model folder from CHECKPOINT (a checkpoint folder, or a run directory: its newest)."""
+    from .export import export_checkpoint, parse_size
+
+    out = export_checkpoint(checkpoint, out_dir, dtype, parse_size(max_shard_size, "--max-shard-size"))
+    click.echo(f"exported {checkpoint} to {out}")
 
 
 if __name__ == "__main__":

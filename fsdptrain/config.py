@@ -112,7 +112,14 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    save_every: int = opt(0, "Save a sharded checkpoint to output_dir/checkpoints every N optimizer steps; 0: only at the end.", min=0)
+    save_at_end: bool = opt(True, "Save a checkpoint after the last step.")
+    keep_last: int = opt(3, "Keep the newest K complete checkpoints and delete older ones; 0 keeps all.", min=0)
+    resume: str = opt("auto", "auto: continue from the newest complete checkpoint in output_dir (fresh start if none); none: always start fresh; or the path of a checkpoint folder.")
+    async_save: bool = opt(False, "Copy the checkpoint to CPU memory and write it in a background thread while training continues (costs one extra CPU copy of the rank's shards).")
     export_hf: bool = opt(False, "At the end of training write a Hugging Face model folder (safetensors) to output_dir/hf.")
+    export_dtype: str = opt("auto", "Weight dtype of exported Hugging Face folders; auto: bf16 when training in bf16, else fp32.", choices=["auto", "fp32", "bf16"])
+    export_max_shard_size: str = opt("5GB", "Largest safetensors file of an export (e.g. 5GB, 500MB); bigger models get several files and an index.")
 
 
 @dataclass
@@ -277,6 +284,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: train.warmup_ratio: {t.warmup_ratio} must be below 1")
     if t.min_lr_ratio > 1:
         raise ConfigError(f"{source}: train.min_lr_ratio: {t.min_lr_ratio} must be at most 1")
+    from .export import parse_size
+
+    parse_size(cfg.checkpoint.export_max_shard_size, f"{source}: checkpoint.export_max_shard_size")
 
 
 # ----------------------------------------------------------------------------- output

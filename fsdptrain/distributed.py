@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .elastic import fresh_store
 from .errors import LaunchError
 
 
@@ -88,9 +89,11 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
                 )
             torch.cuda.set_device(local_rank)
         try:
+            store = fresh_store(rank, world, timeout)  # None unless torchrun's agent store (stale keys after a restart)
             dist.init_process_group(
                 backend=backend,
-                init_method="env://",
+                init_method=None if store is not None else "env://",
+                store=store,
                 rank=rank,
                 world_size=world,
                 timeout=timeout,

@@ -24,7 +24,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from . import distributed, models
-from .checkpoint import export_hf
+from .checkpoint import Checkpointer
+from .export import EXPORT_DTYPES, export_hf, parse_size
 from .config import Config, dump_yaml
 from .data import pipeline
 from .data.tokenize import IGNORE, Example
@@ -124,17 +125,19 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload,
                                 offload=cfg.parallel.optimizer_offload)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    ckpt = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, plan.precision, boot_log.info)
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    state = ckpt.resume(model, optimizer, scheduler, sampler, micro, accum, total_steps)
 
     # -- the loop -----------------------------------------------------------------------------
-    log = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps)
+    log = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step)
     peak = peak_tflops(info.device, cfg.logging.peak_tflops)
     result = RunResult(output_dir=str(out))
     pad_id = tokenizer.pad_token_id
-    accum = cfg.train.grad_accum_steps
     model.train()
-    step_batches = iter(pipeline.batches(cfg, sampler, examples, pad_id, sampler.step, total_steps, info.device_type))
+    step_batches = iter(pipeline.batches(cfg, sampler, examples, pad_id, state.step, total_steps, info.device_type))
     try:
-        for step in range(sampler.step, total_steps):
+        for step in range(state.step, total_steps):
             t0 = time.perf_counter()
             if cfg.memory.track_peak:
                 memstats.reset_peak(info.device)
@@ -146,6 +149,7 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                                    sum(int(b["n_tokens"]) for b in batches)], dtype=torch.float64, device=info.device)
             distributed.all_reduce_sum(counts)
             global_targets, global_tokens = max(1.0, counts[0].item()), counts[1].item()
+            state.step, state.tokens_seen = step + 1, state.tokens_seen + int(global_tokens)
 
             loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
             for i, b in enumerate(batches):
@@ -200,12 +204,20 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                     result.peak_mem_bytes = max(result.peak_mem_bytes, int(max(peaks)))
                     metrics["peak_mem_rank_of_max"] = int(max(range(len(peaks)), key=peaks.__getitem__))
                 log.log(step + 1, metrics)
+            if ckpt.due(step + 1, total_steps):
+                ckpt.save(state, model, optimizer, scheduler, sampler, hf_config, tokenizer, micro, accum)
+        if ckpt.due(state.step, total_steps):  # the last step was skipped (non-finite)
+            ckpt.save(state, model, optimizer, scheduler, sampler, hf_config, tokenizer, micro, accum)
+        ckpt.close()
     finally:
         log.close()
 
     if cfg.checkpoint.export_hf:
-        export_dtype = torch.bfloat16 if plan.precision.startswith("bf16") else torch.float32
-        export_hf(model, hf_config, tokenizer, out / "hf", info.is_main, dtype=export_dtype)
+        name = cfg.checkpoint.export_dtype
+        export_dtype = EXPORT_DTYPES[name] if name != "auto" else (
+            torch.bfloat16 if plan.precision.startswith("bf16") else torch.float32)
+        export_hf(model, hf_config, tokenizer, out / "hf", info.is_main, dtype=export_dtype,
+                  max_shard_bytes=parse_size(cfg.checkpoint.export_max_shard_size, "checkpoint.export_max_shard_size"))
         boot_log.info(f"export: Hugging Face model written to {out / 'hf'}")
     if result.losses:
         boot_log.info(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
