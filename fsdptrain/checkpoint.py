@@ -1,75 +1,455 @@
-"""Hugging Face export of a sharded model, streamed so no rank holds the whole state dict.
+"""Training checkpoints: sharded save, crash-safe publication, validation and exact resume.
 
-Parameters are gathered one at a time (`DTensor.full_tensor()`, a collective
-every rank joins); rank 0 collects them into safetensors shards of at most
-`max_shard_bytes` and writes model.safetensors.index.json, config.json,
-generation_config.json and the tokenizer files beside them.
+A checkpoint is a folder `output_dir/checkpoints/step-XXXXXXXX/` holding
+  - the DCP (`torch.distributed.checkpoint`) files of model + optimizer
+    (`.metadata`, `__<rank>_0.distcp`): every rank writes its own shards, and
+    any world size can load them (DCP reshards on load);
+  - `train_state.json`: step, tokens seen, LR scheduler, data sampler identity,
+    world size, batch shape;
+  - `rng/rank-XXXXX.json`: each rank's torch / CUDA / python / numpy RNG state
+    (JSON, no pickle);
+  - `hf/`: the Hugging Face config and tokenizer, so `fsdptrain export` needs
+    nothing but the checkpoint;
+  - `COMPLETE.json`, written last: the size of every file above.
+Everything is written into `step-XXXXXXXX.tmp/`, the marker goes in last and
+the folder is then renamed: a folder without `.tmp` and with a marker is
+complete. Anything else under checkpoints/ (a crash mid-save) is deleted by
+the next run before it looks for a checkpoint. Loading first checks every
+file against the marker's sizes and the weights against the model, so a
+truncated or foreign checkpoint fails with one line naming the file.
+
+The output directory must be on a file system all nodes share.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import shutil
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .models import _owned_params
+from .config import CheckpointConfig
+from .errors import UserError
+from .export import export_hf  # noqa: F401  (kept importable from here; it lives in export.py)
+
+MARKER = "COMPLETE.json"
+STATE_FILE = "train_state.json"
+FORMAT = 1
+SUBDIR = "checkpoints"
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used (incomplete, truncated, another model, unmappable)."""
 
 
-def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0  # input tokens consumed over all ranks
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+
+# ----------------------------------------------------------------------------- finding checkpoints
 
 
-@torch.no_grad()
-def export_hf(model: nn.Module, hf_config, tokenizer, out_dir: str | Path, is_main: bool,
-              dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 2**30) -> None:
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
-    for mod_name, _mod, attr, p in _owned_params(model):
-        key = f"{mod_name}.{attr}" if mod_name else attr
-        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-        if not is_main:
-            continue
-        t = full.to(dtype=dtype, device="cpu").contiguous()
-        if sizes[-1] and sizes[-1] + t.numel() * t.element_size() > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][key] = t
-        sizes[-1] += t.numel() * t.element_size()
-    if not is_main:
-        return
-    n = len(shards)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        _save_shard(shard, tmp / name)
-        weight_map.update({k: name for k in shard})
-    if n > 1:
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    cfg = hf_config.__class__.from_dict(hf_config.to_dict())
-    cfg.dtype = dtype
-    cfg.use_cache = True
-    cfg.save_pretrained(str(tmp))
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _step_of(path: Path) -> Optional[int]:
+    name = path.name
+    if not name.startswith("step-") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
+def is_complete(path: Path) -> bool:
+    return _step_of(path) is not None and (path / MARKER).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root` (a checkpoints/ folder), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: _step_of(p))
+
+
+def clean_incomplete(root: Path) -> list[str]:
+    """Delete what a crash left under checkpoints/ (temporary or unmarked folders); returns their names."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and not is_complete(p):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def resolve_resume(resume: str, output_dir: Path, key: str = "checkpoint.resume") -> Optional[Path]:
+    """checkpoint.resume -> the folder to load, or None to start fresh."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(output_dir / SUBDIR)
+        return found[-1] if found else None
+    path = Path(resume)
+    if is_complete(path):
+        return path
+    if (path / MARKER).is_file():  # a complete checkpoint under another name (copied by hand)
+        return path
+    if path.is_dir():
+        found = complete_checkpoints(path / SUBDIR) or complete_checkpoints(path)
+        if found:
+            return found[-1]
+        if (path / ".metadata").is_file() or path.name.endswith(".tmp"):
+            raise CheckpointError(f"{key}: {path}: incomplete checkpoint (no {MARKER}; the save was "
+                                  "interrupted); resume from an earlier one or use checkpoint.resume=auto")
+        raise CheckpointError(f"{key}: {path}: no complete checkpoint there (expected a step-N folder "
+                              f"with {MARKER}, or a run directory with {SUBDIR}/)")
+    raise CheckpointError(f"{key}: {path}: no such folder; give a checkpoint folder, auto or none")
+
+
+def verify_files(path: Path) -> dict:
+    """Check every file listed by the marker exists with its recorded size; returns train_state.json."""
     try:
-        from transformers import GenerationConfig
+        manifest = json.loads((path / MARKER).read_text())
+        files: dict[str, int] = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER})") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / MARKER}: unreadable marker ({e})") from None
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint (listed in {MARKER}); the checkpoint is damaged, "
+                                  "resume from another one")
+        actual = f.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{f}: truncated or altered ({actual} bytes, {MARKER} records {size}); "
+                                  "the checkpoint is damaged, resume from another one")
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({e})") from None
 
-        GenerationConfig.from_model_config(cfg).save_pretrained(str(tmp))
-    except Exception:  # generation config is a convenience; never fail an export for it
+
+# ----------------------------------------------------------------------------- RNG (JSON, no pickle)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    state: dict[str, Any] = {"torch": _b64(torch.get_rng_state())}
+    version, internal, gauss = random.getstate()
+    state["python"] = {"version": version, "state": list(internal), "gauss": gauss}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                          "cached": float(cached)}
+    except ImportError:
         pass
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)  # the folder appears complete or not at all
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if "numpy" in state:
+        import numpy as np
+
+        n = state["numpy"]
+        np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------- compatibility checks
+
+
+def check_model(path: Path, model_sd: dict[str, torch.Tensor], saved: dict) -> None:
+    """Every weight of the model is in the checkpoint with the same shape, and nothing else is."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    stored = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
+    origin = f" (it was saved from a {saved.get('model_type', '?')} model)"
+    for key, t in model_sd.items():
+        if key not in stored:
+            raise CheckpointError(f"{path / '.metadata'}: checkpoint has no weight '{key}'{origin}; "
+                                  "it is from another model, use a checkpoint of this model")
+        size = getattr(stored[key], "size", None)
+        if size is not None and tuple(size) != tuple(t.shape):
+            raise CheckpointError(f"{path / '.metadata'}: weight '{key}' has shape {list(size)} in the checkpoint, "
+                                  f"this model's is {list(t.shape)}{origin}; use a checkpoint of this model")
+    extra = sorted(set(stored) - set(model_sd))
+    if extra:
+        raise CheckpointError(f"{path / '.metadata'}: checkpoint weight '{extra[0]}' (and {len(extra) - 1} more) "
+                              f"does not exist in this model{origin}; use a checkpoint of this model")
+
+
+def check_sampler(path: Path, saved: dict, current: dict, world_size: int, micro: int, accum: int) -> None:
+    """The data order after resume must continue the saved one: same examples, seed and global batch."""
+    for key in ("n_examples", "seed", "shuffle", "drop_last"):
+        if key in saved and key in current and saved[key] != current[key]:
+            raise CheckpointError(f"{path / STATE_FILE}: data sampler {key} is {saved[key]!r} in the checkpoint but "
+                                  f"{current[key]!r} now; resume with the same data and seed")
+    if "global_batch" in saved and saved["global_batch"] != current.get("global_batch"):
+        b = saved.get("batch", {})
+        raise CheckpointError(
+            f"{path / STATE_FILE}: the sampler state (global batch {saved['global_batch']} = {b.get('world_size')} ranks x "
+            f"micro {b.get('micro_batch_size')} x accum {b.get('grad_accum_steps')}) cannot map onto {world_size} ranks x "
+            f"micro {micro} x accum {accum} = {current.get('global_batch')}; choose train.micro_batch_size and "
+            f"train.grad_accum_steps so that ranks x micro x accum = {saved['global_batch']}")
+
+
+# ----------------------------------------------------------------------------- the checkpointer
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints; every rank holds one and calls it at the same points."""
+
+    def __init__(self, ccfg: CheckpointConfig, output_dir: Path, rank: int, world_size: int, precision: str,
+                 log: Callable[[str], None]):
+        self.cfg = ccfg
+        self.precision = precision
+        self.root = Path(output_dir) / SUBDIR
+        self.rank = rank
+        self.world_size = world_size
+        self.log = log
+        self.last_saved_step = -1
+        self.pending: Optional[tuple[Future, Path, Path, int]] = None
+        self.async_group = None
+        self.async_ok = ccfg.async_save
+        if self.async_ok:
+            # DCP's background thread runs its own collectives; a separate gloo group keeps them
+            # from interleaving with the training loop's (and gives the CPU backend async_save needs).
+            self.async_group = dist.new_group(backend="gloo")
+
+    # -- resume -----------------------------------------------------------------------------
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sampler, micro: int,
+               accum: int, total_steps: int) -> TrainState:
+        """Load the checkpoint checkpoint.resume points at (if any); returns where training continues."""
+        if self.rank == 0:
+            removed = clean_incomplete(self.root)
+            if removed:
+                self.log(f"checkpoint: removed incomplete checkpoint folder(s) left by a crash: {', '.join(removed)}")
+        _barrier()
+        path = resolve_resume(self.cfg.resume, self.root.parent)
+        if path is None:
+            if self.cfg.resume == "auto":
+                self.log("checkpoint: no complete checkpoint to resume from; starting at step 0")
+            return TrainState()
+        saved = verify_files(path)
+        if saved.get("format") != FORMAT:
+            raise CheckpointError(f"{path / STATE_FILE}: checkpoint format {saved.get('format')!r}, "
+                                  f"this fsdptrain reads {FORMAT}")
+        msd, osd = get_state_dict(model, optimizer)
+        try:
+            check_sampler(path, saved.get("sampler", {}), sampler_identity(sampler), self.world_size, micro, accum)
+            check_model(path, msd, saved)
+        except CheckpointError as e:
+            how = "checkpoint.resume=none or another output_dir" if self.cfg.resume == "auto" else "checkpoint.resume=none"
+            raise CheckpointError(f"{e} ({how} starts fresh)") from None
+        state = {"model": msd, "optim": osd}
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:  # noqa: BLE001  (DCP wraps per-rank failures; name the folder)
+            first = str(e).strip().splitlines()
+            raise CheckpointError(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
+                                  f"{first[-1] if first else ''})") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if hasattr(sampler, "load_state_dict"):
+            sampler.load_state_dict(saved.get("sampler", {}))
+        rng_file = path / "rng" / f"rank-{self.rank:05d}.json"
+        if rng_file.is_file() and saved.get("world_size") == self.world_size:
+            set_rng_state(json.loads(rng_file.read_text()))
+        elif self.rank == 0:
+            self.log(f"checkpoint: saved on {saved.get('world_size')} ranks, resuming on {self.world_size}: "
+                     "random states re-seeded instead of restored")
+        ts = TrainState(step=int(saved["step"]), tokens_seen=int(saved.get("tokens_seen", 0)))
+        self.last_saved_step = ts.step
+        if self.rank == 0:
+            trim_metrics(self.root.parent / "metrics.jsonl", ts.step)
+        self.log(f"checkpoint: resumed from {path} at step {ts.step} ({ts.tokens_seen} tokens seen)")
+        if ts.step >= total_steps:
+            self.log(f"checkpoint: the run is already complete ({ts.step} of {total_steps} steps); nothing to train. "
+                     "Raise train.max_steps to continue, or set checkpoint.resume=none or another output_dir to start over")
+        return ts
+
+    # -- save ---------------------------------------------------------------------------------
+
+    def due(self, step: int, total_steps: int) -> bool:
+        if step == self.last_saved_step:
+            return False
+        if self.cfg.save_every and step % self.cfg.save_every == 0:
+            return True
+        return step == total_steps and self.cfg.save_at_end
+
+    def save(self, ts: TrainState, model: nn.Module, optimizer, scheduler, sampler, hf_config, tokenizer,
+             micro: int, accum: int) -> None:
+        """Write step `ts.step` (collective: every rank calls it)."""
+        self.wait()  # one save in flight at most
+        final = self.root / step_name(ts.step)
+        tmp = self.root / (step_name(ts.step) + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()
+        t0 = time.perf_counter()
+        _write_json(tmp / "rng" / f"rank-{self.rank:05d}.json", rng_state())
+        if self.rank == 0:
+            ident = sampler_identity(sampler)
+            ident["batch"] = {"world_size": self.world_size, "micro_batch_size": micro, "grad_accum_steps": accum}
+            _write_json(tmp / STATE_FILE, {
+                "format": FORMAT, "step": ts.step, "tokens_seen": ts.tokens_seen, "world_size": self.world_size,
+                "model_type": getattr(hf_config, "model_type", None), "precision": self.precision,
+                "scheduler": _jsonable(scheduler.state_dict()),
+                "sampler": ident,
+            })
+            hf_dir = tmp / "hf"
+            hf_config.save_pretrained(str(hf_dir))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(hf_dir))
+        msd, osd = get_state_dict(model, optimizer)
+        if self.async_ok:
+            fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=self.async_group)
+            self.pending = (fut, tmp, final, ts.step)
+            self.log(f"checkpoint: step {ts.step} copied to CPU memory in {time.perf_counter() - t0:.2f}s; "
+                     "writing it in the background")
+        else:
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+            self._publish(tmp, final, ts.step, t0)
+        self.last_saved_step = ts.step
+
+    def wait(self) -> None:
+        """Finish an asynchronous save: DCP's own final gather means rank 0 sees every rank's files."""
+        if self.pending is None:
+            return
+        fut, tmp, final, step = self.pending
+        self.pending = None
+        t0 = time.perf_counter()
+        fut.result()
+        self._publish(tmp, final, step, t0)
+
+    def _publish(self, tmp: Path, final: Path, step: int, t0: float) -> None:
+        # DCP's save ends with a gather to rank 0 after every rank wrote its data, and each rank's
+        # rng file was written before it entered DCP: rank 0 can seal the folder without a barrier.
+        if self.rank == 0:
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            _write_json(tmp / MARKER, {"step": step, "files": files})
+            _fsync_dir(tmp)
+            if final.exists():  # a checkpoint of the same step from an earlier attempt
+                _remove(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self.log(f"checkpoint: saved {final} in {time.perf_counter() - t0:.2f}s")
+            self._prune()
+        if self.async_ok:
+            return  # the other ranks may be mid-step; they never read the folder
+        _barrier()
+
+    def _prune(self) -> None:
+        keep = self.cfg.keep_last
+        if keep <= 0:
+            return
+        for old in complete_checkpoints(self.root)[:-keep]:
+            _remove(old)
+
+    def close(self) -> None:
+        self.wait()
+        _barrier()
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint so a crash half-way never leaves something that looks complete."""
+    (path / MARKER).unlink(missing_ok=True)
+    trash = path.with_name(path.name + ".deleting")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _jsonable(obj: Any) -> Any:
+    """Scheduler state: numbers and lists; callables (the LambdaLR function) are rebuilt from the config."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return None
+
+
+def sampler_identity(sampler) -> dict:
+    """What the data position depends on, plus the sampler's own state_dict() when it has one."""
+    own = dict(sampler.state_dict()) if hasattr(sampler, "state_dict") else {}
+    return {**own, "n_examples": sampler.n_examples, "seed": sampler.seed, "shuffle": sampler.shuffle,
+            "drop_last": sampler.drop_last, "global_batch": sampler.global_batch}
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl records of steps after the checkpoint: they are about to be run again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by the crash
+        kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Command line: `fsdptrain train | config | estimate | mem report | mem diff` (click). User mistakes become one line and exit 2."""
+"""Command line: `fsdptrain train | config | export | estimate | mem report | mem diff` (click). User mistakes become one line and exit 2."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            if _rank() == 0 or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS"):
+            # rank 0, and the first process of every other node (so each node's log shows why it stopped)
+            if _rank() == 0 or os.environ.get("LOCAL_RANK") == "0" or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS"):
                 prefix = f"[rank {_rank()}] " if "RANK" in os.environ else ""
                 click.echo(f"fsdptrain: error: {prefix}{e}", err=True)
             sys.exit(2)
@@ -59,10 +60,17 @@ def train(config: str | None, overrides: tuple[str, ...]) -> None:
 @click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--dump", is_flag=True, help="Print the effective config (defaults filled in) with each key's doc.")
+@click.option("--reference", is_flag=True, help="Print every key, its default and doc as a Markdown table.")
 @friendly_errors
-def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool) -> None:
+def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, reference: bool) -> None:
     """Validate a config; with --dump print the effective config."""
-    from .config import dump_yaml, load_config
+    from .config import dump_yaml, load_config, reference_rows
+
+    if reference:
+        click.echo("| key | default | meaning |\n| --- | --- | --- |")
+        for key, default, doc in reference_rows():
+            click.echo(f"| `{key}` | `{default}` | {doc} |")
+        return
 
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides = (config, *overrides)
@@ -72,6 +80,21 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool) -> No
         click.echo(dump_yaml(cfg), nl=False)
     else:
         click.echo(f"{config or 'default config'}: ok")
+
+
+@main.command("export")
+@click.argument("checkpoint")
+@click.option("--out", "out_dir", required=True, help="Folder to write the Hugging Face model to (replaced if it exists).")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Weight dtype; auto: bf16 if the run trained in bf16, else fp32.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file (e.g. 5GB, 500MB).")
+@friendly_errors
+def export_cmd(checkpoint: str, out_dir: str, dtype: str, max_shard_size: str) -> None:
+    """Write a Hugging Face model folder from CHECKPOINT (a checkpoint folder, or a run directory: its newest)."""
+    from .export import export_checkpoint, parse_size
+
+    out = export_checkpoint(checkpoint, out_dir, dtype, parse_size(max_shard_size, "--max-shard-size"))
+    click.echo(f"exported {checkpoint} to {out}")
 
 
 @main.group("mem")

@@ -57,6 +57,20 @@ class DataConfig:
     max_length: int = opt(2048, "Truncate tokenised examples to this many tokens (LLaMA-Factory cutoff_len).", min=8)
     shuffle: bool = opt(True, "Shuffle examples each epoch (seeded by seed and epoch).")
     drop_last: bool = opt(True, "Drop the last incomplete global batch of an epoch (keeps every rank on the same number of micro-steps).")
+    dataset_dir: str = opt("data", "Folder holding dataset_info.json (LLaMA-Factory's registry); relative file_name entries resolve against it.")
+    datasets: list = opt([], "Data sets to mix: names in dataset_info.json, paths (json/jsonl/parquet/csv/arrow/txt file, folder, save_to_disk folder) or mappings {name or path, formatting, columns, tags, num_samples}. Empty: the synthetic task.")
+    max_samples: Optional[int] = opt(None, "Keep at most this many records of each data set (after num_samples).", min=1)
+    template: str = opt("auto", "Chat template: auto uses the tokenizer's own (ChatML if it has none); a name forces a built-in one.", choices=["auto", "chatml", "llama3"])
+    train_on_prompt: bool = opt(False, "Train on prompt tokens too (default: only assistant turns carry labels).")
+    mask_history: bool = opt(False, "Train only the last assistant turn of multi-turn conversations.")
+    packing: bool = opt(False, "Pack examples into rows of pack_length tokens; each example attends only to itself (position_ids restart).")
+    pack_length: Optional[int] = opt(None, "Row length for packing; null: max_length.", min=8)
+    token_budget: Optional[int] = opt(None, "Cut micro-batches by padded tokens (examples x longest) instead of by count, so ranks process nearly equal tokens.", min=8)
+    micro_batch_sizes: list = opt([], "Per-rank micro-batch sizes (one per rank, or one per node) for mixed-memory clusters; empty: train.micro_batch_size everywhere.")
+    num_proc: int = opt(1, "Processes for tokenising (datasets.map num_proc) on each node's local rank 0.", min=1)
+    cache_dir: Optional[str] = opt(None, "Tokenised-data cache; null: $FSDPTRAIN_CACHE or ~/.cache/fsdptrain/tokenized.")
+    overwrite_cache: bool = opt(False, "Tokenise again even when the cache has this data.")
+    num_workers: Optional[int] = opt(None, "DataLoader worker processes building batches; null: 2 on CUDA, 0 on CPU.", min=0)
 
 
 @dataclass
@@ -73,6 +87,7 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay (never applied to norms and biases).", min=0)
     adam_betas: list = opt([0.9, 0.95], "AdamW (beta1, beta2).")
     adam_eps: float = opt(1.0e-8, "AdamW epsilon.", min=0)
+    loss_chunk_tokens: int = opt(0, "Compute lm_head + cross-entropy this many tokens at a time (checkpointed) so full-vocabulary fp32 logits never exist at once; 0 computes full logits.", min=0)
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
     on_nonfinite: str = opt("stop", "Non-finite loss or grad norm: stop the run (naming step and rank) or skip the update.", choices=["stop", "skip"])
 
@@ -83,15 +98,28 @@ class ParallelConfig:
     precision: str = opt("auto", "auto: bf16-mixed on CUDA, fp32 on CPU. bf16-mixed: bf16 params/compute, fp32 master weights and gradient reduction. bf16-pure: everything bf16.", choices=["auto", "bf16-mixed", "fp32", "bf16-pure"])
     reshard_after_forward: bool = opt(True, "Free gathered block weights after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like, more memory, less traffic).")
     cpu_offload: bool = opt(False, "Keep sharded params, grads and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; needs CUDA).")
-    activation_checkpointing: str = opt("none", "Recompute block activations in backward: none, full (every block) or every_k (every k-th block).", choices=["none", "full", "every_k"])
+    activation_checkpointing: str = opt("none", "Recompute block activations in backward: none, full (every block), every_k (every k-th block) or selective (every block, but keep matmul and attention outputs; recompute only cheap element-wise ops).", choices=["none", "full", "every_k", "selective"])
     activation_checkpointing_k: int = opt(2, "k for activation_checkpointing: every_k.", min=1)
+    optimizer_offload: bool = opt(False, "Keep AdamW state in CPU memory and run the update there; parameters and gradients stay on the GPU (less GPU memory than none, much faster than cpu_offload).")
+    compile: bool = opt(False, "torch.compile each transformer block.")
+    compile_backend: str = opt("inductor", "torch.compile backend for compile: true.", choices=["inductor", "aot_eager", "eager"])
+    prefetch_blocks: int = opt(0, "Explicitly prefetch (all-gather) this many next blocks in forward and backward; 0 keeps FSDP2's implicit prefetching.", min=0)
     sync_grads_every_micro_step: bool = opt(False, "Reduce-scatter gradients on every micro-step; false (default) reduces only on the last one (less traffic, but unsharded gradients are held during accumulation).")
+    sharding: str = opt("full", "full: shard parameters over all ranks (ZeRO-3). hybrid: shard within a node, replicate across nodes (2-D mesh; only gradient all-reduce crosses nodes).", choices=["full", "hybrid"])
+    shard_group_size: Optional[int] = opt(None, "hybrid: ranks per shard group; null: the processes of one node (LOCAL_WORLD_SIZE). Set it to try hybrid layouts on one host.", min=1)
     timeout_minutes: float = opt(30.0, "Process-group timeout: a collective waiting longer fails instead of hanging.", min=0.1)
 
 
 @dataclass
 class CheckpointConfig:
+    save_every: int = opt(0, "Save a sharded checkpoint to output_dir/checkpoints every N optimizer steps; 0: only at the end.", min=0)
+    save_at_end: bool = opt(True, "Save a checkpoint after the last step.")
+    keep_last: int = opt(3, "Keep the newest K complete checkpoints and delete older ones; 0 keeps all.", min=0)
+    resume: str = opt("auto", "auto: continue from the newest complete checkpoint in output_dir (fresh start if none); none: always start fresh; or the path of a checkpoint folder.")
+    async_save: bool = opt(False, "Copy the checkpoint to CPU memory and write it in a background thread while training continues (costs one extra CPU copy of the rank's shards).")
     export_hf: bool = opt(False, "At the end of training write a Hugging Face model folder (safetensors) to output_dir/hf.")
+    export_dtype: str = opt("auto", "Weight dtype of exported Hugging Face folders; auto: bf16 when training in bf16, else fp32.", choices=["auto", "fp32", "bf16"])
+    export_max_shard_size: str = opt("5GB", "Largest safetensors file of an export (e.g. 5GB, 500MB); bigger models get several files and an index.")
 
 
 @dataclass
@@ -187,7 +215,11 @@ def _apply(obj: Any, raw: dict, source: str, prefix: str) -> None:
                 raise ConfigError(f"{source}: '{dotted}' is a section; expected a mapping of keys, got {value!r}")
             _apply(getattr(obj, key), value, source, prefix=f"{dotted}.")
             continue
-        setattr(obj, key, _coerce(value, typ, f, source, dotted))
+        value = _coerce(value, typ, f, source, dotted)
+        current = getattr(obj, key)
+        if isinstance(value, dict) and isinstance(current, dict) and source.startswith("override"):
+            value = {**current, **value}  # `model.hf_config.num_hidden_layers=2` changes one field
+        setattr(obj, key, value)
 
 
 def _coerce(value: Any, typ: Any, f: dataclasses.Field, source: str, dotted: str) -> Any:
@@ -248,6 +280,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: set model.path (a local Hugging Face folder) or model.hf_config (an inline config)")
     if m.path is None and m.random_init is False and m.hf_config and "model_type" not in m.hf_config:
         raise ConfigError(f"{source}: model.hf_config needs a model_type (e.g. llama, qwen2, mistral, gemma)")
+    if cfg.parallel.cpu_offload and cfg.parallel.optimizer_offload:
+        raise ConfigError(f"{source}: parallel.cpu_offload already keeps the optimizer state on the CPU; "
+                          "set parallel.optimizer_offload=false (or cpu_offload=false to keep parameters on the GPU)")
     t = cfg.train
     if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"{source}: train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas!r}")
@@ -258,6 +293,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: memory.snapshot_steps: expected optimizer steps (integers >= 1), got {bad_steps!r}")
     if t.min_lr_ratio > 1:
         raise ConfigError(f"{source}: train.min_lr_ratio: {t.min_lr_ratio} must be at most 1")
+    from .export import parse_size
+
+    parse_size(cfg.checkpoint.export_max_shard_size, f"{source}: checkpoint.export_max_shard_size")
 
 
 # ----------------------------------------------------------------------------- output

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .elastic import fresh_store
 from .errors import LaunchError
 
 
@@ -87,9 +89,11 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
                 )
             torch.cuda.set_device(local_rank)
         try:
+            store = fresh_store(rank, world, timeout)  # None unless torchrun's agent store (stale keys after a restart)
             dist.init_process_group(
                 backend=backend,
-                init_method="env://",
+                init_method=None if store is not None else "env://",
+                store=store,
                 rank=rank,
                 world_size=world,
                 timeout=timeout,
@@ -102,6 +106,10 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
                 "check MASTER_ADDR/MASTER_PORT, the network interface and that every node started"
             ) from None
         owns = True
+        # One line per rank, so each node's log shows which ranks it runs (multi-node debugging).
+        print(f"fsdptrain: rank {rank}/{world} (local rank {local_rank}/{local_world}, node "
+              f"{os.environ.get('GROUP_RANK', '?')}) on host {socket.gethostname()} joined "
+              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
     else:  # plain `python -m fsdptrain train`: a one-process group, no network
         rank, world, local_rank, local_world = 0, 1, 0, 1
         if device_type == "cuda":

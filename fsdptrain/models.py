@@ -186,11 +186,11 @@ def safetensors_index(folder: str) -> dict[str, Path]:
 
 @torch.no_grad()
 def load_pretrained(model: nn.Module, folder: str) -> None:
-    """Each rank reads only the rows of its own shards from the safetensors files."""
-    from safetensors import safe_open
+    """Each rank reads only the rows of its own shards from the safetensors files (plain reads, no mmap)."""
+    from .safetensors_io import SafetensorsFile
 
     index = safetensors_index(folder)
-    handles: dict[Path, object] = {}
+    handles: dict[Path, SafetensorsFile] = {}
     try:
         for mod_name, mod, attr, p in _owned_params(model):
             key = f"{mod_name}.{attr}" if mod_name else attr
@@ -201,15 +201,16 @@ def load_pretrained(model: nn.Module, folder: str) -> None:
             if f not in handles:
                 if not f.is_file():
                     raise UserError(f"model.path: {f}: listed in model.safetensors.index.json but missing")
-                handles[f] = safe_open(str(f), framework="pt")
-            sl = handles[f].get_slice(key)
-            shape = tuple(sl.get_shape())
+                handles[f] = SafetensorsFile(f)
+            if key not in handles[f].header:
+                raise UserError(f"model.path: {f}: weight '{key}' is listed in the index but not in this file")
+            shape = handles[f].shape(key)
             if shape != tuple(p.shape):
                 raise UserError(f"model.path: {f}: weight '{key}' has shape {list(shape)}, the model expects {list(p.shape)}")
-            rows = sl[_local_slices(p)]
-            _local(p).copy_(rows.to(p.dtype))
+            handles[f].read_into(key, _local_slices(p), _local(p))
     finally:
-        handles.clear()
+        for h in handles.values():
+            h.close()
     init_buffers(model)
 
 

@@ -15,12 +15,16 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
-def build_optimizer(model: nn.Module, tcfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, tcfg: TrainConfig, fused: bool, offload: bool = False) -> torch.optim.Optimizer:
     decay, plain = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (plain if no_decay(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    if offload:
+        from .optim_offload import CPUOffloadAdamW
+
+        return CPUOffloadAdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps)
     kwargs = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps, **kwargs)
 

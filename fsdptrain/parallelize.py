@@ -45,29 +45,73 @@ class ParallelPlan:
 def checkpointed_indices(n_blocks: int, mode: str, k: int) -> list[int]:
     if mode == "none":
         return []
-    if mode == "full":
+    if mode in ("full", "selective"):
         return list(range(n_blocks))
     return [i for i in range(n_blocks) if i % k == 0]
 
 
-def apply_activation_checkpointing(blocks: list[nn.Module], indices: list[int]) -> None:
+# Ops whose outputs selective checkpointing keeps: the expensive ones. Everything else (norms, activations,
+# RoPE, residual adds) is recomputed in backward, which costs little time and frees most activation memory
+# that is not a matmul output.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_mm.default,
+}
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module], indices: list[int], selective: bool = False) -> None:
     """Non-reentrant checkpointing of whole blocks, composable (no module wrapping, state-dict keys unchanged)."""
     from torch.distributed._composable import checkpoint
 
     for i in indices:
-        checkpoint(blocks[i])
+        if selective:
+            checkpoint(blocks[i], context_fn=_selective_context)
+        else:
+            checkpoint(blocks[i])
 
 
-def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg: ParallelConfig,
-               device_type: str) -> ParallelPlan:
-    precision = resolve_precision(pcfg.precision, device_type)
+def set_prefetch(blocks: list[nn.Module], n: int) -> None:
+    """All-gather the next n blocks ahead in forward, and the previous n in backward."""
+    if n <= 0:
+        return
+    for i, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + n])
+        block.set_modules_to_backward_prefetch(list(reversed(blocks[max(0, i - n):i])))
+
+
+def check_device_support(pcfg: ParallelConfig, device_type: str) -> None:
+    """Fail before any work is done when the options cannot run on this device."""
     if pcfg.cpu_offload and device_type != "cuda":
         raise ConfigError(
             "parallel.cpu_offload: true needs CUDA GPUs (FSDP2 offload pins host memory for GPU copies); "
             "this run is on CPU, so set parallel.cpu_offload=false"
         )
+
+
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg: ParallelConfig,
+               device_type: str) -> ParallelPlan:
+    check_device_support(pcfg, device_type)
+    precision = resolve_precision(pcfg.precision, device_type)
     ac = checkpointed_indices(len(blocks), pcfg.activation_checkpointing, pcfg.activation_checkpointing_k)
-    apply_activation_checkpointing(blocks, ac)
+    apply_activation_checkpointing(blocks, ac, selective=pcfg.activation_checkpointing == "selective")
+    if pcfg.compile:
+        for block in blocks:  # after checkpointing, before sharding: FSDP's hooks stay outside the graph
+            block.compile(backend=pcfg.compile_backend)
 
     kwargs = {"mesh": mesh, "mp_policy": mixed_precision_policy(precision)}
     if pcfg.cpu_offload:
@@ -77,4 +121,5 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg
         reshard = pcfg.reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **kwargs)
+    set_prefetch(blocks, pcfg.prefetch_blocks)
     return ParallelPlan(n_blocks=len(blocks), checkpointed=ac, precision=precision, offload=pcfg.cpu_offload)

@@ -20,28 +20,32 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from . import distributed, models
-from .checkpoint import export_hf
+from .checkpoint import Checkpointer
+from .export import EXPORT_DTYPES, export_hf, parse_size
 from .config import Config, dump_yaml
-from .data.loader import StepSampler, collate
-from .data.synthetic import generate
-from .data.tokenize import IGNORE, Example, tokenize_all
+from .data import pipeline
+from .data.tokenize import IGNORE, Example
 from .data.tokenizer import load_tokenizer
 from .errors import TrainingError, UserError
+from .loss import install_chunked_loss, token_loss_sum
 from .memory.tracker import MemoryTracker
+from .mesh import build_mesh, describe
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
-from .parallelize import apply_fsdp
+from .parallelize import apply_fsdp, check_device_support, resolve_precision
 
 
 @dataclass
 class RunResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    peak_mem_bytes: int = 0
     steps: int = 0
     skipped_steps: int = 0
     output_dir: str = ""
@@ -58,14 +62,6 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of per-token cross-entropy over the batch's target tokens (fp32)."""
-    logits = model(input_ids=batch["input_ids"]).logits
-    return F.cross_entropy(
-        logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=IGNORE, reduction="sum"
-    )
-
-
 def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Global L2 norm of all (sharded) gradients; clips when max_norm > 0."""
     params = [p for p in model.parameters() if p.grad is not None]
@@ -73,15 +69,8 @@ def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def load_examples(cfg: Config, tokenizer, log: RunLogger) -> list[Example]:
-    conversations = generate(cfg.data.synthetic_task, cfg.data.synthetic_examples, cfg.seed)
-    examples, st = tokenize_all(tokenizer, conversations, cfg.data.max_length)
-    log.info(f"data: synthetic '{cfg.data.synthetic_task}': read {st.read}, kept {st.kept}, "
-             f"truncated {st.truncated}, dropped (no target token) {st.dropped_no_target}, "
-             f"target tokens {st.target_tokens}")
-    if not examples:
-        raise UserError("data: every example was dropped (no target tokens left after truncation); raise data.max_length")
-    return examples
+def load_examples(cfg: Config, tokenizer, info: distributed.DistInfo, log: RunLogger):
+    return pipeline.load_examples(cfg, tokenizer, info.rank, info.local_rank, log.info)
 
 
 def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
@@ -95,6 +84,7 @@ def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
 
 def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Example]]) -> RunResult:
     # -- run directory (rank 0 writes shared files) -------------------------------------------
+    check_device_support(cfg.parallel, info.device_type)
     out = Path(cfg.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -106,9 +96,8 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     boot_log = RunLogger(out, info.is_main, tensorboard=False, progress="none", total_steps=0)
     boot_log.info(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
     if examples is None:
-        examples = load_examples(cfg, tokenizer, boot_log)
-    sampler = StepSampler(len(examples), info.world_size, info.rank, cfg.train.micro_batch_size,
-                          cfg.train.grad_accum_steps, cfg.seed, cfg.data.shuffle, cfg.data.drop_last)
+        examples = load_examples(cfg, tokenizer, info, boot_log)
+    sampler = pipeline.build_sampler(cfg, examples, info.world_size, info.rank, info.local_world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
 
     # -- model: meta -> shard -> materialise local shards ------------------------------------
@@ -117,37 +106,42 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     if len(tokenizer) > hf_config.vocab_size:
         raise UserError(f"model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                         f"{hf_config.vocab_size}; use the model's own tokenizer or a larger vocab_size")
-    from .parallelize import resolve_precision
-
     precision = resolve_precision(cfg.parallel.precision, info.device_type)
     model = models.build_meta_model(hf_config, cfg.model.attn_implementation, models.DTYPES[precision],
                                     cfg.model.trust_remote_code)
     n_params = models.count_params(model)
     blocks = models.find_blocks(model)
-    plan = apply_fsdp(model, blocks, distributed.build_mesh(info), cfg.parallel, info.device_type)
+    mesh = build_mesh(info, cfg.parallel)
+    plan = apply_fsdp(model, blocks, mesh, cfg.parallel, info.device_type)
     weights = None if (cfg.model.path is None or cfg.model.random_init) else cfg.model.path
     models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights)
     boot_log.info(f"model: {hf_config.model_type}, {n_params / 1e6:.2f}M params, {len(blocks)} blocks, "
                   f"precision {plan.precision}, checkpointed blocks {len(plan.checkpointed)}, "
-                  f"offload {plan.offload}, weights {'from ' + weights if weights else 'random init'}")
+                  f"offload {plan.offload}, mesh {describe(mesh)}, weights {'from ' + weights if weights else 'random init'}")
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
     # -- optimizer and schedule ---------------------------------------------------------------
-    optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload)
+    loss_head = install_chunked_loss(model, cfg.train.loss_chunk_tokens)
+    optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload,
+                                offload=cfg.parallel.optimizer_offload)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    ckpt = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, plan.precision, boot_log.info)
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    state = ckpt.resume(model, optimizer, scheduler, sampler, micro, accum, total_steps)
 
     # -- the loop -----------------------------------------------------------------------------
-    log = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps)
+    log = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step)
     peak = peak_tflops(info.device, cfg.logging.peak_tflops)
     result = RunResult(output_dir=str(out))
     pad_id = tokenizer.pad_token_id
-    accum = cfg.train.grad_accum_steps
     mem = MemoryTracker(cfg.memory, info, out, model, blocks)  # per-phase records, OOM post-mortem
     model.train()
+    step_batches = iter(pipeline.batches(cfg, sampler, examples, pad_id, state.step, total_steps, info.device_type))
     try:
-        for step in range(total_steps):
+        for step in range(state.step, total_steps):
             t0 = time.perf_counter()
-            batches = [collate([examples[i] for i in ids], pad_id) for ids in sampler.rank_micro_batches(step)]
+            batches = next(step_batches)
+            sampler.step = step + 1  # the data position a checkpoint taken after this step resumes from
             mem.step_start(step, batches)
 
             # One all_reduce: target tokens (normaliser) and input tokens (throughput) of the whole step.
@@ -155,13 +149,14 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                                    sum(int(b["n_tokens"]) for b in batches)], dtype=torch.float64, device=info.device)
             distributed.all_reduce_sum(counts)
             global_targets, global_tokens = max(1.0, counts[0].item()), counts[1].item()
+            state.step, state.tokens_seen = step + 1, state.tokens_seen + int(global_tokens)
 
             loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
             for i, b in enumerate(batches):
                 if not cfg.parallel.sync_grads_every_micro_step:
                     model.set_requires_gradient_sync(i == accum - 1)
                 batch = {k: v.to(info.device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
-                micro_loss = token_loss_sum(model, batch)
+                micro_loss = token_loss_sum(model, batch, loss_head)
                 mem.phase("forward", i)
                 (micro_loss * (info.world_size / global_targets)).backward()
                 mem.phase("backward", i)
@@ -192,8 +187,10 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
             dt = time.perf_counter() - t0
             result.losses.append(loss)
             result.grad_norms.append(norm)
+            result.step_times.append(dt)
+            result.tokens.append(int(global_tokens))
             result.steps = step + 1
-            if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
+            if step == 0 or (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
                 tok_s = global_tokens / dt / info.world_size
                 metrics = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(global_tokens),
                            "target_tokens": int(global_targets), "step_time_s": dt,
@@ -203,7 +200,13 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                     mfu = models.flops_per_token(hf_config, n_params, seq) * tok_s / (peak * 1e12)
                     metrics["mfu"] = mfu
                 metrics.update(mem.gather(step + 1, log))
+                result.peak_mem_bytes = max(result.peak_mem_bytes, mem.peak_bytes_max)
                 log.log(step + 1, metrics)
+            if ckpt.due(step + 1, total_steps):
+                ckpt.save(state, model, optimizer, scheduler, sampler, hf_config, tokenizer, micro, accum)
+        if ckpt.due(state.step, total_steps):  # the last step was skipped (non-finite)
+            ckpt.save(state, model, optimizer, scheduler, sampler, hf_config, tokenizer, micro, accum)
+        ckpt.close()
     except BaseException as e:
         mem.on_error(e, model, optimizer)  # OOM: post-mortem and stop every rank; otherwise re-raised
         raise
@@ -212,8 +215,11 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
         log.close()
 
     if cfg.checkpoint.export_hf:
-        export_dtype = torch.bfloat16 if plan.precision.startswith("bf16") else torch.float32
-        export_hf(model, hf_config, tokenizer, out / "hf", info.is_main, dtype=export_dtype)
+        name = cfg.checkpoint.export_dtype
+        export_dtype = EXPORT_DTYPES[name] if name != "auto" else (
+            torch.bfloat16 if plan.precision.startswith("bf16") else torch.float32)
+        export_hf(model, hf_config, tokenizer, out / "hf", info.is_main, dtype=export_dtype,
+                  max_shard_bytes=parse_size(cfg.checkpoint.export_max_shard_size, "checkpoint.export_max_shard_size"))
         boot_log.info(f"export: Hugging Face model written to {out / 'hf'}")
     if result.losses:
         boot_log.info(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "

@@ -78,11 +78,11 @@ def run_oom(spec: dict) -> None:
     real = trainer.token_loss_sum
     calls = {"n": 0}
 
-    def failing(model, batch):
+    def failing(*args, **kwargs):
         calls["n"] += 1
         if torch.distributed.get_rank() == spec["rank"] and calls["n"] == spec["at_call"]:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated in a test)")
-        return real(model, batch)
+        return real(*args, **kwargs)
 
     trainer.token_loss_sum = failing
     cli.main(["train", spec["config"]])

@@ -26,7 +26,17 @@ def runs(tmp_path_factory):
         "base": base_config(root / "base", llama, checkpoint={"export_hf": True}),
         "accum": base_config(root / "accum", llama, train={"micro_batch_size": 1, "grad_accum_steps": 2}),
         "ac": base_config(root / "ac", llama, parallel={"activation_checkpointing": "full"}),
+        "zero2_sync_every_micro_step": base_config(
+            root / "zero2_sync_every_micro_step", llama, train={"micro_batch_size": 1, "grad_accum_steps": 2},
+            parallel={"reshard_after_forward": False, "sync_grads_every_micro_step": True}),
         "uneven": base_config(root / "uneven", llama, data={"shuffle": False}),
+        # performance paths (issue 7) must not change the numbers
+        "chunked_loss": base_config(root / "chunked_loss", llama, train={"loss_chunk_tokens": 24},
+                                    parallel={"prefetch_blocks": 2}),
+        "selective_ac": base_config(root / "selective_ac", llama, parallel={"activation_checkpointing": "selective"}),
+        "optimizer_offload": base_config(root / "optimizer_offload", llama, parallel={"optimizer_offload": True}),
+        "compiled_ac": base_config(root / "compiled_ac", llama, parallel={"compile": True, "compile_backend": "aot_eager",
+                                                                          "activation_checkpointing": "full"}),
         "qwen2": base_config(root / "qwen2_run", qwen, parallel={"activation_checkpointing": "every_k",
                                                                   "activation_checkpointing_k": 2}),
     }
@@ -47,7 +57,8 @@ def fsdp_losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir)]
 
 
-@pytest.mark.parametrize("case", ["base", "accum", "ac"])
+@pytest.mark.parametrize("case", ["base", "accum", "ac", "zero2_sync_every_micro_step", "chunked_loss", "selective_ac", "optimizer_offload",
+                                  "compiled_ac"])
 def test_two_rank_llama_matches_single_process_reference(runs, case):
     root, _, llama, _ = runs
     examples = synthetic_examples(llama)

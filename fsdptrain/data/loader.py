@@ -1,23 +1,43 @@
 """Deterministic distributed batching: which examples each rank sees at each optimizer step.
 
-A step's global batch is a fixed slice of the epoch's permutation (seeded by
-seed and epoch), so it does not depend on the number of ranks: with G =
-micro_batch_size x grad_accum_steps x world_size, step s of an epoch takes
-positions [s*G, (s+1)*G); rank r takes its contiguous part of that and cuts it
-into grad_accum_steps micro-batches. Every rank therefore runs the same number
-of micro-steps (a rank with fewer would hang FSDP's collectives). The position
-in the data is a pure function of the global step, which makes resuming exact.
+Two ways to cut a step's global batch, both pure functions of (seed, epoch,
+global step), so a resumed run sees exactly the batches of an uninterrupted one:
+
+- by count (default): with per-rank micro-batch sizes m_r (all equal to
+  train.micro_batch_size unless data.micro_batch_sizes says otherwise) the global
+  batch is G = grad_accum_steps x sum(m_r) examples; step s of an epoch takes
+  positions [s*G, (s+1)*G) of the epoch's permutation, rank r its contiguous
+  part, cut into grad_accum_steps micro-batches of m_r. It does not depend on the
+  number of ranks, only on G. A smaller GPU can take a smaller m_r while every
+  rank still runs grad_accum_steps micro-steps (fewer would hang FSDP).
+- by token budget (data.token_budget): the epoch's permutation is cut, in
+  length-sorted windows, into micro-batches whose padded size (examples x
+  longest, rounded up to 8) stays within the budget, and each step deals
+  world_size x grad_accum_steps of them out to the ranks in order, so every
+  rank processes nearly the same number of tokens.
+
+The last incomplete global batch of an epoch is dropped by default; with
+drop_last=false it is completed from the start of the epoch's order, so no rank
+ever runs fewer micro-steps than another.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 
 from ..errors import UserError
 from .tokenize import IGNORE, Example
+
+PAD_MULTIPLE = 8
+SORT_WINDOW = 2048  # token budget: examples sorted by length together before cutting micro-batches
+
+
+def padded(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return math.ceil(n / multiple) * multiple
 
 
 @dataclass
@@ -30,24 +50,46 @@ class StepSampler:
     seed: int
     shuffle: bool = True
     drop_last: bool = True
+    rank_batch_sizes: Optional[list[int]] = None  # micro-batch size of every rank (None: all micro_batch_size)
+    token_budget: Optional[int] = None  # cut micro-batches by padded tokens instead of by count
+    lengths: Optional[Sequence[int]] = None  # example lengths, needed with token_budget
+    step: int = 0  # next global step to fetch (state for checkpoints)
+    _plans: dict = field(default_factory=dict, repr=False)  # token budget: one epoch's micro-batches
+    _epoch_steps: dict = field(default_factory=dict, repr=False)  # token budget: steps of each epoch seen
 
     def __post_init__(self) -> None:
-        if self.steps_per_epoch == 0:
-            raise UserError(
-                f"data: {self.n_examples} examples cannot fill one global batch of {self.global_batch} "
-                f"(train.micro_batch_size {self.micro_batch_size} x train.grad_accum_steps {self.grad_accum_steps} "
-                f"x {self.world_size} ranks); lower them, add data, or set data.drop_last=false"
-            )
+        if self.rank_batch_sizes is None:
+            self.rank_batch_sizes = [self.micro_batch_size] * self.world_size
+        if len(self.rank_batch_sizes) != self.world_size:
+            raise UserError(f"data.micro_batch_sizes: {len(self.rank_batch_sizes)} sizes for {self.world_size} ranks")
+        if self.token_budget is not None and self.lengths is None:
+            raise ValueError("token_budget needs the example lengths")
+        if self.steps_in_epoch(0) == 0:
+            what = (f"micro-batches of {self.token_budget} tokens (data.token_budget) x {self.grad_accum_steps} "
+                    f"accumulation x {self.world_size} ranks" if self.token_budget else
+                    f"one global batch of {self.global_batch} (micro-batch sizes {self.rank_batch_sizes} x "
+                    f"train.grad_accum_steps {self.grad_accum_steps})")
+            raise UserError(f"data: {self.n_examples} examples cannot fill {what}; lower them, add data, "
+                            "or set data.drop_last=false")
 
+    # -- by count ---------------------------------------------------------------------------
     @property
     def global_batch(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+        """Examples per optimizer step (by-count mode)."""
+        return sum(self.rank_batch_sizes) * self.grad_accum_steps
 
     @property
     def steps_per_epoch(self) -> int:
-        if self.drop_last:
-            return self.n_examples // self.global_batch
-        return math.ceil(self.n_examples / self.global_batch)
+        return self.steps_in_epoch(0)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        if self.token_budget is None:
+            n, per_step = self.n_examples, self.global_batch
+            return n // per_step if self.drop_last else math.ceil(n / per_step)
+        if epoch not in self._epoch_steps:
+            n, per_step = len(self._plan(epoch)), self.world_size * self.grad_accum_steps
+            self._epoch_steps[epoch] = n // per_step if self.drop_last else math.ceil(n / per_step)
+        return self._epoch_steps[epoch]
 
     def permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -55,9 +97,24 @@ class StepSampler:
         g = torch.Generator().manual_seed(self.seed * 10_007 + epoch)
         return torch.randperm(self.n_examples, generator=g).tolist()
 
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of a global step."""
+        if self.token_budget is None:
+            return divmod(step, self.steps_per_epoch)
+        epoch = 0
+        while step >= self.steps_in_epoch(epoch):
+            if self.steps_in_epoch(epoch) == 0:
+                raise UserError(f"data: epoch {epoch} has no complete global batch under data.token_budget; "
+                                "lower the budget or set data.drop_last=false")
+            step -= self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, step
+
     def global_indices(self, step: int) -> list[int]:
         """The example indices of global step `step` (all ranks together)."""
-        epoch, s = divmod(step, self.steps_per_epoch)
+        if self.token_budget is not None:
+            return [i for mb in self._step_micro_batches(step) for i in mb]
+        epoch, s = self.locate(step)
         perm = self.permutation(epoch)
         chunk = perm[s * self.global_batch:(s + 1) * self.global_batch]
         if len(chunk) < self.global_batch:  # drop_last=false: complete the batch from the epoch's start
@@ -65,20 +122,107 @@ class StepSampler:
         return chunk
 
     def rank_micro_batches(self, step: int) -> list[list[int]]:
-        per_rank = self.micro_batch_size * self.grad_accum_steps
-        mine = self.global_indices(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
-        m = self.micro_batch_size
-        return [mine[i * m:(i + 1) * m] for i in range(self.grad_accum_steps)]
+        """This rank's grad_accum_steps micro-batches (example indices) for global step `step`."""
+        accum = self.grad_accum_steps
+        if self.token_budget is not None:
+            return self._step_micro_batches(step)[self.rank * accum:(self.rank + 1) * accum]
+        sizes = self.rank_batch_sizes
+        start = accum * sum(sizes[: self.rank])
+        mine = self.global_indices(step)[start:start + accum * sizes[self.rank]]
+        m = sizes[self.rank]
+        return [mine[i * m:(i + 1) * m] for i in range(accum)]
+
+    # -- by token budget --------------------------------------------------------------------
+    def _plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's micro-batches under the token budget (cached, one epoch at a time).
+
+        Windows of SORT_WINDOW examples of the epoch's order are sorted by length
+        and cut greedily, so a micro-batch holds examples of similar length (little
+        padding, real tokens close to the budget); the micro-batches are then
+        shuffled, so neither steps nor ranks drift from short to long examples.
+        """
+        if epoch not in self._plans:
+            plan: list[list[int]] = []
+            perm = self.permutation(epoch)
+            cur: list[int] = []  # a window's last, underfull micro-batch moves on into the next window
+            for w in range(0, len(perm), SORT_WINDOW):
+                window, cur, longest = cur + perm[w:w + SORT_WINDOW], [], 0
+                for i in sorted(window, key=lambda i: int(self.lengths[i])):
+                    n = int(self.lengths[i])
+                    if cur and padded(max(longest, n)) * (len(cur) + 1) > self.token_budget:
+                        plan.append(cur)
+                        cur, longest = [], 0
+                    cur.append(i)
+                    longest = max(longest, n)
+            if cur:
+                plan.append(cur)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 10_007 + epoch + 7_919)
+                plan = [plan[k] for k in torch.randperm(len(plan), generator=g).tolist()]
+            self._plans = {epoch: plan}
+        return self._plans[epoch]
+
+    def _step_micro_batches(self, step: int) -> list[list[int]]:
+        epoch, s = self.locate(step)
+        plan = self._plan(epoch)
+        k = self.world_size * self.grad_accum_steps
+        chunk = plan[s * k:(s + 1) * k]
+        return chunk + plan[: k - len(chunk)]  # drop_last=false: complete from the epoch's start
+
+    # -- state ------------------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        fp = {"n_examples": self.n_examples, "seed": self.seed, "shuffle": self.shuffle, "drop_last": self.drop_last}
+        if self.token_budget is not None:
+            fp.update(token_budget=self.token_budget, world_size=self.world_size, grad_accum_steps=self.grad_accum_steps)
+        else:
+            fp["global_batch"] = self.global_batch
+        return fp
+
+    def state_dict(self) -> dict:
+        """Where the data stands: the next global step, its epoch and position in the epoch."""
+        epoch, s = self.locate(self.step)
+        position = s * self.global_batch if self.token_budget is None else \
+            sum(len(mb) for mb in self._plan(epoch)[: s * self.world_size * self.grad_accum_steps])
+        return {"step": self.step, "epoch": epoch, "position": position, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position; refuses data or batching that changed what the steps would hold."""
+        mine = self._fingerprint()
+        diff = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if diff:
+            raise UserError("data: the checkpoint's data order does not match this run (" + ", ".join(diff) +
+                            "); resume with the same data and batch settings")
+        self.step = int(state["step"])
 
 
-def collate(examples: list[Example], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+def resolve_rank_sizes(sizes: Optional[list], world_size: int, local_world_size: int) -> Optional[list[int]]:
+    """data.micro_batch_sizes: one entry per rank, or one per node (ranks of node k share entry k)."""
+    if not sizes:
+        return None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in sizes):
+        raise UserError(f"data.micro_batch_sizes: expected positive integers, got {sizes!r}")
+    if len(sizes) == world_size:
+        return list(sizes)
+    if local_world_size > 0 and len(sizes) * local_world_size == world_size:
+        return [sizes[r // local_world_size] for r in range(world_size)]
+    raise UserError(f"data.micro_batch_sizes: {len(sizes)} entries, but the job has {world_size} ranks on "
+                    f"{world_size // max(1, local_world_size)} node(s); give one size per rank or one per node")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def collate(examples: list[Example], pad_id: int, multiple: int = PAD_MULTIPLE,
+            flatten: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad to a multiple of `multiple`; labels are shifted so labels[b, t] is the target of position t.
 
     Right padding under a causal mask never influences real tokens, so no
-    attention mask is needed (the fast causal kernel path stays on).
+    attention mask is needed (the fast causal kernel path stays on). Packed rows
+    add position_ids restarting at every example; `flatten` lays the rows end to
+    end in one row (flash attention's varlen path reads position_ids only then).
     """
     longest = max(len(e.input_ids) for e in examples)
-    width = math.ceil(longest / multiple) * multiple
+    width = padded(longest, multiple)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for b, e in enumerate(examples):
@@ -86,4 +230,39 @@ def collate(examples: list[Example], pad_id: int, multiple: int = 8) -> dict[str
         ids[b, :n] = torch.tensor(e.input_ids)
         labels[b, : n - 1] = torch.tensor(e.labels[1:n])
     n_tokens = sum(len(e.input_ids) for e in examples)
-    return {"input_ids": ids, "labels": labels, "n_tokens": torch.tensor(n_tokens)}
+    batch = {"input_ids": ids, "labels": labels, "n_tokens": torch.tensor(n_tokens)}
+    if any(e.seq_lens for e in examples):
+        pos = torch.zeros((len(examples), width), dtype=torch.long)
+        for b, e in enumerate(examples):
+            at = 0
+            for n in (e.seq_lens or [len(e.input_ids)]) + [width - len(e.input_ids)]:
+                pos[b, at:at + n] = torch.arange(n)
+                at += n
+        batch["position_ids"] = pos
+        if flatten:
+            batch = {k: v.reshape(1, -1) if v.ndim == 2 else v for k, v in batch.items()}
+    return batch
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item i = this rank's collated micro-batches of global step start + i (map-style keeps the order)."""
+
+    def __init__(self, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, flatten: bool):
+        self.sampler, self.examples, self.pad_id = sampler, examples, pad_id
+        self.start, self.stop, self.flatten = start, stop, flatten
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
+        return [collate([self.examples[j] for j in ids], self.pad_id, flatten=self.flatten)
+                for ids in self.sampler.rank_micro_batches(self.start + i)]
+
+
+def step_batches(sampler: StepSampler, examples, pad_id: int, start: int, stop: int, num_workers: int = 0,
+                 pin_memory: bool = False, flatten: bool = False):
+    """Iterate steps [start, stop): each item is this rank's list of micro-batch dicts, built by workers."""
+    ds = _StepBatches(sampler, examples, pad_id, start, stop, flatten)
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                       pin_memory=pin_memory, prefetch_factor=2 if num_workers > 0 else None,
+                                       persistent_workers=False)

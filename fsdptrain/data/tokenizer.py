@@ -15,13 +15,54 @@ from ..errors import UserError
 
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-# ChatML. A system message is optional; add_generation_prompt opens an assistant turn.
+# ChatML. A system message is optional; add_generation_prompt opens an assistant turn. Tools (a list of
+# function schemas) go into the system turn; assistant tool calls render as <tool_call> JSON blocks and
+# tool results as `tool` turns. Without tools it is plain ChatML.
 CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
     "{% for m in messages %}"
-    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% if not (tools and loop.first and m['role'] == 'system') %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+    "{% for c in m.get('tool_calls') or [] %}"
+    "<tool_call>\n{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}\n</tool_call>"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# Llama 3 header style, for tokenizers that carry its special tokens but no template.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token or '' }}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|eot_id|>{% endif %}"
+    "{% for m in messages %}"
+    "{% if not (tools and loop.first and m['role'] == 'system') %}"
+    "<|start_header_id|>{{ 'ipython' if m['role'] == 'tool' else m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] or '' }}"
+    "{% for c in m.get('tool_calls') or [] %}"
+    "{{ {'name': c['function']['name'], 'parameters': c['function']['arguments']} | tojson }}"
+    "{% endfor %}<|eot_id|>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+TEMPLATES = {"chatml": CHAT_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
+
+
+def apply_template(tok, name: str) -> None:
+    """data.template: 'auto' keeps the tokenizer's own chat template (ChatML if it has none); a name forces one."""
+    if name == "auto":
+        if not tok.chat_template:
+            tok.chat_template = CHAT_TEMPLATE
+        return
+    if name not in TEMPLATES:
+        raise UserError(f"data.template: unknown template '{name}'; use auto or one of {', '.join(TEMPLATES)}")
+    tok.chat_template = TEMPLATES[name]
 
 
 def build_char_tokenizer():

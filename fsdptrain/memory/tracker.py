@@ -92,6 +92,7 @@ class MemoryTracker:
         self._batches: list[tuple[int, int]] = []  # (padded tokens, width) per micro-batch of this step
         self._micro: Optional[int] = None
         self._tokens = 0  # real (unpadded) tokens of this rank's step
+        self.peak_bytes_max = 0  # highest peak allocated of any rank over all gathers so far
         self._recording = False
         self._failing = False
         # One key per run; output_dir as configured (identical on every node, unlike a resolved path).
@@ -214,6 +215,7 @@ class MemoryTracker:
         self._reset_interval()
         peaks = [r["allocated_peak"] for r in rows]
         r_max = max(range(len(peaks)), key=peaks.__getitem__)
+        self.peak_bytes_max = max(self.peak_bytes_max, int(peaks[r_max]))
         med = statistics.median(peaks)
         ratio = peaks[r_max] / med if med > 0 else 1.0
         tb = getattr(log, "tb", None)

@@ -1,0 +1,236 @@
+"""Tokenise once per node into an on-disk cache; every rank then reads it memory-mapped.
+
+Local rank 0 of each node computes the cache key (data files' content,
+data-set settings, tokenizer, chat template, cutoff and masking options), and
+if that key is not cached yet: reads and converts the records, tokenises them
+with `datasets.map(num_proc=...)`, and saves the result under
+`<cache_dir>/<key>` (written to a temporary folder and renamed, so two nodes
+sharing a file system cannot leave a half-written cache). The other ranks wait
+in one all_gather, which also carries any error from local rank 0 to every
+rank, so a bad data file stops the whole job with its message instead of a hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch.distributed as dist
+
+from ..errors import UserError
+from . import formats, sources
+from .tokenize import IGNORE, Example, TemplateError, TokenizeStats, tokenize_record
+
+CACHE_VERSION = 1  # bump when the tokenised layout or the rules change
+
+
+@dataclass
+class Settings:
+    """Everything besides the files and the tokenizer that changes the tokenised result."""
+
+    max_length: int
+    train_on_prompt: bool
+    mask_history: bool
+    max_samples: Optional[int]
+    seed: int
+    num_proc: int = 1
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_digest(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    extra = json.dumps([type(tok).__name__, tok.chat_template, tok.bos_token_id, tok.eos_token_id,
+                        str(getattr(tok, "add_bos_token", None))], default=str)
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def cache_key(specs: list[formats.Spec], tok, s: Settings) -> str:
+    sets = []
+    for spec in specs:
+        files = {} if spec.hub else {f: file_digest(f) for f in sources.fingerprint_files(spec)}
+        sets.append({"name": spec.name, "formatting": spec.formatting, "columns": spec.columns, "tags": spec.tags,
+                     "num_samples": spec.num_samples, "hub": spec.hub,
+                     "files": sorted(files.values())})
+    settings = {k: v for k, v in asdict(s).items() if k != "num_proc"}
+    blob = json.dumps({"v": CACHE_VERSION, "sets": sets, "tok": tokenizer_digest(tok), "s": settings},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _tokenize_batch(batch: dict, tok, max_length: int, train_on_prompt: bool, mask_history: bool) -> dict:
+    """datasets.map function: records (JSON) -> rows; a record with no example left gives one empty row."""
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "source", "truncated", "split",
+                                            "dropped")}
+    for text, source, where in zip(batch["record"], batch["source"], batch["where"]):
+        try:
+            examples, st = tokenize_record(tok, json.loads(text), max_length, train_on_prompt, mask_history)
+        except TemplateError:
+            raise UserError(f"{where}: the chat template renders earlier turns differently once later turns are "
+                            "added, so assistant tokens cannot be located; set data.template=chatml or llama3") from None
+        rows = examples or [Example([], [])]
+        for j, ex in enumerate(rows):
+            out["input_ids"].append(ex.input_ids)
+            out["labels"].append(ex.labels)
+            out["length"].append(len(ex.input_ids))
+            out["source"].append(source)
+            out["truncated"].append(st.truncated if j == 0 else 0)
+            out["split"].append(st.split if j == 0 else 0)
+            out["dropped"].append(st.dropped_no_target if j == 0 else 0)
+    return out
+
+
+def build(specs: list[formats.Spec], tok, s: Settings, target: Path, log: Callable[[str], None]) -> None:
+    """Read, convert, tokenise and save one cache entry at `target`."""
+    import datasets
+
+    records: list[str] = []
+    source: list[int] = []
+    where: list[str] = []
+    per_set: list[dict] = []
+    for d, spec in enumerate(specs):
+        rows, locs = sources.read(spec)
+        rows, locs = sources.sample(rows, locs, spec.num_samples, s.seed + d)
+        if s.max_samples is not None:
+            rows, locs = rows[: s.max_samples], locs[: s.max_samples]
+        conv = formats.convert(spec, rows, locs)
+        records += [json.dumps(r, ensure_ascii=False) for r in conv.records]
+        source += [d] * len(conv.records)
+        where += conv.where
+        per_set.append({"name": spec.name, "read": conv.read, "skipped": conv.skipped})
+    tmp = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "map").mkdir(parents=True)  # datasets.map's own files stay inside our temporary folder
+    try:
+        raw = datasets.Dataset.from_dict({"record": records, "source": source, "where": where})
+        log(f"data: tokenising {len(records)} records with {s.num_proc} process(es) into {target}")
+        tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256,
+                            num_proc=s.num_proc if s.num_proc > 1 else None, remove_columns=raw.column_names, new_fingerprint=target.name,
+                            fn_kwargs={"tok": tok, "max_length": s.max_length, "train_on_prompt": s.train_on_prompt,
+                                       "mask_history": s.mask_history},
+                            features=_features(), cache_file_name=str(tmp / "map" / "tokenized.arrow"),
+                            desc="tokenising")
+        lengths = tokenized.data.column("length").to_numpy()
+        counts = {c: tokenized.data.column(c).to_numpy() for c in ("source", "truncated", "split", "dropped")}
+        keep = (lengths > 0).nonzero()[0]
+        kept = tokenized.select(keep).remove_columns(["truncated", "split", "dropped"])
+        kept.save_to_disk(str(tmp / "examples"))
+        del tokenized, kept
+        shutil.rmtree(tmp / "map", ignore_errors=True)
+        for d, entry in enumerate(per_set):
+            mine = counts["source"] == d
+            kept_mine = mine & (lengths > 0)
+            entry.update(truncated=int(counts["truncated"][mine].sum()), split=int(counts["split"][mine].sum()),
+                         dropped_no_target=int(counts["dropped"][mine].sum()), kept=int(kept_mine.sum()))
+        meta = {"version": CACHE_VERSION, "sets": per_set}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    except BaseException:  # leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another node finished the same key first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _features():
+    import datasets
+
+    return datasets.Features({
+        "input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32")),
+        "length": datasets.Value("int32"), "source": datasets.Value("int16"), "truncated": datasets.Value("int8"),
+        "split": datasets.Value("int32"), "dropped": datasets.Value("int32")})
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class TokenizedExamples:
+    """The cached examples, memory-mapped: a sequence of Example with their lengths at hand."""
+
+    def __init__(self, path: Path):
+        import datasets
+
+        self.path = path
+        self.ds = datasets.load_from_disk(str(path / "examples"))
+        self.lengths = self.ds.data.column("length").to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Example:
+        row = self.ds[int(i)]
+        return Example(row["input_ids"], row["labels"])
+
+
+def stats_from_meta(meta: dict, examples: TokenizedExamples) -> tuple[TokenizeStats, list[dict]]:
+    total = TokenizeStats()
+    for entry in meta["sets"]:
+        total.add(TokenizeStats(read=entry["read"], kept=entry["kept"], truncated=entry["truncated"],
+                                split=entry["split"], dropped_no_target=entry["dropped_no_target"],
+                                reasons=dict(entry["skipped"])))
+    labels = examples.ds.data.column("labels")
+    # target tokens: labels that are not IGNORE, position 0 of each example excluded
+    import pyarrow.compute as pc
+
+    flat = labels.combine_chunks().flatten() if hasattr(labels, "combine_chunks") else labels.flatten()
+    total.target_tokens = int(pc.sum(pc.not_equal(flat, IGNORE)).as_py() or 0) - _first_targets(labels)
+    return total, meta["sets"]
+
+
+def _first_targets(labels: Any) -> int:
+    import pyarrow.compute as pc
+
+    firsts = pc.list_element(labels, 0)
+    return int(pc.sum(pc.not_equal(firsts, IGNORE)).as_py() or 0)
+
+
+def prepare(specs: list[formats.Spec], tok, s: Settings, cache_dir: Path, rank: int, local_rank: int,
+            overwrite: bool, log: Callable[[str], None]) -> tuple[TokenizedExamples, TokenizeStats, list[dict], bool]:
+    """(examples, total stats, per-data-set stats, cache hit). Collective when a process group is up."""
+    key, error, hit, failure = None, None, False, None
+    if local_rank == 0:
+        try:
+            key = cache_key(specs, tok, s)
+            target = cache_dir / key
+            hit = (target / "meta.json").is_file() and not overwrite
+            if not hit:
+                if overwrite:
+                    shutil.rmtree(target, ignore_errors=True)
+                build(specs, tok, s, target, log)
+        except UserError as e:
+            error = str(e)
+        except Exception as e:  # a bug: let the others stop too, then re-raise it here with its traceback
+            error, failure = f"data preparation failed on rank {rank} ({type(e).__name__}: {e})", e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (key, error, hit))
+    else:
+        gathered = [(key, error, hit)]
+    if failure is not None:
+        raise failure
+    errors = [e for _, e, _ in gathered if e]
+    if errors:
+        raise UserError(errors[0])
+    key, _, hit = gathered[rank - local_rank] if len(gathered) > 1 else gathered[0]
+    examples = TokenizedExamples(cache_dir / key)
+    meta = json.loads((cache_dir / key / "meta.json").read_text())
+    total, per_set = stats_from_meta(meta, examples)
+    return examples, total, per_set, hit

@@ -1,0 +1,210 @@
+"""Convert LLaMA-Factory record layouts into one common form.
+
+Formats (LLaMA-Factory's `formatting` field, plus plain text):
+  - alpaca: instruction/input/output columns, optional system and history
+    ([[prompt, response], ...], whose responses train too);
+  - sharegpt: a list of {from, value} turns with configurable tags; human and
+    observation turns sit at odd positions, gpt and function_call at even ones;
+    a leading system turn becomes the system prompt; optional tools column;
+  - openai: a list of {role, content} messages (system/user/assistant/tool,
+    assistant tool_calls in OpenAI's form);
+  - text: one document per record (pretraining), a `text` column or
+    LLaMA-Factory's `columns: {prompt: text}`.
+
+Every conversation becomes {"messages": [{"role", "content", ["tool_calls"]}],
+"tools": list | None}, roles system/user/assistant/tool, which is what chat
+templates take; a document becomes {"text": str}. A record a format cannot
+use (missing column) is an error naming the record; a sharegpt/openai
+conversation with broken role order is skipped and counted under a reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..errors import UserError
+
+FORMATS = ("alpaca", "sharegpt", "openai", "text")
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
+                  "system": None, "tools": None}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None}
+OPENAI_COLUMNS = {"messages": "messages", "system": None, "tools": None}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}
+
+
+@dataclass
+class Spec:
+    """One data set to read: where it is and how its records are laid out."""
+
+    name: str
+    files: list[str]
+    formatting: str = "alpaca"
+    columns: dict = field(default_factory=dict)  # LLaMA-Factory's columns mapping (user-given part)
+    tags: dict = field(default_factory=dict)
+    num_samples: Optional[int] = None
+    hub: Optional[dict] = None  # {"path", "subset", "split"} for a hub data set
+    saved: bool = False  # files[0] is a `datasets.save_to_disk` folder
+
+    def resolved_columns(self) -> dict:
+        base = {"alpaca": ALPACA_COLUMNS, "sharegpt": SHAREGPT_COLUMNS, "openai": OPENAI_COLUMNS,
+                "text": {"prompt": "text"}}[self.formatting]
+        return {**base, **self.columns}
+
+    def resolved_tags(self) -> dict:
+        return {**(OPENAI_TAGS if self.formatting == "openai" else SHAREGPT_TAGS), **self.tags}
+
+
+@dataclass
+class Converted:
+    records: list[dict]
+    where: list[str] = field(default_factory=list)  # where each kept record came from
+    read: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> count
+
+
+def detect_text(spec: Spec, first: Optional[dict]) -> bool:
+    """LLaMA-Factory marks pretraining sets as alpaca with only `prompt` mapped (c4_demo: {prompt: text})."""
+    if spec.formatting == "text":
+        return True
+    if spec.formatting != "alpaca":
+        return False
+    if spec.columns and set(spec.columns) == {"prompt"}:
+        return True
+    return not spec.columns and first is not None and "text" in first and "instruction" not in first
+
+
+def convert(spec: Spec, records: list[dict], where: list[str]) -> Converted:
+    """Records (with a `where` text per record for errors) -> common form, skipping broken conversations."""
+    out = Converted(records=[], read=len(records))
+    if not records:
+        return out
+    if detect_text(spec, records[0]):
+        col = spec.columns.get("prompt", "text")
+        for rec, loc in zip(records, where):
+            text = _column(spec, rec, col, loc, "prompt")
+            out.records.append({"text": str(text)})
+        out.where = list(where)
+        return out
+    fn = _alpaca if spec.formatting == "alpaca" else _conversation
+    for rec, loc in zip(records, where):
+        conv, reason = fn(spec, rec, loc)
+        if reason:
+            out.skipped[reason] = out.skipped.get(reason, 0) + 1
+            continue
+        out.records.append(conv)
+        out.where.append(loc)
+    if not out.records:
+        reasons = ", ".join(f"{n} {r}" for r, n in out.skipped.items())
+        raise UserError(f"data set '{spec.name}': all {out.read} records were skipped ({reasons}); "
+                        f"check its formatting ({spec.formatting}) and tags in dataset_info.json")
+    return out
+
+
+def _column(spec: Spec, rec: dict, col: str, loc: str, role: str) -> Any:
+    if not isinstance(rec, dict):
+        raise UserError(f"data set '{spec.name}': {loc}: expected a JSON object, got {type(rec).__name__}")
+    if col not in rec:
+        have = ", ".join(map(str, rec)) or "none"
+        raise UserError(f"data set '{spec.name}' ({spec.formatting}): {loc}: missing column '{col}' "
+                        f"(columns.{role}; record has: {have}); set columns in dataset_info.json")
+    return rec[col]
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _alpaca(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+    cols = spec.resolved_columns()
+    prompt = _text(_column(spec, rec, cols["prompt"], loc, "prompt"))
+    query = _text(rec.get(cols["query"])) if cols.get("query") else ""
+    response = _column(spec, rec, cols["response"], loc, "response")
+    if isinstance(response, list):
+        raise UserError(f"data set '{spec.name}': {loc}: column '{cols['response']}' holds a list "
+                        "(preference/ranking data); fsdptrain trains supervised responses only")
+    messages: list[dict] = []
+    if cols.get("system") and rec.get(cols["system"]):
+        messages.append({"role": "system", "content": _text(rec[cols["system"]])})
+    history = rec.get(cols["history"]) if cols.get("history") else None
+    for turn in history or []:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            return {}, "malformed history"
+        messages += [{"role": "user", "content": _text(turn[0])}, {"role": "assistant", "content": _text(turn[1])}]
+    user = "\n".join(part for part in (prompt, query) if part)
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(response)}]
+    return {"messages": messages, "tools": _tools(spec, rec, cols, loc)}, None
+
+
+def _tools(spec: Spec, rec: dict, cols: dict, loc: str) -> Optional[list]:
+    raw = rec.get(cols["tools"]) if cols.get("tools") else None
+    if raw in (None, "", []):
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise UserError(f"data set '{spec.name}': {loc}: column '{cols['tools']}' is not valid JSON") from None
+    return raw if isinstance(raw, list) else [raw]
+
+
+def _tool_calls(content: Any) -> Optional[list]:
+    """A function_call turn's content ({"name", "arguments"} or a list of them) -> OpenAI tool_calls."""
+    try:
+        calls = json.loads(content) if isinstance(content, str) else content
+    except json.JSONDecodeError:
+        return None
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for c in calls:
+        if not isinstance(c, dict) or "name" not in c:
+            return None
+        args = c.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                pass
+        out.append({"type": "function", "function": {"name": c["name"], "arguments": args}})
+    return out
+
+
+def _conversation(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+    cols, tags = spec.resolved_columns(), spec.resolved_tags()
+    turns = _column(spec, rec, cols["messages"], loc, "messages")
+    if not isinstance(turns, list):
+        raise UserError(f"data set '{spec.name}': {loc}: column '{cols['messages']}' must be a list of turns")
+    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+    messages: list[dict] = []
+    system = _text(rec.get(cols["system"])) if cols.get("system") else ""
+    if turns and isinstance(turns[0], dict) and turns[0].get(role_tag) == tags["system_tag"]:
+        system = system or _text(turns[0].get(content_tag))
+        turns = turns[1:]
+    if system:
+        messages.append({"role": "system", "content": system})
+    odd = {tags["user_tag"]: "user", tags["observation_tag"]: "tool"}
+    even = {tags["assistant_tag"]: "assistant", tags["function_tag"]: "function"}
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_tag not in turn:
+            return {}, "malformed turn"
+        allowed = odd if i % 2 == 0 else even
+        role = allowed.get(turn[role_tag])
+        if role is None:
+            return {}, "broken role order"
+        content = turn.get(content_tag)
+        calls = turn.get("tool_calls") if role == "assistant" else None  # OpenAI-style assistant tool calls
+        if role == "function" or calls:
+            calls = _tool_calls(content if role == "function" else [c.get("function", c) for c in calls])
+            if calls is None:
+                return {}, "function call is not JSON with a name"
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": role, "content": _text(content)})
+    if not turns or len(turns) % 2:
+        return {}, "does not end with an assistant turn"
+    return {"messages": messages, "tools": _tools(spec, rec, cols, loc)}, None

@@ -1,0 +1,100 @@
+"""From config to what the training loop consumes: examples, their sampler and the batch iterator.
+
+`load_examples` gives the tokenised examples (the built-in synthetic task when
+data.datasets is empty, else the configured data sets through the per-node
+cache), packed into rows when data.packing is on, and logs what happened to
+the data: records read, skipped and why, truncated, dropped, target tokens.
+`build_sampler` and `batches` wrap loader.py with the config's choices.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ConfigError, UserError
+from .cache import Settings, prepare
+from .loader import StepSampler, padded, resolve_rank_sizes, step_batches
+from .packing import pack
+from .sources import resolve
+from .synthetic import generate
+from .tokenize import tokenize_all
+from .tokenizer import apply_template
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FSDPTRAIN_CACHE", "~/.cache/fsdptrain/tokenized")).expanduser()
+
+
+def check(cfg) -> None:
+    """Data keys that only make sense together."""
+    d = cfg.data
+    if d.token_budget is not None and d.micro_batch_sizes:
+        raise ConfigError("data.token_budget and data.micro_batch_sizes exclude each other; "
+                          "a token budget already balances ranks by tokens")
+    longest = (d.pack_length or d.max_length) if d.packing else d.max_length
+    if d.token_budget is not None and d.token_budget < padded(longest):
+        raise ConfigError(f"data.token_budget: {d.token_budget} is below one padded example of {longest} tokens "
+                          f"({padded(longest)} with padding); raise it")
+    if d.pack_length is not None and d.pack_length < d.max_length:
+        raise ConfigError(f"data.pack_length: {d.pack_length} is below data.max_length {d.max_length}; "
+                          "a row must hold the longest example")
+
+
+def load_examples(cfg, tokenizer, rank: int = 0, local_rank: int = 0, log: Callable[[str], None] = print):
+    """The run's examples (a sequence of tokenize.Example), packed when configured."""
+    d = cfg.data
+    check(cfg)
+    apply_template(tokenizer, d.template)
+    if not d.datasets:
+        conversations = generate(d.synthetic_task, d.synthetic_examples, cfg.seed)
+        examples, st = tokenize_all(tokenizer, conversations, d.max_length, d.train_on_prompt, d.mask_history)
+        log(f"data: synthetic '{d.synthetic_task}': {st.summary()}")
+        lengths = [len(e.input_ids) for e in examples]
+    else:
+        specs = resolve(d.datasets, d.dataset_dir)
+        settings = Settings(d.max_length, d.train_on_prompt, d.mask_history, d.max_samples, cfg.seed, d.num_proc)
+        cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
+        examples, st, per_set, hit = prepare(specs, tokenizer, settings, cache_dir, rank, local_rank,
+                                             d.overwrite_cache, log)
+        log(f"data: {'cache hit' if hit else 'tokenised'} {examples.path}")
+        for entry in per_set:
+            skipped = ", ".join(f"{n} {r}" for r, n in entry["skipped"].items()) or "none"
+            log(f"data: '{entry['name']}': read {entry['read']}, skipped {sum(entry['skipped'].values())} "
+                f"({skipped}), kept {entry['kept']}, truncated {entry['truncated']}, "
+                f"dropped (no target token left) {entry['dropped_no_target']}")
+        log(f"data: total: {st.summary()}")
+        lengths = examples.lengths
+    if not len(examples):
+        raise UserError("data: every example was dropped (no target tokens left after truncation); "
+                        "raise data.max_length or check the data sets")
+    if d.packing:
+        capacity = d.pack_length or d.max_length
+        packed = pack(examples, lengths, capacity)
+        used = int(sum(int(n) for n in lengths))
+        log(f"data: packed {len(examples)} examples into {len(packed)} rows of {capacity} tokens "
+            f"({100 * used / (len(packed) * capacity):.1f}% filled)")
+        return packed
+    return examples
+
+
+def lengths_of(examples) -> list[int]:
+    if hasattr(examples, "lengths"):
+        return examples.lengths
+    return [len(examples[i].input_ids) for i in range(len(examples))]
+
+
+def build_sampler(cfg, examples, world_size: int, rank: int, local_world_size: int) -> StepSampler:
+    d = cfg.data
+    sizes = resolve_rank_sizes(d.micro_batch_sizes, world_size, local_world_size)
+    return StepSampler(len(examples), world_size, rank, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+                       cfg.seed, d.shuffle, d.drop_last, rank_batch_sizes=sizes, token_budget=d.token_budget,
+                       lengths=lengths_of(examples) if d.token_budget is not None else None)
+
+
+def batches(cfg, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, device_type: str):
+    """This rank's micro-batches for steps [start, stop), prepared by DataLoader workers."""
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if device_type == "cuda" else 0)
+    flatten = cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"
+    return step_batches(sampler, examples, pad_id, start, stop, workers, device_type == "cuda", flatten)

@@ -1,0 +1,223 @@
+"""Find and read data sets: dataset_info.json entries, local files and folders, saved and hub data sets.
+
+`data.datasets` lists names or paths. A name is looked up in
+`<dataset_dir>/dataset_info.json` (LLaMA-Factory's registry: file_name,
+formatting, columns, tags, num_samples, hf_hub_url, subset, split); a path is a
+file (json array, jsonl, parquet, csv, arrow, txt), a folder of files of one
+type, or a folder written by `datasets.save_to_disk`. An entry may also be a
+mapping {name or path, formatting, columns, tags, num_samples} for data that is
+not in a registry.
+
+Reading gives plain Python records plus, per record, where it came from
+("file line N" / "record N") so that format errors can point at it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import UserError
+from .formats import FORMATS, Spec
+
+EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
+              ".txt": "txt"}
+UNSUPPORTED = ("ranking", "images", "videos", "audios", "kto_tag", "chosen", "rejected")
+
+
+def registry(dataset_dir: Path) -> dict:
+    """dataset_info.json (plus dataset_info.*.json beside it) as {name: entry}; empty if there is none."""
+    entries: dict = {}
+    for path in [dataset_dir / "dataset_info.json", *sorted(dataset_dir.glob("dataset_info.*.json"))]:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of data set names to entries")
+        entries.update(data)
+    return entries
+
+
+def resolve(datasets: list, dataset_dir: str) -> list[Spec]:
+    """data.datasets entries -> Specs, each with its files checked to exist."""
+    root = Path(dataset_dir).expanduser()
+    known = registry(root)
+    specs = []
+    for item in datasets:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not ({"name", "path"} & set(item)):
+            raise UserError(f"data.datasets: entry {item!r} needs a name (in dataset_info.json) or a path")
+        extra = set(item) - {"name", "path", "formatting", "columns", "tags", "num_samples"}
+        if extra:
+            raise UserError(f"data.datasets: entry {item!r}: unknown field(s) {', '.join(sorted(extra))} "
+                            "(allowed: name, path, formatting, columns, tags, num_samples)")
+        name = item.get("name") or item["path"]
+        entry = dict(known.get(name, {})) if "path" not in item else {}
+        if not entry and "path" not in item:
+            candidate = Path(name).expanduser() if Path(name).expanduser().exists() else root / name
+            if not candidate.exists():
+                names = ", ".join(sorted(known)) or f"none: no dataset_info.json in {root}"
+                raise UserError(f"data.datasets: unknown data set '{name}' (not in {root / 'dataset_info.json'} "
+                                f"and no such file or folder); known: {names}")
+            item = {**item, "path": str(candidate)}
+        for key in ("formatting", "columns", "tags", "num_samples"):
+            if key in item:
+                entry[key] = item[key]
+        specs.append(_spec(name, entry, item.get("path"), root))
+    return specs
+
+
+def _spec(name: str, entry: dict, path: Optional[str], root: Path) -> Spec:
+    where = f"data set '{name}'"
+    bad = [k for k in UNSUPPORTED if entry.get(k) or k in entry.get("columns", {})]
+    if bad:
+        raise UserError(f"{where}: uses {', '.join(bad)} (preference or multimodal data), which fsdptrain does "
+                        "not train; pick a supervised or pretraining data set")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in FORMATS:
+        raise UserError(f"{where}: formatting '{formatting}' is not one of {', '.join(FORMATS)}")
+    num = entry.get("num_samples")
+    if num is not None and (not isinstance(num, int) or num < 1):
+        raise UserError(f"{where}: num_samples must be a positive integer, got {num!r}")
+    spec = Spec(name=name, files=[], formatting=formatting, columns=dict(entry.get("columns") or {}),
+                tags=dict(entry.get("tags") or {}), num_samples=num)
+    if path is None and "file_name" not in entry:
+        hub = entry.get("hf_hub_url")
+        if not hub:
+            raise UserError(f"{where}: its dataset_info.json entry has neither file_name nor hf_hub_url")
+        spec.hub = {"path": hub, "subset": entry.get("subset"), "split": entry.get("split", "train")}
+        return spec
+    target = Path(path) if path is not None else root / entry["file_name"]
+    if not target.exists():
+        origin = f"file_name in {root / 'dataset_info.json'}" if path is None else "path in data.datasets"
+        raise UserError(f"{where}: file {target} not found ({origin}); check the path or data.dataset_dir")
+    if target.is_dir():
+        if (target / "dataset_info.json").is_file() and (target / "state.json").is_file():
+            spec.files, spec.saved = [str(target)], True
+            return spec
+        files = sorted(p for p in target.iterdir() if p.is_file() and not p.name.startswith("."))
+        kinds = {EXTENSIONS.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) != 1:
+            raise UserError(f"{where}: folder {target} must hold files of one supported type "
+                            f"({', '.join(EXTENSIONS)}); found {', '.join(sorted(p.name for p in files)[:5]) or 'nothing'}")
+        spec.files = [str(p) for p in files]
+    else:
+        if target.suffix not in EXTENSIONS:
+            raise UserError(f"{where}: {target}: unsupported file type '{target.suffix}' "
+                            f"(use {', '.join(EXTENSIONS)})")
+        spec.files = [str(target)]
+    return spec
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read(spec: Spec) -> tuple[list[dict], list[str]]:
+    """All records of a data set and, per record, where it is (for error messages)."""
+    if spec.hub is not None:
+        return _read_hub(spec)
+    if spec.saved:
+        import datasets
+
+        ds = datasets.load_from_disk(spec.files[0])
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        rows = ds.to_list()
+        return rows, [f"{spec.files[0]} record {i}" for i in range(len(rows))]
+    records: list[dict] = []
+    where: list[str] = []
+    for f in spec.files:
+        rows, locs = _read_file(spec, Path(f))
+        records += rows
+        where += locs
+    return records, where
+
+
+def _read_file(spec: Spec, path: Path) -> tuple[list[dict], list[str]]:
+    kind = EXTENSIONS[path.suffix]
+    if kind == "jsonl":
+        return _jsonl_text(spec, path, path.read_text(encoding="utf-8"))
+    if kind == "json":
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # several objects, one per line: really jsonl
+                return _jsonl_text(spec, path, text)
+            raise UserError(f"data set '{spec.name}': {path} line {e.lineno}: malformed JSON ({e.msg} at column "
+                            f"{e.colno})") from None
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            raise UserError(f"data set '{spec.name}': {path}: expected a JSON array of records")
+        return data, [f"{path} record {i}" for i in range(len(data))]
+    if kind == "txt":
+        lines = [ln.rstrip("\n") for ln in path.read_text(encoding="utf-8").splitlines()]
+        rows = [{"text": ln} for ln in lines if ln.strip()]
+        return rows, [f"{path} line {i + 1}" for i, ln in enumerate(lines) if ln.strip()]
+    import pyarrow as pa
+
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    elif kind == "csv":
+        import pyarrow.csv as pcsv
+
+        table = pcsv.read_csv(path)
+    else:  # arrow stream, as written by `datasets`
+        with pa.memory_map(str(path)) as src:
+            table = pa.ipc.open_stream(src).read_all()
+    rows = table.to_pylist()
+    return rows, [f"{path} record {i}" for i in range(len(rows))]
+
+
+def _jsonl_text(spec: Spec, path: Path, text: str) -> tuple[list[dict], list[str]]:
+    rows, locs = [], []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"data set '{spec.name}': {path} line {n}: malformed JSON ({e.msg} at column "
+                            f"{e.colno}); fix or remove that line") from None
+        locs.append(f"{path} line {n}")
+    return rows, locs
+
+
+def _read_hub(spec: Spec) -> tuple[list[dict], list[str]]:
+    import datasets
+
+    h = spec.hub
+    try:
+        ds = datasets.load_dataset(h["path"], h["subset"], split=h["split"])
+    except Exception as e:  # offline, unknown name, gated: one line, the user's to fix
+        raise UserError(f"data set '{spec.name}': cannot load hub data set {h['path']} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "check the name and network, or download it and point file_name at it") from None
+    rows = ds.to_list()
+    return rows, [f"{h['path']} record {i}" for i in range(len(rows))]
+
+
+def sample(records: list[Any], where: list[str], n: Optional[int], seed: int) -> tuple[list[Any], list[str]]:
+    """Take n records: a seeded subset when n is smaller, whole copies plus a seeded remainder when larger."""
+    if n is None or n == len(records) or not records:
+        return records, where
+    rng = random.Random(seed)
+    idx = list(range(len(records))) * (n // len(records))
+    idx += rng.sample(range(len(records)), n % len(records))
+    return [records[i] for i in idx], [where[i] for i in idx]
+
+
+def fingerprint_files(spec: Spec) -> list[str]:
+    """The files whose content identifies this data set (for the cache key)."""
+    if spec.saved:
+        return sorted(str(p) for p in Path(spec.files[0]).rglob("*") if p.is_file())
+    return list(spec.files)

@@ -1,0 +1,69 @@
+"""Test harness: run `fsdptrain` under torchrun and SIGKILL one worker at a chosen point.
+
+FSDPTRAIN_TEST_FAULTS="ATTEMPT:save:STEP:RANK,..." where ATTEMPT is torchrun's
+restart count (TORCHELASTIC_RESTART_COUNT): the rank kills itself inside the
+checkpoint of step STEP, once it wrote its DCP data (before the metadata and
+the marker exist). The faults live here, in the tests, not in fsdptrain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch.distributed.checkpoint import FileSystemWriter  # noqa: E402
+
+from fsdptrain import checkpoint  # noqa: E402
+from fsdptrain.cli import main  # noqa: E402
+
+
+def _faults() -> list[tuple[str, int]]:
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    rank = os.environ.get("RANK", "0")
+    out = []
+    for item in filter(None, os.environ.get("FSDPTRAIN_TEST_FAULTS", "").split(",")):
+        a, point, step, r = item.split(":")
+        if a == attempt and r == rank:
+            out.append((point, int(step)))
+    return out
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install() -> None:
+    faults = _faults()
+    state = {"saving": None}
+
+    save = checkpoint.Checkpointer.save
+
+    def patched_save(self, ts, *args, **kwargs):
+        state["saving"] = ts.step
+        try:
+            return save(self, ts, *args, **kwargs)
+        finally:
+            state["saving"] = None
+
+    write_data = FileSystemWriter.write_data
+
+    def patched_write_data(self, plan, planner):
+        result = write_data(self, plan, planner)
+        if state["saving"] is not None and ("save", state["saving"]) in faults:
+            result.wait()
+            print(f"fault_worker: killing rank {os.environ.get('RANK')} while saving step {state['saving']}", flush=True)
+            _die()
+        return result
+
+    checkpoint.Checkpointer.save = patched_save
+    FileSystemWriter.write_data = patched_write_data
+
+
+if __name__ == "__main__":
+    install()
+    main()

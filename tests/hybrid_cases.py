@@ -1,0 +1,59 @@
+"""Hybrid-sharding cases for one 4-rank launch (tests/test_hybrid.py).
+
+Usage (under torchrun): python tests/hybrid_cases.py SPEC.json
+SPEC: {"cases": [{"config": yaml path, "examples": null | "uneven"}],
+       "layout_yaml": config whose model is built and sharded without training,
+       "layout_dir": folder for rank<R>.safetensors (this rank's local shards) and rank<R>.json (mesh)}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fsdptrain import distributed, models  # noqa: E402
+from fsdptrain.config import load_config  # noqa: E402
+from fsdptrain.mesh import build_mesh  # noqa: E402
+from fsdptrain.parallelize import apply_fsdp  # noqa: E402
+from fsdptrain.trainer import train  # noqa: E402
+from parity_data import uneven_examples  # noqa: E402
+
+
+def dump_layout(config: str, out: Path, info: distributed.DistInfo) -> None:
+    from safetensors.torch import save_file
+
+    cfg = load_config(config)
+    hf = models.load_hf_config(cfg.model.path, cfg.model.hf_config, None, False)
+    model = models.build_meta_model(hf, "sdpa", torch.float32, False)
+    mesh = build_mesh(info, cfg.parallel)
+    apply_fsdp(model, models.find_blocks(model), mesh, cfg.parallel, "cpu")
+    models.materialize(model, info.device, cfg.seed, cfg.model.path)
+    local = {n: p.to_local().contiguous().clone() for n, p in model.named_parameters()}
+    save_file(local, str(out / f"rank{info.rank}.safetensors"))
+    first = next(iter(model.parameters()))
+    (out / f"rank{info.rank}.json").write_text(json.dumps({
+        "mesh_shape": list(mesh.shape), "mesh_dims": list(mesh.mesh_dim_names),
+        "placements": [str(p) for p in first.placements],
+        "coordinate": mesh.get_coordinate(),
+    }))
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    info = distributed.init("cpu")
+    for case in spec["cases"]:
+        examples = uneven_examples() if case.get("examples") == "uneven" else None
+        train(load_config(case["config"]), examples=examples)
+    if spec.get("layout_yaml"):
+        dump_layout(spec["layout_yaml"], Path(spec["layout_dir"]), info)
+    distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The command line as a user meets it: exit codes and one-line errors, the demo run, non-finite stops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from helpers import LLAMA, make_model_dir, read_metrics, run_cli
+
+
+def assert_one_line_error(proc, expected_start: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("fsdptrain: error: " + expected_start), lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_key_exits_2_with_one_line(tmp_path):
+    proc = run_cli(["train", "train.lerning_rate=1e-4", f"output_dir={tmp_path}"])
+    assert_one_line_error(proc, "override 'train.lerning_rate=1e-4': unknown key 'train.lerning_rate'")
+
+
+def test_wrong_type_in_file_exits_2_with_one_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  hf_config: {model_type: llama}\ntrain:\n  max_steps: ten\n")
+    proc = run_cli(["train", str(cfg)])
+    assert_one_line_error(proc, f"{cfg}: train.max_steps: expected an integer, got 'ten' (str)")
+
+
+def test_cpu_offload_on_cpu_is_a_one_line_error_before_any_work(tmp_path):
+    proc = run_cli(["train", "parallel.cpu_offload=true", f"output_dir={tmp_path / 'run'}"])
+    assert_one_line_error(proc, "parallel.cpu_offload: true needs CUDA GPUs")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_missing_model_folder_is_a_one_line_error(tmp_path):
+    proc = run_cli(["train", f"model.path={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'run'}"])
+    assert_one_line_error(proc, f"model.path: {tmp_path / 'nowhere'}: no config.json there")
+
+
+def test_config_dump_prints_effective_values():
+    proc = run_cli(["config", "--dump", "train.lr=0.25"])
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.25" in proc.stdout
+    assert "# Peak learning rate." in proc.stdout
+
+
+def test_demo_run_learns(tmp_path):
+    """The built-in demo, exactly as `fsdptrain train` runs it, apart from where it writes."""
+    proc = run_cli(["train", f"output_dir={tmp_path}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["step"] == 1 and metrics[-1]["step"] == 500
+    first, last = metrics[0]["loss"], metrics[-1]["loss"]
+    assert first > 4.0  # about ln(100): an untrained model over the 100-token vocabulary
+    assert last < 0.4 * first, (first, last)
+    assert "done: 500 steps" in proc.stdout
+    assert (tmp_path / "config.yaml").is_file()
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_nonfinite_weights_stop_the_run_naming_step_and_rank(tmp_path):
+    model = make_model_dir(tmp_path / "m", LLAMA)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = math.inf
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    common = [f"model.path={model}", "train.max_steps=3", "data.synthetic_examples=64", "logging.progress=none"]
+    proc = run_cli(["train", *common, f"output_dir={tmp_path / 'stop'}", "model.hf_config=null"])
+    assert_one_line_error(proc, "non-finite loss on rank(s) [0] at step 1: loss=nan")
+
+    proc = run_cli(["train", *common, f"output_dir={tmp_path / 'skip'}", "train.on_nonfinite=skip"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("non-finite loss on rank(s) [0]; update skipped") == 3
+    assert torch.isinf(load_file(str(model / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"][0, 0])

@@ -1,0 +1,131 @@
+"""Config loading: defaults, YAML, overrides, and the exact one-line errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from fsdptrain.config import DEMO_CONFIG, Config, dump_yaml, load_config, reference_rows, to_dict
+from fsdptrain.errors import ConfigError
+
+
+def write(tmp_path, data, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(p)
+
+
+def test_yaml_and_overrides_land_on_typed_fields(tmp_path):
+    path = write(tmp_path, {"model": {"path": "/m"}, "train": {"lr": "1e-5", "max_steps": 10}})
+    cfg = load_config(path, ["train.lr=2e-4", "parallel.activation_checkpointing=full", "train.adam_betas=[0.9, 0.99]"])
+    assert cfg.model.path == "/m"
+    assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 10
+    assert cfg.parallel.activation_checkpointing == "full"
+    assert cfg.train.adam_betas == [0.9, 0.99]
+    assert cfg.data.max_length == Config().data.max_length  # untouched keys keep defaults
+
+
+def test_no_config_means_the_demo(tmp_path):
+    cfg = load_config(None)
+    assert cfg.model.hf_config["model_type"] == "llama"
+    assert cfg.data.synthetic_task == "add"
+    assert cfg.train.max_steps == 500
+
+
+def test_configs_default_is_the_demo():
+    from helpers import REPO
+
+    assert (REPO / "configs" / "default.yaml").read_text() == DEMO_CONFIG.read_text()
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    path = write(tmp_path, {"model": {"path": "/m"}, "train": {"lerning_rate": 1}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: unknown key 'train.lerning_rate'")
+    assert "keys in 'train': max_steps, epochs," in msg
+    assert "\n" not in msg
+
+
+def test_unknown_top_level_key_suggests_close_match(tmp_path):
+    path = write(tmp_path, {"parralel": {}})
+    with pytest.raises(ConfigError, match=r"unknown key 'parralel'; did you mean 'parallel'\?"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_expected_and_got(tmp_path):
+    path = write(tmp_path, {"model": {"path": "/m"}, "train": {"micro_batch_size": "four"}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: train.micro_batch_size: expected an integer, got 'four' (str)"
+
+
+def test_bool_is_not_an_integer(tmp_path):
+    path = write(tmp_path, {"model": {"path": "/m"}, "train": {"max_steps": True}})
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer, got True"):
+        load_config(path)
+
+
+def test_bad_choice_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["parallel.precision=fp16"])
+    assert str(e.value) == ("override 'parallel.precision=fp16': parallel.precision: 'fp16' is not allowed; "
+                            "choose one of auto, bf16-mixed, fp32, bf16-pure")
+
+
+def test_minimum_is_enforced():
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size: 0 is below the minimum 1"):
+        load_config(None, ["train.micro_batch_size=0"])
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    path = write(tmp_path, {"train": 3})
+    with pytest.raises(ConfigError, match=r"'train' is a section; expected a mapping of keys, got 3"):
+        load_config(path)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "model:\n  path: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line \d+ is not valid YAML"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=r"override 'train.lr': expected key.path=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_cross_field_validation(tmp_path):
+    path = write(tmp_path, {"train": {"lr": 1e-5}})
+    with pytest.raises(ConfigError, match=r"set model.path .* or model.hf_config"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"train.adam_betas: expected two numbers in \[0, 1\)"):
+        load_config(None, ["train.adam_betas=[0.9]"])
+
+
+def test_dump_round_trips_and_documents_every_key(tmp_path):
+    cfg = load_config(None, ["train.lr=0.01", "parallel.reshard_after_forward=false"])
+    text = dump_yaml(cfg)
+    again = load_config(write(tmp_path, text, "dumped.yaml"))
+    assert to_dict(again) == to_dict(cfg)
+    n_keys = len(reference_rows())
+    assert text.count("# ") >= n_keys
+    assert all(doc for _, _, doc in reference_rows())
+
+
+def test_readme_documents_every_key():
+    from helpers import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key, _, _ in reference_rows() if f"| `{key}` |" not in readme]
+    assert not missing, f"README config reference lacks {missing}; regenerate with `fsdptrain config --reference`"
+
+
+def test_mapping_override_merges_one_field():
+    cfg = load_config(None, ["model.hf_config.num_hidden_layers=2"])
+    assert cfg.model.hf_config["num_hidden_layers"] == 2
+    assert cfg.model.hf_config["hidden_size"] == 128

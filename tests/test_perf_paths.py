@@ -1,0 +1,131 @@
+"""Performance paths in one process: chunked loss, selective checkpointing, CPU-offloaded AdamW.
+
+The 2-rank parity of each path against the reference loop is in test_parity.py;
+these tests check that each path really does what it claims.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fsdptrain import models
+from fsdptrain.data.tokenize import IGNORE
+from fsdptrain.loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
+from fsdptrain.optim_offload import CPUOffloadAdamW
+from fsdptrain.parallelize import apply_activation_checkpointing
+
+SMALL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97, "tie_word_embeddings": True}
+
+
+def tiny_model(seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(SMALL)
+    cfg = AutoConfig.for_model(fields.pop("model_type"), use_cache=False, **fields)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (3, 40), generator=g)
+    labels = torch.randint(0, 97, (3, 40), generator=g)
+    labels[:, :7] = IGNORE
+    return {"input_ids": ids, "labels": labels}
+
+
+def test_chunked_loss_equals_full_logits_loss_and_grads():
+    a, b = tiny_model(), tiny_model()
+    keys = list(b.state_dict())
+    head = install_chunked_loss(b, chunk_tokens=16)  # 120 tokens -> 8 chunks, the last one short
+    assert isinstance(b.lm_head, ChunkedLossHead) and b.lm_head.weight is b.model.embed_tokens.weight
+    assert list(b.state_dict()) == keys
+    x = batch()
+    la, lb = token_loss_sum(a, x), token_loss_sum(b, x, head)
+    assert lb.dim() == 0
+    assert torch.allclose(la, lb, rtol=1e-6), (la, lb)
+    la.backward()
+    lb.backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
+    assert b(input_ids=x["input_ids"]).logits.shape == (3, 40, 97)  # no targets set: plain logits again
+
+
+def test_chunked_loss_never_holds_more_than_one_chunk_of_logits():
+    model = tiny_model()
+    head = install_chunked_loss(model, chunk_tokens=16)
+    x = batch()
+    widest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # vocabulary-wide activations; (32, 97) is the transposed lm_head weight (hidden 32), not logits
+            if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] == 97 and out.shape != (32, 97):
+                widest.append(out.numel() // 97)
+            return out
+
+    with Watch():
+        token_loss_sum(model, x, head).backward()
+    assert widest and max(widest) == 16  # rows of vocabulary-wide tensors, forward and backward
+    widest.clear()
+    with Watch():
+        token_loss_sum(tiny_model(), x).backward()
+    assert max(widest) == 120  # without chunking all 3 x 40 tokens' logits exist at once
+
+
+class CountOps(TorchDispatchMode):
+    """Counts aten ops that actually run. Pushed before backward, it sits below the checkpoint's own mode,
+    so an op whose saved output selective checkpointing hands back is never seen here."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_in_backward(mode: str) -> dict[str, int]:
+    model = tiny_model()
+    blocks = models.find_blocks(model)
+    if mode != "none":
+        apply_activation_checkpointing(blocks, list(range(len(blocks))), selective=mode == "selective")
+    loss = token_loss_sum(model, batch())
+    with CountOps() as c:
+        loss.backward()
+    return c.counts
+
+
+def test_selective_checkpointing_recomputes_only_cheap_ops():
+    none, full, sel = ops_in_backward("none"), ops_in_backward("full"), ops_in_backward("selective")
+    mm = lambda c: c.get("mm", 0) + c.get("addmm", 0) + c.get("bmm", 0)  # noqa: E731
+    assert mm(full) > mm(none)  # full checkpointing runs the block's matmuls again
+    assert mm(sel) == mm(none)  # selective keeps matmul outputs ...
+    sdpa = lambda c: sum(v for k, v in c.items() if k.startswith("_scaled_dot_product"))  # noqa: E731
+    assert sdpa(full) > sdpa(none) and sdpa(sel) == sdpa(none)  # ... and attention outputs
+    assert sel.get("mul", 0) > none.get("mul", 0)  # ... and recomputes element-wise ops (norms, SiLU, RoPE)
+
+
+def test_cpu_offload_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    a = torch.optim.AdamW([{"params": ref[:1], "weight_decay": 0.1}, {"params": ref[1:], "weight_decay": 0.0}], **kw)
+    b = CPUOffloadAdamW([{"params": mine[:1], "weight_decay": 0.1}, {"params": mine[1:], "weight_decay": 0.0}], **kw)
+    for step in range(5):
+        g = [torch.randn_like(p) for p in ref]
+        for p, q, gi in zip(ref, mine, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ref, mine):
+        assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
+    st = b.state[mine[0]]
+    assert st["exp_avg"].device.type == "cpu" and float(st["step"]) == 5
