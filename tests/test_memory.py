@@ -477,3 +477,19 @@ def test_estimate_from_a_model_folder_reads_only_its_config(tmp_path):
     real = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
     assert shape.n_params == sum(p.numel() for p in real.parameters())
     assert shape.lm_head_numel == 0 and shape.layers == LLAMA["num_hidden_layers"]  # tied embeddings
+
+
+def test_estimate_follows_hybrid_sharding_optimizer_offload_and_loss_chunks(tmp_path):
+    cfg_path = _write(tmp_path / "c.yaml", {"model": {"hf_config": {**TINY, "vocab_size": 32000}},
+                                             "data": {"max_length": 4096}})
+    shape = estimate.shape_from_config(load_config(cfg_path))
+    base = estimate.estimate(load_config(cfg_path), 2, 4, 80 * GIB, shape=shape)
+    assert base.state == estimate.model_state(shape, 8, 0, 4)
+    hybrid = estimate.estimate(load_config(cfg_path, ["parallel.sharding=hybrid"]), 2, 4, 80 * GIB, shape=shape)
+    assert hybrid.state == estimate.model_state(shape, 4, 0, 4)  # sharded within a node only
+    off = estimate.estimate(load_config(cfg_path, ["parallel.optimizer_offload=true"]), 2, 4, 80 * GIB, shape=shape)
+    assert off.terms["optimizer state (AdamW m, v, step)"] == 0 and off.cpu_per_rank > base.state.optimizer
+    assert base.peak - off.peak == base.state.optimizer
+    chunk = estimate.estimate(load_config(cfg_path, ["train.loss_chunk_tokens=512"]), 2, 4, 80 * GIB, shape=shape)
+    assert chunk.terms["logits + loss (forward)"] * 8 == base.terms["logits + loss (forward)"]
+    assert chunk.peak < base.peak

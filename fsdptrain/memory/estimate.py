@@ -17,7 +17,10 @@ Two kinds of terms:
   activations saved per block (Llama-family block with flash/efficient SDPA;
   eager attention adds the s x s scores) for the checkpointing mode, and the
   logits spike (tokens x vocab: bf16 logits, fp32 copy, log-softmax and its
-  gradient). The peak is the largest of the phase sums in `phases`.
+  gradient; one chunk of tokens with train.loss_chunk_tokens). It follows
+  parallel.sharding (hybrid: sharded within a shard group), prefetch_blocks,
+  optimizer_offload and selective checkpointing (block input, matmul and
+  attention outputs kept). The peak is the largest of the phase sums in `phases`.
 The verdict adds a fixed allowance for the CUDA context, NCCL buffers and
 allocator fragmentation that torch's allocator does not count.
 """
@@ -187,6 +190,14 @@ class Settings:
     attn: str
     gpu_memory: int
     cpu_memory: Optional[int] = None  # per node
+    shard_group: int = 0  # ranks a parameter is sharded over (parallel.sharding hybrid); 0: all ranks
+    prefetch_blocks: int = 0  # explicit prefetch depth; 0: FSDP2's implicit one-block prefetch
+    optimizer_offload: bool = False  # AdamW state and update on the CPU
+    loss_chunk_tokens: int = 0  # lm_head + cross-entropy this many tokens at a time
+
+    @property
+    def shard_world(self) -> int:
+        return self.shard_group or self.world
 
 
 def settings_from_config(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int,
@@ -200,7 +211,10 @@ def settings_from_config(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int,
                     checkpointing_k=p.activation_checkpointing_k, precision=resolve_precision(p.precision, device),
                     offload=p.cpu_offload, reshard_after_forward=p.reshard_after_forward,
                     sync_every_micro_step=p.sync_grads_every_micro_step, attn=cfg.model.attn_implementation,
-                    gpu_memory=gpu_memory, cpu_memory=cpu_memory)
+                    gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+                    shard_group=(p.shard_group_size or gpus_per_node) if p.sharding == "hybrid" else 0,
+                    prefetch_blocks=p.prefetch_blocks, optimizer_offload=p.optimizer_offload,
+                    loss_chunk_tokens=t.loss_chunk_tokens)
 
 
 def block_activation_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: int) -> int:
@@ -239,18 +253,23 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     """Per-rank GPU memory by term and by phase for settings `s` (see the module docstring)."""
     pb = 2 if s.precision == "bf16-pure" else 4  # sharded parameter / gradient / optimizer dtype
     c = 2 if s.precision.startswith("bf16") else 4  # compute (all-gather) dtype
-    W = s.world
+    W = s.shard_world
     st = model_state(m, W, rank, pb)
     blocks, root = m.units[:-1], m.units[-1]
     block_un = [unit_numel(u, W) for u in blocks]
-    two_blocks = sum(sorted(block_un, reverse=True)[:2])  # the current block and the prefetched one
+    ahead = max(1, s.prefetch_blocks)  # FSDP2 prefetches one block implicitly; parallel.prefetch_blocks more
+    two_blocks = sum(sorted(block_un, reverse=True)[:1 + ahead])  # the current block and the prefetched ones
     last_block = block_un[-1] if block_un else 0  # parallelize never reshards the last block after forward
     root_un = unit_numel(root, W)
     tokens = s.micro_batch * s.seq_len
     a_block = block_activation_bytes_per_token(m, c, s.attn, s.seq_len) * tokens
     n_ckpt = len(checkpointed_indices(m.layers, s.checkpointing, s.checkpointing_k))
     h, V = m.hidden, m.vocab
-    acts = (n_ckpt * c * h * tokens + (m.layers - n_ckpt) * a_block
+    if s.checkpointing == "selective":  # block input + outputs of every matmul and of attention are kept
+        kept = c * (3 * h + 2 * m.heads * m.head_dim + 2 * m.kv_heads * m.head_dim + 2 * m.intermediate) + 4 * m.heads
+    else:
+        kept = c * h  # the block input
+    acts = (n_ckpt * kept * tokens + (m.layers - n_ckpt) * a_block
             + (4 * h + 4 + 2 * c * h) * tokens)  # + the final norm (its output is the lm_head input)
     recompute = a_block if n_ckpt else 0
     root_buf = c * root_un  # gathered at the start of forward and again at the start of backward
@@ -258,16 +277,18 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     # reshard_after_forward) except the last block; with reshard_after_forward=false all of them stay.
     held_after_fwd = c * last_block if s.reshard_after_forward else c * (sum(block_un) + root_un)
     during_fwd = root_buf + (c * two_blocks if s.reshard_after_forward else c * sum(block_un))
-    logits_bf = c * V * tokens  # lm_head output (compute dtype)
-    logits_fwd = tokens * V * (c + 4 + 4 if c == 2 else 8)  # logits, fp32 copy, log-softmax output
-    logits_bwd = tokens * V * 12  # saved log-softmax, its gradient, the gradient of the logits (fp32)
-    logits_grad = tokens * V * (4 + c if c == 2 else 4)  # fp32 gradient and its cast, entering lm_head backward
+    chunked = 0 < s.loss_chunk_tokens < tokens
+    lt = s.loss_chunk_tokens if chunked else tokens  # tokens whose logits exist at once
+    logits_bf = c * V * lt  # lm_head output (compute dtype)
+    logits_fwd = lt * V * (c + 4 + 4 if c == 2 else 8)  # logits, fp32 copy, log-softmax output
+    logits_bwd = lt * V * (12 + (c + 8 if chunked else 0))  # + the chunk's recomputed forward when chunked
+    logits_grad = lt * V * (4 + c if c == 2 else 4)  # fp32 gradient and its cast, entering lm_head backward
     lm_head_grad = c * m.lm_head_numel  # unsharded root gradient, held until the root's reduce-scatter at the end
     unit_grad = (c + 4) * max(block_un, default=0)  # a block's unsharded grad + fp32 reduce-scatter input
     accum = 4 * sum(unit_numel(u, W) for u in m.units) if (s.grad_accum > 1 and not s.sync_every_micro_step) else 0
     params_gpu = 0 if s.offload else st.params
     grads_gpu = 0 if s.offload else st.grads
-    opt_gpu = 0 if s.offload else st.optimizer
+    opt_gpu = 0 if (s.offload or s.optimizer_offload) else st.optimizer
     offload_staging = pb * 2 * max((unit_numel(u, W) // W for u in m.units), default=0) if s.offload else 0
     terms = {
         "parameters (sharded)": params_gpu,
@@ -286,10 +307,12 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "logits + loss (backward)": logits_bwd,
     }
     base = params_gpu + opt_gpu + offload_staging + accum  # fused AdamW on CUDA: no full-size temporaries
+    if chunked:  # the chunked loss runs inside the model's forward and backward: the root stays gathered
+        held_after_fwd = max(held_after_fwd, root_buf + c * last_block)
     phases = {
         "forward (lm_head)": base + during_fwd + acts + logits_bf,
         "forward (loss)": base + held_after_fwd + acts + logits_fwd,
-        "backward (loss)": base + held_after_fwd + acts + logits_bwd,
+        "backward (loss)": base + held_after_fwd + acts + logits_bwd + (lm_head_grad if chunked else 0),
         "backward (lm_head)": base + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
         "backward (last block)": base + root_buf + lm_head_grad + c * two_blocks + acts + recompute + a_block + unit_grad,
         "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * root_un,
@@ -297,9 +320,13 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     }
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
-    cpu_rank = st.total + st.local_numel * pb if s.offload else 0  # + AdamW foreach's sqrt(v) temporary on CPU
+    cpu_rank = 0
+    if s.offload:
+        cpu_rank = st.total + st.local_numel * pb  # + AdamW foreach's sqrt(v) temporary on CPU
+    elif s.optimizer_offload:
+        cpu_rank = st.optimizer + 2 * st.local_numel * pb  # state + gradient copy and sqrt(v) temporary
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.gpu_memory
-    if s.offload and s.cpu_memory is not None:
+    if cpu_rank and s.cpu_memory is not None:
         fits = fits and cpu_rank * s.gpus_per_node <= s.cpu_memory
     return Estimate(settings=s, shape=m, state=st, terms=terms, phases=phases, peak=peak, peak_phase=peak_phase,
                     cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.gpus_per_node, fits=fits)
@@ -311,6 +338,12 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
     tries: list[tuple[str, Settings]] = []
     if s.checkpointing != "full":
         tries.append(("parallel.activation_checkpointing=full", dataclasses.replace(s, checkpointing="full")))
+    if s.checkpointing in ("none", "every_k"):
+        tries.append(("parallel.activation_checkpointing=selective", dataclasses.replace(s, checkpointing="selective")))
+    tokens = s.micro_batch * s.seq_len
+    if not 0 < s.loss_chunk_tokens < tokens and tokens >= 2048:
+        chunk = min(4096, tokens // 2)
+        tries.append((f"train.loss_chunk_tokens={chunk}", dataclasses.replace(s, loss_chunk_tokens=chunk)))
     if s.grad_accum > 1 and not s.sync_every_micro_step:
         tries.append(("parallel.sync_grads_every_micro_step=true",
                       dataclasses.replace(s, sync_every_micro_step=True)))
@@ -320,6 +353,8 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
         half = s.micro_batch // 2
         tries.append((f"train.micro_batch_size={half} train.grad_accum_steps={s.grad_accum * 2}",
                       dataclasses.replace(s, micro_batch=half, grad_accum=s.grad_accum * 2)))
+    if not s.offload and not s.optimizer_offload:
+        tries.append(("parallel.optimizer_offload=true", dataclasses.replace(s, optimizer_offload=True)))
     if not s.offload:
         tries.append(("parallel.cpu_offload=true", dataclasses.replace(s, offload=True)))
     if s.seq_len > 512:
@@ -331,7 +366,9 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
             out.append(f"{label}: peak {gib(e.peak)} (-{gib(est.peak - e.peak)}){'  fits' if e.fits else ''}")
     if not est.fits:
         nodes = s.world // max(1, s.gpus_per_node)
-        for more in range(nodes + 1, 4 * nodes + 1):
+        for more in range(nodes + 1, 4 * nodes + 1):  # (hybrid sharding: more nodes do not shard further)
+            if s.shard_group:
+                break
             e = compute(m, dataclasses.replace(s, world=more * s.gpus_per_node))
             if e.fits:
                 out.append(f"{more} nodes x {s.gpus_per_node} GPUs: peak {gib(e.peak)}  fits")
@@ -347,7 +384,10 @@ def render(est: Estimate) -> str:
              f"vocab {m.vocab}",
              f"run: {nodes} node(s) x {s.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
              f"micro-batch {s.micro_batch} x {s.seq_len} tokens, grad accumulation {s.grad_accum}, "
-             f"checkpointing {s.checkpointing}, offload {s.offload}", "",
+             f"checkpointing {s.checkpointing}, offload {s.offload}"
+             + (", optimizer offload" if s.optimizer_offload else "")
+             + (f", loss chunks of {s.loss_chunk_tokens} tokens" if s.loss_chunk_tokens else "")
+             + (f", hybrid sharding over {s.shard_world} ranks" if s.shard_group else ""), "",
              "per rank (rank 0, the largest shard):"]
     for k, v in est.terms.items():
         if v:
@@ -359,8 +399,9 @@ def render(est: Estimate) -> str:
     need = est.peak * FRAGMENTATION + RUNTIME_OVERHEAD
     lines += ["", f"GPU: peak allocated {gib(est.peak)}; with {int((FRAGMENTATION - 1) * 100)}% fragmentation "
               f"and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about {gib(need)} of {gib(s.gpu_memory)}"]
-    if s.offload:
-        cpu = f"CPU (offload): {gib(est.cpu_per_rank)} per rank, {gib(est.cpu_per_node)} per node (sharded params, grads, AdamW state and its step temporary)"
+    if est.cpu_per_rank:
+        what = "sharded params, grads, AdamW state" if s.offload else "AdamW state, gradient copy"
+        cpu = f"CPU (offload): {gib(est.cpu_per_rank)} per rank, {gib(est.cpu_per_node)} per node ({what} and the step's temporary)"
         if s.cpu_memory is not None:
             cpu += f" of {gib(s.cpu_memory)}"
         lines.append(cpu)
