@@ -14,6 +14,7 @@ first record of the run as a rough second column.
 Usage:
   python benchmarks/memory_estimate.py [--size auto|cpu|gpu] [--steps 3]
   torchrun --nproc-per-node N benchmarks/memory_estimate.py ...
+On a GPU: benchmarks/memory_gpu_check.sh (also runs the CUDA-only memory tests).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ SIZES = {
     "cpu": dict(model={"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
                        "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024,
                        "vocab_size": 100}, seq=512, mb=2),
-    "gpu": dict(model={"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 12,
+    # 0.43B parameters, Qwen2 vocabulary: the logits spike matters, and random init stays quick.
+    "gpu": dict(model={"model_type": "qwen2", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
                        "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 8192,
                        "vocab_size": 151936, "tie_word_embeddings": False}, seq=4096, mb=1),
 }
 VARIANTS = [
     ("base", {}),
+    ("chunked loss 1024", {"train.loss_chunk_tokens": 1024}),
     ("checkpointing full", {"parallel.activation_checkpointing": "full"}),
     ("micro-batch x2", {"train.micro_batch_size": "x2"}),
     ("accum 2, no sync", {"train.grad_accum_steps": 2}),
