@@ -95,8 +95,10 @@ class MemoryTracker:
         self.peak_bytes_max = 0  # highest peak allocated of any rank over all gathers so far
         self._recording = False
         self._failing = False
-        # One key per run; output_dir as configured (identical on every node, unlike a resolved path).
-        self._key = f"fsdptrain/oom/{zlib.crc32(str(run_dir).encode())}"
+        # One key per run and elastic restart; output_dir as configured (identical on every node, unlike a
+        # resolved path). The restart count keeps a restarted group from reading the previous attempt's failure.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._key = f"fsdptrain/oom/{zlib.crc32(str(run_dir).encode())}/{attempt}"
         self._stop = threading.Event()
         self._watch: Optional[threading.Thread] = None
         self.t0 = time.perf_counter()
