@@ -129,3 +129,13 @@ def test_mapping_override_merges_one_field():
     cfg = load_config(None, ["model.hf_config.num_hidden_layers=2"])
     assert cfg.model.hf_config["num_hidden_layers"] == 2
     assert cfg.model.hf_config["hidden_size"] == 128
+
+
+def test_every_shipped_config_validates():
+    from helpers import REPO
+
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        cfg = load_config(str(path))
+        assert cfg.output_dir
