@@ -277,8 +277,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     # reshard_after_forward) except the last block; with reshard_after_forward=false all of them stay.
     held_after_fwd = c * last_block if s.reshard_after_forward else c * (sum(block_un) + root_un)
     during_fwd = root_buf + (c * two_blocks if s.reshard_after_forward else c * sum(block_un))
-    chunked = 0 < s.loss_chunk_tokens < tokens
-    lt = s.loss_chunk_tokens if chunked else tokens  # tokens whose logits exist at once
+    chunked = s.loss_chunk_tokens > 0  # the loss runs inside the model (checkpointed), even as one chunk
+    lt = min(s.loss_chunk_tokens, tokens) if chunked else tokens  # tokens whose logits exist at once
     logits_bf = c * V * lt  # lm_head output (compute dtype)
     logits_fwd = lt * V * (c + 4 + 4 if c == 2 else 8)  # logits, fp32 copy, log-softmax output
     logits_bwd = lt * V * (12 + (c + 8 if chunked else 0))  # + the chunk's recomputed forward when chunked
@@ -341,7 +341,7 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
     if s.checkpointing in ("none", "every_k"):
         tries.append(("parallel.activation_checkpointing=selective", dataclasses.replace(s, checkpointing="selective")))
     tokens = s.micro_batch * s.seq_len
-    if not 0 < s.loss_chunk_tokens < tokens and tokens >= 2048:
+    if not s.loss_chunk_tokens and tokens >= 2048:
         chunk = min(4096, tokens // 2)
         tries.append((f"train.loss_chunk_tokens={chunk}", dataclasses.replace(s, loss_chunk_tokens=chunk)))
     if s.grad_accum > 1 and not s.sync_every_micro_step:
