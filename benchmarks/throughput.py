@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=2, help="alternate the two loops this many times; best kept")
+    ap.add_argument("--repeats", type=int, default=4, help="alternate the two loops this many times (ABBA); best kept")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=K=V,K=V",
                     help="also run fsdptrain with these overrides (repeatable), e.g. "
                          "'compile=parallel.compile=true'; the hand loop runs once as the baseline")
@@ -104,6 +104,7 @@ def main() -> None:
     args = ap.parse_args()
 
     overrides = ["logging.log_every=1", "logging.progress=none", "logging.tensorboard=false", "train.warmup_steps=0",
+                 "checkpoint.save_at_end=false", "checkpoint.resume=none",
                  "train.grad_accum_steps=1", *args.overrides]
     if args.preset == "llama-1b":
         seq, mb, steps = args.seq or 4096, args.micro_batch or 4, args.steps or 11
@@ -119,15 +120,21 @@ def main() -> None:
     rows: dict[str, list] = {"fsdptrain": [], "hand-written FSDP2": []}
     peaks: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeats):
+        def run_fsdptrain(rep: int) -> None:
             cfg.output_dir = f"{tmp}/run{rep}"
             result = train(cfg, examples=examples)
             elapsed = [m["elapsed_s"] for m in map(json.loads, Path(cfg.output_dir, "metrics.jsonl").read_text().splitlines())]
             rows["fsdptrain"].append(per_step(elapsed, args.warmup))
             peaks["fsdptrain"] = result.peak_mem_bytes
+
+        def run_hand(rep: int) -> None:
             stamps, peak = hand_loop(cfg, examples, steps, info)
             rows["hand-written FSDP2"].append(per_step(stamps, args.warmup))
             peaks["hand-written FSDP2"] = peak
+
+        for rep in range(args.repeats):  # ABBA order, so neither loop always runs second
+            for fn in ((run_fsdptrain, run_hand) if rep % 2 == 0 else (run_hand, run_fsdptrain)):
+                fn(rep)
 
     for spec in args.variant:  # extra fsdptrain configurations, same batches
         name, _, kv = spec.partition("=")

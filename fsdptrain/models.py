@@ -50,8 +50,9 @@ def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Opti
         fields.setdefault("vocab_size", vocab_size)
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except ValueError as e:
-        raise UserError(f"model.hf_config: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # unknown model_type, a field of the wrong type (transformers validates strictly), ...
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UserError(f"model.hf_config: {detail}") from None
 
 
 def build_meta_model(hf_config, attn_implementation: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
