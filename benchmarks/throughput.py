@@ -83,9 +83,23 @@ def hand_loop(cfg, examples, steps: int, info) -> tuple[list[float], int]:
     return stamps, memstats.peak_bytes(info.device)
 
 
-def per_step(stamps: list[float], warmup: int) -> float:
-    diffs = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
-    return statistics.median(diffs)
+def elapsed_per_step(out_dir: str, result, info) -> list[tuple[int, float]]:
+    """(step, wall-clock stamp) pairs, logging included (rank 0's metrics.jsonl); other ranks: their step times."""
+    if info.is_main:
+        lines = Path(out_dir, "metrics.jsonl").read_text().splitlines()
+        return [(m["step"], m["elapsed_s"]) for m in map(json.loads, lines)]
+    out, t = [], 0.0
+    for i, dt in enumerate(result.step_times):
+        t += dt
+        out.append((i + 1, t))
+    return out
+
+
+def per_step(stamps: list, warmup: int) -> float:
+    """Median seconds per step after `warmup` steps; stamps are times, or (step, time) pairs when not every step logs."""
+    pairs = [s if isinstance(s, tuple) else (i + 1, s) for i, s in enumerate(stamps)]
+    pairs = [p for p in pairs if p[0] > warmup]
+    return statistics.median((t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(pairs, pairs[1:]))
 
 
 def main() -> None:
@@ -123,8 +137,7 @@ def main() -> None:
         def run_fsdptrain(rep: int) -> None:
             cfg.output_dir = f"{tmp}/run{rep}"
             result = train(cfg, examples=examples)
-            elapsed = [m["elapsed_s"] for m in map(json.loads, Path(cfg.output_dir, "metrics.jsonl").read_text().splitlines())]
-            rows["fsdptrain"].append(per_step(elapsed, args.warmup))
+            rows["fsdptrain"].append(per_step(elapsed_per_step(cfg.output_dir, result, info), args.warmup))
             peaks["fsdptrain"] = result.peak_mem_bytes
 
         def run_hand(rep: int) -> None:
@@ -149,7 +162,7 @@ def main() -> None:
                 if info.is_main:
                     print(f"variant {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            elapsed = [m["elapsed_s"] for m in map(json.loads, Path(vcfg.output_dir, "metrics.jsonl").read_text().splitlines())]
+            elapsed = elapsed_per_step(vcfg.output_dir, result, info)
         rows[f"fsdptrain {name}"] = [per_step(elapsed, args.warmup)]
         peaks[f"fsdptrain {name}"] = result.peak_mem_bytes
         if torch.cuda.is_available():
