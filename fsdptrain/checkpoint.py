@@ -121,6 +121,26 @@ def resolve_resume(resume: str, output_dir: Path, key: str = "checkpoint.resume"
     raise CheckpointError(f"{key}: {path}: no such folder; give a checkpoint folder, auto or none")
 
 
+# What a run writes into output_dir; a fresh start moves an earlier run's copies aside instead of mixing or
+# overwriting them (checkpoints of the same step names would be replaced, then pruned by keep_last).
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "tb", "memory", SUBDIR, "hf")
+
+
+def archive_previous_run(output_dir: Path) -> Optional[Path]:
+    """On a fresh start in a used output_dir: move its earlier outputs into output_dir/previous-N; returns that folder."""
+    present = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if not present:
+        return None
+    n = 1
+    while (output_dir / f"previous-{n}").exists():
+        n += 1
+    dest = output_dir / f"previous-{n}"
+    dest.mkdir()
+    for name in present:
+        os.replace(output_dir / name, dest / name)
+    return dest
+
+
 def verify_files(path: Path) -> dict:
     """Check every file listed by the marker exists with its recorded size; returns train_state.json."""
     try:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from . import distributed, models
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, archive_previous_run, resolve_resume
 from .export import EXPORT_DTYPES, export_hf, parse_size
 from .config import Config, dump_yaml
 from .data import pipeline
@@ -86,15 +86,20 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     # -- run directory (rank 0 writes shared files) -------------------------------------------
     check_device_support(cfg.parallel, info.device_type)
     out = Path(cfg.output_dir)
+    fresh = resolve_resume(cfg.checkpoint.resume, out) is None  # else the checkpointer resumes below
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        moved = archive_previous_run(out) if fresh else None
         (out / "config.yaml").write_text(dump_yaml(cfg))
+    distributed.barrier()
     seed_everything(cfg.seed)
 
     # -- tokenizer and data -------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     boot_log = RunLogger(out, info.is_main, tensorboard=False, progress="none", total_steps=0)
     boot_log.info(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
+    if info.is_main and moved:
+        boot_log.info(f"output_dir: a new run starts in {out}; the earlier run's outputs were moved to {moved}")
     if examples is None:
         examples = load_examples(cfg, tokenizer, info, boot_log)
     sampler = pipeline.build_sampler(cfg, examples, info.world_size, info.rank, info.local_world_size)

@@ -76,3 +76,19 @@ def test_nonfinite_weights_stop_the_run_naming_step_and_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("non-finite loss on rank(s) [0]; update skipped") == 3
     assert torch.isinf(load_file(str(model / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"][0, 0])
+
+
+def test_fresh_start_in_a_used_output_dir_moves_the_earlier_run_aside(tmp_path):
+    from fsdptrain.config import load_config
+    from fsdptrain.trainer import train
+
+    common = [f"output_dir={tmp_path}", "train.max_steps=2", "data.synthetic_examples=64", "logging.progress=none",
+              "logging.log_every=1", "logging.tensorboard=false"]
+    train(load_config(None, common))
+    first = (tmp_path / "metrics.jsonl").read_text()
+    train(load_config(None, [*common, "checkpoint.resume=none", "seed=5"]))
+    prev = tmp_path / "previous-1"
+    assert (prev / "metrics.jsonl").read_text() == first  # nothing of the first run is lost or mixed
+    assert (prev / "checkpoints" / "step-00000002" / "COMPLETE.json").is_file()
+    assert len(read_metrics(tmp_path)) == 2
+    assert read_metrics(tmp_path)[0]["loss"] != read_metrics(prev)[0]["loss"]  # the new run (another seed)
