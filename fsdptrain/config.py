@@ -158,6 +158,20 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
+# LLaMA-Factory / HF Trainer names users bring along, for "did you mean" hints.
+FOREIGN_KEYS = {
+    "learning_rate": "train.lr", "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps", "num_train_epochs": "train.epochs",
+    "lr_scheduler_type": "train.schedule", "warmup_steps": "train.warmup_steps", "warmup_ratio": "train.warmup_ratio",
+    "max_grad_norm": "train.max_grad_norm", "weight_decay": "train.weight_decay", "max_steps": "train.max_steps",
+    "cutoff_len": "data.max_length", "dataset": "data.datasets", "dataset_dir": "data.dataset_dir",
+    "preprocessing_num_workers": "data.num_proc", "model_name_or_path": "model.path",
+    "gradient_checkpointing": "parallel.activation_checkpointing", "bf16": "parallel.precision",
+    "logging_steps": "logging.log_every", "save_steps": "checkpoint.save_every", "save_total_limit": "checkpoint.keep_last",
+    "resume_from_checkpoint": "checkpoint.resume", "deepspeed": "parallel (FSDP2 settings: sharding, cpu_offload)",
+}
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads `1e-5` (no dot) as a float, as every user expects."""
 
@@ -217,7 +231,9 @@ def _apply(obj: Any, raw: dict, source: str, prefix: str) -> None:
         dotted = f"{prefix}{key}"
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            known = difflib.get_close_matches(str(key), list(FOREIGN_KEYS), n=1, cutoff=0.75)
+            hint = (f"; did you mean '{prefix}{close[0]}'?" if close else
+                    f"; did you mean '{FOREIGN_KEYS[known[0]]}'?" if known else "")
             where = f"'{prefix[:-1]}'" if prefix else "the top level"
             raise ConfigError(
                 f"{source}: unknown key '{dotted}'{hint} (keys in {where}: {', '.join(fields)})"

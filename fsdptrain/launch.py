@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .errors import LaunchError
+from .errors import LaunchError, UserError
 
 PREFIX = "fsdptrain-launch"
 HELLO_KEY = "fsdptrain_rendezvous"
@@ -436,8 +436,22 @@ def say(msg: str) -> None:
     print(f"{PREFIX}: {msg}", flush=True)
 
 
+def check_config(argv: list[str]) -> None:
+    """Validate `[CONFIG] [key=value ...]` like `fsdptrain train` will (config.py imports no torch: fast)."""
+    from .config import load_config
+
+    args = [a for a in argv if not a.startswith("-")]
+    config = args[0] if args and ("=" not in args[0] or args[0].endswith((".yaml", ".yml"))) else None
+    load_config(config, [a for a in args if a is not config])
+
+
 def main(argv: list[str]) -> int:
     env = dict(os.environ)
+    try:
+        check_config(argv)  # a typo in the config fails here, on every node, before any process starts
+    except UserError as e:
+        print(f"fsdptrain: error: {e}", file=sys.stderr, flush=True)
+        return 2
     try:
         plan = read_plan(env)
         ip = resolve(plan.master_addr)

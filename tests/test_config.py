@@ -139,3 +139,12 @@ def test_every_shipped_config_validates():
     for path in paths:
         cfg = load_config(str(path))
         assert cfg.output_dir
+
+
+def test_llamafactory_key_names_point_to_ours(tmp_path):
+    path = write(tmp_path, {"cutoff_len": 1024})
+    with pytest.raises(ConfigError, match=r"unknown key 'cutoff_len'; did you mean 'data.max_length'\?"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown key 'train.gradient_accumulation_steps'; "
+                                          r"did you mean 'train.grad_accum_steps'\?"):
+        load_config(None, ["train.gradient_accumulation_steps=4"])

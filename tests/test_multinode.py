@@ -331,3 +331,16 @@ def test_two_hosts_hybrid_2x2_equals_one_host_full_sharding(two_hosts, tmp_path)
         assert rc == 0, f"node {i}:\n{out[-3000:]}"
     assert "mesh replicate 2 x shard 2" in results[0][1]  # shard groups = the two hosts' own ranks
     assert [m["loss"] for m in read_metrics(tmp_path / "two")] == [m["loss"] for m in read_metrics(tmp_path / "one")]
+
+
+def test_config_mistake_stops_the_launch_before_any_process_starts(tmp_path):
+    t0 = time.monotonic()
+    rc, out = finish(launch({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+                            ["train.lerning_rate=1"]), 30)
+    assert rc == 2 and time.monotonic() - t0 < 10
+    assert error_lines(out) == [
+        "fsdptrain: error: override 'train.lerning_rate=1': unknown key 'train.lerning_rate'; did you mean "
+        "'train.lr'? (keys in 'train': max_steps, epochs, micro_batch_size, grad_accum_steps, lr, schedule, "
+        "warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_betas, adam_eps, loss_chunk_tokens, "
+        "max_grad_norm, on_nonfinite)"]
+    assert "torch.distributed.run" not in out  # torchrun never started
