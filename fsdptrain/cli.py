@@ -45,7 +45,7 @@ def main() -> None:
 @click.argument("overrides", nargs=-1)
 @friendly_errors
 def train(config: str | None, overrides: tuple[str, ...]) -> None:
-    """Train. CONFIG is a YAML file (omit it for the built-in tiny demo); OVERRIDES are key.path=value."""
+    """Train a model: CONFIG is a YAML file (omit it for the built-in demo); OVERRIDES are key.path=value."""
     from .config import load_config
     from .trainer import train as run
 
