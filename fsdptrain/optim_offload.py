@@ -6,7 +6,9 @@ from host memory). Here each rank's local shards stay on the device for
 compute; only the optimizer step moves: the local gradient shards are copied
 to pinned host buffers, Adam's moments (8 bytes per parameter) are updated on
 the CPU with foreach kernels, and the new fp32 parameter shards are copied
-back. GPU memory saved: the whole optimizer state. Traffic per step: 4 bytes per
+back. The work goes in chunks of 64 MiB so copies overlap the CPU update:
+all device-to-host copies are issued at once, each chunk is updated as soon as
+its copies land, and its host-to-device copy runs while the next chunk updates. GPU memory saved: the whole optimizer state. Traffic per step: 4 bytes per
 parameter each way, per rank, for its shard only.
 
 The state is kept as DTensors with CPU local tensors and the parameters'
@@ -52,35 +54,64 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            # 1. device -> host: gradient shards and parameter shards (one batch of async copies)
-            grads = [self._host(_local(p.grad)) for p in params]
-            host_params = [self._host(_local(p)) for p in params]
-            if self._pin:
-                torch.cuda.current_stream().synchronize()
-            # 2. the AdamW update on the CPU, foreach over all shards of the group
-            m, v = [], []
-            for p in params:
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["exp_avg"] = _like_param(torch.zeros(_local(p).shape, dtype=torch.float32), p)
-                    st["exp_avg_sq"] = _like_param(torch.zeros(_local(p).shape, dtype=torch.float32), p)
-                st["step"] += 1
-                m.append(_local(st["exp_avg"]))
-                v.append(_local(st["exp_avg_sq"]))
-            step = float(self.state[params[0]]["step"])
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            if wd:
-                torch._foreach_mul_(host_params, 1 - lr * wd)
-            torch._foreach_lerp_(m, grads, 1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-            bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, math.sqrt(bc2))
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(host_params, m, denom, value=-lr / bc1)
-            # 3. host -> device: the updated parameter shards
-            for p, hp in zip(params, host_params):
-                _local(p).copy_(hp, non_blocking=self._pin)
+            # 1. device -> host: issue every chunk's gradient and parameter copies at once (async on CUDA),
+            #    with an event per chunk, so the CPU can start on chunk 0 while later chunks are in flight
+            staged = []
+            for chunk in _chunks(params, CHUNK_BYTES):
+                grads = [self._host(_local(p.grad)) for p in chunk]
+                host_params = [self._host(_local(p)) for p in chunk]
+                event = None
+                if self._pin:
+                    event = torch.cuda.Event()
+                    event.record()
+                staged.append((chunk, grads, host_params, event))
+            # 2. per chunk: wait for its copies, update on the CPU, send the new shards back asynchronously
+            #    (the host -> device copy of chunk k overlaps the CPU update of chunk k + 1)
+            for chunk, grads, host_params, event in staged:
+                if event is not None:
+                    event.synchronize()
+                self._update(chunk, grads, host_params, group)
+                for p, hp in zip(chunk, host_params):
+                    _local(p).copy_(hp, non_blocking=self._pin)
         return loss
+
+    def _update(self, params, grads, host_params, group) -> None:
+        """The AdamW update of one chunk, foreach over its shards, in host memory."""
+        m, v = [], []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = _like_param(torch.zeros(_local(p).shape, dtype=torch.float32), p)
+                st["exp_avg_sq"] = _like_param(torch.zeros(_local(p).shape, dtype=torch.float32), p)
+            st["step"] += 1
+            m.append(_local(st["exp_avg"]))
+            v.append(_local(st["exp_avg_sq"]))
+        step = float(self.state[params[0]]["step"])
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if wd:
+            torch._foreach_mul_(host_params, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(bc2))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(host_params, m, denom, value=-lr / bc1)
+
+
+CHUNK_BYTES = 64 * 2**20  # host staging granularity: big enough for foreach, small enough to pipeline
+
+
+def _chunks(params: list, limit: int) -> list[list]:
+    out: list[list] = [[]]
+    size = 0
+    for p in params:
+        n = _local(p).numel() * 4
+        if out[-1] and size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += n
+    return out

@@ -112,13 +112,16 @@ def test_selective_checkpointing_recomputes_only_cheap_ops():
     assert sel.get("mul", 0) > none.get("mul", 0)  # ... and recomputes element-wise ops (norms, SiLU, RoPE)
 
 
-def test_cpu_offload_adamw_matches_torch_adamw():
+def test_cpu_offload_adamw_matches_torch_adamw(monkeypatch):
+    import fsdptrain.optim_offload as oo
+
+    monkeypatch.setattr(oo, "CHUNK_BYTES", 100)  # several chunks per group: the pipelined path
     torch.manual_seed(0)
-    ref = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    ref = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
     mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    a = torch.optim.AdamW([{"params": ref[:1], "weight_decay": 0.1}, {"params": ref[1:], "weight_decay": 0.0}], **kw)
-    b = CPUOffloadAdamW([{"params": mine[:1], "weight_decay": 0.1}, {"params": mine[1:], "weight_decay": 0.0}], **kw)
+    a = torch.optim.AdamW([{"params": ref[:2], "weight_decay": 0.1}, {"params": ref[2:], "weight_decay": 0.0}], **kw)
+    b = CPUOffloadAdamW([{"params": mine[:2], "weight_decay": 0.1}, {"params": mine[2:], "weight_decay": 0.0}], **kw)
     for step in range(5):
         g = [torch.randn_like(p) for p in ref]
         for p, q, gi in zip(ref, mine, g):
@@ -129,3 +132,4 @@ def test_cpu_offload_adamw_matches_torch_adamw():
         assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
     st = b.state[mine[0]]
     assert st["exp_avg"].device.type == "cpu" and float(st["step"]) == 5
+    assert len(oo._chunks(mine[:2], oo.CHUNK_BYTES)) == 2  # the decay group was updated in two chunks
