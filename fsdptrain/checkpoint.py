@@ -41,6 +41,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .config import CheckpointConfig
+from .distributed import barrier
 from .errors import UserError
 from .export import export_hf  # noqa: F401  (kept importable from here; it lives in export.py)
 
@@ -297,7 +298,7 @@ class Checkpointer:
             removed = clean_incomplete(self.root)
             if removed:
                 self.log(f"checkpoint: removed incomplete checkpoint folder(s) left by a crash: {', '.join(removed)}")
-        _barrier()
+        barrier()
         path = resolve_resume(self.cfg.resume, self.root.parent)
         if path is None:
             if self.cfg.resume == "auto":
@@ -359,7 +360,7 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
-        _barrier()
+        barrier()
         t0 = time.perf_counter()
         _write_json(tmp / "rng" / f"rank-{self.rank:05d}.json", rng_state())
         if self.rank == 0:
@@ -411,7 +412,7 @@ class Checkpointer:
             self._prune()
         if self.async_ok:
             return  # the other ranks may be mid-step; they never read the folder
-        _barrier()
+        barrier()
 
     def _prune(self) -> None:
         keep = self.cfg.keep_last
@@ -422,7 +423,7 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
-        _barrier()
+        barrier()
 
 
 def _remove(path: Path) -> None:
@@ -431,11 +432,6 @@ def _remove(path: Path) -> None:
     trash = path.with_name(path.name + ".deleting")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _jsonable(obj: Any) -> Any:

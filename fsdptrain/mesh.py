@@ -19,6 +19,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .config import ParallelConfig
+from . import distributed
 from .distributed import DistInfo, all_gather_rows
 from .errors import ConfigError, LaunchError
 
@@ -54,7 +55,7 @@ def check_node_layout(node_of_rank: list[int], shard_group_size: int) -> None:
 def build_mesh(info: DistInfo, pcfg: ParallelConfig) -> DeviceMesh:
     """The mesh `fully_shard` gets: 1-D for full sharding, 2-D (replicate, shard) for hybrid."""
     if pcfg.sharding == "full":
-        return init_device_mesh(info.device_type, (info.world_size,), mesh_dim_names=("dp",))
+        return distributed.build_mesh(info)
     group = pcfg.shard_group_size
     if group is None:  # one shard group per node, checked against where the ranks really run
         group = info.local_world_size

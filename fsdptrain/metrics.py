@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -22,6 +22,11 @@ def peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[f
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_TFLOPS if k in name), None)
+
+
+def console(enabled: bool) -> Callable[[str], None]:
+    """Start-up and summary messages: printed on the main rank, dropped elsewhere."""
+    return (lambda msg: print(msg, flush=True)) if enabled else (lambda msg: None)
 
 
 class RunLogger:

@@ -23,9 +23,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from .models import _local
 
 
 def _like_param(local_cpu: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .errors import TrainingError, UserError
 from .loss import install_chunked_loss, token_loss_sum
 from .memory.tracker import MemoryTracker
 from .mesh import build_mesh, describe
-from .metrics import RunLogger, peak_tflops
+from .metrics import RunLogger, console, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import apply_fsdp, check_device_support, resolve_precision
 
@@ -69,10 +69,6 @@ def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def load_examples(cfg: Config, tokenizer, info: distributed.DistInfo, log: RunLogger):
-    return pipeline.load_examples(cfg, tokenizer, info.rank, info.local_rank, log.info)
-
-
 def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
     """Run training as configured. `examples` replaces the configured data (tests, notebooks)."""
     info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
@@ -96,12 +92,12 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
 
     # -- tokenizer and data -------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
-    boot_log = RunLogger(out, info.is_main, tensorboard=False, progress="none", total_steps=0)
-    boot_log.info(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
+    say = console(info.is_main)
+    say(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
     if info.is_main and moved:
-        boot_log.info(f"output_dir: a new run starts in {out}; the earlier run's outputs were moved to {moved}")
+        say(f"output_dir: a new run starts in {out}; the earlier run's outputs were moved to {moved}")
     if examples is None:
-        examples = load_examples(cfg, tokenizer, info, boot_log)
+        examples = pipeline.load_examples(cfg, tokenizer, info.rank, info.local_rank, say)
     sampler = pipeline.build_sampler(cfg, examples, info.world_size, info.rank, info.local_world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
 
@@ -120,7 +116,7 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     plan = apply_fsdp(model, blocks, mesh, cfg.parallel, info.device_type)
     weights = None if (cfg.model.path is None or cfg.model.random_init) else cfg.model.path
     models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights)
-    boot_log.info(f"model: {hf_config.model_type}, {n_params / 1e6:.2f}M params, {len(blocks)} blocks, "
+    say(f"model: {hf_config.model_type}, {n_params / 1e6:.2f}M params, {len(blocks)} blocks, "
                   f"precision {plan.precision}, checkpointed blocks {len(plan.checkpointed)}, "
                   f"offload {plan.offload}, mesh {describe(mesh)}, weights {'from ' + weights if weights else 'random init'}")
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
@@ -130,7 +126,7 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload,
                                 offload=cfg.parallel.optimizer_offload)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    ckpt = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, plan.precision, boot_log.info)
+    ckpt = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, plan.precision, say)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     state = ckpt.resume(model, optimizer, scheduler, sampler, micro, accum, total_steps)
 
@@ -225,8 +221,8 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
             torch.bfloat16 if plan.precision.startswith("bf16") else torch.float32)
         export_hf(model, hf_config, tokenizer, out / "hf", info.is_main, dtype=export_dtype,
                   max_shard_bytes=parse_size(cfg.checkpoint.export_max_shard_size, "checkpoint.export_max_shard_size"))
-        boot_log.info(f"export: Hugging Face model written to {out / 'hf'}")
+        say(f"export: Hugging Face model written to {out / 'hf'}")
     if result.losses:
-        boot_log.info(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+        say(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
                       f"skipped {result.skipped_steps}; outputs in {out}")
     return result

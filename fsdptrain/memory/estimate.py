@@ -79,21 +79,15 @@ def shape_of_model(model) -> ModelShape:
     blocks = models.find_blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
     seen: set[int] = set()
-    units, unit_names = [], []
-    for b in blocks:
-        shapes = []
-        for p in b.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                shapes.append(tuple(p.shape))
-        units.append(shapes)
-        unit_names.append(names.get(id(b), "block"))
-    root = []
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            root.append(tuple(p.shape))
-    units.append(root)
+
+    def unclaimed_shapes(module) -> list[tuple[int, ...]]:  # each parameter goes to the first unit holding it
+        shapes = [tuple(p.shape) for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in module.parameters())
+        return shapes
+
+    units = [unclaimed_shapes(b) for b in blocks]
+    unit_names = [names.get(id(b), "block") for b in blocks]
+    units.append(unclaimed_shapes(model))
     unit_names.append("root (embeddings, final norm, lm_head)")
     c = model.config
     text = getattr(c, "get_text_config", lambda: c)()
