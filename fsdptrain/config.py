@@ -88,7 +88,7 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay (never applied to norms and biases).", min=0)
     adam_betas: list = opt([0.9, 0.95], "AdamW (beta1, beta2).")
     adam_eps: float = opt(1.0e-8, "AdamW epsilon.", min=0)
-    loss_chunk_tokens: int = opt(0, "Compute lm_head + cross-entropy this many tokens at a time (checkpointed) so full-vocabulary fp32 logits never exist at once; 0 computes full logits.", min=0)
+    loss_chunk_tokens: int = opt(0, "Compute lm_head + cross-entropy (and their gradients, fused) this many tokens at a time so full-vocabulary fp32 logits never exist at once; 0 computes full logits.", min=0)
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
     on_nonfinite: str = opt("stop", "Non-finite loss or grad norm: stop the run (naming step and rank) or skip the update.", choices=["stop", "skip"])
 

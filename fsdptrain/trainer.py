@@ -122,7 +122,8 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
     # -- optimizer and schedule ---------------------------------------------------------------
-    loss_head = install_chunked_loss(model, cfg.train.loss_chunk_tokens)
+    loss_head = install_chunked_loss(model, cfg.train.loss_chunk_tokens,
+                                     cfg.parallel.compile_backend if cfg.parallel.compile else None)
     optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload,
                                 offload=cfg.parallel.optimizer_offload)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)

@@ -491,5 +491,9 @@ def test_estimate_follows_hybrid_sharding_optimizer_offload_and_loss_chunks(tmp_
     assert off.terms["optimizer state (AdamW m, v, step)"] == 0 and off.cpu_per_rank > base.state.optimizer
     assert base.peak - off.peak == base.state.optimizer
     chunk = estimate.estimate(load_config(cfg_path, ["train.loss_chunk_tokens=512"]), 2, 4, 80 * GIB, shape=shape)
-    assert chunk.terms["logits + loss (forward)"] * 8 == base.terms["logits + loss (forward)"]
+    tokens, V, h, c = base.settings.micro_batch * 4096, 32000, TINY["hidden_size"], 2
+    assert base.terms["logits + loss (forward)"] == tokens * V * (c + 4 + 4)  # bf16 logits, fp32 copy, log-softmax
+    assert chunk.terms["logits + loss (forward)"] == 512 * V * (c + 4)  # one chunk: bf16 logits + fp32 softmax
+    assert chunk.terms["logits + loss (backward)"] == 0  # the fused loss made its gradients in forward
+    assert chunk.terms["lm_head + hidden grads (fused loss)"] == c * V * h + c * h * tokens
     assert chunk.peak < base.peak

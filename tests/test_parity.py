@@ -37,7 +37,8 @@ def runs(tmp_path_factory):
         "selective_ac": base_config(root / "selective_ac", llama, parallel={"activation_checkpointing": "selective"}),
         "optimizer_offload": base_config(root / "optimizer_offload", llama, parallel={"optimizer_offload": True}),
         "compiled_ac": base_config(root / "compiled_ac", llama, parallel={"compile": True, "compile_backend": "aot_eager",
-                                                                          "activation_checkpointing": "full"}),
+                                                                          "activation_checkpointing": "full"},
+                                   train={"loss_chunk_tokens": 24}),  # the compiled per-chunk loss too
         "qwen2": base_config(root / "qwen2_run", qwen, parallel={"activation_checkpointing": "every_k",
                                                                   "activation_checkpointing_k": 2}),
     }

@@ -77,6 +77,56 @@ def test_chunked_loss_never_holds_more_than_one_chunk_of_logits():
     assert max(widest) == 120  # without chunking all 3 x 40 tokens' logits exist at once
 
 
+class MatmulFlops(TorchDispatchMode):
+    """2 m k n per matrix product that runs, whatever the overload (in-place and out= included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_"):
+            a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunked_loss_does_no_more_matmul_work_than_full_logits():
+    # A checkpointed chunk would run lm_head's forward again in backward: 4 products instead of 3.
+    flops = {}
+    for chunk in (0, 16, 1000):
+        model = tiny_model()
+        head = install_chunked_loss(model, chunk)
+        with MatmulFlops() as m:
+            token_loss_sum(model, batch(), head).backward()
+        flops[chunk] = m.flops
+    lm_head = 2 * 120 * 32 * 97  # one product of 120 tokens x hidden 32 x vocab 97
+    assert flops[0] > 3 * lm_head
+    assert flops[16] == flops[0] and flops[1000] == flops[0], flops
+
+
+def test_fused_linear_cross_entropy_with_bias_matches_autograd():
+    from fsdptrain.loss import _FusedLinearCrossEntropy, _chunk_loss_and_grad
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(50, 8, generator=g, requires_grad=True)
+    w = torch.randn(13, 8, generator=g, requires_grad=True)
+    b = torch.randn(13, generator=g, requires_grad=True)
+    y = torch.randint(0, 13, (50,), generator=g)
+    y[::4] = IGNORE
+    ref = F.cross_entropy(F.linear(h, w, b), y, ignore_index=IGNORE, reduction="sum")
+    (ref * 0.37).backward()
+    want = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    loss = _FusedLinearCrossEntropy.apply(h, w, b, y, 7, _chunk_loss_and_grad)  # 50 tokens: 7 chunks, last of 1
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    (loss * 0.37).backward()
+    for got, exp in zip((h.grad, w.grad, b.grad), want):
+        assert torch.allclose(got, exp, rtol=1e-5, atol=1e-6)
+
+
 class CountOps(TorchDispatchMode):
     """Counts aten ops that actually run. Pushed before backward, it sits below the checkpoint's own mode,
     so an op whose saved output selective checkpointing hands back is never seen here."""

@@ -17,7 +17,8 @@ Two kinds of terms:
   activations saved per block (Llama-family block with flash/efficient SDPA;
   eager attention adds the s x s scores) for the checkpointing mode, and the
   logits spike (tokens x vocab: bf16 logits, fp32 copy, log-softmax and its
-  gradient; one chunk of tokens with train.loss_chunk_tokens). It follows
+  gradient; with train.loss_chunk_tokens one chunk's logits plus the lm_head
+  and hidden-state gradients the fused loss makes in forward). It follows
   parallel.sharding (hybrid: sharded within a shard group), prefetch_blocks,
   optimizer_offload and selective checkpointing (block input, matmul and
   attention outputs kept). The peak is the largest of the phase sums in `phases`.
@@ -271,12 +272,18 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     # reshard_after_forward) except the last block; with reshard_after_forward=false all of them stay.
     held_after_fwd = c * last_block if s.reshard_after_forward else c * (sum(block_un) + root_un)
     during_fwd = root_buf + (c * two_blocks if s.reshard_after_forward else c * sum(block_un))
-    chunked = s.loss_chunk_tokens > 0  # the loss runs inside the model (checkpointed), even as one chunk
+    chunked = s.loss_chunk_tokens > 0  # the fused loss runs inside the model's forward, even as one chunk
     lt = min(s.loss_chunk_tokens, tokens) if chunked else tokens  # tokens whose logits exist at once
     logits_bf = c * V * lt  # lm_head output (compute dtype)
-    logits_fwd = lt * V * (c + 4 + 4 if c == 2 else 8)  # logits, fp32 copy, log-softmax output
-    logits_bwd = lt * V * (12 + (c + 8 if chunked else 0))  # + the chunk's recomputed forward when chunked
-    logits_grad = lt * V * (4 + c if c == 2 else 4)  # fp32 gradient and its cast, entering lm_head backward
+    if chunked:  # one chunk: compute-dtype logits + the fp32 softmax buffer (reused in place), then its cast
+        logits_fwd = lt * V * (c + 4 if c == 2 else 4)
+        logits_bwd = logits_grad = 0  # backward only scales the gradients made in forward
+        fused_grads = c * V * h + c * h * tokens  # lm_head weight and hidden-state gradients, made in forward
+    else:
+        logits_fwd = lt * V * (c + 4 + 4 if c == 2 else 8)  # logits, fp32 copy, log-softmax output
+        logits_bwd = lt * V * 12  # cross-entropy backward: fp32 gradient, softmax, output
+        logits_grad = lt * V * (4 + c if c == 2 else 4)  # fp32 gradient and its cast, entering lm_head backward
+        fused_grads = 0
     lm_head_grad = c * m.lm_head_numel  # unsharded root gradient, held until the root's reduce-scatter at the end
     unit_grad = (c + 4) * max(block_un, default=0)  # a block's unsharded grad + fp32 reduce-scatter input
     accum = 4 * sum(unit_numel(u, W) for u in m.units) if (s.grad_accum > 1 and not s.sync_every_micro_step) else 0
@@ -299,14 +306,15 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "fp32 gradient accumulation (no sync)": accum,
         "logits + loss (forward)": logits_fwd,
         "logits + loss (backward)": logits_bwd,
+        "lm_head + hidden grads (fused loss)": fused_grads,
     }
     base = params_gpu + opt_gpu + offload_staging + accum  # fused AdamW on CUDA: no full-size temporaries
     if chunked:  # the chunked loss runs inside the model's forward and backward: the root stays gathered
         held_after_fwd = max(held_after_fwd, root_buf + c * last_block)
     phases = {
         "forward (lm_head)": base + during_fwd + acts + logits_bf,
-        "forward (loss)": base + held_after_fwd + acts + logits_fwd,
-        "backward (loss)": base + held_after_fwd + acts + logits_bwd + (lm_head_grad if chunked else 0),
+        "forward (loss)": base + held_after_fwd + acts + logits_fwd + fused_grads,
+        "backward (loss)": base + held_after_fwd + acts + logits_bwd + fused_grads,
         "backward (lm_head)": base + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
         "backward (last block)": base + root_buf + lm_head_grad + c * two_blocks + acts + recompute + a_block + unit_grad,
         "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * root_un,
