@@ -5,7 +5,7 @@ moves parameters and gradients, so every forward and backward all-gather starts
 from host memory). Here each rank's local shards stay on the device for
 compute; only the optimizer step moves: the local gradient shards are copied
 to pinned host buffers, Adam's moments (8 bytes per parameter) are updated on
-the CPU with foreach kernels, and the new fp32 parameter shards are copied
+the CPU with torch's fused AdamW kernel, and the new fp32 parameter shards are copied
 back. The work goes in chunks of 64 MiB so copies overlap the CPU update:
 all device-to-host copies are issued at once, each chunk is updated as soon as
 its copies land, and its host-to-device copy runs while the next chunk updates. GPU memory saved: the whole optimizer state. Traffic per step: 4 bytes per
@@ -18,10 +18,9 @@ a regular AdamW's state.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.distributed.tensor import DTensor
+from torch.optim.adamw import adamw
 
 from .models import _local
 
@@ -39,11 +38,16 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._pin = torch.cuda.is_available()
+        self._staging: dict[torch.Tensor, list] = {}  # param -> [host gradient, host shard] buffers
 
-    def _host(self, t: torch.Tensor) -> torch.Tensor:
-        buf = torch.empty(t.shape, dtype=torch.float32, device="cpu", pin_memory=self._pin)
-        buf.copy_(t, non_blocking=self._pin)
-        return buf
+    def _host(self, p: torch.Tensor, which: int, t: torch.Tensor) -> torch.Tensor:
+        """Copy `t` (p's local gradient or shard) into p's persistent host buffer `which` (pinned on CUDA).
+        Kept across steps: allocating (and page-faulting) fresh buffers every step cost more than the update."""
+        bufs = self._staging.setdefault(p, [None, None])
+        if bufs[which] is None or bufs[which].shape != t.shape:
+            bufs[which] = torch.empty(t.shape, dtype=torch.float32, device="cpu", pin_memory=self._pin)
+        bufs[which].copy_(t, non_blocking=self._pin)
+        return bufs[which]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -56,8 +60,8 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             #    with an event per chunk, so the CPU can start on chunk 0 while later chunks are in flight
             staged = []
             for chunk in _chunks(params, CHUNK_BYTES):
-                grads = [self._host(_local(p.grad)) for p in chunk]
-                host_params = [self._host(_local(p)) for p in chunk]
+                grads = [self._host(p, 0, _local(p.grad)) for p in chunk]
+                host_params = [self._host(p, 1, _local(p)) for p in chunk]
                 event = None
                 if self._pin:
                     event = torch.cuda.Event()
@@ -74,29 +78,21 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         return loss
 
     def _update(self, params, grads, host_params, group) -> None:
-        """The AdamW update of one chunk, foreach over its shards, in host memory."""
-        m, v = [], []
+        """The AdamW update of one chunk in host memory, with torch's fused CPU kernel: one pass over
+        parameter, gradient and both moments (foreach ops make about ten passes; 6x slower, measured)."""
+        m, v, steps = [], [], []
         for p in params:
             st = self.state[p]
             if not st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
                 st["exp_avg"] = _like_param(torch.zeros(_local(p).shape, dtype=torch.float32), p)
                 st["exp_avg_sq"] = _like_param(torch.zeros(_local(p).shape, dtype=torch.float32), p)
-            st["step"] += 1
             m.append(_local(st["exp_avg"]))
             v.append(_local(st["exp_avg_sq"]))
-        step = float(self.state[params[0]]["step"])
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        if wd:
-            torch._foreach_mul_(host_params, 1 - lr * wd)
-        torch._foreach_lerp_(m, grads, 1 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(bc2))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(host_params, m, denom, value=-lr / bc1)
+            steps.append(st["step"])
+        (b1, b2) = group["betas"]
+        adamw(host_params, grads, m, v, [], steps, fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)  # increments `steps` too
 
 
 CHUNK_BYTES = 64 * 2**20  # host staging granularity: big enough for foreach, small enough to pipeline

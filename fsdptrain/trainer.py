@@ -115,7 +115,8 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     mesh = build_mesh(info, cfg.parallel)
     plan = apply_fsdp(model, blocks, mesh, cfg.parallel, info.device_type)
     weights = None if (cfg.model.path is None or cfg.model.random_init) else cfg.model.path
-    models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights)
+    models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights,
+                      init_device=info.device)
     say(f"model: {hf_config.model_type}, {n_params / 1e6:.2f}M params, {len(blocks)} blocks, "
                   f"precision {plan.precision}, checkpointed blocks {len(plan.checkpointed)}, "
                   f"offload {plan.offload}, mesh {describe(mesh)}, weights {'from ' + weights if weights else 'random init'}")

@@ -326,7 +326,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     if s.offload:
         cpu_rank = st.total + st.local_numel * pb  # + AdamW foreach's sqrt(v) temporary on CPU
     elif s.optimizer_offload:
-        cpu_rank = st.optimizer + 2 * st.local_numel * pb  # state + gradient copy and sqrt(v) temporary
+        cpu_rank = st.optimizer + 2 * st.local_numel * pb  # state + persistent host buffers (gradient, shard)
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.gpu_memory
     if cpu_rank and s.cpu_memory is not None:
         fits = fits and cpu_rank * s.gpus_per_node <= s.cpu_memory
@@ -402,8 +402,9 @@ def render(est: Estimate) -> str:
     lines += ["", f"GPU: peak allocated {gib(est.peak)}; with {int((FRAGMENTATION - 1) * 100)}% fragmentation "
               f"and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about {gib(need)} of {gib(s.gpu_memory)}"]
     if est.cpu_per_rank:
-        what = "sharded params, grads, AdamW state" if s.offload else "AdamW state, gradient copy"
-        cpu = f"CPU (offload): {gib(est.cpu_per_rank)} per rank, {gib(est.cpu_per_node)} per node ({what} and the step's temporary)"
+        what = ("sharded params, grads, AdamW state and the step's temporary" if s.offload
+                else "AdamW state and host copies of the gradient and parameter shards")
+        cpu = f"CPU (offload): {gib(est.cpu_per_rank)} per rank, {gib(est.cpu_per_node)} per node ({what})"
         if s.cpu_memory is not None:
             cpu += f" of {gib(s.cpu_memory)}"
         lines.append(cpu)
