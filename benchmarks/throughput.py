@@ -133,17 +133,31 @@ def main() -> None:
 
     rows: dict[str, list] = {"fsdptrain": [], "hand-written FSDP2": []}
     peaks: dict[str, int] = {}
+    hf = models.load_hf_config(None, cfg.model.hf_config, None, False)
+    n_params = models.count_params(models.build_meta_model(hf, "sdpa", torch.float32, False))
+    tflops = peak_tflops(info.device, cfg.logging.peak_tflops)
+
+    def row(name: str, t: float) -> str:
+        tok_s = mb * seq / t
+        mfu = f"{models.flops_per_token(hf, n_params, seq) * tok_s / (tflops * 1e12):.1%}" if tflops else "n/a"
+        return f"| {name} | {tok_s:,.0f} | {t:.4f} | {peaks[name] / 2**30:.2f} | {mfu} |"
+
+    def done(name: str) -> None:  # one line per finished run, so a run cut short by a timeout still reports
+        if info.is_main:
+            print(f"row: {row(name, min(rows[name]))}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         def run_fsdptrain(rep: int) -> None:
             cfg.output_dir = f"{tmp}/run{rep}"
             result = train(cfg, examples=examples)
             rows["fsdptrain"].append(per_step(elapsed_per_step(cfg.output_dir, result, info), args.warmup))
             peaks["fsdptrain"] = result.peak_mem_bytes
+            done("fsdptrain")
 
         def run_hand(rep: int) -> None:
             stamps, peak = hand_loop(cfg, examples, steps, info)
             rows["hand-written FSDP2"].append(per_step(stamps, args.warmup))
             peaks["hand-written FSDP2"] = peak
+            done("hand-written FSDP2")
 
         for rep in range(args.repeats):  # ABBA order, so neither loop always runs second
             for fn in ((run_fsdptrain, run_hand) if rep % 2 == 0 else (run_hand, run_fsdptrain)):
@@ -165,12 +179,10 @@ def main() -> None:
             elapsed = elapsed_per_step(vcfg.output_dir, result, info)
         rows[f"fsdptrain {name}"] = [per_step(elapsed, args.warmup)]
         peaks[f"fsdptrain {name}"] = result.peak_mem_bytes
+        done(f"fsdptrain {name}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    hf = models.load_hf_config(None, cfg.model.hf_config, None, False)
-    n_params = models.count_params(models.build_meta_model(hf, "sdpa", torch.float32, False))
-    tflops = peak_tflops(info.device, cfg.logging.peak_tflops)
     if info.is_main:
         dev = torch.cuda.get_device_name() if info.device_type == "cuda" else "CPU"
         print(f"\nmodel {n_params / 1e6:.1f}M params, micro-batch {mb} x {seq} tokens, {info.world_size} rank(s), "
@@ -180,11 +192,8 @@ def main() -> None:
         print(f"| --- | ---: | ---: | ---: | ---: |")
         best = {}
         for name, times in rows.items():
-            t = min(times)
-            best[name] = t
-            tok_s = mb * seq / t
-            mfu = f"{models.flops_per_token(hf, n_params, seq) * tok_s / (tflops * 1e12):.1%}" if tflops else "n/a"
-            print(f"| {name} | {tok_s:,.0f} | {t:.4f} | {peaks[name] / 2**30:.2f} | {mfu} |")
+            best[name] = min(times)
+            print(row(name, best[name]))
         ratio = best["hand-written FSDP2"] / best["fsdptrain"]
         print(f"\nfsdptrain throughput / hand-written loop = {ratio:.3f}")
         for name in rows:
