@@ -32,7 +32,7 @@ from fsdptrain.data.loader import StepSampler, collate  # noqa: E402
 from fsdptrain.data.tokenize import Example  # noqa: E402
 from fsdptrain.memory import stats as memstats  # noqa: E402
 from fsdptrain.metrics import peak_tflops  # noqa: E402
-from fsdptrain.parallelize import apply_fsdp, mixed_precision_policy, resolve_precision  # noqa: E402
+from fsdptrain.parallelize import mixed_precision_policy, resolve_precision  # noqa: E402
 from fsdptrain.trainer import train  # noqa: E402
 
 LLAMA_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
@@ -188,8 +188,8 @@ def main() -> None:
         print(f"\nmodel {n_params / 1e6:.1f}M params, micro-batch {mb} x {seq} tokens, {info.world_size} rank(s), "
               f"{dev}, precision {resolve_precision(cfg.parallel.precision, info.device_type)}, "
               f"median of steps {args.warmup + 1}-{steps}, best of {args.repeats}")
-        print(f"| loop | tokens/s/device | step time (s) | peak memory (GiB) | MFU |")
-        print(f"| --- | ---: | ---: | ---: | ---: |")
+        print("| loop | tokens/s/device | step time (s) | peak memory (GiB) | MFU |")
+        print("| --- | ---: | ---: | ---: | ---: |")
         best = {}
         for name, times in rows.items():
             best[name] = min(times)

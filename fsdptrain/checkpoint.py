@@ -43,7 +43,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from .config import CheckpointConfig
 from .distributed import barrier
 from .errors import UserError
-from .export import export_hf  # noqa: F401  (kept importable from here; it lives in export.py)
 
 MARKER = "COMPLETE.json"
 STATE_FILE = "train_state.json"

@@ -91,7 +91,8 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, refer
 @friendly_errors
 def export_cmd(checkpoint: str, out_dir: str, dtype: str, max_shard_size: str) -> None:
     """Write a Hugging Face model folder from CHECKPOINT (a checkpoint folder, or a run directory: its newest)."""
-    from .export import export_checkpoint, parse_size
+    from .config import parse_size
+    from .export import export_checkpoint
 
     out = export_checkpoint(checkpoint, out_dir, dtype, parse_size(max_shard_size, "--max-shard-size"))
     click.echo(f"exported {checkpoint} to {out}")
@@ -141,12 +142,12 @@ def mem_diff(a: str, b: str, top: int) -> None:
 def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_node: int, gpu_memory: str,
                  cpu_memory: str | None) -> None:
     """Per-rank memory of CONFIG from the model config alone (no weights, no GPU), the verdict and what to change."""
-    from .config import load_config
+    from .config import load_config, parse_size
     from .memory import estimate
 
     cfg = load_config(config, overrides)
-    est = estimate.estimate(cfg, nnodes, gpus_per_node, estimate.parse_size(gpu_memory),
-                            estimate.parse_size(cpu_memory) if cpu_memory else None)
+    est = estimate.estimate(cfg, nnodes, gpus_per_node, parse_size(gpu_memory, "--gpu-memory"),
+                            parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None)
     click.echo(estimate.render(est), nl=False)
 
 

@@ -26,6 +26,20 @@ import yaml
 from .errors import ConfigError
 
 
+def parse_size(text: str, key: str) -> int:
+    """A size in bytes from '5GB' / '500MB' (decimal), '2GiB' (binary), '80G' (binary, as GPU sizes are quoted)
+    or a plain number of bytes. `key` names the setting or option in the one-line error."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])(i?)(B?))?\s*(B?)\s*", str(text), re.IGNORECASE)
+    if not m or (m.group(2) and m.group(5)):
+        raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or 80G")
+    num, unit, binary, b = float(m.group(1)), (m.group(2) or "").upper(), m.group(3), m.group(4)
+    power = " KMGT".index(unit) if unit else 0
+    value = int(num * (1024 if (binary or (unit and not b)) else 1000) ** power)
+    if value <= 0:
+        raise ConfigError(f"{key}: {text!r} must be above zero")
+    return value
+
+
 def opt(default: Any, doc: str, *, choices: Optional[list] = None, min: Optional[float] = None) -> Any:
     """Declare a config key: default value, one-line doc, optional allowed values / minimum."""
     meta = {"doc": doc, "choices": choices, "min": min}
@@ -325,7 +339,6 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: memory.snapshot_steps: expected optimizer steps (integers >= 1), got {bad_steps!r}")
     if t.min_lr_ratio > 1:
         raise ConfigError(f"{source}: train.min_lr_ratio: {t.min_lr_ratio} must be at most 1")
-    from .export import parse_size
 
     parse_size(cfg.checkpoint.export_max_shard_size, f"{source}: checkpoint.export_max_shard_size")
 

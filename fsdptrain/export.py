@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -23,24 +22,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .errors import ConfigError, UserError
+from .errors import UserError
 from .models import _owned_params
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def parse_size(text: str, key: str) -> int:
-    """'5GB', '500MB', '2GiB', or a number of bytes -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    value = int(float(m.group(1)) * scale)
-    if value <= 0:
-        raise ConfigError(f"{key}: {text!r} must be above zero")
-    return value
 
 
 class ShardWriter:

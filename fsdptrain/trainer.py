@@ -25,8 +25,8 @@ from torch.distributed.tensor import DTensor
 
 from . import distributed, models
 from .checkpoint import Checkpointer, archive_previous_run, resolve_resume
-from .export import EXPORT_DTYPES, export_hf, parse_size
-from .config import Config, dump_yaml
+from .export import EXPORT_DTYPES, export_hf
+from .config import Config, dump_yaml, parse_size
 from .data import pipeline
 from .data.tokenize import IGNORE, Example
 from .data.tokenizer import load_tokenizer

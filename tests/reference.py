@@ -57,7 +57,7 @@ def reference_run(model_dir: Path, examples, batches: list[list[int]]):
     for s, idx in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = HYPER["lr"] * factor(s)
-        total, count = 0.0, 0
+        count = 0
         sums = []
         for i in idx:
             ids = torch.tensor([examples[i].input_ids])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fsdptrain.config import DEMO_CONFIG, Config, dump_yaml, load_config, reference_rows, to_dict
+from fsdptrain.config import DEMO_CONFIG, Config, dump_yaml, load_config, parse_size, reference_rows, to_dict
 from fsdptrain.errors import ConfigError
 
 
@@ -148,3 +148,20 @@ def test_llamafactory_key_names_point_to_ours(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'train.gradient_accumulation_steps'; "
                                           r"did you mean 'train.grad_accum_steps'\?"):
         load_config(None, ["train.gradient_accumulation_steps=4"])
+
+
+def test_parse_size_units_and_errors():
+    assert parse_size("80GiB", "k") == 80 * 2**30
+    assert parse_size("80G", "k") == 80 * 2**30  # GPU sizes as quoted: binary
+    assert parse_size("141GB", "k") == 141 * 10**9
+    assert parse_size(" 1.5 TiB ", "k") == int(1.5 * 2**40)
+    assert parse_size("500mb", "k") == 500 * 10**6
+    assert parse_size("4096", "k") == 4096
+    with pytest.raises(ConfigError) as e:
+        parse_size("lots", "--gpu-memory")
+    assert str(e.value) == "--gpu-memory: 'lots' is not a size; write e.g. 5GB, 500MB, 2GiB or 80G"
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_size("5GB B", "k")
+    with pytest.raises(ConfigError) as e:
+        parse_size("0MB", "checkpoint.export_max_shard_size")
+    assert str(e.value) == "checkpoint.export_max_shard_size: '0MB' must be above zero"

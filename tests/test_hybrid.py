@@ -8,7 +8,6 @@ arithmetic is tested without processes.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -41,17 +40,6 @@ from .snapshot import gib
 GIB = 2**30
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context + NCCL + allocator slack, outside torch.cuda.memory_allocated
 FRAGMENTATION = 1.05
-
-
-def parse_size(text: str) -> int:
-    """'80GiB', '80G', '80GB' (decimal), '141 GiB', or a number of bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise UserError(f"memory size {text!r}: expected e.g. 80GiB, 80GB or 141G")
-    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    power = " KMGT".index(unit) if unit else 0
-    base = 1024 if (binary or (unit and not text.strip().upper().endswith("B"))) else 1000
-    return int(num * base**power)
 
 
 # ----------------------------------------------------------------------------- model shape (meta device)
@@ -379,7 +367,7 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
 
 
 def render(est: Estimate) -> str:
-    s, m, st = est.settings, est.shape, est.state
+    s, m = est.settings, est.shape
     nodes = s.world // max(1, s.gpus_per_node)
     count = f"{m.n_params / 1e9:.2f}B" if m.n_params >= 1e9 else f"{m.n_params / 1e6:.2f}M"
     lines = [f"model: {m.model_type}, {count} parameters, {m.layers} blocks, hidden {m.hidden}, "
