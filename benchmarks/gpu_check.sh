@@ -33,6 +33,7 @@ timeout 270 python3 benchmarks/throughput.py --preset "$PRESET" --repeats 1 --st
     --variant "compile+chunked=$C" \
     --variant "selective-AC+compile+chunked=parallel.activation_checkpointing=selective,$C" \
     --variant "full-AC+compile+chunked=parallel.activation_checkpointing=full,$C" \
+    --variant "auto-AC-28GiB+compile+chunked=parallel.activation_checkpointing=auto,parallel.memory_budget_gib=28,$C" \
     --variant "optimizer-offload+compile+chunked=parallel.optimizer_offload=true,$C" \
     2>&1 | tee "$RES/throughput.txt" | grep -v "^step " > "$RES/throughput_table.txt"
 

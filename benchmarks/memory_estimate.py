@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fsdptrain import distributed  # noqa: E402
-from fsdptrain.config import load_config  # noqa: E402
+from fsdptrain.config import load_config, parse_size  # noqa: E402
 from fsdptrain.data.tokenize import IGNORE, Example  # noqa: E402
 from fsdptrain.memory import estimate  # noqa: E402
 from fsdptrain.trainer import train  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
             if shape is None:
                 shape = estimate.shape_from_config(cfg)
-            est = estimate.estimate(cfg, 1, info.world_size, estimate.parse_size(args.gpu_memory), shape=shape)
+            est = estimate.estimate(cfg, 1, info.world_size, parse_size(args.gpu_memory, "--gpu-memory"), shape=shape)
             recs = [json.loads(x) for x in (out / "memory" / f"rank{info.rank}.jsonl").read_text().splitlines()]
             measured = max(r["allocated_peak"] for r in recs if r["step"] >= 2)
             growth = measured - recs[0]["allocated"]

@@ -125,6 +125,7 @@ def main() -> None:
         overrides += [f"model.hf_config={json.dumps(LLAMA_1B)}", "train.lr=1e-5"]
     else:
         seq, mb, steps = args.seq or 128, args.micro_batch or 8, args.steps or 40
+    overrides.insert(0, f"data.max_length={seq}")  # what activation_checkpointing=auto plans for
     cfg = load_config(args.config, [*overrides, f"train.micro_batch_size={mb}", f"train.max_steps={steps}"])
     info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
     cfg.model.hf_config.setdefault("vocab_size", 100)  # the built-in tokenizer's size, as train() would set

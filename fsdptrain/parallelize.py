@@ -9,6 +9,7 @@ still lives on the meta device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -37,17 +38,33 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
 class ParallelPlan:
     """What was applied, for logs and tests."""
     n_blocks: int
-    checkpointed: list[int]
+    checkpoint_modes: list[str]  # per block: none | selective | full
     precision: str
     offload: bool
 
+    @property
+    def checkpointed(self) -> list[int]:
+        return [i for i, m in enumerate(self.checkpoint_modes) if m != "none"]
 
-def checkpointed_indices(n_blocks: int, mode: str, k: int) -> list[int]:
-    if mode == "none":
-        return []
-    if mode in ("full", "selective"):
-        return list(range(n_blocks))
-    return [i for i in range(n_blocks) if i % k == 0]
+
+def checkpoint_modes(n_blocks: int, mode: str, k: int) -> list[str]:
+    """Per-block checkpointing for a configured mode (auto is planned from a memory budget, not here)."""
+    if mode == "every_k":
+        return ["full" if i % k == 0 else "none" for i in range(n_blocks)]
+    if mode in ("none", "full", "selective"):
+        return [mode] * n_blocks
+    raise ValueError(f"checkpointing mode {mode!r} has no fixed plan")
+
+
+def describe_modes(modes: list[str]) -> str:
+    """['selective', 'selective', 'full'] -> 'blocks 0-1 selective, 2 full'."""
+    runs: list[list] = []
+    for i, m in enumerate(modes):
+        if runs and runs[-1][2] == m:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, m])
+    return "blocks " + ", ".join(f"{a}-{b} {m}" if a != b else f"{a} {m}" for a, b, m in runs)
 
 
 # Ops whose outputs selective checkpointing keeps: the expensive ones. Everything else (norms, activations,
@@ -74,15 +91,16 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def apply_activation_checkpointing(blocks: list[nn.Module], indices: list[int], selective: bool = False) -> None:
-    """Non-reentrant checkpointing of whole blocks, composable (no module wrapping, state-dict keys unchanged)."""
+def apply_activation_checkpointing(blocks: list[nn.Module], modes: list[str]) -> None:
+    """Non-reentrant checkpointing of whole blocks (full) or op-selective (selective), composable (no module
+    wrapping, state-dict keys unchanged). Blocks can differ: each rank's plan may mix modes."""
     from torch.distributed._composable import checkpoint
 
-    for i in indices:
-        if selective:
-            checkpoint(blocks[i], context_fn=_selective_context)
-        else:
-            checkpoint(blocks[i])
+    for block, mode in zip(blocks, modes):
+        if mode == "selective":
+            checkpoint(block, context_fn=_selective_context)
+        elif mode == "full":
+            checkpoint(block)
 
 
 def set_prefetch(blocks: list[nn.Module], n: int) -> None:
@@ -101,14 +119,42 @@ def check_device_support(pcfg: ParallelConfig, device_type: str) -> None:
             "parallel.cpu_offload: true needs CUDA GPUs (FSDP2 offload pins host memory for GPU copies); "
             "this run is on CPU, so set parallel.cpu_offload=false"
         )
+    if pcfg.activation_checkpointing == "auto" and device_type != "cuda" and pcfg.memory_budget_gib <= 0:
+        raise ConfigError("parallel.memory_budget_gib: activation_checkpointing=auto on CPU needs a budget; "
+                          "set parallel.memory_budget_gib (GiB) or choose another activation_checkpointing")
+
+
+def plan_auto_checkpointing(cfg, model: nn.Module, world_size: int, local_world_size: int,
+                            device: torch.device) -> tuple[list[str], str]:
+    """activation_checkpointing auto: the least recomputation whose estimated peak fits the budget (the
+    configured one, or the smallest GPU's memory across ranks). Returns the per-block modes and a log line."""
+    from .memory import estimate
+
+    gpu_memory = 0
+    if device.type == "cuda":
+        total = torch.tensor([torch.cuda.get_device_properties(device).total_memory], dtype=torch.float64,
+                             device=device)
+        if torch.distributed.is_initialized():  # mixed GPU types: plan for the smallest
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MIN)
+        gpu_memory = int(total.item())
+    budget = estimate.budget_bytes(cfg.parallel.memory_budget_gib, gpu_memory)
+    nnodes = max(1, world_size // max(1, local_world_size))
+    settings = estimate.settings_from_config(cfg, nnodes, world_size // nnodes, gpu_memory or budget)
+    modes, est = estimate.plan_checkpointing(estimate.shape_of_model(model), settings, budget)
+    verdict = "fits" if est.peak <= budget else "does NOT fit even with every block full; see `fsdptrain estimate`"
+    return modes, (f"activation checkpointing auto: {describe_modes(modes)}; estimated peak "
+                   f"{est.peak / 2**30:.2f} GiB for a budget of {budget / 2**30:.2f} GiB ({verdict})")
 
 
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg: ParallelConfig,
-               device_type: str) -> ParallelPlan:
+               device_type: str, modes: Optional[list[str]] = None) -> ParallelPlan:
+    """modes: per-block checkpointing (from memory.estimate.plan_checkpointing with activation_checkpointing
+    auto); default: the configured mode."""
     check_device_support(pcfg, device_type)
     precision = resolve_precision(pcfg.precision, device_type)
-    ac = checkpointed_indices(len(blocks), pcfg.activation_checkpointing, pcfg.activation_checkpointing_k)
-    apply_activation_checkpointing(blocks, ac, selective=pcfg.activation_checkpointing == "selective")
+    if modes is None:
+        modes = checkpoint_modes(len(blocks), pcfg.activation_checkpointing, pcfg.activation_checkpointing_k)
+    apply_activation_checkpointing(blocks, modes)
     if pcfg.compile:
         for block in blocks:  # after checkpointing, before sharding: FSDP's hooks stay outside the graph
             block.compile(backend=pcfg.compile_backend)
@@ -122,4 +168,4 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **kwargs)
     set_prefetch(blocks, pcfg.prefetch_blocks)
-    return ParallelPlan(n_blocks=len(blocks), checkpointed=ac, precision=precision, offload=pcfg.cpu_offload)
+    return ParallelPlan(n_blocks=len(blocks), checkpoint_modes=modes, precision=precision, offload=pcfg.cpu_offload)

@@ -36,7 +36,7 @@ from .memory.tracker import MemoryTracker
 from .mesh import build_mesh, describe
 from .metrics import RunLogger, console, peak_tflops
 from .optim import build_optimizer, build_scheduler
-from .parallelize import apply_fsdp, check_device_support, resolve_precision
+from .parallelize import apply_fsdp, check_device_support, plan_auto_checkpointing, resolve_precision
 
 
 @dataclass
@@ -113,7 +113,11 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
     n_params = models.count_params(model)
     blocks = models.find_blocks(model)
     mesh = build_mesh(info, cfg.parallel)
-    plan = apply_fsdp(model, blocks, mesh, cfg.parallel, info.device_type)
+    modes = None
+    if cfg.parallel.activation_checkpointing == "auto":  # planned from the memory estimate, before sharding
+        modes, note = plan_auto_checkpointing(cfg, model, info.world_size, info.local_world_size, info.device)
+        say(note)
+    plan = apply_fsdp(model, blocks, mesh, cfg.parallel, info.device_type, modes)
     weights = None if (cfg.model.path is None or cfg.model.random_init) else cfg.model.path
     models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights,
                       init_device=info.device)

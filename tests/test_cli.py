@@ -35,6 +35,13 @@ def test_cpu_offload_on_cpu_is_a_one_line_error_before_any_work(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_auto_checkpointing_on_cpu_without_a_budget_is_a_one_line_error(tmp_path):
+    proc = run_cli(["train", "parallel.activation_checkpointing=auto", f"output_dir={tmp_path / 'run'}"])
+    assert_one_line_error(proc, "parallel.memory_budget_gib: activation_checkpointing=auto on CPU needs a budget; "
+                                "set parallel.memory_budget_gib (GiB) or choose another activation_checkpointing")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_missing_model_folder_is_a_one_line_error(tmp_path):
     proc = run_cli(["train", f"model.path={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'run'}"])
     assert_one_line_error(proc, f"model.path: {tmp_path / 'nowhere'}: no config.json there")

@@ -14,7 +14,8 @@ import subprocess
 from helpers import REPO
 
 ROWS = ["fsdptrain", "hand-written FSDP2", "fsdptrain compile+chunked", "fsdptrain selective-AC+compile+chunked",
-        "fsdptrain full-AC+compile+chunked", "fsdptrain optimizer-offload+compile+chunked"]
+        "fsdptrain full-AC+compile+chunked", "fsdptrain auto-AC-28GiB+compile+chunked",
+        "fsdptrain optimizer-offload+compile+chunked"]
 
 
 def test_gpu_check_script_runs_every_stage_on_cpu(tmp_path):
@@ -34,4 +35,4 @@ def test_gpu_check_script_runs_every_stage_on_cpu(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["cuda_tests.txt", "env.txt", "memory_estimate.txt", "throughput.txt",
                                             "throughput_table.txt"]
     # every finished run was also reported as it ended, for a run cut short by its timeout
-    assert sum(line.startswith("row: ") for line in (tmp_path / "throughput_table.txt").read_text().splitlines()) == 6
+    assert sum(line.startswith("row: ") for line in (tmp_path / "throughput_table.txt").read_text().splitlines()) == 7

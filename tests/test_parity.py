@@ -41,6 +41,8 @@ def runs(tmp_path_factory):
                                    train={"loss_chunk_tokens": 24}),  # the compiled per-chunk loss too
         "qwen2": base_config(root / "qwen2_run", qwen, parallel={"activation_checkpointing": "every_k",
                                                                   "activation_checkpointing_k": 2}),
+        "auto_ac": base_config(root / "auto_ac", llama, parallel={
+            "activation_checkpointing": "auto", "memory_budget_gib": auto_budget_gib(root, llama)}),
     }
     spec = {"cases": [], "init_out": str(root / "init2.safetensors"), "init_model_yaml": str(root / "init.yaml")}
     (root / "init.yaml").write_text(yaml.safe_dump({"seed": 3, "model": {"hf_config": {**LLAMA, "vocab_size": 100}},
@@ -52,7 +54,27 @@ def runs(tmp_path_factory):
     (root / "spec.json").write_text(json.dumps(spec))
     proc = torchrun(2, [str(REPO / "tests" / "dist_cases.py"), str(root / "spec.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (root / "stdout.txt").write_text(proc.stdout)
     return root, cases, llama, qwen
+
+
+AUTO_PLAN = 4  # of candidate_plans(3): block 0 full, blocks 1-2 selective
+
+
+def auto_budget_gib(root: Path, llama: Path) -> float:
+    """A budget between candidate plan AUTO_PLAN's estimated peak and every less-recomputing plan's."""
+    from fsdptrain.config import load_config
+    from fsdptrain.memory import estimate
+
+    (root / "auto_probe.yaml").write_text(yaml.safe_dump(base_config(root / "probe", llama)))
+    cfg = load_config(str(root / "auto_probe.yaml"))
+    shape = estimate.shape_from_config(cfg)
+    s = estimate.settings_from_config(cfg, 1, 2, 1)
+    peaks = [estimate.compute(shape, estimate.Settings(**{**s.__dict__, "checkpointing": "auto",
+                                                          "block_modes": tuple(p)})).peak
+             for p in estimate.candidate_plans(shape.layers)]
+    assert min(peaks[:AUTO_PLAN]) > peaks[AUTO_PLAN]
+    return (peaks[AUTO_PLAN] + min(peaks[:AUTO_PLAN])) / 2 / 2**30
 
 
 def fsdp_losses(run_dir: Path) -> list[float]:
@@ -60,7 +82,7 @@ def fsdp_losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("case", ["base", "accum", "ac", "zero2_sync_every_micro_step", "chunked_loss", "selective_ac", "optimizer_offload",
-                                  "compiled_ac"])
+                                  "compiled_ac", "auto_ac"])
 def test_two_rank_llama_matches_single_process_reference(runs, case):
     root, _, llama, _ = runs
     examples = synthetic_examples(llama)
@@ -69,6 +91,13 @@ def test_two_rank_llama_matches_single_process_reference(runs, case):
     assert len(got) == STEPS
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5, (got, ref)
     assert ref[-1] < ref[0]  # the run actually learns something, so equality is not trivial
+
+
+def test_auto_checkpointing_applies_the_planned_mix(runs):
+    root = runs[0]
+    out = (root / "stdout.txt").read_text()
+    assert ("activation checkpointing auto: blocks 0 full, 1-2 selective; estimated peak" in out), out[-3000:]
+    assert "model: llama, " in out and "checkpointed blocks 3," in out
 
 
 def test_uneven_target_tokens_per_rank_are_normalised_globally(runs):

@@ -141,11 +141,11 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ops_in_backward(mode: str) -> dict[str, int]:
+def ops_in_backward(mode) -> dict[str, int]:
+    """mode: one checkpointing mode for every block, or a list with one per block."""
     model = tiny_model()
     blocks = models.find_blocks(model)
-    if mode != "none":
-        apply_activation_checkpointing(blocks, list(range(len(blocks))), selective=mode == "selective")
+    apply_activation_checkpointing(blocks, [mode] * len(blocks) if isinstance(mode, str) else mode)
     loss = token_loss_sum(model, batch())
     with CountOps() as c:
         loss.backward()
@@ -195,3 +195,45 @@ def test_offloaded_optimizer_state_checkpoints_and_resumes_exactly(tmp_path):
     full = train(load_config(None, common)).losses
     resumed = train(load_config(None, [*common, f"checkpoint.resume={tmp_path}/checkpoints/step-00000002"])).losses
     assert resumed == full[2:]  # bitwise: AdamW moments and step counts came back from the checkpoint
+
+
+def test_per_block_checkpointing_modes_recompute_only_their_blocks():
+    # what activation_checkpointing=auto applies: a plan mixing modes across the 2 blocks
+    none, full = ops_in_backward("none"), ops_in_backward("full")
+    mm = lambda c: c.get("mm", 0) + c.get("addmm", 0)  # noqa: E731
+    silu = lambda c: c.get("silu", 0)  # noqa: E731
+    one_block_mm = (mm(full) - mm(none)) // 2
+    assert mm(full) - mm(none) == 2 * one_block_mm
+    # q, k, v, o, gate, up (+ down, unless non-reentrant recomputation stops once the saved tensors are rebuilt)
+    assert one_block_mm in (6, 7)
+    assert mm(ops_in_backward(["full", "selective"])) == mm(none) + one_block_mm
+    assert mm(ops_in_backward(["none", "full"])) == mm(none) + one_block_mm
+    assert silu(ops_in_backward(["selective", "none"])) == silu(none) + 1  # its element-wise ops run again
+    assert silu(ops_in_backward(["selective", "selective"])) == silu(none) + 2
+
+
+def test_auto_checkpointing_plan_is_the_least_recomputation_within_budget():
+    from fsdptrain.memory import estimate
+    from fsdptrain.parallelize import checkpoint_modes, describe_modes
+
+    shape = estimate.shape_of_model(models.build_meta_model(
+        models.load_hf_config(None, {**SMALL, "num_hidden_layers": 6}, None, False), "sdpa", torch.float32, False))
+    s = estimate.Settings(world=2, gpus_per_node=2, micro_batch=4, seq_len=512, grad_accum=1, checkpointing="auto",
+                          checkpointing_k=2, precision="bf16-mixed", offload=False, reshard_after_forward=True,
+                          sync_every_micro_step=True, attn="sdpa", gpu_memory=2**30)
+    plans = estimate.candidate_plans(6)
+    assert len(plans) == 13 and plans[0] == ["none"] * 6 and plans[6] == ["selective"] * 6
+    assert plans[7] == ["full"] + ["selective"] * 5 and plans[-1] == ["full"] * 6
+    peaks = [estimate.compute(shape, estimate.Settings(**{**s.__dict__, "block_modes": tuple(p)})).peak for p in plans]
+    fixed = {m: estimate.compute(shape, estimate.Settings(**{**s.__dict__, "checkpointing": m})).peak
+             for m in ("none", "selective", "full")}
+    assert (peaks[0], peaks[6], peaks[-1]) == (fixed["none"], fixed["selective"], fixed["full"])
+    assert peaks[-1] < peaks[6] < peaks[0]
+    for i in (0, 3, 6, 9, 12):  # a budget exactly at a plan's peak picks it, or an earlier plan that also fits
+        modes, est = estimate.plan_checkpointing(shape, s, peaks[i])
+        j = plans.index(modes)
+        assert j <= i and est.peak == peaks[j] <= peaks[i] and all(p > peaks[i] for p in peaks[:j])
+    modes, est = estimate.plan_checkpointing(shape, s, peaks[-1] - 1)  # nothing fits: everything full
+    assert modes == ["full"] * 6 and est.peak > peaks[-1] - 1
+    assert describe_modes(["full", "selective", "selective", "none"]) == "blocks 0 full, 1-2 selective, 3 none"
+    assert checkpoint_modes(5, "every_k", 2) == ["full", "none", "full", "none", "full"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import UserError
-from ..parallelize import checkpointed_indices
+from ..parallelize import checkpoint_modes, describe_modes
 from .snapshot import gib
 
 GIB = 2**30
@@ -177,10 +177,18 @@ class Settings:
     prefetch_blocks: int = 0  # explicit prefetch depth; 0: FSDP2's implicit one-block prefetch
     optimizer_offload: bool = False  # AdamW state and update on the CPU
     loss_chunk_tokens: int = 0  # lm_head + cross-entropy this many tokens at a time
+    block_modes: Optional[tuple[str, ...]] = None  # checkpointing "auto": the planned mode of each block
 
     @property
     def shard_world(self) -> int:
         return self.shard_group or self.world
+
+    def modes(self, n_blocks: int) -> list[str]:
+        if self.checkpointing == "auto":
+            if self.block_modes is None:
+                raise ValueError("checkpointing auto needs a plan (plan_checkpointing)")
+            return list(self.block_modes)
+        return checkpoint_modes(n_blocks, self.checkpointing, self.checkpointing_k)
 
 
 def settings_from_config(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int,
@@ -246,15 +254,18 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     root_un = unit_numel(root, W)
     tokens = s.micro_batch * s.seq_len
     a_block = block_activation_bytes_per_token(m, c, s.attn, s.seq_len) * tokens
-    n_ckpt = len(checkpointed_indices(m.layers, s.checkpointing, s.checkpointing_k))
+    modes = s.modes(m.layers)
     h, V = m.hidden, m.vocab
-    if s.checkpointing == "selective":  # block input + outputs of every matmul and of attention are kept
-        kept = c * (3 * h + 2 * m.heads * m.head_dim + 2 * m.kv_heads * m.head_dim + 2 * m.intermediate) + 4 * m.heads
-    else:
-        kept = c * h  # the block input
-    acts = (n_ckpt * kept * tokens + (m.layers - n_ckpt) * a_block
+    kept = {  # saved bytes of one block per mode
+        "none": a_block,
+        "full": c * h * tokens,  # the block input
+        # block input + outputs of every matmul and of attention
+        "selective": (c * (3 * h + 2 * m.heads * m.head_dim + 2 * m.kv_heads * m.head_dim + 2 * m.intermediate)
+                      + 4 * m.heads) * tokens,
+    }
+    acts = (sum(kept[mode] for mode in modes)
             + (4 * h + 4 + 2 * c * h) * tokens)  # + the final norm (its output is the lm_head input)
-    recompute = a_block if n_ckpt else 0
+    recompute = a_block if any(mode != "none" for mode in modes) else 0
     root_buf = c * root_un  # gathered at the start of forward and again at the start of backward
     # After forward FSDP frees the gathered blocks (and the root, which parallelize shards with an explicit
     # reshard_after_forward) except the last block; with reshard_after_forward=false all of them stay.
@@ -322,14 +333,41 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
                     cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.gpus_per_node, fits=fits)
 
 
+def budget_bytes(budget_gib: float, gpu_memory: int) -> int:
+    """The peak allocated bytes a plan may reach: the configured budget, or what `fits` allows on the GPU."""
+    if budget_gib > 0:
+        return int(budget_gib * GIB)
+    return int((gpu_memory - RUNTIME_OVERHEAD) / FRAGMENTATION)
+
+
+def candidate_plans(n_blocks: int) -> list[list[str]]:
+    """Per-block checkpointing from the least recomputation to the most: blocks turn selective one by one
+    (recomputing only element-wise ops), then full; from block 0 on, so the last blocks, whose backward comes
+    right after forward, are the last to pay for recomputation."""
+    plans = [["selective"] * j + ["none"] * (n_blocks - j) for j in range(n_blocks + 1)]
+    return plans + [["full"] * j + ["selective"] * (n_blocks - j) for j in range(1, n_blocks + 1)]
+
+
+def plan_checkpointing(m: ModelShape, s: Settings, budget: int) -> tuple[list[str], Estimate]:
+    """The first candidate plan whose estimated peak is within `budget` (all full when none is)."""
+    est = None
+    for modes in candidate_plans(m.layers):
+        est = compute(m, dataclasses.replace(s, checkpointing="auto", block_modes=tuple(modes)))
+        if est.peak <= budget:
+            return modes, est
+    return modes, est
+
+
 def advise(m: ModelShape, est: Estimate) -> list[str]:
     """Changes that would make the run fit (or fit with more room), each with its estimated peak."""
     s = est.settings
     tries: list[tuple[str, Settings]] = []
     if s.checkpointing != "full":
-        tries.append(("parallel.activation_checkpointing=full", dataclasses.replace(s, checkpointing="full")))
+        tries.append(("parallel.activation_checkpointing=full",
+                      dataclasses.replace(s, checkpointing="full", block_modes=None)))
     if s.checkpointing in ("none", "every_k"):
-        tries.append(("parallel.activation_checkpointing=selective", dataclasses.replace(s, checkpointing="selective")))
+        tries.append(("parallel.activation_checkpointing=selective",
+                      dataclasses.replace(s, checkpointing="selective", block_modes=None)))
     tokens = s.micro_batch * s.seq_len
     if not s.loss_chunk_tokens and tokens >= 2048:
         chunk = min(4096, tokens // 2)
@@ -374,7 +412,8 @@ def render(est: Estimate) -> str:
              f"vocab {m.vocab}",
              f"run: {nodes} node(s) x {s.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
              f"micro-batch {s.micro_batch} x {s.seq_len} tokens, grad accumulation {s.grad_accum}, "
-             f"checkpointing {s.checkpointing}, offload {s.offload}"
+             f"checkpointing {s.checkpointing}"
+             + (f" ({describe_modes(list(s.block_modes))})" if s.block_modes else "") + f", offload {s.offload}"
              + (", optimizer offload" if s.optimizer_offload else "")
              + (f", loss chunks of {s.loss_chunk_tokens} tokens" if s.loss_chunk_tokens else "")
              + (f", hybrid sharding over {s.shard_world} ranks" if s.shard_group else ""), "",
@@ -408,6 +447,10 @@ def estimate(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_memory: 
     if nnodes < 1 or gpus_per_node < 1:
         raise UserError(f"estimate: --nnodes {nnodes} and --gpus-per-node {gpus_per_node} must be at least 1")
     m = shape or shape_from_config(cfg)
-    est = compute(m, settings_from_config(cfg, nnodes, gpus_per_node, gpu_memory, cpu_memory))
+    s = settings_from_config(cfg, nnodes, gpus_per_node, gpu_memory, cpu_memory)
+    if s.checkpointing == "auto":
+        _, est = plan_checkpointing(m, s, budget_bytes(cfg.parallel.memory_budget_gib, gpu_memory))
+    else:
+        est = compute(m, s)
     est.advice = advise(m, est)
     return est
