@@ -86,6 +86,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        # The loss scale (world size / global target tokens) is applied here, after the compute-dtype matmuls:
+        # in bf16 that is one more rounding than the unchunked path, which scales the fp32 logits' gradient.
         grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None  # the buffers now belong to autograd
         if grad_b is not None:

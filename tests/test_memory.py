@@ -488,3 +488,13 @@ def test_estimate_follows_hybrid_sharding_optimizer_offload_and_loss_chunks(tmp_
     assert chunk.terms["logits + loss (backward)"] == 0  # the fused loss made its gradients in forward
     assert chunk.terms["lm_head + hidden grads (fused loss)"] == c * V * h + c * h * tokens
     assert chunk.peak < base.peak
+
+
+def test_estimate_settings_follow_packing_and_token_budget(tmp_path):
+    cfg_path = _write(tmp_path / "c.yaml", {"model": {"hf_config": TINY}, "data": {"max_length": 4096}})
+    s = estimate.settings_from_config(load_config(cfg_path), 1, 2, 80 * GIB)
+    assert (s.micro_batch, s.seq_len) == (load_config(cfg_path).train.micro_batch_size, 4096)
+    s = estimate.settings_from_config(load_config(cfg_path, ["data.packing=true", "data.pack_length=1024"]), 1, 2, 1)
+    assert s.seq_len == 1024
+    s = estimate.settings_from_config(load_config(cfg_path, ["data.max_length=2048", "data.token_budget=8192"]), 1, 2, 1)
+    assert (s.micro_batch, s.seq_len) == (4, 2048)

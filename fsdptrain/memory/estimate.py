@@ -195,10 +195,14 @@ def settings_from_config(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int,
                          cpu_memory: Optional[int] = None) -> Settings:
     from ..parallelize import resolve_precision
 
-    p, t = cfg.parallel, cfg.train
+    p, t, d = cfg.parallel, cfg.train, cfg.data
     device = "cpu" if p.device == "cpu" else "cuda"
-    return Settings(world=nnodes * gpus_per_node, gpus_per_node=gpus_per_node, micro_batch=t.micro_batch_size,
-                    seq_len=cfg.data.max_length, grad_accum=t.grad_accum_steps, checkpointing=p.activation_checkpointing,
+    seq_len = (d.pack_length or d.max_length) if d.packing else d.max_length  # the longest row a batch can hold
+    micro_batch = t.micro_batch_size
+    if d.token_budget:  # micro-batches cut by padded tokens: about budget / row length rows
+        micro_batch = max(1, d.token_budget // seq_len)
+    return Settings(world=nnodes * gpus_per_node, gpus_per_node=gpus_per_node, micro_batch=micro_batch,
+                    seq_len=seq_len, grad_accum=t.grad_accum_steps, checkpointing=p.activation_checkpointing,
                     checkpointing_k=p.activation_checkpointing_k, precision=resolve_precision(p.precision, device),
                     offload=p.cpu_offload, reshard_after_forward=p.reshard_after_forward,
                     sync_every_micro_step=p.sync_grads_every_micro_step, attn=cfg.model.attn_implementation,
