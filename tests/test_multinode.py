@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -331,6 +332,58 @@ def test_two_hosts_hybrid_2x2_equals_one_host_full_sharding(two_hosts, tmp_path)
         assert rc == 0, f"node {i}:\n{out[-3000:]}"
     assert "mesh replicate 2 x shard 2" in results[0][1]  # shard groups = the two hosts' own ranks
     assert [m["loss"] for m in read_metrics(tmp_path / "two")] == [m["loss"] for m in read_metrics(tmp_path / "one")]
+
+
+# Simulated Slurm for launch/slurm.sbatch: `srun` runs the job step once per node, each node being one of the two
+# namespace hosts (node<N>.sh wraps a command into host N); `scontrol show hostnames` lists their names.
+FAKE_SRUN = r"""#!/usr/bin/env bash
+set -u
+if [[ "$*" == *"hostname -I" ]]; then  # srun --nodes=1 --ntasks=1 -w HEAD hostname -I: the head node's addresses
+    exec "$FAKE_SLURM/node0.sh" hostname -I
+fi
+while [[ $# -gt 0 && "$1" == --* ]]; do shift; done  # --kill-on-bad-exit=1 --label --ntasks-per-node=1
+pids=()
+for ((n = 0; n < SLURM_JOB_NUM_NODES; n++)); do
+    SLURM_NODEID=$n SLURM_PROCID=$n "$FAKE_SLURM/node$n.sh" "$@" > "$FAKE_SLURM/node$n.log" 2>&1 &
+    pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
+
+
+def test_slurm_script_trains_across_two_hosts_like_one_host(two_hosts, tmp_path):
+    h = two_hosts
+    fake = tmp_path / "slurm"
+    fake.mkdir()
+    (fake / "srun").write_text(FAKE_SRUN)
+    (fake / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = \"show hostnames\" ] && printf '%s\\n' "
+                                   + " ".join(h.names) + "\n")
+    for i in range(2):
+        (fake / f"node{i}.sh").write_text(f'#!/bin/sh\nexec {shlex.join(h.wrap(i))} "$@"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    single = launch({"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())},
+                    [*DEMO, f"output_dir={tmp_path / 'single'}"], cwd=tmp_path)
+    e = env(PATH=f"{fake}:{os.environ['PATH']}", FAKE_SLURM=str(fake), SLURM_JOB_ID="42",
+            SLURM_JOB_NODELIST="fsdpt-node[0-1]", SLURM_JOB_NUM_NODES="2", NPROC_PER_NODE="1", RDZV_TIMEOUT="60")
+    for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), *DEMO, f"output_dir={tmp_path / 'slurm_run'}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, cwd=REPO,
+                           start_new_session=True)
+    rc, out = finish(single, 240)
+    assert rc == 0, out[-3000:]
+    rc, out = finish(job, 240)
+    logs = [(fake / f"node{i}.log").read_text() for i in range(2)]
+    assert rc == 0, out + "\n".join(log[-3000:] for log in logs)
+    # node 0's address came from `hostname -I` on the head node; SLURM_NODEID became NODE_RANK
+    assert f"fsdptrain slurm: job 42, nodes fsdpt-node[0-1], MASTER_ADDR={h.addr[0]}:29500" in out
+    for i in range(2):
+        assert f"rank {i}/2 (local rank 0/1, node {i}) on host {h.names[i]} joined {h.addr[0]}:29500" in logs[i]
+    assert [m["loss"] for m in read_metrics(tmp_path / "slurm_run")] == \
+        [m["loss"] for m in read_metrics(tmp_path / "single")]
 
 
 def test_config_mistake_stops_the_launch_before_any_process_starts(tmp_path):
