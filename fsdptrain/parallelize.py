@@ -143,7 +143,7 @@ def plan_auto_checkpointing(cfg, model: nn.Module, world_size: int, local_world_
     modes, est = estimate.plan_checkpointing(estimate.shape_of_model(model), settings, budget)
     verdict = "fits" if est.peak <= budget else "does NOT fit even with every block full; see `fsdptrain estimate`"
     return modes, (f"activation checkpointing auto: {describe_modes(modes)}; estimated peak "
-                   f"{est.peak / 2**30:.2f} GiB for a budget of {budget / 2**30:.2f} GiB ({verdict})")
+                   f"{estimate.gib(est.peak)} for a budget of {estimate.gib(budget)} ({verdict})")
 
 
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg: ParallelConfig,
