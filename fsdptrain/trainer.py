@@ -155,8 +155,9 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
             counts = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches),
                                    sum(int(b["n_tokens"]) for b in batches)], dtype=torch.float64, device=info.device)
             distributed.all_reduce_sum(counts)
-            global_targets, global_tokens = max(1.0, counts[0].item()), counts[1].item()
-            state.step, state.tokens_seen = step + 1, state.tokens_seen + int(global_tokens)
+            # The loss scale stays on the device: reading the counts here would make the CPU wait for the
+            # previous step's optimizer before it could queue this step's forward.
+            scale = (info.world_size / counts[0].clamp(min=1.0)).float()
 
             loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
             for i, b in enumerate(batches):
@@ -165,12 +166,15 @@ def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Exam
                 batch = {k: v.to(info.device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
                 micro_loss = token_loss_sum(model, batch, loss_head)
                 mem.phase("forward", i)
-                (micro_loss * (info.world_size / global_targets)).backward()
+                (micro_loss * scale).backward()
                 mem.phase("backward", i)
                 loss_sum += micro_loss.detach()
 
             grad_norm = grad_norm_and_clip(model, cfg.train.max_grad_norm).float()
             per_rank = distributed.all_gather_rows(loss_sum.reshape(1), info.world_size).flatten()
+            targets_total, global_tokens = counts.tolist()  # the step's first host sync
+            global_targets = max(1.0, targets_total)
+            state.step, state.tokens_seen = step + 1, state.tokens_seen + int(global_tokens)
             loss = per_rank.sum().item() / global_targets
             norm = grad_norm.item()
             if not (math.isfinite(loss) and math.isfinite(norm)):
