@@ -13,14 +13,15 @@ import subprocess
 
 from helpers import REPO
 
-ROWS = ["fsdptrain", "hand-written FSDP2", "fsdptrain compile+chunked", "fsdptrain selective-AC+compile+chunked",
-        "fsdptrain full-AC+compile+chunked", "fsdptrain auto-AC-28GiB+compile+chunked",
-        "fsdptrain optimizer-offload+compile+chunked"]
+ROWS = ["fsdptrain", "hand-written FSDP2", "fsdptrain compile+chunked", "fsdptrain auto-AC-28GiB+compile+chunked",
+        "fsdptrain optimizer-offload+compile+chunked", "fsdptrain selective-AC+compile+chunked",
+        "fsdptrain full-AC+compile+chunked"]
 
 
 def test_gpu_check_script_runs_every_stage_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_PRESET": "demo", "GPU_CHECK_COMPILE_BACKEND": "aot_eager",
-           "GPU_CHECK_CHUNK": "64", "CUDA_VISIBLE_DEVICES": ""}
+           "GPU_CHECK_CHUNK": "64", "CUDA_VISIBLE_DEVICES": "",
+           "GPU_CHECK_LOSS_ARGS": "--tokens 256 --hidden 32 --vocab 500 --chunk 64 --repeats 1"}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                           env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,7 +33,10 @@ def test_gpu_check_script_runs_every_stage_on_cpu(tmp_path):
     estimator_rows = [line for line in out[out.index("== memory estimator"):out.index("== reference")].splitlines()
                       if line.startswith("| ") and "---" not in line and "config" not in line]
     assert len(estimator_rows) == 5, out
-    assert sorted(os.listdir(tmp_path)) == ["cuda_tests.txt", "env.txt", "memory_estimate.txt", "throughput.txt",
-                                            "throughput_table.txt"]
+    loss_rows = [line.split("|")[1].strip() for line in out[out.index("== loss head"):out.index("== memory estimator")]
+                 .splitlines() if line.startswith("| ") and "---" not in line]
+    assert loss_rows == ["loss head", "full logits", "checkpointed chunks", "fused chunks (fsdptrain)"], out
+    assert sorted(os.listdir(tmp_path)) == ["cuda_tests.txt", "env.txt", "loss_head.txt", "memory_estimate.txt",
+                                            "throughput.txt", "throughput_table.txt"]
     # every finished run was also reported as it ended, for a run cut short by its timeout
     assert sum(line.startswith("row: ") for line in (tmp_path / "throughput_table.txt").read_text().splitlines()) == 7
