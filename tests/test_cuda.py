@@ -1,4 +1,5 @@
-"""CUDA-only checks (skipped without a GPU): bf16 training, offload paths, chunked-loss memory, compile + AC."""
+"""CUDA-only checks (skipped without a GPU): bf16 training, offload paths, chunked-loss memory, compile + AC,
+compiled fused loss in bf16, auto checkpointing from the GPU's memory."""
 
 from __future__ import annotations
 
@@ -51,3 +52,17 @@ def test_chunked_loss_lowers_peak_memory_for_a_large_vocabulary(tmp_path):
 def test_compiled_blocks_with_checkpointing_and_varying_lengths(tmp_path):
     r = run(tmp_path, "compiled", "parallel.compile=true", "parallel.activation_checkpointing=full", steps=12)
     assert r.losses[-1] < r.losses[0]
+
+
+def test_compiled_fused_loss_in_bf16_matches_full_logits(tmp_path):
+    full = run(tmp_path, "full", "parallel.compile=true", steps=8)
+    fused = run(tmp_path, "fused", "parallel.compile=true", "train.loss_chunk_tokens=96", steps=8)
+    assert max(abs(a - b) for a, b in zip(full.losses, fused.losses)) < 2e-2  # bf16 compute, different order
+
+
+def test_auto_checkpointing_plans_from_the_gpu_memory(tmp_path, capsys):
+    run(tmp_path, "auto", "parallel.activation_checkpointing=auto", steps=3)
+    out = capsys.readouterr().out
+    assert "activation checkpointing auto: blocks 0-3 none; estimated peak" in out and "(fits)" in out
+    run(tmp_path, "auto_small", "parallel.activation_checkpointing=auto", "parallel.memory_budget_gib=0.001", steps=3)
+    assert "activation checkpointing auto: blocks 0-3 full;" in capsys.readouterr().out
