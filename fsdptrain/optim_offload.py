@@ -5,11 +5,13 @@ moves parameters and gradients, so every forward and backward all-gather starts
 from host memory). Here each rank's local shards stay on the device for
 compute; only the optimizer step moves: the local gradient shards are copied
 to pinned host buffers, Adam's moments (8 bytes per parameter) are updated on
-the CPU with torch's fused AdamW kernel, and the new fp32 parameter shards are copied
-back. The work goes in chunks of 64 MiB so copies overlap the CPU update:
-all device-to-host copies are issued at once, each chunk is updated as soon as
-its copies land, and its host-to-device copy runs while the next chunk updates. GPU memory saved: the whole optimizer state. Traffic per step: 4 bytes per
-parameter each way, per rank, for its shard only.
+the CPU with torch's fused AdamW kernel, and the new fp32 parameter shards are
+copied back. The host keeps its copy of each fp32 shard, so after the first
+step only gradients travel down: per step 4 bytes per parameter each way, per
+rank, for its shard only. The work goes in chunks of 64 MiB so copies overlap
+the CPU update: all device-to-host copies are issued at once, each chunk is
+updated as soon as its copies land, and its host-to-device copy runs while the
+next chunk updates. GPU memory saved: the whole optimizer state.
 
 The state is kept as DTensors with CPU local tensors and the parameters'
 placements, so torch.distributed.checkpoint saves and reshards it exactly like
@@ -39,6 +41,13 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._pin = torch.cuda.is_available()
         self._staging: dict[torch.Tensor, list] = {}  # param -> [host gradient, host shard] buffers
+        # fp32 shards whose device copy was last written by this optimizer from its host buffer: that buffer
+        # already holds the shard, so the step skips the device -> host copy (half the PCIe traffic)
+        self._in_sync: set[torch.Tensor] = set()
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._in_sync.clear()  # a checkpoint load may have replaced the parameters too: read them again
 
     def _host(self, p: torch.Tensor, which: int, t: torch.Tensor) -> torch.Tensor:
         """Copy `t` (p's local gradient or shard) into p's persistent host buffer `which` (pinned on CUDA).
@@ -61,7 +70,8 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             staged = []
             for chunk in _chunks(params, CHUNK_BYTES):
                 grads = [self._host(p, 0, _local(p.grad)) for p in chunk]
-                host_params = [self._host(p, 1, _local(p)) for p in chunk]
+                host_params = [self._staging[p][1] if p in self._in_sync else self._host(p, 1, _local(p))
+                               for p in chunk]
                 event = None
                 if self._pin:
                     event = torch.cuda.Event()
@@ -75,6 +85,8 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
                 self._update(chunk, grads, host_params, group)
                 for p, hp in zip(chunk, host_params):
                     _local(p).copy_(hp, non_blocking=self._pin)
+                    if _local(p).dtype == torch.float32:  # lower-precision shards are re-read: same rounding
+                        self._in_sync.add(p)
         return loss
 
     def _update(self, params, grads, host_params, group) -> None:

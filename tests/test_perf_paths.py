@@ -185,6 +185,28 @@ def test_cpu_offload_adamw_matches_torch_adamw(monkeypatch):
     assert len(oo._chunks(mine[:2], oo.CHUNK_BYTES)) == 2  # the decay group was updated in two chunks
 
 
+def test_cpu_offload_adamw_rereads_parameters_after_a_state_load():
+    # The host keeps its copy of each fp32 shard between steps; a load (a resumed checkpoint may also replace the
+    # parameters) must make the next step read the parameters again.
+    torch.manual_seed(0)
+    ref, mine = torch.nn.Parameter(torch.randn(6, 3)), None
+    mine = torch.nn.Parameter(ref.detach().clone())
+    a, b = torch.optim.AdamW([ref], lr=1e-2), CPUOffloadAdamW([mine], lr=1e-2)
+    for step in range(4):
+        g = torch.randn_like(ref)
+        ref.grad, mine.grad = g.clone(), g.clone()
+        if step == 2:  # parameters replaced from outside, then the optimizer state reloaded
+            with torch.no_grad():
+                ref.mul_(0.5)
+                mine.mul_(0.5)
+            a.load_state_dict(a.state_dict())
+            b.load_state_dict(b.state_dict())
+        a.step()
+        b.step()
+        assert torch.allclose(ref, mine, atol=1e-6), step
+    assert mine in b._in_sync and b._staging[mine][1].data_ptr() != mine.data_ptr()
+
+
 def test_offloaded_optimizer_state_checkpoints_and_resumes_exactly(tmp_path):
     from fsdptrain.config import load_config
     from fsdptrain.trainer import train
