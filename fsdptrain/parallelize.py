@@ -139,7 +139,8 @@ def plan_auto_checkpointing(cfg, model: nn.Module, world_size: int, local_world_
         gpu_memory = int(total.item())
     budget = estimate.budget_bytes(cfg.parallel.memory_budget_gib, gpu_memory)
     nnodes = max(1, world_size // max(1, local_world_size))
-    settings = estimate.settings_from_config(cfg, nnodes, world_size // nnodes, gpu_memory or budget)
+    settings = estimate.settings_from_config(cfg, nnodes, world_size // nnodes, gpu_memory or budget,
+                                             device_type=device.type)
     modes, est = estimate.plan_checkpointing(estimate.shape_of_model(model), settings, budget)
     verdict = "fits" if est.peak <= budget else "does NOT fit even with every block full; see `fsdptrain estimate`"
     return modes, (f"activation checkpointing auto: {describe_modes(modes)}; estimated peak "

@@ -192,11 +192,12 @@ class Settings:
 
 
 def settings_from_config(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int,
-                         cpu_memory: Optional[int] = None) -> Settings:
+                         cpu_memory: Optional[int] = None, device_type: Optional[str] = None) -> Settings:
+    """device_type: where the run is (a running trainer knows); default: CUDA unless parallel.device is cpu."""
     from ..parallelize import resolve_precision
 
     p, t, d = cfg.parallel, cfg.train, cfg.data
-    device = "cpu" if p.device == "cpu" else "cuda"
+    device = device_type or ("cpu" if p.device == "cpu" else "cuda")
     seq_len = (d.pack_length or d.max_length) if d.packing else d.max_length  # the longest row a batch can hold
     micro_batch = t.micro_batch_size
     if d.token_budget:  # micro-batches cut by padded tokens: about budget / row length rows
