@@ -136,6 +136,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def all_gather_rows(t: torch.Tensor, world_size: int) -> torch.Tensor:
     """Stack one small 1-D tensor from every rank into (world_size, n)."""
     out = [torch.empty_like(t) for _ in range(world_size)]

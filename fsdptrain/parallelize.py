@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from . import distributed
 from .config import ParallelConfig
 from .errors import ConfigError
 
@@ -134,9 +135,7 @@ def plan_auto_checkpointing(cfg, model: nn.Module, world_size: int, local_world_
     if device.type == "cuda":
         total = torch.tensor([torch.cuda.get_device_properties(device).total_memory], dtype=torch.float64,
                              device=device)
-        if torch.distributed.is_initialized():  # mixed GPU types: plan for the smallest
-            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MIN)
-        gpu_memory = int(total.item())
+        gpu_memory = int(distributed.all_reduce_min(total).item())  # mixed GPU types: plan for the smallest
     budget = estimate.budget_bytes(cfg.parallel.memory_budget_gib, gpu_memory)
     nnodes = max(1, world_size // max(1, local_world_size))
     settings = estimate.settings_from_config(cfg, nnodes, world_size // nnodes, gpu_memory or budget,
