@@ -43,6 +43,10 @@ def runs(tmp_path_factory):
                                                                   "activation_checkpointing_k": 2}),
         "auto_ac": base_config(root / "auto_ac", llama, parallel={
             "activation_checkpointing": "auto", "memory_budget_gib": auto_budget_gib(root, llama)}),
+        # what gpu_check.sh's auto variant runs: compiled blocks, some fully and some selectively checkpointed
+        "compiled_auto_chunked": base_config(root / "compiled_auto_chunked", llama, parallel={
+            "activation_checkpointing": "auto", "memory_budget_gib": auto_budget_gib(root, llama),
+            "compile": True, "compile_backend": "aot_eager"}, train={"loss_chunk_tokens": 24}),
     }
     spec = {"cases": [], "init_out": str(root / "init2.safetensors"), "init_model_yaml": str(root / "init.yaml")}
     (root / "init.yaml").write_text(yaml.safe_dump({"seed": 3, "model": {"hf_config": {**LLAMA, "vocab_size": 100}},
@@ -82,7 +86,7 @@ def fsdp_losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("case", ["base", "accum", "ac", "zero2_sync_every_micro_step", "chunked_loss", "selective_ac", "optimizer_offload",
-                                  "compiled_ac", "auto_ac"])
+                                  "compiled_ac", "auto_ac", "compiled_auto_chunked"])
 def test_two_rank_llama_matches_single_process_reference(runs, case):
     root, _, llama, _ = runs
     examples = synthetic_examples(llama)
@@ -96,7 +100,8 @@ def test_two_rank_llama_matches_single_process_reference(runs, case):
 def test_auto_checkpointing_applies_the_planned_mix(runs):
     root = runs[0]
     out = (root / "stdout.txt").read_text()
-    assert ("activation checkpointing auto: blocks 0 full, 1-2 selective; estimated peak" in out), out[-3000:]
+    # auto_ac and compiled_auto_chunked both get the planned mix
+    assert out.count("activation checkpointing auto: blocks 0 full, 1-2 selective; estimated peak") == 2, out[-3000:]
     assert "model: llama, " in out and "checkpointed blocks 3," in out
 
 
