@@ -29,8 +29,8 @@ from .errors import ConfigError
 def parse_size(text: str, key: str) -> int:
     """A size in bytes from '5GB' / '500MB' (decimal), '2GiB' (binary), '80G' (binary, as GPU sizes are quoted)
     or a plain number of bytes. `key` names the setting or option in the one-line error."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])(i?)(B?))?\s*(B?)\s*", str(text), re.IGNORECASE)
-    if not m or (m.group(2) and m.group(5)):
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])(i?))?(B?)\s*", str(text), re.IGNORECASE)
+    if not m:
         raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or 80G")
     num, unit, binary, b = float(m.group(1)), (m.group(2) or "").upper(), m.group(3), m.group(4)
     power = " KMGT".index(unit) if unit else 0

@@ -6,6 +6,8 @@ these tests check that each path really does what it claims.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -246,8 +248,8 @@ def test_auto_checkpointing_plan_is_the_least_recomputation_within_budget():
     plans = estimate.candidate_plans(6)
     assert len(plans) == 13 and plans[0] == ["none"] * 6 and plans[6] == ["selective"] * 6
     assert plans[7] == ["full"] + ["selective"] * 5 and plans[-1] == ["full"] * 6
-    peaks = [estimate.compute(shape, estimate.Settings(**{**s.__dict__, "block_modes": tuple(p)})).peak for p in plans]
-    fixed = {m: estimate.compute(shape, estimate.Settings(**{**s.__dict__, "checkpointing": m})).peak
+    peaks = [estimate.compute(shape, dataclasses.replace(s, block_modes=tuple(p))).peak for p in plans]
+    fixed = {m: estimate.compute(shape, dataclasses.replace(s, checkpointing=m)).peak
              for m in ("none", "selective", "full")}
     assert (peaks[0], peaks[6], peaks[-1]) == (fixed["none"], fixed["selective"], fixed["full"])
     assert peaks[-1] < peaks[6] < peaks[0]
