@@ -75,18 +75,17 @@ def worker(folder: str, out: str) -> None:
     import torch
 
     from fsdptrain import distributed, models
-    from fsdptrain.config import ParallelConfig
+    from fsdptrain.build import build_sharded_model
+    from fsdptrain.config import Config, ModelConfig, ParallelConfig
     from fsdptrain.memory import stats
-    from fsdptrain.parallelize import apply_fsdp
 
     info = distributed.init("cpu")
     hf = models.load_hf_config(folder, None, None, False)
-    model = models.build_meta_model(hf, "sdpa", torch.float32, False)
-    apply_fsdp(model, models.find_blocks(model), distributed.build_mesh(info), ParallelConfig(device="cpu"), "cpu")
+    cfg = Config(model=ModelConfig(path=folder), parallel=ParallelConfig(device="cpu"), seed=0)
     cpu = torch.device("cpu")
     before = stats.current_bytes(cpu)
     stats.reset_peak(cpu)
-    models.materialize(model, cpu, 0, folder)
+    model = build_sharded_model(cfg, info, hf).model  # meta build and sharding allocate nothing
     peak = stats.peak_bytes(cpu)
     local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     row = torch.tensor([before, peak, local], dtype=torch.float64)

@@ -32,7 +32,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,14 +40,19 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from . import log
 from .config import CheckpointConfig
 from .distributed import barrier
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 MARKER = "COMPLETE.json"
 STATE_FILE = "train_state.json"
 FORMAT = 1
 SUBDIR = "checkpoints"
+
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used (incomplete, truncated, another model, unmappable)."""
@@ -119,26 +124,6 @@ def resolve_resume(resume: str, output_dir: Path, key: str = "checkpoint.resume"
         raise CheckpointError(f"{key}: {path}: no complete checkpoint there (expected a step-N folder "
                               f"with {MARKER}, or a run directory with {SUBDIR}/)")
     raise CheckpointError(f"{key}: {path}: no such folder; give a checkpoint folder, auto or none")
-
-
-# What a run writes into output_dir; a fresh start moves an earlier run's copies aside instead of mixing or
-# overwriting them (checkpoints of the same step names would be replaced, then pruned by keep_last).
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "tb", "memory", SUBDIR, "hf")
-
-
-def archive_previous_run(output_dir: Path) -> Optional[Path]:
-    """On a fresh start in a used output_dir: move its earlier outputs into output_dir/previous-N; returns that folder."""
-    present = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
-    if not present:
-        return None
-    n = 1
-    while (output_dir / f"previous-{n}").exists():
-        n += 1
-    dest = output_dir / f"previous-{n}"
-    dest.mkdir()
-    for name in present:
-        os.replace(output_dir / name, dest / name)
-    return dest
 
 
 def verify_files(path: Path) -> dict:
@@ -268,17 +253,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class Saved:
+    """What a checkpoint holds and a resume restores; the Checkpointer is built once with it."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # torch LR scheduler (state_dict / load_state_dict)
+    sampler: Any  # data.loader.StepSampler (its position advances as it hands out batches)
+    hf_config: PretrainedConfig
+    tokenizer: Optional[PreTrainedTokenizerBase]
+    micro_batch_size: int
+    grad_accum_steps: int
+
+
 class Checkpointer:
-    """Saves and restores one run's checkpoints; every rank holds one and calls it at the same points."""
+    """Saves and restores one run's checkpoints; every rank holds one and calls it at the same points.
+
+    Built once with what it saves (`Saved`) and the run's TrainState, which it fills on `resume()` and
+    reads on every save: the trainer only advances the state and calls `maybe_save(step, last=...)`.
+    """
 
     def __init__(self, ccfg: CheckpointConfig, output_dir: Path, rank: int, world_size: int, precision: str,
-                 log: Callable[[str], None]):
+                 saved: Saved, state: TrainState):
         self.cfg = ccfg
         self.precision = precision
         self.root = Path(output_dir) / SUBDIR
         self.rank = rank
         self.world_size = world_size
-        self.log = log
+        self.saved = saved
+        self.state = state
         self.last_saved_step = -1
         self.pending: Optional[tuple[Future, Path, Path, int]] = None
         self.async_group = None
@@ -290,30 +293,48 @@ class Checkpointer:
 
     # -- resume -----------------------------------------------------------------------------
 
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sampler, micro: int,
-               accum: int, total_steps: int) -> TrainState:
-        """Load the checkpoint checkpoint.resume points at (if any); returns where training continues."""
+    def resume(self, total_steps: int) -> TrainState:
+        """Load the checkpoint checkpoint.resume points at (if any) into the run; returns the (filled) state."""
         if self.rank == 0:
             removed = clean_incomplete(self.root)
             if removed:
-                self.log(f"checkpoint: removed incomplete checkpoint folder(s) left by a crash: {', '.join(removed)}")
+                log.info(f"checkpoint: removed incomplete checkpoint folder(s) left by a crash: {', '.join(removed)}")
         barrier()
         path = resolve_resume(self.cfg.resume, self.root.parent)
         if path is None:
             if self.cfg.resume == "auto":
-                self.log("checkpoint: no complete checkpoint to resume from; starting at step 0")
-            return TrainState()
+                log.info("checkpoint: no complete checkpoint to resume from; starting at step 0")
+            return self.state
+        msd, osd = get_state_dict(self.saved.model, self.saved.optimizer)
+        saved = self._check(path, msd)
+        self._load(path, saved, msd, osd)
+        self.state.step, self.state.tokens_seen = int(saved["step"]), int(saved.get("tokens_seen", 0))
+        self.last_saved_step = self.state.step
+        log.info(f"checkpoint: resumed from {path} at step {self.state.step} ({self.state.tokens_seen} tokens seen)")
+        if self.state.step >= total_steps:
+            log.info(f"checkpoint: the run is already complete ({self.state.step} of {total_steps} steps); nothing "
+                     "to train. Raise train.max_steps to continue, or set checkpoint.resume=none or another "
+                     "output_dir to start over")
+        return self.state
+
+    def _check(self, path: Path, model_sd: dict) -> dict:
+        """train_state.json of `path` once the files, the data order and the weights are known to fit."""
         saved = verify_files(path)
         if saved.get("format") != FORMAT:
             raise CheckpointError(f"{path / STATE_FILE}: checkpoint format {saved.get('format')!r}, "
                                   f"this fsdptrain reads {FORMAT}")
-        msd, osd = get_state_dict(model, optimizer)
+        s = self.saved
         try:
-            check_sampler(path, saved.get("sampler", {}), sampler_identity(sampler), self.world_size, micro, accum)
-            check_model(path, msd, saved)
+            check_sampler(path, saved.get("sampler", {}), sampler_identity(s.sampler), self.world_size,
+                          s.micro_batch_size, s.grad_accum_steps)
+            check_model(path, model_sd, saved)
         except CheckpointError as e:
             how = "checkpoint.resume=none or another output_dir" if self.cfg.resume == "auto" else "checkpoint.resume=none"
             raise CheckpointError(f"{e} ({how} starts fresh)") from None
+        return saved
+
+    def _load(self, path: Path, saved: dict, msd: dict, osd: dict) -> None:
+        s = self.saved
         state = {"model": msd, "optim": osd}
         try:
             dcp.load(state, checkpoint_id=str(path))
@@ -321,41 +342,33 @@ class Checkpointer:
             first = str(e).strip().splitlines()
             raise CheckpointError(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
                                   f"{first[-1] if first else ''})") from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if hasattr(sampler, "load_state_dict"):
-            sampler.load_state_dict(saved.get("sampler", {}))
+        set_state_dict(s.model, s.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        s.scheduler.load_state_dict(saved["scheduler"])
+        if hasattr(s.sampler, "load_state_dict"):
+            s.sampler.load_state_dict(saved.get("sampler", {}))
         rng_file = path / "rng" / f"rank-{self.rank:05d}.json"
         if rng_file.is_file() and saved.get("world_size") == self.world_size:
             set_rng_state(json.loads(rng_file.read_text()))
-        elif self.rank == 0:
-            self.log(f"checkpoint: saved on {saved.get('world_size')} ranks, resuming on {self.world_size}: "
+        else:
+            log.info(f"checkpoint: saved on {saved.get('world_size')} ranks, resuming on {self.world_size}: "
                      "random states re-seeded instead of restored")
-        ts = TrainState(step=int(saved["step"]), tokens_seen=int(saved.get("tokens_seen", 0)))
-        self.last_saved_step = ts.step
-        if self.rank == 0:
-            trim_metrics(self.root.parent / "metrics.jsonl", ts.step)
-        self.log(f"checkpoint: resumed from {path} at step {ts.step} ({ts.tokens_seen} tokens seen)")
-        if ts.step >= total_steps:
-            self.log(f"checkpoint: the run is already complete ({ts.step} of {total_steps} steps); nothing to train. "
-                     "Raise train.max_steps to continue, or set checkpoint.resume=none or another output_dir to start over")
-        return ts
 
     # -- save ---------------------------------------------------------------------------------
 
-    def due(self, step: int, total_steps: int) -> bool:
-        if step == self.last_saved_step:
-            return False
-        if self.cfg.save_every and step % self.cfg.save_every == 0:
-            return True
-        return step == total_steps and self.cfg.save_at_end
+    def maybe_save(self, step: int, last: bool = False) -> bool:
+        """Save after optimizer step `step` when it is due: every checkpoint.save_every steps, and at the last
+        step with checkpoint.save_at_end. Collective: every rank calls it at the same steps."""
+        due = step != self.last_saved_step and (
+            (self.cfg.save_every and step % self.cfg.save_every == 0) or (last and self.cfg.save_at_end))
+        if due:
+            self.save(step)
+        return bool(due)
 
-    def save(self, ts: TrainState, model: nn.Module, optimizer, scheduler, sampler, hf_config, tokenizer,
-             micro: int, accum: int) -> None:
-        """Write step `ts.step` (collective: every rank calls it)."""
+    def save(self, step: int) -> None:
+        """Write the run as of optimizer step `step` (collective: every rank calls it)."""
         self.wait()  # one save in flight at most
-        final = self.root / step_name(ts.step)
-        tmp = self.root / (step_name(ts.step) + ".tmp")
+        final = self.root / step_name(step)
+        tmp = self.root / (step_name(step) + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
@@ -363,28 +376,34 @@ class Checkpointer:
         t0 = time.perf_counter()
         _write_json(tmp / "rng" / f"rank-{self.rank:05d}.json", rng_state())
         if self.rank == 0:
-            ident = sampler_identity(sampler)
-            ident["batch"] = {"world_size": self.world_size, "micro_batch_size": micro, "grad_accum_steps": accum}
-            _write_json(tmp / STATE_FILE, {
-                "format": FORMAT, "step": ts.step, "tokens_seen": ts.tokens_seen, "world_size": self.world_size,
-                "model_type": getattr(hf_config, "model_type", None), "precision": self.precision,
-                "scheduler": _jsonable(scheduler.state_dict()),
-                "sampler": ident,
-            })
-            hf_dir = tmp / "hf"
-            hf_config.save_pretrained(str(hf_dir))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(hf_dir))
-        msd, osd = get_state_dict(model, optimizer)
+            self._write_run_files(tmp, step)
+        msd, osd = get_state_dict(self.saved.model, self.saved.optimizer)
         if self.async_ok:
             fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=self.async_group)
-            self.pending = (fut, tmp, final, ts.step)
-            self.log(f"checkpoint: step {ts.step} copied to CPU memory in {time.perf_counter() - t0:.2f}s; "
+            self.pending = (fut, tmp, final, step)
+            log.info(f"checkpoint: step {step} copied to CPU memory in {time.perf_counter() - t0:.2f}s; "
                      "writing it in the background")
         else:
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-            self._publish(tmp, final, ts.step, t0)
-        self.last_saved_step = ts.step
+            self._publish(tmp, final, step, t0)
+        self.last_saved_step = step
+
+    def _write_run_files(self, tmp: Path, step: int) -> None:
+        """train_state.json and hf/ (rank 0)."""
+        s = self.saved
+        ident = sampler_identity(s.sampler)
+        ident["batch"] = {"world_size": self.world_size, "micro_batch_size": s.micro_batch_size,
+                          "grad_accum_steps": s.grad_accum_steps}
+        _write_json(tmp / STATE_FILE, {
+            "format": FORMAT, "step": step, "tokens_seen": self.state.tokens_seen, "world_size": self.world_size,
+            "model_type": getattr(s.hf_config, "model_type", None), "precision": self.precision,
+            "scheduler": _jsonable(s.scheduler.state_dict()),
+            "sampler": ident,
+        })
+        hf_dir = tmp / "hf"
+        s.hf_config.save_pretrained(str(hf_dir))
+        if s.tokenizer is not None:
+            s.tokenizer.save_pretrained(str(hf_dir))
 
     def wait(self) -> None:
         """Finish an asynchronous save: DCP's own final gather means rank 0 sees every rank's files."""
@@ -407,7 +426,7 @@ class Checkpointer:
                 _remove(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            self.log(f"checkpoint: saved {final} in {time.perf_counter() - t0:.2f}s")
+            log.info(f"checkpoint: saved {final} in {time.perf_counter() - t0:.2f}s")
             self._prune()
         if self.async_ok:
             return  # the other ranks may be mid-step; they never read the folder
@@ -451,20 +470,3 @@ def sampler_identity(sampler) -> dict:
     own = dict(sampler.state_dict()) if hasattr(sampler, "state_dict") else {}
     return {**own, "n_examples": sampler.n_examples, "seed": sampler.seed, "shuffle": sampler.shuffle,
             "drop_last": sampler.drop_last, "global_batch": sampler.global_batch}
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl records of steps after the checkpoint: they are about to be run again."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) > step:
-                continue
-        except (json.JSONDecodeError, AttributeError):
-            continue  # a line cut short by the crash
-        kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from . import log
 from .errors import UserError
 
 
@@ -29,7 +30,7 @@ def friendly_errors(fn):
             # rank 0, and the first process of every other node (so each node's log shows why it stopped)
             if _rank() == 0 or os.environ.get("LOCAL_RANK") == "0" or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS"):
                 prefix = f"[rank {_rank()}] " if "RANK" in os.environ else ""
-                click.echo(f"fsdptrain: error: {prefix}{e}", err=True)
+                log.error(f"{prefix}{e}")
             sys.exit(2)
 
     return wrapper

@@ -13,13 +13,17 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+import threading
+import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from . import log
 from .elastic import fresh_store
 from .errors import LaunchError
 
@@ -107,9 +111,9 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
             ) from None
         owns = True
         # One line per rank, so each node's log shows which ranks it runs (multi-node debugging).
-        print(f"fsdptrain: rank {rank}/{world} (local rank {local_rank}/{local_world}, node "
-              f"{os.environ.get('GROUP_RANK', '?')}) on host {socket.gethostname()} joined "
-              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+        log.rank_line(f"fsdptrain: rank {rank}/{world} (local rank {local_rank}/{local_world}, node "
+                      f"{os.environ.get('GROUP_RANK', '?')}) on host {socket.gethostname()} joined "
+                      f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
     else:  # plain `python -m fsdptrain train`: a one-process group, no network
         rank, world, local_rank, local_world = 0, 1, 0, 1
         if device_type == "cuda":
@@ -118,12 +122,8 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
         owns = True
 
     dev = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    log.configure(rank == 0)
     return DistInfo(rank, local_rank, world, local_world, dev, backend, owns)
-
-
-def build_mesh(info: DistInfo) -> DeviceMesh:
-    """1-D data-parallel mesh over all ranks (explicit device type: CPU meshes on gloo)."""
-    return init_device_mesh(info.device_type, (info.world_size,), mesh_dim_names=("dp",))
 
 
 def shutdown(info: DistInfo) -> None:
@@ -152,3 +152,61 @@ def all_gather_rows(t: torch.Tensor, world_size: int) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class PeerStop:
+    """Stop every rank when one of them fails in a way it has already explained (out of memory).
+
+    The failing rank prints its one line, sets a key in the rendezvous store and
+    exits; the others see the key (a watchdog thread polls it once a second, so
+    a rank blocked inside a collective stops too) and exit quietly. Exiting is
+    `os._exit`: a peer may be blocked in a collective, so no clean shutdown is
+    possible. One key per run and elastic restart: the run's output_dir as
+    configured (identical on every node, unlike a resolved path) and the restart
+    count, so a restarted group does not read the previous attempt's failure.
+    """
+
+    def __init__(self, run_id: str, world_size: int, before_exit: Callable[[], None] = lambda: None):
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.key = f"fsdptrain/oom/{zlib.crc32(run_id.encode())}/{attempt}"
+        self.world_size = world_size
+        self.before_exit = before_exit
+        self.failing = False
+        self._stop = threading.Event()
+        self._watch: Optional[threading.Thread] = None
+
+    def start_watching(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            self._watch = threading.Thread(target=self._poll, name="fsdptrain-peer-watch", daemon=True)
+            self._watch.start()
+
+    def peer_failed(self) -> bool:
+        if self.world_size <= 1 or not dist.is_initialized():
+            return False
+        try:
+            return bool(dist.distributed_c10d._get_default_store().check([self.key]))
+        except Exception:  # the store went away: nothing to learn from it
+            return False
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):  # one store lookup per rank per second
+            if not self.failing and self.peer_failed():
+                self.exit(1)
+
+    def exit(self, code: int) -> None:
+        self.before_exit()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    def fail(self, msg: str) -> None:
+        """This rank failed: say so in one line, tell the others, exit."""
+        self.failing = True
+        log.error(msg)
+        try:
+            dist.distributed_c10d._get_default_store().set(self.key, msg)
+        finally:
+            self.exit(1)
+
+    def close(self) -> None:
+        self._stop.set()

@@ -23,9 +23,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .errors import UserError
-from .models import _owned_params
+from .models import owned_params
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def export_dtype(name: str, precision: str) -> torch.dtype:
+    """checkpoint.export_dtype / --dtype: auto means the training precision's weights (bf16 when trained in bf16)."""
+    if name == "auto":
+        name = "bf16" if str(precision).startswith("bf16") else "fp32"
+    return EXPORT_DTYPES[name]
 
 
 class ShardWriter:
@@ -102,7 +109,7 @@ def export_hf(model: nn.Module, hf_config, tokenizer, out_dir: str | Path, is_ma
     """Export a live (FSDP-sharded) model; a collective: every rank calls it, rank 0 writes."""
     out = Path(out_dir)
     writer = ShardWriter(_begin(out), max_shard_bytes) if is_main else None
-    for mod_name, _mod, attr, p in _owned_params(model):  # tied weights appear once
+    for mod_name, _mod, attr, p in owned_params(model):  # tied weights appear once
         full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
         if writer is not None:
             writer.add(f"{mod_name}.{attr}" if mod_name else attr, full.to(dtype=dtype, device="cpu"))
@@ -151,13 +158,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     tokenizer = None
     if any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    if dtype_name == "auto":
-        dtype_name = "bf16" if str(saved.get("precision", "fp32")).startswith("bf16") else "fp32"
-    dtype = EXPORT_DTYPES[dtype_name]
+    dtype = export_dtype(dtype_name, saved.get("precision", "fp32"))
 
     skeleton = models.build_meta_model(hf_config, "sdpa", torch.float32, False)
     check_model(path, skeleton.state_dict(), saved)
-    keys = [f"{m}.{a}" if m else a for m, _mod, a, _p in _owned_params(skeleton)]  # tied weights once
+    keys = [f"{m}.{a}" if m else a for m, _mod, a, _p in owned_params(skeleton)]  # tied weights once
     shapes = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     stored_dtype = {k: meta[f"model.{k}"].properties.dtype for k in keys}

@@ -15,11 +15,11 @@ trainer's loss scaling (world_size / global target tokens) holds for both.
 from __future__ import annotations
 
 import os
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .config import ParallelConfig
-from . import distributed
 from .distributed import DistInfo, all_gather_rows
 from .errors import ConfigError, LaunchError
 
@@ -54,8 +54,8 @@ def check_node_layout(node_of_rank: list[int], shard_group_size: int) -> None:
 
 def build_mesh(info: DistInfo, pcfg: ParallelConfig) -> DeviceMesh:
     """The mesh `fully_shard` gets: 1-D for full sharding, 2-D (replicate, shard) for hybrid."""
-    if pcfg.sharding == "full":
-        return distributed.build_mesh(info)
+    if pcfg.sharding == "full":  # explicit device type: CPU meshes on gloo
+        return init_device_mesh(info.device_type, (info.world_size,), mesh_dim_names=("dp",))
     group = pcfg.shard_group_size
     if group is None:  # one shard group per node, checked against where the ranks really run
         group = info.local_world_size

@@ -1,4 +1,7 @@
-"""Run outputs on rank 0: metrics.jsonl, TensorBoard scalars, console progress; MFU arithmetic."""
+"""Run outputs on rank 0: metrics.jsonl, TensorBoard scalars, console progress; MFU arithmetic.
+
+Messages go through fsdptrain.log; while the progress bar is open it is log's writer, so they print above it.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+from . import log
 
 # Dense bf16 peak TFLOP/s per device, by name fragment (first match wins).
 PEAK_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
@@ -22,11 +27,6 @@ def peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[f
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_TFLOPS if k in name), None)
-
-
-def console(enabled: bool) -> Callable[[str], None]:
-    """Start-up and summary messages: printed on the main rank, dropped elsewhere."""
-    return (lambda msg: print(msg, flush=True)) if enabled else (lambda msg: None)
 
 
 class RunLogger:
@@ -55,14 +55,7 @@ class RunLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-
-    def info(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
-            print(msg, flush=True)
+            log.set_writer(self.bar.write)
 
     def log(self, step: int, metrics: dict) -> None:
         """`step` is 1-based (optimizer steps done)."""
@@ -81,12 +74,13 @@ class RunLogger:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                  tok_s=f"{metrics['tokens_per_s_per_device']:.0f}")
         elif self.progress == "lines":
-            print(f"step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                  f"grad_norm {metrics['grad_norm']:.3f} tok/s/dev {metrics['tokens_per_s_per_device']:.0f} "
-                  f"eta {eta:.0f}s", flush=True)
+            log.info(f"step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                     f"grad_norm {metrics['grad_norm']:.3f} tok/s/dev {metrics['tokens_per_s_per_device']:.0f} "
+                     f"eta {eta:.0f}s")
 
     def close(self) -> None:
         if self.bar is not None:
+            log.set_writer(None)
             self.bar.close()
         if self.tb is not None:
             self.tb.close()

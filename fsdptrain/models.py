@@ -113,11 +113,11 @@ def _local_slices(param: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(offset, shape))
 
 
-def _local(param: torch.Tensor) -> torch.Tensor:
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
-def _owned_params(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+def owned_params(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
     """(module name, module, attribute, param) for every distinct parameter, in a fixed order."""
     seen: set[int] = set()
     for mod_name, mod in model.named_modules():
@@ -151,7 +151,7 @@ def init_random(model: nn.Module, seed: int, device: Optional[torch.device] = No
             continue
         proxy = copy.copy(mod)  # same class (so _init_weights dispatches right), own parameter dict
         first = next(iter(params.values()), None)
-        where = device or (_local(first).device if first is not None else None)
+        where = device or (local_tensor(first).device if first is not None else None)
         proxy._parameters = {  # None entries (e.g. bias=False) stay None
             a: None if p is None else nn.Parameter(torch.full(tuple(p.shape), float("nan"), device=where),
                                                    requires_grad=False)
@@ -163,7 +163,7 @@ def init_random(model: nn.Module, seed: int, device: Optional[torch.device] = No
             full = proxy._parameters[attr]
             if torch.isnan(full).any():  # a parameter the model's own init does not cover
                 full.normal_(0.0, 0.02) if full.dim() > 1 else full.zero_()
-            _local(p).copy_(full[_local_slices(p)].to(p.dtype))
+            local_tensor(p).copy_(full[_local_slices(p)].to(p.dtype))
             done.add(id(p))
 
 
@@ -199,7 +199,7 @@ def load_pretrained(model: nn.Module, folder: str) -> None:
     index = safetensors_index(folder)
     handles: dict[Path, SafetensorsFile] = {}
     try:
-        for mod_name, mod, attr, p in _owned_params(model):
+        for mod_name, mod, attr, p in owned_params(model):
             key = f"{mod_name}.{attr}" if mod_name else attr
             if key not in index:
                 raise UserError(f"model.path: {folder}: weight '{key}' is missing from the safetensors files "
@@ -214,7 +214,7 @@ def load_pretrained(model: nn.Module, folder: str) -> None:
             shape = handles[f].shape(key)
             if shape != tuple(p.shape):
                 raise UserError(f"model.path: {f}: weight '{key}' has shape {list(shape)}, the model expects {list(p.shape)}")
-            handles[f].read_into(key, _local_slices(p), _local(p))
+            handles[f].read_into(key, _local_slices(p), local_tensor(p))
     finally:
         for h in handles.values():
             h.close()

@@ -24,7 +24,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw
 
-from .models import _local
+from .models import local_tensor
 
 
 def _like_param(local_cpu: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,8 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             #    with an event per chunk, so the CPU can start on chunk 0 while later chunks are in flight
             staged = []
             for chunk in _chunks(params, CHUNK_BYTES):
-                grads = [self._host(p, 0, _local(p.grad)) for p in chunk]
-                host_params = [self._staging[p][1] if p in self._in_sync else self._host(p, 1, _local(p))
+                grads = [self._host(p, 0, local_tensor(p.grad)) for p in chunk]
+                host_params = [self._staging[p][1] if p in self._in_sync else self._host(p, 1, local_tensor(p))
                                for p in chunk]
                 event = None
                 if self._pin:
@@ -84,8 +84,8 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
                     event.synchronize()
                 self._update(chunk, grads, host_params, group)
                 for p, hp in zip(chunk, host_params):
-                    _local(p).copy_(hp, non_blocking=self._pin)
-                    if _local(p).dtype == torch.float32:  # lower-precision shards are re-read: same rounding
+                    local_tensor(p).copy_(hp, non_blocking=self._pin)
+                    if local_tensor(p).dtype == torch.float32:  # lower-precision shards are re-read: same rounding
                         self._in_sync.add(p)
         return loss
 
@@ -97,10 +97,10 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             st = self.state[p]
             if not st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = _like_param(torch.zeros(_local(p).shape, dtype=torch.float32), p)
-                st["exp_avg_sq"] = _like_param(torch.zeros(_local(p).shape, dtype=torch.float32), p)
-            m.append(_local(st["exp_avg"]))
-            v.append(_local(st["exp_avg_sq"]))
+                st["exp_avg"] = _like_param(torch.zeros(local_tensor(p).shape, dtype=torch.float32), p)
+                st["exp_avg_sq"] = _like_param(torch.zeros(local_tensor(p).shape, dtype=torch.float32), p)
+            m.append(local_tensor(st["exp_avg"]))
+            v.append(local_tensor(st["exp_avg_sq"]))
             steps.append(st["step"])
         (b1, b2) = group["betas"]
         adamw(host_params, grads, m, v, [], steps, fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
@@ -114,7 +114,7 @@ def _chunks(params: list, limit: int) -> list[list]:
     out: list[list] = [[]]
     size = 0
     for p in params:
-        n = _local(p).numel() * 4
+        n = local_tensor(p).numel() * 4
         if out[-1] and size + n > limit:
             out.append([])
             size = 0

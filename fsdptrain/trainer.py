@@ -1,13 +1,15 @@
-"""The training loop, top to bottom: set up, build, shard, load, then step.
+"""The training recipe: `setup` builds one Run in named stages, then a short loop calls `train_step`.
 
-Read `train()` as the recipe. Each optimizer step:
-  1. take this rank's micro-batches for the step (see data/loader.py);
+Each optimizer step (`train_step`):
+  1. this rank's micro-batches for the step (see data/loader.py);
   2. one all_reduce of the target-token count over all ranks and micro-batches;
   3. per micro-batch: forward, summed cross-entropy scaled by world_size /
      global_targets (FSDP averages gradients over ranks, so the product is the
      gradient of the global per-token mean loss whatever the split), backward,
-     with gradient reduction only on the last micro-batch;
+     with gradient reduction only on the last micro-batch when configured;
   4. clip the global grad norm, check loss and norm are finite, step.
+Step numbers are 1-based throughout: step s is the s-th optimizer step, and
+`run.state.step` counts the steps done.
 """
 
 from __future__ import annotations
@@ -17,26 +19,32 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from . import distributed, models
-from .checkpoint import Checkpointer, archive_previous_run, resolve_resume
-from .export import EXPORT_DTYPES, export_hf
-from .config import Config, dump_yaml, parse_size
+from . import distributed, log, models, rundir
+from .build import ShardedModel, build_sharded_model
+from .checkpoint import Checkpointer, Saved, TrainState, resolve_resume
+from .config import Config
 from .data import pipeline
+from .data.loader import StepSampler
 from .data.tokenize import IGNORE, Example
 from .data.tokenizer import load_tokenizer
+from .distributed import DistInfo
 from .errors import TrainingError, UserError
-from .loss import install_chunked_loss, token_loss_sum
+from .export import export_dtype, export_hf
+from .loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
 from .memory.tracker import MemoryTracker
-from .mesh import build_mesh, describe
-from .metrics import RunLogger, console, peak_tflops
+from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
-from .parallelize import apply_fsdp, check_device_support, plan_auto_checkpointing, resolve_precision
+from .plan import check_device_support
+from .units import parse_size
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -49,6 +57,46 @@ class RunResult:
     steps: int = 0
     skipped_steps: int = 0
     output_dir: str = ""
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built by `setup`."""
+    cfg: Config
+    info: DistInfo
+    out: Path
+    tokenizer: PreTrainedTokenizerBase
+    hf_config: PretrainedConfig
+    examples: Any  # a sequence of data.tokenize.Example (or packed rows)
+    sampler: StepSampler
+    total_steps: int
+    sharded: ShardedModel
+    loss_head: Optional[ChunkedLossHead]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: TrainState
+    checkpointer: Checkpointer
+    logger: RunLogger
+    tracker: MemoryTracker
+    peak_tflops: Optional[float]
+    result: RunResult
+
+    @property
+    def model(self) -> nn.Module:
+        return self.sharded.model
+
+
+@dataclass
+class StepStats:
+    step: int  # 1-based
+    loss: float  # mean over the step's target tokens, all ranks
+    grad_norm: float  # before clipping
+    lr: float  # the rate this step's update used
+    tokens: int  # input tokens of the step, all ranks
+    target_tokens: int
+    seq_len: int  # the longest row of this rank's micro-batches
+    seconds: float = 0.0
+    skipped: bool = False  # non-finite loss or norm: no update
 
 
 def seed_everything(seed: int) -> None:
@@ -69,170 +117,207 @@ def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
-    """Run training as configured. `examples` replaces the configured data (tests, notebooks)."""
-    info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
-    try:
-        return _train(cfg, info, examples)
-    finally:
-        distributed.shutdown(info)
+# ----------------------------------------------------------------------------- set-up, in stages
 
 
-def _train(cfg: Config, info: distributed.DistInfo, examples: Optional[list[Example]]) -> RunResult:
-    # -- run directory (rank 0 writes shared files) -------------------------------------------
-    check_device_support(cfg.parallel, info.device_type)
+def setup_output_dir(cfg: Config, info: DistInfo) -> Path:
+    """Rank 0 creates output_dir, archives an earlier run on a fresh start and writes config.yaml."""
     out = Path(cfg.output_dir)
-    fresh = resolve_resume(cfg.checkpoint.resume, out) is None  # else the checkpointer resumes below
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        moved = archive_previous_run(out) if fresh else None
-        (out / "config.yaml").write_text(dump_yaml(cfg))
+    fresh = resolve_resume(cfg.checkpoint.resume, out) is None  # else the checkpointer resumes
+    moved = rundir.prepare(out, cfg, fresh) if info.is_main else None
     distributed.barrier()
-    seed_everything(cfg.seed)
+    log.info(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
+    if moved:
+        log.info(f"output_dir: a new run starts in {out}; the earlier run's outputs were moved to {moved}")
+    return out
 
-    # -- tokenizer and data -------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
-    say = console(info.is_main)
-    say(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
-    if info.is_main and moved:
-        say(f"output_dir: a new run starts in {out}; the earlier run's outputs were moved to {moved}")
+
+def setup_data(cfg: Config, info: DistInfo, tokenizer: PreTrainedTokenizerBase,
+               examples: Optional[list[Example]]) -> tuple[Any, StepSampler, int]:
+    """Examples, this rank's sampler and the number of optimizer steps."""
     if examples is None:
-        examples = pipeline.load_examples(cfg, tokenizer, info.rank, info.local_rank, say)
+        examples = pipeline.load_examples(cfg, tokenizer, info.rank, info.local_rank, log.info)
     sampler = pipeline.build_sampler(cfg, examples, info.world_size, info.rank, info.local_world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
+    return examples, sampler, total_steps
 
-    # -- model: meta -> shard -> materialise local shards ------------------------------------
+
+def setup_hf_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     hf_config = models.load_hf_config(cfg.model.path, cfg.model.hf_config if cfg.model.path is None else None,
                                       len(tokenizer), cfg.model.trust_remote_code)
     if len(tokenizer) > hf_config.vocab_size:
         raise UserError(f"model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                         f"{hf_config.vocab_size}; use the model's own tokenizer or a larger vocab_size")
-    precision = resolve_precision(cfg.parallel.precision, info.device_type)
-    model = models.build_meta_model(hf_config, cfg.model.attn_implementation, models.DTYPES[precision],
-                                    cfg.model.trust_remote_code)
-    n_params = models.count_params(model)
-    blocks = models.find_blocks(model)
-    mesh = build_mesh(info, cfg.parallel)
-    modes = None
-    if cfg.parallel.activation_checkpointing == "auto":  # planned from the memory estimate, before sharding
-        modes, note = plan_auto_checkpointing(cfg, model, info.world_size, info.local_world_size, info.device)
-        say(note)
-    plan = apply_fsdp(model, blocks, mesh, cfg.parallel, info.device_type, modes)
-    weights = None if (cfg.model.path is None or cfg.model.random_init) else cfg.model.path
-    models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights,
-                      init_device=info.device)
-    say(f"model: {hf_config.model_type}, {n_params / 1e6:.2f}M params, {len(blocks)} blocks, "
-                  f"precision {plan.precision}, checkpointed blocks {len(plan.checkpointed)}, "
-                  f"offload {plan.offload}, mesh {describe(mesh)}, weights {'from ' + weights if weights else 'random init'}")
+    return hf_config
+
+
+def setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]] = None) -> Run:
+    """Build the run: output_dir, tokenizer and data, sharded model, optimizer, checkpointer (resumes), logs."""
+    check_device_support(cfg.parallel, info.device_type)
+    out = setup_output_dir(cfg, info)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
+    examples, sampler, total_steps = setup_data(cfg, info, tokenizer, examples)
+    hf_config = setup_hf_config(cfg, tokenizer)
+    sharded = build_sharded_model(cfg, info, hf_config)
+    log.info(sharded.describe(hf_config))
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
-    # -- optimizer and schedule ---------------------------------------------------------------
+    model, plan = sharded.model, sharded.plan
     loss_head = install_chunked_loss(model, cfg.train.loss_chunk_tokens,
                                      cfg.parallel.compile_backend if cfg.parallel.compile else None)
     optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload,
                                 offload=cfg.parallel.optimizer_offload)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    ckpt = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, plan.precision, say)
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    state = ckpt.resume(model, optimizer, scheduler, sampler, micro, accum, total_steps)
+    saved = Saved(model, optimizer, scheduler, sampler, hf_config, tokenizer,
+                  cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
+    state = TrainState()
+    checkpointer = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, plan.precision, saved, state)
+    checkpointer.resume(total_steps)
+    if state.step and info.is_main:
+        rundir.trim_metrics(out / "metrics.jsonl", state.step)  # the steps after the checkpoint run again
 
-    # -- the loop -----------------------------------------------------------------------------
-    log = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step)
-    peak = peak_tflops(info.device, cfg.logging.peak_tflops)
-    result = RunResult(output_dir=str(out))
-    pad_id = tokenizer.pad_token_id
-    mem = MemoryTracker(cfg.memory, info, out, model, blocks)  # per-phase records, OOM post-mortem
-    model.train()
-    step_batches = iter(pipeline.batches(cfg, sampler, examples, pad_id, state.step, total_steps, info.device_type))
+    logger = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step)
+    tracker = MemoryTracker(cfg.memory, info, out, model, sharded.blocks)  # per-phase records, OOM post-mortem
+    return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded, loss_head,
+               optimizer, scheduler, state, checkpointer, logger, tracker,
+               peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)))
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+
+def forward_backward(run: Run, batches: list[dict], scale: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches; returns their summed loss (a device tensor)."""
+    cfg, device, model = run.cfg, run.info.device, run.model
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for i, b in enumerate(batches):
+        if not cfg.parallel.sync_grads_every_micro_step:
+            model.set_requires_gradient_sync(i == cfg.train.grad_accum_steps - 1)
+        batch = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
+        micro_loss = token_loss_sum(model, batch, run.loss_head)
+        run.tracker.phase("forward", i)
+        (micro_loss * scale).backward()
+        run.tracker.phase("backward", i)
+        loss_sum += micro_loss.detach()
+    return loss_sum
+
+
+def skip_or_stop(run: Run, step: int, loss: float, norm: float, per_rank: list[float]) -> None:
+    """A non-finite loss or gradient norm: stop naming the step and ranks, or (train.on_nonfinite skip) log it."""
+    bad = [r for r, v in enumerate(per_rank) if not math.isfinite(v)]
+    where = f"loss on rank(s) {bad}" if bad else "gradient norm (all ranks' losses finite)"
+    if run.cfg.train.on_nonfinite == "stop":
+        raise TrainingError(f"non-finite {where} at step {step}: loss={loss}, grad_norm={norm}; "
+                            "lower train.lr, check the data, or set train.on_nonfinite=skip")
+    log.info(f"step {step}: non-finite {where}; update skipped")
+
+
+def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> StepStats:
+    """One optimizer step over this rank's micro-batches; advances run.state. t0: when the step began
+    (default: now; the loop passes the time before it waited for the batches)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    info, step = run.info, run.state.step + 1
+    run.tracker.step_start(step, batches)
+    # One all_reduce: target tokens (normaliser) and input tokens (throughput) of the whole step.
+    counts = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches),
+                           sum(int(b["n_tokens"]) for b in batches)], dtype=torch.float64, device=info.device)
+    distributed.all_reduce_sum(counts)
+    # The loss scale stays on the device: reading the counts here would make the CPU wait for the
+    # previous step's optimizer before it could queue this step's forward.
+    scale = (info.world_size / counts[0].clamp(min=1.0)).float()
+    loss_sum = forward_backward(run, batches, scale)
+
+    grad_norm = grad_norm_and_clip(run.model, run.cfg.train.max_grad_norm).float()
+    per_rank = distributed.all_gather_rows(loss_sum.reshape(1), info.world_size).flatten()
+    targets_total, global_tokens = counts.tolist()  # the step's first host sync
+    global_targets = max(1.0, targets_total)
+    run.state.step, run.state.tokens_seen = step, run.state.tokens_seen + int(global_tokens)
+    stats = StepStats(step, per_rank.sum().item() / global_targets, grad_norm.item(),
+                      run.optimizer.param_groups[0]["lr"], int(global_tokens), int(global_targets),
+                      max(b["input_ids"].shape[1] for b in batches))
+    stats.skipped = not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm))
+    if stats.skipped:
+        skip_or_stop(run, step, stats.loss, stats.grad_norm, per_rank.tolist())
+    else:
+        run.optimizer.step()
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if not stats.skipped:
+        run.tracker.phase("optimizer")
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def record(run: Run, stats: StepStats) -> None:
+    """The step's results: RunResult, and on log steps metrics.jsonl / TensorBoard / progress and memory."""
+    result, cfg = run.result, run.cfg
+    if stats.skipped:
+        result.skipped_steps += 1
+        return
+    result.losses.append(stats.loss)
+    result.grad_norms.append(stats.grad_norm)
+    result.step_times.append(stats.seconds)
+    result.tokens.append(stats.tokens)
+    result.steps = stats.step
+    step = stats.step
+    if not (step == 1 or step % cfg.logging.log_every == 0 or step == run.total_steps):
+        return
+    tok_s = stats.tokens / stats.seconds / run.info.world_size
+    metrics = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens,
+               "target_tokens": stats.target_tokens, "step_time_s": stats.seconds, "tokens_per_s_per_device": tok_s}
+    if run.peak_tflops:
+        flops = models.flops_per_token(run.hf_config, run.sharded.n_params, stats.seq_len)
+        metrics["mfu"] = flops * tok_s / (run.peak_tflops * 1e12)
+    metrics.update(run.tracker.gather(step, run.logger.tb))
+    result.peak_mem_bytes = max(result.peak_mem_bytes, run.tracker.peak_bytes_max)
+    run.logger.log(step, metrics)
+
+
+def finish(run: Run) -> None:
+    """After the loop: the optional Hugging Face export and the summary line."""
+    cfg, out, result = run.cfg, run.out, run.result
+    if cfg.checkpoint.export_hf:
+        export_hf(run.model, run.hf_config, run.tokenizer, out / "hf", run.info.is_main,
+                  dtype=export_dtype(cfg.checkpoint.export_dtype, run.sharded.plan.precision),
+                  max_shard_bytes=parse_size(cfg.checkpoint.export_max_shard_size, "checkpoint.export_max_shard_size"))
+        log.info(f"export: Hugging Face model written to {out / 'hf'}")
+    if result.losses:
+        log.info(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+                 f"skipped {result.skipped_steps}; outputs in {out}")
+
+
+def loop(run: Run) -> RunResult:
+    """Step until total_steps, saving when due; an out-of-memory error stops every rank with a post-mortem."""
+    pad_id = run.tokenizer.pad_token_id
+    steps = pipeline.batches(run.cfg, run.sampler, run.examples, pad_id, run.state.step, run.total_steps,
+                             run.info.device_type)
+    run.model.train()
     try:
-        for step in range(state.step, total_steps):
+        t0 = time.perf_counter()
+        for batches in steps:
+            stats = train_step(run, batches, t0)
+            record(run, stats)
+            run.checkpointer.maybe_save(stats.step, last=stats.step == run.total_steps)
             t0 = time.perf_counter()
-            batches = next(step_batches)
-            sampler.step = step + 1  # the data position a checkpoint taken after this step resumes from
-            mem.step_start(step, batches)
-
-            # One all_reduce: target tokens (normaliser) and input tokens (throughput) of the whole step.
-            counts = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches),
-                                   sum(int(b["n_tokens"]) for b in batches)], dtype=torch.float64, device=info.device)
-            distributed.all_reduce_sum(counts)
-            # The loss scale stays on the device: reading the counts here would make the CPU wait for the
-            # previous step's optimizer before it could queue this step's forward.
-            scale = (info.world_size / counts[0].clamp(min=1.0)).float()
-
-            loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
-            for i, b in enumerate(batches):
-                if not cfg.parallel.sync_grads_every_micro_step:
-                    model.set_requires_gradient_sync(i == accum - 1)
-                batch = {k: v.to(info.device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
-                micro_loss = token_loss_sum(model, batch, loss_head)
-                mem.phase("forward", i)
-                (micro_loss * scale).backward()
-                mem.phase("backward", i)
-                loss_sum += micro_loss.detach()
-
-            grad_norm = grad_norm_and_clip(model, cfg.train.max_grad_norm).float()
-            per_rank = distributed.all_gather_rows(loss_sum.reshape(1), info.world_size).flatten()
-            targets_total, global_tokens = counts.tolist()  # the step's first host sync
-            global_targets = max(1.0, targets_total)
-            state.step, state.tokens_seen = step + 1, state.tokens_seen + int(global_tokens)
-            loss = per_rank.sum().item() / global_targets
-            norm = grad_norm.item()
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                bad = [r for r, v in enumerate(per_rank.tolist()) if not math.isfinite(v)]
-                where = f"loss on rank(s) {bad}" if bad else "gradient norm (all ranks' losses finite)"
-                if cfg.train.on_nonfinite == "stop":
-                    raise TrainingError(
-                        f"non-finite {where} at step {step + 1}: loss={loss}, grad_norm={norm}; "
-                        "lower train.lr, check the data, or set train.on_nonfinite=skip"
-                    )
-                log.info(f"step {step + 1}: non-finite {where}; update skipped")
-                result.skipped_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            mem.phase("optimizer")
-
-            dt = time.perf_counter() - t0
-            result.losses.append(loss)
-            result.grad_norms.append(norm)
-            result.step_times.append(dt)
-            result.tokens.append(int(global_tokens))
-            result.steps = step + 1
-            if step == 0 or (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
-                tok_s = global_tokens / dt / info.world_size
-                metrics = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(global_tokens),
-                           "target_tokens": int(global_targets), "step_time_s": dt,
-                           "tokens_per_s_per_device": tok_s}
-                if peak:
-                    seq = max(b["input_ids"].shape[1] for b in batches)
-                    mfu = models.flops_per_token(hf_config, n_params, seq) * tok_s / (peak * 1e12)
-                    metrics["mfu"] = mfu
-                metrics.update(mem.gather(step + 1, log))
-                result.peak_mem_bytes = max(result.peak_mem_bytes, mem.peak_bytes_max)
-                log.log(step + 1, metrics)
-            if ckpt.due(step + 1, total_steps):
-                ckpt.save(state, model, optimizer, scheduler, sampler, hf_config, tokenizer, micro, accum)
-        if ckpt.due(state.step, total_steps):  # the last step was skipped (non-finite)
-            ckpt.save(state, model, optimizer, scheduler, sampler, hf_config, tokenizer, micro, accum)
-        ckpt.close()
+        run.checkpointer.close()
     except BaseException as e:
-        mem.on_error(e, model, optimizer)  # OOM: post-mortem and stop every rank; otherwise re-raised
+        run.tracker.on_error(e, run.model, run.optimizer)  # OOM: post-mortem and stop every rank; else re-raised
         raise
     finally:
-        mem.close()
-        log.close()
+        run.tracker.close()
+        run.logger.close()
+    finish(run)
+    return run.result
 
-    if cfg.checkpoint.export_hf:
-        name = cfg.checkpoint.export_dtype
-        export_dtype = EXPORT_DTYPES[name] if name != "auto" else (
-            torch.bfloat16 if plan.precision.startswith("bf16") else torch.float32)
-        export_hf(model, hf_config, tokenizer, out / "hf", info.is_main, dtype=export_dtype,
-                  max_shard_bytes=parse_size(cfg.checkpoint.export_max_shard_size, "checkpoint.export_max_shard_size"))
-        say(f"export: Hugging Face model written to {out / 'hf'}")
-    if result.losses:
-        say(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
-                      f"skipped {result.skipped_steps}; outputs in {out}")
-    return result
+
+def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
+    """Run training as configured. `examples` replaces the configured data (tests, notebooks)."""
+    info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
+    try:
+        return loop(setup(cfg, info, examples))
+    finally:
+        distributed.shutdown(info)

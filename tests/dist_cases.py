@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fsdptrain import distributed, models  # noqa: E402
 from fsdptrain.config import load_config  # noqa: E402
-from fsdptrain.parallelize import apply_fsdp  # noqa: E402
+from fsdptrain.build import build_sharded_model  # noqa: E402
 from fsdptrain.trainer import train  # noqa: E402
 from parity_data import uneven_examples  # noqa: E402
 
@@ -25,9 +25,7 @@ from parity_data import uneven_examples  # noqa: E402
 def gather_random_init(model_yaml: str, out: str, info: distributed.DistInfo) -> None:
     cfg = load_config(model_yaml)
     hf = models.load_hf_config(None, cfg.model.hf_config, None, False)
-    model = models.build_meta_model(hf, "sdpa", torch.float32, False)
-    apply_fsdp(model, models.find_blocks(model), distributed.build_mesh(info), cfg.parallel, "cpu")
-    models.materialize(model, info.device, cfg.seed, None)
+    model = build_sharded_model(cfg, info, hf).model
     full = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
     buffers = {f"buffer.{n}": b.clone() for n, b in model.named_buffers()}
     if info.is_main:

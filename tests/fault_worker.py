@@ -43,10 +43,10 @@ def install() -> None:
 
     save = checkpoint.Checkpointer.save
 
-    def patched_save(self, ts, *args, **kwargs):
-        state["saving"] = ts.step
+    def patched_save(self, step, *args, **kwargs):
+        state["saving"] = step
         try:
-            return save(self, ts, *args, **kwargs)
+            return save(self, step, *args, **kwargs)
         finally:
             state["saving"] = None
 

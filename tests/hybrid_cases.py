@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fsdptrain import distributed, models  # noqa: E402
 from fsdptrain.config import load_config  # noqa: E402
 from fsdptrain.mesh import build_mesh  # noqa: E402
-from fsdptrain.parallelize import apply_fsdp  # noqa: E402
+from fsdptrain.build import build_sharded_model  # noqa: E402
 from fsdptrain.trainer import train  # noqa: E402
 from parity_data import uneven_examples  # noqa: E402
 
@@ -29,10 +29,8 @@ def dump_layout(config: str, out: Path, info: distributed.DistInfo) -> None:
 
     cfg = load_config(config)
     hf = models.load_hf_config(cfg.model.path, cfg.model.hf_config, None, False)
-    model = models.build_meta_model(hf, "sdpa", torch.float32, False)
-    mesh = build_mesh(info, cfg.parallel)
-    apply_fsdp(model, models.find_blocks(model), mesh, cfg.parallel, "cpu")
-    models.materialize(model, info.device, cfg.seed, cfg.model.path)
+    sharded = build_sharded_model(cfg, info, hf)
+    model, mesh = sharded.model, sharded.mesh
     local = {n: p.to_local().contiguous().clone() for n, p in model.named_parameters()}
     save_file(local, str(out / f"rank{info.rank}.safetensors"))
     first = next(iter(model.parameters()))

@@ -22,7 +22,7 @@ from fsdptrain import distributed, models  # noqa: E402
 from fsdptrain.config import load_config  # noqa: E402
 from fsdptrain.data.tokenize import IGNORE, Example  # noqa: E402
 from fsdptrain.optim import build_optimizer  # noqa: E402
-from fsdptrain.parallelize import apply_fsdp  # noqa: E402
+from fsdptrain.build import build_sharded_model  # noqa: E402
 
 LONG, SHORT = 1536, 32
 
@@ -45,7 +45,7 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -53,20 +53,18 @@ def measure_model_state(config: str, info: distributed.DistInfo) -> dict:
     """Real per-rank sizes of the sharded parameters, gradients and AdamW state after one step."""
     cfg = load_config(config)
     hf = models.load_hf_config(None, cfg.model.hf_config, None, False)
-    model = models.build_meta_model(hf, cfg.model.attn_implementation, torch.float32, False)
-    apply_fsdp(model, models.find_blocks(model), distributed.build_mesh(info), cfg.parallel, "cpu")
-    models.materialize(model, info.device, cfg.seed, None)
+    model = build_sharded_model(cfg, info, hf).model
     opt = build_optimizer(model, cfg.train, fused=False)
     ids = torch.arange(24).reshape(2, 12) % hf.vocab_size
     model(input_ids=ids).logits.float().square().mean().backward()
-    params = [_local(p) for p in model.parameters()]
-    grads = [_local(p.grad) for p in model.parameters()]
+    params = [local_tensor(p) for p in model.parameters()]
+    grads = [local_tensor(p.grad) for p in model.parameters()]
     out = {"rank": info.rank, "world": info.world_size,
            "params_local": sum(t.numel() for t in params), "params_storage": _storage_bytes(params),
            "grads_local": sum(t.numel() for t in grads), "grads_storage": _storage_bytes(grads),
            "n_tensors": len(params)}
     opt.step()
-    out["optimizer_bytes"] = sum(_local(v).numel() * v.element_size()
+    out["optimizer_bytes"] = sum(local_tensor(v).numel() * v.element_size()
                                  for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
     return out
 

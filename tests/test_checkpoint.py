@@ -274,7 +274,7 @@ def test_auto_resume_picks_newest_complete_and_cleans_the_rest(tmp_path):
 
 
 def test_trim_metrics_drops_steps_that_will_rerun(tmp_path):
-    from fsdptrain.checkpoint import trim_metrics
+    from fsdptrain.rundir import trim_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')

@@ -144,7 +144,7 @@ def test_random_init_does_not_depend_on_world_size(runs):
 
     from fsdptrain import distributed, models
     from fsdptrain.config import load_config
-    from fsdptrain.parallelize import apply_fsdp
+    from fsdptrain.build import build_sharded_model
 
     root = runs[0]
     two = load_file(str(root / "init2.safetensors"))
@@ -152,9 +152,7 @@ def test_random_init_does_not_depend_on_world_size(runs):
     info = distributed.init("cpu")
     try:
         hf = models.load_hf_config(None, cfg.model.hf_config, None, False)
-        model = models.build_meta_model(hf, "sdpa", torch.float32, False)
-        apply_fsdp(model, models.find_blocks(model), distributed.build_mesh(info), cfg.parallel, "cpu")
-        models.materialize(model, info.device, cfg.seed, None)
+        model = build_sharded_model(cfg, info, hf).model
         one = {n: p.full_tensor() for n, p in model.named_parameters()}
         one.update({f"buffer.{n}": b for n, b in model.named_buffers()})
     finally:

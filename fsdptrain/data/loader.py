@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -260,9 +260,15 @@ class _StepBatches(torch.utils.data.Dataset):
 
 
 def step_batches(sampler: StepSampler, examples, pad_id: int, start: int, stop: int, num_workers: int = 0,
-                 pin_memory: bool = False, flatten: bool = False):
-    """Iterate steps [start, stop): each item is this rank's list of micro-batch dicts, built by workers."""
+                 pin_memory: bool = False, flatten: bool = False) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Iterate steps [start, stop): each item is this rank's list of micro-batch dicts, built by workers.
+
+    The sampler advances its own position as steps are handed out: once step s's batches are out,
+    `sampler.step` is s + 1, the data position a checkpoint taken after step s resumes from."""
     ds = _StepBatches(sampler, examples, pad_id, start, stop, flatten)
-    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
-                                       pin_memory=pin_memory, prefetch_factor=2 if num_workers > 0 else None,
-                                       persistent_workers=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         pin_memory=pin_memory, prefetch_factor=2 if num_workers > 0 else None,
+                                         persistent_workers=False)
+    for step, micro_batches in enumerate(loader, start + 1):
+        sampler.step = step
+        yield micro_batches

@@ -13,28 +13,26 @@ every log step. Rank 0 writes per-rank TensorBoard scalars, the imbalance
 (max / median peak, rank of the max) and, past memory.imbalance_warn, a
 console warning naming the rank, the phase and the likely cause.
 
-Out of memory (`on_error`): the failing rank writes the post-mortem, prints
-one `fsdptrain: error:` line naming itself and the files, sets a key in the
-rendezvous store and exits; the other ranks see the key (a watchdog thread
-polls it, so ranks blocked in a collective stop too) and exit quietly.
+Out of memory (`on_error`): the failing rank writes the post-mortem, then
+distributed.PeerStop prints one `fsdptrain: error:` line naming the rank and
+the files and stops every rank.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import sys
-import threading
 import time
-import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import log
+from ..config import MemoryConfig
+from ..distributed import DistInfo, PeerStop
 from ..errors import TrainingError
 from . import snapshot
 from . import stats as memstats
@@ -77,7 +75,7 @@ def phase_name(code: int, module: int, modules: list[str]) -> str:
 class MemoryTracker:
     """One per run and rank: phase records, interval peaks for `gather`, snapshots and the OOM stop."""
 
-    def __init__(self, mcfg, info, run_dir: str | Path, model: Optional[nn.Module] = None,
+    def __init__(self, mcfg: MemoryConfig, info: DistInfo, run_dir: str | Path, model: Optional[nn.Module] = None,
                  blocks: Optional[list[nn.Module]] = None):
         self.cfg = mcfg
         self.rank, self.world = info.rank, info.world_size
@@ -94,13 +92,8 @@ class MemoryTracker:
         self._tokens = 0  # real (unpadded) tokens of this rank's step
         self.peak_bytes_max = 0  # highest peak allocated of any rank over all gathers so far
         self._recording = False
-        self._failing = False
-        # One key per run and elastic restart; output_dir as configured (identical on every node, unlike a
-        # resolved path). The restart count keeps a restarted group from reading the previous attempt's failure.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self._key = f"fsdptrain/oom/{zlib.crc32(str(run_dir).encode())}/{attempt}"
-        self._stop = threading.Event()
-        self._watch: Optional[threading.Thread] = None
+        # output_dir as configured identifies the run on every node (a resolved path may differ)
+        self.peers = PeerStop(str(run_dir), self.world, before_exit=self._flush)
         self.t0 = time.perf_counter()
         self._reset_interval()
         if self.enabled:
@@ -109,15 +102,14 @@ class MemoryTracker:
             if mcfg.per_module and model is not None and blocks:
                 self._install_hooks(model, blocks)
             memstats.reset_peak(self.device)
-        if self.device.type != "cuda" and (mcfg.snapshot_steps or mcfg.record_history) and info.is_main:
-            print("memory: snapshot_steps / record_history need CUDA allocation history; ignored on "
-                  f"{self.device.type} (per-phase records and the OOM post-mortem still work)", flush=True)
+        if self.device.type != "cuda" and (mcfg.snapshot_steps or mcfg.record_history):
+            log.info("memory: snapshot_steps / record_history need CUDA allocation history; ignored on "
+                     f"{self.device.type} (per-phase records and the OOM post-mortem still work)")
         if self.device.type == "cuda" and mcfg.record_history:
             snapshot.start_recording(mcfg.snapshot_max_entries)
             self._recording = True
-        if self.world > 1 and mcfg.oom_postmortem and dist.is_initialized():
-            self._watch = threading.Thread(target=self._watch_peers, name="fsdptrain-oom-watch", daemon=True)
-            self._watch.start()
+        if mcfg.oom_postmortem:
+            self.peers.start_watching()
 
     # ------------------------------------------------------------------------- records
 
@@ -126,8 +118,8 @@ class MemoryTracker:
         self.interval["module"] = -1.0
 
     def step_start(self, step: int, batches: list[dict]) -> None:
-        """`step` is the 0-based loop index; records carry the 1-based optimizer step like metrics.jsonl."""
-        self.step = step + 1
+        """`step` is the 1-based optimizer step about to run (records carry it, like metrics.jsonl)."""
+        self.step = step
         self._batches = [(int(b["input_ids"].numel()), int(b["input_ids"].shape[1])) for b in batches]
         self._tokens = sum(int(b["n_tokens"]) if "n_tokens" in b else int(b["input_ids"].numel()) for b in batches)
         self._micro = None
@@ -204,8 +196,9 @@ class MemoryTracker:
 
     # ------------------------------------------------------------------------- across ranks
 
-    def gather(self, step: int, log) -> dict:
-        """One all_gather of this interval's peaks; rank 0 logs per-rank scalars and imbalance. Returns metrics."""
+    def gather(self, step: int, tb: Any = None) -> dict:
+        """One all_gather of this interval's peaks; rank 0 logs per-rank scalars (to `tb`, a TensorBoard
+        writer) and the imbalance. Returns metrics."""
         if not self.enabled:
             return {}
         mine = torch.tensor([float(self.interval[k]) for k in GATHERED], dtype=torch.float64, device=self.device)
@@ -220,13 +213,12 @@ class MemoryTracker:
         self.peak_bytes_max = max(self.peak_bytes_max, int(peaks[r_max]))
         med = statistics.median(peaks)
         ratio = peaks[r_max] / med if med > 0 else 1.0
-        tb = getattr(log, "tb", None)
         if tb is not None:
             for r, row in enumerate(rows):
                 tb.add_scalar(f"memory/rank{r}/peak_allocated_gib", row["allocated_peak"] / GIB, step)
                 tb.add_scalar(f"memory/rank{r}/peak_reserved_gib", row["reserved_peak"] / GIB, step)
                 tb.add_scalar(f"memory/rank{r}/alloc_retries", row["num_alloc_retries"], step)
-        if self.world > 1 and ratio > self.cfg.imbalance_warn and hasattr(log, "info"):
+        if self.world > 1 and ratio > self.cfg.imbalance_warn:
             row = rows[r_max]
             micro = f" micro-batch {int(row['micro'])}" if row["micro"] >= 0 else ""
             log.info(f"memory imbalance at step {step}: rank {r_max} peaked at {peaks[r_max] / GIB:.2f} GiB in "
@@ -237,47 +229,24 @@ class MemoryTracker:
 
     # ------------------------------------------------------------------------- failure handling
 
-    def _store(self):
-        return dist.distributed_c10d._get_default_store()
-
-    def _peer_failed(self) -> bool:
-        if self.world <= 1 or not dist.is_initialized():
-            return False
-        try:
-            return bool(self._store().check([self._key]))
-        except Exception:  # the store went away: nothing to learn from it
-            return False
-
-    def _watch_peers(self) -> None:
-        while not self._stop.wait(1.0):  # one store lookup per rank per second
-            if not self._failing and self._peer_failed():
-                self._quit(1)
-
-    def _quit(self, code: int) -> None:
+    def _flush(self) -> None:
         if self._file is not None:
             self._file.flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # peers may be blocked inside a collective: no clean shutdown is possible
 
     def on_error(self, exc: BaseException, model: Optional[nn.Module] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Called from the trainer's except clause. Returns only when the error is not ours to handle."""
-        if self._peer_failed():
-            self._quit(1)  # another rank ran out of memory and has already said so
+        if self.peers.peer_failed():
+            self.peers.exit(1)  # another rank ran out of memory and has already said so
         if not (isinstance(exc, torch.OutOfMemoryError) and self.cfg.oom_postmortem):
             return
-        self._failing = True
+        self.peers.failing = True  # a peer's failure seen meanwhile must not cut this post-mortem short
         files = self.postmortem(exc, model, optimizer)
         msg = (f"rank {self.rank} ran out of memory at step {self.step} ({self.where}); "
                f"post-mortem: {', '.join(str(f) for f in files)}")
         if self.world <= 1:
             raise TrainingError(msg) from None
-        print(f"fsdptrain: error: {msg}", file=sys.stderr, flush=True)
-        try:
-            self._store().set(self._key, msg)
-        finally:
-            self._quit(1)
+        self.peers.fail(msg)
 
     def postmortem(self, exc: BaseException, model: Optional[nn.Module],
                    optimizer: Optional[torch.optim.Optimizer]) -> list[Path]:
@@ -303,7 +272,7 @@ class MemoryTracker:
         return files
 
     def close(self) -> None:
-        self._stop.set()
+        self.peers.close()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

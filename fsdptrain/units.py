@@ -1,0 +1,2 @@
+# TEMPORARY shim until branch est lands
+from .config import parse_size  # noqa
