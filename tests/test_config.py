@@ -117,12 +117,23 @@ def test_dump_round_trips_and_documents_every_key(tmp_path):
     assert all(doc for _, _, doc in reference_rows())
 
 
-def test_readme_documents_every_key():
-    from helpers import REPO
+def test_configuration_doc_is_the_generated_reference():
+    from helpers import REPO, run_cli
 
-    readme = (REPO / "README.md").read_text()
-    missing = [key for key, _, _ in reference_rows() if f"| `{key}` |" not in readme]
-    assert not missing, f"README config reference lacks {missing}; regenerate with `fsdptrain config --reference`"
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    missing = [key for key, _, _ in reference_rows() if f"| `{key}` |" not in doc]
+    assert not missing, (f"docs/configuration.md lacks {missing}; "
+                         "regenerate it with `python -m fsdptrain config --reference`")
+    generated = run_cli(["config", "--reference"], timeout=60)
+    assert generated.returncode == 0, generated.stderr
+    lines = doc.splitlines()
+    start = lines.index("| key | default | meaning |")
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    section = "\n".join(lines[start:end]) + "\n"
+    assert section == generated.stdout, ("docs/configuration.md differs from `fsdptrain config --reference`; "
+                                         "regenerate its table with that command")
 
 
 def test_mapping_override_merges_one_field():
