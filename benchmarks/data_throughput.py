@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsdptrain.data import cache  # noqa: E402
-from fsdptrain.data.loader import StepSampler, padded  # noqa: E402
-from fsdptrain.data.packing import pack  # noqa: E402
-from fsdptrain.data.sources import resolve  # noqa: E402
-from fsdptrain.data.tokenizer import build_char_tokenizer  # noqa: E402
+from fsdptrain.data import cache
+from fsdptrain.data.loader import StepSampler, padded
+from fsdptrain.data.packing import pack
+from fsdptrain.data.sources import resolve
+from fsdptrain.data.tokenizer import build_char_tokenizer
 
 WORDS = ("the model data train token batch rank shard memory layer loss step learn value small large "
          "fast slow write read check answer question explain list give short long simple").split()

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsdptrain.loss import ChunkedLossHead  # noqa: E402
+from fsdptrain.loss import ChunkedLossHead
 
 
 def full(h, w, y, chunk):

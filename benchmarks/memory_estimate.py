@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from fsdptrain import distributed  # noqa: E402
-from fsdptrain.config import load_config, parse_size  # noqa: E402
-from fsdptrain.data.tokenize import IGNORE, Example  # noqa: E402
-from fsdptrain.memory import estimate  # noqa: E402
-from fsdptrain.trainer import train  # noqa: E402
+from fsdptrain import distributed
+from fsdptrain.config import load_config, parse_size
+from fsdptrain.data.tokenize import IGNORE, Example
+from fsdptrain.memory import estimate
+from fsdptrain.trainer import train
 
 GIB = 2**30
 SIZES = {

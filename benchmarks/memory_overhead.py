@@ -21,19 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsdptrain import distributed  # noqa: E402
-from fsdptrain.config import load_config  # noqa: E402
-from fsdptrain.memory import tracker as trk  # noqa: E402
-from fsdptrain.trainer import train  # noqa: E402
+from fsdptrain import distributed
+from fsdptrain.config import load_config
+from fsdptrain.memory import tracker as trk
+from fsdptrain.trainer import train
 
 SPENT = {"records": 0.0, "gather": 0.0, "depth": 0}
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsdptrain.optim_offload import CPUOffloadAdamW  # noqa: E402
+from fsdptrain.optim_offload import CPUOffloadAdamW
 
 
 def make_params(total: int, seed: int) -> list[torch.nn.Parameter]:

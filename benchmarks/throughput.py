@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,16 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsdptrain import distributed, models  # noqa: E402
-from fsdptrain.config import load_config  # noqa: E402
-from fsdptrain.data.loader import StepSampler, collate  # noqa: E402
-from fsdptrain.data.tokenize import Example  # noqa: E402
-from fsdptrain.memory import stats as memstats  # noqa: E402
-from fsdptrain.metrics import peak_tflops  # noqa: E402
-from fsdptrain.parallelize import mixed_precision_policy, resolve_precision  # noqa: E402
-from fsdptrain.trainer import train  # noqa: E402
+from fsdptrain import distributed, models
+from fsdptrain.config import load_config
+from fsdptrain.data.loader import StepSampler, collate
+from fsdptrain.data.tokenize import Example
+from fsdptrain.memory import stats as memstats
+from fsdptrain.metrics import peak_tflops
+from fsdptrain.parallelize import mixed_precision_policy, resolve_precision
+from fsdptrain.trainer import train
 
 LLAMA_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
             "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,

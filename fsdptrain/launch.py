@@ -69,7 +69,7 @@ def _int(env: Mapping[str, str], name: str, default: Optional[int], lo: int = 0)
     text = env.get(name, "").strip()
     if not text:
         if default is None:
-            raise LaunchError(f"{name} is not set; export it on every node (see docs/multinode.md)")
+            raise LaunchError(f"{name} is not set; export it on every node (see docs/multi-node.md)")
         return default
     try:
         value = int(text)

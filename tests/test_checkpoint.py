@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, env, free_port, read_metrics, torchrun
+from tests.helpers import env, free_port, read_metrics, torchrun
 
 from fsdptrain.errors import UserError
 
@@ -78,7 +78,7 @@ def two_rank(root):
             resumed, checkpoint={"resume": str(ckpt(full, 4))}))},
     ]}
     (root / "spec2.json").write_text(json.dumps(spec))
-    proc = torchrun(2, [str(REPO / "tests" / "dist_cases.py"), str(root / "spec2.json")])
+    proc = torchrun(2, ["-m", "tests.workers.dist_cases", str(root / "spec2.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return full, resumed, proc.stdout
 
@@ -124,7 +124,7 @@ def test_resume_on_four_ranks_reshards(two_rank, root):
     full = two_rank[0]
     cfg = config(root / "four", train={"micro_batch_size": 1}, checkpoint={"resume": str(ckpt(full, 4))})
     (root / "spec4.json").write_text(json.dumps({"cases": [{"name": "four", "config": write(root / "four.yaml", cfg)}]}))
-    proc = torchrun(4, [str(REPO / "tests" / "dist_cases.py"), str(root / "spec4.json")])
+    proc = torchrun(4, ["-m", "tests.workers.dist_cases", str(root / "spec4.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     got, ref = losses(root / "four"), losses(full)
     assert sorted(got) == list(range(5, STEPS + 1))
@@ -168,7 +168,7 @@ def test_restart_after_sigkill_during_a_save(two_rank, root):
     cfg = write(root / "elastic.yaml", config(run, checkpoint={"keep_last": 2}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--monitor-interval", "0.1",
-           str(REPO / "tests" / "fault_worker.py"), "train", cfg]
+           "-m", "tests.workers.fault_worker", "train", cfg]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=env(FSDPTRAIN_TEST_FAULTS="0:save:6:1"))
     out = proc.stdout + proc.stderr

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from helpers import LLAMA, make_model_dir, read_metrics, run_cli
+from tests.helpers import LLAMA, make_model_dir, read_metrics, run_cli
 
 
 def assert_one_line_error(proc, expected_start: str) -> None:

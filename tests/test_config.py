@@ -34,7 +34,7 @@ def test_no_config_means_the_demo(tmp_path):
 
 
 def test_configs_default_is_the_demo():
-    from helpers import REPO
+    from tests.helpers import REPO
 
     assert (REPO / "configs" / "default.yaml").read_text() == DEMO_CONFIG.read_text()
 
@@ -118,7 +118,7 @@ def test_dump_round_trips_and_documents_every_key(tmp_path):
 
 
 def test_configuration_doc_is_the_generated_reference():
-    from helpers import REPO, run_cli
+    from tests.helpers import REPO, run_cli
 
     doc = (REPO / "docs" / "configuration.md").read_text()
     missing = [key for key, _, _ in reference_rows() if f"| `{key}` |" not in doc]
@@ -143,7 +143,7 @@ def test_mapping_override_merges_one_field():
 
 
 def test_every_shipped_config_validates():
-    from helpers import REPO
+    from tests.helpers import REPO
 
     paths = sorted((REPO / "configs").glob("*.yaml"))
     assert len(paths) >= 3

@@ -23,7 +23,7 @@ from fsdptrain.data.sources import read, resolve
 from fsdptrain.data.tokenize import IGNORE, Example, build_example, tokenize_record
 from fsdptrain.data.tokenizer import build_char_tokenizer
 from fsdptrain.errors import ConfigError, UserError
-from helpers import LLAMA, REPO, run_cli
+from tests.helpers import LLAMA, REPO, run_cli
 
 LF = REPO.parent / "shared" / "data" / "llamafactory"
 needs_fixtures = pytest.mark.skipif(not (LF / "dataset_info.json").is_file(),

@@ -1,6 +1,6 @@
 """2-rank runs on LLaMA-Factory data equal a single process on the same global batches.
 
-One torchrun launch (tests/dist_cases.py) runs three cases on identity.json: uneven
+One torchrun launch (tests/workers/dist_cases.py) runs three cases on identity.json: uneven
 per-rank micro-batch sizes [3, 1], token-budget micro-batches, and packed rows.
 Rank 0 tokenises into the cache while rank 1 waits; the test then reads the same
 cache in process (a cache hit) and replays each step's global batch, example by
@@ -18,8 +18,8 @@ from fsdptrain.config import load_config
 from fsdptrain.data import pipeline
 from fsdptrain.data.packing import PackedExamples
 from fsdptrain.data.tokenizer import load_tokenizer
-from helpers import LLAMA, REPO, make_model_dir, read_metrics, torchrun
-from reference import STEPS, base_config, reference_run
+from tests.helpers import LLAMA, REPO, make_model_dir, read_metrics, torchrun
+from tests.reference import STEPS, base_config, reference_run
 
 LF = REPO.parent / "shared" / "data" / "llamafactory"
 pytestmark = pytest.mark.skipif(not (LF / "identity.json").is_file(), reason=f"LLaMA-Factory fixtures not found at {LF}")
@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
         path.write_text(yaml.safe_dump(cfg))
         spec["cases"].append({"name": name, "config": str(path)})
     (root / "spec.json").write_text(json.dumps(spec))
-    proc = torchrun(2, [str(REPO / "tests" / "dist_cases.py"), str(root / "spec.json")])
+    proc = torchrun(2, ["-m", "tests.workers.dist_cases", str(root / "spec.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("data: tokenising") == 1  # built once (first case), then read from the cache
     return root, llama

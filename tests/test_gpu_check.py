@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from helpers import REPO
+from tests.helpers import REPO
 
 ROWS = ["fsdptrain", "hand-written FSDP2", "fsdptrain compile+chunked", "fsdptrain auto-AC-28GiB+compile+chunked",
         "fsdptrain optimizer-offload+compile+chunked", "fsdptrain selective-AC+compile+chunked",

@@ -1,6 +1,6 @@
 """Hybrid sharding (parallel.sharding: hybrid): 4 CPU ranks as 2 x 2 equal the single-process reference.
 
-One torchrun launch (tests/hybrid_cases.py) trains every case and dumps each
+One torchrun launch (tests/workers/hybrid_cases.py) trains every case and dumps each
 rank's local shards; the reference loop is tests/reference.py. The pure mesh
 arithmetic is tested without processes.
 """
@@ -16,9 +16,9 @@ import yaml
 from fsdptrain.config import load_config
 from fsdptrain.errors import ConfigError, LaunchError
 from fsdptrain.mesh import check_node_layout, hybrid_shape
-from helpers import LLAMA, REPO, make_model_dir, read_metrics, torchrun
-from parity_data import uneven_examples
-from reference import STEPS, base_config, global_batches, reference_run, synthetic_examples
+from tests.helpers import LLAMA, make_model_dir, read_metrics, torchrun
+from tests.parity_data import uneven_examples
+from tests.reference import STEPS, base_config, global_batches, reference_run, synthetic_examples
 
 HYBRID = {"sharding": "hybrid", "shard_group_size": 2}
 
@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
         path.write_text(yaml.safe_dump(cfg))
         spec["cases"].append({"config": str(path), "examples": "uneven" if name == "uneven" else None})
     (root / "spec.json").write_text(json.dumps(spec))
-    proc = torchrun(4, [str(REPO / "tests" / "hybrid_cases.py"), str(root / "spec.json")])
+    proc = torchrun(4, ["-m", "tests.workers.hybrid_cases", str(root / "spec.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root, llama, proc.stdout
 

@@ -1,6 +1,6 @@
 """Memory observability: per-rank phase records, imbalance, report, snapshots, OOM stop, estimator.
 
-One 3-rank torchrun launch (tests/mem_cases.py) runs: a training run where the
+One 3-rank torchrun launch (tests/workers/mem_cases.py) runs: a training run where the
 last rank gets 32x the tokens of the others, the real shard sizes for the
 estimator check, and finally a simulated out-of-memory error on rank 1 (which
 ends the launch). Everything else runs in this process.
@@ -20,7 +20,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from helpers import REPO, torchrun
+from tests.helpers import REPO, torchrun
 from mem_cases import LONG, SHORT, measure_model_state
 
 from fsdptrain.cli import main as cli
@@ -65,7 +65,7 @@ def launch(tmp_path_factory):
             "oom": {"config": oom, "rank": 1, "at_call": 2}}
     (root / "spec.json").write_text(json.dumps(spec))
     t0 = time.perf_counter()
-    proc = torchrun(3, [str(REPO / "tests" / "mem_cases.py"), str(root / "spec.json")], timeout=400)
+    proc = torchrun(3, ["-m", "tests.workers.mem_cases", str(root / "spec.json")], timeout=400)
     return root, proc, time.perf_counter() - t0
 
 
@@ -202,7 +202,7 @@ def test_watchdog_stops_a_rank_blocked_in_a_collective(tmp_path):
     # NCCL collectives do not fail when a peer stops; the store key is what frees the waiting ranks.
     (tmp_path / "spec.json").write_text(json.dumps({"watchdog": str(tmp_path / "run")}))
     t0 = time.perf_counter()
-    proc = torchrun(2, [str(REPO / "tests" / "mem_cases.py"), str(tmp_path / "spec.json")], timeout=100)
+    proc = torchrun(2, ["-m", "tests.workers.mem_cases", str(tmp_path / "spec.json")], timeout=100)
     assert time.perf_counter() - t0 < 90  # rank 1 sleeps 120 s: only rank 0's quiet exit ended the launch
     assert proc.returncode != 0 and "still running" not in proc.stdout
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 1 ", proc.stderr), proc.stderr[-2000:]
@@ -456,7 +456,7 @@ def test_cuda_oom_post_mortem(tmp_path):
 
 
 def test_estimate_from_a_model_folder_reads_only_its_config(tmp_path):
-    from helpers import LLAMA, make_model_dir
+    from tests.helpers import LLAMA, make_model_dir
 
     folder = make_model_dir(tmp_path / "m", LLAMA)
     for f in folder.glob("*.safetensors"):

@@ -24,7 +24,7 @@ import pytest
 
 from fsdptrain.errors import LaunchError
 from fsdptrain.launch import interface_env, read_plan, route_to, torchrun_command
-from helpers import REPO, env, free_port, read_metrics
+from tests.helpers import REPO, env, free_port, read_metrics
 
 LAUNCH = str(REPO / "launch" / "torchrun.sh")
 DEMO = ["train.max_steps=3", "data.synthetic_examples=64", "train.micro_batch_size=4", "logging.log_every=1",

@@ -1,6 +1,6 @@
 """2-rank FSDP2 training equals a single-process plain-PyTorch reference (fp32, CPU, gloo).
 
-One torchrun launch runs every case (tests/dist_cases.py); the reference loop is
+One torchrun launch runs every case (tests/workers/dist_cases.py); the reference loop is
 in tests/reference.py.
 """
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from helpers import LLAMA, QWEN2, REPO, make_model_dir, read_metrics, torchrun
-from parity_data import uneven_examples
-from reference import STEPS, base_config, global_batches, reference_run, synthetic_examples
+from tests.helpers import LLAMA, QWEN2, make_model_dir, read_metrics, torchrun
+from tests.parity_data import uneven_examples
+from tests.reference import STEPS, base_config, global_batches, reference_run, synthetic_examples
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -57,7 +57,7 @@ def runs(tmp_path_factory):
         path.write_text(yaml.safe_dump(cfg))
         spec["cases"].append({"name": name, "config": str(path), "examples": "uneven" if name == "uneven" else None})
     (root / "spec.json").write_text(json.dumps(spec))
-    proc = torchrun(2, [str(REPO / "tests" / "dist_cases.py"), str(root / "spec.json")])
+    proc = torchrun(2, ["-m", "tests.workers.dist_cases", str(root / "spec.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     (root / "stdout.txt").write_text(proc.stdout)
     return root, cases, llama, qwen

@@ -11,14 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from torch.distributed.checkpoint import FileSystemWriter
 
-from torch.distributed.checkpoint import FileSystemWriter  # noqa: E402
-
-from fsdptrain import checkpoint  # noqa: E402
-from fsdptrain.cli import main  # noqa: E402
+from fsdptrain import checkpoint
+from fsdptrain.cli import main
 
 
 def _faults() -> list[tuple[str, int]]:

@@ -1,6 +1,6 @@
 """Hybrid-sharding cases for one 4-rank launch (tests/test_hybrid.py).
 
-Usage (under torchrun): python tests/hybrid_cases.py SPEC.json
+Usage (under torchrun): python -m tests.workers.hybrid_cases SPEC.json
 SPEC: {"cases": [{"config": yaml path, "examples": null | "uneven"}],
        "layout_yaml": config whose model is built and sharded without training,
        "layout_dir": folder for rank<R>.safetensors (this rank's local shards) and rank<R>.json (mesh)}
@@ -14,14 +14,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fsdptrain import distributed, models  # noqa: E402
-from fsdptrain.config import load_config  # noqa: E402
-from fsdptrain.mesh import build_mesh  # noqa: E402
-from fsdptrain.build import build_sharded_model  # noqa: E402
-from fsdptrain.trainer import train  # noqa: E402
-from parity_data import uneven_examples  # noqa: E402
+from fsdptrain import distributed, models
+from fsdptrain.config import load_config
+from fsdptrain.build import build_sharded_model
+from fsdptrain.trainer import train
+from tests.parity_data import uneven_examples
 
 
 def dump_layout(config: str, out: Path, info: distributed.DistInfo) -> None:

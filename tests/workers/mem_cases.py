@@ -1,6 +1,6 @@
 """Memory-feature cases run inside one launched process group (see test_memory.py).
 
-Usage (under torchrun): python tests/mem_cases.py SPEC.json
+Usage (under torchrun): python -m tests.workers.mem_cases SPEC.json
 SPEC: {"train": [config yaml, ...],            runs with imbalanced_examples(world_size)
        "model_state": {"config": yaml, "out": dir},  writes out/rank{R}.json (real shard sizes)
        "oom": {"config": yaml, "rank": R, "at_call": N}}  then rank R raises OutOfMemoryError in its N-th forward
@@ -16,13 +16,11 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fsdptrain import distributed, models  # noqa: E402
-from fsdptrain.config import load_config  # noqa: E402
-from fsdptrain.data.tokenize import IGNORE, Example  # noqa: E402
-from fsdptrain.optim import build_optimizer  # noqa: E402
-from fsdptrain.build import build_sharded_model  # noqa: E402
+from fsdptrain import distributed, models
+from fsdptrain.config import load_config
+from fsdptrain.data.tokenize import IGNORE, Example
+from fsdptrain.optim import build_optimizer
+from fsdptrain.build import build_sharded_model
 
 LONG, SHORT = 1536, 32
 
@@ -99,7 +97,7 @@ def run_watchdog(run_dir: str) -> None:
     mem = MemoryTracker(MemoryConfig(track_peak=False), info, run_dir)
     if info.rank == 1:
         mem._failing = True  # what on_error sets on the failing rank
-        dist.distributed_c10d._get_default_store().set(mem._key, "rank 1 failed")
+        dist.distributed_c10d._get_default_store().set(mem.peers.key, "rank 1 failed")
         time.sleep(120)
     else:
         dist.barrier()  # without the watchdog: blocked until the 30-minute process-group timeout

@@ -1,6 +1,6 @@
 """Run several training cases in one launched process group (a 2-rank start costs ~5 s here).
 
-Usage (under torchrun): python tests/dist_cases.py SPEC.json
+Usage (under torchrun): python -m tests.workers.dist_cases SPEC.json
 SPEC: {"cases": [{"name": str, "config": yaml path, "examples": null | "uneven"}],
        "init_out": optional path: gather a random init made on this world size into a safetensors file}
 """
@@ -13,13 +13,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fsdptrain import distributed, models  # noqa: E402
-from fsdptrain.config import load_config  # noqa: E402
-from fsdptrain.build import build_sharded_model  # noqa: E402
-from fsdptrain.trainer import train  # noqa: E402
-from parity_data import uneven_examples  # noqa: E402
+from fsdptrain import distributed, models
+from fsdptrain.config import load_config
+from fsdptrain.build import build_sharded_model
+from fsdptrain.trainer import train
+from tests.parity_data import uneven_examples
 
 
 def gather_random_init(model_yaml: str, out: str, info: distributed.DistInfo) -> None:

@@ -1,0 +1,1 @@
+"""fsdptrain test suite (a package, so test modules import their helpers as tests.helpers)."""

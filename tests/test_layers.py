@@ -1,0 +1,130 @@
+"""The package's layering: each module imports only its own layer or lower ones, with no import cycle.
+
+The layer order is written once, in docs/architecture.md (the ```layers block, bottom layer first); this
+test parses it and every module's imports (module level and inside functions alike).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from tests.helpers import REPO
+
+PKG = REPO / "fsdptrain"
+
+
+def layer_order() -> list[tuple[str, list[str]]]:
+    text = (REPO / "docs" / "architecture.md").read_text()
+    block = re.search(r"```layers\n(.*?)```", text, re.S)
+    assert block, "docs/architecture.md has no ```layers block"
+    layers = []
+    for line in block.group(1).strip().splitlines():
+        name, _, modules = line.partition(":")
+        layers.append((name.strip(), modules.split()))
+    return layers
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported fsdptrain module, imported names) for every import in the file, relative ones resolved."""
+    mod = module_name(path)
+    package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                if node.module is None:  # from . import x, y: each is a module
+                    found += [(f"{target}.{n}".strip("."), []) for n in names]
+                    continue
+                found.append((target, names))
+            elif node.module and node.module.split(".")[0] == "fsdptrain":
+                found.append((node.module.partition(".")[2], names))
+        elif isinstance(node, ast.Import):
+            found += [(a.name.partition(".")[2], []) for a in node.names if a.name.split(".")[0] == "fsdptrain"]
+    return [(t, n) for t, n in found if t]
+
+
+def layer_of(mod: str, index: dict[str, int]) -> int:
+    parts = mod.split(".")
+    for i in range(len(parts), 0, -1):  # the longest listed prefix: memory.stats before memory, data.x -> data
+        if ".".join(parts[:i]) in index:
+            return index[".".join(parts[:i])]
+    raise AssertionError(f"fsdptrain.{mod} is in no layer of docs/architecture.md; add it to the ```layers block")
+
+
+def graph() -> tuple[dict[str, list[tuple[str, list[str]]]], dict[str, int], list[str]]:
+    layers = layer_order()
+    names = [n for n, _ in layers]
+    index = {m: i for i, (_, mods) in enumerate(layers) for m in mods}
+    files = {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+    modules = {}
+    for mod, path in files.items():  # `from .memory import estimate` imports the module memory.estimate
+        deps = []
+        for target, imported in imports_of(path):
+            subs = [f"{target}.{n}" for n in imported if f"{target}.{n}" in files]
+            deps += [(s, []) for s in subs] or [(target, imported)]
+        modules[mod] = deps
+    return modules, index, names
+
+
+def test_every_module_imports_only_its_layer_or_lower():
+    modules, index, names = graph()
+    upward = []
+    for mod, deps in modules.items():
+        if mod in ("", "data", "memory"):  # package __init__ files hold docstrings only
+            assert not deps, f"fsdptrain/{mod}/__init__.py imports {deps}; keep package __init__ files empty"
+            continue
+        mine = layer_of(mod, index)
+        for dep, _ in deps:
+            theirs = layer_of(dep, index)
+            if theirs > mine:
+                upward.append(f"{mod} ({names[mine]}) imports {dep} ({names[theirs]})")
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_no_import_cycle():
+    modules, _, _ = graph()
+    edges = {m: sorted({d for d, _ in deps if d in modules and d != m}) for m, deps in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for d in edges[m]:
+            if state.get(d) == 1:
+                cycle = path[path.index(d):] + [d]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if d not in state:
+                visit(d)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
+
+
+def test_no_private_name_is_imported_across_modules():
+    modules, _, _ = graph()
+    private = [f"{mod} imports {dep}.{n}" for mod, deps in modules.items() for dep, names in deps
+               for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not private, "private names used outside their module:\n" + "\n".join(private)
+
+
+def test_the_checker_sees_an_upward_import():
+    """The parser resolves relative imports: a wing importing the trainer would be caught."""
+    deps = dict(imports_of(PKG / "memory" / "tracker.py"))
+    assert "distributed" in deps and "memory.stats" in deps
+    index = {m: i for i, (_, mods) in enumerate(layer_order()) for m in mods}
+    assert layer_of("trainer", index) > layer_of("memory.tracker", index)
+    assert layer_of("data.loader", index) == layer_of("data", index)

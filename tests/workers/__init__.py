@@ -1,0 +1,1 @@
+"""Worker scripts the tests launch under torchrun (python -m tests.workers.NAME)."""
