@@ -21,7 +21,7 @@ import yaml
 from click.testing import CliRunner
 
 from tests.helpers import REPO, torchrun
-from mem_cases import LONG, SHORT, measure_model_state
+from tests.workers.mem_cases import LONG, SHORT, measure_model_state
 
 from fsdptrain.cli import main as cli
 from fsdptrain.config import load_config
