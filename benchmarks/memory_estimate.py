@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from fsdptrain import distributed
 from fsdptrain.config import load_config, parse_size
-from fsdptrain.data.tokenize import IGNORE, Example
+from fsdptrain.data.encode import IGNORE, Example
 from fsdptrain.memory import estimate
 from fsdptrain.trainer import train
 

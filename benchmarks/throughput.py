@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 
 
 from fsdptrain import distributed, models
 from fsdptrain.config import load_config
 from fsdptrain.data.loader import StepSampler, collate
-from fsdptrain.data.tokenize import Example
+from fsdptrain.data.encode import Example
 from fsdptrain.memory import stats as memstats
 from fsdptrain.metrics import peak_tflops
 from fsdptrain.parallelize import mixed_precision_policy, resolve_precision
@@ -54,7 +55,7 @@ def hand_loop(cfg, examples, steps: int, info) -> tuple[list[float], int]:
     precision = resolve_precision(cfg.parallel.precision, info.device_type)
     hf = models.load_hf_config(None, cfg.model.hf_config, None, False)
     model = models.build_meta_model(hf, cfg.model.attn_implementation, models.DTYPES[precision], False)
-    mesh = distributed.build_mesh(info)
+    mesh = init_device_mesh(info.device_type, (info.world_size,), mesh_dim_names=("dp",))
     mp = mixed_precision_policy(precision)
     for block in models.find_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp)

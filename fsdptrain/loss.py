@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.tokenize import IGNORE
+from .data.encode import IGNORE
 from .errors import ConfigError
 
 

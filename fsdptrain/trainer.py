@@ -31,7 +31,7 @@ from .checkpoint import Checkpointer, Saved, TrainState, resolve_resume
 from .config import Config
 from .data import pipeline
 from .data.loader import StepSampler
-from .data.tokenize import IGNORE, Example
+from .data.encode import IGNORE, Example
 from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo
 from .errors import TrainingError, UserError
@@ -67,7 +67,7 @@ class Run:
     out: Path
     tokenizer: PreTrainedTokenizerBase
     hf_config: PretrainedConfig
-    examples: Any  # a sequence of data.tokenize.Example (or packed rows)
+    examples: Any  # a sequence of data.encode.Example (or packed rows)
     sampler: StepSampler
     total_steps: int
     sharded: ShardedModel

@@ -1,6 +1,6 @@
 """Hand-made examples whose target counts differ a lot between the two ranks' halves of each batch."""
 
-from fsdptrain.data.tokenize import IGNORE, Example
+from fsdptrain.data.encode import IGNORE, Example
 
 
 def uneven_examples(n_groups: int = 8) -> list[Example]:

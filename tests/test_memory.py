@@ -408,7 +408,7 @@ def test_estimate_cli(tmp_path):
 
 
 def _fixed(n: int, seq: int):
-    from fsdptrain.data.tokenize import IGNORE, Example
+    from fsdptrain.data.encode import IGNORE, Example
 
     return [Example([(3 * i + k) % 90 + 4 for k in range(seq)], [IGNORE] + [(3 * i + k) % 90 + 4 for k in range(1, seq)])
             for i in range(n)]

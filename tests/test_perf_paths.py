@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsdptrain import models
-from fsdptrain.data.tokenize import IGNORE
+from fsdptrain.data.encode import IGNORE
 from fsdptrain.loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
 from fsdptrain.optim_offload import CPUOffloadAdamW
 from fsdptrain.parallelize import apply_activation_checkpointing

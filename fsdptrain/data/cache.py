@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..errors import UserError
 from . import formats, sources
-from .tokenize import IGNORE, Example, TemplateError, TokenizeStats, tokenize_record
+from .encode import IGNORE, Example, TemplateError, TokenizeStats, tokenize_record
 
 CACHE_VERSION = 1  # bump when the tokenised layout or the rules change
 

@@ -30,7 +30,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..errors import UserError
-from .tokenize import IGNORE, Example
+from .encode import IGNORE, Example
 
 PAD_MULTIPLE = 8
 SORT_WINDOW = 2048  # token budget: examples sorted by length together before cutting micro-batches

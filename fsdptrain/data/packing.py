@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 from typing import Sequence
 
-from .tokenize import IGNORE, Example
+from .encode import IGNORE, Example
 
 
 def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:

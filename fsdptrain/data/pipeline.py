@@ -19,7 +19,7 @@ from .loader import StepSampler, padded, resolve_rank_sizes, step_batches
 from .packing import pack
 from .sources import resolve
 from .synthetic import generate
-from .tokenize import tokenize_all
+from .encode import tokenize_all
 from .tokenizer import apply_template
 
 
@@ -43,7 +43,7 @@ def check(cfg) -> None:
 
 
 def load_examples(cfg, tokenizer, rank: int = 0, local_rank: int = 0, log: Callable[[str], None] = print):
-    """The run's examples (a sequence of tokenize.Example), packed when configured."""
+    """The run's examples (a sequence of encode.Example), packed when configured."""
     d = cfg.data
     check(cfg)
     apply_template(tokenizer, d.template)

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from fsdptrain import distributed, models
 from fsdptrain.config import load_config
-from fsdptrain.data.tokenize import IGNORE, Example
+from fsdptrain.data.encode import IGNORE, Example
 from fsdptrain.optim import build_optimizer
 from fsdptrain.build import build_sharded_model
 
