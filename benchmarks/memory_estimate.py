@@ -35,8 +35,8 @@ from fsdptrain.config import load_config, parse_size  # noqa: E402
 from fsdptrain.data.tokenize import IGNORE, Example  # noqa: E402
 from fsdptrain.memory import estimate  # noqa: E402
 from fsdptrain.trainer import train  # noqa: E402
+from fsdptrain.units import GIB  # noqa: E402
 
-GIB = 2**30
 SIZES = {
     "cpu": dict(model={"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
                        "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024,

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fsdptrain import distributed, models  # noqa: E402
-from fsdptrain.config import load_config  # noqa: E402
+from fsdptrain.config import Config, load_config  # noqa: E402
 from fsdptrain.data.loader import StepSampler, collate  # noqa: E402
 from fsdptrain.data.tokenize import Example  # noqa: E402
 from fsdptrain.memory import stats as memstats  # noqa: E402
 from fsdptrain.metrics import peak_tflops  # noqa: E402
-from fsdptrain.parallelize import mixed_precision_policy, resolve_precision  # noqa: E402
+from fsdptrain.parallelize import mixed_precision_policy  # noqa: E402
+from fsdptrain.plan import resolve_precision  # noqa: E402
 from fsdptrain.trainer import train  # noqa: E402
 
 LLAMA_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
@@ -49,7 +50,7 @@ def fixed_length_examples(n: int, seq: int, vocab: int, seed: int = 0) -> list[E
     return out
 
 
-def hand_loop(cfg, examples, steps: int, info) -> tuple[list[float], int]:
+def hand_loop(cfg: Config, examples: list[Example], steps: int, info: distributed.DistInfo) -> tuple[list[float], int]:
     """The smallest correct FSDP2 loop: meta init, fully_shard blocks + root, AdamW, mean CE."""
     from torch.distributed.fsdp import fully_shard
 

@@ -36,7 +36,9 @@ from .memory.tracker import MemoryTracker
 from .mesh import build_mesh, describe
 from .metrics import RunLogger, console, peak_tflops
 from .optim import build_optimizer, build_scheduler
-from .parallelize import apply_fsdp, check_device_support, plan_auto_checkpointing, resolve_precision
+from .memory.estimate import plan_auto_checkpointing
+from .parallelize import apply_fsdp
+from .plan import check_device_support, resolve_precision
 
 
 @dataclass

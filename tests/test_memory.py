@@ -29,8 +29,8 @@ from fsdptrain.errors import ConfigError, UserError
 from fsdptrain.memory import diff, estimate, report, snapshot
 from fsdptrain.memory import stats as memstats
 from fsdptrain.memory.tracker import likely_cause
+from fsdptrain.units import GIB
 
-GIB = 2**30
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048, "vocab_size": 100}
 # Dimensions that do not divide by 3 ranks, so FSDP pads some shards.

@@ -6,7 +6,6 @@ in tests/reference.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -75,8 +74,7 @@ def auto_budget_gib(root: Path, llama: Path) -> float:
     cfg = load_config(str(root / "auto_probe.yaml"))
     shape = estimate.shape_from_config(cfg)
     s = estimate.settings_from_config(cfg, 1, 2, 1)
-    peaks = [estimate.compute(shape, dataclasses.replace(s, checkpointing="auto", block_modes=tuple(p))).peak
-             for p in estimate.candidate_plans(shape.layers)]
+    peaks = [estimate.compute(shape, s.with_plan(p)).peak for p in estimate.candidate_plans(shape.layers)]
     assert min(peaks[:AUTO_PLAN]) > peaks[AUTO_PLAN]
     return (peaks[AUTO_PLAN] + min(peaks[:AUTO_PLAN])) / 2 / 2**30
 
