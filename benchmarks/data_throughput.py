@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from fsdptrain.data import cache
 from fsdptrain.data.loader import StepSampler, padded
 from fsdptrain.data.packing import pack

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
 from fsdptrain.loss import ChunkedLossHead
 
 

@@ -24,7 +24,6 @@ import json
 import tempfile
 from pathlib import Path
 
-
 import torch
 import torch.distributed as dist
 
@@ -33,8 +32,8 @@ from fsdptrain.config import load_config, parse_size
 from fsdptrain.data.encode import IGNORE, Example
 from fsdptrain.memory import estimate
 from fsdptrain.trainer import train
+from fsdptrain.units import GIB
 
-GIB = 2**30
 SIZES = {
     "cpu": dict(model={"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
                        "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024,

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-
 from fsdptrain import distributed
 from fsdptrain.config import load_config
 from fsdptrain.memory import tracker as trk

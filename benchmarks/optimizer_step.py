@@ -17,7 +17,6 @@ import time
 
 import torch
 
-
 from fsdptrain.optim_offload import CPUOffloadAdamW
 
 

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-
 from fsdptrain import distributed, models
-from fsdptrain.config import load_config
-from fsdptrain.data.loader import StepSampler, collate
+from fsdptrain.config import Config, load_config
 from fsdptrain.data.encode import Example
+from fsdptrain.data.loader import StepSampler, collate
 from fsdptrain.memory import stats as memstats
 from fsdptrain.metrics import peak_tflops
-from fsdptrain.parallelize import mixed_precision_policy, resolve_precision
+from fsdptrain.parallelize import mixed_precision_policy
+from fsdptrain.plan import resolve_precision
 from fsdptrain.trainer import train
 
 LLAMA_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
@@ -48,7 +48,7 @@ def fixed_length_examples(n: int, seq: int, vocab: int, seed: int = 0) -> list[E
     return out
 
 
-def hand_loop(cfg, examples, steps: int, info) -> tuple[list[float], int]:
+def hand_loop(cfg: Config, examples: list[Example], steps: int, info: distributed.DistInfo) -> tuple[list[float], int]:
     """The smallest correct FSDP2 loop: meta init, fully_shard blocks + root, AdamW, mean CE."""
     from torch.distributed.fsdp import fully_shard
 

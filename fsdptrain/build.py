@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from . import log, models
 from .config import Config
 from .distributed import DistInfo
-from .parallelize import plan_auto_checkpointing  # TEMP
+from .memory.estimate import plan_auto_checkpointing
 from .mesh import build_mesh, describe
 from .parallelize import ParallelPlan, apply_fsdp
 from .plan import resolve_precision

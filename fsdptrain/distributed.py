@@ -16,12 +16,12 @@ import socket
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from . import log
 from .elastic import fresh_store

@@ -31,8 +31,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
 from .errors import LaunchError, UserError
 
@@ -270,7 +271,7 @@ def _recv_line(conn: socket.socket, deadline: float) -> Optional[bytes]:
         conn.settimeout(left)
         try:
             chunk = conn.recv(4096)
-        except (socket.timeout, OSError):
+        except (TimeoutError, OSError):
             return None
         if not chunk:
             return None
@@ -322,7 +323,7 @@ def host_rendezvous(plan: Plan) -> list[dict]:
             srv.settimeout(left)
             try:
                 conn, peer = srv.accept()
-            except socket.timeout:
+            except TimeoutError:
                 break
             line = _recv_line(conn, min(deadline, time.monotonic() + 10))
             try:

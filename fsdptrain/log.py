@@ -11,7 +11,8 @@ While a progress bar is on screen, metrics.py installs the bar's writer with
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 _main = True  # this process prints `info` lines
 _writer: Optional[Callable[[str], None]] = None  # the progress bar's writer while a bar is open

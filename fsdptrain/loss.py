@@ -20,8 +20,9 @@ per-chunk arithmetic is compiled, which fuses the softmax into few kernels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

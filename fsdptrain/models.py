@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn

@@ -9,22 +9,14 @@ still lives on the meta device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from . import distributed
 from .config import ParallelConfig
-from .errors import ConfigError
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    if precision == "auto":
-        return "bf16-mixed" if device_type == "cuda" else "fp32"
-    return precision
+from .plan import checkpoint_modes, resolve_precision
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
@@ -46,26 +38,6 @@ class ParallelPlan:
     @property
     def checkpointed(self) -> list[int]:
         return [i for i, m in enumerate(self.checkpoint_modes) if m != "none"]
-
-
-def checkpoint_modes(n_blocks: int, mode: str, k: int) -> list[str]:
-    """Per-block checkpointing for a configured mode (auto is planned from a memory budget, not here)."""
-    if mode == "every_k":
-        return ["full" if i % k == 0 else "none" for i in range(n_blocks)]
-    if mode in ("none", "full", "selective"):
-        return [mode] * n_blocks
-    raise ValueError(f"checkpointing mode {mode!r} has no fixed plan")
-
-
-def describe_modes(modes: list[str]) -> str:
-    """['selective', 'selective', 'full'] -> 'blocks 0-1 selective, 2 full'."""
-    runs: list[list] = []
-    for i, m in enumerate(modes):
-        if runs and runs[-1][2] == m:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i, m])
-    return "blocks " + ", ".join(f"{a}-{b} {m}" if a != b else f"{a} {m}" for a, b, m in runs)
 
 
 # Ops whose outputs selective checkpointing keeps: the expensive ones. Everything else (norms, activations,
@@ -113,44 +85,11 @@ def set_prefetch(blocks: list[nn.Module], n: int) -> None:
         block.set_modules_to_backward_prefetch(list(reversed(blocks[max(0, i - n):i])))
 
 
-def check_device_support(pcfg: ParallelConfig, device_type: str) -> None:
-    """Fail before any work is done when the options cannot run on this device."""
-    if pcfg.cpu_offload and device_type != "cuda":
-        raise ConfigError(
-            "parallel.cpu_offload: true needs CUDA GPUs (FSDP2 offload pins host memory for GPU copies); "
-            "this run is on CPU, so set parallel.cpu_offload=false"
-        )
-    if pcfg.activation_checkpointing == "auto" and device_type != "cuda" and pcfg.memory_budget_gib <= 0:
-        raise ConfigError("parallel.memory_budget_gib: activation_checkpointing=auto on CPU needs a budget; "
-                          "set parallel.memory_budget_gib (GiB) or choose another activation_checkpointing")
-
-
-def plan_auto_checkpointing(cfg, model: nn.Module, world_size: int, local_world_size: int,
-                            device: torch.device) -> tuple[list[str], str]:
-    """activation_checkpointing auto: the least recomputation whose estimated peak fits the budget (the
-    configured one, or the smallest GPU's memory across ranks). Returns the per-block modes and a log line."""
-    from .memory import estimate
-
-    gpu_memory = 0
-    if device.type == "cuda":
-        total = torch.tensor([torch.cuda.get_device_properties(device).total_memory], dtype=torch.float64,
-                             device=device)
-        gpu_memory = int(distributed.all_reduce_min(total).item())  # mixed GPU types: plan for the smallest
-    budget = estimate.budget_bytes(cfg.parallel.memory_budget_gib, gpu_memory)
-    nnodes = max(1, world_size // max(1, local_world_size))
-    settings = estimate.settings_from_config(cfg, nnodes, world_size // nnodes, gpu_memory or budget,
-                                             device_type=device.type)
-    modes, est = estimate.plan_checkpointing(estimate.shape_of_model(model), settings, budget)
-    verdict = "fits" if est.peak <= budget else "does NOT fit even with every block full; see `fsdptrain estimate`"
-    return modes, (f"activation checkpointing auto: {describe_modes(modes)}; estimated peak "
-                   f"{estimate.gib(est.peak)} for a budget of {estimate.gib(budget)} ({verdict})")
-
-
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg: ParallelConfig,
-               device_type: str, modes: Optional[list[str]] = None) -> ParallelPlan:
-    """modes: per-block checkpointing (from memory.estimate.plan_checkpointing with activation_checkpointing
-    auto); default: the configured mode."""
-    check_device_support(pcfg, device_type)
+               device_type: str, modes: list[str] | None = None) -> ParallelPlan:
+    """modes: per-block checkpointing (from memory.estimate.plan_auto_checkpointing with activation_checkpointing
+    auto); default: the configured mode. The caller has checked the options against the device
+    (plan.check_device_support) before any work."""
     precision = resolve_precision(pcfg.precision, device_type)
     if modes is None:
         modes = checkpoint_modes(len(blocks), pcfg.activation_checkpointing, pcfg.activation_checkpointing_k)

@@ -16,6 +16,7 @@ import json
 import math
 import struct
 from pathlib import Path
+
 import torch
 
 from .errors import UserError

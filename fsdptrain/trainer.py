@@ -28,10 +28,10 @@ from torch.distributed.tensor import DTensor
 from . import distributed, log, models, rundir
 from .build import ShardedModel, build_sharded_model
 from .checkpoint import Checkpointer, Saved, TrainState, resolve_resume
-from .config import Config
+from .config import Config, parse_size
 from .data import pipeline
-from .data.loader import StepSampler
 from .data.encode import IGNORE, Example
+from .data.loader import StepSampler
 from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo
 from .errors import TrainingError, UserError
@@ -41,7 +41,6 @@ from .memory.tracker import MemoryTracker
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .plan import check_device_support
-from .units import parse_size
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fsdptrain.data.encode import IGNORE, tokenize_all
 from fsdptrain.data.loader import StepSampler
 from fsdptrain.data.synthetic import generate
-from fsdptrain.data.encode import IGNORE, tokenize_all
 
 STEPS = 6
 HYPER = dict(lr=5e-3, warmup=2, min_ratio=0.1, wd=0.1, clip=0.5, betas=(0.9, 0.95), eps=1e-8)

@@ -19,9 +19,8 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import env, free_port, read_metrics, torchrun
-
 from fsdptrain.errors import UserError
+from tests.helpers import env, free_port, read_metrics, torchrun
 
 STEPS = 8
 ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

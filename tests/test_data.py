@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from fsdptrain.config import Config
 from fsdptrain.data import cache, pipeline
+from fsdptrain.data.encode import IGNORE, Example, build_example, tokenize_record
 from fsdptrain.data.formats import convert
 from fsdptrain.data.loader import StepSampler, collate, padded, resolve_rank_sizes, step_batches
 from fsdptrain.data.packing import pack, pack_bins
 from fsdptrain.data.sources import read, resolve
-from fsdptrain.data.encode import IGNORE, Example, build_example, tokenize_record
 from fsdptrain.data.tokenizer import build_char_tokenizer
 from fsdptrain.errors import ConfigError, UserError
 from tests.helpers import LLAMA, REPO, run_cli

@@ -20,17 +20,16 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from tests.helpers import REPO, torchrun
-from tests.workers.mem_cases import LONG, SHORT, measure_model_state
-
 from fsdptrain.cli import main as cli
 from fsdptrain.config import load_config
 from fsdptrain.errors import ConfigError, UserError
 from fsdptrain.memory import diff, estimate, report, snapshot
 from fsdptrain.memory import stats as memstats
 from fsdptrain.memory.tracker import likely_cause
+from fsdptrain.units import GIB
+from tests.helpers import REPO, torchrun
+from tests.workers.mem_cases import LONG, SHORT, measure_model_state
 
-GIB = 2**30
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048, "vocab_size": 100}
 # Dimensions that do not divide by 3 ranks, so FSDP pads some shards.

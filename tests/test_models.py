@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fsdptrain import models
-from fsdptrain.data.loader import StepSampler, collate
 from fsdptrain.data.encode import IGNORE, Example
+from fsdptrain.data.loader import StepSampler, collate
 from fsdptrain.optim import lr_factor, no_decay
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,

@@ -6,7 +6,6 @@ in tests/reference.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import yaml
 from tests.helpers import LLAMA, QWEN2, make_model_dir, read_metrics, torchrun
 from tests.parity_data import uneven_examples
 from tests.reference import STEPS, base_config, global_batches, reference_run, synthetic_examples
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -75,8 +75,7 @@ def auto_budget_gib(root: Path, llama: Path) -> float:
     cfg = load_config(str(root / "auto_probe.yaml"))
     shape = estimate.shape_from_config(cfg)
     s = estimate.settings_from_config(cfg, 1, 2, 1)
-    peaks = [estimate.compute(shape, dataclasses.replace(s, checkpointing="auto", block_modes=tuple(p))).peak
-             for p in estimate.candidate_plans(shape.layers)]
+    peaks = [estimate.compute(shape, s.with_plan(p)).peak for p in estimate.candidate_plans(shape.layers)]
     assert min(peaks[:AUTO_PLAN]) > peaks[AUTO_PLAN]
     return (peaks[AUTO_PLAN] + min(peaks[:AUTO_PLAN])) / 2 / 2**30
 
@@ -143,8 +142,8 @@ def test_random_init_does_not_depend_on_world_size(runs):
     from safetensors.torch import load_file
 
     from fsdptrain import distributed, models
-    from fsdptrain.config import load_config
     from fsdptrain.build import build_sharded_model
+    from fsdptrain.config import load_config
 
     root = runs[0]
     two = load_file(str(root / "init2.safetensors"))

@@ -109,7 +109,7 @@ def test_chunked_loss_does_no_more_matmul_work_than_full_logits():
 
 
 def test_fused_linear_cross_entropy_with_bias_matches_autograd():
-    from fsdptrain.loss import _FusedLinearCrossEntropy, _chunk_loss_and_grad
+    from fsdptrain.loss import _chunk_loss_and_grad, _FusedLinearCrossEntropy
 
     g = torch.Generator().manual_seed(3)
     h = torch.randn(50, 8, generator=g, requires_grad=True)
@@ -237,19 +237,25 @@ def test_per_block_checkpointing_modes_recompute_only_their_blocks():
 
 
 def test_auto_checkpointing_plan_is_the_least_recomputation_within_budget():
+    from fsdptrain.config import Config
     from fsdptrain.memory import estimate
-    from fsdptrain.parallelize import checkpoint_modes, describe_modes
+    from fsdptrain.plan import checkpoint_modes, describe_modes
 
     shape = estimate.shape_of_model(models.build_meta_model(
         models.load_hf_config(None, {**SMALL, "num_hidden_layers": 6}, None, False), "sdpa", torch.float32, False))
-    s = estimate.Settings(world=2, gpus_per_node=2, micro_batch=4, seq_len=512, grad_accum=1, checkpointing="auto",
-                          checkpointing_k=2, precision="bf16-mixed", offload=False, reshard_after_forward=True,
-                          sync_every_micro_step=True, attn="sdpa", gpu_memory=2**30)
+    cfg = Config()  # 1 node x 2 GPUs, micro-batch 4 x 512 tokens, bf16-mixed, defaults otherwise
+    cfg.train.micro_batch_size, cfg.data.max_length, cfg.parallel.precision = 4, 512, "bf16-mixed"
+    cfg.parallel.activation_checkpointing = "auto"
+
+    def with_mode(mode: str) -> Config:
+        return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, activation_checkpointing=mode))
+
+    s = estimate.settings_from_config(cfg, 1, 2, 2**30)
     plans = estimate.candidate_plans(6)
     assert len(plans) == 13 and plans[0] == ["none"] * 6 and plans[6] == ["selective"] * 6
     assert plans[7] == ["full"] + ["selective"] * 5 and plans[-1] == ["full"] * 6
     peaks = [estimate.compute(shape, dataclasses.replace(s, block_modes=tuple(p))).peak for p in plans]
-    fixed = {m: estimate.compute(shape, dataclasses.replace(s, checkpointing=m)).peak
+    fixed = {m: estimate.compute(shape, estimate.settings_from_config(with_mode(m), 1, 2, 2**30)).peak
              for m in ("none", "selective", "full")}
     assert (peaks[0], peaks[6], peaks[-1]) == (fixed["none"], fixed["selective"], fixed["full"])
     assert peaks[-1] < peaks[6] < peaks[0]

@@ -17,9 +17,10 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch.distributed as dist
 

@@ -49,7 +49,7 @@ class TokenizeStats:
     target_tokens: int = 0
     reasons: dict = field(default_factory=dict)  # records skipped before tokenising: reason -> count
 
-    def add(self, other: "TokenizeStats") -> None:
+    def add(self, other: TokenizeStats) -> None:
         for k in ("read", "kept", "truncated", "split", "dropped_no_target", "target_tokens"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for r, n in other.reasons.items():

@@ -24,8 +24,9 @@ ever runs fewer micro-steps than another.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 

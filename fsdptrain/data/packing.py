@@ -14,7 +14,7 @@ example's last token to predict the next example's first.
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from collections.abc import Sequence
 
 from .encode import IGNORE, Example
 

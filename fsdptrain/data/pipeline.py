@@ -10,16 +10,16 @@ the data: records read, skipped and why, truncated, dropped, target tokens.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import ConfigError, UserError
 from .cache import Settings, prepare
+from .encode import tokenize_all
 from .loader import StepSampler, padded, resolve_rank_sizes, step_batches
 from .packing import pack
 from .sources import resolve
 from .synthetic import generate
-from .encode import tokenize_all
 from .tokenizer import apply_template
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..units import GIB, MIB, format_bytes
 from . import snapshot
 
 
@@ -34,17 +35,17 @@ def diff(a: dict, b: dict) -> tuple[list[SiteDiff], int, int]:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f}"
+    return f"{n / MIB:,.1f}"
 
 
 def render(rows: list[SiteDiff], peak_a: int, peak_b: int, name_a: str, name_b: str, top: int = 20) -> str:
-    lines = [f"A = {name_a}: peak allocated {snapshot.gib(peak_a)}",
-             f"B = {name_b}: peak allocated {snapshot.gib(peak_b)}",
-             f"A - B = {(peak_a - peak_b) / 2**30:+.2f} GiB", "",
+    lines = [f"A = {name_a}: peak allocated {format_bytes(peak_a)}",
+             f"B = {name_b}: peak allocated {format_bytes(peak_b)}",
+             f"A - B = {(peak_a - peak_b) / GIB:+.2f} GiB", "",
              f"{'A MiB':>10} {'B MiB':>10} {'A-B MiB':>10}  allocation site"]
     for r in rows[:top]:
-        lines.append(f"{_mib(r.a):>10} {_mib(r.b):>10} {r.delta / 2**20:>+10,.1f}  {r.site}")
+        lines.append(f"{_mib(r.a):>10} {_mib(r.b):>10} {r.delta / MIB:>+10,.1f}  {r.site}")
     if len(rows) > top:
         rest = sum(r.delta for r in rows[top:])
-        lines.append(f"{'':>10} {'':>10} {rest / 2**20:>+10,.1f}  ({len(rows) - top} more sites)")
+        lines.append(f"{'':>10} {'':>10} {rest / MIB:>+10,.1f}  ({len(rows) - top} more sites)")
     return "\n".join(lines) + "\n"

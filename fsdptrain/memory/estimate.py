@@ -24,6 +24,10 @@ Two kinds of terms:
   attention outputs kept). The peak is the largest of the phase sums in `phases`.
 The verdict adds a fixed allowance for the CUDA context, NCCL buffers and
 allocator fragmentation that torch's allocator does not count.
+
+`Settings` reads every option from the Config (plus plan.RunFacts, the
+cluster); `plan_auto_checkpointing` is what the trainer runs for
+parallel.activation_checkpointing: auto.
 """
 
 from __future__ import annotations
@@ -31,13 +35,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING
 
+from ..config import Config
 from ..errors import UserError
-from ..parallelize import checkpoint_modes, describe_modes
-from .snapshot import gib
+from ..plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts
+from ..units import GIB, format_bytes
 
-GIB = 2**30
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context + NCCL + allocator slack, outside torch.cuda.memory_allocated
 FRAGMENTATION = 1.05
 
@@ -61,7 +69,7 @@ class ModelShape:
     model_type: str
 
 
-def shape_of_model(model) -> ModelShape:
+def shape_of_model(model: nn.Module) -> ModelShape:
     """FSDP units and dimensions of a (meta) transformers model, split like parallelize.apply_fsdp."""
     from .. import models
 
@@ -92,7 +100,7 @@ def shape_of_model(model) -> ModelShape:
                       n_params=sum(math.prod(s) for u in units for s in u), model_type=c.model_type)
 
 
-def shape_from_config(cfg) -> ModelShape:
+def shape_from_config(cfg: Config) -> ModelShape:
     """Build the configured model on the meta device (no weights are read) and measure it."""
     import torch
 
@@ -157,31 +165,97 @@ def unit_numel(unit: list[tuple[int, ...]], world: int) -> int:
 # ----------------------------------------------------------------------------- settings and working memory
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    world: int
-    gpus_per_node: int
-    micro_batch: int
-    seq_len: int
-    grad_accum: int
-    checkpointing: str
-    checkpointing_k: int
-    precision: str  # resolved: bf16-mixed | bf16-pure | fp32
-    offload: bool
-    reshard_after_forward: bool
-    sync_every_micro_step: bool
-    attn: str
-    gpu_memory: int
-    cpu_memory: Optional[int] = None  # per node
-    shard_group: int = 0  # ranks a parameter is sharded over (parallel.sharding hybrid); 0: all ranks
-    prefetch_blocks: int = 0  # explicit prefetch depth; 0: FSDP2's implicit one-block prefetch
-    optimizer_offload: bool = False  # AdamW state and update on the CPU
-    loss_chunk_tokens: int = 0  # lm_head + cross-entropy this many tokens at a time
-    block_modes: Optional[tuple[str, ...]] = None  # checkpointing "auto": the planned mode of each block
+    """What the estimator reads of a run: the config and the resolved cluster facts; every option is read
+    from `cfg` by a property (none is copied), so a new config option is declared once, in config.py.
+    Vary a setting by varying the config (`vary`). `cfg` is read, not copied: do not change it while the
+    settings are in use."""
+    cfg: Config
+    facts: RunFacts
+    block_modes: tuple[str, ...] | None = None  # checkpointing "auto": the planned mode of each block
+
+    @property
+    def world(self) -> int:
+        return self.facts.world_size
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.facts.gpus_per_node
+
+    @property
+    def seq_len(self) -> int:
+        """The longest row a batch can hold."""
+        d = self.cfg.data
+        return (d.pack_length or d.max_length) if d.packing else d.max_length
+
+    @property
+    def micro_batch(self) -> int:
+        if self.cfg.data.token_budget:  # micro-batches cut by padded tokens: about budget / row length rows
+            return max(1, self.cfg.data.token_budget // self.seq_len)
+        return self.cfg.train.micro_batch_size
+
+    @property
+    def grad_accum(self) -> int:
+        return self.cfg.train.grad_accum_steps
+
+    @property
+    def checkpointing(self) -> str:
+        return self.cfg.parallel.activation_checkpointing
+
+    @property
+    def checkpointing_k(self) -> int:
+        return self.cfg.parallel.activation_checkpointing_k
+
+    @property
+    def precision(self) -> str:  # resolved: bf16-mixed | bf16-pure | fp32
+        return self.facts.precision
+
+    @property
+    def offload(self) -> bool:
+        return self.cfg.parallel.cpu_offload
+
+    @property
+    def reshard_after_forward(self) -> bool:
+        return self.cfg.parallel.reshard_after_forward
+
+    @property
+    def sync_every_micro_step(self) -> bool:
+        return self.cfg.parallel.sync_grads_every_micro_step
+
+    @property
+    def attn(self) -> str:
+        return self.cfg.model.attn_implementation
+
+    @property
+    def gpu_memory(self) -> int:
+        return self.facts.gpu_memory
+
+    @property
+    def cpu_memory(self) -> int | None:  # per node
+        return self.facts.cpu_memory
+
+    @property
+    def hybrid(self) -> bool:
+        """parallel.sharding hybrid: parameters are sharded within a shard group and replicated across groups."""
+        return self.cfg.parallel.sharding == "hybrid"
 
     @property
     def shard_world(self) -> int:
-        return self.shard_group or self.world
+        """Ranks a parameter is sharded over."""
+        return self.facts.shard_group
+
+    @property
+    def prefetch_blocks(self) -> int:  # explicit prefetch depth; 0: FSDP2's implicit one-block prefetch
+        return self.cfg.parallel.prefetch_blocks
+
+    @property
+    def optimizer_offload(self) -> bool:  # AdamW state and update on the CPU
+        return self.cfg.parallel.optimizer_offload
+
+    @property
+    def loss_chunk_tokens(self) -> int:  # lm_head + cross-entropy this many tokens at a time
+        return self.cfg.train.loss_chunk_tokens
 
     def modes(self, n_blocks: int) -> list[str]:
         if self.checkpointing == "auto":
@@ -190,27 +264,24 @@ class Settings:
             return list(self.block_modes)
         return checkpoint_modes(n_blocks, self.checkpointing, self.checkpointing_k)
 
+    def vary(self, **sections: dict) -> Settings:
+        """These settings with config options changed, e.g. vary(parallel={"cpu_offload": True}); the config
+        itself is not touched. The facts stay as resolved (change parallel.precision or sharding through
+        settings_from_config instead)."""
+        cfg = dataclasses.replace(self.cfg, **{name: dataclasses.replace(getattr(self.cfg, name), **changes)
+                                               for name, changes in sections.items()})
+        return dataclasses.replace(self, cfg=cfg)
 
-def settings_from_config(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int,
-                         cpu_memory: Optional[int] = None, device_type: Optional[str] = None) -> Settings:
+    def with_plan(self, modes: list[str] | tuple[str, ...]) -> Settings:
+        """Checkpointing auto with this per-block plan."""
+        return dataclasses.replace(self.vary(parallel={"activation_checkpointing": "auto"}), block_modes=tuple(modes))
+
+
+def settings_from_config(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int,
+                         cpu_memory: int | None = None, device_type: str | None = None) -> Settings:
     """device_type: where the run is (a running trainer knows); default: CUDA unless parallel.device is cpu."""
-    from ..parallelize import resolve_precision
-
-    p, t, d = cfg.parallel, cfg.train, cfg.data
-    device = device_type or ("cpu" if p.device == "cpu" else "cuda")
-    seq_len = (d.pack_length or d.max_length) if d.packing else d.max_length  # the longest row a batch can hold
-    micro_batch = t.micro_batch_size
-    if d.token_budget:  # micro-batches cut by padded tokens: about budget / row length rows
-        micro_batch = max(1, d.token_budget // seq_len)
-    return Settings(world=nnodes * gpus_per_node, gpus_per_node=gpus_per_node, micro_batch=micro_batch,
-                    seq_len=seq_len, grad_accum=t.grad_accum_steps, checkpointing=p.activation_checkpointing,
-                    checkpointing_k=p.activation_checkpointing_k, precision=resolve_precision(p.precision, device),
-                    offload=p.cpu_offload, reshard_after_forward=p.reshard_after_forward,
-                    sync_every_micro_step=p.sync_grads_every_micro_step, attn=cfg.model.attn_implementation,
-                    gpu_memory=gpu_memory, cpu_memory=cpu_memory,
-                    shard_group=(p.shard_group_size or gpus_per_node) if p.sharding == "hybrid" else 0,
-                    prefetch_blocks=p.prefetch_blocks, optimizer_offload=p.optimizer_offload,
-                    loss_chunk_tokens=t.loss_chunk_tokens)
+    device = device_type or ("cpu" if cfg.parallel.device == "cpu" else "cuda")
+    return Settings(cfg, resolve_facts(cfg, nnodes * gpus_per_node, gpus_per_node, device, gpu_memory, cpu_memory))
 
 
 def block_activation_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: int) -> int:
@@ -357,7 +428,7 @@ def plan_checkpointing(m: ModelShape, s: Settings, budget: int) -> tuple[list[st
     """The first candidate plan whose estimated peak is within `budget` (all full when none is)."""
     est = None
     for modes in candidate_plans(m.layers):
-        est = compute(m, dataclasses.replace(s, checkpointing="auto", block_modes=tuple(modes)))
+        est = compute(m, s.with_plan(modes))
         if est.peak <= budget:
             return modes, est
     return modes, est
@@ -367,44 +438,52 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
     """Changes that would make the run fit (or fit with more room), each with its estimated peak."""
     s = est.settings
     tries: list[tuple[str, Settings]] = []
+
+    def mode(m: str) -> Settings:
+        return dataclasses.replace(s.vary(parallel={"activation_checkpointing": m}), block_modes=None)
+
     if s.checkpointing != "full":
-        tries.append(("parallel.activation_checkpointing=full",
-                      dataclasses.replace(s, checkpointing="full", block_modes=None)))
+        tries.append(("parallel.activation_checkpointing=full", mode("full")))
     if s.checkpointing in ("none", "every_k"):
-        tries.append(("parallel.activation_checkpointing=selective",
-                      dataclasses.replace(s, checkpointing="selective", block_modes=None)))
+        tries.append(("parallel.activation_checkpointing=selective", mode("selective")))
     tokens = s.micro_batch * s.seq_len
     if not s.loss_chunk_tokens and tokens >= 2048:
         chunk = min(4096, tokens // 2)
-        tries.append((f"train.loss_chunk_tokens={chunk}", dataclasses.replace(s, loss_chunk_tokens=chunk)))
+        tries.append((f"train.loss_chunk_tokens={chunk}", s.vary(train={"loss_chunk_tokens": chunk})))
     if s.grad_accum > 1 and not s.sync_every_micro_step:
         tries.append(("parallel.sync_grads_every_micro_step=true",
-                      dataclasses.replace(s, sync_every_micro_step=True)))
+                      s.vary(parallel={"sync_grads_every_micro_step": True})))
     if not s.reshard_after_forward:
-        tries.append(("parallel.reshard_after_forward=true", dataclasses.replace(s, reshard_after_forward=True)))
-    if s.micro_batch > 1:
+        tries.append(("parallel.reshard_after_forward=true", s.vary(parallel={"reshard_after_forward": True})))
+    if s.micro_batch > 1:  # half the rows of a micro-batch as it is now (so not cut by data.token_budget)
         half = s.micro_batch // 2
         tries.append((f"train.micro_batch_size={half} train.grad_accum_steps={s.grad_accum * 2}",
-                      dataclasses.replace(s, micro_batch=half, grad_accum=s.grad_accum * 2)))
+                      s.vary(train={"micro_batch_size": half, "grad_accum_steps": s.grad_accum * 2},
+                             data={"token_budget": None})))
     if not s.offload and not s.optimizer_offload:
-        tries.append(("parallel.optimizer_offload=true", dataclasses.replace(s, optimizer_offload=True)))
+        tries.append(("parallel.optimizer_offload=true", s.vary(parallel={"optimizer_offload": True})))
     if not s.offload:
-        tries.append(("parallel.cpu_offload=true", dataclasses.replace(s, offload=True)))
-    if s.seq_len > 512:
-        tries.append((f"data.max_length={s.seq_len // 2}", dataclasses.replace(s, seq_len=s.seq_len // 2)))
+        tries.append(("parallel.cpu_offload=true", s.vary(parallel={"cpu_offload": True})))
+    if s.seq_len > 512:  # rows of half the length, as many of them as now
+        tries.append((f"data.max_length={s.seq_len // 2}",
+                      s.vary(data={"max_length": s.seq_len // 2, "packing": False, "token_budget": None},
+                             train={"micro_batch_size": s.micro_batch})))
     out = []
     for label, alt in tries:
         e = compute(m, alt)
         if e.peak < est.peak:
-            out.append(f"{label}: peak {gib(e.peak)} (-{gib(est.peak - e.peak)}){'  fits' if e.fits else ''}")
+            out.append(f"{label}: peak {format_bytes(e.peak)} (-{format_bytes(est.peak - e.peak)})"
+                       f"{'  fits' if e.fits else ''}")
     if not est.fits:
         nodes = s.world // max(1, s.gpus_per_node)
+        f = s.facts
         for more in range(nodes + 1, 4 * nodes + 1):  # (hybrid sharding: more nodes do not shard further)
-            if s.shard_group:
+            if s.hybrid:
                 break
-            e = compute(m, dataclasses.replace(s, world=more * s.gpus_per_node))
+            e = compute(m, dataclasses.replace(s, facts=resolve_facts(
+                s.cfg, more * f.gpus_per_node, f.gpus_per_node, f.device_type, f.gpu_memory, f.cpu_memory)))
             if e.fits:
-                out.append(f"{more} nodes x {s.gpus_per_node} GPUs: peak {gib(e.peak)}  fits")
+                out.append(f"{more} nodes x {s.gpus_per_node} GPUs: peak {format_bytes(e.peak)}  fits")
                 break
     return out
 
@@ -413,32 +492,34 @@ def render(est: Estimate) -> str:
     s, m = est.settings, est.shape
     nodes = s.world // max(1, s.gpus_per_node)
     count = f"{m.n_params / 1e9:.2f}B" if m.n_params >= 1e9 else f"{m.n_params / 1e6:.2f}M"
-    lines = [f"model: {m.model_type}, {count} parameters, {m.layers} blocks, hidden {m.hidden}, "
-             f"vocab {m.vocab}",
+    lines = [(f"model: {m.model_type}, {count} parameters, {m.layers} blocks, hidden {m.hidden}, "
+              f"vocab {m.vocab}"),
              f"run: {nodes} node(s) x {s.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
              f"micro-batch {s.micro_batch} x {s.seq_len} tokens, grad accumulation {s.grad_accum}, "
              f"checkpointing {s.checkpointing}"
              + (f" ({describe_modes(list(s.block_modes))})" if s.block_modes else "") + f", offload {s.offload}"
              + (", optimizer offload" if s.optimizer_offload else "")
              + (f", loss chunks of {s.loss_chunk_tokens} tokens" if s.loss_chunk_tokens else "")
-             + (f", hybrid sharding over {s.shard_world} ranks" if s.shard_group else ""), "",
+             + (f", hybrid sharding over {s.shard_world} ranks" if s.hybrid else ""), "",
              "per rank (rank 0, the largest shard):"]
     for k, v in est.terms.items():
         if v:
-            lines.append(f"  {k:<44} {gib(v):>12}")
+            lines.append(f"  {k:<44} {format_bytes(v):>12}")
     lines += ["", "peak by phase:"]
     for k, v in est.phases.items():
         mark = "  <- peak" if k == est.peak_phase else ""
-        lines.append(f"  {k:<44} {gib(v):>12}{mark}")
+        lines.append(f"  {k:<44} {format_bytes(v):>12}{mark}")
     need = est.peak * FRAGMENTATION + RUNTIME_OVERHEAD
-    lines += ["", f"GPU: peak allocated {gib(est.peak)}; with {int((FRAGMENTATION - 1) * 100)}% fragmentation "
-              f"and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about {gib(need)} of {gib(s.gpu_memory)}"]
+    lines += ["", (f"GPU: peak allocated {format_bytes(est.peak)}; with {int((FRAGMENTATION - 1) * 100)}% "
+                   f"fragmentation and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about "
+                   f"{format_bytes(need)} of {format_bytes(s.gpu_memory)}")]
     if est.cpu_per_rank:
         what = ("sharded params, grads, AdamW state and the step's temporary" if s.offload
                 else "AdamW state and host copies of the gradient and parameter shards")
-        cpu = f"CPU (offload): {gib(est.cpu_per_rank)} per rank, {gib(est.cpu_per_node)} per node ({what})"
+        cpu = (f"CPU (offload): {format_bytes(est.cpu_per_rank)} per rank, {format_bytes(est.cpu_per_node)} "
+               f"per node ({what})")
         if s.cpu_memory is not None:
-            cpu += f" of {gib(s.cpu_memory)}"
+            cpu += f" of {format_bytes(s.cpu_memory)}"
         lines.append(cpu)
     lines.append(f"verdict: {'fits' if est.fits else 'does NOT fit'}")
     if est.advice:
@@ -447,8 +528,8 @@ def render(est: Estimate) -> str:
     return "\n".join(lines) + "\n"
 
 
-def estimate(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_memory: Optional[int] = None,
-             shape: Optional[ModelShape] = None) -> Estimate:
+def estimate(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_memory: int | None = None,
+             shape: ModelShape | None = None) -> Estimate:
     if nnodes < 1 or gpus_per_node < 1:
         raise UserError(f"estimate: --nnodes {nnodes} and --gpus-per-node {gpus_per_node} must be at least 1")
     m = shape or shape_from_config(cfg)
@@ -459,3 +540,25 @@ def estimate(cfg, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_memory: 
         est = compute(m, s)
     est.advice = advise(m, est)
     return est
+
+
+def plan_auto_checkpointing(cfg: Config, model: nn.Module, world_size: int, local_world_size: int,
+                            device: torch.device) -> tuple[list[str], str]:
+    """activation_checkpointing auto: the least recomputation whose estimated peak fits the budget (the
+    configured one, or the smallest GPU's memory across ranks). Returns the per-block modes and a log line."""
+    import torch
+
+    from .. import distributed
+
+    gpu_memory = 0
+    if device.type == "cuda":
+        total = torch.tensor([torch.cuda.get_device_properties(device).total_memory], dtype=torch.float64,
+                             device=device)
+        gpu_memory = int(distributed.all_reduce_min(total).item())  # mixed GPU types: plan for the smallest
+    budget = budget_bytes(cfg.parallel.memory_budget_gib, gpu_memory)
+    nnodes = max(1, world_size // max(1, local_world_size))
+    settings = settings_from_config(cfg, nnodes, world_size // nnodes, gpu_memory or budget, device_type=device.type)
+    modes, est = plan_checkpointing(shape_of_model(model), settings, budget)
+    verdict = "fits" if est.peak <= budget else "does NOT fit even with every block full; see `fsdptrain estimate`"
+    return modes, (f"activation checkpointing auto: {describe_modes(modes)}; estimated peak "
+                   f"{format_bytes(est.peak)} for a budget of {format_bytes(budget)} ({verdict})")

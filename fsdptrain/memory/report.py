@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-
-GIB = 2**30
+from ..units import GIB
 
 
 @dataclass

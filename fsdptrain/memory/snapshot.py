@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
 from ..errors import UserError
+from ..units import format_bytes
 
 OWNERS = ["parameters", "gradients", "optimizer state", "activations", "other"]
 
@@ -223,32 +225,25 @@ def by_site(blocks: Iterable[Block]) -> dict[str, int]:
     return out
 
 
-def gib(n: float) -> str:
-    """A byte count in the largest binary unit that keeps it >= 1."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def postmortem_text(rank: int, step: int, where: str, error: str, stats: dict, groups: dict[str, dict],
                     top: int = 15) -> str:
     """The readable post-mortem: totals, memory by owner, the largest live allocations with their source lines."""
     lines = [f"fsdptrain out-of-memory post-mortem: rank {rank}, step {step}, {where}",
              f"error: {error.strip().splitlines()[0] if error.strip() else '?'}", ""]
     alloc, reserved = stats.get("allocated", 0), stats.get("reserved", 0)
-    lines.append(f"allocated {gib(alloc)}, reserved {gib(reserved)}, peak allocated {gib(stats.get('allocated_peak', 0))}, "
-                 f"fragmentation (inactive split) {gib(stats.get('inactive_split', 0))}, "
+    lines.append(f"allocated {format_bytes(alloc)}, reserved {format_bytes(reserved)}, "
+                 f"peak allocated {format_bytes(stats.get('allocated_peak', 0))}, "
+                 f"fragmentation (inactive split) {format_bytes(stats.get('inactive_split', 0))}, "
                  f"alloc retries {stats.get('num_alloc_retries', 0)}, OOMs {stats.get('num_ooms', 0)}")
     total = sum(g["bytes"] for g in groups.values()) or 1
     lines += ["", "live memory by owner:", f"  {'owner':<16} {'bytes':>12} {'share':>6} {'blocks':>7}"]
     for owner in OWNERS:
         g = groups[owner]
-        lines.append(f"  {owner:<16} {gib(g['bytes']):>12} {100 * g['bytes'] / total:5.1f}% {g['count']:>7}")
+        lines.append(f"  {owner:<16} {format_bytes(g['bytes']):>12} {100 * g['bytes'] / total:5.1f}% {g['count']:>7}")
     allb = sorted(((s, o, where_) for o, g in groups.items() for s, where_ in g["blocks"]), key=lambda x: -x[0])
     lines += ["", f"largest live allocations (top {min(top, len(allb))}):"]
     for size, owner, src in allb[:top]:
-        lines.append(f"  {gib(size):>12}  {owner:<16} {src}")
+        lines.append(f"  {format_bytes(size):>12}  {owner:<16} {src}")
     lines += ["", "next: `fsdptrain estimate CONFIG` for what each term should be; "
               "`fsdptrain mem report RUN_DIR` to compare ranks; open the .pickle in https://pytorch.org/memory_viz"]
     return "\n".join(lines) + "\n"

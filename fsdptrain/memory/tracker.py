@@ -41,7 +41,7 @@ PHASES = ["step_start", "forward", "backward", "optimizer", "recompute"]
 # Numbers gathered per rank each log step (in this order).
 GATHERED = ["allocated_peak", "reserved_peak", "inactive_split_peak", "num_alloc_retries", "num_ooms",
             "step", "phase", "module", "micro", "batch_tokens", "longest"]
-GIB = 2**30
+from ..units import GIB  # noqa: E402
 
 
 def likely_cause(rows: list[dict], r: int) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from fsdptrain import distributed, models
-from fsdptrain.config import load_config
 from fsdptrain.build import build_sharded_model
+from fsdptrain.config import load_config
 from fsdptrain.trainer import train
 from tests.parity_data import uneven_examples
 

@@ -17,10 +17,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from fsdptrain import distributed, models
+from fsdptrain.build import build_sharded_model
 from fsdptrain.config import load_config
 from fsdptrain.data.encode import IGNORE, Example
 from fsdptrain.optim import build_optimizer
-from fsdptrain.build import build_sharded_model
 
 LONG, SHORT = 1536, 32
 
