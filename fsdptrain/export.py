@@ -17,6 +17,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from torch.distributed.tensor import DTensor
 
 from .errors import UserError
 from .models import owned_params
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -85,7 +89,7 @@ def _begin(out: Path) -> Path:
     return tmp
 
 
-def _finish(tmp: Path, out: Path, hf_config, tokenizer, dtype: torch.dtype) -> None:
+def _finish(tmp: Path, out: Path, hf_config: PretrainedConfig, tokenizer: Optional[PreTrainedTokenizerBase], dtype: torch.dtype) -> None:
     cfg = hf_config.__class__.from_dict(hf_config.to_dict())
     cfg.dtype = dtype
     cfg.use_cache = True
@@ -104,7 +108,7 @@ def _finish(tmp: Path, out: Path, hf_config, tokenizer, dtype: torch.dtype) -> N
 
 
 @torch.no_grad()
-def export_hf(model: nn.Module, hf_config, tokenizer, out_dir: str | Path, is_main: bool,
+def export_hf(model: nn.Module, hf_config: PretrainedConfig, tokenizer: Optional[PreTrainedTokenizerBase], out_dir: str | Path, is_main: bool,
               dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 10**9) -> None:
     """Export a live (FSDP-sharded) model; a collective: every rank calls it, rank 0 writes."""
     out = Path(out_dir)

@@ -18,13 +18,16 @@ import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.float32, "bf16-pure": torch.bfloat16}
 
@@ -56,7 +59,7 @@ def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Opti
         raise UserError(f"model.hf_config: {detail}") from None
 
 
-def build_meta_model(hf_config, attn_implementation: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def build_meta_model(hf_config: PretrainedConfig, attn_implementation: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """The model's modules with parameters on the meta device (no memory used)."""
     from transformers import AutoModelForCausalLM
 
@@ -91,7 +94,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(hf_config, n_params: int, seq_len: int) -> float:
+def flops_per_token(hf_config: PretrainedConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N (N without the input embedding lookup, with lm_head) + 12*L*h*s attention."""
     hidden = hf_config.hidden_size
     layers = hf_config.num_hidden_layers

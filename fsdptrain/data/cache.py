@@ -20,13 +20,16 @@ import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch.distributed as dist
 
 from ..errors import UserError
 from . import formats, sources
 from .encode import IGNORE, Example, TemplateError, TokenizeStats, tokenize_record
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CACHE_VERSION = 1  # bump when the tokenised layout or the rules change
 
@@ -51,7 +54,7 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def tokenizer_digest(tok) -> str:
+def tokenizer_digest(tok: PreTrainedTokenizerBase) -> str:
     backend = getattr(tok, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
     extra = json.dumps([type(tok).__name__, tok.chat_template, tok.bos_token_id, tok.eos_token_id,
@@ -59,7 +62,7 @@ def tokenizer_digest(tok) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
-def cache_key(specs: list[formats.Spec], tok, s: Settings) -> str:
+def cache_key(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings) -> str:
     sets = []
     for spec in specs:
         files = {} if spec.hub else {f: file_digest(f) for f in sources.fingerprint_files(spec)}
@@ -75,7 +78,7 @@ def cache_key(specs: list[formats.Spec], tok, s: Settings) -> str:
 # ----------------------------------------------------------------------------- building
 
 
-def _tokenize_batch(batch: dict, tok, max_length: int, train_on_prompt: bool, mask_history: bool) -> dict:
+def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool, mask_history: bool) -> dict:
     """datasets.map function: records (JSON) -> rows; a record with no example left gives one empty row."""
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "source", "truncated", "split",
                                             "dropped")}
@@ -97,7 +100,7 @@ def _tokenize_batch(batch: dict, tok, max_length: int, train_on_prompt: bool, ma
     return out
 
 
-def build(specs: list[formats.Spec], tok, s: Settings, target: Path, log: Callable[[str], None]) -> None:
+def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, target: Path, log: Callable[[str], None]) -> None:
     """Read, convert, tokenise and save one cache entry at `target`."""
     import datasets
 
@@ -203,7 +206,7 @@ def _first_targets(labels: Any) -> int:
     return int(pc.sum(pc.not_equal(firsts, IGNORE)).as_py() or 0)
 
 
-def prepare(specs: list[formats.Spec], tok, s: Settings, cache_dir: Path, rank: int, local_rank: int,
+def prepare(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, cache_dir: Path, rank: int, local_rank: int,
             overwrite: bool, log: Callable[[str], None]) -> tuple[TokenizedExamples, TokenizeStats, list[dict], bool]:
     """(examples, total stats, per-data-set stats, cache hit). Collective when a process group is up."""
     key, error, hit, failure = None, None, False, None

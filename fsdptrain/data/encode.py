@@ -22,7 +22,10 @@ response). With mask_history the last pair gets the budget first. A document
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 
@@ -66,13 +69,13 @@ class TemplateError(ValueError):
     """The chat template re-renders earlier turns differently once later turns are added."""
 
 
-def _render(tok, messages: list[dict], tools: Optional[list], generation: bool) -> str:
+def _render(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[list], generation: bool) -> str:
     if not messages:
         return ""
     return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation)
 
 
-def segments(tok, messages: list[dict], tools: Optional[list] = None) -> list[tuple[list[int], bool]]:
+def segments(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[list] = None) -> list[tuple[list[int], bool]]:
     """The conversation's tokens as consecutive (ids, is_assistant_turn) runs."""
     texts: list[str] = []
     plan = []  # per message: (index of its full rendering, index of its generation prompt or -1)
@@ -92,7 +95,7 @@ def segments(tok, messages: list[dict], tools: Optional[list] = None) -> list[tu
     return fast if fast is not None else _segments_by_prefixes(tok, plan, texts)
 
 
-def _segments_by_offsets(tok, full: str, plan, texts: list[str]) -> Optional[list[tuple[list[int], bool]]]:
+def _segments_by_offsets(tok: PreTrainedTokenizerBase, full: str, plan, texts: list[str]) -> Optional[list[tuple[list[int], bool]]]:
     """Tokenise the whole conversation once and cut it at the turns' character boundaries.
 
     None when the tokenizer gives no offsets or a token straddles a boundary
@@ -125,7 +128,7 @@ def _segments_by_offsets(tok, full: str, plan, texts: list[str]) -> Optional[lis
     return [(x, t) for x, t in out if x]
 
 
-def _segments_by_prefixes(tok, plan, texts: list[str]) -> list[tuple[list[int], bool]]:
+def _segments_by_prefixes(tok: PreTrainedTokenizerBase, plan, texts: list[str]) -> list[tuple[list[int], bool]]:
     encoded = tok(texts, add_special_tokens=False)["input_ids"]
     out: list[tuple[list[int], bool]] = []
     cur: list[int] = []
@@ -192,13 +195,13 @@ def build_example(segs: list[tuple[list[int], bool]], max_length: int, train_on_
     return Example(input_ids, labels), truncated
 
 
-def tokenize_conversation(tok, messages: list[dict], max_length: int, tools: Optional[list] = None,
+def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict], max_length: int, tools: Optional[list] = None,
                           train_on_prompt: bool = False, mask_history: bool = False) -> tuple[Example, bool]:
     """(example, truncated). Labels train only assistant turns (content + end marker) unless told otherwise."""
     return build_example(segments(tok, messages, tools), max_length, train_on_prompt, mask_history)
 
 
-def tokenize_text(tok, text: str, max_length: int) -> list[Example]:
+def tokenize_text(tok: PreTrainedTokenizerBase, text: str, max_length: int) -> list[Example]:
     """A pretraining document: its tokens + end-of-sequence, in chunks of max_length, every token trained."""
     ids = tok(text)["input_ids"]
     if tok.eos_token_id is not None:
@@ -206,7 +209,7 @@ def tokenize_text(tok, text: str, max_length: int) -> list[Example]:
     return [Example(ids[i:i + max_length], ids[i:i + max_length]) for i in range(0, len(ids), max_length)]
 
 
-def tokenize_record(tok, record: dict, max_length: int, train_on_prompt: bool = False,
+def tokenize_record(tok: PreTrainedTokenizerBase, record: dict, max_length: int, train_on_prompt: bool = False,
                     mask_history: bool = False) -> tuple[list[Example], TokenizeStats]:
     """One common-form record (see formats.py) -> examples (none if it has no target left) and its counts."""
     st = TokenizeStats(read=1)
@@ -226,7 +229,7 @@ def tokenize_record(tok, record: dict, max_length: int, train_on_prompt: bool = 
     return kept, st
 
 
-def tokenize_all(tok, conversations: list, max_length: int, train_on_prompt: bool = False,
+def tokenize_all(tok: PreTrainedTokenizerBase, conversations: list, max_length: int, train_on_prompt: bool = False,
                  mask_history: bool = False) -> tuple[list[Example], TokenizeStats]:
     """In-process tokenisation of message lists or common-form records (the synthetic task, tests)."""
     stats = TokenizeStats()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..config import Config
 from ..errors import ConfigError, UserError
 from .cache import Settings, prepare
 from .encode import tokenize_all
@@ -22,12 +24,15 @@ from .sources import resolve
 from .synthetic import generate
 from .tokenizer import apply_template
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FSDPTRAIN_CACHE", "~/.cache/fsdptrain/tokenized")).expanduser()
 
 
-def check(cfg) -> None:
+def check(cfg: Config) -> None:
     """Data keys that only make sense together."""
     d = cfg.data
     if d.token_budget is not None and d.micro_batch_sizes:
@@ -42,7 +47,7 @@ def check(cfg) -> None:
                           "a row must hold the longest example")
 
 
-def load_examples(cfg, tokenizer, rank: int = 0, local_rank: int = 0, log: Callable[[str], None] = print):
+def load_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int = 0, local_rank: int = 0, log: Callable[[str], None] = print):
     """The run's examples (a sequence of encode.Example), packed when configured."""
     d = cfg.data
     check(cfg)
@@ -85,7 +90,7 @@ def lengths_of(examples) -> list[int]:
     return [len(examples[i].input_ids) for i in range(len(examples))]
 
 
-def build_sampler(cfg, examples, world_size: int, rank: int, local_world_size: int) -> StepSampler:
+def build_sampler(cfg: Config, examples, world_size: int, rank: int, local_world_size: int) -> StepSampler:
     d = cfg.data
     sizes = resolve_rank_sizes(d.micro_batch_sizes, world_size, local_world_size)
     return StepSampler(len(examples), world_size, rank, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
@@ -93,7 +98,7 @@ def build_sampler(cfg, examples, world_size: int, rank: int, local_world_size: i
                        lengths=lengths_of(examples) if d.token_budget is not None else None)
 
 
-def batches(cfg, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, device_type: str):
+def batches(cfg: Config, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, device_type: str):
     """This rank's micro-batches for steps [start, stop), prepared by DataLoader workers."""
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if device_type == "cuda" else 0)
     flatten = cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -54,7 +57,7 @@ LLAMA3_TEMPLATE = (
 TEMPLATES = {"chatml": CHAT_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
 
 
-def apply_template(tok, name: str) -> None:
+def apply_template(tok: PreTrainedTokenizerBase, name: str) -> None:
     """data.template: 'auto' keeps the tokenizer's own chat template (ChatML if it has none); a name forces one."""
     if name == "auto":
         if not tok.chat_template:
