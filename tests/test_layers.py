@@ -128,3 +128,14 @@ def test_the_checker_sees_an_upward_import():
     index = {m: i for i, (_, mods) in enumerate(layer_order()) for m in mods}
     assert layer_of("trainer", index) > layer_of("memory.tracker", index)
     assert layer_of("data.loader", index) == layer_of("data", index)
+
+
+def test_memory_runtime_tools_and_estimator_stay_apart():
+    """memory/ holds three jobs; only snapshot.py (the snapshot reader) is shared by the run time and the tools."""
+    modules, _, _ = graph()
+    parts = {"runtime": {"memory.stats", "memory.tracker"}, "tools": {"memory.report", "memory.diff"},
+             "estimator": {"memory.estimate"}}
+    part_of = {m: p for p, mods in parts.items() for m in mods}
+    crossing = [f"{mod} ({part_of[mod]}) imports {dep} ({part_of[dep]})" for mod, deps in modules.items()
+                if mod in part_of for dep, _ in deps if dep in part_of and part_of[dep] != part_of[mod]]
+    assert not crossing, "\n".join(crossing)
