@@ -64,7 +64,7 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
     if cfg.parallel.activation_checkpointing == "auto":  # planned from the memory estimate, before sharding
         modes, note = plan_auto_checkpointing(cfg, model, info.world_size, info.local_world_size, info.device)
         log.info(note)
-    plan = apply_fsdp(model, blocks, mesh, cfg.parallel, info.device_type, modes)
+    plan = apply_fsdp(model, blocks, mesh, cfg.parallel, precision, modes)
     # Offloaded shards live in host memory, but random init runs on the GPU (CPU init of a large model is slow).
     models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights,
                        init_device=info.device)

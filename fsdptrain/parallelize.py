@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from .config import ParallelConfig
-from .plan import checkpoint_modes, resolve_precision
+from .plan import checkpoint_modes
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
@@ -86,11 +86,10 @@ def set_prefetch(blocks: list[nn.Module], n: int) -> None:
 
 
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg: ParallelConfig,
-               device_type: str, modes: list[str] | None = None) -> ParallelPlan:
-    """modes: per-block checkpointing (from memory.estimate.plan_auto_checkpointing with activation_checkpointing
-    auto); default: the configured mode. The caller has checked the options against the device
-    (plan.check_device_support) before any work."""
-    precision = resolve_precision(pcfg.precision, device_type)
+               precision: str, modes: list[str] | None = None) -> ParallelPlan:
+    """precision: resolved (plan.resolve_precision). modes: per-block checkpointing (from
+    memory.estimate.plan_auto_checkpointing with activation_checkpointing auto); default: the configured mode.
+    The caller has checked the options against the device (plan.check_device_support) before any work."""
     if modes is None:
         modes = checkpoint_modes(len(blocks), pcfg.activation_checkpointing, pcfg.activation_checkpointing_k)
     apply_activation_checkpointing(blocks, modes)
