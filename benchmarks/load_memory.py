@@ -114,7 +114,8 @@ def main() -> None:
     subprocess.run(cmd, check=True, env=env)
     rows = json.loads(out.read_text())
     gib = 2**30
-    print(f"\nmodel: {total / 4 / 1e6:.0f}M params, full fp32 state dict {total / gib:.2f} GiB, {args.nproc} CPU ranks\n")
+    print(f"\nmodel: {total / 4 / 1e6:.0f}M params, full fp32 state dict {total / gib:.2f} GiB, "
+          f"{args.nproc} CPU ranks\n")
     print("| rank | RSS before load (GiB) | peak RSS during load (GiB) | peak / full state dict "
           "| load cost = peak - before (GiB) | load cost / full state dict | local shard (GiB) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -122,8 +123,8 @@ def main() -> None:
     for r, (before, peak, local) in enumerate(rows):
         cost = peak - before
         worst = max(worst, cost / total)
-        print(f"| {r} | {before / gib:.2f} | {peak / gib:.2f} | {peak / total:.2f} | {cost / gib:.2f} | {cost / total:.2f} "
-              f"| {local / gib:.2f} |")
+        print(f"| {r} | {before / gib:.2f} | {peak / gib:.2f} | {peak / total:.2f} | {cost / gib:.2f} "
+              f"| {cost / total:.2f} | {local / gib:.2f} |")
     print(f"\nworst rank: load cost {worst:.2f} x the full state dict (target < 0.60): "
           f"{'OK' if worst < 0.6 else 'ABOVE TARGET'}")
 

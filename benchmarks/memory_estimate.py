@@ -78,9 +78,10 @@ def main() -> None:
             mb = size["mb"] * 2 if over.get("train.micro_batch_size") == "x2" else size["mb"]
             overrides = [f"{k}={v}" for k, v in over.items() if k != "train.micro_batch_size"]
             out = Path(tmp_t[0]) / name.replace(" ", "_").replace(",", "")
-            cfg = load_config(None, [f"output_dir={out}", f"train.max_steps={args.steps}", f"train.micro_batch_size={mb}",
-                                     f"data.max_length={size['seq']}", "data.shuffle=false", "logging.tensorboard=false",
-                                     "logging.progress=none", "train.lr=1e-5", *overrides])
+            cfg = load_config(None, [f"output_dir={out}", f"train.max_steps={args.steps}",
+                                     f"train.micro_batch_size={mb}", f"data.max_length={size['seq']}",
+                                     "data.shuffle=false", "logging.tensorboard=false", "logging.progress=none",
+                                     "train.lr=1e-5", *overrides])
             cfg.model.hf_config = dict(size["model"])
             accum = cfg.train.grad_accum_steps
             train(cfg, examples=examples(args.steps * mb * accum * info.world_size, size["seq"]))
@@ -93,7 +94,8 @@ def main() -> None:
             measured = max(r["allocated_peak"] for r in recs if r["step"] >= 2)
             growth = measured - recs[0]["allocated"]
             per_rank = torch.tensor([float(measured), float(growth)], dtype=torch.float64, device=info.device)
-            gathered = distributed.all_gather_rows(per_rank, info.world_size).tolist() if info.world_size > 1 else [per_rank.tolist()]
+            gathered = (distributed.all_gather_rows(per_rank, info.world_size).tolist() if info.world_size > 1
+                        else [per_rank.tolist()])
             rows.append((name, mb, accum, est, gathered))
     if info.is_main:
         cuda = info.device_type == "cuda"
@@ -108,7 +110,8 @@ def main() -> None:
         for name, mb, accum, est, gathered in rows:
             for r, (m, g) in enumerate(gathered):
                 last = f"{100 * (est.peak - m) / m:+.1f}%" if cuda else f"{g / GIB:.3f}"
-                print(f"| {name} | {mb} | {accum} | {r} | {est.peak / GIB:.3f} | {est.peak_phase} | {m / GIB:.3f} | {last} |")
+                print(f"| {name} | {mb} | {accum} | {r} | {est.peak / GIB:.3f} | {est.peak_phase} "
+                      f"| {m / GIB:.3f} | {last} |")
     distributed.shutdown(info)
 
 

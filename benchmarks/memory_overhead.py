@@ -50,14 +50,16 @@ def _timed(fn, bucket: str):
 
 # Time every tracker entry point, including records made from per-block hooks.
 for name in ("step_start", "phase", "gather", "_record"):
-    setattr(trk.MemoryTracker, name, _timed(getattr(trk.MemoryTracker, name), "gather" if name == "gather" else "records"))
+    setattr(trk.MemoryTracker, name,
+            _timed(getattr(trk.MemoryTracker, name), "gather" if name == "gather" else "records"))
 
 
 def run(cfg_path: str | None, overrides: list[str], on: bool, per_module: bool, steps: int, out: Path,
         is_main: bool) -> tuple[list[float], float, float]:
     cfg = load_config(cfg_path, [*overrides, f"output_dir={out}", f"train.max_steps={steps}", "logging.log_every=1",
                                  "logging.tensorboard=false", "logging.progress=none",
-                                 f"memory.track_peak={str(on).lower()}", f"memory.per_module={str(per_module).lower()}"])
+                                 f"memory.track_peak={str(on).lower()}",
+                                 f"memory.per_module={str(per_module).lower()}"])
     SPENT["records"] = SPENT["gather"] = 0.0
     train(cfg)
     if not is_main:  # metrics.jsonl is rank 0's; steps are in lockstep, so its times stand for all ranks
@@ -88,7 +90,8 @@ def main() -> None:
             for r in range(args.rounds):
                 for flag in (False, True):
                     out = Path(tmp) / f"{label[:6]}-{r}-{flag}"
-                    times, t_rec, t_gat = run(args.config, args.overrides, flag, per_module, args.steps, out, info.is_main)
+                    times, t_rec, t_gat = run(args.config, args.overrides, flag, per_module, args.steps, out,
+                                              info.is_main)
                     (on if flag else off).extend(times[args.warmup:])
                     if flag:
                         rec += t_rec

@@ -65,7 +65,8 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name, t in med.items():
         print(f"| {name} | {t:.4f} | {n / t / 1e6:,.0f} |")
-    print(f"\ntorch AdamW foreach / CPUOffloadAdamW step time = {med['torch AdamW foreach'] / med['fsdptrain CPUOffloadAdamW']:.2f}")
+    print("\ntorch AdamW foreach / CPUOffloadAdamW step time = "
+          f"{med['torch AdamW foreach'] / med['fsdptrain CPUOffloadAdamW']:.2f}")
 
 
 if __name__ == "__main__":

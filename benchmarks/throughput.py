@@ -95,7 +95,8 @@ def elapsed_per_step(out_dir: str, result, info) -> list[tuple[int, float]]:
 
 
 def per_step(stamps: list, warmup: int) -> float:
-    """Median seconds per step after `warmup` steps; stamps are times, or (step, time) pairs when not every step logs."""
+    """Median seconds per step after `warmup` steps; stamps are times, or (step, time) pairs when not every step
+    logs."""
     pairs = [s if isinstance(s, tuple) else (i + 1, s) for i, s in enumerate(stamps)]
     pairs = [p for p in pairs if p[0] > warmup]
     return statistics.median((t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(pairs, pairs[1:]))

@@ -224,10 +224,11 @@ def check_sampler(path: Path, saved: dict, current: dict, world_size: int, micro
     if "global_batch" in saved and saved["global_batch"] != current.get("global_batch"):
         b = saved.get("batch", {})
         raise CheckpointError(
-            f"{path / STATE_FILE}: the sampler state (global batch {saved['global_batch']} = {b.get('world_size')} ranks x "
-            f"micro {b.get('micro_batch_size')} x accum {b.get('grad_accum_steps')}) cannot map onto {world_size} ranks x "
-            f"micro {micro} x accum {accum} = {current.get('global_batch')}; choose train.micro_batch_size and "
-            f"train.grad_accum_steps so that ranks x micro x accum = {saved['global_batch']}")
+            f"{path / STATE_FILE}: the sampler state (global batch {saved['global_batch']} = "
+            f"{b.get('world_size')} ranks x micro {b.get('micro_batch_size')} x accum {b.get('grad_accum_steps')}) "
+            f"cannot map onto {world_size} ranks x micro {micro} x accum {accum} = {current.get('global_batch')}; "
+            f"choose train.micro_batch_size and train.grad_accum_steps so that ranks x micro x accum = "
+            f"{saved['global_batch']}")
 
 
 # ----------------------------------------------------------------------------- the checkpointer
@@ -329,7 +330,8 @@ class Checkpointer:
                           s.micro_batch_size, s.grad_accum_steps)
             check_model(path, model_sd, saved)
         except CheckpointError as e:
-            how = "checkpoint.resume=none or another output_dir" if self.cfg.resume == "auto" else "checkpoint.resume=none"
+            how = ("checkpoint.resume=none or another output_dir" if self.cfg.resume == "auto"
+                   else "checkpoint.resume=none")
             raise CheckpointError(f"{e} ({how} starts fresh)") from None
         return saved
 

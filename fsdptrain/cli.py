@@ -1,4 +1,7 @@
-"""Command line: `fsdptrain train | config | export | estimate | mem report | mem diff` (click). User mistakes become one line and exit 2."""
+"""Command line: `fsdptrain train | config | export | estimate | mem report | mem diff` (click).
+
+User mistakes become one line and exit 2.
+"""
 
 from __future__ import annotations
 
@@ -85,7 +88,8 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, refer
 
 @main.command("export")
 @click.argument("checkpoint")
-@click.option("--out", "out_dir", required=True, help="Folder to write the Hugging Face model to (replaced if it exists).")
+@click.option("--out", "out_dir", required=True,
+              help="Folder to write the Hugging Face model to (replaced if it exists).")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Weight dtype; auto: bf16 if the run trained in bf16, else fp32.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file (e.g. 5GB, 500MB).")
@@ -106,7 +110,8 @@ def mem() -> None:
 
 @mem.command("report")
 @click.argument("run_dir")
-@click.option("--plot", "plot_file", default=None, help="Also draw every rank's memory over steps and phases into this PNG.")
+@click.option("--plot", "plot_file", default=None,
+              help="Also draw every rank's memory over steps and phases into this PNG.")
 @friendly_errors
 def mem_report(run_dir: str, plot_file: str | None) -> None:
     """Per-rank peak memory table and imbalance summary of RUN_DIR (from memory/rank*.jsonl)."""

@@ -57,35 +57,52 @@ DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # what `fsdptrain train` ru
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = opt(None, "Local Hugging Face model folder (config.json + *.safetensors); weights load from it unless random_init is true.")
-    hf_config: Optional[dict] = opt(None, "Inline Hugging Face config (model_type + fields) for a randomly initialised model; used when path is null. vocab_size defaults to the tokenizer's.")
+    path: Optional[str] = opt(None, "Local Hugging Face model folder (config.json + *.safetensors); weights load from "
+                                    "it unless random_init is true.")
+    hf_config: Optional[dict] = opt(None, "Inline Hugging Face config (model_type + fields) for a randomly initialised "
+                                          "model; used when path is null. vocab_size defaults to the tokenizer's.")
     random_init: bool = opt(False, "Take only the architecture from model.path and start from random weights.")
-    tokenizer: Optional[str] = opt(None, "Tokenizer folder; null: model.path if it has one, else the built-in character tokenizer.")
-    attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.", choices=["sdpa", "eager", "flash_attention_2"])
-    trust_remote_code: bool = opt(False, "Allow custom modelling code shipped inside model.path (off unless you trust the folder).")
+    tokenizer: Optional[str] = opt(None, "Tokenizer folder; null: model.path if it has one, else the built-in "
+                                         "character tokenizer.")
+    attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.",
+                                           choices=["sdpa", "eager", "flash_attention_2"])
+    trust_remote_code: bool = opt(False, "Allow custom modelling code shipped inside model.path (off unless you trust "
+                                         "the folder).")
 
 
 @dataclass
 class DataConfig:
-    synthetic_task: str = opt("add", "Built-in generated instruction task used when no data sets are given.", choices=["reverse", "add", "sort"])
+    synthetic_task: str = opt("add", "Built-in generated instruction task used when no data sets are given.",
+                                     choices=["reverse", "add", "sort"])
     synthetic_examples: int = opt(10000, "Number of generated examples for the built-in task.", min=1)
     max_length: int = opt(2048, "Truncate tokenised examples to this many tokens (LLaMA-Factory cutoff_len).", min=8)
     shuffle: bool = opt(True, "Shuffle examples each epoch (seeded by seed and epoch).")
-    drop_last: bool = opt(True, "Drop the last incomplete global batch of an epoch (keeps every rank on the same number of micro-steps).")
-    dataset_dir: str = opt("data", "Folder holding dataset_info.json (LLaMA-Factory's registry); relative file_name entries resolve against it.")
-    datasets: list = opt([], "Data sets to mix: names in dataset_info.json, paths (json/jsonl/parquet/csv/arrow/txt file, folder, save_to_disk folder) or mappings {name or path, formatting, columns, tags, num_samples}. Empty: the synthetic task.")
-    max_samples: Optional[int] = opt(None, "Keep at most this many records of each data set (after num_samples).", min=1)
-    template: str = opt("auto", "Chat template: auto uses the tokenizer's own (ChatML if it has none); a name forces a built-in one.", choices=["auto", "chatml", "llama3"])
+    drop_last: bool = opt(True, "Drop the last incomplete global batch of an epoch (keeps every rank on the same "
+                                "number of micro-steps).")
+    dataset_dir: str = opt("data", "Folder holding dataset_info.json (LLaMA-Factory's registry); relative file_name "
+                                   "entries resolve against it.")
+    datasets: list = opt([], "Data sets to mix: names in dataset_info.json, paths (json/jsonl/parquet/csv/arrow/txt "
+                             "file, folder, save_to_disk folder) or mappings {name or path, formatting, columns, tags, "
+                             "num_samples}. Empty: the synthetic task.")
+    max_samples: Optional[int] = opt(None, "Keep at most this many records of each data set (after "
+                                           "num_samples).", min=1)
+    template: str = opt("auto", "Chat template: auto uses the tokenizer's own (ChatML if it has none); a name forces a "
+                                "built-in one.", choices=["auto", "chatml", "llama3"])
     train_on_prompt: bool = opt(False, "Train on prompt tokens too (default: only assistant turns carry labels).")
     mask_history: bool = opt(False, "Train only the last assistant turn of multi-turn conversations.")
-    packing: bool = opt(False, "Pack examples into rows of pack_length tokens; each example attends only to itself (position_ids restart).")
+    packing: bool = opt(False, "Pack examples into rows of pack_length tokens; each example attends only to itself "
+                               "(position_ids restart).")
     pack_length: Optional[int] = opt(None, "Row length for packing; null: max_length.", min=8)
-    token_budget: Optional[int] = opt(None, "Cut micro-batches by padded tokens (examples x longest) instead of by count, so ranks process nearly equal tokens.", min=8)
-    micro_batch_sizes: list = opt([], "Per-rank micro-batch sizes (one per rank, or one per node) for mixed-memory clusters; empty: train.micro_batch_size everywhere.")
+    token_budget: Optional[int] = opt(None, "Cut micro-batches by padded tokens (examples x longest) instead of by "
+                                            "count, so ranks process nearly equal tokens.", min=8)
+    micro_batch_sizes: list = opt([], "Per-rank micro-batch sizes (one per rank, or one per node) for mixed-memory "
+                                      "clusters; empty: train.micro_batch_size everywhere.")
     num_proc: int = opt(1, "Processes for tokenising (datasets.map num_proc) on each node's local rank 0.", min=1)
-    cache_dir: Optional[str] = opt(None, "Tokenised-data cache; null: $FSDPTRAIN_CACHE or ~/.cache/fsdptrain/tokenized.")
+    cache_dir: Optional[str] = opt(None, "Tokenised-data cache; null: $FSDPTRAIN_CACHE or "
+                                         "~/.cache/fsdptrain/tokenized.")
     overwrite_cache: bool = opt(False, "Tokenise again even when the cache has this data.")
-    num_workers: Optional[int] = opt(None, "DataLoader worker processes building batches; null: 2 on CUDA, 0 on CPU.", min=0)
+    num_workers: Optional[int] = opt(None, "DataLoader worker processes building batches; null: 2 on CUDA, 0 on "
+                                           "CPU.", min=0)
 
 
 @dataclass
@@ -102,59 +119,100 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay (never applied to norms and biases).", min=0)
     adam_betas: list = opt([0.9, 0.95], "AdamW (beta1, beta2).")
     adam_eps: float = opt(1.0e-8, "AdamW epsilon.", min=0)
-    loss_chunk_tokens: int = opt(0, "Compute lm_head + cross-entropy (and their gradients, fused) this many tokens at a time so full-vocabulary fp32 logits never exist at once; 0 computes full logits.", min=0)
+    loss_chunk_tokens: int = opt(0, "Compute lm_head + cross-entropy (and their gradients, fused) this many tokens at "
+                                    "a time so full-vocabulary fp32 logits never exist at once; 0 computes full "
+                                    "logits.", min=0)
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
-    on_nonfinite: str = opt("stop", "Non-finite loss or grad norm: stop the run (naming step and rank) or skip the update.", choices=["stop", "skip"])
+    on_nonfinite: str = opt("stop", "Non-finite loss or grad norm: stop the run (naming step and rank) or skip the "
+                                    "update.", choices=["stop", "skip"])
 
 
 @dataclass
 class ParallelConfig:
     device: str = opt("auto", "auto: CUDA + NCCL when GPUs exist, else CPU + gloo.", choices=["auto", "cpu", "cuda"])
-    precision: str = opt("auto", "auto: bf16-mixed on CUDA, fp32 on CPU. bf16-mixed: bf16 params/compute, fp32 master weights and gradient reduction. bf16-pure: everything bf16.", choices=["auto", "bf16-mixed", "fp32", "bf16-pure"])
-    reshard_after_forward: bool = opt(True, "Free gathered block weights after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like, more memory, less traffic).")
-    cpu_offload: bool = opt(False, "Keep sharded params, grads and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; needs CUDA).")
-    activation_checkpointing: str = opt("none", "Recompute block activations in backward: none, full (every block), every_k (every k-th block), selective (every block, but keep matmul and attention outputs; recompute only cheap element-wise ops) or auto (the least recomputation whose estimated peak fits parallel.memory_budget_gib: blocks turn selective first, then full).", choices=["none", "full", "every_k", "selective", "auto"])
+    precision: str = opt("auto", "auto: bf16-mixed on CUDA, fp32 on CPU. bf16-mixed: bf16 params/compute, fp32 master "
+                                 "weights and gradient reduction. bf16-pure: everything bf16.",
+                                 choices=["auto", "bf16-mixed", "fp32", "bf16-pure"])
+    reshard_after_forward: bool = opt(True, "Free gathered block weights after forward (ZeRO-3); false keeps them "
+                                            "until backward (ZeRO-2-like, more memory, less traffic).")
+    cpu_offload: bool = opt(False, "Keep sharded params, grads and optimizer state in CPU memory (FSDP2 "
+                                   "CPUOffloadPolicy; needs CUDA).")
+    activation_checkpointing: str = opt("none", "Recompute block activations in backward: none, full (every block), "
+                                                "every_k (every k-th block), selective (every block, but keep matmul "
+                                                "and attention outputs; recompute only cheap element-wise ops) or auto "
+                                                "(the least recomputation whose estimated peak fits "
+                                                "parallel.memory_budget_gib: blocks turn selective first, then full).",
+                                                choices=["none", "full", "every_k", "selective", "auto"])
     activation_checkpointing_k: int = opt(2, "k for activation_checkpointing: every_k.", min=1)
-    memory_budget_gib: float = opt(0.0, "activation_checkpointing: auto plans for this peak allocated GPU memory per rank (GiB); 0: the smallest GPU's total memory less the estimator's allowance for CUDA context, NCCL and fragmentation (on CPU a budget must be given).", min=0)
-    optimizer_offload: bool = opt(False, "Keep AdamW state in CPU memory and run the update there; parameters and gradients stay on the GPU (less GPU memory than none, much faster than cpu_offload).")
+    memory_budget_gib: float = opt(0.0, "activation_checkpointing: auto plans for this peak allocated GPU memory per "
+                                        "rank (GiB); 0: the smallest GPU's total memory less the estimator's "
+                                        "allowance for CUDA context, NCCL and fragmentation (on CPU a budget must be "
+                                        "given).", min=0)
+    optimizer_offload: bool = opt(False, "Keep AdamW state in CPU memory and run the update there; parameters and "
+                                         "gradients stay on the GPU (less GPU memory than none, much faster than "
+                                         "cpu_offload).")
     compile: bool = opt(False, "torch.compile each transformer block.")
-    compile_backend: str = opt("inductor", "torch.compile backend for compile: true.", choices=["inductor", "aot_eager", "eager"])
-    prefetch_blocks: int = opt(0, "Explicitly prefetch (all-gather) this many next blocks in forward and backward; 0 keeps FSDP2's implicit prefetching.", min=0)
-    sync_grads_every_micro_step: bool = opt(True, "Reduce-scatter gradients on every micro-step (ZeRO-3 memory). false skips the reduction on all but the last micro-step: less traffic, but FSDP then holds every parameter's unsharded fp32 gradient between micro-steps (4 bytes x all parameters per GPU).")
-    sharding: str = opt("full", "full: shard parameters over all ranks (ZeRO-3). hybrid: shard within a node, replicate across nodes (2-D mesh; only gradient all-reduce crosses nodes).", choices=["full", "hybrid"])
-    shard_group_size: Optional[int] = opt(None, "hybrid: ranks per shard group; null: the processes of one node (LOCAL_WORLD_SIZE). Set it to try hybrid layouts on one host.", min=1)
-    timeout_minutes: float = opt(30.0, "Process-group timeout: a collective waiting longer fails instead of hanging.", min=0.1)
+    compile_backend: str = opt("inductor", "torch.compile backend for compile: true.",
+                                           choices=["inductor", "aot_eager", "eager"])
+    prefetch_blocks: int = opt(0, "Explicitly prefetch (all-gather) this many next blocks in forward and backward; 0 "
+                                  "keeps FSDP2's implicit prefetching.", min=0)
+    sync_grads_every_micro_step: bool = opt(True, "Reduce-scatter gradients on every micro-step (ZeRO-3 memory). false "
+                                                  "skips the reduction on all but the last micro-step: less traffic, "
+                                                  "but FSDP then holds every parameter's unsharded fp32 gradient "
+                                                  "between micro-steps (4 bytes x all parameters per GPU).")
+    sharding: str = opt("full", "full: shard parameters over all ranks (ZeRO-3). hybrid: shard within a node, "
+                                "replicate across nodes (2-D mesh; only gradient all-reduce crosses nodes).",
+                                choices=["full", "hybrid"])
+    shard_group_size: Optional[int] = opt(None, "hybrid: ranks per shard group; null: the processes of one node "
+                                                "(LOCAL_WORLD_SIZE). Set it to try hybrid layouts on one host.", min=1)
+    timeout_minutes: float = opt(30.0, "Process-group timeout: a collective waiting longer fails instead of "
+                                       "hanging.", min=0.1)
 
 
 @dataclass
 class CheckpointConfig:
-    save_every: int = opt(0, "Save a sharded checkpoint to output_dir/checkpoints every N optimizer steps; 0: only at the end.", min=0)
+    save_every: int = opt(0, "Save a sharded checkpoint to output_dir/checkpoints every N optimizer steps; 0: only at "
+                             "the end.", min=0)
     save_at_end: bool = opt(True, "Save a checkpoint after the last step.")
     keep_last: int = opt(3, "Keep the newest K complete checkpoints and delete older ones; 0 keeps all.", min=0)
-    resume: str = opt("auto", "auto: continue from the newest complete checkpoint in output_dir (fresh start if none); none: always start fresh; or the path of a checkpoint folder.")
-    async_save: bool = opt(False, "Copy the checkpoint to CPU memory and write it in a background thread while training continues (costs one extra CPU copy of the rank's shards).")
-    export_hf: bool = opt(False, "At the end of training write a Hugging Face model folder (safetensors) to output_dir/hf.")
-    export_dtype: str = opt("auto", "Weight dtype of exported Hugging Face folders; auto: bf16 when training in bf16, else fp32.", choices=["auto", "fp32", "bf16"])
-    export_max_shard_size: str = opt("5GB", "Largest safetensors file of an export (e.g. 5GB, 500MB); bigger models get several files and an index.")
+    resume: str = opt("auto", "auto: continue from the newest complete checkpoint in output_dir (fresh start if none); "
+                              "none: always start fresh; or the path of a checkpoint folder.")
+    async_save: bool = opt(False, "Copy the checkpoint to CPU memory and write it in a background thread while "
+                                  "training continues (costs one extra CPU copy of the rank's shards).")
+    export_hf: bool = opt(False, "At the end of training write a Hugging Face model folder (safetensors) to "
+                                 "output_dir/hf.")
+    export_dtype: str = opt("auto", "Weight dtype of exported Hugging Face folders; auto: bf16 when training in bf16, "
+                                    "else fp32.", choices=["auto", "fp32", "bf16"])
+    export_max_shard_size: str = opt("5GB", "Largest safetensors file of an export (e.g. 5GB, 500MB); bigger models "
+                                            "get several files and an index.")
 
 
 @dataclass
 class LoggingConfig:
     log_every: int = opt(1, "Write metrics every N optimizer steps.", min=1)
     tensorboard: bool = opt(True, "Write TensorBoard events to output_dir/tb.")
-    progress: str = opt("auto", "Rank-0 progress: bar (tqdm), lines (one line per log step), none; auto: bar on a terminal, lines otherwise.", choices=["auto", "bar", "lines", "none"])
-    peak_tflops: Optional[float] = opt(None, "Per-device peak bf16 TFLOP/s for MFU; null: guess from the GPU name (H100/H200 989, A100 312).", min=0)
+    progress: str = opt("auto", "Rank-0 progress: bar (tqdm), lines (one line per log step), none; auto: bar on a "
+                                "terminal, lines otherwise.", choices=["auto", "bar", "lines", "none"])
+    peak_tflops: Optional[float] = opt(None, "Per-device peak bf16 TFLOP/s for MFU; null: guess from the GPU name "
+                                             "(H100/H200 989, A100 312).", min=0)
 
 
 @dataclass
 class MemoryConfig:
-    track_peak: bool = opt(True, "Record memory per rank at each phase (step start, forward, backward, optimizer) to output_dir/memory/rank{R}.jsonl and gather the peaks to rank 0 every log step (CUDA allocator / CPU RSS).")
-    per_module: bool = opt(False, "Also record memory after each FSDP block's forward and backward (a per-block timeline; costs time).")
-    imbalance_warn: float = opt(1.2, "Warn when one rank's peak exceeds the median rank's peak by this factor (names rank, phase and likely cause).", min=1.0)
-    snapshot_steps: list = opt([], "Optimizer steps (1-based) at which every CUDA rank records allocation history and dumps output_dir/memory/snapshot_step{S}_rank{R}.pickle.")
+    track_peak: bool = opt(True, "Record memory per rank at each phase (step start, forward, backward, optimizer) to "
+                                 "output_dir/memory/rank{R}.jsonl and gather the peaks to rank 0 every log step (CUDA "
+                                 "allocator / CPU RSS).")
+    per_module: bool = opt(False, "Also record memory after each FSDP block's forward and backward (a per-block "
+                                  "timeline; costs time).")
+    imbalance_warn: float = opt(1.2, "Warn when one rank's peak exceeds the median rank's peak by this factor (names "
+                                     "rank, phase and likely cause).", min=1.0)
+    snapshot_steps: list = opt([], "Optimizer steps (1-based) at which every CUDA rank records allocation history and "
+                                   "dumps output_dir/memory/snapshot_step{S}_rank{R}.pickle.")
     snapshot_max_entries: int = opt(200000, "Allocation-history entries kept per snapshot (ring buffer).", min=1)
-    oom_postmortem: bool = opt(True, "On out-of-memory the failing rank writes a snapshot, its stats and a readable post-mortem to output_dir/memory/, and all ranks stop.")
-    record_history: bool = opt(False, "Record CUDA allocation stacks for the whole run so an OOM post-mortem names source lines (slower).")
+    oom_postmortem: bool = opt(True, "On out-of-memory the failing rank writes a snapshot, its stats and a readable "
+                                     "post-mortem to output_dir/memory/, and all ranks stop.")
+    record_history: bool = opt(False, "Record CUDA allocation stacks for the whole run so an OOM post-mortem names "
+                                      "source lines (slower).")
 
 
 @dataclass
@@ -182,7 +240,8 @@ FOREIGN_KEYS = {
     "cutoff_len": "data.max_length", "dataset": "data.datasets", "dataset_dir": "data.dataset_dir",
     "preprocessing_num_workers": "data.num_proc", "model_name_or_path": "model.path",
     "gradient_checkpointing": "parallel.activation_checkpointing", "bf16": "parallel.precision",
-    "logging_steps": "logging.log_every", "save_steps": "checkpoint.save_every", "save_total_limit": "checkpoint.keep_last",
+    "logging_steps": "logging.log_every", "save_steps": "checkpoint.save_every",
+    "save_total_limit": "checkpoint.keep_last",
     "resume_from_checkpoint": "checkpoint.resume", "deepspeed": "parallel (FSDP2 settings: sharding, cpu_offload)",
 }
 
@@ -316,7 +375,8 @@ def _coerce(value: Any, typ: Any, f: dataclasses.Field, source: str, dotted: str
 def _describe(typ: Any, f: dataclasses.Field) -> str:
     if f.metadata.get("choices"):
         return "one of " + ", ".join(map(str, f.metadata["choices"]))
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping"}
     return names.get(typ, names.get(typing.get_origin(typ), str(typ)))
 
 
@@ -324,7 +384,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     """Checks that involve several keys."""
     m = cfg.model
     if m.path is None and not m.hf_config:
-        raise ConfigError(f"{source}: set model.path (a local Hugging Face folder) or model.hf_config (an inline config)")
+        raise ConfigError(f"{source}: set model.path (a local Hugging Face folder) "
+                          "or model.hf_config (an inline config)")
     if m.path is None and m.random_init is False and m.hf_config and "model_type" not in m.hf_config:
         raise ConfigError(f"{source}: model.hf_config needs a model_type (e.g. llama, qwen2, mistral, gemma)")
     if cfg.parallel.cpu_offload and cfg.parallel.optimizer_offload:
@@ -335,9 +396,11 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas!r}")
     if t.warmup_ratio >= 1:
         raise ConfigError(f"{source}: train.warmup_ratio: {t.warmup_ratio} must be below 1")
-    bad_steps = [s for s in cfg.memory.snapshot_steps if not (isinstance(s, int) and not isinstance(s, bool) and s >= 1)]
+    bad_steps = [s for s in cfg.memory.snapshot_steps
+                 if not (isinstance(s, int) and not isinstance(s, bool) and s >= 1)]
     if bad_steps:
-        raise ConfigError(f"{source}: memory.snapshot_steps: expected optimizer steps (integers >= 1), got {bad_steps!r}")
+        raise ConfigError(f"{source}: memory.snapshot_steps: expected optimizer steps (integers >= 1), "
+                          f"got {bad_steps!r}")
     if t.min_lr_ratio > 1:
         raise ConfigError(f"{source}: train.min_lr_ratio: {t.min_lr_ratio} must be at most 1")
 
@@ -389,7 +452,8 @@ def reference_rows() -> list[tuple[str, str, str]]:  # noqa: C901
             doc = f.metadata.get("doc", "")
             if f.metadata.get("choices"):
                 doc += f" One of: {', '.join(map(str, f.metadata['choices']))}."
-            default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").removesuffix("...").strip()
+            default = (yaml.safe_dump(value, default_flow_style=True).strip()
+                       .removesuffix("\n...").removesuffix("...").strip())
             rows.append((f"{prefix}{f.name}", default, doc))
 
     walk(Config(), "")

@@ -61,7 +61,8 @@ def _env_int(name: str, default: Optional[int] = None) -> int:
 
 def resolve_device_type(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise LaunchError("parallel.device: cuda was requested but no CUDA device is visible; use parallel.device=cpu or auto")
+        raise LaunchError("parallel.device: cuda was requested but no CUDA device is visible; "
+                          "use parallel.device=cpu or auto")
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested

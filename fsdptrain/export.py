@@ -89,7 +89,8 @@ def _begin(out: Path) -> Path:
     return tmp
 
 
-def _finish(tmp: Path, out: Path, hf_config: PretrainedConfig, tokenizer: Optional[PreTrainedTokenizerBase], dtype: torch.dtype) -> None:
+def _finish(tmp: Path, out: Path, hf_config: PretrainedConfig, tokenizer: Optional[PreTrainedTokenizerBase],
+            dtype: torch.dtype) -> None:
     cfg = hf_config.__class__.from_dict(hf_config.to_dict())
     cfg.dtype = dtype
     cfg.use_cache = True
@@ -108,8 +109,9 @@ def _finish(tmp: Path, out: Path, hf_config: PretrainedConfig, tokenizer: Option
 
 
 @torch.no_grad()
-def export_hf(model: nn.Module, hf_config: PretrainedConfig, tokenizer: Optional[PreTrainedTokenizerBase], out_dir: str | Path, is_main: bool,
-              dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 10**9) -> None:
+def export_hf(model: nn.Module, hf_config: PretrainedConfig, tokenizer: Optional[PreTrainedTokenizerBase],
+              out_dir: str | Path, is_main: bool, dtype: torch.dtype = torch.float32,
+              max_shard_bytes: int = 5 * 10**9) -> None:
     """Export a live (FSDP-sharded) model; a collective: every rank calls it, rank 0 writes."""
     out = Path(out_dir)
     writer = ShardWriter(_begin(out), max_shard_bytes) if is_main else None

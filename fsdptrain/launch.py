@@ -101,7 +101,8 @@ def free_port() -> int:
 def read_plan(env: Mapping[str, str]) -> Plan:
     nnodes = _int(env, "NNODES", 1, lo=1)
     node_rank = _int(env, "NODE_RANK", 0)
-    nproc = _int(env, "NPROC_PER_NODE", None if env.get("NPROC_PER_NODE", "").strip() else max(1, visible_gpus(env)), lo=1)
+    nproc = _int(env, "NPROC_PER_NODE", None if env.get("NPROC_PER_NODE", "").strip() else max(1, visible_gpus(env)),
+                 lo=1)
     timeout = float(_int(env, "RDZV_TIMEOUT", 300, lo=1))
     rdzv_id = env.get("RDZV_ID", "").strip() or None
     min_n = _int(env, "MIN_NNODES", nnodes, lo=1) if rdzv_id else nnodes
@@ -190,7 +191,8 @@ def interface_env(plan: Plan, env: Mapping[str, str], ip: str, ifname: Optional[
         return {}, [f"MASTER_ADDR={plan.master_addr} resolves to the loopback {ip} here; other nodes cannot reach "
                     "that: use node 0's real IP address, or set GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME"]
     out = {k: ifname for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if not env.get(k)}
-    notes = [" ".join(f"{k}={v}" for k, v in out.items()) + " (the interface of the route to MASTER_ADDR)"] if out else []
+    notes = ([" ".join(f"{k}={v}" for k, v in out.items()) + " (the interface of the route to MASTER_ADDR)"]
+             if out else [])
     return out, notes
 
 
@@ -458,7 +460,8 @@ def main(argv: list[str]) -> int:
         ip = resolve(plan.master_addr)
         src, ifname = route_to(ip)
         set_env, notes = interface_env(plan, env, ip, ifname)
-        mode = f"elastic c10d id {plan.rdzv_id}, nodes {plan.min_nnodes}..{plan.max_nnodes}" if plan.elastic else "static"
+        mode = (f"elastic c10d id {plan.rdzv_id}, nodes {plan.min_nnodes}..{plan.max_nnodes}" if plan.elastic
+                else "static")
         say(f"node {plan.node_rank}/{plan.nnodes} on host {socket.gethostname()}: {plan.nproc} process(es), "
             f"rendezvous {_host_port(plan.master_addr, plan.master_port)} ({mode}), "
             f"local address {src} on {ifname}, timeout {plan.timeout_s:.0f} s")

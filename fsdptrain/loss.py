@@ -125,7 +125,8 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int,
         return None
     head = model.get_output_embeddings()
     if type(head) not in (nn.Linear, ChunkedLossHead):
-        raise ConfigError(f"train.loss_chunk_tokens: {type(model).__name__} has no plain nn.Linear lm_head; set it to 0")
+        raise ConfigError(f"train.loss_chunk_tokens: {type(model).__name__} has no plain nn.Linear lm_head; "
+                          "set it to 0")
     if getattr(model.config, "final_logit_softcapping", None):
         raise ConfigError(f"train.loss_chunk_tokens: {model.config.model_type} applies logit soft-capping after "
                           "lm_head, which the chunked loss would skip; set train.loss_chunk_tokens=0")

@@ -59,7 +59,8 @@ def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Opti
         raise UserError(f"model.hf_config: {detail}") from None
 
 
-def build_meta_model(hf_config: PretrainedConfig, attn_implementation: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def build_meta_model(hf_config: PretrainedConfig, attn_implementation: str, dtype: torch.dtype,
+                     trust_remote_code: bool) -> nn.Module:
     """The model's modules with parameters on the meta device (no memory used)."""
     from transformers import AutoModelForCausalLM
 
@@ -70,7 +71,8 @@ def build_meta_model(hf_config: PretrainedConfig, attn_implementation: str, dtyp
                 hf_config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code
             )
         except (ValueError, ImportError) as e:
-            raise UserError(f"model: cannot build {hf_config.model_type!r} with attn_implementation={attn_implementation!r}: "
+            raise UserError(f"model: cannot build {hf_config.model_type!r} "
+                            f"with attn_implementation={attn_implementation!r}: "
                             f"{str(e).splitlines()[0]}") from None
     return model
 
@@ -83,7 +85,8 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
         return blocks
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     if not lists:
-        raise UserError(f"model: cannot find transformer blocks in {type(model).__name__} (no _no_split_modules, no layer list)")
+        raise UserError(f"model: cannot find transformer blocks in {type(model).__name__} "
+                        "(no _no_split_modules, no layer list)")
     return list(max(lists, key=len))
 
 
@@ -203,7 +206,7 @@ def load_pretrained(model: nn.Module, folder: str) -> None:
     index = safetensors_index(folder)
     handles: dict[Path, SafetensorsFile] = {}
     try:
-        for mod_name, mod, attr, p in owned_params(model):
+        for mod_name, _mod, attr, p in owned_params(model):
             key = f"{mod_name}.{attr}" if mod_name else attr
             if key not in index:
                 raise UserError(f"model.path: {folder}: weight '{key}' is missing from the safetensors files "
@@ -217,7 +220,8 @@ def load_pretrained(model: nn.Module, folder: str) -> None:
                 raise UserError(f"model.path: {f}: weight '{key}' is listed in the index but not in this file")
             shape = handles[f].shape(key)
             if shape != tuple(p.shape):
-                raise UserError(f"model.path: {f}: weight '{key}' has shape {list(shape)}, the model expects {list(p.shape)}")
+                raise UserError(f"model.path: {f}: weight '{key}' has shape {list(shape)}, "
+                                f"the model expects {list(p.shape)}")
             handles[f].read_into(key, _local_slices(p), local_tensor(p))
     finally:
         for h in handles.values():

@@ -22,7 +22,8 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "tb", "memory", SUBDIR, "hf")
 
 
 def archive_previous_run(output_dir: Path) -> Optional[Path]:
-    """On a fresh start in a used output_dir: move its earlier outputs into output_dir/previous-N; returns that folder."""
+    """On a fresh start in a used output_dir: move its earlier outputs into output_dir/previous-N; returns that
+    folder."""
     present = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     if not present:
         return None

@@ -122,7 +122,8 @@ def test_resume_on_one_rank_reshards(two_rank, tmp_path, capsys):
 def test_resume_on_four_ranks_reshards(two_rank, root):
     full = two_rank[0]
     cfg = config(root / "four", train={"micro_batch_size": 1}, checkpoint={"resume": str(ckpt(full, 4))})
-    (root / "spec4.json").write_text(json.dumps({"cases": [{"name": "four", "config": write(root / "four.yaml", cfg)}]}))
+    (root / "spec4.json").write_text(
+        json.dumps({"cases": [{"name": "four", "config": write(root / "four.yaml", cfg)}]}))
     proc = torchrun(4, ["-m", "tests.workers.dist_cases", str(root / "spec4.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     got, ref = losses(root / "four"), losses(full)
@@ -200,8 +201,8 @@ def _resume_error(tmp_path: Path, checkpoint: Path, **sections) -> str:
 
 def test_checkpoint_of_another_model_is_refused(two_rank, tmp_path):
     msg = _resume_error(tmp_path, ckpt(two_rank[0], 4), model={"hf_config": {**ARCH, "hidden_size": 48}})
-    assert msg.startswith(f"{ckpt(two_rank[0], 4) / '.metadata'}: weight 'model.embed_tokens.weight' has shape [100, 32] "
-                          "in the checkpoint, this model's is [100, 48]"), msg
+    assert msg.startswith(f"{ckpt(two_rank[0], 4) / '.metadata'}: weight 'model.embed_tokens.weight' "
+                          "has shape [100, 32] in the checkpoint, this model's is [100, 48]"), msg
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])

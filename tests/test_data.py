@@ -73,7 +73,8 @@ def test_alpaca_single_turn_trains_exactly_the_response(tok):
     for rec, src in zip(conv.records[:10], raw):
         (ex,), st = tokenize_record(tok, rec, 2048)
         assert target_runs(tok, ex) == [src["output"] + END]
-        assert tok.decode(ex.input_ids) == f"<|im_start|>user\n{src['instruction']}{END}<|im_start|>assistant\n{src['output']}{END}"
+        assert tok.decode(ex.input_ids) == (f"<|im_start|>user\n{src['instruction']}{END}"
+                                            f"<|im_start|>assistant\n{src['output']}{END}")
         assert st.target_tokens == len(src["output"]) + 2  # characters + <|im_end|> + newline
 
 
@@ -166,7 +167,8 @@ def test_sharegpt_broken_role_order_is_skipped_and_counted_then_an_error_when_al
     dangling = {"conversations": [{"from": "human", "value": "hi"}]}
     write(tmp_path / "mixed.json", [good, swapped, good, dangling])
     write(tmp_path / "bad.json", [swapped, swapped])
-    write(tmp_path / "dataset_info.json", {n: {"file_name": f"{n}.json", "formatting": "sharegpt"} for n in ("mixed", "bad")})
+    write(tmp_path / "dataset_info.json",
+          {n: {"file_name": f"{n}.json", "formatting": "sharegpt"} for n in ("mixed", "bad")})
     conv = records_of("mixed", tmp_path)
     assert (conv.read, len(conv.records)) == (4, 2)
     assert conv.skipped == {"broken role order": 1, "does not end with an assistant turn": 1}
@@ -471,7 +473,8 @@ def test_pipeline_logs_counts_and_packs(tmp_path):
     assert f"data: 'identity': read 91, skipped 0 (none), kept 91, truncated {long}, dropped (no target token " \
            "left) 0" in text
     total = next(x for x in lines if x.startswith("data: total:"))
-    assert total.startswith(f"data: total: read 111, skipped 0 (none), kept {len(rows.base)} examples, truncated {long}")
+    assert total.startswith(f"data: total: read 111, skipped 0 (none), kept {len(rows.base)} examples, "
+                            f"truncated {long}")
     assert total.endswith(f"target tokens {sum(rows.base[i].n_targets for i in range(len(rows.base)))}")
     assert sorted(i for b in rows.bins for i in b) == list(range(len(rows.base)))
     assert f"packed {len(rows.base)} examples into {len(rows)} rows of 128 tokens" in text
@@ -494,7 +497,8 @@ def test_masking_with_a_byte_level_bpe_tokenizer(template):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    specials = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"]
     core.train_from_iterator([r["instruction"] + " " + r["output"] for r in raw],
                              trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))

@@ -22,7 +22,8 @@ from tests.helpers import LLAMA, REPO, make_model_dir, read_metrics, torchrun
 from tests.reference import STEPS, base_config, reference_run
 
 LF = REPO.parent / "shared" / "data" / "llamafactory"
-pytestmark = pytest.mark.skipif(not (LF / "identity.json").is_file(), reason=f"LLaMA-Factory fixtures not found at {LF}")
+pytestmark = pytest.mark.skipif(not (LF / "identity.json").is_file(),
+                                reason=f"LLaMA-Factory fixtures not found at {LF}")
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,8 @@ def test_likely_cause_names_tokens_sequence_fragmentation_or_rank0():
 
 
 def test_snapshot_steps_must_be_step_numbers(tmp_path):
-    with pytest.raises(ConfigError, match=r"memory.snapshot_steps: expected optimizer steps \(integers >= 1\), got \[0\]"):
+    with pytest.raises(ConfigError,
+                       match=r"memory.snapshot_steps: expected optimizer steps \(integers >= 1\), got \[0\]"):
         load_config(None, ["memory.snapshot_steps=[0, 3]"])
 
 
@@ -263,12 +264,14 @@ def _fr(f, line, name):
 
 MODEL_FR = [_fr("/x/site-packages/torch/nn/modules/linear.py", 125, "forward"),
             _fr("/x/site-packages/transformers/models/llama/modeling_llama.py", 200, "forward")]
-OPT_FR = [_fr("/x/site-packages/torch/optim/adamw.py", 90, "_init_group"), _fr("/w/fsdptrain/trainer.py", 187, "_train")]
+OPT_FR = [_fr("/x/site-packages/torch/optim/adamw.py", 90, "_init_group"),
+          _fr("/w/fsdptrain/trainer.py", 187, "_train")]
 LOSS_FR = [_fr("/w/fsdptrain/trainer.py", 63, "token_loss_sum")]
 
 
 def _snap(live, trace):
-    blocks = [{"address": a, "size": s, "requested_size": s, "state": "active_allocated", "frames": f} for a, s, f in live]
+    blocks = [{"address": a, "size": s, "requested_size": s, "state": "active_allocated", "frames": f}
+              for a, s, f in live]
     blocks.append({"address": 999_000, "size": 4096, "requested_size": 0, "state": "inactive", "frames": []})
     return {"segments": [{"address": 0, "total_size": 2**30, "blocks": blocks}], "device_traces": [trace]}
 
@@ -314,7 +317,8 @@ def test_diff_orders_sites_by_difference(tmp_path):
         (tmp_path / name).write_bytes(pickle.dumps(snap))
     res = CliRunner().invoke(cli, ["mem", "diff", str(tmp_path / "a.pickle"), str(tmp_path / "b.pickle")])
     assert res.exit_code == 0, res.output
-    assert res.output.splitlines()[5].split() == ["3.0", "1.0", "+2.0", "/w/fsdptrain/trainer.py:63", "(token_loss_sum)"]
+    assert res.output.splitlines()[5].split() == ["3.0", "1.0", "+2.0", "/w/fsdptrain/trainer.py:63",
+                                                  "(token_loss_sum)"]
 
 
 def test_snapshot_loader_refuses_code(tmp_path):
@@ -381,9 +385,11 @@ def test_qwen25_32b_on_2x8_with_and_without_offload():
     assert shape.n_params == L * per_layer + 2 * v * h + h == 32_763_876_352
     off = estimate.estimate(cfg, 2, 8, 80 * GIB, 1024 * GIB, shape=shape)
     st = estimate.model_state(shape, 16, 0, 4)
-    assert off.fits and off.cpu_per_node == 8 * (st.total + 4 * st.local_numel) and off.terms["parameters (sharded)"] == 0
+    assert (off.fits and off.cpu_per_node == 8 * (st.total + 4 * st.local_numel)
+            and off.terms["parameters (sharded)"] == 0)
     assert st.params == st.padded_numel * 4 and st.total == pytest.approx(16 * shape.n_params / 16, rel=0.01)
-    plain = estimate.estimate(load_config(path, ["parallel.cpu_offload=false", "parallel.activation_checkpointing=none"]),
+    plain = estimate.estimate(load_config(path, ["parallel.cpu_offload=false",
+                                                 "parallel.activation_checkpointing=none"]),
                               2, 8, 80 * GIB, shape=shape)
     assert not plain.fits and plain.terms["optimizer state (AdamW m, v, step)"] == st.optimizer
     assert plain.peak > 80 * GIB
@@ -409,7 +415,8 @@ def test_estimate_cli(tmp_path):
 def _fixed(n: int, seq: int):
     from fsdptrain.data.encode import IGNORE, Example
 
-    return [Example([(3 * i + k) % 90 + 4 for k in range(seq)], [IGNORE] + [(3 * i + k) % 90 + 4 for k in range(1, seq)])
+    return [Example([(3 * i + k) % 90 + 4 for k in range(seq)],
+                    [IGNORE] + [(3 * i + k) % 90 + 4 for k in range(1, seq)])
             for i in range(n)]
 
 
@@ -442,7 +449,8 @@ def test_cuda_oom_post_mortem(tmp_path):
                              "data.max_length=4096", "logging.tensorboard=false", "logging.progress=none",
                              "parallel.device=cuda"])
     cfg.model.hf_config = big_vocab  # 128 x 4096 x 151936 logits cannot fit on any GPU
-    with pytest.raises(TrainingError, match=r"rank 0 ran out of memory at step 1 \(forward of micro-batch 0\); post-mortem: "):
+    with pytest.raises(TrainingError,
+                       match=r"rank 0 ran out of memory at step 1 \(forward of micro-batch 0\); post-mortem: "):
         train(cfg, examples=_fixed(128, 4096))
     mem = tmp_path / "memory"
     post = json.loads((mem / "oom_rank0_stats.json").read_text())
@@ -495,5 +503,6 @@ def test_estimate_settings_follow_packing_and_token_budget(tmp_path):
     assert (s.micro_batch, s.seq_len) == (load_config(cfg_path).train.micro_batch_size, 4096)
     s = estimate.settings_from_config(load_config(cfg_path, ["data.packing=true", "data.pack_length=1024"]), 1, 2, 1)
     assert s.seq_len == 1024
-    s = estimate.settings_from_config(load_config(cfg_path, ["data.max_length=2048", "data.token_budget=8192"]), 1, 2, 1)
+    s = estimate.settings_from_config(load_config(cfg_path, ["data.max_length=2048", "data.token_budget=8192"]),
+                                      1, 2, 1)
     assert (s.micro_batch, s.seq_len) == (4, 2048)

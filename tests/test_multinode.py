@@ -165,7 +165,8 @@ def test_wrong_master_port_and_missing_node_time_out_with_one_line():
 def test_unresolvable_master_addr():
     rc, out = finish(launch({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1.invalid"}), 30)
     assert rc == 2
-    assert error_lines(out)[0].startswith("fsdptrain: error: MASTER_ADDR=127.0.0.1.invalid: cannot resolve this host name")
+    assert error_lines(out)[0].startswith("fsdptrain: error: MASTER_ADDR=127.0.0.1.invalid: "
+                                          "cannot resolve this host name")
 
 
 # ----------------------------------------------------------------------------- two hosts in network namespaces
@@ -198,7 +199,8 @@ def _remove_stale() -> None:
     for line in out.splitlines():
         name = line.split()[0] if line.split() else ""
         parts = name.split("-")
-        if name.startswith(PREFIX) and len(parts) == 4 and parts[1].isdigit() and not Path(f"/proc/{parts[1]}").exists():
+        if (name.startswith(PREFIX) and len(parts) == 4 and parts[1].isdigit()
+                and not Path(f"/proc/{parts[1]}").exists()):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
@@ -290,8 +292,8 @@ def test_two_hosts_train_like_one_host_and_fail_loudly(two_hosts, tmp_path):
     (rc0, out0), (rc1, out1) = [finish(p, 60) for p in procs]
     assert (rc0, rc1) == (2, 2) and time.monotonic() - t0 < 20
     [err0], [err1] = error_lines(out0), error_lines(out1)
-    assert err0.startswith(f"fsdptrain: error: [node 0] node(s) 1 of 2 did not join the rendezvous at {h.addr[0]}:29500 "
-                           "within 4 s (RDZV_TIMEOUT)")
+    assert err0.startswith("fsdptrain: error: [node 0] node(s) 1 of 2 did not join the rendezvous at "
+                           f"{h.addr[0]}:29500 within 4 s (RDZV_TIMEOUT)")
     assert err1.startswith(f"fsdptrain: error: [node 1] could not reach node 0's rendezvous at {h.unused}:29500 "
                            f"(this host reaches it from {h.addr[1]} on fv"), err1
     assert "within 4 s (RDZV_TIMEOUT), last error: " in err1 and "check that MASTER_ADDR is node 0's address" in err1
@@ -370,7 +372,8 @@ def test_slurm_script_trains_across_two_hosts_like_one_host(two_hosts, tmp_path)
             SLURM_JOB_NODELIST="fsdpt-node[0-1]", SLURM_JOB_NUM_NODES="2", NPROC_PER_NODE="1", RDZV_TIMEOUT="60")
     for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(key, None)
-    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), *DEMO, f"output_dir={tmp_path / 'slurm_run'}"],
+    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), *DEMO,
+                            f"output_dir={tmp_path / 'slurm_run'}"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, cwd=REPO,
                            start_new_session=True)
     rc, out = finish(single, 240)

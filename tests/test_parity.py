@@ -37,8 +37,9 @@ def runs(tmp_path_factory):
                                     parallel={"prefetch_blocks": 2}),
         "selective_ac": base_config(root / "selective_ac", llama, parallel={"activation_checkpointing": "selective"}),
         "optimizer_offload": base_config(root / "optimizer_offload", llama, parallel={"optimizer_offload": True}),
-        "compiled_ac": base_config(root / "compiled_ac", llama, parallel={"compile": True, "compile_backend": "aot_eager",
-                                                                          "activation_checkpointing": "full"},
+        "compiled_ac": base_config(root / "compiled_ac", llama,
+                                   parallel={"compile": True, "compile_backend": "aot_eager",
+                                             "activation_checkpointing": "full"},
                                    train={"loss_chunk_tokens": 24}),  # the compiled per-chunk loss too
         "qwen2": base_config(root / "qwen2_run", qwen, parallel={"activation_checkpointing": "every_k",
                                                                   "activation_checkpointing_k": 2}),
@@ -84,8 +85,8 @@ def fsdp_losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir)]
 
 
-@pytest.mark.parametrize("case", ["base", "accum", "ac", "zero2_sync_every_micro_step", "chunked_loss", "selective_ac", "optimizer_offload",
-                                  "compiled_ac", "auto_ac", "compiled_auto_chunked"])
+@pytest.mark.parametrize("case", ["base", "accum", "ac", "zero2_sync_every_micro_step", "chunked_loss", "selective_ac",
+                                  "optimizer_offload", "compiled_ac", "auto_ac", "compiled_auto_chunked"])
 def test_two_rank_llama_matches_single_process_reference(runs, case):
     root, _, llama, _ = runs
     examples = synthetic_examples(llama)

@@ -169,12 +169,13 @@ def test_cpu_offload_adamw_matches_torch_adamw(monkeypatch):
 
     monkeypatch.setattr(oo, "CHUNK_BYTES", 100)  # several chunks per group: the pipelined path
     torch.manual_seed(0)
-    ref = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    ref = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3, 4)),
+           torch.nn.Parameter(torch.randn(5))]
     mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     a = torch.optim.AdamW([{"params": ref[:2], "weight_decay": 0.1}, {"params": ref[2:], "weight_decay": 0.0}], **kw)
     b = CPUOffloadAdamW([{"params": mine[:2], "weight_decay": 0.1}, {"params": mine[2:], "weight_decay": 0.0}], **kw)
-    for step in range(5):
+    for _step in range(5):
         g = [torch.randn_like(p) for p in ref]
         for p, q, gi in zip(ref, mine, g):
             p.grad, q.grad = gi.clone(), gi.clone()

@@ -78,7 +78,8 @@ def cache_key(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settin
 # ----------------------------------------------------------------------------- building
 
 
-def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool, mask_history: bool) -> dict:
+def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool,
+                    mask_history: bool) -> dict:
     """datasets.map function: records (JSON) -> rows; a record with no example left gives one empty row."""
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "source", "truncated", "split",
                                             "dropped")}
@@ -87,7 +88,8 @@ def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, 
             examples, st = tokenize_record(tok, json.loads(text), max_length, train_on_prompt, mask_history)
         except TemplateError:
             raise UserError(f"{where}: the chat template renders earlier turns differently once later turns are "
-                            "added, so assistant tokens cannot be located; set data.template=chatml or llama3") from None
+                            "added, so assistant tokens cannot be located; "
+                            "set data.template=chatml or llama3") from None
         rows = examples or [Example([], [])]
         for j, ex in enumerate(rows):
             out["input_ids"].append(ex.input_ids)
@@ -100,7 +102,8 @@ def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, 
     return out
 
 
-def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, target: Path, log: Callable[[str], None]) -> None:
+def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, target: Path,
+          log: Callable[[str], None]) -> None:
     """Read, convert, tokenise and save one cache entry at `target`."""
     import datasets
 
@@ -125,7 +128,8 @@ def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, 
         raw = datasets.Dataset.from_dict({"record": records, "source": source, "where": where})
         log(f"data: tokenising {len(records)} records with {s.num_proc} process(es) into {target}")
         tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256,
-                            num_proc=s.num_proc if s.num_proc > 1 else None, remove_columns=raw.column_names, new_fingerprint=target.name,
+                            num_proc=s.num_proc if s.num_proc > 1 else None, remove_columns=raw.column_names,
+                            new_fingerprint=target.name,
                             fn_kwargs={"tok": tok, "max_length": s.max_length, "train_on_prompt": s.train_on_prompt,
                                        "mask_history": s.mask_history},
                             features=_features(), cache_file_name=str(tmp / "map" / "tokenized.arrow"),
@@ -206,8 +210,9 @@ def _first_targets(labels: Any) -> int:
     return int(pc.sum(pc.not_equal(firsts, IGNORE)).as_py() or 0)
 
 
-def prepare(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, cache_dir: Path, rank: int, local_rank: int,
-            overwrite: bool, log: Callable[[str], None]) -> tuple[TokenizedExamples, TokenizeStats, list[dict], bool]:
+def prepare(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, cache_dir: Path, rank: int,
+            local_rank: int, overwrite: bool,
+            log: Callable[[str], None]) -> tuple[TokenizedExamples, TokenizeStats, list[dict], bool]:
     """(examples, total stats, per-data-set stats, cache hit). Collective when a process group is up."""
     key, error, hit, failure = None, None, False, None
     if local_rank == 0:

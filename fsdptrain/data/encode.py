@@ -75,7 +75,8 @@ def _render(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[
     return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation)
 
 
-def segments(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[list] = None) -> list[tuple[list[int], bool]]:
+def segments(tok: PreTrainedTokenizerBase, messages: list[dict],
+             tools: Optional[list] = None) -> list[tuple[list[int], bool]]:
     """The conversation's tokens as consecutive (ids, is_assistant_turn) runs."""
     texts: list[str] = []
     plan = []  # per message: (index of its full rendering, index of its generation prompt or -1)
@@ -95,7 +96,8 @@ def segments(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional
     return fast if fast is not None else _segments_by_prefixes(tok, plan, texts)
 
 
-def _segments_by_offsets(tok: PreTrainedTokenizerBase, full: str, plan, texts: list[str]) -> Optional[list[tuple[list[int], bool]]]:
+def _segments_by_offsets(tok: PreTrainedTokenizerBase, full: str, plan,
+                         texts: list[str]) -> Optional[list[tuple[list[int], bool]]]:
     """Tokenise the whole conversation once and cut it at the turns' character boundaries.
 
     None when the tokenizer gives no offsets or a token straddles a boundary
@@ -191,12 +193,14 @@ def build_example(segs: list[tuple[list[int], bool]], max_length: int, train_on_
     labels: list[int] = []
     for s, t, trained in pairs:
         input_ids += s + t
-        labels += (s if train_on_prompt else [IGNORE] * len(s)) + (t if trained or train_on_prompt else [IGNORE] * len(t))
+        labels += ((s if train_on_prompt else [IGNORE] * len(s))
+                   + (t if trained or train_on_prompt else [IGNORE] * len(t)))
     return Example(input_ids, labels), truncated
 
 
-def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict], max_length: int, tools: Optional[list] = None,
-                          train_on_prompt: bool = False, mask_history: bool = False) -> tuple[Example, bool]:
+def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict], max_length: int,
+                          tools: Optional[list] = None, train_on_prompt: bool = False,
+                          mask_history: bool = False) -> tuple[Example, bool]:
     """(example, truncated). Labels train only assistant turns (content + end marker) unless told otherwise."""
     return build_example(segments(tok, messages, tools), max_length, train_on_prompt, mask_history)
 

@@ -174,7 +174,8 @@ class StepSampler:
     def _fingerprint(self) -> dict:
         fp = {"n_examples": self.n_examples, "seed": self.seed, "shuffle": self.shuffle, "drop_last": self.drop_last}
         if self.token_budget is not None:
-            fp.update(token_budget=self.token_budget, world_size=self.world_size, grad_accum_steps=self.grad_accum_steps)
+            fp.update(token_budget=self.token_budget, world_size=self.world_size,
+                      grad_accum_steps=self.grad_accum_steps)
         else:
             fp["global_batch"] = self.global_batch
         return fp

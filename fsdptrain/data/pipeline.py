@@ -47,7 +47,8 @@ def check(cfg: Config) -> None:
                           "a row must hold the longest example")
 
 
-def load_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int = 0, local_rank: int = 0, log: Callable[[str], None] = print):
+def load_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int = 0, local_rank: int = 0,
+                  log: Callable[[str], None] = print):
     """The run's examples (a sequence of encode.Example), packed when configured."""
     d = cfg.data
     check(cfg)

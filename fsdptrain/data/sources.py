@@ -105,7 +105,8 @@ def _spec(name: str, entry: dict, path: Optional[str], root: Path) -> Spec:
         kinds = {EXTENSIONS.get(p.suffix) for p in files}
         if not files or None in kinds or len(kinds) != 1:
             raise UserError(f"{where}: folder {target} must hold files of one supported type "
-                            f"({', '.join(EXTENSIONS)}); found {', '.join(sorted(p.name for p in files)[:5]) or 'nothing'}")
+                            f"({', '.join(EXTENSIONS)}); "
+                            f"found {', '.join(sorted(p.name for p in files)[:5]) or 'nothing'}")
         spec.files = [str(p) for p in files]
     else:
         if target.suffix not in EXTENSIONS:

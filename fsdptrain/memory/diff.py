@@ -1,4 +1,5 @@
-"""`fsdptrain mem diff A.pickle B.pickle`: live memory at each snapshot's peak, by allocation site, largest difference first.
+"""`fsdptrain mem diff A.pickle B.pickle`: live memory at each snapshot's peak, by allocation site, largest
+difference first.
 
 Typical use: the snapshots of the rank that peaks highest and of a normal rank
 at the same step (memory.snapshot_steps): the sites at the top of the table

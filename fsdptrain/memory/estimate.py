@@ -391,7 +391,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "forward (loss)": base + held_after_fwd + acts + logits_fwd + fused_grads,
         "backward (loss)": base + held_after_fwd + acts + logits_bwd + fused_grads,
         "backward (lm_head)": base + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
-        "backward (last block)": base + root_buf + lm_head_grad + c * two_blocks + acts + recompute + a_block + unit_grad,
+        "backward (last block)": (base + root_buf + lm_head_grad + c * two_blocks + acts + recompute + a_block
+                                  + unit_grad),
         "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * root_un,
         "optimizer": base + grads_gpu,
     }

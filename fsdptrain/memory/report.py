@@ -99,7 +99,8 @@ def render(run_dir: str | Path, runs: dict[int, list[dict]]) -> str:
     if any(s.ooms for s in sums):
         lines.append("out-of-memory errors on rank(s) " + ", ".join(str(s.rank) for s in sums if s.ooms)
                      + "; see memory/oom_rank*.txt")
-    if runs and all(rows and rows[0].get("inactive_split", 0) == 0 and rows[0].get("reserved") == rows[0].get("allocated")
+    if runs and all(rows and rows[0].get("inactive_split", 0) == 0
+                    and rows[0].get("reserved") == rows[0].get("allocated")
                     for rows in runs.values()):
         lines.append("note: CPU run: the numbers are process resident memory (RSS), not allocator bytes")
     return "\n".join(lines) + "\n"

@@ -55,8 +55,8 @@ def likely_cause(rows: list[dict], r: int) -> str:
                 f"({int(row['batch_tokens']):,} vs {int(med('batch_tokens')):,} padded tokens); "
                 "sort or bucket examples by length, or lower data.max_length")
     if med("longest") > 0 and row["longest"] >= 1.2 * med("longest"):
-        return (f"rank {r} had the longest sequence ({int(row['longest']):,} vs median {int(med('longest')):,} tokens); "
-                "lower data.max_length")
+        return (f"rank {r} had the longest sequence ({int(row['longest']):,} vs median "
+                f"{int(med('longest')):,} tokens); lower data.max_length")
     if row["num_alloc_retries"] > med("num_alloc_retries"):
         return (f"allocator retries on rank {r} ({int(row['num_alloc_retries'])}; fragmentation "
                 f"{row['inactive_split_peak'] / GIB:.2f} GiB); try PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
@@ -134,7 +134,8 @@ class MemoryTracker:
         if name == "forward":
             nxt = f"backward of micro-batch {micro}"
         elif name == "backward":
-            nxt = f"forward of micro-batch {micro + 1}" if micro is not None and micro + 1 < n else "gradient clipping / optimizer step"
+            nxt = (f"forward of micro-batch {micro + 1}" if micro is not None and micro + 1 < n
+                   else "gradient clipping / optimizer step")
         else:
             nxt = "between steps (logging)"
         self._record(name, micro, nxt)

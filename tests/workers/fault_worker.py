@@ -53,7 +53,8 @@ def install() -> None:
         result = write_data(self, plan, planner)
         if state["saving"] is not None and ("save", state["saving"]) in faults:
             result.wait()
-            print(f"fault_worker: killing rank {os.environ.get('RANK')} while saving step {state['saving']}", flush=True)
+            print(f"fault_worker: killing rank {os.environ.get('RANK')} while saving step {state['saving']}",
+                  flush=True)
             _die()
         return result
 
