@@ -167,10 +167,10 @@ def unit_numel(unit: list[tuple[int, ...]], world: int) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    """What the estimator reads of a run: the config and the resolved cluster facts; every option is read
-    from `cfg` by a property (none is copied), so a new config option is declared once, in config.py.
-    Vary a setting by varying the config (`vary`). `cfg` is read, not copied: do not change it while the
-    settings are in use."""
+    """What the estimator reads of a run: the config (options are read from `cfg` where they are used; none is
+    copied, so a new option is declared once, in config.py) and the resolved cluster facts. The properties are
+    the values derived from both. Vary a setting by varying the config (`vary`). `cfg` is read, not copied: do
+    not change it while the settings are in use."""
     cfg: Config
     facts: RunFacts
     block_modes: tuple[str, ...] | None = None  # checkpointing "auto": the planned mode of each block
@@ -178,10 +178,6 @@ class Settings:
     @property
     def world(self) -> int:
         return self.facts.world_size
-
-    @property
-    def gpus_per_node(self) -> int:
-        return self.facts.gpus_per_node
 
     @property
     def seq_len(self) -> int:
@@ -196,44 +192,8 @@ class Settings:
         return self.cfg.train.micro_batch_size
 
     @property
-    def grad_accum(self) -> int:
-        return self.cfg.train.grad_accum_steps
-
-    @property
-    def checkpointing(self) -> str:
-        return self.cfg.parallel.activation_checkpointing
-
-    @property
-    def checkpointing_k(self) -> int:
-        return self.cfg.parallel.activation_checkpointing_k
-
-    @property
     def precision(self) -> str:  # resolved: bf16-mixed | bf16-pure | fp32
         return self.facts.precision
-
-    @property
-    def offload(self) -> bool:
-        return self.cfg.parallel.cpu_offload
-
-    @property
-    def reshard_after_forward(self) -> bool:
-        return self.cfg.parallel.reshard_after_forward
-
-    @property
-    def sync_every_micro_step(self) -> bool:
-        return self.cfg.parallel.sync_grads_every_micro_step
-
-    @property
-    def attn(self) -> str:
-        return self.cfg.model.attn_implementation
-
-    @property
-    def gpu_memory(self) -> int:
-        return self.facts.gpu_memory
-
-    @property
-    def cpu_memory(self) -> int | None:  # per node
-        return self.facts.cpu_memory
 
     @property
     def hybrid(self) -> bool:
@@ -245,24 +205,13 @@ class Settings:
         """Ranks a parameter is sharded over."""
         return self.facts.shard_group
 
-    @property
-    def prefetch_blocks(self) -> int:  # explicit prefetch depth; 0: FSDP2's implicit one-block prefetch
-        return self.cfg.parallel.prefetch_blocks
-
-    @property
-    def optimizer_offload(self) -> bool:  # AdamW state and update on the CPU
-        return self.cfg.parallel.optimizer_offload
-
-    @property
-    def loss_chunk_tokens(self) -> int:  # lm_head + cross-entropy this many tokens at a time
-        return self.cfg.train.loss_chunk_tokens
-
     def modes(self, n_blocks: int) -> list[str]:
-        if self.checkpointing == "auto":
+        if self.cfg.parallel.activation_checkpointing == "auto":
             if self.block_modes is None:
                 raise ValueError("checkpointing auto needs a plan (plan_checkpointing)")
             return list(self.block_modes)
-        return checkpoint_modes(n_blocks, self.checkpointing, self.checkpointing_k)
+        p = self.cfg.parallel
+        return checkpoint_modes(n_blocks, p.activation_checkpointing, p.activation_checkpointing_k)
 
     def vary(self, **sections: dict) -> Settings:
         """These settings with config options changed, e.g. vary(parallel={"cpu_offload": True}); the config
@@ -318,18 +267,19 @@ class Estimate:
 
 def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     """Per-rank GPU memory by term and by phase for settings `s` (see the module docstring)."""
+    p, t = s.cfg.parallel, s.cfg.train
     pb = 2 if s.precision == "bf16-pure" else 4  # sharded parameter / gradient / optimizer dtype
     c = 2 if s.precision.startswith("bf16") else 4  # compute (all-gather) dtype
     W = s.shard_world
     st = model_state(m, W, rank, pb)
     blocks, root = m.units[:-1], m.units[-1]
     block_un = [unit_numel(u, W) for u in blocks]
-    ahead = max(1, s.prefetch_blocks)  # FSDP2 prefetches one block implicitly; parallel.prefetch_blocks more
+    ahead = max(1, p.prefetch_blocks)  # FSDP2 prefetches one block implicitly; prefetch_blocks more
     two_blocks = sum(sorted(block_un, reverse=True)[:1 + ahead])  # the current block and the prefetched ones
     last_block = block_un[-1] if block_un else 0  # parallelize never reshards the last block after forward
     root_un = unit_numel(root, W)
     tokens = s.micro_batch * s.seq_len
-    a_block = block_activation_bytes_per_token(m, c, s.attn, s.seq_len) * tokens
+    a_block = block_activation_bytes_per_token(m, c, s.cfg.model.attn_implementation, s.seq_len) * tokens
     modes = s.modes(m.layers)
     h, V = m.hidden, m.vocab
     kept = {  # saved bytes of one block per mode
@@ -345,10 +295,10 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     root_buf = c * root_un  # gathered at the start of forward and again at the start of backward
     # After forward FSDP frees the gathered blocks (and the root, which parallelize shards with an explicit
     # reshard_after_forward) except the last block; with reshard_after_forward=false all of them stay.
-    held_after_fwd = c * last_block if s.reshard_after_forward else c * (sum(block_un) + root_un)
-    during_fwd = root_buf + (c * two_blocks if s.reshard_after_forward else c * sum(block_un))
-    chunked = s.loss_chunk_tokens > 0  # the fused loss runs inside the model's forward, even as one chunk
-    lt = min(s.loss_chunk_tokens, tokens) if chunked else tokens  # tokens whose logits exist at once
+    held_after_fwd = c * last_block if p.reshard_after_forward else c * (sum(block_un) + root_un)
+    during_fwd = root_buf + (c * two_blocks if p.reshard_after_forward else c * sum(block_un))
+    chunked = t.loss_chunk_tokens > 0  # the fused loss runs inside the model's forward, even as one chunk
+    lt = min(t.loss_chunk_tokens, tokens) if chunked else tokens  # tokens whose logits exist at once
     logits_bf = c * V * lt  # lm_head output (compute dtype)
     if chunked:  # one chunk: compute-dtype logits + the fp32 softmax buffer (reused in place), then its cast
         logits_fwd = lt * V * (c + 4 if c == 2 else 4)
@@ -361,18 +311,19 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         fused_grads = 0
     lm_head_grad = c * m.lm_head_numel  # unsharded root gradient, held until the root's reduce-scatter at the end
     unit_grad = (c + 4) * max(block_un, default=0)  # a block's unsharded grad + fp32 reduce-scatter input
-    accum = 4 * sum(unit_numel(u, W) for u in m.units) if (s.grad_accum > 1 and not s.sync_every_micro_step) else 0
-    params_gpu = 0 if s.offload else st.params
-    grads_gpu = 0 if s.offload else st.grads
-    opt_gpu = 0 if (s.offload or s.optimizer_offload) else st.optimizer
-    offload_staging = pb * 2 * max((unit_numel(u, W) // W for u in m.units), default=0) if s.offload else 0
+    no_sync = t.grad_accum_steps > 1 and not p.sync_grads_every_micro_step
+    accum = 4 * sum(unit_numel(u, W) for u in m.units) if no_sync else 0
+    params_gpu = 0 if p.cpu_offload else st.params
+    grads_gpu = 0 if p.cpu_offload else st.grads
+    opt_gpu = 0 if (p.cpu_offload or p.optimizer_offload) else st.optimizer
+    offload_staging = pb * 2 * max((unit_numel(u, W) // W for u in m.units), default=0) if p.cpu_offload else 0
     terms = {
         "parameters (sharded)": params_gpu,
         "gradients (sharded)": grads_gpu,
         "optimizer state (AdamW m, v, step)": opt_gpu,
         "all-gather: root (embeddings, norm, lm_head)": root_buf,
-        ("all-gather: current + prefetched block" if s.reshard_after_forward
-         else "all-gather: every block (no reshard)"): c * (two_blocks if s.reshard_after_forward else sum(block_un)),
+        ("all-gather: current + prefetched block" if p.reshard_after_forward
+         else "all-gather: every block (no reshard)"): c * (two_blocks if p.reshard_after_forward else sum(block_un)),
         "offload staging (H2D shards)": offload_staging,
         "activations (saved for backward)": acts,
         "recompute of one block (checkpointing)": recompute,
@@ -399,15 +350,15 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     cpu_rank = 0
-    if s.offload:
+    if p.cpu_offload:
         cpu_rank = st.total + st.local_numel * pb  # + AdamW foreach's sqrt(v) temporary on CPU
-    elif s.optimizer_offload:
+    elif p.optimizer_offload:
         cpu_rank = st.optimizer + 2 * st.local_numel * pb  # state + persistent host buffers (gradient, shard)
-    fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.gpu_memory
-    if cpu_rank and s.cpu_memory is not None:
-        fits = fits and cpu_rank * s.gpus_per_node <= s.cpu_memory
+    fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.facts.gpu_memory
+    if cpu_rank and s.facts.cpu_memory is not None:
+        fits = fits and cpu_rank * s.facts.gpus_per_node <= s.facts.cpu_memory
     return Estimate(settings=s, shape=m, state=st, terms=terms, phases=phases, peak=peak, peak_phase=peak_phase,
-                    cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.gpus_per_node, fits=fits)
+                    cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.facts.gpus_per_node, fits=fits)
 
 
 def budget_bytes(budget_gib: float, gpu_memory: int) -> int:
@@ -443,27 +394,27 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
     def mode(m: str) -> Settings:
         return dataclasses.replace(s.vary(parallel={"activation_checkpointing": m}), block_modes=None)
 
-    if s.checkpointing != "full":
+    if s.cfg.parallel.activation_checkpointing != "full":
         tries.append(("parallel.activation_checkpointing=full", mode("full")))
-    if s.checkpointing in ("none", "every_k"):
+    if s.cfg.parallel.activation_checkpointing in ("none", "every_k"):
         tries.append(("parallel.activation_checkpointing=selective", mode("selective")))
     tokens = s.micro_batch * s.seq_len
-    if not s.loss_chunk_tokens and tokens >= 2048:
+    if not s.cfg.train.loss_chunk_tokens and tokens >= 2048:
         chunk = min(4096, tokens // 2)
         tries.append((f"train.loss_chunk_tokens={chunk}", s.vary(train={"loss_chunk_tokens": chunk})))
-    if s.grad_accum > 1 and not s.sync_every_micro_step:
+    if s.cfg.train.grad_accum_steps > 1 and not s.cfg.parallel.sync_grads_every_micro_step:
         tries.append(("parallel.sync_grads_every_micro_step=true",
                       s.vary(parallel={"sync_grads_every_micro_step": True})))
-    if not s.reshard_after_forward:
+    if not s.cfg.parallel.reshard_after_forward:
         tries.append(("parallel.reshard_after_forward=true", s.vary(parallel={"reshard_after_forward": True})))
     if s.micro_batch > 1:  # half the rows of a micro-batch as it is now (so not cut by data.token_budget)
         half = s.micro_batch // 2
-        tries.append((f"train.micro_batch_size={half} train.grad_accum_steps={s.grad_accum * 2}",
-                      s.vary(train={"micro_batch_size": half, "grad_accum_steps": s.grad_accum * 2},
+        tries.append((f"train.micro_batch_size={half} train.grad_accum_steps={s.cfg.train.grad_accum_steps * 2}",
+                      s.vary(train={"micro_batch_size": half, "grad_accum_steps": s.cfg.train.grad_accum_steps * 2},
                              data={"token_budget": None})))
-    if not s.offload and not s.optimizer_offload:
+    if not s.cfg.parallel.cpu_offload and not s.cfg.parallel.optimizer_offload:
         tries.append(("parallel.optimizer_offload=true", s.vary(parallel={"optimizer_offload": True})))
-    if not s.offload:
+    if not s.cfg.parallel.cpu_offload:
         tries.append(("parallel.cpu_offload=true", s.vary(parallel={"cpu_offload": True})))
     if s.seq_len > 512:  # rows of half the length, as many of them as now
         tries.append((f"data.max_length={s.seq_len // 2}",
@@ -476,7 +427,7 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
             out.append(f"{label}: peak {format_bytes(e.peak)} (-{format_bytes(est.peak - e.peak)})"
                        f"{'  fits' if e.fits else ''}")
     if not est.fits:
-        nodes = s.world // max(1, s.gpus_per_node)
+        nodes = s.world // max(1, s.facts.gpus_per_node)
         f = s.facts
         for more in range(nodes + 1, 4 * nodes + 1):  # (hybrid sharding: more nodes do not shard further)
             if s.hybrid:
@@ -484,23 +435,24 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
             e = compute(m, dataclasses.replace(s, facts=resolve_facts(
                 s.cfg, more * f.gpus_per_node, f.gpus_per_node, f.device_type, f.gpu_memory, f.cpu_memory)))
             if e.fits:
-                out.append(f"{more} nodes x {s.gpus_per_node} GPUs: peak {format_bytes(e.peak)}  fits")
+                out.append(f"{more} nodes x {s.facts.gpus_per_node} GPUs: peak {format_bytes(e.peak)}  fits")
                 break
     return out
 
 
 def render(est: Estimate) -> str:
     s, m = est.settings, est.shape
-    nodes = s.world // max(1, s.gpus_per_node)
+    p, t = s.cfg.parallel, s.cfg.train
+    nodes = s.world // max(1, s.facts.gpus_per_node)
     count = f"{m.n_params / 1e9:.2f}B" if m.n_params >= 1e9 else f"{m.n_params / 1e6:.2f}M"
     lines = [(f"model: {m.model_type}, {count} parameters, {m.layers} blocks, hidden {m.hidden}, "
               f"vocab {m.vocab}"),
-             f"run: {nodes} node(s) x {s.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
-             f"micro-batch {s.micro_batch} x {s.seq_len} tokens, grad accumulation {s.grad_accum}, "
-             f"checkpointing {s.checkpointing}"
-             + (f" ({describe_modes(list(s.block_modes))})" if s.block_modes else "") + f", offload {s.offload}"
-             + (", optimizer offload" if s.optimizer_offload else "")
-             + (f", loss chunks of {s.loss_chunk_tokens} tokens" if s.loss_chunk_tokens else "")
+             f"run: {nodes} node(s) x {s.facts.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
+             f"micro-batch {s.micro_batch} x {s.seq_len} tokens, grad accumulation {t.grad_accum_steps}, "
+             f"checkpointing {p.activation_checkpointing}"
+             + (f" ({describe_modes(list(s.block_modes))})" if s.block_modes else "") + f", offload {p.cpu_offload}"
+             + (", optimizer offload" if p.optimizer_offload else "")
+             + (f", loss chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else "")
              + (f", hybrid sharding over {s.shard_world} ranks" if s.hybrid else ""), "",
              "per rank (rank 0, the largest shard):"]
     for k, v in est.terms.items():
@@ -513,14 +465,14 @@ def render(est: Estimate) -> str:
     need = est.peak * FRAGMENTATION + RUNTIME_OVERHEAD
     lines += ["", (f"GPU: peak allocated {format_bytes(est.peak)}; with {int((FRAGMENTATION - 1) * 100)}% "
                    f"fragmentation and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about "
-                   f"{format_bytes(need)} of {format_bytes(s.gpu_memory)}")]
+                   f"{format_bytes(need)} of {format_bytes(s.facts.gpu_memory)}")]
     if est.cpu_per_rank:
-        what = ("sharded params, grads, AdamW state and the step's temporary" if s.offload
+        what = ("sharded params, grads, AdamW state and the step's temporary" if s.cfg.parallel.cpu_offload
                 else "AdamW state and host copies of the gradient and parameter shards")
         cpu = (f"CPU (offload): {format_bytes(est.cpu_per_rank)} per rank, {format_bytes(est.cpu_per_node)} "
                f"per node ({what})")
-        if s.cpu_memory is not None:
-            cpu += f" of {format_bytes(s.cpu_memory)}"
+        if s.facts.cpu_memory is not None:
+            cpu += f" of {format_bytes(s.facts.cpu_memory)}"
         lines.append(cpu)
     lines.append(f"verdict: {'fits' if est.fits else 'does NOT fit'}")
     if est.advice:
@@ -535,7 +487,7 @@ def estimate(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_
         raise UserError(f"estimate: --nnodes {nnodes} and --gpus-per-node {gpus_per_node} must be at least 1")
     m = shape or shape_from_config(cfg)
     s = settings_from_config(cfg, nnodes, gpus_per_node, gpu_memory, cpu_memory)
-    if s.checkpointing == "auto":
+    if s.cfg.parallel.activation_checkpointing == "auto":
         _, est = plan_checkpointing(m, s, budget_bytes(cfg.parallel.memory_budget_gib, gpu_memory))
     else:
         est = compute(m, s)
