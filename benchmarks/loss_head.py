@@ -5,7 +5,7 @@
 Times one forward + backward of the loss head alone (hidden states -> summed
 cross-entropy, gradients for the hidden states and the weight) three ways, in
 one process, alternating: full fp32 logits; chunks under torch.utils.checkpoint
-(what REFERENCE.md measured as "chunked loss"); and train.loss_chunk_tokens's
+(the common "chunked loss"); and train.loss_chunk_tokens's
 fused linear cross-entropy. Prints median times, the ratio to the checkpointed
 chunks and, on CUDA, each one's peak allocated memory. bf16 on CUDA, fp32 on CPU.
 """

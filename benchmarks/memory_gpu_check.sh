@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Memory checks for a lent GPU (a few minutes on one H100/H200):
+# Memory checks for a GPU machine (a few minutes on one H100/H200):
 #   1. the CUDA-only memory tests (allocator records, snapshot at a step, real OOM post-mortem, snapshot round trip);
 #   2. predicted vs measured peak per rank (goal: within 10%), 1 GPU, then 2 ranks if 2 GPUs are visible.
 # Output goes to ${OUT:-gpu_results}/.

@@ -1,7 +1,7 @@
 """Throughput of the fsdptrain loop next to a minimal hand-written FSDP2 loop, same model and data, one run.
 
     python benchmarks/throughput.py                       # CPU: the demo model, fixed-length batches
-    python benchmarks/throughput.py --preset llama-1b     # GPU: REFERENCE.md's Llama-3.2-1B shape, 4 x 4096, bf16
+    python benchmarks/throughput.py --preset llama-1b     # GPU: the Llama-3.2-1B shape, 4 x 4096, bf16
     python benchmarks/throughput.py --config my.yaml --seq 2048 --micro-batch 2
 
 Both loops see identical batches (random tokens, every position a target) and

@@ -3,7 +3,7 @@
 A run is described by one `Config`: a few top-level keys plus one section per
 concern (model, data, train, parallel, checkpoint, logging, memory). Every key
 is declared once with `opt(default, doc, ...)`; the doc string feeds
-`fsdptrain config --dump` and the README's reference table.
+`fsdptrain config --dump` and the reference in docs/configuration.md.
 
 Loading is strict: an unknown key, a wrong type or a value outside the allowed
 set raises `ConfigError` with one line naming the file (or override), the
@@ -440,7 +440,7 @@ def dump_yaml(cfg: Config, with_docs: bool = True) -> str:
 
 
 def reference_rows() -> list[tuple[str, str, str]]:  # noqa: C901
-    """(dotted key, default, doc) for every key: the README's config reference."""
+    """(dotted key, default, doc) for every key: docs/configuration.md's reference."""
     rows = []
 
     def walk(obj: Any, prefix: str) -> None:

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
+from . import log
 from .errors import LaunchError, UserError
 
 PREFIX = "fsdptrain-launch"
@@ -436,7 +437,7 @@ def preflight(plan: Plan) -> None:
 
 
 def say(msg: str) -> None:
-    print(f"{PREFIX}: {msg}", flush=True)
+    log.rank_line(f"{PREFIX}: {msg}")  # every node's launcher says what it does
 
 
 def check_config(argv: list[str]) -> None:
@@ -453,7 +454,7 @@ def main(argv: list[str]) -> int:
     try:
         check_config(argv)  # a typo in the config fails here, on every node, before any process starts
     except UserError as e:
-        print(f"fsdptrain: error: {e}", file=sys.stderr, flush=True)
+        log.error(str(e))
         return 2
     try:
         plan = read_plan(env)
@@ -472,7 +473,7 @@ def main(argv: list[str]) -> int:
         else:
             preflight(plan)
     except LaunchError as e:
-        print(f"fsdptrain: error: {e}", file=sys.stderr, flush=True)
+        log.error(str(e))
         return 2
     env.update(set_env)
     extra = shlex.split(env.get("TORCHRUN_EXTRA_ARGS", ""))
