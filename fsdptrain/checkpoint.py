@@ -357,11 +357,12 @@ class Checkpointer:
 
     # -- save ---------------------------------------------------------------------------------
 
-    def maybe_save(self, step: int, last: bool = False) -> bool:
-        """Save after optimizer step `step` when it is due: every checkpoint.save_every steps, and at the last
-        step with checkpoint.save_at_end. Collective: every rank calls it at the same steps."""
+    def maybe_save(self, step: int, last: bool = False, force: bool = False) -> bool:
+        """Save after optimizer step `step` when it is due: every checkpoint.save_every steps, at the last step
+        with checkpoint.save_at_end, and always when `force`d (a stop request). Collective: every rank calls
+        it at the same steps."""
         due = step != self.last_saved_step and (
-            (self.cfg.save_every and step % self.cfg.save_every == 0) or (last and self.cfg.save_at_end))
+            force or (self.cfg.save_every and step % self.cfg.save_every == 0) or (last and self.cfg.save_at_end))
         if due:
             self.save(step)
         return bool(due)

@@ -12,7 +12,8 @@ import sys
 import click
 
 from . import log
-from .errors import UserError
+from .errors import RunStopped, UserError
+from .stopping import EXIT_STOPPED
 
 
 def _rank() -> int:
@@ -29,6 +30,13 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except RunStopped as e:  # a signal or the time limit: the checkpoint is saved, the same command continues
+            log.info(f"fsdptrain: {e}")
+            sys.exit(EXIT_STOPPED)
+        except KeyboardInterrupt:  # a second Ctrl-C during training, or one before it started
+            log.error("interrupted: stopped at once without saving; rerun the same command to continue from the "
+                      "last checkpoint")
+            sys.exit(130)
         except UserError as e:
             # rank 0, and the first process of every other node (so each node's log shows why it stopped)
             if _rank() == 0 or os.environ.get("LOCAL_RANK") == "0" or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS"):

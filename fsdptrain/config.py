@@ -179,6 +179,10 @@ class CheckpointConfig:
                               "none: always start fresh; or the path of a checkpoint folder.")
     async_save: bool = opt(False, "Copy the checkpoint to CPU memory and write it in a background thread while "
                                   "training continues (costs one extra CPU copy of the rank's shards).")
+    save_before_minutes: float = opt(5.0, "With a job time limit (SLURM_JOB_END_TIME, or wall_time_minutes), save a "
+                                          "checkpoint and stop cleanly this many minutes before it runs out.", min=0)
+    wall_time_minutes: Optional[float] = opt(None, "The job's time limit in minutes from the start, when no "
+                                                   "SLURM_JOB_END_TIME says it; null: none.", min=0)
     export_hf: bool = opt(False, "At the end of training write a Hugging Face model folder (safetensors) to "
                                  "output_dir/hf.")
     export_dtype: str = opt("auto", "Weight dtype of exported Hugging Face folders; auto: bf16 when training in bf16, "

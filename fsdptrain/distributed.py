@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from . import log
 from .elastic import fresh_store
-from .errors import LaunchError
+from .errors import LaunchError, UserError
 
 
 @dataclass
@@ -137,6 +137,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -148,6 +154,24 @@ def all_gather_rows(t: torch.Tensor, world_size: int) -> torch.Tensor:
     out = [torch.empty_like(t) for _ in range(world_size)]
     dist.all_gather(out, t)
     return torch.stack(out)
+
+
+def on_rank0(fn: Callable[[], object]) -> object:
+    """Run a check on rank 0 alone; a UserError it raises is raised on every rank (collective), so all ranks
+    stop with the same one line. Returns fn's result on rank 0, None elsewhere."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+    return result
 
 
 def barrier() -> None:

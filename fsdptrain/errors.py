@@ -21,3 +21,8 @@ class LaunchError(UserError):
 
 class TrainingError(UserError):
     """The run stopped on purpose (non-finite loss, ...); the message says where."""
+
+
+class RunStopped(Exception):
+    """Training stopped on request (a signal, the job's time limit) after saving a checkpoint. The CLI prints
+    the message on rank 0 and exits with stopping.EXIT_STOPPED; rerunning the same command continues."""

@@ -27,20 +27,21 @@ from torch.distributed.tensor import DTensor
 
 from . import distributed, log, models, rundir
 from .build import ShardedModel, build_sharded_model
-from .checkpoint import Checkpointer, Saved, TrainState, resolve_resume
+from .checkpoint import Checkpointer, Saved, TrainState, resolve_resume, step_name
 from .config import Config, parse_size
 from .data import pipeline
 from .data.encode import IGNORE, Example
 from .data.loader import StepSampler
 from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo
-from .errors import TrainingError, UserError
+from .errors import RunStopped, TrainingError, UserError
 from .export import export_dtype, export_hf
 from .loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
 from .memory.tracker import MemoryTracker
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .plan import check_device_support
+from .stopping import StopRequests, job_deadline
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -79,6 +80,8 @@ class Run:
     tracker: MemoryTracker
     peak_tflops: Optional[float]
     result: RunResult
+    lock: Optional[rundir.RunLock]  # output_dir's lock, held by rank 0
+    started: float = field(default_factory=time.time)  # when train() began (the job's wall time counts from it)
 
     @property
     def model(self) -> nn.Module:
@@ -119,16 +122,39 @@ def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- set-up, in stages
 
 
-def setup_output_dir(cfg: Config, info: DistInfo) -> Path:
-    """Rank 0 creates output_dir, archives an earlier run on a fresh start and writes config.yaml."""
+def claim_output_dir(cfg: Config, info: DistInfo) -> tuple[Path, Optional[rundir.RunLock], bool]:
+    """Rank 0 takes output_dir's lock and checks a fresh start may use it; every rank must see the folder.
+    Nothing is written into it yet. Returns (output_dir, the lock on rank 0, whether the start is fresh)."""
     out = Path(cfg.output_dir)
     fresh = resolve_resume(cfg.checkpoint.resume, out) is None  # else the checkpointer resumes
+
+    def take() -> rundir.RunLock:
+        held = rundir.lock(out)
+        try:
+            if fresh:
+                rundir.check_fresh_start(out)
+        except BaseException:
+            held.release()
+            raise
+        return held
+
+    held = distributed.on_rank0(take)
+    try:
+        rundir.check_shared(out, info)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    log.info(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
+    return out, held, fresh
+
+
+def write_run_files(cfg: Config, info: DistInfo, out: Path, fresh: bool) -> None:
+    """Once every check of the start has passed: archive an earlier run (fresh start) and write config.yaml."""
     moved = rundir.prepare(out, cfg, fresh) if info.is_main else None
     distributed.barrier()
-    log.info(f"fsdptrain: world size {info.world_size}, device {info.device_type}, backend {info.backend}")
     if moved:
         log.info(f"output_dir: a new run starts in {out}; the earlier run's outputs were moved to {moved}")
-    return out
 
 
 def setup_data(cfg: Config, info: DistInfo, tokenizer: PreTrainedTokenizerBase,
@@ -151,9 +177,20 @@ def setup_hf_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Pretrain
 
 
 def setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]] = None) -> Run:
-    """Build the run: output_dir, tokenizer and data, sharded model, optimizer, checkpointer (resumes), logs."""
+    """Build the run: output_dir's lock, tokenizer and data, sharded model, optimizer, checkpointer (resumes),
+    then the run's files and logs. A failed start writes nothing into output_dir (and releases its lock)."""
     check_device_support(cfg.parallel, info.device_type)
-    out = setup_output_dir(cfg, info)
+    out, held, fresh = claim_output_dir(cfg, info)
+    try:
+        return _setup(cfg, info, examples, out, held, fresh)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+
+
+def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: Path,
+           held: Optional[rundir.RunLock], fresh: bool) -> Run:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     examples, sampler, total_steps = setup_data(cfg, info, tokenizer, examples)
@@ -173,6 +210,7 @@ def setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]] = None)
     state = TrainState()
     checkpointer = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, plan.precision, saved, state)
     checkpointer.resume(total_steps)
+    write_run_files(cfg, info, out, fresh)
     if state.step and info.is_main:
         rundir.trim_metrics(out / "metrics.jsonl", state.step)  # the steps after the checkpoint run again
 
@@ -180,7 +218,7 @@ def setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]] = None)
     tracker = MemoryTracker(cfg.memory, info, out, model, sharded.blocks)  # per-phase records, OOM post-mortem
     return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded, loss_head,
                optimizer, scheduler, state, checkpointer, logger, tracker,
-               peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)))
+               peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)), held)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -290,33 +328,53 @@ def finish(run: Run) -> None:
 
 
 def loop(run: Run) -> RunResult:
-    """Step until total_steps, saving when due; an out-of-memory error stops every rank with a post-mortem."""
-    pad_id = run.tokenizer.pad_token_id
-    steps = pipeline.batches(run.cfg, run.sampler, run.examples, pad_id, run.state.step, run.total_steps,
+    """Step until total_steps, saving when due. A signal or the job's time limit saves and stops every rank at
+    the next step boundary (RunStopped); an out-of-memory error stops every rank with a post-mortem."""
+    cfg, pad_id = run.cfg, run.tokenizer.pad_token_id
+    steps = pipeline.batches(cfg, run.sampler, run.examples, pad_id, run.state.step, run.total_steps,
                              run.info.device_type)
+    stop = StopRequests(run.info.device, *job_deadline(cfg.checkpoint.save_before_minutes,
+                                                       cfg.checkpoint.wall_time_minutes, run.started))
+    stopped: Optional[str] = None
     run.model.train()
     try:
         t0 = time.perf_counter()
         for batches in steps:
             stats = train_step(run, batches, t0)
             record(run, stats)
-            run.checkpointer.maybe_save(stats.step, last=stats.step == run.total_steps)
+            stopped = stop.agreed()  # one small all_reduce: did any rank get a signal?
+            run.checkpointer.maybe_save(stats.step, last=stats.step == run.total_steps, force=stopped is not None)
+            if run.lock is not None:
+                run.lock.refresh()
+            if stopped:
+                break
             t0 = time.perf_counter()
         run.checkpointer.close()
     except BaseException as e:
         run.tracker.on_error(e, run.model, run.optimizer)  # OOM: post-mortem and stop every rank; else re-raised
         raise
     finally:
+        stop.close()
         run.tracker.close()
         run.logger.close()
+    if stopped and run.state.step < run.total_steps:
+        raise RunStopped(f"stopped by {stopped} at step {run.state.step}; checkpoint saved to "
+                         f"{run.checkpointer.root / step_name(run.state.step)}; rerun the same command to continue")
     finish(run)
     return run.result
 
 
 def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
     """Run training as configured. `examples` replaces the configured data (tests, notebooks)."""
+    started = time.time()
     info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
     try:
-        return loop(setup(cfg, info, examples))
+        run = setup(cfg, info, examples)
+        run.started = started
+        try:
+            return loop(run)
+        finally:
+            if run.lock is not None:
+                run.lock.release()
     finally:
         distributed.shutdown(info)
