@@ -39,7 +39,8 @@ def friendly_errors(fn):
             sys.exit(130)
         except UserError as e:
             # rank 0, and the first process of every other node (so each node's log shows why it stopped)
-            if _rank() == 0 or os.environ.get("LOCAL_RANK") == "0" or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS"):
+            if (_rank() == getattr(e, "print_rank", 0) or os.environ.get("LOCAL_RANK") == "0"
+                    or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS")):
                 prefix = f"[rank {_rank()}] " if "RANK" in os.environ else ""
                 log.error(f"{prefix}{e}")
             sys.exit(2)

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +96,8 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
             torch.cuda.set_device(local_rank)
         try:
             store = fresh_store(rank, world, timeout)  # None unless torchrun's agent store (stale keys after a restart)
+            if store is None and world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+                store = _store_without_agent(rank, world, timeout)
             dist.init_process_group(
                 backend=backend,
                 init_method=None if store is not None else "env://",
@@ -104,6 +107,8 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
                 timeout=timeout,
                 device_id=torch.device("cuda", local_rank) if device_type == "cuda" else None,
             )
+        except LaunchError:
+            raise
         except Exception as e:  # rendezvous failures: say where we tried to go
             raise LaunchError(
                 f"could not join the process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
@@ -130,6 +135,33 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
 def shutdown(info: DistInfo) -> None:
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _store_without_agent(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """RANK and WORLD_SIZE set, but no torchrun agent started this process: another launcher (srun, mpirun)
+    or variables left in the shell. Find the peers within FSDPTRAIN_PEER_WAIT_S (default 30) seconds, or
+    say so in one line instead of waiting for the process-group timeout."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    wait = float(os.environ.get("FSDPTRAIN_PEER_WAIT_S", "30"))
+    log.rank_line(f"fsdptrain: rank {rank}: RANK/WORLD_SIZE are set but no torchrun agent started this process; "
+                  f"waiting up to {wait:g} s for {world} ranks at {addr}:{port}")
+    stale = (f"RANK={rank} WORLD_SIZE={world} are set but no torchrun agent started this process and the other "
+             f"ranks did not join {addr}:{port} within {wait:g} s; variables left in the shell? `unset RANK "
+             "WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE` for a one-process run, or launch with torchrun "
+             "(FSDPTRAIN_PEER_WAIT_S waits longer)")
+    try:
+        store = dist.TCPStore(addr, port, world, rank == 0, timeout=datetime.timedelta(seconds=wait),
+                              wait_for_workers=False)
+    except Exception:  # noqa: BLE001 (no server to join: rank 0 never came)
+        raise LaunchError(stale) from None
+    store.add("fsdptrain/peers", 1)
+    deadline = time.monotonic() + wait
+    while store.add("fsdptrain/peers", 0) < world:
+        if time.monotonic() > deadline:
+            raise LaunchError(stale)
+        time.sleep(0.1)
+    store.set_timeout(timeout)
+    return dist.PrefixStore("fsdptrain/pg", store)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -180,43 +212,92 @@ def barrier() -> None:
 
 
 class PeerStop:
-    """Stop every rank when one of them fails in a way it has already explained (out of memory).
+    """Every rank stops within seconds when another fails, and the run says which one and why.
 
-    The failing rank prints its one line, sets a key in the rendezvous store and
-    exits; the others see the key (a watchdog thread polls it once a second, so
-    a rank blocked inside a collective stops too) and exit quietly. Exiting is
-    `os._exit`: a peer may be blocked in a collective, so no clean shutdown is
-    possible. One key per run and elastic restart: the run's output_dir as
-    configured (identical on every node, unlike a resolved path) and the restart
-    count, so a restarted group does not read the previous attempt's failure.
+    A watchdog thread ticks once a second: it writes this rank's heartbeat into the rendezvous store and
+    looks for a failure key. A rank that fails in a way it explains (out of memory) prints its one line,
+    sets the failure key and exits; the others see the key and exit quietly, even while blocked inside a
+    collective. A rank killed without a word (kill -9, a lost node) stops heartbeating: when a collective
+    then fails on a survivor, `dead_ranks` names the ranks whose heartbeat stood still. When the store
+    itself is gone (torchrun's agent was killed), there is nobody left to coordinate with: the rank says
+    so in one line and exits. Exiting is `os._exit`: a peer may be blocked in a collective, so no clean
+    shutdown is possible. Keys are per run (the output_dir as configured, identical on every node) and per
+    elastic restart, so a restarted group does not read the previous attempt's keys.
     """
 
-    def __init__(self, run_id: str, world_size: int, before_exit: Callable[[], None] = lambda: None):
+    def __init__(self, run_id: str, rank: int, world_size: int, before_exit: Callable[[], None] = lambda: None):
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self.key = f"fsdptrain/oom/{zlib.crc32(run_id.encode())}/{attempt}"
+        self.prefix = f"fsdptrain/{zlib.crc32(run_id.encode())}/{attempt}"
+        self.key = f"{self.prefix}/failed"
+        self.rank = rank
         self.world_size = world_size
         self.before_exit = before_exit
         self.failing = False
+        self.store_failures = 0
+        self._beat = 0
         self._stop = threading.Event()
         self._watch: Optional[threading.Thread] = None
 
+    def _store(self) -> dist.Store:
+        return dist.distributed_c10d._get_default_store()
+
     def start_watching(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
+            self._tick()  # the first heartbeat before any collective can fail
             self._watch = threading.Thread(target=self._poll, name="fsdptrain-peer-watch", daemon=True)
             self._watch.start()
+
+    def _tick(self) -> bool:
+        """Heartbeat and failure check; False when the store cannot be reached."""
+        self._beat += 1
+        try:
+            store = self._store()
+            store.set(f"{self.prefix}/alive/{self.rank}", f"{self._beat} {socket.gethostname()} {os.getpid()}")
+            self.store_failures = 0
+            return True
+        except Exception:  # noqa: BLE001 (a broken connection: counted, acted on in _poll)
+            self.store_failures += 1
+            return False
 
     def peer_failed(self) -> bool:
         if self.world_size <= 1 or not dist.is_initialized():
             return False
         try:
-            return bool(dist.distributed_c10d._get_default_store().check([self.key]))
-        except Exception:  # the store went away: nothing to learn from it
+            return bool(self._store().check([self.key]))
+        except Exception:  # noqa: BLE001 (the store went away: nothing to learn from it)
             return False
 
     def _poll(self) -> None:
-        while not self._stop.wait(1.0):  # one store lookup per rank per second
-            if not self.failing and self.peer_failed():
+        while not self._stop.wait(1.0):
+            if self.failing:
+                continue
+            if not self._tick():  # a broken connection to the store does not heal: stop now
+                if not self._stop.is_set():
+                    self.store_gone()
+            elif self.peer_failed():
                 self.exit(1)
+
+    def store_gone(self) -> None:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        log.error(f"rank {self.rank}: the rendezvous store at {where} is gone (torchrun's agent or the first node "
+                  "stopped); stopping this rank. Rerun the same command to continue from the last checkpoint")
+        self.exit(1)
+
+    def dead_ranks(self, wait: float = 2.5) -> Optional[list[tuple[int, str, str]]]:
+        """(rank, host, pid) of the ranks whose heartbeat stood still for `wait` seconds; None when the store
+        cannot be reached."""
+        if self.world_size <= 1 or not dist.is_initialized():
+            return []
+        try:
+            store = self._store()
+            keys = [f"{self.prefix}/alive/{r}" for r in range(self.world_size)]
+            first = {r: store.get(k).decode() for r, k in enumerate(keys) if store.check([k])}
+            time.sleep(wait)
+            second = {r: store.get(k).decode() for r, k in enumerate(keys) if store.check([k])}
+        except Exception:  # noqa: BLE001 (no store, no answer)
+            return None
+        dead = [r for r in first if r != self.rank and second.get(r) == first[r]]
+        return [(r, *(first[r].split(" ")[1:3])) for r in dead]
 
     def exit(self, code: int) -> None:
         self.before_exit()
@@ -229,7 +310,7 @@ class PeerStop:
         self.failing = True
         log.error(msg)
         try:
-            dist.distributed_c10d._get_default_store().set(self.key, msg)
+            self._store().set(self.key, msg)
         finally:
             self.exit(1)
 

@@ -23,6 +23,14 @@ class TrainingError(UserError):
     """The run stopped on purpose (non-finite loss, ...); the message says where."""
 
 
+class PeerLost(TrainingError):
+    """Another rank died without a word; the lowest surviving rank (`print_rank`) says which one."""
+
+    def __init__(self, msg: str, print_rank: int):
+        super().__init__(msg)
+        self.print_rank = print_rank
+
+
 class RunStopped(Exception):
     """Training stopped on request (a signal, the job's time limit) after saving a checkpoint. The CLI prints
     the message on rank 0 and exits with stopping.EXIT_STOPPED; rerunning the same command continues."""

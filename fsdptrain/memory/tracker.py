@@ -33,7 +33,7 @@ from torch import nn
 from .. import log
 from ..config import MemoryConfig
 from ..distributed import DistInfo, PeerStop
-from ..errors import TrainingError
+from ..errors import PeerLost, TrainingError
 from . import snapshot
 from . import stats as memstats
 
@@ -93,7 +93,7 @@ class MemoryTracker:
         self.peak_bytes_max = 0  # highest peak allocated of any rank over all gathers so far
         self._recording = False
         # output_dir as configured identifies the run on every node (a resolved path may differ)
-        self.peers = PeerStop(str(run_dir), self.world, before_exit=self._flush)
+        self.peers = PeerStop(str(run_dir), self.rank, self.world, before_exit=self._flush)
         self.t0 = time.perf_counter()
         self._reset_interval()
         if self.enabled:
@@ -108,8 +108,7 @@ class MemoryTracker:
         if self.device.type == "cuda" and mcfg.record_history:
             snapshot.start_recording(mcfg.snapshot_max_entries)
             self._recording = True
-        if mcfg.oom_postmortem:
-            self.peers.start_watching()
+        self.peers.start_watching()  # heartbeats, a dead store, a peer's OOM
 
     # ------------------------------------------------------------------------- records
 
@@ -239,6 +238,16 @@ class MemoryTracker:
         """Called from the trainer's except clause. Returns only when the error is not ours to handle."""
         if self.peers.peer_failed():
             self.peers.exit(1)  # another rank ran out of memory and has already said so
+        if _is_peer_loss(exc):
+            dead = self.peers.dead_ranks()
+            if dead is None:
+                self.peers.store_gone()
+            if dead:
+                who = "; ".join(f"rank {r} on host {h} (pid {p})" for r, h, p in dead)
+                alive = [r for r in range(self.world) if r not in {d[0] for d in dead}]
+                raise PeerLost(f"{who} stopped without a word at step {self.step} (killed, or its node was "
+                               "lost); the other ranks stop too. Rerun the same command to continue from the "
+                               "last checkpoint", print_rank=min(alive)) from None
         if not (isinstance(exc, torch.OutOfMemoryError) and self.cfg.oom_postmortem):
             return
         self.peers.failing = True  # a peer's failure seen meanwhile must not cut this post-mortem short
@@ -283,3 +292,13 @@ class MemoryTracker:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _is_peer_loss(exc: BaseException) -> bool:
+    """A collective failed because a peer's connection closed (gloo) or NCCL reported a remote error."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+        "NCCL communicator was aborted"))
