@@ -299,6 +299,30 @@ def test_two_hosts_train_like_one_host_and_fail_loudly(two_hosts, tmp_path):
     assert "within 4 s (RDZV_TIMEOUT), last error: " in err1 and "check that MASTER_ADDR is node 0's address" in err1
 
 
+def test_two_hosts_without_a_shared_output_dir_stop_before_training(two_hosts, tmp_path):
+    """Each node in its own working folder: a relative output_dir is a different folder on each node, and
+    checkpoints (every rank writes shards, rank 0 seals them) would fail at the first save. Both nodes stop at
+    start with one line."""
+    h = two_hosts
+    common = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": h.addr[0], "MASTER_PORT": "29500",
+              "RDZV_TIMEOUT": "60"}
+    dirs = [tmp_path / "node0", tmp_path / "node1"]
+    for d in dirs:
+        d.mkdir()
+    procs = [launch({**common, "NODE_RANK": str(i)}, [*DEMO, "output_dir=run"], cwd=dirs[i], wrap=h.wrap(i))
+             for i in range(2)]
+    results = [finish(p, 120) for p in procs]
+    for i, (rc, out) in enumerate(results):
+        assert rc != 0, f"node {i} trained:\n{out[-3000:]}"
+        errors = error_lines(out)
+        assert len(errors) == 1, f"node {i}:\n{out[-3000:]}"
+        assert "output_dir: run is not shared by all nodes: rank(s) 1 on host(s) fsdpt-node1 do not see the file " \
+               "rank 0 wrote there" in errors[0], errors[0]
+        assert "Traceback" not in out.split("fsdptrain: error:")[0]
+    assert not (dirs[0] / "run" / "metrics.jsonl").exists() and not (dirs[0] / "run" / "config.yaml").exists()
+    assert not (dirs[1] / "run").exists()
+
+
 SLOW = pytest.mark.skipif(not os.environ.get("FSDPTRAIN_SLOW_MULTINODE"),
                           reason="slower two-host variant (20-60 s): set FSDPTRAIN_SLOW_MULTINODE=1")
 
