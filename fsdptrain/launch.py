@@ -26,6 +26,7 @@ import ipaddress
 import json
 import os
 import shlex
+import signal
 import socket
 import struct
 import subprocess
@@ -480,6 +481,10 @@ def main(argv: list[str]) -> int:
     cmd = torchrun_command(plan, argv, src if plan.multi_node else None, extra=extra)
     say("exec " + " ".join(f"{k}={v}" for k, v in set_env.items()) + (" " if set_env else "") + shlex.join(cmd))
     sys.stdout.flush()
+    # Slurm's --signal=USR1 reaches every process of the step: torchrun's agent would die of it (it handles
+    # TERM, INT, HUP, QUIT only). Ignored here, it stays ignored through exec in the agent; the workers set
+    # their own handler (fsdptrain.stopping), so they save and stop.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 

@@ -208,3 +208,18 @@ def _ranges(ranks: list[int]) -> str:
         else:
             out.append([r, r])
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
+
+
+def note_stop(msg: str) -> None:
+    """Rank 0, after a requested stop: write the message to $FSDPTRAIN_STOP_FILE when set, so a job script
+    (launch/slurm.sbatch) knows the run stopped on request with its checkpoint saved, and requeues itself."""
+    target = os.environ.get("FSDPTRAIN_STOP_FILE")
+    if not target:
+        return
+    path = Path(target)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(msg + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info(f"FSDPTRAIN_STOP_FILE: cannot write {path} ({e.strerror}); the job script will not requeue")

@@ -358,8 +358,11 @@ def loop(run: Run) -> RunResult:
         run.tracker.close()
         run.logger.close()
     if stopped and run.state.step < run.total_steps:
-        raise RunStopped(f"stopped by {stopped} at step {run.state.step}; checkpoint saved to "
-                         f"{run.checkpointer.root / step_name(run.state.step)}; rerun the same command to continue")
+        msg = (f"stopped by {stopped} at step {run.state.step}; checkpoint saved to "
+               f"{run.checkpointer.root / step_name(run.state.step)}; rerun the same command to continue")
+        if run.info.is_main:
+            rundir.note_stop(msg)
+        raise RunStopped(msg)
     finish(run)
     return run.result
 

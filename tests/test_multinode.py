@@ -413,6 +413,59 @@ def test_slurm_script_trains_across_two_hosts_like_one_host(two_hosts, tmp_path)
         [m["loss"] for m in read_metrics(tmp_path / "single")]
 
 
+def test_slurm_time_limit_signal_saves_stops_and_requeues_then_the_requeued_job_resumes(two_hosts, tmp_path):
+    """--signal=B:USR1@300: the batch script passes USR1 to every rank (scancel --signal), torchrun's agent
+    ignores it, the ranks save and stop at the next step boundary, rank 0 writes FSDPTRAIN_STOP_FILE and the
+    script requeues the job; the requeued job resumes from that checkpoint and finishes."""
+    h = two_hosts
+    fake = tmp_path / "slurm"
+    fake.mkdir()
+    (fake / "srun").write_text(FAKE_SRUN)
+    (fake / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = \"show hostnames\" ] && printf '%s\\n' "
+                                   + " ".join(h.names) + "\n"
+                                   + f'[ "$1" = requeue ] && echo "$2" >> {fake}/requeued\nexit 0\n')
+    (fake / "scancel").write_text('#!/bin/sh\n[ "$1" = --signal=USR1 ] && pkill -USR1 -f -- "-m fsdptrain train"\n'
+                                  "exit 0\n")
+    for i in range(2):
+        (fake / f"node{i}.sh").write_text(f'#!/bin/sh\nexec {shlex.join(h.wrap(i))} "$@"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    e = env(PATH=f"{fake}:{os.environ['PATH']}", FAKE_SLURM=str(fake), SLURM_JOB_ID="43",
+            SLURM_JOB_NODELIST="fsdpt-node[0-1]", SLURM_JOB_NUM_NODES="2", NPROC_PER_NODE="1", RDZV_TIMEOUT="60",
+            FSDPTRAIN_STOP_FILE=str(tmp_path / "stopped"))
+    for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    run = tmp_path / "slurm_run"
+    args = ["train.max_steps=400", *DEMO[1:], f"output_dir={run}"]
+    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=e, cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # what Slurm sends the batch shell 300 s before the limit
+    rc, out = finish(job, 120)
+    logs = [(fake / f"node{i}.log").read_text() for i in range(2)]
+    assert rc == 0, out + "\n".join(log[-3000:] for log in logs)
+    assert "fsdptrain slurm: time limit near (SIGUSR1): every rank saves a checkpoint and stops" in out
+    assert "fsdptrain slurm: stopped by SIGUSR1 at step " in out, out
+    step = int(out.split("stopped by SIGUSR1 at step ")[1].split(";")[0])
+    assert step < 400 and (run / "checkpoints" / f"step-{step:08d}" / "COMPLETE.json").is_file()
+    assert (fake / "requeued").read_text() == "43\n"
+    assert "fsdptrain slurm: requeueing job 43; it resumes from that checkpoint" in out
+
+    # the requeued job: the same script, the same arguments
+    e["SLURM_RESTART_COUNT"] = "1"
+    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), *args[:1], "train.max_steps=30",
+                            *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
+                           cwd=REPO, start_new_session=True)
+    rc, out = finish(job, 240)
+    log0 = (fake / "node0.log").read_text()
+    assert rc == 0, out + log0[-3000:]
+    assert f"resumed from {run}/checkpoints/step-{step:08d}" in log0
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 31))
+
+
 def test_config_mistake_stops_the_launch_before_any_process_starts(tmp_path):
     t0 = time.monotonic()
     rc, out = finish(launch({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
