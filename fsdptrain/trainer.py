@@ -35,7 +35,7 @@ from .data.loader import StepSampler
 from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo
 from .errors import TrainingError, UserError
-from .export import export_dtype, export_hf
+from .export import check_target, export_dtype, export_hf, training_export_check
 from .loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
 from .memory.tracker import MemoryTracker
 from .metrics import RunLogger, peak_tflops
@@ -153,6 +153,9 @@ def setup_hf_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Pretrain
 def setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]] = None) -> Run:
     """Build the run: output_dir, tokenizer and data, sharded model, optimizer, checkpointer (resumes), logs."""
     check_device_support(cfg.parallel, info.device_type)
+    hf_out = Path(cfg.output_dir) / "hf"  # a resumed run keeps it: refuse a foreign one before anything is written
+    if cfg.checkpoint.export_hf and resolve_resume(cfg.checkpoint.resume, hf_out.parent) is not None:
+        check_target(hf_out, **training_export_check(hf_out))
     out = setup_output_dir(cfg, info)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
