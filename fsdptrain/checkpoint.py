@@ -13,8 +13,11 @@ A checkpoint is a folder `output_dir/checkpoints/step-XXXXXXXX/` holding
   - `COMPLETE.json`, written last: the size of every file above.
 Everything is written into `step-XXXXXXXX.tmp/`, the marker goes in last and
 the folder is then renamed: a folder without `.tmp` and with a marker is
-complete. Anything else under checkpoints/ (a crash mid-save) is deleted by
-the next run before it looks for a checkpoint. Loading first checks every
+complete. The next run removes only what this trainer leaves when it is
+interrupted (`step-N.tmp`: a save, `step-N.deleting`: a prune); anything
+else under checkpoints/ that is not a complete `step-N` checkpoint (a copy
+named `best`, a folder whose marker was removed) is left alone and named in
+the log, and keep_last prunes only complete `step-N` folders. Loading first checks every
 file against the marker's sizes and the weights against the model, so a
 truncated or foreign checkpoint fails with one line naming the file.
 
@@ -90,16 +93,31 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: _step_of(p))
 
 
-def clean_incomplete(root: Path) -> list[str]:
-    """Delete what a crash left under checkpoints/ (temporary or unmarked folders); returns their names."""
-    removed = []
+def is_own_leftover(path: Path) -> bool:
+    """A folder only this trainer makes, left by an interruption: `step-N.tmp` (a save), `step-N.deleting` (a
+    prune). Nothing else under checkpoints/ is ever deleted at start-up."""
+    stem, dot, suffix = path.name.rpartition(".")
+    return (bool(dot) and suffix in ("tmp", "deleting") and _step_of(Path(stem)) is not None
+            and path.is_dir() and not path.is_symlink())
+
+
+def clean_incomplete(root: Path) -> tuple[list[str], list[str]]:
+    """Delete what an interrupted save or prune left under checkpoints/ (`step-N.tmp`, `step-N.deleting`).
+
+    Everything else that is not a complete `step-N` checkpoint (an unmarked step folder, a copy named `best`, a
+    file) is left alone. Returns (removed names, left-alone names).
+    """
+    removed: list[str] = []
+    left: list[str] = []
     if not root.is_dir():
-        return removed
+        return removed, left
     for p in sorted(root.iterdir()):
-        if p.is_dir() and not is_complete(p):
+        if is_own_leftover(p):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
-    return removed
+        elif not (p.is_dir() and is_complete(p)):
+            left.append(p.name)
+    return removed, left
 
 
 def resolve_resume(resume: str, output_dir: Path, key: str = "checkpoint.resume") -> Optional[Path]:
@@ -297,9 +315,12 @@ class Checkpointer:
     def resume(self, total_steps: int) -> TrainState:
         """Load the checkpoint checkpoint.resume points at (if any) into the run; returns the (filled) state."""
         if self.rank == 0:
-            removed = clean_incomplete(self.root)
+            removed, left = clean_incomplete(self.root)
             if removed:
                 log.info(f"checkpoint: removed incomplete checkpoint folder(s) left by a crash: {', '.join(removed)}")
+            if left:
+                log.info(f"checkpoint: left alone under {SUBDIR}/ (not written by this trainer or not complete): "
+                         f"{', '.join(left)}")
         barrier()
         path = resolve_resume(self.cfg.resume, self.root.parent)
         if path is None:
@@ -425,8 +446,10 @@ class Checkpointer:
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             _write_json(tmp / MARKER, {"step": step, "files": files})
             _fsync_dir(tmp)
-            if final.exists():  # a checkpoint of the same step from an earlier attempt
-                _remove(final)
+            kept = _make_room(final)
+            if kept is not None:
+                log.info(f"checkpoint: {final} was there and is not a complete checkpoint (no {MARKER}); moved it "
+                         f"to {kept.name}, untouched, to save step {step}")
             os.replace(tmp, final)
             _fsync_dir(self.root)
             log.info(f"checkpoint: saved {final} in {time.perf_counter() - t0:.2f}s")
@@ -439,8 +462,9 @@ class Checkpointer:
         keep = self.cfg.keep_last
         if keep <= 0:
             return
-        for old in complete_checkpoints(self.root)[:-keep]:
-            _remove(old)
+        for old in complete_checkpoints(self.root)[:-keep]:  # complete step-N folders only, never `best` & co.
+            if not old.is_symlink():
+                _remove(old)
 
     def close(self) -> None:
         self.wait()
@@ -448,11 +472,28 @@ class Checkpointer:
 
 
 def _remove(path: Path) -> None:
-    """Delete a checkpoint so a crash half-way never leaves something that looks complete."""
-    (path / MARKER).unlink(missing_ok=True)
+    """Delete a complete step-N checkpoint of this trainer: renamed to step-N.deleting first (one atomic step), so a
+    crash half-way never leaves something that looks complete, and the next start finishes the deletion."""
     trash = path.with_name(path.name + ".deleting")
+    if trash.is_dir() and is_own_leftover(trash):  # an earlier prune of the same step was interrupted
+        shutil.rmtree(trash, ignore_errors=True)
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _make_room(final: Path) -> Optional[Path]:
+    """Before publishing step-N: a complete step-N of an earlier attempt is replaced (deleted); anything else there
+    (a folder whose marker was removed by hand, a link) is moved to step-N.kept-K untouched. Returns that name."""
+    if not (final.exists() or final.is_symlink()):
+        return None
+    if is_complete(final) and final.is_dir() and not final.is_symlink():
+        _remove(final)
+        return None
+    k = 1
+    while (kept := final.with_name(f"{final.name}.kept-{k}")).exists() or kept.is_symlink():
+        k += 1
+    os.rename(final, kept)
+    return kept
 
 
 def _jsonable(obj: Any) -> Any:

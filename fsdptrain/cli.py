@@ -98,18 +98,22 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, refer
 @main.command("export")
 @click.argument("checkpoint")
 @click.option("--out", "out_dir", required=True,
-              help="Folder to write the Hugging Face model to (replaced if it exists).")
+              help="Folder to write the Hugging Face model to: a new or empty folder (see --overwrite).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier fsdptrain export in --out (recognised by its fsdptrain_export.json); "
+                   "anything else is never replaced.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Weight dtype; auto: bf16 if the run trained in bf16, else fp32.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file (e.g. 5GB, 500MB).")
 @friendly_errors
-def export_cmd(checkpoint: str, out_dir: str, dtype: str, max_shard_size: str) -> None:
+def export_cmd(checkpoint: str, out_dir: str, overwrite: bool, dtype: str, max_shard_size: str) -> None:
     """Write a Hugging Face model folder from CHECKPOINT (a checkpoint folder, or a run directory: its newest)."""
     from .config import parse_size
     from .export import export_checkpoint
 
-    out = export_checkpoint(checkpoint, out_dir, dtype, parse_size(max_shard_size, "--max-shard-size"))
-    click.echo(f"exported {checkpoint} to {out}")
+    out, replaced = export_checkpoint(checkpoint, out_dir, dtype, parse_size(max_shard_size, "--max-shard-size"),
+                                      overwrite=overwrite)
+    click.echo(f"exported {checkpoint} to {out}" + (" (replaced the earlier export there)" if replaced else ""))
 
 
 @main.group("mem")

@@ -4,9 +4,18 @@ Both paths stream: weights go to disk one safetensors shard (at most
 `max_shard_bytes`) at a time, so neither the exporting rank nor the `fsdptrain
 export` process ever holds the whole model. The folder gets
 model.safetensors (or model-0000i-of-0000n.safetensors + index), config.json,
-generation_config.json and the tokenizer files; it is written under a
-temporary name and renamed, so it appears complete or not at all. Tied
+generation_config.json, the tokenizer files and `fsdptrain_export.json` (the
+marker: what was exported and every file written, with its size). Tied
 embeddings are written once (transformers re-ties lm_head on load).
+
+An export never deletes or overwrites anything it did not write. The folder is
+written into a new temporary folder beside the target (`OUT.tmp-<pid>`) and
+renamed into place, so it appears complete or not at all; the target must be
+new or empty, or, with overwrite, an earlier fsdptrain export (it has the
+marker and nothing the marker does not list), which is moved aside, replaced
+and only then deleted file by file. Run directories, checkpoints, the folder
+being exported, the current directory, the home folder and their parents are
+never a target. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from . import log
+from .checkpoint import MARKER, SUBDIR
 from .errors import UserError
 from .models import owned_params
 
@@ -30,6 +41,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EXPORT_MARKER = "fsdptrain_export.json"  # written into every export: how an earlier export is recognised
 
 
 def export_dtype(name: str, precision: str) -> torch.dtype:
@@ -82,15 +94,166 @@ class ShardWriter:
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _begin(out: Path) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+# ----------------------------------------------------------------------------- where an export may go
 
 
-def _finish(tmp: Path, out: Path, hf_config: PretrainedConfig, tokenizer: Optional[PreTrainedTokenizerBase],
-            dtype: torch.dtype) -> None:
+class ExportTargetError(UserError):
+    """The export's target folder holds something an export must not replace."""
+
+
+def _run_dir_signs(p: Path) -> list[str]:
+    """What makes `p` look like a run directory (empty if it does not)."""
+    signs = [n for n in ("config.yaml", "metrics.jsonl") if (p / n).is_file()]
+    if (p / SUBDIR).is_dir():
+        signs.append(SUBDIR + "/")
+    return [] if signs == ["config.yaml"] else signs  # a config.yaml alone is just a file
+
+
+def _checkpoint_signs(p: Path) -> list[str]:
+    return [n for n in (MARKER, ".metadata") if (p / n).is_file()]
+
+
+def _what_it_is(p: Path) -> Optional[str]:
+    """'a run directory (...)' or 'a checkpoint (...)' when `p` is one, else None."""
+    if signs := _run_dir_signs(p):
+        return f"a run directory ({', '.join(signs)})"
+    if signs := _checkpoint_signs(p):
+        return f"a checkpoint ({', '.join(signs)})"
+    return None
+
+
+def _within(p: Path, folder: Path) -> bool:
+    return p == folder or folder in p.parents
+
+
+def _read_marker(folder: Path) -> Optional[dict[str, int]]:
+    """The files an earlier export wrote (relative path -> size), or None when `folder` is not one."""
+    try:
+        files = json.loads((folder / EXPORT_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, dict):
+        return None
+    return {str(k): v for k, v in files.items()}
+
+
+def _foreign_files(folder: Path, listed: dict[str, int], limit: int = 5) -> list[str]:
+    """Files (and links, odd entries) under `folder` that the marker does not list with that size."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        base = Path(dirpath)
+        for name in sorted(filenames) + [d for d in sorted(dirnames) if (base / d).is_symlink()]:
+            p = base / name
+            rel = str(p.relative_to(folder))
+            if rel == EXPORT_MARKER:
+                continue
+            if p.is_symlink() or not p.is_file() or listed.get(rel) != p.stat().st_size:
+                found.append(rel)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def check_target(out: str | Path, *, overwrite: bool, where: str, fix: str,
+                 protect: tuple[tuple[Path, str], ...] = ()) -> None:
+    """Refuse (ExportTargetError) a target folder an export must not write or replace.
+
+    `where` opens the message (e.g. "export --out x"), `fix` says what to do instead, `protect` are
+    (folder, what it is) pairs the target may neither be nor contain (the checkpoint being exported).
+    """
+    given = Path(out)
+    o = given.resolve()
+
+    def refuse(what: str, also: str = "") -> ExportTargetError:
+        return ExportTargetError(f"{where}: {what}; {fix}{also}")
+
+    home = Path.home().resolve()
+    cwd = Path.cwd().resolve()
+    if o == Path(o.anchor):
+        raise refuse("is the filesystem root")
+    checks = [(home, "your home folder"), (cwd, "the current directory")]
+    for folder, what in [*checks, *((Path(p).resolve(), w) for p, w in protect)]:
+        if o == folder:
+            raise refuse(f"is {what}")
+        if _within(folder, o):
+            raise refuse(f"contains {what} ({folder})")
+    if given.is_symlink():
+        raise refuse(f"is a symbolic link (to {os.readlink(given)}); an export is written to a real folder")
+    if not o.exists():
+        return
+    if not o.is_dir():
+        raise refuse("is a file, not a folder")
+    if (kind := _what_it_is(o)) is not None:
+        raise refuse(f"is {kind}, which an export never replaces")
+    try:
+        entries = sorted(o.iterdir())
+    except OSError as e:
+        raise refuse(f"cannot list the folder ({e.strerror})") from None
+    if not entries:
+        return  # an empty folder: the export takes its place
+    for child in entries[:1000]:
+        if child.is_dir() and not child.is_symlink() and (kind := _what_it_is(child)) is not None:
+            raise refuse(f"contains {child.name}, {kind}, which an export never replaces")
+    if not overwrite:
+        raise refuse("folder exists and is not empty", ", or add --overwrite to replace an earlier fsdptrain "
+                                                       "export there")
+    listed = _read_marker(o)
+    if listed is None:
+        raise refuse(f"folder is not empty and is not an fsdptrain export (no {EXPORT_MARKER}): it is not ours, "
+                     "so it is not replaced")
+    foreign = _foreign_files(o, listed)
+    if foreign:
+        raise refuse(f"holds files the earlier export did not write, or that changed since ({', '.join(foreign)}), "
+                     "so it is not replaced")
+
+
+def _beside(out: Path, tag: str) -> Path:
+    """A new folder name next to `out` that nothing uses: OUT.<tag>-<pid>[-n]."""
+    base = out.with_name(f"{out.name}.{tag}-{os.getpid()}")
+    p, n = base, 1
+    while p.exists() or p.is_symlink():
+        n += 1
+        p = base.with_name(f"{base.name}-{n}")
+    return p
+
+
+def _begin(out: Path, where: str) -> Path:
+    """Create the temporary folder beside `out` the export is written into."""
+    o = out.resolve()
+    try:
+        o.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            tmp = _beside(o, "tmp")
+            try:
+                tmp.mkdir()
+                return tmp
+            except FileExistsError:  # taken between the check and the mkdir: try the next name
+                continue
+    except OSError as e:
+        raise ExportTargetError(f"{where}: cannot create a folder in {o.parent} ({e.strerror}); "
+                                "give a folder you can write to") from None
+
+
+def _remove_export(folder: Path) -> bool:
+    """Delete an earlier export that was moved aside: only the files its marker lists, then the emptied folders.
+    Returns False (and leaves the rest) when something else is in it."""
+    listed = _read_marker(folder) or {}
+    for rel in listed:
+        p = folder / rel
+        if (p.is_file() and not p.is_symlink() and _within(p.resolve(), folder.resolve())
+                and p.stat().st_size == listed[rel]):
+            p.unlink()
+    (folder / EXPORT_MARKER).unlink(missing_ok=True)
+    for dirpath, _dirs, _files in os.walk(folder, topdown=False):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass  # not empty: holds something the export did not write
+    return not folder.exists()
+
+
+def _write_meta(tmp: Path, hf_config: PretrainedConfig, tokenizer: Optional[PreTrainedTokenizerBase],
+                dtype: torch.dtype) -> None:
     cfg = hf_config.__class__.from_dict(hf_config.to_dict())
     cfg.dtype = dtype
     cfg.use_cache = True
@@ -103,27 +266,83 @@ def _finish(tmp: Path, out: Path, hf_config: PretrainedConfig, tokenizer: Option
         pass
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)  # the folder appears complete or not at all
+
+
+def _publish(tmp: Path, out: Path, source: str, dtype: torch.dtype, check: dict) -> bool:
+    """Seal `tmp` with the marker and rename it to `out`; an earlier export there is moved aside, replaced, then
+    deleted. Returns whether an earlier export was replaced."""
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    marker = {"format": 1, "source": source, "dtype": str(dtype).removeprefix("torch."), "files": files}
+    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    check_target(out, **check)  # again: the folder may have changed while the weights were written
+    o = out.resolve()
+    where = check["where"]
+    try:
+        if not o.exists() or not any(o.iterdir()):
+            os.replace(tmp, o)  # a new name, or an empty folder (rename replaces only an empty one)
+            return False
+        old = _beside(o, "old")
+        os.rename(o, old)
+        try:
+            os.rename(tmp, o)
+        except OSError:
+            os.rename(old, o)
+            raise
+    except OSError as e:
+        raise ExportTargetError(f"{where}: cannot put the export in place ({e.strerror}); it changed while the "
+                                f"export was written, or is not writable: give a new folder") from None
+    if not _remove_export(old):
+        log.info(f"export: kept {old}: it holds files the earlier export did not write")
+    return True
+
+
+def _write_export(out: Path, source: str, dtype: torch.dtype, check: dict, write) -> bool:
+    """Run `write(tmp)` into a new temporary folder beside `out`, then publish it; the temporary folder is removed
+    if anything fails (it is the only thing this export wrote)."""
+    tmp = _begin(out, check["where"])
+    try:
+        write(tmp)
+        return _publish(tmp, out, source, dtype, check)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def training_export_check(out: Path) -> dict:
+    """check_target's arguments for checkpoint.export_hf's output_dir/hf: it replaces only its own earlier export."""
+    return {"overwrite": True, "where": f"checkpoint.export_hf: {out}",
+            "fix": "move it out of the way, or set checkpoint.export_hf=false (fsdptrain export writes one from "
+                   "the last checkpoint later)"}
 
 
 @torch.no_grad()
 def export_hf(model: nn.Module, hf_config: PretrainedConfig, tokenizer: Optional[PreTrainedTokenizerBase],
               out_dir: str | Path, is_main: bool, dtype: torch.dtype = torch.float32,
               max_shard_bytes: int = 5 * 10**9) -> None:
-    """Export a live (FSDP-sharded) model; a collective: every rank calls it, rank 0 writes."""
+    """Export a live (FSDP-sharded) model; a collective: every rank calls it, rank 0 writes.
+
+    Every rank checks the target first (the output directory is shared), so a refusal stops all ranks before
+    the first gather.
+    """
     out = Path(out_dir)
-    writer = ShardWriter(_begin(out), max_shard_bytes) if is_main else None
-    for mod_name, _mod, attr, p in owned_params(model):  # tied weights appear once
-        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+    check = training_export_check(out)
+    check_target(out, **check)
+
+    def write(tmp: Optional[Path]) -> None:
+        writer = ShardWriter(tmp, max_shard_bytes) if tmp is not None else None
+        for mod_name, _mod, attr, p in owned_params(model):  # tied weights appear once
+            full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+            if writer is not None:
+                writer.add(f"{mod_name}.{attr}" if mod_name else attr, full.to(dtype=dtype, device="cpu"))
+            del full
         if writer is not None:
-            writer.add(f"{mod_name}.{attr}" if mod_name else attr, full.to(dtype=dtype, device="cpu"))
-        del full
-    if writer is None:
+            writer.finish()
+            _write_meta(writer.folder, hf_config, tokenizer, dtype)
+
+    if not is_main:
+        write(None)
         return
-    writer.finish()
-    _finish(writer.folder, out, hf_config, tokenizer, dtype)
+    _write_export(out, "the model at the end of training", dtype, check, write)
 
 
 # ----------------------------------------------------------------------------- from a checkpoint
@@ -143,8 +362,11 @@ def _batches(keys: list[str], sizes: dict[str, int], limit: int) -> Iterator[lis
 
 @torch.no_grad()
 def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
-                      max_shard_bytes: int = 5 * 10**9) -> Path:
-    """Write a Hugging Face folder from a checkpoint alone (one process, one shard in memory at a time)."""
+                      max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> tuple[Path, bool]:
+    """Write a Hugging Face folder from a checkpoint alone (one process, one shard in memory at a time).
+
+    `out_dir` must be new or empty; with `overwrite`, an earlier fsdptrain export is replaced. Returns the folder
+    and whether an earlier export was replaced."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoConfig, AutoTokenizer
@@ -155,6 +377,12 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     path = resolve_resume(str(Path(checkpoint)), Path(checkpoint), key="export")
     if path is None:
         raise UserError(f"export: {checkpoint}: give a checkpoint folder or a run directory")
+    given = Path(checkpoint)
+    protect = ((given, "the run directory being exported" if given.resolve() != path.resolve()
+                else "the checkpoint being exported"), (path, "the checkpoint being exported"))
+    check = {"overwrite": overwrite, "where": f"export --out {out_dir}", "protect": protect,
+             "fix": "give a new or empty folder for --out"}
+    check_target(out_dir, **check)
     saved = verify_files(path)
     hf_dir = path / "hf"
     try:
@@ -175,21 +403,24 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     sizes = {k: torch.Size(shapes[k]).numel() * torch.empty((), dtype=stored_dtype[k]).element_size() for k in keys}
     del skeleton
 
+    def write(tmp: Path) -> None:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for batch in _batches(keys, sizes, max_shard_bytes):
+            part = {k: torch.empty(shapes[k], dtype=stored_dtype[k]) for k in batch}
+            try:
+                with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                    warnings.simplefilter("ignore", UserWarning)
+                    dcp.load({"model": part}, checkpoint_id=str(path), no_dist=True)
+            except Exception as e:  # noqa: BLE001
+                lines = str(e).strip().splitlines()
+                raise UserError(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
+                                f"{lines[-1] if lines else ''})") from None
+            for k in batch:
+                writer.add(k, part[k].to(dtype))
+            del part
+        writer.finish()
+        _write_meta(tmp, hf_config, tokenizer, dtype)
+
     out = Path(out_dir)
-    writer = ShardWriter(_begin(out), max_shard_bytes)
-    for batch in _batches(keys, sizes, max_shard_bytes):
-        part = {k: torch.empty(shapes[k], dtype=stored_dtype[k]) for k in batch}
-        try:
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load({"model": part}, checkpoint_id=str(path), no_dist=True)
-        except Exception as e:  # noqa: BLE001
-            lines = str(e).strip().splitlines()
-            raise UserError(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
-                            f"{lines[-1] if lines else ''})") from None
-        for k in batch:
-            writer.add(k, part[k].to(dtype))
-        del part
-    writer.finish()
-    _finish(writer.folder, out, hf_config, tokenizer, dtype)
-    return out
+    replaced = _write_export(out, str(path.resolve()), dtype, check, write)
+    return out, replaced

@@ -35,7 +35,7 @@ from .data.loader import StepSampler
 from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo
 from .errors import RunStopped, TrainingError, UserError
-from .export import export_dtype, export_hf
+from .export import check_target, export_dtype, export_hf, training_export_check
 from .loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
 from .memory.tracker import MemoryTracker
 from .metrics import RunLogger, peak_tflops
@@ -133,6 +133,8 @@ def claim_output_dir(cfg: Config, info: DistInfo) -> tuple[Path, Optional[rundir
         try:
             if fresh:
                 rundir.check_fresh_start(out)
+            elif cfg.checkpoint.export_hf:  # a resumed run keeps output_dir/hf: refuse a foreign one now
+                check_target(out / "hf", **training_export_check(out / "hf"))
         except BaseException:
             held.release()
             raise

@@ -254,7 +254,7 @@ def test_incomplete_checkpoint_path_and_export_errors(two_rank, tmp_path):
 # ----------------------------------------------------------------------------- folder bookkeeping (no processes)
 
 
-def test_auto_resume_picks_newest_complete_and_cleans_the_rest(tmp_path):
+def test_auto_resume_picks_newest_complete_and_cleans_only_own_leftovers(tmp_path):
     from fsdptrain import checkpoint as ck
 
     root = tmp_path / "checkpoints"
@@ -265,8 +265,9 @@ def test_auto_resume_picks_newest_complete_and_cleans_the_rest(tmp_path):
         if marker:
             (root / name / "COMPLETE.json").write_text(json.dumps({"files": {"x": 1}}))
     assert ck.resolve_resume("auto", tmp_path) == root / "step-00000010"
-    assert ck.clean_incomplete(root) == ["step-00000004.deleting", "step-00000012", "step-00000014.tmp"]
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000010"]
+    # only the trainer's own leftovers go; the unmarked step-00000012 may be the user's (marker removed by hand)
+    assert ck.clean_incomplete(root) == (["step-00000004.deleting", "step-00000014.tmp"], ["step-00000012"])
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000010", "step-00000012"]
     assert ck.resolve_resume("none", tmp_path) is None
     assert ck.resolve_resume(str(tmp_path), tmp_path) == root / "step-00000010"  # a run directory
     with pytest.raises(UserError, match="no such folder"):
