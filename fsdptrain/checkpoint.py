@@ -47,6 +47,7 @@ from . import log
 from .config import CheckpointConfig
 from .distributed import barrier
 from .errors import UserError
+from .files import read_json, reading
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -144,15 +145,63 @@ def resolve_resume(resume: str, output_dir: Path, key: str = "checkpoint.resume"
     raise CheckpointError(f"{key}: {path}: no such folder; give a checkpoint folder, auto or none")
 
 
+DAMAGED = "the checkpoint is damaged or was edited by hand: restore the file or resume from another checkpoint"
+
+# What train_state.json's keys hold (a value of the same JSON type; None: anything). A checkpoint from an older
+# fsdptrain may lack some; the keys a reader needs are required where it reads them.
+STATE_FORM = {"format": FORMAT, "step": 0, "tokens_seen": 0, "world_size": 1, "model_type": None, "precision": "",
+              "scheduler": {}, "sampler": {}}
+
+
+def _fits(value: Any, form: Any) -> bool:
+    """`value` (read from JSON) has the JSON type of `form`; an integer fits where a float is expected."""
+    if form is None:
+        return True
+    if isinstance(form, bool) or isinstance(value, bool):
+        return isinstance(form, bool) and isinstance(value, bool)
+    if isinstance(form, int):
+        return isinstance(value, int)
+    if isinstance(form, float):
+        return isinstance(value, (int, float))
+    if isinstance(form, (list, tuple)):
+        return isinstance(value, list) and len(value) == len(form) and all(map(_fits, value, form))
+    return isinstance(value, type(form))
+
+
+def _form_text(form: Any) -> str:
+    if isinstance(form, bool):
+        return "true or false"
+    if isinstance(form, (list, tuple)):
+        return f"a list of {len(form)} value(s) like {json.dumps(list(form))}"
+    names = {int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(type(form), type(form).__name__)
+
+
+def check_keys(file: Path, data: Any, form: dict[str, Any], required: tuple[str, ...] = (), prefix: str = "") -> None:
+    """One line naming `file` and the key when the JSON object `data` lacks a required key or holds a value of
+    another type than `form` has for that key."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: {f'key {prefix[:-1]!r}: ' if prefix else ''}expected a JSON object, got "
+                              f"{json.dumps(data)[:40]}; {DAMAGED}")
+    for key in required:
+        if key not in data:
+            raise CheckpointError(f"{file}: key '{prefix}{key}' is missing; {DAMAGED}")
+    for key, value in data.items():
+        if key in form and not _fits(value, form[key]):
+            raise CheckpointError(f"{file}: key '{prefix}{key}': expected {_form_text(form[key])}, got "
+                                  f"{json.dumps(value)[:40]}; {DAMAGED}")
+
+
 def verify_files(path: Path) -> dict:
-    """Check every file listed by the marker exists with its recorded size; returns train_state.json."""
-    try:
-        manifest = json.loads((path / MARKER).read_text())
-        files: dict[str, int] = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / MARKER}: unreadable marker ({e})") from None
+    """Check every file listed by the marker exists with its recorded size; returns train_state.json (its keys'
+    types checked, 'step' required)."""
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER})")
+    manifest = read_json(marker, "a checkpoint marker", fix=DAMAGED)  # damaged JSON: one line naming the file
+    check_keys(marker, manifest, {"step": 0, "files": {}}, required=("files",))
+    files: dict[str, int] = manifest["files"]
+    check_keys(marker, files, dict.fromkeys(files, 0), prefix="files.")
     for rel, size in files.items():
         f = path / rel
         if not f.is_file():
@@ -162,10 +211,11 @@ def verify_files(path: Path) -> dict:
         if actual != size:
             raise CheckpointError(f"{f}: truncated or altered ({actual} bytes, {MARKER} records {size}); "
                                   "the checkpoint is damaged, resume from another one")
-    try:
-        return json.loads((path / STATE_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({e})") from None
+    state = read_json(path / STATE_FILE, "a checkpoint's train state", fix=DAMAGED)
+    check_keys(path / STATE_FILE, state, STATE_FORM, required=("step",))
+    if state["step"] < 0:
+        raise CheckpointError(f"{path / STATE_FILE}: key 'step': {state['step']} is below 0; {DAMAGED}")
+    return state
 
 
 # ----------------------------------------------------------------------------- RNG (JSON, no pickle)
@@ -342,13 +392,19 @@ class Checkpointer:
     def _check(self, path: Path, model_sd: dict) -> dict:
         """train_state.json of `path` once the files, the data order and the weights are known to fit."""
         saved = verify_files(path)
+        state_file = path / STATE_FILE
+        check_keys(state_file, saved, STATE_FORM, required=("format", "scheduler"))
         if saved.get("format") != FORMAT:
             raise CheckpointError(f"{path / STATE_FILE}: checkpoint format {saved.get('format')!r}, "
                                   f"this fsdptrain reads {FORMAT}")
         s = self.saved
+        # a scheduler takes any values and fails steps later: check them against this run's own scheduler
+        check_keys(state_file, saved["scheduler"], s.scheduler.state_dict(), required=("last_epoch",),
+                   prefix="scheduler.")
         try:
-            check_sampler(path, saved.get("sampler", {}), sampler_identity(s.sampler), self.world_size,
-                          s.micro_batch_size, s.grad_accum_steps)
+            with reading(state_file, "a checkpoint's train state", fix=DAMAGED):  # a sampler entry of another type
+                check_sampler(path, saved.get("sampler", {}), sampler_identity(s.sampler), self.world_size,
+                              s.micro_batch_size, s.grad_accum_steps)
             check_model(path, model_sd, saved)
         except CheckpointError as e:
             how = ("checkpoint.resume=none or another output_dir" if self.cfg.resume == "auto"
@@ -366,12 +422,14 @@ class Checkpointer:
             raise CheckpointError(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
                                   f"{first[-1] if first else ''})") from None
         set_state_dict(s.model, s.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        s.scheduler.load_state_dict(saved["scheduler"])
-        if hasattr(s.sampler, "load_state_dict"):
-            s.sampler.load_state_dict(saved.get("sampler", {}))
+        with reading(path / STATE_FILE, "a checkpoint's train state", fix=DAMAGED):  # values that do not fit
+            s.scheduler.load_state_dict(saved["scheduler"])
+            if hasattr(s.sampler, "load_state_dict"):
+                s.sampler.load_state_dict(saved.get("sampler", {}))
         rng_file = path / "rng" / f"rank-{self.rank:05d}.json"
         if rng_file.is_file() and saved.get("world_size") == self.world_size:
-            set_rng_state(json.loads(rng_file.read_text()))
+            with reading(rng_file, "a checkpoint's random states", fix=DAMAGED):
+                set_rng_state(read_json(rng_file, "a checkpoint's random states", fix=DAMAGED))
         else:
             log.info(f"checkpoint: saved on {saved.get('world_size')} ranks, resuming on {self.world_size}: "
                      "random states re-seeded instead of restored")

@@ -1,19 +1,32 @@
 """Command line: `fsdptrain train | config | export | estimate | mem report | mem diff` (click).
 
-User mistakes become one line and exit 2.
+Exit statuses: 0 done; 2 a user mistake (`UserError`: one line `fsdptrain: error: ...`, no traceback); 1 anything
+else (an internal error, out of memory, a distributed failure): two short lines on stderr, and the full
+traceback in a file (`<output_dir>/crash-rank<R>-<time>.txt` once the run's output_dir is known, else a
+temporary file).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
+import shlex
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
 
 import click
 
 from . import log
 from .errors import RunStopped, UserError
 from .stopping import EXIT_STOPPED
+
+# The run's output_dir once a command has loaded its config: where the traceback of a crash goes.
+crash_dir: Optional[str] = None
 
 
 def _rank() -> int:
@@ -23,8 +36,90 @@ def _rank() -> int:
         return 0
 
 
+def _rank_prefix() -> str:
+    return f"[rank {_rank()}] " if "RANK" in os.environ else ""
+
+
+def user_error(msg: str, print_rank: int = 0) -> None:
+    """`fsdptrain: error: msg` from rank `print_rank` (0, or the lowest survivor when a rank died), and from
+    the first process of every other node (so each node's log shows why it stopped)."""
+    if (_rank() == print_rank or os.environ.get("LOCAL_RANK") == "0"
+            or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS")):
+        log.error(f"{_rank_prefix()}{msg}")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    return lines[0] if lines else "(no message)"
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for name in ("fsdptrain", "torch", "transformers"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found + [f"python {platform.python_version()}", platform.platform()])
+
+
+def write_crash_report(exc: BaseException) -> Optional[Path]:
+    """The full traceback (with the command and versions) in a file; None if no file could be written."""
+    argv = ["fsdptrain", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith(("__main__.py", "fsdptrain")) \
+        else sys.argv
+    text = (f"fsdptrain crash report\ncommand: {shlex.join(argv)}\n"
+            f"rank: {os.environ.get('RANK', '-')} of {os.environ.get('WORLD_SIZE', '-')}\n"
+            f"time: {time.strftime('%Y-%m-%d %H:%M:%S %z')}\nversions: {_versions()}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    if crash_dir and Path(crash_dir).is_dir():
+        path = Path(crash_dir) / f"crash-rank{_rank()}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        try:
+            with open(path, "x") as f:  # never overwrite an earlier report
+                f.write(text)
+            return path
+        except OSError:
+            pass  # not writable, or a report of the same second: a temporary file instead
+    try:
+        fd, name = tempfile.mkstemp(prefix="fsdptrain-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return Path(name)
+    except OSError:
+        return None
+
+
+def _kind(exc: BaseException) -> tuple[str, str]:
+    """(label, what to do) for an unexpected exception."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return ("out of memory", "lower train.micro_batch_size or data.max_length, or set "
+                                 "parallel.activation_checkpointing (fsdptrain estimate CONFIG shows what fits)")
+    dist_error = getattr(getattr(torch, "distributed", None), "DistError", None) if torch is not None else None
+    if dist_error is not None and isinstance(exc, dist_error):
+        return ("distributed failure", "another rank or node may have failed first: check its log (and the "
+                                       "network between the nodes)")
+    return "internal error", "please report it with the command you ran"
+
+
+def report_crash(exc: BaseException) -> None:
+    """Two short lines on stderr for an exception that is not a UserError; the traceback goes to a file."""
+    sys.stdout.flush()
+    label, advice = _kind(exc)
+    path = write_crash_report(exc)
+    print(f"fsdptrain: {label}: {_rank_prefix()}{type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+    if path is None:  # nowhere to write it: the traceback must not be lost
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        print(f"fsdptrain: the traceback could not be written to a file; {advice}", file=sys.stderr)
+    else:
+        print(f"fsdptrain: the full traceback is in {path}; {advice}", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def friendly_errors(fn):
-    """Turn UserError into `fsdptrain: error: ...` on stderr (rank 0 only) and exit status 2."""
+    """UserError -> one line `fsdptrain: error: ...` and exit status 2; any other exception -> two lines and
+    the traceback in a file (report_crash), exit status 1. click's own exits and Ctrl-C pass through."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -38,14 +133,28 @@ def friendly_errors(fn):
                       "last checkpoint")
             sys.exit(130)
         except UserError as e:
-            # rank 0, and the first process of every other node (so each node's log shows why it stopped)
-            if (_rank() == getattr(e, "print_rank", 0) or os.environ.get("LOCAL_RANK") == "0"
-                    or os.environ.get("FSDPTRAIN_ALL_RANKS_ERRORS")):
-                prefix = f"[rank {_rank()}] " if "RANK" in os.environ else ""
-                log.error(f"{prefix}{e}")
+            user_error(str(e), getattr(e, "print_rank", 0))
             sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 (the last resort: no bare traceback on the user's screen)
+            report_crash(e)
+            sys.exit(1)
 
     return wrapper
+
+
+class FileFirst(click.Command):
+    """A command whose config file is its first argument: `--config FILE` (a LLaMA-Factory / HF Trainer habit)
+    gets a one-line hint instead of click's usage error."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        given = args[:args.index("--")] if "--" in args else args
+        if any(a == "--config" or a.startswith("--config=") for a in given):
+            user_error(f"--config: give the config file as the first argument: "
+                       f"fsdptrain {self.name} FILE [key=value ...]")
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,23 +162,26 @@ def main() -> None:
     """fsdptrain: fine-tune and pretrain Hugging Face causal LMs with PyTorch FSDP2."""
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command(cls=FileFirst, context_settings={"ignore_unknown_options": False})
 @click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
 @friendly_errors
 def train(config: str | None, overrides: tuple[str, ...]) -> None:
     """Train a model: CONFIG is a YAML file (omit it for the built-in demo); OVERRIDES are key.path=value."""
+    global crash_dir
     from .config import load_config
-    from .trainer import train as run
 
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides = (config, *overrides)
         config = None
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides)  # before importing torch: a config mistake is reported at once
+    crash_dir = cfg.output_dir
+    from .trainer import train as run
+
     run(cfg)
 
 
-@main.command("config")
+@main.command("config", cls=FileFirst)
 @click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--dump", is_flag=True, help="Print the effective config (defaults filled in) with each key's doc.")
@@ -150,7 +262,7 @@ def mem_diff(a: str, b: str, top: int) -> None:
     click.echo(diff.render(rows, pa, pb, a, b, top), nl=False)
 
 
-@main.command("estimate")
+@main.command("estimate", cls=FileFirst)
 @click.argument("config")
 @click.argument("overrides", nargs=-1)
 @click.option("--nnodes", default=1, show_default=True, help="Nodes.")

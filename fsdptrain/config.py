@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -24,6 +26,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .files import read_yaml
 
 
 def parse_size(text: str, key: str) -> int:
@@ -40,9 +43,11 @@ def parse_size(text: str, key: str) -> int:
     return value
 
 
-def opt(default: Any, doc: str, *, choices: Optional[list] = None, min: Optional[float] = None) -> Any:
-    """Declare a config key: default value, one-line doc, optional allowed values / minimum."""
-    meta = {"doc": doc, "choices": choices, "min": min}
+def opt(default: Any, doc: str, *, choices: Optional[list] = None, min: Optional[float] = None,
+        check: Optional[Callable[[Any], Optional[str]]] = None) -> Any:
+    """Declare a config key: default value, one-line doc, optional allowed values / minimum, and `check`: a
+    function of the value returning what is wrong with it (or None)."""
+    meta = {"doc": doc, "choices": choices, "min": min, "check": check}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: _copy(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,6 +55,18 @@ def opt(default: Any, doc: str, *, choices: Optional[list] = None, min: Optional
 
 def _copy(value: Any) -> Any:
     return yaml.safe_load(yaml.safe_dump(value))
+
+
+def folder_problem(value: str) -> Optional[str]:
+    """What keeps `value` from being a folder to write to: empty, or it or a folder above it is a file."""
+    if not value.strip():
+        return "the folder name is empty; give a folder for the run's outputs, e.g. output_dir=runs/my-run"
+    path = Path(value)
+    for p in (path, *path.parents):
+        if p.is_file():
+            where = "is a file" if p == path else f"is inside {p}, which is a file"
+            return f"{value} {where}; give a folder (new or existing)"
+    return None
 
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # what `fsdptrain train` runs without a CONFIG
@@ -221,7 +238,8 @@ class MemoryConfig:
 
 @dataclass
 class Config:
-    output_dir: str = opt("runs/default", "Run directory: resolved config, metrics.jsonl, TensorBoard events.")
+    output_dir: str = opt("runs/default", "Run directory: resolved config, metrics.jsonl, TensorBoard events.",
+                          check=folder_problem)
     seed: int = opt(42, "Seed for model init, data order and synthetic data.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -271,15 +289,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     if path is None:
         path = str(DEMO_CONFIG)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        raw = read_yaml(path, "a YAML config file", base_loader=_Loader)  # missing, folder, not UTF-8, ...
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
         _apply(cfg, raw, source=str(path), prefix="")
@@ -357,6 +368,12 @@ def _coerce(value: Any, typ: Any, f: dataclasses.Field, source: str, dotted: str
             ok = False
         if ok:
             value = float(value)
+            if not math.isfinite(value):
+                lo = f.metadata.get("min")
+                limits = ([f"default {f.default!r}"] if f.default is not None else []) + \
+                    ([f"minimum {lo}"] if lo is not None else [])
+                raise ConfigError(f"{source}: {dotted}: {value!r} is not a finite number; give a finite number"
+                                  + (f" ({', '.join(limits)})" if limits else ""))
     elif typ is str:
         ok = isinstance(value, str)
     elif typ is list or origin is list:
@@ -373,7 +390,24 @@ def _coerce(value: Any, typ: Any, f: dataclasses.Field, source: str, dotted: str
     lo = f.metadata.get("min")
     if lo is not None and isinstance(value, (int, float)) and value < lo:
         raise ConfigError(f"{source}: {dotted}: {value!r} is below the minimum {lo}")
+    check = f.metadata.get("check")
+    problem = check(value) if check is not None else None
+    if problem:
+        raise ConfigError(f"{source}: {dotted}: {problem}")
     return value
+
+
+def _check_values(obj: Any, source: str, prefix: str = "") -> None:
+    """Run every key's `check` on its current value."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_values(value, source, f"{prefix}{f.name}.")
+            continue
+        check = f.metadata.get("check")
+        problem = check(value) if check is not None and value is not None else None
+        if problem:
+            raise ConfigError(f"{source}: {prefix}{f.name}: {problem}")
 
 
 def _describe(typ: Any, f: dataclasses.Field) -> str:
@@ -386,6 +420,7 @@ def _describe(typ: Any, f: dataclasses.Field) -> str:
 
 def validate(cfg: Config, source: str = "config") -> None:
     """Checks that involve several keys."""
+    _check_values(cfg, source)  # also the defaults no file or override set
     m = cfg.model
     if m.path is None and not m.hf_config:
         raise ConfigError(f"{source}: set model.path (a local Hugging Face folder) "
@@ -398,6 +433,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     t = cfg.train
     if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"{source}: train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas!r}")
+    if t.max_steps is None and t.epochs <= 0:
+        raise ConfigError(f"{source}: train.epochs: {t.epochs} trains nothing; set train.epochs above 0 (e.g. 1) "
+                          "or set train.max_steps")
     if t.warmup_ratio >= 1:
         raise ConfigError(f"{source}: train.warmup_ratio: {t.warmup_ratio} must be below 1")
     bad_steps = [s for s in cfg.memory.snapshot_steps

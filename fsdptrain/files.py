@@ -27,13 +27,16 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def describe_error(path: str | Path, e: BaseException, what: str = "") -> str:
-    """The one-line message for an error raised while reading `path` (as `what`, e.g. "a data file")."""
+def describe_error(path: str | Path, e: BaseException, what: str = "", fix: str = "") -> str:
+    """The one-line message for an error raised while reading `path` (as `what`, e.g. "a data file").
+
+    `fix` replaces the generic advice for a file that is there but cannot be parsed (e.g. "the file is damaged
+    or truncated; download or save it again")."""
     as_what = f" as {what}" if what else ""
     if isinstance(e, FileNotFoundError):
         return f"{path}: no such file; check the path"
     if isinstance(e, IsADirectoryError):
-        return f"{path}: is a folder, not a file{(' (expected ' + what + ')') if what else ''}"
+        return f"{path}: is a folder, not a file; give {what or 'a file'}"
     if isinstance(e, NotADirectoryError):
         return f"{path}: a part of this path is a file, not a folder; check the path"
     if isinstance(e, PermissionError):
@@ -43,15 +46,18 @@ def describe_error(path: str | Path, e: BaseException, what: str = "") -> str:
         return (f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {e.start}); "
                 "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
     if isinstance(e, json.JSONDecodeError):
-        return f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix or replace the file"
+        return (f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                f"{fix or 'fix or replace the file'}")
     if isinstance(e, OSError):
         return f"{path}: cannot read{as_what} ({e.strerror or _first_line(e)})"
-    return f"{path}: cannot read{as_what} ({type(e).__name__}: {_first_line(e)}); is it damaged or of another type?"
+    return (f"{path}: cannot read{as_what} ({type(e).__name__}: {_first_line(e)}); "
+            f"{fix or 'is it damaged or of another type?'}")
 
 
 @contextmanager
-def reading(path: str | Path, what: str = "") -> Iterator[None]:
-    """Any error raised while reading `path` inside the block becomes a FileError naming the file."""
+def reading(path: str | Path, what: str = "", fix: str = "") -> Iterator[None]:
+    """Any error raised while reading `path` inside the block becomes a FileError naming the file (`what` and
+    `fix` as in `describe_error`)."""
     try:
         yield
     except UserError:
@@ -59,7 +65,7 @@ def reading(path: str | Path, what: str = "") -> Iterator[None]:
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 (the point: every library's parse error becomes one line)
-        raise FileError(describe_error(path, e, what)) from None
+        raise FileError(describe_error(path, e, what, fix)) from None
 
 
 def read_text(path: str | Path, what: str = "") -> str:
@@ -67,21 +73,23 @@ def read_text(path: str | Path, what: str = "") -> str:
         return Path(path).read_text(encoding="utf-8")
 
 
-def read_json(path: str | Path, what: str = "") -> Any:
-    with reading(path, what):
+def read_json(path: str | Path, what: str = "", fix: str = "") -> Any:
+    with reading(path, what, fix):
         return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def read_yaml(path: str | Path, what: str = "") -> Any:
-    """YAML with duplicate keys refused (PyYAML would keep the later value silently)."""
+def read_yaml(path: str | Path, what: str = "", base_loader: Any = None) -> Any:
+    """YAML with duplicate keys refused (PyYAML would keep the later value silently); `base_loader`: a
+    yaml.SafeLoader subclass with extra resolvers (default SafeLoader)."""
     text = read_text(path, what)
-    return parse_yaml(text, str(path))
+    with reading(path, what):  # e.g. an unhashable mapping key: still one line naming the file
+        return parse_yaml(text, str(path), base_loader)
 
 
-def parse_yaml(text: str, where: str) -> Any:
+def parse_yaml(text: str, where: str, base_loader: Any = None) -> Any:
     import yaml
 
-    class StrictLoader(yaml.SafeLoader):
+    class StrictLoader(base_loader or yaml.SafeLoader):
         pass
 
     def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:

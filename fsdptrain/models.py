@@ -14,7 +14,6 @@ garbage in them and no state dict restores them.
 from __future__ import annotations
 
 import copy
-import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .errors import UserError
+from .files import FileError, read_json, reading
+from .safetensors_io import SafetensorsFile
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -41,13 +42,23 @@ def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Opti
 
     if path is not None:
         folder = Path(path)
-        if not (folder / "config.json").is_file():
+        config_file = folder / "config.json"
+        if not config_file.is_file():
             raise UserError(f"model.path: {path}: no config.json there; point it at a local Hugging Face model folder")
-        try:
-            return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-        except ValueError as e:
-            raise UserError(f"model.path: {path}/config.json: {str(e).splitlines()[0]} "
-                            "(set model.trust_remote_code=true only if you trust this folder's code)") from None
+        raw = read_json(config_file, "a Hugging Face model config")  # not UTF-8, not JSON: one line, with the line
+        if not isinstance(raw, dict):
+            raise FileError(f"{config_file}: expected a JSON object (a Hugging Face model config), got "
+                            f"{type(raw).__name__}; point model.path at a Hugging Face model folder")
+        with reading(config_file, "a Hugging Face model config",
+                     fix="check that model.path is a Hugging Face model folder whose config.json names a "
+                         "model_type this transformers knows"):
+            try:
+                return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+            except ValueError as e:
+                if "trust_remote_code" not in str(e):
+                    raise
+                raise UserError(f"model.path: {config_file}: {str(e).splitlines()[0]} "
+                                "(set model.trust_remote_code=true only if you trust this folder's code)") from None
     fields = dict(inline or {})
     model_type = fields.pop("model_type", None)
     if vocab_size is not None:
@@ -88,6 +99,17 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
         raise UserError(f"model: cannot find transformer blocks in {type(model).__name__} "
                         "(no _no_split_modules, no layer list)")
     return list(max(lists, key=len))
+
+
+def check_context_length(hf_config: PretrainedConfig, max_length: int) -> Optional[str]:
+    """A warning when data.max_length is above the model's max_position_embeddings; None when it fits or the
+    config has no such field. (Packed rows restart positions per example, so max_length is the longest.)"""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or max_length <= limit:
+        return None
+    return (f"warning: data.max_length {max_length} is above the model's max_position_embeddings {limit}: "
+            f"positions past {limit} were never trained (and models with learned position embeddings fail); "
+            f"lower data.max_length to {limit}, or extend the model's context (rope_scaling)")
 
 
 # ----------------------------------------------------------------------------- counting
@@ -179,30 +201,29 @@ def safetensors_index(folder: str) -> dict[str, Path]:
     root = Path(folder)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+        raw = read_json(index, "a safetensors index")
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FileError(f"{index}: key 'weight_map': expected a mapping of weight name -> file name; the index "
+                            "is damaged: download or save the model again")
         return {k: root / v for k, v in weight_map.items()}
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise UserError(f"model.path: {folder}: no *.safetensors weights (only safetensors are loaded; "
                         "convert .bin/.pt weights first, or set model.random_init=true)")
-    from safetensors import safe_open
-
     out: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                out[k] = f
+        handle = SafetensorsFile(f)  # a damaged or truncated file: one line naming it
+        try:
+            out.update(dict.fromkeys(handle.keys(), f))
+        finally:
+            handle.close()
     return out
 
 
 @torch.no_grad()
 def load_pretrained(model: nn.Module, folder: str) -> None:
     """Each rank reads only the rows of its own shards from the safetensors files (plain reads, no mmap)."""
-    from .safetensors_io import SafetensorsFile
-
     index = safetensors_index(folder)
     handles: dict[Path, SafetensorsFile] = {}
     try:

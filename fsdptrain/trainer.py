@@ -175,6 +175,8 @@ def setup_hf_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Pretrain
     if len(tokenizer) > hf_config.vocab_size:
         raise UserError(f"model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                         f"{hf_config.vocab_size}; use the model's own tokenizer or a larger vocab_size")
+    if (warning := models.check_context_length(hf_config, cfg.data.max_length)) is not None:
+        log.info(warning)
     return hf_config
 
 

@@ -7,6 +7,7 @@ import yaml
 
 from fsdptrain.config import DEMO_CONFIG, Config, dump_yaml, load_config, parse_size, reference_rows, to_dict
 from fsdptrain.errors import ConfigError
+from fsdptrain.files import FileError
 
 
 def write(tmp_path, data, name="c.yaml"):
@@ -88,12 +89,12 @@ def test_section_must_be_a_mapping(tmp_path):
 
 def test_invalid_yaml_names_the_line(tmp_path):
     path = write(tmp_path, "model:\n  path: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: line \d+ is not valid YAML"):
+    with pytest.raises(FileError, match=r"c.yaml: not valid YAML \(line \d+, column \d+: "):
         load_config(path)
 
 
 def test_missing_file_and_bad_override_syntax(tmp_path):
-    with pytest.raises(ConfigError, match=r"nope.yaml: config file not found"):
+    with pytest.raises(FileError, match=r"nope.yaml: no such file; check the path"):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match=r"override 'train.lr': expected key.path=value"):
         load_config(None, ["train.lr"])
