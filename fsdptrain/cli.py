@@ -134,6 +134,10 @@ def friendly_errors(fn):
             sys.exit(130)
         except UserError as e:
             user_error(str(e), getattr(e, "print_rank", 0))
+            if "fsdptrain.distributed" in sys.modules:  # a process group may be up (never import torch for this)
+                from .distributed import tell_peers
+
+                tell_peers(str(e))  # the other ranks stop now, not at their next collective's timeout
             sys.exit(2)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise

@@ -16,7 +16,6 @@ import socket
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -116,6 +115,9 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
                 "check MASTER_ADDR/MASTER_PORT, the network interface and that every node started"
             ) from None
         owns = True
+        global _peers
+        _peers = PeerStop(rank, world)
+        _peers.start_watching()  # heartbeats, a gone store, a peer that failed
         # One line per rank, so each node's log shows which ranks it runs (multi-node debugging).
         log.rank_line(f"fsdptrain: rank {rank}/{world} (local rank {local_rank}/{local_world}, node "
                       f"{os.environ.get('GROUP_RANK', '?')}) on host {socket.gethostname()} joined "
@@ -133,6 +135,10 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
+    global _peers
+    if info.owns_group and _peers is not None:
+        _peers.close()
+        _peers = None
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -222,12 +228,14 @@ class PeerStop:
     itself is gone (torchrun's agent was killed), there is nobody left to coordinate with: the rank says
     so in one line and exits. Exiting is `os._exit`: a peer may be blocked in a collective, so no clean
     shutdown is possible. Keys are per run (the output_dir as configured, identical on every node) and per
-    elastic restart, so a restarted group does not read the previous attempt's keys.
+    elastic restart, so a restarted group does not read the previous attempt's keys. One per process, made by
+    `init` for a launched group (`peers()`); a rank that stops on a user error tells the others (`tell`), so
+    they stop within a second instead of waiting in their next collective.
     """
 
-    def __init__(self, run_id: str, rank: int, world_size: int, before_exit: Callable[[], None] = lambda: None):
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self.prefix = f"fsdptrain/{zlib.crc32(run_id.encode())}/{attempt}"
+    def __init__(self, rank: int, world_size: int, before_exit: Callable[[], None] = lambda: None):
+        # the default store is the process group's own (per run, and per restart under torchrun: elastic.py)
+        self.prefix = f"fsdptrain/peers/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.key = f"{self.prefix}/failed"
         self.rank = rank
         self.world_size = world_size
@@ -314,5 +322,28 @@ class PeerStop:
         finally:
             self.exit(1)
 
+    def tell(self, msg: str) -> None:
+        """This rank stops with a message it prints itself: the others stop quietly within a second."""
+        self.failing = True
+        try:
+            self._store().set(self.key, msg)
+        except Exception:  # noqa: BLE001 (no store: the peers find out through their collectives)
+            return
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and self.rank == 0:
+            time.sleep(1.5)  # rank 0 hosts the store: let the others read the key before it goes
+
     def close(self) -> None:
         self._stop.set()
+
+
+_peers: Optional[PeerStop] = None  # this process's watch over its peers, for a group `init` created
+
+
+def peers() -> Optional[PeerStop]:
+    return _peers
+
+
+def tell_peers(msg: str) -> None:
+    """Called when this rank stops on a user error: the other ranks stop too (no-op without a group)."""
+    if _peers is not None:
+        _peers.tell(msg)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import log
+from .. import distributed, log
 from ..config import MemoryConfig
 from ..distributed import DistInfo, PeerStop
 from ..errors import PeerLost, TrainingError
@@ -92,8 +92,10 @@ class MemoryTracker:
         self._tokens = 0  # real (unpadded) tokens of this rank's step
         self.peak_bytes_max = 0  # highest peak allocated of any rank over all gathers so far
         self._recording = False
-        # output_dir as configured identifies the run on every node (a resolved path may differ)
-        self.peers = PeerStop(str(run_dir), self.rank, self.world, before_exit=self._flush)
+        # the process's watch over its peers (distributed.init starts it for a launched group); a local, idle
+        # one otherwise (one process, or a group made elsewhere)
+        self.peers = distributed.peers() or PeerStop(self.rank, self.world)
+        self.peers.before_exit = self._flush
         self.t0 = time.perf_counter()
         self._reset_interval()
         if self.enabled:
@@ -108,7 +110,6 @@ class MemoryTracker:
         if self.device.type == "cuda" and mcfg.record_history:
             snapshot.start_recording(mcfg.snapshot_max_entries)
             self._recording = True
-        self.peers.start_watching()  # heartbeats, a dead store, a peer's OOM
 
     # ------------------------------------------------------------------------- records
 
@@ -282,7 +283,7 @@ class MemoryTracker:
         return files
 
     def close(self) -> None:
-        self.peers.close()
+        self.peers.before_exit = lambda: None
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

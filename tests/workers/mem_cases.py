@@ -96,7 +96,7 @@ def run_watchdog(run_dir: str) -> None:
     info = distributed.init("cpu")
     mem = MemoryTracker(MemoryConfig(track_peak=False), info, run_dir)
     if info.rank == 1:
-        mem._failing = True  # what on_error sets on the failing rank
+        mem.peers.failing = True  # what on_error sets on the failing rank
         dist.distributed_c10d._get_default_store().set(mem.peers.key, "rank 1 failed")
         time.sleep(120)
     else:
