@@ -32,7 +32,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -41,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import log
@@ -447,10 +450,15 @@ class Checkpointer:
         return bool(due)
 
     def save(self, step: int) -> None:
-        """Write the run as of optimizer step `step` (collective: every rank calls it)."""
+        """Write the run as of optimizer step `step` (collective: every rank calls it). A failed write (a full
+        disk, a quota, a lost mount) is one line; the earlier checkpoints are untouched."""
         self.wait()  # one save in flight at most
-        final = self.root / step_name(step)
         tmp = self.root / (step_name(step) + ".tmp")
+        with _writing(step, tmp, self.rank):
+            self._save(step, tmp)
+
+    def _save(self, step: int, tmp: Path) -> None:
+        final = self.root / step_name(step)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
@@ -494,8 +502,9 @@ class Checkpointer:
         fut, tmp, final, step = self.pending
         self.pending = None
         t0 = time.perf_counter()
-        fut.result()
-        self._publish(tmp, final, step, t0)
+        with _writing(step, tmp, self.rank):
+            fut.result()
+            self._publish(tmp, final, step, t0)
 
     def _publish(self, tmp: Path, final: Path, step: int, t0: float) -> None:
         # DCP's save ends with a gather to rank 0 after every rank wrote its data, and each rank's
@@ -527,6 +536,25 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         barrier()
+
+
+@contextmanager
+def _writing(step: int, tmp: Path, rank: int) -> Iterator[None]:
+    """A save that fails on I/O becomes one line; its own temporary folder is removed (rank 0)."""
+    try:
+        yield
+    except (OSError, RuntimeError, CheckpointException) as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        text = str(e)
+        reason = next((r for r in ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                                   "Permission denied", "Stale file handle") if r in text), None)
+        if reason is None:
+            lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+            reason = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        raise CheckpointError(f"checkpoint: could not write step {step} into {tmp.parent} ({reason}); the earlier "
+                              "checkpoints there are intact: free space (or fix the folder) and rerun the same "
+                              "command to continue from the newest one") from None
 
 
 def _remove(path: Path) -> None:

@@ -207,3 +207,18 @@ def test_a_second_run_on_the_same_output_dir_refuses_and_a_dead_runs_lock_is_tak
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"output_dir: took over the lock of a run that is no longer running (host {socket.gethostname()}, " \
            f"pid {p.pid}" in third.stdout
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
+    run = tmp_path / "full"
+    cmd = [sys.executable, "-m", "tests.workers.fault_worker", *ARGS[:1], "train.max_steps=6", *ARGS[2:],
+           f"output_dir={run}", "checkpoint.save_every=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=env(FSDPTRAIN_TEST_FAULTS="0:enospc:4:0"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"fsdptrain: error: checkpoint: could not write step 4 into {run}/checkpoints (No space left on device); the "
+        "earlier checkpoints there are intact: free space (or fix the folder) and rerun the same command to "
+        "continue from the newest one"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]
+    assert (run / "checkpoints" / "step-00000002" / "COMPLETE.json").is_file()

@@ -3,7 +3,9 @@
 FSDPTRAIN_TEST_FAULTS="ATTEMPT:save:STEP:RANK,..." where ATTEMPT is torchrun's
 restart count (TORCHELASTIC_RESTART_COUNT): the rank kills itself inside the
 checkpoint of step STEP, once it wrote its DCP data (before the metadata and
-the marker exist). The faults live here, in the tests, not in fsdptrain.
+the marker exist); "ATTEMPT:enospc:STEP:RANK" makes that rank's DCP write of
+step STEP fail as a full disk does. The faults live here, in the tests, not in
+fsdptrain.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def install() -> None:
     write_data = FileSystemWriter.write_data
 
     def patched_write_data(self, plan, planner):
+        if state["saving"] is not None and ("enospc", state["saving"]) in faults:
+            raise OSError(28, "No space left on device")  # what a full disk says
         result = write_data(self, plan, planner)
         if state["saving"] is not None and ("save", state["saving"]) in faults:
             result.wait()
