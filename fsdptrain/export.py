@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from . import log
 from .checkpoint import MARKER, SUBDIR
 from .errors import UserError
+from .files import read_json, reading
 from .models import owned_params
 
 if TYPE_CHECKING:
@@ -385,13 +386,13 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     check_target(out_dir, **check)
     saved = verify_files(path)
     hf_dir = path / "hf"
-    try:
+    read_json(hf_dir / "config.json", "the model config")  # a damaged file: one line naming it
+    with reading(hf_dir / "config.json", "the model config"):
         hf_config = AutoConfig.from_pretrained(str(hf_dir))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{hf_dir}/config.json: cannot read the model config ({str(e).splitlines()[0]})") from None
     tokenizer = None
     if any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        with reading(hf_dir / "tokenizer.json", "the tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     dtype = export_dtype(dtype_name, saved.get("precision", "fp32"))
 
     skeleton = models.build_meta_model(hf_config, "sdpa", torch.float32, False)
