@@ -538,20 +538,25 @@ class Checkpointer:
         barrier()
 
 
+_IO_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
+                "Stale file handle", "Input/output error", "file write failed")
+
+
 @contextmanager
 def _writing(step: int, tmp: Path, rank: int) -> Iterator[None]:
-    """A save that fails on I/O becomes one line; its own temporary folder is removed (rank 0)."""
+    """A save that fails on I/O (a full disk, a quota, a lost mount) becomes one line and its own temporary folder
+    is removed (rank 0). Other failures (a peer lost mid-save) pass through unchanged."""
     try:
         yield
     except (OSError, RuntimeError, CheckpointException) as e:
+        text = str(e)
+        reason = next((r for r in _IO_FAILURES if r in text), None)
+        if reason is None and isinstance(e, OSError):
+            reason = e.strerror or type(e).__name__
+        if reason is None:
+            raise
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        text = str(e)
-        reason = next((r for r in ("No space left on device", "Disk quota exceeded", "Read-only file system",
-                                   "Permission denied", "Stale file handle") if r in text), None)
-        if reason is None:
-            lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
-            reason = f"{type(e).__name__}: {lines[-1] if lines else ''}"
         raise CheckpointError(f"checkpoint: could not write step {step} into {tmp.parent} ({reason}); the earlier "
                               "checkpoints there are intact: free space (or fix the folder) and rerun the same "
                               "command to continue from the newest one") from None

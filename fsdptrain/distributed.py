@@ -277,10 +277,12 @@ class PeerStop:
 
     def _poll(self) -> None:
         while not self._stop.wait(1.0):
+            if not dist.is_initialized():
+                return  # the group was destroyed (the run ended): nothing left to watch
             if self.failing:
                 continue
             if not self._tick():  # a broken connection to the store does not heal: stop now
-                if not self._stop.is_set():
+                if not self._stop.is_set() and dist.is_initialized():
                     self.store_gone()
             elif self.peer_failed():
                 self.exit(1)
