@@ -129,3 +129,53 @@ def test_other_unreadable_files_and_entries_are_one_line(tmp_path):
     write(info, [{"file_name": "n.json"}])
     assert error_of("num", tmp_path) == (f"{info}: holds a JSON array, not a mapping of data set names to entries; "
                                          'write it as {"name": {"file_name": ...}, ...}')
+
+
+# ----------------------------------------------------------------------------- records without text: skipped, counted
+
+
+def test_records_without_text_are_skipped_counted_and_not_trained(tmp_path):
+    from fsdptrain.config import Config
+    from fsdptrain.data import pipeline
+    from fsdptrain.data.formats import convert
+    from fsdptrain.data.tokenizer import build_char_tokenizer
+
+    write(tmp_path / "a.json", [{"instruction": "Say hi.", "input": None, "output": "Hi."},
+                                {"instruction": None, "input": None, "output": None},
+                                {"instruction": "", "input": "  ", "output": "\n"},
+                                {"instruction": "Say yo.", "input": None, "output": "Yo."}])
+    write(tmp_path / "s.json", [{"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": None}]},
+                                {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
+    write(tmp_path / "t.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in ("A document.", None, "", "Another.")))
+    write(tmp_path / "n.json", [{"instruction": None, "output": None}])
+    write(tmp_path / "dataset_info.json", {"a": {"file_name": "a.json"}, "n": {"file_name": "n.json"},
+                                           "s": {"file_name": "s.json", "formatting": "sharegpt"},
+                                           "t": {"file_name": "t.jsonl", "columns": {"prompt": "text"}}})
+    for name, kept, skipped in (("a", 2, 2), ("s", 1, 1), ("t", 2, 2)):
+        spec = resolve([name], str(tmp_path))[0]
+        conv = convert(spec, *read(spec))
+        assert (conv.read, len(conv.records), conv.skipped) == (kept + skipped, kept, {"empty": skipped})
+    assert error_of_convert("n", tmp_path) == ("data set 'n': all 1 records were skipped (1 empty); check its "
+                                               "formatting (alpaca) and tags in dataset_info.json")
+    cfg = Config()
+    cfg.data.dataset_dir, cfg.data.datasets, cfg.data.cache_dir = str(tmp_path), ["a", "s", "t"], str(tmp_path / "c")
+    lines: list[str] = []
+    tok = build_char_tokenizer()
+    examples = pipeline.load_examples(cfg, tok, log=lines.append)
+    assert "data: 'a': read 4, skipped 2 (2 empty), kept 2, truncated 0, dropped (no target token left) 0" in lines
+    assert "data: 's': read 2, skipped 1 (1 empty), kept 1, truncated 0, dropped (no target token left) 0" in lines
+    assert "data: 't': read 4, skipped 2 (2 empty), kept 2, truncated 0, dropped (no target token left) 0" in lines
+    assert any(x.startswith("data: total: read 10, skipped 5 (5 empty), kept 5 examples") for x in lines)
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{}<|im_end|>\n".format
+    assert sorted(tok.decode(examples[i].input_ids) for i in range(len(examples))) == sorted(
+        [chat("Say hi.", "Hi."), chat("Say yo.", "Yo."), chat("hi", "yo"), "A document.<|im_end|>",
+         "Another.<|im_end|>"])
+
+
+def error_of_convert(name, dataset_dir: Path) -> str:
+    from fsdptrain.data.formats import convert
+
+    spec = resolve([name], str(dataset_dir))[0]
+    with pytest.raises(UserError) as e:
+        convert(spec, *read(spec))
+    return str(e.value)

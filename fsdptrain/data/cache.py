@@ -31,7 +31,7 @@ from .encode import IGNORE, Example, TemplateError, TokenizeStats, tokenize_reco
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CACHE_VERSION = 1  # bump when the tokenised layout or the rules change
+CACHE_VERSION = 2  # bump when the tokenised layout or the rules change
 
 
 @dataclass
