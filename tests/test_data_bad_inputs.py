@@ -5,13 +5,16 @@ record is bounded by max_length (memory measured in a subprocess), with the same
 from __future__ import annotations
 
 import json
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fsdptrain.data.sources import read, resolve
 from fsdptrain.errors import UserError
-from tests.helpers import run_cli
+from tests.helpers import REPO, env, run_cli
 
 
 def write(path: Path, obj) -> Path:
@@ -179,3 +182,178 @@ def error_of_convert(name, dataset_dir: Path) -> str:
     with pytest.raises(UserError) as e:
         convert(spec, *read(spec))
     return str(e.value)
+
+
+# ----------------------------------------------------------------------------- bounded work per record, same tokens
+
+LF = REPO.parent / "shared" / "data" / "llamafactory"
+TOKENIZERS = REPO.parent / "shared" / "tokenizers"
+needs_fixtures = pytest.mark.skipif(not (LF / "c4_demo.jsonl").is_file(), reason=f"fixtures not found at {LF}")
+TOKENIZER_KINDS = ["char", "bpe", "qwen3", "llama3.1"]
+
+
+def c4_texts() -> list[str]:
+    return [json.loads(line)["text"] for line in (LF / "c4_demo.jsonl").read_text().splitlines() if line.strip()]
+
+
+def mixed_text(rng: random.Random, n: int) -> str:
+    """Web text with CJK, digits, punctuation runs, tabs, blank lines and emoji mixed in: hard places to cut."""
+    texts = c4_texts()
+    odd = ["中文字符测试", "。", "，", "123456789", "3.14", "  ", "\n", "\n\n", "\t", "...", "!!", "😀", "é", "don't",
+           "x_y", "--", "    code()", '{"a": 1}', "\r\n", "ÅÄÖ"]
+    out: list[str] = []
+    while sum(map(len, out)) < n:
+        out.append(rng.choice(texts)[: rng.randint(50, 800)] if rng.random() < 0.5
+                   else "".join(rng.choice(odd) for _ in range(rng.randint(1, 30))))
+    return "".join(out)
+
+
+@pytest.fixture(scope="module", params=TOKENIZER_KINDS)
+def any_tok(request):
+    from fsdptrain.data.tokenizer import apply_template, build_char_tokenizer
+
+    kind = request.param
+    if kind == "char":
+        return build_char_tokenizer()
+    if kind == "bpe":  # byte-level BPE trained here, as in test_data.py, with the built-in ChatML template
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        core.train_from_iterator(c4_texts()[:100], trainers.BpeTrainer(
+            vocab_size=800, special_tokens=["<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
+        apply_template(tok, "chatml")
+        return tok
+    if not (TOKENIZERS / kind / "tokenizer.json").is_file():
+        pytest.skip(f"real tokenizer not found at {TOKENIZERS / kind}")
+    from fsdptrain.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(TOKENIZERS / kind), None)
+
+
+@needs_fixtures
+def test_long_documents_tokenise_in_slices_to_the_tokens_of_the_whole(any_tok, monkeypatch):
+    from fsdptrain.data import encode
+
+    monkeypatch.setattr(encode, "SLICE_CHARS", 2000)  # dozens of slice boundaries in each document
+    rng = random.Random(0)
+    eos = [any_tok.eos_token_id] if any_tok.eos_token_id is not None else []
+    for text in ["\n\n".join(c4_texts()[:40]), mixed_text(rng, 40_000), mixed_text(rng, 40_000)]:
+        assert encode.tokenize_document(any_tok, text).tolist() == any_tok(text)["input_ids"] + eos
+
+
+@needs_fixtures
+def test_over_long_turns_are_elided_and_the_surviving_tokens_are_unchanged(any_tok, monkeypatch):
+    from fsdptrain.data import encode
+    from fsdptrain.data.encode import TemplateError, build_example, segments, tokenize_conversation
+
+    elided = []
+    elide = encode.elide
+    monkeypatch.setattr(encode, "elide", lambda *a, **k: elided.append(elide(*a, **k)) or elided[-1])
+    rng = random.Random(1)
+    compared = 0
+    for _ in range(6):
+        a, b = mixed_text(rng, rng.randint(3000, 8000)), mixed_text(rng, rng.randint(3000, 8000))
+        shapes = [
+            [{"role": "user", "content": "Summarise."}, {"role": "assistant", "content": a}],  # response cut
+            [{"role": "user", "content": a}, {"role": "assistant", "content": "Short."}],  # prompt cut
+            [{"role": "user", "content": a}, {"role": "assistant", "content": b}],  # both long: proportional
+            [{"role": "system", "content": b}, {"role": "user", "content": "q"}, {"role": "assistant", "content": a}],
+            [{"role": "user", "content": "q1"}, {"role": "assistant", "content": a}, {"role": "user", "content": b},
+             {"role": "assistant", "content": "ok"}],
+        ]
+        for messages in shapes:
+            for max_length in (32, 200):
+                for train_on_prompt, mask_history in ((False, False), (True, False), (False, True)):
+                    try:  # what tokenising everything gives
+                        want = build_example(segments(any_tok, messages), max_length, train_on_prompt, mask_history)
+                    except TemplateError:  # Qwen3's template rewrites earlier turns: refused either way
+                        continue
+                    elided.clear()
+                    got = tokenize_conversation(any_tok, messages, max_length, None, train_on_prompt, mask_history)
+                    assert any(e is not None for e in elided)
+                    assert (got[0].input_ids, got[0].labels, got[1]) == (want[0].input_ids, want[0].labels, want[1])
+                    compared += 1
+    assert compared >= 100
+
+
+@needs_fixtures
+def test_cached_rows_equal_in_process_tokenisation(tmp_path, monkeypatch):
+    """The Arrow rows of the cache (documents, conversations, a mixed batch, a dropped 1-token tail)."""
+    from fsdptrain.data import cache, encode
+    from fsdptrain.data.encode import tokenize_record
+    from fsdptrain.data.formats import convert
+    from fsdptrain.data.tokenizer import build_char_tokenizer
+
+    monkeypatch.setattr(encode, "SLICE_CHARS", 1000)
+    tok = build_char_tokenizer()
+    long = " ".join(c4_texts()[:5])
+    write(tmp_path / "docs.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in [long, "x" * 127, "y" * 128]))
+    write(tmp_path / "dataset_info.json", {"docs": {"file_name": "docs.jsonl", "columns": {"prompt": "text"}},
+                                           "identity": {"file_name": str(LF / "identity.json")}})
+    specs = resolve(["identity", "docs"], str(tmp_path))
+    s = cache.Settings(max_length=64, train_on_prompt=False, mask_history=False, max_samples=None, seed=1)
+    got, total, per_set, _ = cache.prepare(specs, tok, s, tmp_path / "c", 0, 0, False, lambda m: None)
+    want = []
+    for spec in specs:
+        for record in convert(spec, *read(spec)).records:
+            want += tokenize_record(tok, record, 64)[0]
+    assert [(e.input_ids, e.labels) for e in want] == [(got[i].input_ids, got[i].labels) for i in range(len(got))]
+    # "x" * 127 + end of sequence: two full chunks; "y" * 128: two chunks and a 1-token tail, dropped
+    assert per_set[1]["dropped_no_target"] == 1 and per_set[1]["kept"] == len(want) - 91
+    assert total.target_tokens == sum(e.n_targets for e in want)
+
+
+PEAK_RSS = """
+import json, sys
+from fsdptrain.config import Config
+from fsdptrain.data import pipeline
+from fsdptrain.data.tokenizer import build_char_tokenizer
+cfg = Config()
+cfg.data.dataset_dir, cfg.data.datasets, cfg.data.cache_dir = sys.argv[1], [sys.argv[2]], sys.argv[3]
+cfg.data.max_length = 2048
+examples = pipeline.load_examples(cfg, build_char_tokenizer(), log=lambda m: None)
+peak = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+print(json.dumps({"peak_kib": peak, "examples": len(examples), "first": len(examples[0].input_ids)}))
+"""
+
+
+PROSE = "lorem ipsum dolor sit amet, consectetur adipiscing elit; sed do eiusmod tempor.\\n"  # JSON-escaped
+
+
+def _giant(path: Path, head: str, size: int, tail: str) -> int:
+    """A one-record .jsonl whose one string is about `size` characters of prose, written without building it in
+    memory; the string's length."""
+    with path.open("w") as fh:
+        fh.write(head)
+        for _ in range(size // len(PROSE)):
+            fh.write(PROSE)
+        fh.write(tail)
+    return size // len(PROSE) * (len(PROSE) - 1)  # the escaped newline is one character
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc")
+@pytest.mark.parametrize("kind", ["alpaca", "text"])
+def test_one_giant_record_keeps_the_tokenising_process_under_1_5_gib(tmp_path, kind):
+    # 50 MB record: before the bound, tokenising took about 420 MiB per MB (a 10 MiB text took 4.1 GiB)
+    size = 50_000_000 if kind == "alpaca" else 20_000_000  # a document trains whole: 20 MB keeps the test short
+    if kind == "alpaca":
+        chars = _giant(tmp_path / "big.jsonl", '{"instruction": "Write a lot.", "output": "', size, '"}\n')
+        write(tmp_path / "dataset_info.json", {"big": {"file_name": "big.jsonl"}})
+    else:
+        chars = _giant(tmp_path / "big.jsonl", '{"text": "', size, '"}\n')
+        write(tmp_path / "dataset_info.json", {"big": {"file_name": "big.jsonl", "columns": {"prompt": "text"}}})
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path), "big", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=600, env=env())
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{kind}: {size / 1e6:.0f} MB record, peak RSS {out['peak_kib'] / 1024:.0f} MiB")
+    assert out["peak_kib"] < 1.5 * 1024 * 1024
+    if kind == "alpaca":
+        assert out["examples"] == 1 and out["first"] == 2048  # truncated to max_length, as before
+    else:
+        assert out["examples"] == -(-(chars + 1) // 2048) and out["first"] == 2048  # every chunk kept
