@@ -357,3 +357,18 @@ def test_one_giant_record_keeps_the_tokenising_process_under_1_5_gib(tmp_path, k
         assert out["examples"] == 1 and out["first"] == 2048  # truncated to max_length, as before
     else:
         assert out["examples"] == -(-(chars + 1) // 2048) and out["first"] == 2048  # every chunk kept
+
+
+def test_a_data_file_gone_before_hashing_is_one_line(tmp_path):
+    """The cache key reads every data file too (its content hash): through files.py like every other read."""
+    from fsdptrain.data import cache
+    from fsdptrain.data.tokenizer import build_char_tokenizer
+
+    write(tmp_path / "a.json", ALPACA)
+    write(tmp_path / "dataset_info.json", {"a": {"file_name": "a.json"}})
+    specs = resolve(["a"], str(tmp_path))
+    (tmp_path / "a.json").unlink()
+    s = cache.Settings(max_length=64, train_on_prompt=False, mask_history=False, max_samples=None, seed=1)
+    with pytest.raises(UserError) as e:
+        cache.prepare(specs, build_char_tokenizer(), s, tmp_path / "c", 0, 0, False, lambda m: None)
+    assert str(e.value) == f"{tmp_path / 'a.json'}: no such file; check the path"

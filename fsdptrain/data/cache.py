@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..files import reading
 from . import formats, sources
 from .encode import (
     IGNORE,
@@ -56,7 +57,7 @@ class Settings:
 
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with reading(path, "a data file"), open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
