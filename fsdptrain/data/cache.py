@@ -25,13 +25,22 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..files import reading
 from . import formats, sources
-from .encode import IGNORE, Example, TemplateError, TokenizeStats, tokenize_record
+from .encode import (
+    IGNORE,
+    Example,
+    TemplateError,
+    TokenizeStats,
+    chunk_lengths,
+    tokenize_conversation,
+    tokenize_document,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CACHE_VERSION = 1  # bump when the tokenised layout or the rules change
+CACHE_VERSION = 2  # bump when the tokenised layout or the rules change
 
 
 @dataclass
@@ -48,7 +57,7 @@ class Settings:
 
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with reading(path, "a data file"), open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -79,27 +88,63 @@ def cache_key(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settin
 
 
 def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool,
-                    mask_history: bool) -> dict:
-    """datasets.map function: records (JSON) -> rows; a record with no example left gives one empty row."""
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "source", "truncated", "split",
-                                            "dropped")}
+                    mask_history: bool):
+    """datasets.map function: records (JSON) -> rows; a record with no example left gives one empty row.
+
+    The rows come back as one Arrow table of int32 arrays: a long document's tokens stay one array (4 bytes a
+    token) instead of Python lists, and when every row trains all its tokens (documents) the labels column
+    shares the input_ids array.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    ids: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    cols: dict[str, list[int]] = {k: [] for k in ("length", "source", "truncated", "split", "dropped")}
+
+    def row(length: int, source: int, truncated: int = 0, split: int = 0, dropped: int = 0) -> None:
+        for k, v in zip(cols, (length, source, truncated, split, dropped)):
+            cols[k].append(v)
+
     for text, source, where in zip(batch["record"], batch["source"], batch["where"]):
+        record = json.loads(text)
+        if "text" in record:
+            doc = tokenize_document(tok, record.pop("text"))
+            kept, n_chunks = chunk_lengths(len(doc), max_length)
+            ids.append(doc[:sum(kept)])
+            labels.append(ids[-1])
+            for j, n in enumerate(kept or [0]):
+                row(n, source, split=n_chunks - 1 if j == 0 else 0, dropped=n_chunks - len(kept) if j == 0 else 0)
+            continue
         try:
-            examples, st = tokenize_record(tok, json.loads(text), max_length, train_on_prompt, mask_history)
+            ex, truncated = tokenize_conversation(tok, record["messages"], max_length, record.get("tools"),
+                                                  train_on_prompt, mask_history)
         except TemplateError:
             raise UserError(f"{where}: the chat template renders earlier turns differently once later turns are "
                             "added, so assistant tokens cannot be located; "
                             "set data.template=chatml or llama3") from None
-        rows = examples or [Example([], [])]
-        for j, ex in enumerate(rows):
-            out["input_ids"].append(ex.input_ids)
-            out["labels"].append(ex.labels)
-            out["length"].append(len(ex.input_ids))
-            out["source"].append(source)
-            out["truncated"].append(st.truncated if j == 0 else 0)
-            out["split"].append(st.split if j == 0 else 0)
-            out["dropped"].append(st.dropped_no_target if j == 0 else 0)
-    return out
+        if ex.n_targets > 0:
+            ids.append(np.asarray(ex.input_ids, dtype=np.int32))
+            labels.append(np.asarray(ex.labels, dtype=np.int32))
+            row(len(ex.input_ids), source, truncated=int(truncated))
+        else:
+            row(0, source, truncated=int(truncated), dropped=1)
+
+    def lists(parts: list[np.ndarray]) -> pa.Array:
+        values = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        offsets = np.zeros(len(cols["length"]) + 1, dtype=np.int32)
+        np.cumsum(cols["length"], out=offsets[1:])
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+    shared = all(a is b for a, b in zip(ids, labels))
+    input_ids = lists(ids)
+    ids.clear()
+    target = input_ids if shared else lists(labels)
+    labels.clear()
+    types = {"length": pa.int32(), "source": pa.int16(), "truncated": pa.int8(), "split": pa.int32(),
+             "dropped": pa.int32()}
+    return pa.table({"input_ids": input_ids, "labels": target,
+                     **{k: pa.array(v, type=types[k]) for k, v in cols.items()}})
 
 
 def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, target: Path,
@@ -121,12 +166,15 @@ def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, 
         source += [d] * len(conv.records)
         where += conv.where
         per_set.append({"name": spec.name, "read": conv.read, "skipped": conv.skipped})
+        del rows, locs, conv  # a data set's records live on only as the JSON text above
     tmp = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "map").mkdir(parents=True)  # datasets.map's own files stay inside our temporary folder
     try:
         raw = datasets.Dataset.from_dict({"record": records, "source": source, "where": where})
-        log(f"data: tokenising {len(records)} records with {s.num_proc} process(es) into {target}")
+        n_records = len(records)
+        del records, source, where  # the Arrow copy is what map reads
+        log(f"data: tokenising {n_records} records with {s.num_proc} process(es) into {target}")
         tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256,
                             num_proc=s.num_proc if s.num_proc > 1 else None, remove_columns=raw.column_names,
                             new_fingerprint=target.name,
@@ -195,11 +243,13 @@ def stats_from_meta(meta: dict, examples: TokenizedExamples) -> tuple[TokenizeSt
                                 split=entry["split"], dropped_no_target=entry["dropped_no_target"],
                                 reasons=dict(entry["skipped"])))
     labels = examples.ds.data.column("labels")
-    # target tokens: labels that are not IGNORE, position 0 of each example excluded
+    # target tokens: labels that are not IGNORE, position 0 of each example excluded (chunk by chunk: the
+    # memory-mapped column is never copied whole)
     import pyarrow.compute as pc
 
-    flat = labels.combine_chunks().flatten() if hasattr(labels, "combine_chunks") else labels.flatten()
-    total.target_tokens = int(pc.sum(pc.not_equal(flat, IGNORE)).as_py() or 0) - _first_targets(labels)
+    chunks = labels.chunks if hasattr(labels, "chunks") else [labels]
+    targets = sum(int(pc.sum(pc.not_equal(c.flatten(), IGNORE)).as_py() or 0) for c in chunks)
+    total.target_tokens = targets - _first_targets(labels)
     return total, meta["sets"]
 
 

@@ -17,17 +17,30 @@ else a short prompt is kept and the response cut, else both shrink in
 proportion; the prompt keeps its end (the turn header and the text nearest the
 response). With mask_history the last pair gets the budget first. A document
 (pretraining text) is split into cutoff_len chunks instead, every token a target.
+
+Work per record is bounded by cutoff_len, not by the record's size: the middle
+of an over-long turn, which truncation would drop anyway, is left out before
+tokenising (`elide`), and a long document is tokenised in slices (`tokenize_document`).
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
+
+import numpy as np
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
+MARGIN = 64  # tokens an elided turn keeps beyond max_length (see elide)
+EDGE = 256  # characters: the far end of an elided turn is kept, between EDGE/2 and EDGE long
+SLICE_CHARS = 1 << 16  # a document longer than this is tokenised in slices of about this many characters
 
 
 @dataclass
@@ -78,26 +91,41 @@ def _render(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[
 def segments(tok: PreTrainedTokenizerBase, messages: list[dict],
              tools: Optional[list] = None) -> list[tuple[list[int], bool]]:
     """The conversation's tokens as consecutive (ids, is_assistant_turn) runs."""
-    texts: list[str] = []
-    plan = []  # per message: (index of its full rendering, index of its generation prompt or -1)
+    full, cuts = _render_runs(tok, messages, tools)
+    return [(ids, t) for ids, t in _tokenize_runs(tok, full, cuts) if ids]
+
+
+def _render_runs(tok: PreTrainedTokenizerBase, messages: list[dict],
+                 tools: Optional[list]) -> tuple[str, list[tuple[int, bool]]]:
+    """The rendered conversation and where each run ends in it (with whether it is an assistant turn)."""
+    if not messages:
+        return "", []
+    full = _render(tok, messages, tools, False)
+    cuts: list[tuple[int, bool]] = []
+
+    def end_of(text: str) -> int:
+        if not full.startswith(text):
+            raise TemplateError("chat template is not prefix-stable")
+        return len(text)
+
     for i, m in enumerate(messages):
-        gen = -1
         if m["role"] == "assistant":
-            texts.append(_render(tok, messages[:i], tools, True))
-            gen = len(texts) - 1
-        texts.append(_render(tok, messages[: i + 1], tools, False))
-        plan.append((len(texts) - 1, gen))
-    if not texts:
-        return []
-    full = texts[-1]
-    if any(not full.startswith(t) for t in texts):
-        raise TemplateError("chat template is not prefix-stable")
-    fast = _segments_by_offsets(tok, full, plan, texts)
-    return fast if fast is not None else _segments_by_prefixes(tok, plan, texts)
+            cuts.append((end_of(_render(tok, messages[:i], tools, True)), False))
+        last = i == len(messages) - 1
+        cuts.append((len(full) if last else end_of(_render(tok, messages[: i + 1], tools, False)),
+                     m["role"] == "assistant"))
+    return full, cuts
 
 
-def _segments_by_offsets(tok: PreTrainedTokenizerBase, full: str, plan,
-                         texts: list[str]) -> Optional[list[tuple[list[int], bool]]]:
+def _tokenize_runs(tok: PreTrainedTokenizerBase, full: str,
+                   cuts: list[tuple[int, bool]]) -> list[tuple[list[int], bool]]:
+    """One (ids, is_target) per cut (a run may be empty)."""
+    fast = _runs_by_offsets(tok, full, cuts)
+    return fast if fast is not None else _runs_by_prefixes(tok, full, cuts)
+
+
+def _runs_by_offsets(tok: PreTrainedTokenizerBase, full: str,
+                     cuts: list[tuple[int, bool]]) -> Optional[list[tuple[list[int], bool]]]:
     """Tokenise the whole conversation once and cut it at the turns' character boundaries.
 
     None when the tokenizer gives no offsets or a token straddles a boundary
@@ -119,34 +147,129 @@ def _segments_by_offsets(tok: PreTrainedTokenizerBase, full: str, plan,
 
     out: list[tuple[list[int], bool]] = []
     cur = 0
-    for full_i, gen_i in plan:
-        cuts = ([(len(texts[gen_i]), False)] if gen_i >= 0 else []) + [(len(texts[full_i]), gen_i >= 0)]
-        for char, is_target in cuts:
-            k = at(char)
-            if k is None or k < cur:
-                return None
-            out.append((ids[cur:k], is_target))
-            cur = k
-    return [(x, t) for x, t in out if x]
+    for char, is_target in cuts:
+        k = at(char)
+        if k is None or k < cur:
+            return None
+        out.append((ids[cur:k], is_target))
+        cur = k
+    return out
 
 
-def _segments_by_prefixes(tok: PreTrainedTokenizerBase, plan, texts: list[str]) -> list[tuple[list[int], bool]]:
-    encoded = tok(texts, add_special_tokens=False)["input_ids"]
+def _runs_by_prefixes(tok: PreTrainedTokenizerBase, full: str,
+                      cuts: list[tuple[int, bool]]) -> list[tuple[list[int], bool]]:
+    encoded = tok([full[:char] for char, _ in cuts], add_special_tokens=False)["input_ids"]
     out: list[tuple[list[int], bool]] = []
     cur: list[int] = []
-    for full_i, gen_i in plan:
-        full = encoded[full_i]
-        if full[: len(cur)] != cur:
+    for ids, (_, is_target) in zip(encoded, cuts):
+        if ids[: len(cur)] != cur:
             raise TemplateError("chat template is not prefix-stable")
-        if gen_i >= 0:
-            prompt = encoded[gen_i]
-            if prompt[: len(cur)] != cur or full[: len(prompt)] != prompt:
-                raise TemplateError("chat template is not prefix-stable")
-            out += [(prompt[len(cur):], False), (full[len(prompt):], True)]
+        out.append((ids[len(cur):], is_target))
+        cur = ids
+    return out
+
+
+# ----------------------------------------------------------------------------- bounding the work per record
+#
+# Truncation (build_example) keeps at most max_length tokens of a conversation: of each assistant turn only its
+# first tokens, of the text before it (system, user and tool turns, template headers: the pair's prompt) only
+# its last. So a run (the text between two turn boundaries) longer than 2 x (max_length + MARGIN) + EDGE
+# characters has its middle left out before tokenising (`elide`): it keeps the end that can survive, holding at
+# least max_length + MARGIN tokens, plus EDGE/2 to EDGE characters of its other end, so that it still meets
+# its neighbours as in the whole text. The tokens that survive truncation are those of tokenising everything:
+#  - the cuts are at word boundaries (`cut_point`), where the tokenizer starts a new word on either side, so
+#    each kept part tokenises as it does in the whole text; MARGIN absorbs the few tokens that can differ next
+#    to a cut without a word boundary near it (a long run without spaces or punctuation);
+#  - the run still holds more than max_length tokens, so the example is truncated either way, and each test
+#    of the cutoff rule (infer_lengths) that compares a side with half the budget comes out the same: a side
+#    longer than the budget stays longer. Only its proportional branch (prompt and response both longer than
+#    half the budget) needs the full lengths: there the left-out middle is counted, in slices (bounded memory,
+#    work as before), and only then;
+#  - runs shorter than the threshold are never touched, so ordinary records tokenise exactly as before.
+# The chat template still renders the whole conversation (text costs a few bytes a character, tokenising with
+# offsets hundreds a token), so templates that parse a message (e.g. reasoning in <think> tags) see it whole.
+
+_WORD_GAP = re.compile(r"(?<=[^\W_])(?= [^\W_])")  # before a space between two letters or digits
+_PUNCTUATION = re.compile(r"(?<=[^\W_])(?=[^\w\s]|_)")  # before a punctuation mark that follows a letter or digit
+
+
+def cut_point(text: str, lo: int, hi: int, last: bool = True) -> int:
+    """A place in [lo, hi] where `text` can be cut so that both parts tokenise as they do in the whole text.
+
+    Subword tokenizers split text into words before tokenising each word on its own: by a regular expression
+    (GPT-2, Llama 3, Qwen: a word takes the space or punctuation mark in front of it) or at spaces
+    (SentencePiece's Metaspace). Right before a space between two letters or digits every one of them starts
+    a new word, and right before a punctuation mark that follows a letter or digit the regular-expression ones
+    do. The last such place in [lo, hi] is taken (the first with last=False), spaces first; with none, `hi`
+    (`lo`), where only the tokens next to the cut can differ.
+    """
+    for pattern in (_WORD_GAP, _PUNCTUATION):
+        found = [m.start() for m in pattern.finditer(text, lo, min(len(text), hi + 2)) if m.start() <= hi]
+        if found:
+            return found[-1] if last else found[0]
+    return hi if last else lo
+
+
+def _slices(text: str, start: int = 0, stop: Optional[int] = None) -> Iterator[tuple[int, int]]:
+    """text[start:stop] as consecutive slices of at most SLICE_CHARS characters, cut at `cut_point`s."""
+    stop = len(text) if stop is None else stop
+    while start < stop:
+        end = stop if stop - start <= SLICE_CHARS else cut_point(text, start + SLICE_CHARS // 2, start + SLICE_CHARS)
+        yield start, end
+        start = end
+
+
+def _count(tok: PreTrainedTokenizerBase, text: str, start: int = 0, stop: Optional[int] = None) -> int:
+    """Tokens in text[start:stop], tokenised in slices."""
+    return sum(len(tok(text[a:b], add_special_tokens=False)["input_ids"]) for a, b in _slices(text, start, stop))
+
+
+def elide(tok: PreTrainedTokenizerBase, run: str, need: int, keep_start: bool) -> Optional[tuple[int, int]]:
+    """(head, tail): keep run[:head] + run[tail:], or None to keep the whole run.
+
+    The kept end (the start with keep_start, else the end) holds at least `need` tokens, the other between
+    EDGE/2 and EDGE characters. The kept end is found by tokenising growing parts (2 x need characters, then
+    twice as many, ...), so the work is bounded by `need`, not by the run's length.
+    """
+    k = 2 * need
+    while k + EDGE < len(run):
+        if keep_start:
+            head, tail = cut_point(run, k // 2, k), cut_point(run, len(run) - EDGE, len(run) - EDGE // 2)
+            part = run[:head]
         else:
-            out.append((full[len(cur):], False))
-        cur = full
-    return [(ids, t) for ids, t in out if ids]
+            head, tail = cut_point(run, EDGE // 2, EDGE), cut_point(run, len(run) - k, len(run) - k // 2, last=False)
+            part = run[tail:]
+        if _count(tok, part) >= need:
+            return head, tail
+        k *= 2
+    return None
+
+
+def _elide_runs(tok: PreTrainedTokenizerBase, full: str, cuts: list[tuple[int, bool]],
+                need: int) -> tuple[str, list[tuple[int, bool]], dict[int, Callable[[], int]]]:
+    """The conversation with every over-long run elided, the runs' new ends, and per elided run (by index) a
+    function that counts the tokens left out of it."""
+    pieces: list[str] = []
+    new_cuts: list[tuple[int, bool]] = []
+    hidden: dict[int, Callable[[], int]] = {}
+    start = length = 0
+    for i, (end, is_target) in enumerate(cuts):
+        kept = None
+        if end - start > 2 * need + EDGE:
+            run = full[start:end]
+            kept = elide(tok, run, need, keep_start=is_target)
+        if kept is not None:
+            head, tail = kept
+            hidden[i] = functools.partial(_count, tok, run, head, tail)
+            pieces.append(run[:head] + run[tail:])
+        else:
+            pieces.append(full[start:end])
+        length += len(pieces[-1])
+        new_cuts.append((length, is_target))
+        start = end
+    if not hidden:
+        return full, cuts, {}
+    return "".join(pieces), new_cuts, hidden
 
 
 def infer_lengths(source: int, target: int, budget: int) -> tuple[int, int]:
@@ -163,35 +286,48 @@ def infer_lengths(source: int, target: int, budget: int) -> tuple[int, int]:
 
 
 def build_example(segs: list[tuple[list[int], bool]], max_length: int, train_on_prompt: bool = False,
-                  mask_history: bool = False) -> tuple[Example, bool]:
-    """(example, truncated) from segments: label masking and cutoff_len truncation."""
+                  mask_history: bool = False,
+                  hidden: Optional[dict[int, Callable[[], int]]] = None) -> tuple[Example, bool]:
+    """(example, truncated) from segments: label masking and cutoff_len truncation.
+
+    `hidden` counts the tokens left out of elided segments (by index); the cutoff rule reads them only where
+    it needs a pair's full lengths.
+    """
+    hidden = hidden or {}
     last = max((i for i, (_, t) in enumerate(segs) if t), default=-1)
-    pairs: list[tuple[list[int], list[int], bool]] = []  # (prompt ids, response ids, response trained)
+    # (prompt ids, response ids, response trained, indices of the segments in the pair)
+    pairs: list[tuple[list[int], list[int], bool, list[int]]] = []
     src: list[int] = []
+    members: list[int] = []
     for i, (ids, is_target) in enumerate(segs):
         if is_target:
-            pairs.append((src, ids, not mask_history or i == last))
-            src = []
+            pairs.append((src, ids, not mask_history or i == last, members + [i]))
+            src, members = [], []
         else:
             src = src + ids
+            members.append(i)
     if src:
-        pairs.append((src, [], False))
-    total = sum(len(s) + len(t) for s, t, _ in pairs)
+        pairs.append((src, [], False, members))
+    total = sum(len(s) + len(t) for s, t, _, _ in pairs)
     truncated = total > max_length
     if truncated:
         budget, kept = max_length, {}
         for k in (reversed(range(len(pairs))) if mask_history else range(len(pairs))):
-            s, t, trained = pairs[k]
+            s, t, trained, members = pairs[k]
             if budget <= 0:
-                kept[k] = ([], [], trained)
+                kept[k] = ([], [], trained, members)
                 continue
-            ns, nt = infer_lengths(len(s), len(t), budget)
-            kept[k] = (s[len(s) - ns:] if ns else [], t[:nt], trained)
+            n_s, n_t = len(s), len(t)
+            if 2 * n_s >= budget and 2 * n_t >= budget:  # the proportional branch: the full lengths
+                n_s += sum(hidden[i]() for i in members if i in hidden and not segs[i][1])
+                n_t += sum(hidden[i]() for i in members if i in hidden and segs[i][1])
+            ns, nt = infer_lengths(n_s, n_t, budget)
+            kept[k] = (s[len(s) - ns:] if ns else [], t[:nt], trained, members)
             budget -= ns + nt
         pairs = [kept[k] for k in range(len(pairs))]
     input_ids: list[int] = []
     labels: list[int] = []
-    for s, t, trained in pairs:
+    for s, t, trained, _ in pairs:
         input_ids += s + t
         labels += ((s if train_on_prompt else [IGNORE] * len(s))
                    + (t if trained or train_on_prompt else [IGNORE] * len(t)))
@@ -201,16 +337,59 @@ def build_example(segs: list[tuple[list[int], bool]], max_length: int, train_on_
 def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict], max_length: int,
                           tools: Optional[list] = None, train_on_prompt: bool = False,
                           mask_history: bool = False) -> tuple[Example, bool]:
-    """(example, truncated). Labels train only assistant turns (content + end marker) unless told otherwise."""
-    return build_example(segments(tok, messages, tools), max_length, train_on_prompt, mask_history)
+    """(example, truncated). Labels train only assistant turns (content + end marker) unless told otherwise.
+
+    Over-long runs are elided first (see `elide`): the work is bounded by max_length, the result the same.
+    """
+    full, cuts = _render_runs(tok, messages, tools)
+    full, cuts, hidden = _elide_runs(tok, full, cuts, max_length + MARGIN)
+    segs: list[tuple[list[int], bool]] = []
+    lazy: dict[int, Callable[[], int]] = {}
+    for i, (ids, is_target) in enumerate(_tokenize_runs(tok, full, cuts)):
+        if ids:
+            if i in hidden:
+                lazy[len(segs)] = hidden[i]
+            segs.append((ids, is_target))
+    return build_example(segs, max_length, train_on_prompt, mask_history, lazy)
 
 
-def tokenize_text(tok: PreTrainedTokenizerBase, text: str, max_length: int) -> list[Example]:
-    """A pretraining document: its tokens + end-of-sequence, in chunks of max_length, every token trained."""
-    ids = tok(text)["input_ids"]
+def _special_tokens(tok: PreTrainedTokenizerBase) -> Optional[tuple[list[int], list[int]]]:
+    """The special tokens the tokenizer puts before and after a text (e.g. BOS), None if not found."""
+    full, bare = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return None
+
+
+def tokenize_document(tok: PreTrainedTokenizerBase, text: str) -> np.ndarray:
+    """A pretraining document's tokens plus end-of-sequence, as int32.
+
+    A document longer than SLICE_CHARS characters is tokenised in slices of about that many characters, cut at
+    word boundaries (`cut_point`), so that memory stays bounded however long it is (the tokenizer's own
+    records of a token cost hundreds of bytes; here a token costs 4 bytes); at those boundaries the slices give
+    the tokens of the whole.
+    """
+    wrap = _special_tokens(tok) if len(text) > SLICE_CHARS else None
+    if wrap is None:
+        ids = array("i", tok(text)["input_ids"])
+    else:
+        ids = array("i", wrap[0])  # grows in place as slices are added: no second copy of the document
+        for a, b in _slices(text):
+            ids.extend(tok(text[a:b], add_special_tokens=False)["input_ids"])
+        ids.extend(wrap[1])
     if tok.eos_token_id is not None:
-        ids = ids + [tok.eos_token_id]
-    return [Example(ids[i:i + max_length], ids[i:i + max_length]) for i in range(0, len(ids), max_length)]
+        ids.append(tok.eos_token_id)
+    return np.frombuffer(ids, dtype=np.int32)
+
+
+def chunk_lengths(n_tokens: int, max_length: int) -> tuple[list[int], int]:
+    """A document of n_tokens in max_length chunks: the lengths of the chunks kept, and how many chunks there are.
+
+    A chunk of one token has no target (position 0 never is one), so a 1-token tail is dropped.
+    """
+    sizes = [min(max_length, n_tokens - i) for i in range(0, n_tokens, max_length)]
+    return [n for n in sizes if n > 1], len(sizes)
 
 
 def tokenize_record(tok: PreTrainedTokenizerBase, record: dict, max_length: int, train_on_prompt: bool = False,
@@ -218,16 +397,17 @@ def tokenize_record(tok: PreTrainedTokenizerBase, record: dict, max_length: int,
     """One common-form record (see formats.py) -> examples (none if it has no target left) and its counts."""
     st = TokenizeStats(read=1)
     if "text" in record:
-        chunks = tokenize_text(tok, record["text"], max_length)
-        st.split = len(chunks) - 1
-        examples = chunks
+        ids = tokenize_document(tok, record["text"]).tolist()
+        kept_lengths, n_chunks = chunk_lengths(len(ids), max_length)
+        kept = [Example(ids[i:i + n], ids[i:i + n]) for i, n in zip(range(0, len(ids), max_length), kept_lengths)]
+        st.split = n_chunks - 1
+        st.dropped_no_target = n_chunks - len(kept)
     else:
         ex, truncated = tokenize_conversation(tok, record["messages"], max_length, record.get("tools"),
                                               train_on_prompt, mask_history)
         st.truncated = int(truncated)
-        examples = [ex]
-    kept = [e for e in examples if e.n_targets > 0]
-    st.dropped_no_target = len(examples) - len(kept)
+        kept = [ex] if ex.n_targets > 0 else []
+        st.dropped_no_target = 1 - len(kept)
     st.kept = len(kept)
     st.target_tokens = sum(e.n_targets for e in kept)
     return kept, st

@@ -14,8 +14,9 @@ Formats (LLaMA-Factory's `formatting` field, plus plain text):
 Every conversation becomes {"messages": [{"role", "content", ["tool_calls"]}],
 "tools": list | None}, roles system/user/assistant/tool, which is what chat
 templates take; a document becomes {"text": str}. A record a format cannot
-use (missing column) is an error naming the record; a sharegpt/openai
-conversation with broken role order is skipped and counted under a reason.
+use (missing column) is an error naming the record; a record without any text
+(all fields null or blank: "empty") and a sharegpt/openai conversation with
+broken role order are skipped and counted under their reason.
 """
 
 from __future__ import annotations
@@ -80,20 +81,19 @@ def detect_text(spec: Spec, first: Optional[dict]) -> bool:
 
 
 def convert(spec: Spec, records: list[dict], where: list[str]) -> Converted:
-    """Records (with a `where` text per record for errors) -> common form, skipping broken conversations."""
+    """Records (with a `where` text per record for errors) -> common form, skipping and counting unusable ones.
+
+    Skipped, each counted under its reason: a record with no text at all (every field null, empty or blank:
+    "empty"), and conversations with broken role order. If every record is skipped that is an error.
+    """
     out = Converted(records=[], read=len(records))
     if not records:
         return out
-    if detect_text(spec, records[0]):
-        col = spec.columns.get("prompt", "text")
-        for rec, loc in zip(records, where):
-            text = _column(spec, rec, col, loc, "prompt")
-            out.records.append({"text": str(text)})
-        out.where = list(where)
-        return out
-    fn = _alpaca if spec.formatting == "alpaca" else _conversation
+    fn = _document if detect_text(spec, records[0]) else _alpaca if spec.formatting == "alpaca" else _conversation
     for rec, loc in zip(records, where):
         conv, reason = fn(spec, rec, loc)
+        if reason is None and _is_empty(conv):
+            reason = "empty"
         if reason:
             out.skipped[reason] = out.skipped.get(reason, 0) + 1
             continue
@@ -104,6 +104,17 @@ def convert(spec: Spec, records: list[dict], where: list[str]) -> Converted:
         raise UserError(f"data set '{spec.name}': all {out.read} records were skipped ({reasons}); "
                         f"check its formatting ({spec.formatting}) and tags in dataset_info.json")
     return out
+
+
+def _is_empty(conv: dict) -> bool:
+    """No text to train on: a blank document, or a conversation whose every turn is blank (and calls no tool)."""
+    if "text" in conv:
+        return not conv["text"].strip()
+    return all(not m["content"].strip() and not m.get("tool_calls") for m in conv["messages"])
+
+
+def _document(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+    return {"text": _text(_column(spec, rec, spec.columns.get("prompt", "text"), loc, "prompt"))}, None
 
 
 def _column(spec: Spec, rec: dict, col: str, loc: str, role: str) -> Any:

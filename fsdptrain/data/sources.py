@@ -9,17 +9,24 @@ mapping {name or path, formatting, columns, tags, num_samples} for data that is
 not in a registry.
 
 Reading gives plain Python records plus, per record, where it came from
-("file line N" / "record N") so that format errors can point at it.
+("file line N" / "record N") so that format errors can point at it. Every
+file (dataset_info.json and data files alike) is read through files.py, so a
+file that is not UTF-8, not valid JSON or not a readable Parquet/CSV/Arrow file
+ends the run with one line naming the data set and the file; a data set
+without any record is an error too.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
+from ..files import FileError, read_json, read_text, reading
 from .formats import FORMATS, Spec
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
@@ -27,20 +34,46 @@ EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv":
 UNSUPPORTED = ("ranking", "images", "videos", "audios", "kto_tag", "chosen", "rejected")
 
 
-def registry(dataset_dir: Path) -> dict:
-    """dataset_info.json (plus dataset_info.*.json beside it) as {name: entry}; empty if there is none."""
+def registry(dataset_dir: Path) -> dict[str, tuple[Any, Path]]:
+    """dataset_info.json (plus dataset_info.*.json beside it) as {name: (entry, file it is in)}; empty if none."""
     entries: dict = {}
     for path in [dataset_dir / "dataset_info.json", *sorted(dataset_dir.glob("dataset_info.*.json"))]:
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        data = read_json(path, "dataset_info.json")
         if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a mapping of data set names to entries")
-        entries.update(data)
+            raise UserError(f"{path}: holds a JSON {_json_type(data)}, not a mapping of data set names to "
+                            'entries; write it as {"name": {"file_name": ...}, ...}')
+        entries.update({name: (entry, path) for name, entry in data.items()})
     return entries
+
+
+# the type each dataset_info.json field must have where fsdptrain reads it (num_samples is checked in _spec)
+ENTRY_FIELDS = {"file_name": str, "formatting": str, "columns": dict, "tags": dict, "hf_hub_url": str,
+                "subset": str, "split": str}
+
+
+def _check_entry(entry: Any, where: str) -> dict:
+    """A registry entry (or a data.datasets mapping) with the fields fsdptrain reads of the right type."""
+    if not isinstance(entry, dict):
+        raise UserError(f"{where} is a JSON {_json_type(entry)} ({json.dumps(entry)[:60]}), not a mapping; "
+                        'write it as {"file_name": ..., "formatting": ...}')
+    for key, kind in ENTRY_FIELDS.items():
+        value = entry.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise UserError(f"{where}: '{key}' must be a JSON {_json_type(kind())}, not {_json_type(value)} "
+                            f"({json.dumps(value)[:60]}); fix it in that entry")
+        if kind is dict and value:
+            bad = [k for k, v in value.items() if v is not None and not isinstance(v, str)]
+            if bad:
+                raise UserError(f"{where}: '{key}.{bad[0]}' must be a string (a column or tag name), not "
+                                f"{_json_type(value[bad[0]])}; fix it in that entry")
+    return entry
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def resolve(datasets: list, dataset_dir: str) -> list[Spec]:
@@ -57,9 +90,14 @@ def resolve(datasets: list, dataset_dir: str) -> list[Spec]:
         if extra:
             raise UserError(f"data.datasets: entry {item!r}: unknown field(s) {', '.join(sorted(extra))} "
                             "(allowed: name, path, formatting, columns, tags, num_samples)")
+        _check_entry({k: v for k, v in item.items() if k in ("columns", "tags", "formatting")},
+                     f"data.datasets: entry {item!r}")
         name = item.get("name") or item["path"]
-        entry = dict(known.get(name, {})) if "path" not in item else {}
-        if not entry and "path" not in item:
+        entry = {}
+        if "path" not in item and name in known:
+            found, info = known[name]
+            entry = dict(_check_entry(found, f"{info}: entry '{name}'"))
+        if "path" not in item and name not in known:
             candidate = Path(name).expanduser() if Path(name).expanduser().exists() else root / name
             if not candidate.exists():
                 names = ", ".join(sorted(known)) or f"none: no dataset_info.json in {root}"
@@ -69,11 +107,12 @@ def resolve(datasets: list, dataset_dir: str) -> list[Spec]:
         for key in ("formatting", "columns", "tags", "num_samples"):
             if key in item:
                 entry[key] = item[key]
-        specs.append(_spec(name, entry, item.get("path"), root))
+        info = known[name][1] if name in known else root / "dataset_info.json"
+        specs.append(_spec(name, entry, item.get("path"), root, info))
     return specs
 
 
-def _spec(name: str, entry: dict, path: Optional[str], root: Path) -> Spec:
+def _spec(name: str, entry: dict, path: Optional[str], root: Path, info: Path) -> Spec:
     where = f"data set '{name}'"
     bad = [k for k in UNSUPPORTED if entry.get(k) or k in entry.get("columns", {})]
     if bad:
@@ -95,7 +134,7 @@ def _spec(name: str, entry: dict, path: Optional[str], root: Path) -> Spec:
         return spec
     target = Path(path) if path is not None else root / entry["file_name"]
     if not target.exists():
-        origin = f"file_name in {root / 'dataset_info.json'}" if path is None else "path in data.datasets"
+        origin = f"file_name in {info}" if path is None else "path in data.datasets"
         raise UserError(f"{where}: file {target} not found ({origin}); check the path or data.dataset_dir")
     if target.is_dir():
         if (target / "dataset_info.json").is_file() and (target / "state.json").is_file():
@@ -120,16 +159,20 @@ def _spec(name: str, entry: dict, path: Optional[str], root: Path) -> Spec:
 
 
 def read(spec: Spec) -> tuple[list[dict], list[str]]:
-    """All records of a data set and, per record, where it is (for error messages)."""
+    """All records of a data set and, per record, where it is (for error messages); an error if there is none."""
     if spec.hub is not None:
         return _read_hub(spec)
     if spec.saved:
         import datasets
 
-        ds = datasets.load_from_disk(spec.files[0])
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        rows = ds.to_list()
+        with _reading(spec, spec.files[0], "a folder saved by datasets.save_to_disk"):
+            ds = datasets.load_from_disk(spec.files[0])
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+            rows = ds.to_list()
+        if not rows:
+            raise UserError(f"data set '{spec.name}': {spec.files[0]} has no records; add records or remove "
+                            f"'{spec.name}' from data.datasets")
         return rows, [f"{spec.files[0]} record {i}" for i in range(len(rows))]
     records: list[dict] = []
     where: list[str] = []
@@ -137,45 +180,66 @@ def read(spec: Spec) -> tuple[list[dict], list[str]]:
         rows, locs = _read_file(spec, Path(f))
         records += rows
         where += locs
+    if not records:
+        what = spec.files[0] if len(spec.files) == 1 else f"{Path(spec.files[0]).parent} ({len(spec.files)} files)"
+        raise UserError(f"data set '{spec.name}': {what} has no records; add records or remove '{spec.name}' from "
+                        "data.datasets")
     return records, where
+
+
+@contextmanager
+def _reading(spec: Spec, path: str | Path, what: str) -> Iterator[None]:
+    """files.reading, with the data set named in front of the file."""
+    try:
+        with reading(path, what):
+            yield
+    except FileError as e:
+        raise FileError(f"data set '{spec.name}': {e}") from None
 
 
 def _read_file(spec: Spec, path: Path) -> tuple[list[dict], list[str]]:
     kind = EXTENSIONS[path.suffix]
-    if kind == "jsonl":
-        return _jsonl_text(spec, path, path.read_text(encoding="utf-8"))
-    if kind == "json":
-        text = path.read_text(encoding="utf-8")
+    if kind in ("jsonl", "json", "txt"):
+        with _reading(spec, path, f"a .{kind} data file"):
+            text = read_text(path)
+        if kind == "jsonl":
+            return _jsonl_text(spec, path, text)
+        if kind == "txt":
+            lines = [ln.rstrip("\n") for ln in text.splitlines()]
+            rows = [{"text": ln} for ln in lines if ln.strip()]  # blank lines separate documents: not records
+            return rows, [f"{path} line {i + 1}" for i, ln in enumerate(lines) if ln.strip()]
+        if not text.strip():
+            return [], []
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg == "Extra data":  # several objects, one per line: really jsonl
                 return _jsonl_text(spec, path, text)
             raise UserError(f"data set '{spec.name}': {path} line {e.lineno}: malformed JSON ({e.msg} at column "
-                            f"{e.colno})") from None
+                            f"{e.colno}); fix the file") from None
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):
-            raise UserError(f"data set '{spec.name}': {path}: expected a JSON array of records")
+            raise UserError(f"data set '{spec.name}': {path}: holds a JSON {_json_type(data)}; expected an array "
+                            "of records (or one record per line)")
         return data, [f"{path} record {i}" for i in range(len(data))]
-    if kind == "txt":
-        lines = [ln.rstrip("\n") for ln in path.read_text(encoding="utf-8").splitlines()]
-        rows = [{"text": ln} for ln in lines if ln.strip()]
-        return rows, [f"{path} line {i + 1}" for i, ln in enumerate(lines) if ln.strip()]
+    if path.stat().st_size == 0:  # pyarrow refuses an empty CSV; an empty file simply has no records
+        return [], []
     import pyarrow as pa
 
-    if kind == "parquet":
-        import pyarrow.parquet as pq
+    with _reading(spec, path, {"parquet": "a Parquet file", "csv": "a CSV file", "arrow": "an Arrow stream"}[kind]):
+        if kind == "parquet":
+            import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-    elif kind == "csv":
-        import pyarrow.csv as pcsv
+            table = pq.read_table(path)
+        elif kind == "csv":
+            import pyarrow.csv as pcsv
 
-        table = pcsv.read_csv(path)
-    else:  # arrow stream, as written by `datasets`
-        with pa.memory_map(str(path)) as src:
-            table = pa.ipc.open_stream(src).read_all()
-    rows = table.to_pylist()
+            table = pcsv.read_csv(path)
+        else:  # arrow stream, as written by `datasets`
+            with pa.memory_map(str(path)) as src:
+                table = pa.ipc.open_stream(src).read_all()
+        rows = table.to_pylist()
     return rows, [f"{path} record {i}" for i in range(len(rows))]
 
 
