@@ -28,7 +28,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"; date -u; } | tee "$RES/env.txt"
 
-timeout 100 python3 -m pytest -q tests/test_cuda.py tests/test_memory.py -k "cuda or Cuda or CUDA or gpu" 2>&1 \
+timeout 100 python3 -m pytest -q -o addopts="-ra" tests/test_cuda.py tests/test_memory.py -k "cuda or Cuda or CUDA or gpu" 2>&1 \
     | tee "$RES/cuda_tests.txt" | tail -3
 
 C="parallel.compile=true,parallel.compile_backend=$BACKEND,train.loss_chunk_tokens=$CHUNK"

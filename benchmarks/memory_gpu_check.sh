@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 RES=${OUT:-gpu_results}
 mkdir -p "$RES"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-timeout 180 python3 -m pytest -q tests/test_memory.py -k "cuda" 2>&1 | tee "$RES/memory_cuda_tests.txt" | tail -3
+timeout 180 python3 -m pytest -q -o addopts="-ra" tests/test_memory.py -k "cuda" 2>&1 | tee "$RES/memory_cuda_tests.txt" | tail -3
 timeout 300 python3 benchmarks/memory_estimate.py --steps 3 2>&1 | tee "$RES/memory_estimate.txt" | grep -E "^\||^predicted|^CPU"
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 300 torchrun --nproc-per-node 2 benchmarks/memory_estimate.py --steps 3 2>&1 \

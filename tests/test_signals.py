@@ -137,6 +137,10 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step(reference, tmp_path):
     assert step < STEPS
     ckpt = run / "checkpoints" / f"step-{step:08d}"
     assert sorted(f.name for f in ckpt.iterdir() if f.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+    p = start([*ARGS, f"output_dir={run}"], torchrun=2)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-3000:]
+    assert losses(run) == reference[2]  # bitwise, as if never stopped
 
 
 def test_second_sigint_stops_at_once_without_saving(capsys):
@@ -186,27 +190,29 @@ def test_the_jobs_time_limit_saves_and_stops_before_it_runs_out(tmp_path):
 
 def test_a_second_run_on_the_same_output_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path):
     run = tmp_path / "locked"
-    p = start([*ARGS[:1], "train.max_steps=100000", *ARGS[2:], f"output_dir={run}"])
-    try:
-        wait_for_steps(run, 2, p)
-        before = sorted(str(f.relative_to(run)) for f in run.rglob("*"))
-        second = run_cli([*ARGS, f"output_dir={run}", "checkpoint.resume=none"], timeout=120)
-        assert second.returncode == 2
-        lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1, second.stderr
-        assert lines[0].startswith(f"fsdptrain: error: output_dir: {run} is in use by another run (host "
-                                   f"{socket.gethostname()}, pid {p.pid}, started ")
-        after = sorted(str(f.relative_to(run)) for f in run.rglob("*"))
-        assert [f for f in before if f not in after] == []  # the second run moved or deleted nothing
-    finally:
-        p.kill()
-        p.communicate()
-    lock = json.loads((run / ".fsdptrain.lock").read_text())  # killed: the lock stays, naming a dead pid
-    assert lock["pid"] == p.pid
+    run.mkdir()
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-12-01 10:00:00"}
+    (run / ".fsdptrain.lock").write_text(json.dumps(me))  # held by a live process (this one)
+    (run / "config.yaml").write_text("a run's config\n")
+    (run / "metrics.jsonl").write_text("")
+    before = {f.name: f.read_text() for f in run.iterdir()}
+    second = run_cli([*ARGS, f"output_dir={run}", "checkpoint.resume=none"], timeout=120)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"fsdptrain: error: output_dir: {run} is in use by another run (host {socket.gethostname()}, pid "
+        f"{os.getpid()}, started 2026-12-01 10:00:00; lock {run}/.fsdptrain.lock); wait for it to end or use another "
+        f"output_dir; if that run is dead, delete {run}/.fsdptrain.lock"]
+    assert {f.name: f.read_text() for f in run.iterdir()} == before  # nothing moved, nothing written
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    (run / ".fsdptrain.lock").write_text(json.dumps({**me, "pid": dead.pid}))
     third = run_cli([*ARGS, f"output_dir={run}"], timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"output_dir: took over the lock of a run that is no longer running (host {socket.gethostname()}, " \
-           f"pid {p.pid}" in third.stdout
+           f"pid {dead.pid}" in third.stdout
+    assert not (run / ".fsdptrain.lock").exists()  # released at the end
+    assert (run / "previous-1" / "config.yaml").read_text() == "a run's config\n"  # the earlier run, archived
 
 
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
