@@ -83,45 +83,8 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
         rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
         local_rank = _env_int("LOCAL_RANK", 0)
         local_world = _env_int("LOCAL_WORLD_SIZE", world)
-        for name in ("MASTER_ADDR", "MASTER_PORT"):
-            if not os.environ.get(name):
-                raise LaunchError(f"{name} is not set; torchrun sets it (use torchrun, or export {name})")
-        if device_type == "cuda":
-            if local_rank >= torch.cuda.device_count():
-                raise LaunchError(
-                    f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
-                    "lower --nproc-per-node or check CUDA_VISIBLE_DEVICES"
-                )
-            torch.cuda.set_device(local_rank)
-        try:
-            store = fresh_store(rank, world, timeout)  # None unless torchrun's agent store (stale keys after a restart)
-            if store is None and world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-                store = _store_without_agent(rank, world, timeout)
-            dist.init_process_group(
-                backend=backend,
-                init_method=None if store is not None else "env://",
-                store=store,
-                rank=rank,
-                world_size=world,
-                timeout=timeout,
-                device_id=torch.device("cuda", local_rank) if device_type == "cuda" else None,
-            )
-        except LaunchError:
-            raise
-        except Exception as e:  # rendezvous failures: say where we tried to go
-            raise LaunchError(
-                f"could not join the process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-                f"as rank {rank}/{world} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "check MASTER_ADDR/MASTER_PORT, the network interface and that every node started"
-            ) from None
+        _join_launched_group(rank, world, local_rank, local_world, device_type, backend, timeout)
         owns = True
-        global _peers
-        _peers = PeerStop(rank, world)
-        _peers.start_watching()  # heartbeats, a gone store, a peer that failed
-        # One line per rank, so each node's log shows which ranks it runs (multi-node debugging).
-        log.rank_line(f"fsdptrain: rank {rank}/{world} (local rank {local_rank}/{local_world}, node "
-                      f"{os.environ.get('GROUP_RANK', '?')}) on host {socket.gethostname()} joined "
-                      f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
     else:  # plain `python -m fsdptrain train`: a one-process group, no network
         rank, world, local_rank, local_world = 0, 1, 0, 1
         if device_type == "cuda":
@@ -132,6 +95,50 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     dev = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
     log.configure(rank == 0)
     return DistInfo(rank, local_rank, world, local_world, dev, backend, owns)
+
+
+def _join_launched_group(rank: int, world: int, local_rank: int, local_world: int, device_type: str, backend: str,
+                         timeout: datetime.timedelta) -> None:
+    """The process group of a launched job (torchrun, or RANK/WORLD_SIZE/MASTER_* from another launcher), and
+    this process's watch over its peers."""
+    global _peers
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise LaunchError(f"{name} is not set; torchrun sets it (use torchrun, or export {name})")
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise LaunchError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
+                "lower --nproc-per-node or check CUDA_VISIBLE_DEVICES"
+            )
+        torch.cuda.set_device(local_rank)
+    try:
+        store = fresh_store(rank, world, timeout)  # None unless torchrun's agent store (stale keys after a restart)
+        if store is None and world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            store = _store_without_agent(rank, world, timeout)
+        dist.init_process_group(
+            backend=backend,
+            init_method=None if store is not None else "env://",
+            store=store,
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            device_id=torch.device("cuda", local_rank) if device_type == "cuda" else None,
+        )
+    except LaunchError:
+        raise
+    except Exception as e:  # rendezvous failures: say where we tried to go
+        raise LaunchError(
+            f"could not join the process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+            f"as rank {rank}/{world} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "check MASTER_ADDR/MASTER_PORT, the network interface and that every node started"
+        ) from None
+    _peers = PeerStop(rank, world)
+    _peers.start_watching()  # heartbeats, a gone store, a peer that failed
+    # One line per rank, so each node's log shows which ranks it runs (multi-node debugging).
+    log.rank_line(f"fsdptrain: rank {rank}/{world} (local rank {local_rank}/{local_world}, node "
+                  f"{os.environ.get('GROUP_RANK', '?')}) on host {socket.gethostname()} joined "
+                  f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
 
 
 def shutdown(info: DistInfo) -> None:
