@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from .errors import UserError
 from .files import FileError, read_json, reading
 from .safetensors_io import SafetensorsFile
+from .weightmap import Piece, plan_sources
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -223,31 +224,69 @@ def safetensors_index(folder: str) -> dict[str, Path]:
 
 @torch.no_grad()
 def load_pretrained(model: nn.Module, folder: str) -> None:
-    """Each rank reads only the rows of its own shards from the safetensors files (plain reads, no mmap)."""
+    """Each rank reads only the rows of its own shards from the safetensors files (plain reads, no mmap).
+
+    File keys map to parameters by transformers' own conversion rules (`weightmap`): a fused MoE parameter
+    (`experts.gate_up_proj` [E, 2I, H]) is read from the per-expert tensors of the files, only the experts and
+    rows of this rank's shard."""
     index = safetensors_index(folder)
     handles: dict[Path, SafetensorsFile] = {}
     try:
-        for mod_name, _mod, attr, p in owned_params(model):
-            key = f"{mod_name}.{attr}" if mod_name else attr
-            if key not in index:
-                raise UserError(f"model.path: {folder}: weight '{key}' is missing from the safetensors files "
-                                "(is this checkpoint for another architecture?)")
-            f = index[key]
-            if f not in handles:
-                if not f.is_file():
-                    raise UserError(f"model.path: {f}: listed in model.safetensors.index.json but missing")
-                handles[f] = SafetensorsFile(f)
-            if key not in handles[f].header:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for key, f in index.items():
+            h = _open(handles, f)
+            if key not in h.header:
                 raise UserError(f"model.path: {f}: weight '{key}' is listed in the index but not in this file")
-            shape = handles[f].shape(key)
-            if shape != tuple(p.shape):
-                raise UserError(f"model.path: {f}: weight '{key}' has shape {list(shape)}, "
+            shapes[key] = h.shape(key)
+        params = list(owned_params(model))
+        names = [f"{m}.{a}" if m else a for m, _mod, a, _p in params]
+        sources = plan_sources(model, names, shapes, {n: tuple(p.shape) for n, (*_, p) in zip(names, params)},
+                               folder)
+        for name, (*_, p) in zip(names, params):
+            src = sources[name]
+            if not src.pieces:
+                looked = ", ".join(f"'{k}'" for k in src.looked_for)
+                raise UserError(f"model.path: {folder}: weight '{name}' is missing from the safetensors files "
+                                f"(looked for {looked}); is this checkpoint for another architecture?")
+            if len(src.pieces) == 1 and not src.pieces[0].stacked and shapes[src.pieces[0].key] != tuple(p.shape):
+                key = src.pieces[0].key
+                raise UserError(f"model.path: {index[key]}: weight '{key}' has shape {list(shapes[key])}, "
                                 f"the model expects {list(p.shape)}")
-            handles[f].read_into(key, _local_slices(p), local_tensor(p))
+            _read_pieces(src.pieces, shapes, index, handles, _local_slices(p), local_tensor(p))
     finally:
         for h in handles.values():
             h.close()
     init_buffers(model)
+
+
+def _open(handles: dict[Path, SafetensorsFile], f: Path) -> SafetensorsFile:
+    if f not in handles:
+        if not f.is_file():
+            raise UserError(f"model.path: {f}: listed in model.safetensors.index.json but missing")
+        handles[f] = SafetensorsFile(f)
+    return handles[f]
+
+
+def _read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path],
+                 handles: dict[Path, SafetensorsFile], local: tuple[slice, ...], out: torch.Tensor) -> None:
+    """out <- the part of the parameter in `local` (this rank's slices), read from the file tensors that fall in it.
+
+    A stacked piece (one expert) covers one index of dim 0; a rank reads only the experts in its rows."""
+    for piece in pieces:
+        shape = shapes[piece.key]
+        dims = (1,) + tuple(shape) if piece.stacked else tuple(shape)  # the piece's extent in parameter dims
+        src, dst = [], []
+        for d, (lo, n) in enumerate(zip(piece.offset, dims)):
+            a, b = max(lo, local[d].start), min(lo + n, local[d].stop)
+            if a >= b:
+                break
+            src.append(slice(a - lo, b - lo))
+            dst.append(slice(a - local[d].start, b - local[d].start))
+        else:
+            if piece.stacked:
+                src, dst[0] = src[1:], dst[0].start  # the file tensor is one index of dim 0
+            handles_f = _open(handles, index[piece.key])
+            handles_f.read_into(piece.key, tuple(src), out[tuple(dst)])
 
 
 @torch.no_grad()
