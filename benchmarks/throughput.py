@@ -61,6 +61,7 @@ def hand_loop(cfg: Config, examples: list[Example], steps: int, info: distribute
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=info.device)
+    models.restore_buffers(model)
     models.init_random(model, cfg.seed)
     fast = {"fused": True} if info.device_type == "cuda" else {"foreach": True}  # the fast path on each device
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, **fast)

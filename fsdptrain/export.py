@@ -6,7 +6,9 @@ export` process ever holds the whole model. The folder gets
 model.safetensors (or model-0000i-of-0000n.safetensors + index), config.json,
 generation_config.json, the tokenizer files and `fsdptrain_export.json` (the
 marker: what was exported and every file written, with its size). Tied
-embeddings are written once (transformers re-ties lm_head on load).
+embeddings are written once (transformers re-ties lm_head on load). Persistent
+buffers (the state dict's non-parameter entries, e.g. DeepSeek-V3's router
+`e_score_correction_bias`) are written too; non-persistent ones never are.
 
 An export never deletes or overwrites anything it did not write. The folder is
 written into a new temporary folder beside the target (`OUT.tmp-<pid>`) and
@@ -36,13 +38,18 @@ from . import log
 from .checkpoint import MARKER, SUBDIR
 from .errors import UserError
 from .files import read_json, reading
-from .models import owned_params
+from .models import owned_params, persistent_buffers
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPORT_MARKER = "fsdptrain_export.json"  # written into every export: how an earlier export is recognised
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors in the export dtype; integer and boolean buffers as they are."""
+    return t.to(dtype=dtype, device="cpu") if t.is_floating_point() else t.to(device="cpu")
 
 
 def export_dtype(name: str, precision: str) -> torch.dtype:
@@ -331,10 +338,11 @@ def export_hf(model: nn.Module, hf_config: PretrainedConfig, tokenizer: Optional
 
     def write(tmp: Optional[Path]) -> None:
         writer = ShardWriter(tmp, max_shard_bytes) if tmp is not None else None
-        for mod_name, _mod, attr, p in owned_params(model):  # tied weights appear once
-            full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+        tensors = [(f"{m}.{a}" if m else a, p) for m, _mod, a, p in owned_params(model)]  # tied weights once
+        for key, t in tensors + list(persistent_buffers(model)):
+            full = t.full_tensor() if isinstance(t, DTensor) else t.detach()
             if writer is not None:
-                writer.add(f"{mod_name}.{attr}" if mod_name else attr, full.to(dtype=dtype, device="cpu"))
+                writer.add(key, _cast(full, dtype))
             del full
         if writer is not None:
             writer.finish()
@@ -361,6 +369,25 @@ def _batches(keys: list[str], sizes: dict[str, int], limit: int) -> Iterator[lis
         yield batch
 
 
+def _skeleton(hf_dir: Path, hf_config: PretrainedConfig) -> nn.Module:
+    """The model's structure for a checkpoint's keys and shapes, built with the attention implementation the
+    checkpoint's config names (`_attn_implementation`), else sdpa, else eager (gemma2 and gpt_oss refuse sdpa;
+    attention does not change the weights)."""
+    from . import models
+
+    raw = read_json(hf_dir / "config.json", "the model config")
+    saved = raw.get("_attn_implementation") if isinstance(raw, dict) else None
+    tries = [saved] if isinstance(saved, str) and saved else []
+    tries += [a for a in ("sdpa", "eager") if a not in tries]
+    for i, attn in enumerate(tries):
+        try:
+            return models.build_meta_model(hf_config, attn, torch.float32, False)
+        except UserError:
+            if i == len(tries) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @torch.no_grad()
 def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
                       max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> tuple[Path, bool]:
@@ -372,7 +399,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoConfig, AutoTokenizer
 
-    from . import models
     from .checkpoint import check_model, resolve_resume, verify_files
 
     path = resolve_resume(str(Path(checkpoint)), Path(checkpoint), key="export")
@@ -395,9 +421,12 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
             tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     dtype = export_dtype(dtype_name, saved.get("precision", "fp32"))
 
-    skeleton = models.build_meta_model(hf_config, "sdpa", torch.float32, False)
+    skeleton = _skeleton(hf_dir, hf_config)
     check_model(path, skeleton.state_dict(), saved)
+    # Persistent buffers are in the DCP state dict (get_state_dict saves the model's state_dict, buffers included)
+    # and are exported from it like the weights.
     keys = [f"{m}.{a}" if m else a for m, _mod, a, _p in owned_params(skeleton)]  # tied weights once
+    keys += [k for k, _b in persistent_buffers(skeleton)]
     shapes = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     stored_dtype = {k: meta[f"model.{k}"].properties.dtype for k in keys}
@@ -417,7 +446,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
                 raise UserError(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
                                 f"{lines[-1] if lines else ''})") from None
             for k in batch:
-                writer.add(k, part[k].to(dtype))
+                writer.add(k, _cast(part[k], dtype))
             del part
         writer.finish()
         _write_meta(tmp, hf_config, tokenizer, dtype)

@@ -7,8 +7,11 @@ The recipe (see `trainer.py`):
      the model folder's safetensors (each rank reads just its own rows with
      `get_slice`) or with Hugging Face's own init, computed per module from a
      seed so that every world size produces the same weights.
-Non-persistent buffers (RoPE `inv_freq`) are recomputed: `to_empty` leaves
-garbage in them and no state dict restores them.
+Buffers (RoPE `inv_freq`, Gemma's `embed_scale`, routers' correction biases)
+are computed for real by the model's own constructor at build time (only the
+parameters go to the meta device, see `build_meta_model`), kept, and copied
+back after `to_empty`, which leaves garbage in them; persistent buffers are then
+read from the model folder when it has them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
+from . import log
 from .errors import UserError
 from .files import FileError, read_json, reading
 from .safetensors_io import SafetensorsFile
@@ -71,13 +77,63 @@ def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Opti
         raise UserError(f"model.hf_config: {detail}") from None
 
 
+# Constructor tensors above this many elements are created on the meta device (parameters: a 70B model's
+# layers, a DeepSeek-V3 expert tensor of 30 GB); smaller ones are computed on the CPU. Buffers are small.
+BUILD_ON_CPU_LIMIT = 2**24
+_BUFFERS = "_fsdptrain_constructor_buffers"  # attribute of the built model: buffer name -> constructor value
+
+
+class _ParamsOnMeta(TorchFunctionMode):
+    """Build a model with its parameters on the meta device but its buffers computed on the CPU.
+
+    Why: constructors compute buffers (RoPE `inv_freq`, Gemma's `embed_scale = sqrt(hidden)`, DeepSeek-V3's
+    `e_score_correction_bias`); under `torch.device("meta")` those values are lost, and `to_empty` later leaves
+    garbage in them (Gemma trained with an embedding scale of 3e-8). Re-deriving them from `_init_weights` only
+    covers some modules, so instead the constructor's own values are recorded, whatever module they belong to.
+    How: tensor factories (torch.empty, torch.tensor, torch.arange, ...) without an explicit device run on the
+    CPU when their result is small and on meta when it is large (probed on meta first, so a 30 GB expert tensor
+    is never allocated; accelerate's `init_empty_weights(include_buffers=False)` would allocate it), and every
+    parameter is moved to meta as it is registered. So parameters end on meta whatever their size, small
+    intermediate tensors and buffers are real; a buffer above the limit stays on meta (see `restore_buffers`).
+    """
+
+    def __enter__(self):
+        self._register = nn.Module.register_parameter
+        register = self._register
+
+        def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+            register(module, name, param)
+            p = module._parameters.get(name)
+            if p is not None and not p.is_meta:
+                extra = dict(p.__dict__)
+                extra["requires_grad"] = p.requires_grad
+                module._parameters[name] = type(p)(p.to("meta"), **extra)
+
+        nn.Module.register_parameter = register_on_meta
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        nn.Module.register_parameter = self._register
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _device_constructors() and kwargs.get("device") is None:
+            probe = func(*args, **{**kwargs, "device": "meta"})
+            if not isinstance(probe, torch.Tensor) or probe.numel() > BUILD_ON_CPU_LIMIT:
+                return probe
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
 def build_meta_model(hf_config: PretrainedConfig, attn_implementation: str, dtype: torch.dtype,
                      trust_remote_code: bool) -> nn.Module:
-    """The model's modules with parameters on the meta device (no memory used)."""
+    """The model's modules with parameters on the meta device (no memory used) and buffers as its constructor
+    computed them (on the CPU; kept for `materialize`)."""
     from transformers import AutoModelForCausalLM
 
     hf_config.use_cache = False
-    with torch.device("meta"):
+    with _ParamsOnMeta():
         try:
             model = AutoModelForCausalLM.from_config(
                 hf_config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code
@@ -86,6 +142,8 @@ def build_meta_model(hf_config: PretrainedConfig, attn_implementation: str, dtyp
             raise UserError(f"model: cannot build {hf_config.model_type!r} "
                             f"with attn_implementation={attn_implementation!r}: "
                             f"{str(e).splitlines()[0]}") from None
+    # Small (a few KiB per model); the model's own buffers are replaced by to_empty, these copies are not.
+    setattr(model, _BUFFERS, {n: b.detach() for n, b in model.named_buffers() if not b.is_meta})
     return model
 
 
@@ -170,16 +228,17 @@ def init_random(model: nn.Module, seed: int, device: Optional[torch.device] = No
     the DTensor RNG (which on CPU meshes can repeat shards across ranks); they
     depend on the device type (CPU and CUDA generators differ). `device`
     defaults to where the local shards live; on a GPU this takes seconds where
-    a CPU copy of a 1B model takes about a minute. Modules' buffers (RoPE
-    inv_freq) are recomputed in place by the same call.
+    a CPU copy of a 1B model takes about a minute. Buffers are not touched:
+    they hold the constructor's values (`restore_buffers`).
     """
     done: set[int] = set()
     for mod_name, mod in model.named_modules():
         params = {a: p for a, p in mod.named_parameters(recurse=False) if p is not None and id(p) not in done}
-        has_buffers = any(True for _ in mod.buffers(recurse=False))
-        if not params and not has_buffers:
+        if not params:
             continue
         proxy = copy.copy(mod)  # same class (so _init_weights dispatches right), own parameter dict
+        # and own buffers: theirs keep the constructor's values (`restore_buffers`), whatever _init_weights does
+        proxy._buffers = {a: None if b is None else b.clone() for a, b in mod._buffers.items()}
         first = next(iter(params.values()), None)
         where = device or (local_tensor(first).device if first is not None else None)
         proxy._parameters = {  # None entries (e.g. bias=False) stay None
@@ -256,7 +315,19 @@ def load_pretrained(model: nn.Module, folder: str) -> None:
     finally:
         for h in handles.values():
             h.close()
-    init_buffers(model)
+    load_buffers(model, folder, index)
+
+
+def persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(state-dict key, buffer) for every distinct persistent buffer (those in state_dict, e.g. DeepSeek-V3's
+    router `e_score_correction_bias`), in a fixed order."""
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        for attr, b in mod._buffers.items():
+            if b is None or attr in mod._non_persistent_buffers_set or id(b) in seen:
+                continue
+            seen.add(id(b))
+            yield (f"{mod_name}.{attr}" if mod_name else attr), b
 
 
 def _open(handles: dict[Path, SafetensorsFile], f: Path) -> SafetensorsFile:
@@ -290,18 +361,67 @@ def _read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index:
 
 
 @torch.no_grad()
-def init_buffers(model: nn.Module) -> None:
-    """Recompute non-persistent buffers (RoPE inv_freq) of modules that own no parameters."""
-    for mod in model.modules():
-        if any(True for _ in mod.buffers(recurse=False)) and not any(True for _ in mod.parameters(recurse=False)):
-            model._init_weights(mod)
+def restore_buffers(model: nn.Module) -> None:
+    """Every buffer <- the value the model's constructor computed (recorded by `build_meta_model`).
+
+    A buffer the constructor made above BUILD_ON_CPU_LIMIT elements has no recorded value: it is recomputed by
+    the model's `_init_weights` when its module owns no parameters (the old rule), and named in one line."""
+    saved = getattr(model, _BUFFERS, None) or {}
+    unknown = []
+    for mod_name, mod in model.named_modules():
+        for attr, b in mod._buffers.items():
+            if b is None:
+                continue
+            name = f"{mod_name}.{attr}" if mod_name else attr
+            if name in saved:
+                local_tensor(b).copy_(saved[name])
+            elif not any(True for _ in mod.parameters(recurse=False)):
+                model._init_weights(mod)
+                unknown.append(name)
+            else:
+                unknown.append(name)
+    if unknown:
+        log.info(f"model: buffer(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} were too large to "
+                 "compute at build time; recomputed by the model's _init_weights where it can")
+
+
+@torch.no_grad()
+def load_buffers(model: nn.Module, folder: str, index: dict[str, Path]) -> None:
+    """Persistent buffers the safetensors files hold (under their state-dict key) are read; the others keep the
+    constructor's value (`restore_buffers`), named in one line."""
+    handles: dict[Path, SafetensorsFile] = {}
+    missing = []
+    try:
+        for key, b in persistent_buffers(model):
+            f = index.get(key)
+            if f is None or not f.is_file():
+                missing.append(key)
+                continue
+            if f not in handles:
+                handles[f] = SafetensorsFile(f)
+            if key not in handles[f].header:
+                missing.append(key)
+                continue
+            shape = handles[f].shape(key)
+            if shape != tuple(b.shape):
+                raise UserError(f"model.path: {f}: buffer '{key}' has shape {list(shape)}, "
+                                f"the model expects {list(b.shape)}")
+            handles[f].read_into(key, _local_slices(b), local_tensor(b))
+    finally:
+        for h in handles.values():
+            h.close()
+    if missing:
+        log.info(f"model.path: {folder}: {len(missing)} persistent buffer(s) not in the safetensors files, kept at "
+                 f"the model's initial values: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
 def materialize(model: nn.Module, device: torch.device, seed: int, weights_from: Optional[str],
                 init_device: Optional[torch.device] = None) -> None:
     """Allocate local shards on `device` and fill them (pretrained, or random init computed on `init_device`,
-    default `device`: a GPU when shards are offloaded to the CPU, since CPU init of a large model is slow)."""
+    default `device`: a GPU when shards are offloaded to the CPU, since CPU init of a large model is slow).
+    Buffers get their constructor values first; loading then reads the persistent ones the files hold."""
     model.to_empty(device=device)
+    restore_buffers(model)
     if weights_from is not None:
         load_pretrained(model, weights_from)
     else:
