@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from . import distributed, log, models, rundir
+from . import distributed, log, models, packcheck, rundir
 from .build import ShardedModel, build_sharded_model
 from .checkpoint import Checkpointer, Saved, TrainState, resolve_resume, step_name
 from .config import Config, parse_size
@@ -177,6 +177,8 @@ def setup_hf_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Pretrain
                         f"{hf_config.vocab_size}; use the model's own tokenizer or a larger vocab_size")
     if (warning := models.check_context_length(hf_config, cfg.data.max_length)) is not None:
         log.info(warning)
+    if cfg.data.packing:  # refuse packing for a model whose packed examples would see each other
+        packcheck.check_packing(hf_config, cfg.model.attn_implementation, cfg.model.trust_remote_code)
     return hf_config
 
 
