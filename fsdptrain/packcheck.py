@@ -40,14 +40,15 @@ def tiny_config(hf_config):
         over["num_attention_heads"] = heads
     if kv is not None:  # keep the attention kind: multi-head, grouped or multi-query
         over["num_key_value_heads"] = heads if kv == fields.get("num_attention_heads") else (1 if kv == 1 else 2)
-    if "head_dim" in fields:
-        over["head_dim"] = 16
+    if "head_dim" in fields:  # multi-head latent attention: head_dim is the rotary part of the query/key heads
+        over["head_dim"] = _TINY["qk_rope_head_dim"] if "qk_rope_head_dim" in fields else 16
+    if "qk_head_dim" in fields:
+        over["qk_head_dim"] = _TINY["qk_rope_head_dim"] + _TINY["qk_nope_head_dim"]
     if fields.get("q_lora_rank") is not None:
         over["q_lora_rank"] = 16
-    for key in _EXPERT_COUNTS:
-        if fields.get(key):
-            over[key] = 4
-    if fields.get("num_experts_per_tok"):
+    experts = [key for key in _EXPERT_COUNTS if fields.get(key)]
+    over.update(dict.fromkeys(experts, 4))
+    if experts and "num_experts_per_tok" in fields:
         over["num_experts_per_tok"] = 2
     if fields.get("n_group"):  # grouped routing (DeepSeek-V3): groups must divide the experts
         over.update(n_group=1, topk_group=1)

@@ -75,3 +75,15 @@ def test_cli_refuses_packing_for_gpt_oss(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fsdptrain: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert REFUSED.fullmatch(errors[0].removeprefix("fsdptrain: error: ")), errors[0]
+
+
+def test_a_model_the_check_cannot_build_is_refused_in_one_line(monkeypatch):
+    def broken(*a):
+        raise RuntimeError("shapes\ndo not match")
+
+    monkeypatch.setattr(packcheck, "_verdicts", {})
+    monkeypatch.setattr(packcheck, "packed_difference", broken)
+    with pytest.raises(ConfigError) as e:
+        packcheck.check_packing(hf_config(LLAMA), "sdpa")
+    assert str(e.value) == ("data.packing: cannot check that llama keeps packed examples apart (a tiny llama "
+                            "failed: RuntimeError: shapes do not match); set data.packing=false")
