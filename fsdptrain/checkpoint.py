@@ -195,9 +195,9 @@ def check_keys(file: Path, data: Any, form: dict[str, Any], required: tuple[str,
                                   f"{json.dumps(value)[:40]}; {DAMAGED}")
 
 
-def verify_files(path: Path) -> dict:
+def verify_files(path: Path, required: tuple[str, ...] = ("step",)) -> dict:
     """Check every file listed by the marker exists with its recorded size; returns train_state.json (its keys'
-    types checked, 'step' required)."""
+    types checked, the `required` ones present: a resume needs more of them than an export)."""
     marker = path / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER})")
@@ -215,7 +215,7 @@ def verify_files(path: Path) -> dict:
             raise CheckpointError(f"{f}: truncated or altered ({actual} bytes, {MARKER} records {size}); "
                                   "the checkpoint is damaged, resume from another one")
     state = read_json(path / STATE_FILE, "a checkpoint's train state", fix=DAMAGED)
-    check_keys(path / STATE_FILE, state, STATE_FORM, required=("step",))
+    check_keys(path / STATE_FILE, state, STATE_FORM, required=required)
     if state["step"] < 0:
         raise CheckpointError(f"{path / STATE_FILE}: key 'step': {state['step']} is below 0; {DAMAGED}")
     return state
@@ -394,9 +394,8 @@ class Checkpointer:
 
     def _check(self, path: Path, model_sd: dict) -> dict:
         """train_state.json of `path` once the files, the data order and the weights are known to fit."""
-        saved = verify_files(path)
+        saved = verify_files(path, required=("step", "format", "scheduler"))
         state_file = path / STATE_FILE
-        check_keys(state_file, saved, STATE_FORM, required=("format", "scheduler"))
         if saved.get("format") != FORMAT:
             raise CheckpointError(f"{path / STATE_FILE}: checkpoint format {saved.get('format')!r}, "
                                   f"this fsdptrain reads {FORMAT}")

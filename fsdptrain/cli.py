@@ -153,10 +153,12 @@ class FileFirst(click.Command):
     gets a one-line hint instead of click's usage error."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        given = args[:args.index("--")] if "--" in args else args
-        if any(a == "--config" or a.startswith("--config=") for a in given):
-            user_error(f"--config: give the config file as the first argument: "
-                       f"fsdptrain {self.name} FILE [key=value ...]")
+        from .config import refuse_config_flag
+
+        try:
+            refuse_config_flag(args, f"fsdptrain {self.name}")
+        except UserError as e:
+            user_error(str(e))
             ctx.exit(2)
         return super().parse_args(ctx, args)
 

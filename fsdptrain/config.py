@@ -283,6 +283,13 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def refuse_config_flag(args: list[str] | tuple[str, ...], usage: str) -> None:
+    """`--config FILE` (a LLaMA-Factory / HF Trainer habit) gets a one-line hint: the file is the first argument."""
+    given = list(args[:list(args).index("--")] if "--" in args else args)
+    if any(a == "--config" or a.startswith("--config=") for a in given):
+        raise ConfigError(f"--config: give the config file as the first argument: {usage} FILE [key=value ...]")
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Defaults, then the YAML file (the built-in demo when None), then `key.path=value` overrides."""
     cfg = Config()

@@ -369,14 +369,13 @@ def _batches(keys: list[str], sizes: dict[str, int], limit: int) -> Iterator[lis
         yield batch
 
 
-def _skeleton(hf_dir: Path, hf_config: PretrainedConfig) -> nn.Module:
+def _skeleton(raw_config: object, hf_config: PretrainedConfig) -> nn.Module:
     """The model's structure for a checkpoint's keys and shapes, built with the attention implementation the
-    checkpoint's config names (`_attn_implementation`), else sdpa, else eager (gemma2 and gpt_oss refuse sdpa;
-    attention does not change the weights)."""
+    checkpoint's config (`raw_config`, its config.json as read) names (`_attn_implementation`), else sdpa, else
+    eager (gemma2 and gpt_oss refuse sdpa; attention does not change the weights)."""
     from . import models
 
-    raw = read_json(hf_dir / "config.json", "the model config")
-    saved = raw.get("_attn_implementation") if isinstance(raw, dict) else None
+    saved = raw_config.get("_attn_implementation") if isinstance(raw_config, dict) else None
     tries = [saved] if isinstance(saved, str) and saved else []
     tries += [a for a in ("sdpa", "eager") if a not in tries]
     for i, attn in enumerate(tries):
@@ -412,7 +411,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     check_target(out_dir, **check)
     saved = verify_files(path)
     hf_dir = path / "hf"
-    read_json(hf_dir / "config.json", "the model config")  # a damaged file: one line naming it
+    raw_config = read_json(hf_dir / "config.json", "the model config")  # a damaged file: one line naming it
     with reading(hf_dir / "config.json", "the model config"):
         hf_config = AutoConfig.from_pretrained(str(hf_dir))
     tokenizer = None
@@ -421,7 +420,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
             tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     dtype = export_dtype(dtype_name, saved.get("precision", "fp32"))
 
-    skeleton = _skeleton(hf_dir, hf_config)
+    skeleton = _skeleton(raw_config, hf_config)
     check_model(path, skeleton.state_dict(), saved)
     # Persistent buffers are in the DCP state dict (get_state_dict saves the model's state_dict, buffers included)
     # and are exported from it like the weights.

@@ -443,11 +443,9 @@ def say(msg: str) -> None:
 
 def check_config(argv: list[str]) -> None:
     """Validate `[CONFIG] [key=value ...]` like `fsdptrain train` will (config.py imports no torch: fast)."""
-    from .config import load_config
+    from .config import load_config, refuse_config_flag
 
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
-        raise UserError("--config: give the config file as the first argument: "
-                        "launch/torchrun.sh FILE [key=value ...]")
+    refuse_config_flag(argv, "launch/torchrun.sh")
     args = [a for a in argv if not a.startswith("-")]
     config = args[0] if args and ("=" not in args[0] or args[0].endswith((".yaml", ".yml"))) else None
     load_config(config, [a for a in args if a is not config])

@@ -312,10 +312,10 @@ def load_pretrained(model: nn.Module, folder: str) -> None:
                 raise UserError(f"model.path: {index[key]}: weight '{key}' has shape {list(shapes[key])}, "
                                 f"the model expects {list(p.shape)}")
             _read_pieces(src.pieces, shapes, index, handles, _local_slices(p), local_tensor(p))
+        load_buffers(model, folder, index, handles)
     finally:
         for h in handles.values():
             h.close()
-    load_buffers(model, folder, index)
 
 
 def persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -386,30 +386,24 @@ def restore_buffers(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_buffers(model: nn.Module, folder: str, index: dict[str, Path]) -> None:
-    """Persistent buffers the safetensors files hold (under their state-dict key) are read; the others keep the
-    constructor's value (`restore_buffers`), named in one line."""
-    handles: dict[Path, SafetensorsFile] = {}
+def load_buffers(model: nn.Module, folder: str, index: dict[str, Path], handles: dict[Path, SafetensorsFile]) -> None:
+    """Persistent buffers the safetensors files hold (under their state-dict key) are read through the loader's
+    open files; the others keep the constructor's value (`restore_buffers`), named in one line."""
     missing = []
-    try:
-        for key, b in persistent_buffers(model):
-            f = index.get(key)
-            if f is None or not f.is_file():
-                missing.append(key)
-                continue
-            if f not in handles:
-                handles[f] = SafetensorsFile(f)
-            if key not in handles[f].header:
-                missing.append(key)
-                continue
-            shape = handles[f].shape(key)
-            if shape != tuple(b.shape):
-                raise UserError(f"model.path: {f}: buffer '{key}' has shape {list(shape)}, "
-                                f"the model expects {list(b.shape)}")
-            handles[f].read_into(key, _local_slices(b), local_tensor(b))
-    finally:
-        for h in handles.values():
-            h.close()
+    for key, b in persistent_buffers(model):
+        f = index.get(key)
+        if f is None:
+            missing.append(key)
+            continue
+        h = _open(handles, f)
+        if key not in h.header:
+            missing.append(key)
+            continue
+        shape = h.shape(key)
+        if shape != tuple(b.shape):
+            raise UserError(f"model.path: {f}: buffer '{key}' has shape {list(shape)}, "
+                            f"the model expects {list(b.shape)}")
+        h.read_into(key, _local_slices(b), local_tensor(b))
     if missing:
         log.info(f"model.path: {folder}: {len(missing)} persistent buffer(s) not in the safetensors files, kept at "
                  f"the model's initial values: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")

@@ -11,6 +11,7 @@ loader's own `collate`, against the two examples run alone; the logits must agre
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from .data.encode import Example
 from .data.loader import collate
 from .data.packing import pack
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 TOLERANCE = 1e-4
 TINY_VOCAB = 128
@@ -30,7 +34,7 @@ _EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
 _verdicts: dict[tuple, float] = {}  # (config class, attn_implementation) -> max abs logit difference
 
 
-def tiny_config(hf_config):
+def tiny_config(hf_config: PretrainedConfig) -> PretrainedConfig:
     """hf_config shrunk to a model that builds and runs in well under a second on the CPU."""
     fields = hf_config.to_dict()
     heads = 4
@@ -80,7 +84,7 @@ def _build(tiny, attn_implementation: str, trust_remote_code: bool):
                                                 trust_remote_code=trust_remote_code)
 
 
-def packed_difference(hf_config, attn_implementation: str, trust_remote_code: bool = False) -> float:
+def packed_difference(hf_config: PretrainedConfig, attn_implementation: str, trust_remote_code: bool = False) -> float:
     """Max abs difference between the logits of two examples packed in one row and run alone (tiny fp32 model)."""
     tiny = tiny_config(hf_config)
     tiny.use_cache = False
@@ -107,7 +111,7 @@ def packed_difference(hf_config, attn_implementation: str, trust_remote_code: bo
     return diff
 
 
-def check_packing(hf_config, attn_implementation: str, trust_remote_code: bool = False) -> None:
+def check_packing(hf_config: PretrainedConfig, attn_implementation: str, trust_remote_code: bool = False) -> None:
     """Refuse data.packing (one line) for a model whose packed examples see each other; cached per model class."""
     if attn_implementation.startswith("flash_attention"):
         # CUDA-only kernels: nothing to run on the CPU here; flash attention's varlen path reads the example

@@ -163,28 +163,30 @@ def read(spec: Spec) -> tuple[list[dict], list[str]]:
     if spec.hub is not None:
         return _read_hub(spec)
     if spec.saved:
-        import datasets
-
-        with _reading(spec, spec.files[0], "a folder saved by datasets.save_to_disk"):
-            ds = datasets.load_from_disk(spec.files[0])
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-            rows = ds.to_list()
-        if not rows:
-            raise UserError(f"data set '{spec.name}': {spec.files[0]} has no records; add records or remove "
-                            f"'{spec.name}' from data.datasets")
-        return rows, [f"{spec.files[0]} record {i}" for i in range(len(rows))]
-    records: list[dict] = []
-    where: list[str] = []
-    for f in spec.files:
-        rows, locs = _read_file(spec, Path(f))
-        records += rows
-        where += locs
-    if not records:
+        records, where = _read_saved(spec)
+    else:
+        records, where = [], []
+        for f in spec.files:
+            rows, locs = _read_file(spec, Path(f))
+            records += rows
+            where += locs
+    if not records:  # spec.files of a saved data set is its one folder
         what = spec.files[0] if len(spec.files) == 1 else f"{Path(spec.files[0]).parent} ({len(spec.files)} files)"
         raise UserError(f"data set '{spec.name}': {what} has no records; add records or remove '{spec.name}' from "
                         "data.datasets")
     return records, where
+
+
+def _read_saved(spec: Spec) -> tuple[list[dict], list[str]]:
+    """A folder written by datasets.save_to_disk (its train split, else its first)."""
+    import datasets
+
+    with _reading(spec, spec.files[0], "a folder saved by datasets.save_to_disk"):
+        ds = datasets.load_from_disk(spec.files[0])
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        rows = ds.to_list()
+    return rows, [f"{spec.files[0]} record {i}" for i in range(len(rows))]
 
 
 @contextmanager
