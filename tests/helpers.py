@@ -47,7 +47,7 @@ def torchrun(nproc: int, args: list[str], timeout: float = 600, **extra_env) -> 
 
 
 def make_model_dir(path: Path, arch: dict, seed: int = 0) -> Path:
-    """A tiny randomly initialised HF model + the built-in tokenizer, saved as safetensors."""
+    """A tiny randomly initialised HF model + the built-in tokenizer, saved as safetensors (save_pretrained)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fsdptrain.data.tokenizer import build_char_tokenizer
@@ -57,10 +57,14 @@ def make_model_dir(path: Path, arch: dict, seed: int = 0) -> Path:
     cfg = AutoConfig.for_model(fields.pop("model_type"), vocab_size=len(tok), **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # non-trivial norms and biases, so wrong loading shows
+    with torch.no_grad():  # non-trivial norms, biases and persistent buffers, so wrong loading shows
         for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+        params = dict(model.named_parameters())
+        for name, b in model.state_dict().items():  # e.g. DeepSeek-V3's router correction bias
+            if b.is_floating_point() and name not in params:
+                b.add_(torch.randn_like(b))
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path

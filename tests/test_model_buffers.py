@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import make_model_dir
+
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "max_position_embeddings": 128}
 ARCHS = {
@@ -25,29 +27,6 @@ ARCHS = {
 EAGER = {"gemma2", "gemma3_text"}  # transformers refuses sdpa for gemma2; gemma3 warns
 
 
-def model_dir(path: Path, arch: dict, seed: int = 0) -> Path:
-    """A tiny random model with non-trivial 1-D weights and persistent buffers, saved with save_pretrained."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fsdptrain.data.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    fields = dict(arch)
-    cfg = AutoConfig.for_model(fields.pop("model_type"), vocab_size=len(tok), **fields)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for _name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-        for name, b in model.state_dict().items():  # persistent buffers too (the router's correction bias)
-            if b.is_floating_point() and name not in dict(model.named_parameters()):
-                b.add_(torch.randn_like(b))
-    model.save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
-
-
 def hf_model(folder: Path, attn: str):
     from transformers import AutoModelForCausalLM
 
@@ -61,7 +40,7 @@ def test_loaded_buffers_and_loss_equal_transformers(tmp_path, name):
     from fsdptrain.build import build_sharded_model
     from fsdptrain.config import load_config
 
-    folder = model_dir(tmp_path / name, ARCHS[name])
+    folder = make_model_dir(tmp_path / name, ARCHS[name])
     attn = "eager" if name in EAGER else "sdpa"
     cfg = load_config(None, [f"model.path={folder}", f"model.attn_implementation={attn}", "parallel.device=cpu",
                              "parallel.precision=fp32", f"output_dir={tmp_path / 'run'}"])
@@ -99,7 +78,7 @@ def test_export_from_a_checkpoint_reloads_without_missing_keys(tmp_path, name):
     if name == "deepseek_v3":  # random init (see above): the buffer keeps its constructor value
         source = [f"model.hf_config={json.dumps(ARCHS[name])}", "model.random_init=true"]
     else:
-        folder = model_dir(tmp_path / name, ARCHS[name])
+        folder = make_model_dir(tmp_path / name, ARCHS[name])
         source = [f"model.path={folder}"]
     train(load_config(None, [*source, "model.attn_implementation=eager", f"output_dir={run}",
                              "train.max_steps=1", "checkpoint.save_every=1", "data.synthetic_examples=16",

@@ -129,17 +129,21 @@ def test_two_ranks_read_their_own_experts(folders, tmp_path):
         assert torch.equal(got[name], p.detach()), name
 
 
-def test_missing_expert_names_the_file_keys_looked_for(folders, tmp_path):
-    """A truly missing weight: the error names the per-expert file keys, not only the fused parameter."""
+def copy_without(src: Path, dst: Path, drop) -> Path:
+    """A copy of model folder `src` (config and weights) whose safetensors file lacks the keys `drop` selects."""
     from safetensors.torch import load_file, save_file
 
-    src = folders["mixtral"]
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text((src / "config.json").read_text())
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
     tensors = load_file(str(src / "model.safetensors"))
-    dropped = {k: v for k, v in tensors.items() if ".layers.1." not in k or ".w3." not in k}
-    save_file(dropped, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v for k, v in tensors.items() if not drop(k)}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_expert_names_the_file_keys_looked_for(folders, tmp_path):
+    """A truly missing weight: the error names the per-expert file keys, not only the fused parameter."""
+    bad = copy_without(folders["mixtral"], tmp_path / "bad", lambda k: ".layers.1." in k and ".w3." in k)
     with pytest.raises(UserError) as e:
         load_one_rank(bad, tmp_path)
     msg = str(e.value)
@@ -168,15 +172,7 @@ def test_a_rule_that_cannot_be_read_by_shards_is_refused_naming_the_model_type(f
 
 
 def test_a_missing_expert_is_named(folders, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    src = folders["qwen3_moe"]
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text((src / "config.json").read_text())
-    tensors = load_file(str(src / "model.safetensors"))
-    save_file({k: v for k, v in tensors.items() if "layers.0.mlp.experts.2.down_proj" not in k},
-              str(bad / "model.safetensors"), metadata={"format": "pt"})
+    bad = copy_without(folders["qwen3_moe"], tmp_path / "bad", lambda k: "layers.0.mlp.experts.2.down_proj" in k)
     with pytest.raises(UserError, match=r"'model.layers.0.mlp.experts.down_proj' has 4 experts.* 3 tensors"):
         load_one_rank(bad, tmp_path)
 
