@@ -40,6 +40,24 @@ def run_cli(args: list[str], timeout: float = 300, cwd: Path | None = None, **ex
                           timeout=timeout, env=env(**extra_env), cwd=cwd)
 
 
+def cli_inproc(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI run inside the test process, for commands that end before any training starts (config errors,
+    `config`, refusals): the same exit status, stdout and stderr as `run_cli` without the seconds an interpreter
+    start-up with torch costs. Tests of what a whole process does (signals, tracebacks, torchrun) use run_cli."""
+    from click.testing import CliRunner
+
+    from fsdptrain.cli import main
+
+    before = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        res = CliRunner().invoke(main, args, prog_name="fsdptrain", catch_exceptions=False)
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
+
+
 def torchrun(nproc: int, args: list[str], timeout: float = 600, **extra_env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
