@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,8 @@ EXTRA = {  # folder variants: name -> (family, save_pretrained options)
     "qwen2-bf16": ("qwen2", {"dtype": torch.bfloat16}),
 }
 CASES = [*FAMILIES, *EXTRA]
+MOE = {"mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"}
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # save_pretrained's layout: one tensor per expert (not gpt_oss)
 # `fsdptrain export` of the run's checkpoint too (the training-end export covers every case; both write through
 # the same save_groups / to_saved_layout, and a DCP save costs ~1 s a case here): the MoE families, tied embeddings,
 # an attention implementation other than sdpa, and the sharded folder.
@@ -151,6 +154,12 @@ def test_family(matrix, case, tmp_path):
     assert sorted(loaded) == sorted(theirs)
     for key, t in theirs.items():
         assert torch.equal(loaded[key], t.detach()), key
+    experts = {k: list(loaded[k].shape) for k in loaded if ".experts." in k}
+    assert bool(experts) == (family(case) in MOE)
+    if family(case) in MOE:  # 4 experts over 2 ranks: each rank holds (and read) 2, whole
+        assert any(PER_EXPERT.search(k) for k in folder_tensors(folder)) == (family(case) != "gpt_oss")
+        for rank_shapes in result["local_experts"]:
+            assert rank_shapes == {k: [s[0] // 2, *s[1:]] for k, s in experts.items()}, rank_shapes
 
     # step 1 = transformers' own loss on the same batch; 3 steps on 2 ranks = a plain one-process loop
     rows = json.loads((matrix / "spec.json").read_text())["examples"]

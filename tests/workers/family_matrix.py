@@ -6,7 +6,8 @@ SPEC: {"cases": [{"name", "folder", "attn", "out", "checkpoint": save one after 
 Per case, rank 0 writes into case["out"]: loaded.safetensors (every parameter and buffer, full, right after
 loading), trained.safetensors (the state dict after training, in transformers' in-memory names), probe.safetensors
 (the trained model's logits on the probe batch), result.json (step losses, the packing verdict: packed and
-unpacked summed losses of the loaded model, or the refusal line). The run directory is case["out"]/run (its
+unpacked summed losses of the loaded model, or the refusal line; per rank, the local shape of every expert
+parameter). The run directory is case["out"]/run (its
 checkpoint and the training-end export, run/hf). A case that fails at start-up with a UserError is recorded as
 that one line in result.json and the next case runs.
 """
@@ -80,7 +81,10 @@ def run_case(case: dict, spec: dict, info: distributed.DistInfo) -> None:
         state = {k: full(v) for k, v in run.model.named_parameters()}
         state.update({f"buffer.{k}": full(v) for k, v in run.model.named_buffers()})
         save(state, out / "loaded.safetensors", info)
-        result = {"packing": packing_verdict(run, examples)}
+        local = {k: list(v.to_local().shape) for k, v in run.model.named_parameters() if ".experts." in k}
+        held = [None] * info.world_size
+        torch.distributed.all_gather_object(held, local)  # which expert rows each rank holds (and so read)
+        result = {"packing": packing_verdict(run, examples), "local_experts": held}
         result["losses"] = loop(run).losses
         trained = {k: full(v) for k, v in run.model.state_dict().items()}
         save(trained, out / "trained.safetensors", info)
