@@ -8,7 +8,10 @@ generation_config.json, the tokenizer files and `fsdptrain_export.json` (the
 marker: what was exported and every file written, with its size). Tied
 embeddings are written once (transformers re-ties lm_head on load). Persistent
 buffers (the state dict's non-parameter entries, e.g. DeepSeek-V3's router
-`e_score_correction_bias`) are written too; non-persistent ones never are.
+`e_score_correction_bias`) are written too; non-persistent ones never are. The
+tensors are written in the layout `save_pretrained` writes (weightmap.save_groups
+and to_saved_layout: MoE experts one by one, as on the hub), one group of
+tensors converted at a time, so the shard-at-a-time memory bound holds.
 
 An export never deletes or overwrites anything it did not write. The folder is
 written into a new temporary folder beside the target (`OUT.tmp-<pid>`) and

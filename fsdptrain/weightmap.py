@@ -11,6 +11,9 @@ parameter is a list of (file key, where that tensor sits in the parameter), so a
 read only the parts that fall in its shard (its experts, its rows) and never builds a fused
 tensor whole. Only the operations a fused tensor needs for that are mapped (`MergeModulelist`
 on dim 0, then or alone `Concatenate`); a checkpoint that needs another one is refused.
+
+Saving goes the other way as `save_pretrained` does (transformers' `revert_weight_conversion`),
+one group of tensors at a time (`save_groups`, `to_saved_layout`), so exports stream.
 """
 
 from __future__ import annotations

@@ -198,3 +198,18 @@ def test_family(matrix, case, tmp_path):
         same_files(exported, oracle)
         config = json.loads((at_end / "config.json").read_text())
         assert json.loads((exported / "config.json").read_text()) == config
+
+
+def test_docs_table_is_this_matrix():
+    """docs/families.md lists exactly the families run here, with packing refused exactly where it is asserted."""
+    from tests.helpers import REPO
+
+    rows = {}
+    for line in (REPO / "docs" / "families.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 6 and cells[0] not in ("family", "---"):
+            rows[cells[0]] = cells[1:5]
+    assert list(rows) == list(FAMILIES)
+    for name, (loads, trains, export, packing) in rows.items():
+        assert (loads, trains, export) == ("yes", "yes", "yes"), name
+        assert packing == ("refused" if name in NO_PACKING else "yes"), name
