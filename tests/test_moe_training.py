@@ -97,7 +97,7 @@ def test_objective_and_gradients_equal_transformers_loss(arch, tmp_path):
     folder = make_model_dir(tmp_path / arch, AUX_ARCHS[arch])
     ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).train()
     exs = examples(ref.config.vocab_size)
-    for accum in (1, 2):
+    for accum in (1, 2) if arch == "mixtral" else (1,):
         (ce_sum, aux_sum), targets, grads, batches, coef = our_step(folder, tmp_path / f"a{accum}", exs,
                                                                     micro_batch_size=2 // accum,
                                                                     grad_accum_steps=accum)
