@@ -155,3 +155,44 @@ def test_summary_of_counts():
     assert moe.imbalance_warning(3, m) == (
         "step 3: MoE routing is unbalanced: in layer 1 the busiest expert got 3.2x the mean of 200 tokens per expert "
         "(min 50, max 650 over all layers); check train.router_aux_loss_coef")
+
+
+SAVED = {"hidden_size": 56, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 64, "vocab_size": 101, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("arch", [
+    {"model_type": "mixtral", **SAVED, "num_local_experts": 4, "num_experts_per_tok": 2},  # renormalised top-k
+    {"model_type": "qwen2_moe", **SAVED, "num_experts": 5, "num_experts_per_tok": 3, "moe_intermediate_size": 24,
+     "shared_expert_intermediate_size": 40, "mlp_only_layers": []},  # gated shared expert
+], ids=["mixtral", "qwen2_moe"])
+def test_moe_block_activations_equal_autograd_saved_tensors(arch):
+    """The estimator's per-block activation bytes of an MoE block (top-k rows per token through the experts' MLP,
+    router, shared expert) equal the bytes autograd saves for backward (fp32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fsdptrain.memory import estimate
+
+    fields = dict(arch)
+    cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).train()
+    b, s = 2, 40
+    x = model.model.embed_tokens(torch.randint(0, 100, (b, s))).detach().requires_grad_()
+    pos = torch.arange(s)[None]
+    cos_sin = model.model.rotary_emb(x, pos)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *cos_sin]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, position_embeddings=cos_sin, position_ids=pos)
+    shape = estimate.shape_of_model(model)
+    assert shape.moe is not None and shape.moe.moe_blocks == (True, True)
+    assert estimate.block_activation_bytes(shape, 4, "sdpa", s, b * s, True) == sum(saved.values())
+    dense = estimate.block_activation_bytes(shape, 4, "sdpa", s, b * s, False)  # the same block with a dense MLP
+    assert dense != sum(saved.values())
