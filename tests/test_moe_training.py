@@ -90,17 +90,20 @@ def our_step(folder: Path, tmp_path: Path, exs: list[Example], **train):
 
 @pytest.mark.parametrize("arch", list(AUX_ARCHS))
 def test_objective_and_gradients_equal_transformers_loss(arch, tmp_path):
-    """1 micro-batch: CE mean + coef x aux equals transformers' outputs.loss, and so do the gradients. 2 micro-batches
-    (grad accumulation): the objective is CE over all targets + coef x the mean of the micro-batches' aux losses."""
+    """1 micro-batch: CE mean + coef x aux equals transformers' outputs.loss, and so do the gradients (also with the
+    chunked loss head). 2 micro-batches (grad accumulation): the objective is CE over all targets + coef x the mean
+    of the micro-batches' aux losses."""
     from transformers import AutoModelForCausalLM
 
     folder = make_model_dir(tmp_path / arch, AUX_ARCHS[arch])
     ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).train()
     exs = examples(ref.config.vocab_size)
-    for accum in (1, 2) if arch == "mixtral" else (1,):
-        (ce_sum, aux_sum), targets, grads, batches, coef = our_step(folder, tmp_path / f"a{accum}", exs,
+    # mixtral also with gradient accumulation, and with the chunked loss head (the loss comes back as `logits`)
+    cases = [(1, 0), (2, 0), (1, 8)] if arch == "mixtral" else [(1, 0)]
+    for accum, chunk in cases:
+        (ce_sum, aux_sum), targets, grads, batches, coef = our_step(folder, tmp_path / f"a{accum}-{chunk}", exs,
                                                                     micro_batch_size=2 // accum,
-                                                                    grad_accum_steps=accum)
+                                                                    grad_accum_steps=accum, loss_chunk_tokens=chunk)
         assert coef == 0.7
         ref.zero_grad()
         total, ref_aux = 0.0, 0.0
@@ -116,7 +119,7 @@ def test_objective_and_gradients_equal_transformers_loss(arch, tmp_path):
         assert math.isclose(ce_sum / targets + coef * aux_sum / accum, total, rel_tol=1e-6, abs_tol=1e-6)
         assert math.isclose(aux_sum, ref_aux, rel_tol=1e-6)
         for name, p in ref.named_parameters():
-            assert torch.allclose(grads[name], p.grad, atol=1e-6, rtol=1e-5), (arch, accum, name)
+            assert torch.allclose(grads[name], p.grad, atol=1e-6, rtol=1e-5), (arch, accum, chunk, name)
     if arch != "mixtral":
         return
     # the aux loss does move the router: without it the router's gradient differs by far more than the tolerance
