@@ -46,7 +46,9 @@ NO_PACKING = {  # the packing check's refusal, asserted word for word up to the 
     "gpt_oss": "data.packing: gpt_oss does not keep packed examples apart (packed logits differ from the examples "
                "run alone by ",
 }
-TRAIN = {"lr": HYPER["lr"], "warmup_steps": HYPER["warmup"], "schedule": "cosine", "min_lr_ratio": HYPER["min_ratio"],
+# The reference loop trains on cross-entropy alone, so the MoE router's auxiliary loss is off here; the objective
+# with it is checked against transformers' own outputs.loss in tests/test_moe_training.py.
+TRAIN = {"router_aux_loss_coef": 0, "lr": HYPER["lr"], "warmup_steps": HYPER["warmup"], "schedule": "cosine", "min_lr_ratio": HYPER["min_ratio"],
          "weight_decay": HYPER["wd"], "max_grad_norm": HYPER["clip"],
          "adam_betas": f"[{HYPER['betas'][0]},{HYPER['betas'][1]}]"}
 
