@@ -1,0 +1,269 @@
+"""Render a conversation with its chat template, find each assistant turn in the text, and check nothing was lost.
+
+Each assistant turn i is located by rendering "the messages before it + generation prompt" (its prompt) and
+"the messages up to it" (done): the text between the two is the turn's target (content, tool calls, end-of-turn
+marker). A template whose generation prompt is not a prefix of the rendered turn (DeepSeek-R1 distills open
+`<think>` in the generation prompt) has the turn start where the two texts part.
+
+Turns follow each other in one example while each prompt extends the text before it. A template that renders
+earlier turns differently once later ones are added (Qwen3, QwQ and DeepSeek-R1 distills drop the reasoning of
+earlier replies, Mistral moves the system prompt to the last user turn) starts a new example at that turn: the
+turn is trained against its own prompt, as the model will see it, and nothing is refused or lost; a
+prefix-stable template gives one example per conversation as before.
+
+The rendered text is checked against the messages, so a template can never drop data silently: every assistant
+reply (its reasoning and its answer) and every tool call (name and arguments) must be inside its turn's target,
+followed by an end-of-turn marker; every system, user and tool message and every declared tool (name,
+description) must be in the prompt. Where the plain rendering fails, two standard adaptations are tried: tool-call
+arguments as a JSON string instead of a dict (some templates print them as given), and the replies' reasoning
+kept as written where the template strips it from every reply (it would otherwise never be trained). What still
+fails raises TemplateError naming the problem; the caller turns it into one line with a fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+THINK = re.compile(r"<think>(.*?)</think>", re.S)
+PLACEHOLDER = "\x1e{}\x1f"  # stands for an assistant reply while its template renders (see _substituted)
+
+
+class TemplateError(ValueError):
+    """The chat template cannot render this conversation faithfully; the message says what it lost."""
+
+
+@dataclass
+class Chain:
+    """One example's rendered text and where its runs end (run end, is an assistant turn)."""
+
+    text: str
+    cuts: list[tuple[int, bool]]
+
+
+def render(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[list], generation: bool) -> str:
+    if not messages:
+        return ""
+    try:
+        return tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                       add_generation_prompt=generation)
+    except Exception as e:  # the template's raise_exception, or a message shape it cannot handle
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TemplateError(f"fails on this conversation ({first})") from None
+
+
+def render_chains(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[list] = None,
+                  last_only: bool = False) -> list[Chain]:
+    """The conversation as rendered examples, checked (see the module docstring); raises TemplateError.
+
+    last_only: only the example holding the last assistant turn (mask_history trains nothing else).
+    """
+    first_problem: Optional[TemplateError] = None
+    for variant in _variants(messages):
+        try:
+            chains = _chains(tok, variant.messages, tools, variant.replies)
+            _check(variant.messages if not variant.replies else messages, tools, chains)
+            return chains[-1:] if last_only else chains
+        except TemplateError as e:
+            first_problem = first_problem or e
+    raise first_problem  # type: ignore[misc]
+
+
+@dataclass
+class _Variant:
+    messages: list[dict]
+    replies: dict[str, str]  # placeholder -> the reply it stands for (empty: rendered as given)
+
+
+def _variants(messages: list[dict]) -> Iterator[_Variant]:
+    """The conversation as given, then with JSON-string tool-call arguments, then with replies held aside."""
+    yield _Variant(messages, {})
+    if any(isinstance(c["function"].get("arguments"), dict) for m in messages for c in m.get("tool_calls") or []):
+        yield _Variant([_string_arguments(m) for m in messages], {})
+    if any(m["role"] == "assistant" and THINK.search(m.get("content") or "") for m in messages):
+        yield _substituted(messages)
+
+
+def _string_arguments(m: dict) -> dict:
+    if not m.get("tool_calls"):
+        return m
+    calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"],
+                                                                           ensure_ascii=False)}}
+             if isinstance(c["function"].get("arguments"), dict) else c for c in m["tool_calls"]]
+    return {**m, "tool_calls": calls}
+
+
+def _substituted(messages: list[dict]) -> _Variant:
+    """Replies with reasoning replaced by placeholders, put back after rendering: for templates that strip
+    `<think>` from every reply (DeepSeek-R1 distills), so the reasoning is trained as written."""
+    out, replies = [], {}
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and THINK.search(m.get("content") or ""):
+            key = PLACEHOLDER.format(i)
+            replies[key] = m["content"]
+            m = {**m, "content": key}
+        out.append(m)
+    return _Variant(out, replies)
+
+
+def _put_back(text: str, replies: dict[str, str]) -> str:
+    for key, reply in replies.items():
+        text = text.replace(key, reply)
+    return text
+
+
+def _chains(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[list],
+            replies: dict[str, str]) -> list[Chain]:
+    chains: list[Chain] = []
+    text, cuts = "", []
+    previous = -1  # index of the last assistant turn done
+
+    def draw(msgs: list[dict], generation: bool) -> str:
+        return _put_back(render(tok, msgs, tools, generation), replies)
+
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = draw(messages[:i], True)
+        if not prompt.startswith(text):  # earlier turns look different now: this turn starts a new example
+            chains.append(Chain(text, cuts))
+            text, cuts = "", []
+        floor = len(text)
+        for j in range(previous + 1, i):  # where each message in the prompt ends (runs of their own)
+            before = draw(messages[:j + 1], False)
+            if prompt.startswith(before) and len(before) > floor:
+                floor = len(before)
+                cuts.append((floor, False))
+        done = draw(messages[:i + 1], False)
+        start = len(prompt) if done.startswith(prompt) else _common_prefix(prompt, done)
+        if start < floor:
+            raise TemplateError(f"renders assistant turn {_turn_no(messages, i)} over the messages before it "
+                                "(its text does not follow the prompt)")
+        cuts += [(start, False), (len(done), True)]
+        text, previous = done, i
+    if cuts:
+        chains.append(Chain(text, cuts))
+    return chains
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def _turn_no(messages: list[dict], i: int) -> int:
+    return sum(1 for m in messages[:i + 1] if m["role"] == "assistant")
+
+
+# ----------------------------------------------------------------------------- checking the rendered text
+
+
+def _check(messages: list[dict], tools: Optional[list], chains: list[Chain]) -> None:
+    """TemplateError unless every message, reasoning, tool call and tool declaration is where it belongs."""
+    # (text, target start, target end, first turn of its example) per assistant turn
+    turns = [(c.text, c.cuts[k - 1][0], end, k == min(x for x, (_, t) in enumerate(c.cuts) if t))
+             for c in chains for k, (end, is_target) in enumerate(c.cuts) if is_target]
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    previous = -1
+    for n, (i, (text, start, end, first)) in enumerate(zip(assistants, turns), 1):
+        prompt, target = text[:start], text[start:end]
+        for j in range(previous + 1, i):
+            content = _plain(messages[j].get("content")).strip()
+            if content and content not in prompt:
+                raise TemplateError(f"drops or changes {messages[j]['role']} messages "
+                                    f"(the {messages[j]['role']} text before assistant turn {n} is not rendered)")
+        if first:
+            _check_tools(tools, prompt)
+        _check_reply(messages[i], target, n)
+        previous = i
+
+
+def _check_tools(tools: Optional[list], prompt: str) -> None:
+    for t in tools or []:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict):
+            continue
+        for part in (fn.get("name"), fn.get("description")):
+            if isinstance(part, str) and part.strip() and part.strip() not in prompt:
+                raise TemplateError(f"does not render the tool declarations (tool '{fn.get('name')}' is missing "
+                                    "from the prompt)")
+
+
+def _check_reply(m: dict, target: str, n: int) -> None:
+    content = _plain(m.get("content"))
+    last = 0
+    reasoning = [r.strip() for r in THINK.findall(content)] + [_plain(m.get("reasoning_content")).strip()]
+    for r in reasoning:
+        if r:
+            at = target.find(r)
+            if at < 0:
+                raise TemplateError(f"drops the reasoning (<think>) of assistant turn {n}")
+            last = max(last, at + len(r))
+    answer = THINK.sub("", content).strip()
+    if answer:
+        at = target.rfind(answer)
+        if at < 0:
+            raise TemplateError(f"drops or changes the reply of assistant turn {n}")
+        last = max(last, at + len(answer))
+    for c in m.get("tool_calls") or []:
+        fn = c["function"]
+        at = target.find(fn["name"])
+        missing = [alts[0] for alts in _leaves(fn.get("arguments")) if not any(a in target for a in alts)]
+        if at < 0 or missing:
+            what = f"'{fn['name']}'" + (f" (argument text {missing[0]!r})" if at >= 0 else "")
+            raise TemplateError(f"does not render tool calls (assistant turn {n}'s call {what} is missing)")
+        last = max([last, at + len(fn["name"])] + [target.rfind(a) + len(a) for alts in _leaves(fn.get("arguments"))
+                                                    for a in alts if a in target])
+    if not target[last:].strip():
+        raise TemplateError(f"puts no end-of-turn marker after assistant turn {n}")
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # content parts: [{"type": "text", "text": ...}]
+        return "".join(p.get("text", "") for p in value if isinstance(p, dict))
+    return str(value)
+
+
+def _leaves(value: Any) -> Iterator[tuple[str, ...]]:
+    """What must appear of a tool call's arguments: each key and scalar, with the spellings templates use."""
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, (dict, list)):
+            yield from _leaves(parsed)
+        elif value.strip():
+            yield (value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1])
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(str(k))
+            yield from _leaves(v) if not isinstance(v, str) else _leaves_str(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v) if not isinstance(v, str) else _leaves_str(v)
+    elif isinstance(value, bool):
+        yield ("true", "True")
+    elif value is None:
+        yield ("null", "None")
+    else:
+        yield (json.dumps(value), repr(value), str(value))
+
+
+def _leaves_str(v: str) -> Iterator[tuple[str, ...]]:
+    """A string value inside arguments (not parsed again as JSON)."""
+    if v.strip():
+        yield (v, json.dumps(v)[1:-1], json.dumps(v, ensure_ascii=False)[1:-1])
