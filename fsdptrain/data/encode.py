@@ -132,15 +132,26 @@ def _runs_by_offsets(tok: PreTrainedTokenizerBase, full: str,
 
 def _runs_by_prefixes(tok: PreTrainedTokenizerBase, full: str,
                       cuts: list[tuple[int, bool]]) -> list[tuple[list[int], bool]]:
+    """Each prefix tokenised on its own; where a prefix's tokens do not extend the previous one's (a token
+    merges across the boundary), every run is tokenised on its own instead, as LLaMA-Factory encodes each
+    prompt and response separately."""
     encoded = tok([full[:char] for char, _ in cuts], add_special_tokens=False)["input_ids"]
     out: list[tuple[list[int], bool]] = []
     cur: list[int] = []
     for ids, (_, is_target) in zip(encoded, cuts):
         if ids[: len(cur)] != cur:
-            raise TemplateError("chat template is not prefix-stable")
+            return _runs_apart(tok, full, cuts)
         out.append((ids[len(cur):], is_target))
         cur = ids
     return out
+
+
+def _runs_apart(tok: PreTrainedTokenizerBase, full: str,
+                cuts: list[tuple[int, bool]]) -> list[tuple[list[int], bool]]:
+    starts = [0] + [char for char, _ in cuts[:-1]]
+    texts = [full[a:b] for a, (b, _) in zip(starts, cuts)]
+    encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [(ids if text else [], is_target) for ids, text, (_, is_target) in zip(encoded, texts, cuts)]
 
 
 # ----------------------------------------------------------------------------- bounding the work per record

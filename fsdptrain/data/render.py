@@ -15,13 +15,15 @@ The rendered text is checked against the messages, so a template can never drop 
 reply (its reasoning and its answer) and every tool call (name and arguments) must be inside its turn's target,
 followed by an end-of-turn marker; every system, user and tool message and every declared tool (name,
 description) must be in the prompt. Where the plain rendering fails, two standard adaptations are tried: tool-call
-arguments as a JSON string instead of a dict (some templates print them as given), and the replies' reasoning
-kept as written where the template strips it from every reply (it would otherwise never be trained). What still
+arguments as a JSON string instead of a dict (some templates print them as given), the replies' reasoning
+kept as written where the template strips it from every reply (it would otherwise never be trained), and the
+system prompt put before the first user message for templates without a system role. What still
 fails raises TemplateError naming the problem; the caller turns it into one line with a fix.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -51,7 +53,7 @@ def render(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[l
     if not messages:
         return ""
     try:
-        return tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
+        return tok.apply_chat_template(messages, tools=tools, tokenize=False,
                                        add_generation_prompt=generation)
     except Exception as e:  # the template's raise_exception, or a message shape it cannot handle
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -62,54 +64,135 @@ def render_chains(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Opt
                   last_only: bool = False) -> list[Chain]:
     """The conversation as rendered examples, checked (see the module docstring); raises TemplateError.
 
+    The conversation is rendered as given, then with the adaptations that apply (ADAPTATIONS), one at a time,
+    then two at a time, ...; the first rendering that passes the check is used, and its adaptations are tried
+    first for the next conversation with the same template. The error is the plain rendering's problem.
     last_only: only the example holding the last assistant turn (mask_history trains nothing else).
     """
+    usable = [a for a in ADAPTATIONS if ADAPTATIONS[a][0](messages, tools, tok)]
+    tried = [c for k in range(len(usable) + 1) for c in itertools.combinations(usable, k)]
+    known = _WORKED.get(hash(tok.chat_template))
+    if known in tried:
+        tried.remove(known)
+        tried.insert(0, known)
     first_problem: Optional[TemplateError] = None
-    for variant in _variants(messages):
+    for combo in tried:
+        variant = _Variant(messages, tools, {}, "")
+        for name in combo:
+            variant = ADAPTATIONS[name][1](variant, tok)
         try:
-            chains = _chains(tok, variant.messages, tools, variant.replies)
-            _check(variant.messages if not variant.replies else messages, tools, chains)
-            return chains[-1:] if last_only else chains
+            chains = _chains(tok, variant)
+            _check(messages, tools, chains)
         except TemplateError as e:
             first_problem = first_problem or e
+            continue
+        _WORKED[hash(tok.chat_template)] = combo
+        return chains[-1:] if last_only else chains
     raise first_problem  # type: ignore[misc]
 
 
 @dataclass
 class _Variant:
     messages: list[dict]
+    tools: Optional[list]
     replies: dict[str, str]  # placeholder -> the reply it stands for (empty: rendered as given)
+    eos: str  # put after every reply ("": nothing)
 
 
-def _variants(messages: list[dict]) -> Iterator[_Variant]:
-    """The conversation as given, then with JSON-string tool-call arguments, then with replies held aside."""
-    yield _Variant(messages, {})
-    if any(isinstance(c["function"].get("arguments"), dict) for m in messages for c in m.get("tool_calls") or []):
-        yield _Variant([_string_arguments(m) for m in messages], {})
-    if any(m["role"] == "assistant" and THINK.search(m.get("content") or "") for m in messages):
-        yield _substituted(messages)
+def _has_dict_arguments(messages: list[dict], tools: Optional[list], tok: Any) -> bool:
+    return any(isinstance(c["function"].get("arguments"), dict) for m in messages for c in m.get("tool_calls") or [])
 
 
-def _string_arguments(m: dict) -> dict:
-    if not m.get("tool_calls"):
-        return m
-    calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"],
-                                                                           ensure_ascii=False)}}
-             if isinstance(c["function"].get("arguments"), dict) else c for c in m["tool_calls"]]
-    return {**m, "tool_calls": calls}
+def _string_arguments(v: _Variant, tok: Any) -> _Variant:
+    """Tool-call arguments as a JSON string (templates that print them as given)."""
+    def one(m: dict) -> dict:
+        if not m.get("tool_calls"):
+            return m
+        calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"],
+                                                                               ensure_ascii=False)}}
+                 if isinstance(c["function"].get("arguments"), dict) else c for c in m["tool_calls"]]
+        return {**m, "tool_calls": calls}
+    return _Variant([one(m) for m in v.messages], v.tools, v.replies, v.eos)
 
 
-def _substituted(messages: list[dict]) -> _Variant:
+def _json_results(messages: list[dict], tools: Optional[list], tok: Any) -> bool:
+    return any(m["role"] == "tool" and isinstance(_json(m.get("content")), (dict, list)) for m in messages)
+
+
+def _parsed_results(v: _Variant, tok: Any) -> _Variant:
+    """Tool results that are JSON passed as objects (templates that tojson every result, e.g. Llama 3.1's,
+    would print a string result as one quoted, escaped string)."""
+    msgs = [{**m, "content": _json(m.get("content"))}
+            if m["role"] == "tool" and isinstance(_json(m.get("content")), (dict, list)) else m for m in v.messages]
+    return _Variant(msgs, v.tools, v.replies, v.eos)
+
+
+def _has_reasoning(messages: list[dict], tools: Optional[list], tok: Any) -> bool:
+    return any(m["role"] == "assistant" and THINK.search(_plain(m.get("content"))) for m in messages)
+
+
+def _substituted(v: _Variant, tok: Any) -> _Variant:
     """Replies with reasoning replaced by placeholders, put back after rendering: for templates that strip
     `<think>` from every reply (DeepSeek-R1 distills), so the reasoning is trained as written."""
-    out, replies = [], {}
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant" and THINK.search(m.get("content") or ""):
+    out, replies = [], dict(v.replies)
+    for i, m in enumerate(v.messages):
+        if m["role"] == "assistant" and THINK.search(_plain(m.get("content"))):
             key = PLACEHOLDER.format(i)
             replies[key] = m["content"]
             m = {**m, "content": key}
         out.append(m)
-    return _Variant(out, replies)
+    return _Variant(out, v.tools, replies, v.eos)
+
+
+def _leading_system(messages: list[dict], tools: Optional[list], tok: Any) -> bool:
+    return len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user"
+
+
+def _system_in_user(v: _Variant, tok: Any) -> _Variant:
+    """The system prompt put before the first user message, for templates without a system role (Gemma 2)."""
+    system, user = v.messages[0], v.messages[1]
+    merged = "\n\n".join(p for p in (_plain(system.get("content")), _plain(user.get("content"))) if p)
+    return _Variant([{**user, "content": merged}] + v.messages[2:], v.tools, v.replies, v.eos)
+
+
+def _no_tools(messages: list[dict], tools: Optional[list], tok: Any) -> bool:
+    return not tools
+
+
+def _empty_tools(v: _Variant, tok: Any) -> _Variant:
+    """An empty tool list instead of none (tool-use templates that loop over `tools` unconditionally)."""
+    return _Variant(v.messages, [], v.replies, v.eos)
+
+
+def _has_eos(messages: list[dict], tools: Optional[list], tok: Any) -> bool:
+    return bool(getattr(tok, "eos_token", None))
+
+
+def _eos_after_reply(v: _Variant, tok: Any) -> _Variant:
+    """The tokenizer's end-of-sequence token after every reply, for templates that close a reply with nothing
+    (GLM's: the next turn's header ends it), as LLaMA-Factory does for such templates: the model learns to stop."""
+    return _Variant(v.messages, v.tools, v.replies, tok.eos_token)
+
+
+# name -> (applies to this conversation, adapt); tried in this order
+ADAPTATIONS = {
+    "arguments as a JSON string": (_has_dict_arguments, _string_arguments),
+    "tool results as JSON objects": (_json_results, _parsed_results),
+    "reasoning kept as written": (_has_reasoning, _substituted),
+    "system prompt in the first user turn": (_leading_system, _system_in_user),
+    "an empty tool list": (_no_tools, _empty_tools),
+    "EOS after each reply": (_has_eos, _eos_after_reply),
+}
+_WORKED: dict[int, tuple[str, ...]] = {}  # chat template (hash) -> the adaptations that last worked with it
+
+
+def _json(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return None
 
 
 def _put_back(text: str, replies: dict[str, str]) -> str:
@@ -118,37 +201,39 @@ def _put_back(text: str, replies: dict[str, str]) -> str:
     return text
 
 
-def _chains(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[list],
-            replies: dict[str, str]) -> list[Chain]:
+def _chains(tok: PreTrainedTokenizerBase, v: _Variant) -> list[Chain]:
+    messages = v.messages
     chains: list[Chain] = []
-    text, cuts = "", []
+    raw, out, cuts = "", "", []  # the template's text so far, the example's (raw plus inserted EOS), run ends
     previous = -1  # index of the last assistant turn done
 
     def draw(msgs: list[dict], generation: bool) -> str:
-        return _put_back(render(tok, msgs, tools, generation), replies)
+        return _put_back(render(tok, msgs, v.tools, generation), v.replies)
 
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prompt = draw(messages[:i], True)
-        if not prompt.startswith(text):  # earlier turns look different now: this turn starts a new example
-            chains.append(Chain(text, cuts))
-            text, cuts = "", []
-        floor = len(text)
+        if not prompt.startswith(raw):  # earlier turns look different now: this turn starts a new example
+            chains.append(Chain(out, cuts))
+            raw, out, cuts = "", "", []
+        floor = len(raw)
         for j in range(previous + 1, i):  # where each message in the prompt ends (runs of their own)
             before = draw(messages[:j + 1], False)
             if prompt.startswith(before) and len(before) > floor:
                 floor = len(before)
-                cuts.append((floor, False))
+                cuts.append((len(out) + floor - len(raw), False))
         done = draw(messages[:i + 1], False)
         start = len(prompt) if done.startswith(prompt) else _common_prefix(prompt, done)
         if start < floor:
             raise TemplateError(f"renders assistant turn {_turn_no(messages, i)} over the messages before it "
                                 "(its text does not follow the prompt)")
-        cuts += [(start, False), (len(done), True)]
-        text, previous = done, i
+        cuts.append((len(out) + start - len(raw), False))
+        out += done[len(raw):] + v.eos
+        cuts.append((len(out), True))
+        raw, previous = done, i
     if cuts:
-        chains.append(Chain(text, cuts))
+        chains.append(Chain(out, cuts))
     return chains
 
 
@@ -178,7 +263,10 @@ def _check(messages: list[dict], tools: Optional[list], chains: list[Chain]) -> 
         prompt, target = text[:start], text[start:end]
         for j in range(previous + 1, i):
             content = _plain(messages[j].get("content")).strip()
-            if content and content not in prompt:
+            parsed = _json(content) if messages[j]["role"] == "tool" else None
+            forms = [content] + ([json.dumps(parsed), json.dumps(parsed, ensure_ascii=False)]
+                                 if isinstance(parsed, (dict, list)) else [])
+            if content and not any(f in prompt for f in forms):  # a JSON result may be re-serialised
                 raise TemplateError(f"drops or changes {messages[j]['role']} messages "
                                     f"(the {messages[j]['role']} text before assistant turn {n} is not rendered)")
         if first:
