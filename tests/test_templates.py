@@ -1,0 +1,131 @@
+"""Every real chat template in ../shared/chat_templates trains exactly the assistant turns or is refused in one
+line; the table in docs/templates.md is what this check gives; a template that cannot render the data's tool
+calls stops the data set with one line naming data.template and a fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fsdptrain.errors import UserError
+from tests.helpers import REPO
+
+SHARED = REPO.parent / "shared"
+TEMPLATES = SHARED / "chat_templates"
+TOKENIZERS = SHARED / "tokenizers"
+needs_fixtures = pytest.mark.skipif(not TEMPLATES.is_dir(), reason=f"fixtures not found at {SHARED}")
+
+# The families the issue names: every conversation renders right (tools only where the model has tool support).
+MUST_WORK = ["Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B", "Qwen3-Coder", "Qwen3.5-4B", "Qwen-QwQ-32B",
+             "meta-llama-Llama-3.1-8B-Instruct", "meta-llama-Llama-3.2-3B-Instruct",
+             "meta-llama-Llama-3.3-70B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407",
+             "Mistral-Small-3.2-24B-Instruct-2506", "google-gemma-4-31B-it", "ibm-granite-granite-4.0",
+             "openai-gpt-oss-120b", "NVIDIA-Nemotron-Nano-v2"]
+# Models without tool support in their template: everything else renders right, tools are refused.
+NO_TOOLS = {"google-gemma-2-2b-it": "fails on this conversation (Conversation roles must alternate",
+            "microsoft-Phi-3.5-mini-instruct": "does not render the tool declarations",
+            "HuggingFaceTB-SmolLM3-3B": "does not render the tool declarations",
+            "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": "does not render the tool declarations",
+            "deepseek-ai-DeepSeek-R1-Distill-Llama-8B": "does not render the tool declarations",
+            "ibm-granite-granite-3.3-2B-Instruct": "does not render tool calls"}
+
+
+@pytest.fixture(scope="module")
+def results():
+    from fsdptrain.data.templatecheck import run_all
+
+    return run_all(TEMPLATES, TOKENIZERS)
+
+
+@needs_fixtures
+def test_every_template_trains_exactly_the_assistant_turns_or_refuses_in_one_line(results):
+    assert len(results) == 70
+    wrong = [f"{name} / {conv}: {o.cell()}" for name, (_, outcomes) in results.items()
+             for conv, o in outcomes.items() if o.problems]
+    assert not wrong, "\n".join(wrong)
+    for _, outcomes in results.values():
+        for o in outcomes.values():
+            assert o.refused is None or ("\n" not in o.refused and o.refused.strip())
+    cells = {Path(n).stem: {c: o.cell() for c, o in outcomes.items()} for n, (_, outcomes) in results.items()}
+    for name in MUST_WORK:
+        assert all(c.startswith("ok") for c in cells[name].values()), (name, cells[name])
+    for name, why in NO_TOOLS.items():
+        assert cells[name]["tools"].startswith("refused: " + why), (name, cells[name])
+        assert all(c.startswith("ok") for k, c in cells[name].items() if k != "tools"), (name, cells[name])
+    # templates that rewrite earlier turns train each turn against its own prompt: several examples, not refused
+    assert cells["Qwen-Qwen3-0.6B"]["reasoning"] == "ok (2 examples)"
+    assert cells["Qwen-Qwen2.5-7B-Instruct"]["system, 2 turns"] == "ok"  # prefix-stable: one example
+    works = sum(all(c.startswith("ok") for c in row.values()) for row in cells.values())
+    assert works >= 45
+
+
+@needs_fixtures
+def test_docs_table_is_the_checks_output(results):
+    from fsdptrain.data.templatecheck import table
+
+    doc = (REPO / "docs" / "templates.md").read_text()
+    assert table(results) in doc, "regenerate with: python benchmarks/template_table.py --write"
+
+
+@needs_fixtures
+def test_reasoning_templates_keep_every_turns_reasoning_and_tokens_match_the_template(results):
+    """Qwen3 drops earlier <think> blocks: each turn is its own example whose tokens are the template's rendering
+    of that turn's conversation, and whose targets are that turn's reply with its reasoning."""
+    from transformers import AutoTokenizer
+
+    from fsdptrain.data.encode import IGNORE, conversation_examples
+    from fsdptrain.data.templatecheck import CONVERSATIONS
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "qwen3")
+    messages, _ = CONVERSATIONS["reasoning"]
+    made = conversation_examples(tok, messages, 4096)
+    assert len(made) == 2
+    for (ex, truncated), upto in zip(made, (2, 4)):
+        assert not truncated
+        assert ex.input_ids == tok(tok.apply_chat_template(messages[:upto], tokenize=False),
+                                   add_special_tokens=False)["input_ids"]
+        trained = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+        reply = messages[upto - 1]["content"].split("</think>")
+        assert trained == "<think>\n" + reply[0].split("<think>\n")[1].strip() + "\n</think>\n\n" \
+            + reply[1].strip() + "<|im_end|>\n"
+
+
+@needs_fixtures
+def test_llama31_own_template_refuses_tool_data_in_one_line_and_chatml_trains_the_calls(tmp_path):
+    """The Llama-3.1 tokenizer's own template has no tool support: the data set stops, naming the problem and
+    the fix, instead of training `<|eot_id|>` for each call; with the suggested data.template the calls train."""
+    from transformers import AutoTokenizer
+
+    from fsdptrain.data import cache
+    from fsdptrain.data.encode import IGNORE
+    from fsdptrain.data.sources import resolve
+    from fsdptrain.data.tokenizer import apply_template
+
+    tools = [{"name": "add", "description": "Add two numbers",
+              "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}]
+    convo = [{"from": "human", "value": "What is 2 plus 3?"},
+             {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 3}})},
+             {"from": "observation", "value": json.dumps({"result": 5})},
+             {"from": "gpt", "value": "2 plus 3 is 5."}]
+    (tmp_path / "tc.json").write_text(json.dumps([{"conversations": convo, "tools": json.dumps(tools)}] * 3))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"tc": {
+        "file_name": "tc.json", "formatting": "sharegpt", "columns": {"messages": "conversations",
+                                                                      "tools": "tools"}}}))
+    specs = resolve(["tc"], str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "llama3.1")
+    s = cache.Settings(max_length=2048, train_on_prompt=False, mask_history=False, max_samples=None, seed=1)
+    with pytest.raises(UserError) as e:
+        cache.prepare(specs, tok, s, tmp_path / "c", 0, 0, False, lambda m: None)
+    assert str(e.value) == (
+        f"{tmp_path / 'tc.json'} record 0: the tokenizer's chat template (data.template=auto): does not render the "
+        "tool declarations (tool 'add' is missing from the prompt); " + cache.TEMPLATE_FIX)
+    apply_template(tok, "llama3")
+    s = cache.Settings(2048, False, False, None, 1, template="llama3")
+    examples, st, _, _ = cache.prepare(specs, tok, s, tmp_path / "c", 0, 0, False, lambda m: None)
+    assert st.kept == 3
+    ex = examples[0]
+    trained = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+    assert trained == '{"name": "add", "parameters": {"a": 2, "b": 3}}<|eot_id|>2 plus 3 is 5.<|eot_id|>'
+    assert '"function": {"name": "add", "description": "Add two numbers"' in tok.decode(ex.input_ids)
