@@ -33,10 +33,27 @@ NO_TOOLS = {"google-gemma-2-2b-it": "fails on this conversation (Conversation ro
 
 
 @pytest.fixture(scope="module")
-def results():
+def toks():
+    """Each shared tokenizer loaded once for the module (loading one takes seconds)."""
+    from transformers import AutoTokenizer
+
+    return {k: AutoTokenizer.from_pretrained(TOKENIZERS / k) for k in ("qwen2.5", "qwen3", "llama3.1")}
+
+
+@pytest.fixture
+def tok_of(toks):
+    """tok_of(name): the module's tokenizer with its own chat template (restored after the test)."""
+    before = {k: t.chat_template for k, t in toks.items()}
+    yield toks.__getitem__
+    for k, t in toks.items():
+        t.chat_template = before[k]
+
+
+@pytest.fixture(scope="module")
+def results(toks):
     from fsdptrain.data.templatecheck import run_all
 
-    return run_all(TEMPLATES, TOKENIZERS)
+    return run_all(TEMPLATES, TOKENIZERS, toks)
 
 
 @needs_fixtures
@@ -70,15 +87,13 @@ def test_docs_table_is_the_checks_output(results):
 
 
 @needs_fixtures
-def test_reasoning_templates_keep_every_turns_reasoning_and_tokens_match_the_template(results):
+def test_reasoning_templates_keep_every_turns_reasoning_and_tokens_match_the_template(tok_of):
     """Qwen3 drops earlier <think> blocks: each turn is its own example whose tokens are the template's rendering
     of that turn's conversation, and whose targets are that turn's reply with its reasoning."""
-    from transformers import AutoTokenizer
-
     from fsdptrain.data.encode import IGNORE, conversation_examples
     from fsdptrain.data.templatecheck import CONVERSATIONS
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "qwen3")
+    tok = tok_of("qwen3")
     messages, _ = CONVERSATIONS["reasoning"]
     made = conversation_examples(tok, messages, 4096)
     assert len(made) == 2
@@ -93,11 +108,9 @@ def test_reasoning_templates_keep_every_turns_reasoning_and_tokens_match_the_tem
 
 
 @needs_fixtures
-def test_llama31_own_template_refuses_tool_data_in_one_line_and_chatml_trains_the_calls(tmp_path):
+def test_llama31_own_template_refuses_tool_data_in_one_line_and_chatml_trains_the_calls(tmp_path, tok_of):
     """The Llama-3.1 tokenizer's own template has no tool support: the data set stops, naming the problem and
     the fix, instead of training `<|eot_id|>` for each call; with the suggested data.template the calls train."""
-    from transformers import AutoTokenizer
-
     from fsdptrain.data import cache
     from fsdptrain.data.encode import IGNORE
     from fsdptrain.data.sources import resolve
@@ -114,7 +127,7 @@ def test_llama31_own_template_refuses_tool_data_in_one_line_and_chatml_trains_th
         "file_name": "tc.json", "formatting": "sharegpt", "columns": {"messages": "conversations",
                                                                       "tools": "tools"}}}))
     specs = resolve(["tc"], str(tmp_path))
-    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "llama3.1")
+    tok = tok_of("llama3.1")
     s = cache.Settings(max_length=2048, train_on_prompt=False, mask_history=False, max_samples=None, seed=1)
     with pytest.raises(UserError) as e:
         cache.prepare(specs, tok, s, tmp_path / "c", 0, 0, False, lambda m: None)
@@ -129,3 +142,73 @@ def test_llama31_own_template_refuses_tool_data_in_one_line_and_chatml_trains_th
     trained = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
     assert trained == '{"name": "add", "parameters": {"a": 2, "b": 3}}<|eot_id|>2 plus 3 is 5.<|eot_id|>'
     assert '"function": {"name": "add", "description": "Add two numbers"' in tok.decode(ex.input_ids)
+
+
+def tool_data(tmp_path: Path) -> Path:
+    """A sharegpt tool-call data set in LLaMA-Factory's layout (bare tool schemas, function_call turns)."""
+    tools = [{"name": "add", "description": "Add two numbers",
+              "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}]
+    convo = [{"from": "human", "value": "What is 2 plus 3?"},
+             {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 3}})},
+             {"from": "observation", "value": json.dumps({"result": 5})},
+             {"from": "gpt", "value": "2 plus 3 is 5."}]
+    plain = [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]
+    broken = [{"from": "gpt", "value": "I speak first."}, {"from": "human", "value": "No."}]
+    recs = [{"conversations": convo, "tools": json.dumps(tools)}, {"conversations": plain},
+            {"conversations": broken}, {"conversations": convo, "tools": json.dumps(tools)}]
+    (tmp_path / "tc.json").write_text(json.dumps(recs))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"tc": {
+        "file_name": "tc.json", "formatting": "sharegpt", "columns": {"messages": "conversations",
+                                                                      "tools": "tools"}}}))
+    return tmp_path
+
+
+@needs_fixtures
+def test_data_command_counts_marks_trained_spans_and_writes_jsonl(tmp_path, tok_of, monkeypatch):
+    from click.testing import CliRunner
+
+    from fsdptrain.cli import main
+    from fsdptrain.data import preview
+    from fsdptrain.data.encode import IGNORE, tokenize_record
+    from fsdptrain.data.formats import convert
+    from fsdptrain.data.sources import read, resolve
+
+    def run_cli(args):  # in process, with the module's tokenizers (model.tokenizer names which)
+        return CliRunner().invoke(main, args)
+
+    monkeypatch.setattr(preview, "load_tokenizer", lambda path, *a: tok_of(Path(path).name))
+
+    d = tool_data(tmp_path)
+    common = ["data.datasets=[tc]", f"data.dataset_dir={d}", "data.max_length=64"]
+    r = run_cli(["data", *common, f"model.tokenizer={TOKENIZERS / 'qwen2.5'}", "--show", "2", "--out",
+                 str(tmp_path / "ex.jsonl")])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == ("data: 'tc': read 4, skipped 1 (1 broken role order), kept 3 examples, truncated 2, split into "
+                        "0 extra rows, dropped (no target token left) 0, target tokens "
+                        + lines[0].rsplit(" ", 1)[1])
+    rows = [json.loads(x) for x in (tmp_path / "ex.jsonl").read_text().splitlines()]
+    assert [(x["source"], x["record"]) for x in rows] == [(str(d / "tc.json"), n) for n in (0, 1, 3)]
+    tok = tok_of("qwen2.5")
+    (spec,) = resolve(["tc"], str(d))
+    conv = convert(spec, *read(spec))
+    want = [tokenize_record(tok, rec, 64)[0][0] for rec in conv.records]
+    assert [(x["input_ids"], x["labels"]) for x in rows] == [(e.input_ids, e.labels) for e in want]
+    assert int(lines[0].rsplit(" ", 1)[1]) == sum(e.n_targets for e in want)
+    # the printed examples: every [[...]] span is exactly a run of trained tokens, in order
+    shown = r.stdout.split("--- example 1 ")[0]
+    spans, ex = [], want[0]
+    for t, lab in zip(ex.input_ids, ex.labels):
+        if lab != IGNORE and (not spans or spans[-1][1] is False):
+            spans.append([[], True])
+        elif lab == IGNORE and (not spans or spans[-1][1] is True):
+            spans.append([[], False])
+        spans[-1][0].append(t)
+    marked = "".join(f"[[{tok.decode(ids)}]]" if t else tok.decode(ids) for ids, t in spans)
+    assert marked in shown and shown.count("[[") == sum(t for _, t in spans) >= 1
+    assert "[[Hi!<|im_end|>\n]]" in r.stdout
+    # the Llama-3.1 tokenizer's own template would drop the tool declarations: exit 2, one line
+    r = run_cli(["data", *common, f"model.tokenizer={TOKENIZERS / 'llama3.1'}"])
+    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith(f"fsdptrain: error: {d / 'tc.json'} record 0: the tokenizer's chat template "
+                               "(data.template=auto): does not render the tool declarations")

@@ -161,17 +161,24 @@ def table(results: dict[str, tuple[str, dict[str, Outcome]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_all(template_dir: Path, tokenizer_dir: Path) -> dict[str, tuple[str, dict[str, Outcome]]]:
-    """Every *.jinja in template_dir with its paired tokenizer (each tokenizer loaded once)."""
+def run_all(template_dir: Path, tokenizer_dir: Path,
+            loaded: Optional[dict[str, PreTrainedTokenizerBase]] = None) -> dict[str, tuple[str, dict[str, Outcome]]]:
+    """Every *.jinja in template_dir with its paired tokenizer (each loaded once; `loaded`: already loaded ones,
+    whose chat templates are restored afterwards)."""
     from transformers import AutoTokenizer
 
-    loaded: dict[str, PreTrainedTokenizerBase] = {}
+    loaded = loaded if loaded is not None else {}
+    before = {k: t.chat_template for k, t in loaded.items()}
     out = {}
-    for path in sorted(template_dir.glob("*.jinja")):
-        which = tokenizer_for(path.name)
-        if which not in loaded:
-            loaded[which] = AutoTokenizer.from_pretrained(tokenizer_dir / which)
-        tok = loaded[which]
-        tok.chat_template = path.read_text()
-        out[path.name] = (which, check_template(tok))
+    try:
+        for path in sorted(template_dir.glob("*.jinja")):
+            which = tokenizer_for(path.name)
+            if which not in loaded:
+                loaded[which] = AutoTokenizer.from_pretrained(tokenizer_dir / which)
+            tok = loaded[which]
+            tok.chat_template = path.read_text()
+            out[path.name] = (which, check_template(tok))
+    finally:
+        for k, template in before.items():
+            loaded[k].chat_template = template
     return out
