@@ -212,3 +212,22 @@ def test_data_command_counts_marks_trained_spans_and_writes_jsonl(tmp_path, tok_
     assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0
     assert r.stderr.startswith(f"fsdptrain: error: {d / 'tc.json'} record 0: the tokenizer's chat template "
                                "(data.template=auto): does not render the tool declarations")
+
+
+@needs_fixtures
+def test_separate_reasoning_content_is_rendered_by_the_template_or_inlined_never_dropped(tok_of):
+    """OpenAI-style data keeps reasoning in `reasoning_content`: Qwen3's template renders it itself; Qwen2.5's
+    knows only the content, so the reasoning goes in front of it as a <think> block instead of vanishing."""
+    from fsdptrain.data.encode import IGNORE, conversation_examples
+    from fsdptrain.data.formats import Spec, convert
+
+    spec = Spec(name="r", files=["r.json"], formatting="openai")
+    rec = {"messages": [{"role": "user", "content": "What is 6 times 7?"},
+                        {"role": "assistant", "content": "It is 42.", "reasoning_content": "Six sevens."}]}
+    (conv,) = convert(spec, [rec], ["r.json record 0"]).records
+    assert conv["messages"][1]["reasoning_content"] == "Six sevens."
+    for name, want in (("qwen3", "<think>\nSix sevens.\n</think>\n\nIt is 42.<|im_end|>\n"),
+                       ("qwen2.5", "<think>\nSix sevens.\n</think>\n\nIt is 42.<|im_end|>\n")):
+        tok = tok_of(name)
+        ((ex, _),) = conversation_examples(tok, conv["messages"], 256)
+        assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]) == want

@@ -231,6 +231,9 @@ def _conversation(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]
             messages.append({"role": "assistant", "content": "", "tool_calls": calls})
         else:
             messages.append({"role": role, "content": _text(content)})
+            reasoning = turn.get("reasoning_content") if role == "assistant" else None
+            if isinstance(reasoning, str) and reasoning.strip():  # OpenAI-style separate reasoning
+                messages[-1]["reasoning_content"] = reasoning
     if not turns or len(turns) % 2:
         return {}, "does not end with an assistant turn"
     return {"messages": link_tool_results(messages), "tools": _tools(spec, rec, cols, loc)}, None

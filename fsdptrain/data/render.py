@@ -128,7 +128,8 @@ def _parsed_results(v: _Variant, tok: Any) -> _Variant:
 
 
 def _has_reasoning(messages: list[dict], tools: Optional[list], tok: Any) -> bool:
-    return any(m["role"] == "assistant" and THINK.search(_plain(m.get("content"))) for m in messages)
+    return any(m["role"] == "assistant" and (THINK.search(_plain(m.get("content")))
+                                             or _plain(m.get("reasoning_content")).strip()) for m in messages)
 
 
 def _substituted(v: _Variant, tok: Any) -> _Variant:
@@ -174,10 +175,28 @@ def _eos_after_reply(v: _Variant, tok: Any) -> _Variant:
     return _Variant(v.messages, v.tools, v.replies, tok.eos_token)
 
 
+def _has_reasoning_field(messages: list[dict], tools: Optional[list], tok: Any) -> bool:
+    return any(m["role"] == "assistant" and _plain(m.get("reasoning_content")).strip() for m in messages)
+
+
+def _inline_reasoning(v: _Variant, tok: Any) -> _Variant:
+    """A reply's separate reasoning_content put in front of its content as a <think> block (templates that
+    know only the content would drop it)."""
+    out = []
+    for m in v.messages:
+        r = _plain(m.get("reasoning_content")).strip() if m["role"] == "assistant" else ""
+        if r:
+            m = {k: x for k, x in m.items() if k != "reasoning_content"}
+            m["content"] = f"<think>\n{r}\n</think>\n\n{_plain(m.get('content')).lstrip()}"
+        out.append(m)
+    return _Variant(out, v.tools, v.replies, v.eos)
+
+
 # name -> (applies to this conversation, adapt); tried in this order
 ADAPTATIONS = {
     "arguments as a JSON string": (_has_dict_arguments, _string_arguments),
     "tool results as JSON objects": (_json_results, _parsed_results),
+    "reasoning_content as a <think> block": (_has_reasoning_field, _inline_reasoning),
     "reasoning kept as written": (_has_reasoning, _substituted),
     "system prompt in the first user turn": (_leading_system, _system_in_user),
     "an empty tool list": (_no_tools, _empty_tools),

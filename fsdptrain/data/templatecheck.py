@@ -131,6 +131,7 @@ def _pieces(m: dict) -> list[str]:
     """The texts a trained assistant turn must hold: reasoning, answer, each call's name and argument values."""
     content = _plain(m.get("content"))
     out = [r.strip() for r in THINK.findall(content)] + [THINK.sub("", content).strip()]
+    out.append(_plain(m.get("reasoning_content")).strip())
     for c in m.get("tool_calls") or []:
         out.append(c["function"]["name"])
         out += [str(v) for v in c["function"]["arguments"].values()]
