@@ -133,7 +133,8 @@ def test_llama31_own_template_refuses_tool_data_in_one_line_and_chatml_trains_th
         cache.prepare(specs, tok, s, tmp_path / "c", 0, 0, False, lambda m: None)
     assert str(e.value) == (
         f"{tmp_path / 'tc.json'} record 0: the tokenizer's chat template (data.template=auto): does not render the "
-        "tool declarations (tool 'add' is missing from the prompt); " + cache.TEMPLATE_FIX)
+        "tool declarations (tool 'add' is missing from the prompt); set data.template=llama3 (fsdptrain's own, which "
+        "renders tools, tool calls and reasoning) or use a tokenizer whose template does; see docs/templates.md")
     apply_template(tok, "llama3")
     s = cache.Settings(2048, False, False, None, 1, template="llama3")
     examples, st, _, _ = cache.prepare(specs, tok, s, tmp_path / "c", 0, 0, False, lambda m: None)

@@ -88,8 +88,11 @@ def cache_key(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settin
 # ----------------------------------------------------------------------------- building
 
 
-TEMPLATE_FIX = ("set data.template=chatml (or llama3): fsdptrain's own, which render tools, tool calls and "
-                "reasoning; see docs/templates.md")
+def template_fix(tok: PreTrainedTokenizerBase) -> str:
+    """The fix a template refusal suggests: fsdptrain's own template that suits the tokenizer's special tokens."""
+    name = "llama3" if "<|start_header_id|>" in tok.get_vocab() else "chatml"
+    return (f"set data.template={name} (fsdptrain's own, which renders tools, tool calls and reasoning) or use a "
+            "tokenizer whose template does; see docs/templates.md")
 
 
 def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool,
@@ -125,7 +128,7 @@ def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, 
             made = conversation_examples(tok, record["messages"], max_length, record.get("tools"),
                                          train_on_prompt, mask_history)
         except TemplateError as e:
-            raise UserError(f"{where}: {template_label}: {e}; {TEMPLATE_FIX}") from None
+            raise UserError(f"{where}: {template_label}: {e}; {template_fix(tok)}") from None
         kept = [(ex, t) for ex, t in made if ex.n_targets > 0]
         dropped = max(len(made), 1) - len(kept)
         extra = max(len(made) - 1, 0)  # the template renders the conversation as several examples

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional
 from ..config import Config
 from ..errors import UserError
 from . import formats, sources
-from .cache import TEMPLATE_FIX, template_label
+from .cache import template_fix, template_label
 from .encode import IGNORE, Example, TemplateError, TokenizeStats, tokenize_all, tokenize_record
 from .synthetic import generate
 from .tokenizer import apply_template, load_tokenizer
@@ -68,7 +68,7 @@ def collect(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[list[SetReport],
             try:
                 examples, st = tokenize_record(tok, rec, d.max_length, d.train_on_prompt, d.mask_history)
             except TemplateError as e:
-                raise UserError(f"{loc}: {template_label(d.template)}: {e}; {TEMPLATE_FIX}") from None
+                raise UserError(f"{loc}: {template_label(d.template)}: {e}; {template_fix(tok)}") from None
             st.read = 0
             report.stats.add(st)
             source, _, number = loc.rpartition(" record ")
