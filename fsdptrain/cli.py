@@ -1,4 +1,4 @@
-"""Command line: `fsdptrain train | config | export | estimate | mem report | mem diff` (click).
+"""Command line: `fsdptrain train | config | data | export | estimate | mem report | mem diff` (click).
 
 Exit statuses: 0 done; 2 a user mistake (`UserError`: one line `fsdptrain: error: ...`, no traceback); 1 anything
 else (an internal error, out of memory, a distributed failure): two short lines on stderr, and the full
@@ -211,6 +211,24 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, refer
         click.echo(dump_yaml(cfg), nl=False)
     else:
         click.echo(f"{config or 'default config'}: ok")
+
+
+@main.command("data", cls=FileFirst)
+@click.argument("config", required=False)
+@click.argument("overrides", nargs=-1)
+@click.option("--show", default=3, show_default=True, help="Print this many examples with their trained spans marked.")
+@click.option("--out", default=None, help="Write every example as a JSON line (input_ids, labels, source, record).")
+@friendly_errors
+def data_cmd(config: str | None, overrides: tuple[str, ...], show: int, out: str | None) -> None:
+    """Run only the data pipeline of CONFIG (no model, no GPU): counts per data set and marked examples."""
+    from .config import load_config
+    from .data.preview import preview
+
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides = (config, *overrides)
+        config = None
+    cfg = load_config(config, overrides)
+    preview(cfg, show, out, color=sys.stdout.isatty(), echo=click.echo)
 
 
 @main.command("export")

@@ -118,7 +118,7 @@ def test_sharegpt_tool_calls_and_observations_are_turns(tok, tmp_path):
     call = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
     assert target_runs(tok, ex) == [call + END, "It is 5." + END]
     text = tok.decode(ex.input_ids)
-    assert f"<|im_start|>tool\n5{END}" in text and '# Tools\n{"name": "add"' in text
+    assert f"<|im_start|>tool\n5{END}" in text and '# Tools\n{"type": "function", "function": {"name": "add"' in text
 
 
 def test_openai_messages_with_tool_calls(tok, tmp_path):

@@ -33,14 +33,14 @@ from .encode import (
     TemplateError,
     TokenizeStats,
     chunk_lengths,
-    tokenize_conversation,
+    conversation_examples,
     tokenize_document,
 )
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CACHE_VERSION = 2  # bump when the tokenised layout or the rules change
+CACHE_VERSION = 3  # bump when the tokenised layout or the rules change
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Settings:
     max_samples: Optional[int]
     seed: int
     num_proc: int = 1
+    template: str = "auto"  # data.template, named in errors (the template's text is in the tokenizer digest)
 
 
 def file_digest(path: str) -> str:
@@ -78,7 +79,7 @@ def cache_key(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settin
         sets.append({"name": spec.name, "formatting": spec.formatting, "columns": spec.columns, "tags": spec.tags,
                      "num_samples": spec.num_samples, "hub": spec.hub,
                      "files": sorted(files.values())})
-    settings = {k: v for k, v in asdict(s).items() if k != "num_proc"}
+    settings = {k: v for k, v in asdict(s).items() if k not in ("num_proc", "template")}
     blob = json.dumps({"v": CACHE_VERSION, "sets": sets, "tok": tokenizer_digest(tok), "s": settings},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -87,8 +88,15 @@ def cache_key(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settin
 # ----------------------------------------------------------------------------- building
 
 
+def template_fix(tok: PreTrainedTokenizerBase) -> str:
+    """The fix a template refusal suggests: fsdptrain's own template that suits the tokenizer's special tokens."""
+    name = "llama3" if "<|start_header_id|>" in tok.get_vocab() else "chatml"
+    return (f"set data.template={name} (fsdptrain's own, which renders tools, tool calls and reasoning) or use a "
+            "tokenizer whose template does; see docs/templates.md")
+
+
 def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool,
-                    mask_history: bool):
+                    mask_history: bool, template_label: str = "the chat template"):
     """datasets.map function: records (JSON) -> rows; a record with no example left gives one empty row.
 
     The rows come back as one Arrow table of int32 arrays: a long document's tokens stay one array (4 bytes a
@@ -117,18 +125,20 @@ def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, 
                 row(n, source, split=n_chunks - 1 if j == 0 else 0, dropped=n_chunks - len(kept) if j == 0 else 0)
             continue
         try:
-            ex, truncated = tokenize_conversation(tok, record["messages"], max_length, record.get("tools"),
-                                                  train_on_prompt, mask_history)
-        except TemplateError:
-            raise UserError(f"{where}: the chat template renders earlier turns differently once later turns are "
-                            "added, so assistant tokens cannot be located; "
-                            "set data.template=chatml or llama3") from None
-        if ex.n_targets > 0:
+            made = conversation_examples(tok, record["messages"], max_length, record.get("tools"),
+                                         train_on_prompt, mask_history)
+        except TemplateError as e:
+            raise UserError(f"{where}: {template_label}: {e}; {template_fix(tok)}") from None
+        kept = [(ex, t) for ex, t in made if ex.n_targets > 0]
+        dropped = max(len(made), 1) - len(kept)
+        extra = max(len(made) - 1, 0)  # the template renders the conversation as several examples
+        truncated = sum(int(t) for _, t in made)
+        for j, (ex, _) in enumerate(kept):
             ids.append(np.asarray(ex.input_ids, dtype=np.int32))
             labels.append(np.asarray(ex.labels, dtype=np.int32))
-            row(len(ex.input_ids), source, truncated=int(truncated))
-        else:
-            row(0, source, truncated=int(truncated), dropped=1)
+            row(len(ex.input_ids), source, *((truncated, extra, dropped) if j == 0 else (0, 0, 0)))
+        if not kept:
+            row(0, source, truncated=truncated, split=extra, dropped=dropped)
 
     def lists(parts: list[np.ndarray]) -> pa.Array:
         values = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.int32)
@@ -179,7 +189,7 @@ def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, 
                             num_proc=s.num_proc if s.num_proc > 1 else None, remove_columns=raw.column_names,
                             new_fingerprint=target.name,
                             fn_kwargs={"tok": tok, "max_length": s.max_length, "train_on_prompt": s.train_on_prompt,
-                                       "mask_history": s.mask_history},
+                                       "mask_history": s.mask_history, "template_label": template_label(s.template)},
                             features=_features(), cache_file_name=str(tmp / "map" / "tokenized.arrow"),
                             desc="tokenising")
         lengths = tokenized.data.column("length").to_numpy()
@@ -204,6 +214,10 @@ def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, 
         os.rename(tmp, target)
     except OSError:  # another node finished the same key first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def template_label(name: str) -> str:
+    return "the tokenizer's chat template (data.template=auto)" if name == "auto" else f"data.template={name}"
 
 
 def _features():

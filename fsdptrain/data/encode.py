@@ -1,14 +1,13 @@
 """Render conversations with the chat template and mask everything but the assistant's tokens.
 
-Each assistant turn is located by rendering the conversation incrementally: the
-text from "history + generation prompt" to "history + this turn" is the turn's
-target (its content and end-of-turn marker); all other tokens get label -100.
-This works with any template whose rendering of a prefix of the conversation
-is a prefix of the full rendering, which we check (a template that rewrites
-history, e.g. one that strips earlier reasoning, is refused with a hint to pick
-a built-in one). The full text is tokenised once and cut at those character
-boundaries via the fast tokenizer's offsets; if a token straddles a boundary,
-each prefix is tokenised on its own instead.
+Rendering is render.py's: it gives the conversation as one or more rendered examples
+(several where the template re-renders earlier turns, e.g. Qwen3 dropping earlier
+reasoning), each with the character ranges of its assistant turns (their content,
+tool calls and end-of-turn marker), checked to hold every message and tool call.
+Those turns are the targets; all other tokens get label -100. The full text is
+tokenised once and cut at those character boundaries via the fast tokenizer's
+offsets; if a token straddles a boundary, each prefix is tokenised on its own
+instead.
 
 Options: train_on_prompt trains every token; mask_history trains only the last
 assistant turn. Truncation to cutoff_len follows LLaMA-Factory's rule per
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+
+from .render import Chain, TemplateError, render_chains
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,7 +61,7 @@ class TokenizeStats:
     read: int = 0
     kept: int = 0
     truncated: int = 0
-    split: int = 0  # extra rows made by cutting long documents into cutoff_len chunks
+    split: int = 0  # extra rows: long documents cut into cutoff_len chunks, conversations re-rendered per turn
     dropped_no_target: int = 0
     target_tokens: int = 0
     reasons: dict = field(default_factory=dict)  # records skipped before tokenising: reason -> count
@@ -74,47 +75,20 @@ class TokenizeStats:
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items())) or "none"
         return (f"read {self.read}, skipped {sum(self.reasons.values())} ({skipped}), kept {self.kept} examples, "
-                f"truncated {self.truncated}, split documents into {self.split} extra rows, "
+                f"truncated {self.truncated}, split into {self.split} extra rows, "
                 f"dropped (no target token left) {self.dropped_no_target}, target tokens {self.target_tokens}")
-
-
-class TemplateError(ValueError):
-    """The chat template re-renders earlier turns differently once later turns are added."""
-
-
-def _render(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Optional[list], generation: bool) -> str:
-    if not messages:
-        return ""
-    return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation)
 
 
 def segments(tok: PreTrainedTokenizerBase, messages: list[dict],
              tools: Optional[list] = None) -> list[tuple[list[int], bool]]:
-    """The conversation's tokens as consecutive (ids, is_assistant_turn) runs."""
-    full, cuts = _render_runs(tok, messages, tools)
-    return [(ids, t) for ids, t in _tokenize_runs(tok, full, cuts) if ids]
+    """The conversation's tokens as consecutive (ids, is_assistant_turn) runs.
 
-
-def _render_runs(tok: PreTrainedTokenizerBase, messages: list[dict],
-                 tools: Optional[list]) -> tuple[str, list[tuple[int, bool]]]:
-    """The rendered conversation and where each run ends in it (with whether it is an assistant turn)."""
-    if not messages:
-        return "", []
-    full = _render(tok, messages, tools, False)
-    cuts: list[tuple[int, bool]] = []
-
-    def end_of(text: str) -> int:
-        if not full.startswith(text):
-            raise TemplateError("chat template is not prefix-stable")
-        return len(text)
-
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            cuts.append((end_of(_render(tok, messages[:i], tools, True)), False))
-        last = i == len(messages) - 1
-        cuts.append((len(full) if last else end_of(_render(tok, messages[: i + 1], tools, False)),
-                     m["role"] == "assistant"))
-    return full, cuts
+    For a template that renders it as one example; TemplateError if it takes several (see render.py).
+    """
+    chains = render_chains(tok, messages, tools)
+    if len(chains) != 1:
+        raise TemplateError("re-renders earlier turns: this conversation takes several examples")
+    return [(ids, t) for ids, t in _tokenize_runs(tok, chains[0].text, chains[0].cuts) if ids]
 
 
 def _tokenize_runs(tok: PreTrainedTokenizerBase, full: str,
@@ -158,15 +132,26 @@ def _runs_by_offsets(tok: PreTrainedTokenizerBase, full: str,
 
 def _runs_by_prefixes(tok: PreTrainedTokenizerBase, full: str,
                       cuts: list[tuple[int, bool]]) -> list[tuple[list[int], bool]]:
+    """Each prefix tokenised on its own; where a prefix's tokens do not extend the previous one's (a token
+    merges across the boundary), every run is tokenised on its own instead, as LLaMA-Factory encodes each
+    prompt and response separately."""
     encoded = tok([full[:char] for char, _ in cuts], add_special_tokens=False)["input_ids"]
     out: list[tuple[list[int], bool]] = []
     cur: list[int] = []
     for ids, (_, is_target) in zip(encoded, cuts):
         if ids[: len(cur)] != cur:
-            raise TemplateError("chat template is not prefix-stable")
+            return _runs_apart(tok, full, cuts)
         out.append((ids[len(cur):], is_target))
         cur = ids
     return out
+
+
+def _runs_apart(tok: PreTrainedTokenizerBase, full: str,
+                cuts: list[tuple[int, bool]]) -> list[tuple[list[int], bool]]:
+    starts = [0] + [char for char, _ in cuts[:-1]]
+    texts = [full[a:b] for a, (b, _) in zip(starts, cuts)]
+    encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [(ids if text else [], is_target) for ids, text, (_, is_target) in zip(encoded, texts, cuts)]
 
 
 # ----------------------------------------------------------------------------- bounding the work per record
@@ -337,12 +322,29 @@ def build_example(segs: list[tuple[list[int], bool]], max_length: int, train_on_
 def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict], max_length: int,
                           tools: Optional[list] = None, train_on_prompt: bool = False,
                           mask_history: bool = False) -> tuple[Example, bool]:
-    """(example, truncated). Labels train only assistant turns (content + end marker) unless told otherwise.
+    """(example, truncated) for a template that renders the conversation as one example (see `segments`)."""
+    chains = render_chains(tok, messages, tools)
+    if len(chains) != 1:
+        raise TemplateError("re-renders earlier turns: this conversation takes several examples")
+    return tokenize_chain(tok, chains[0], max_length, train_on_prompt, mask_history)
+
+
+def conversation_examples(tok: PreTrainedTokenizerBase, messages: list[dict], max_length: int,
+                          tools: Optional[list] = None, train_on_prompt: bool = False,
+                          mask_history: bool = False) -> list[tuple[Example, bool]]:
+    """[(example, truncated)]: one per example the template renders the conversation as (render.py), each
+    training its assistant turns (content + end marker) unless told otherwise; raises TemplateError."""
+    chains = render_chains(tok, messages, tools, last_only=mask_history)
+    return [tokenize_chain(tok, c, max_length, train_on_prompt, mask_history) for c in chains]
+
+
+def tokenize_chain(tok: PreTrainedTokenizerBase, chain: Chain, max_length: int, train_on_prompt: bool = False,
+                   mask_history: bool = False) -> tuple[Example, bool]:
+    """(example, truncated) of one rendered example.
 
     Over-long runs are elided first (see `elide`): the work is bounded by max_length, the result the same.
     """
-    full, cuts = _render_runs(tok, messages, tools)
-    full, cuts, hidden = _elide_runs(tok, full, cuts, max_length + MARGIN)
+    full, cuts, hidden = _elide_runs(tok, chain.text, chain.cuts, max_length + MARGIN)
     segs: list[tuple[list[int], bool]] = []
     lazy: dict[int, Callable[[], int]] = {}
     for i, (ids, is_target) in enumerate(_tokenize_runs(tok, full, cuts)):
@@ -403,11 +405,12 @@ def tokenize_record(tok: PreTrainedTokenizerBase, record: dict, max_length: int,
         st.split = n_chunks - 1
         st.dropped_no_target = n_chunks - len(kept)
     else:
-        ex, truncated = tokenize_conversation(tok, record["messages"], max_length, record.get("tools"),
-                                              train_on_prompt, mask_history)
-        st.truncated = int(truncated)
-        kept = [ex] if ex.n_targets > 0 else []
-        st.dropped_no_target = 1 - len(kept)
+        made = conversation_examples(tok, record["messages"], max_length, record.get("tools"), train_on_prompt,
+                                     mask_history)
+        st.truncated = sum(int(t) for _, t in made)
+        st.split = max(len(made) - 1, 0)
+        kept = [ex for ex, _ in made if ex.n_targets > 0]
+        st.dropped_no_target = max(len(made), 1) - len(kept)
     st.kept = len(kept)
     st.target_tokens = sum(e.n_targets for e in kept)
     return kept, st

@@ -13,7 +13,8 @@ Formats (LLaMA-Factory's `formatting` field, plus plain text):
 
 Every conversation becomes {"messages": [{"role", "content", ["tool_calls"]}],
 "tools": list | None}, roles system/user/assistant/tool, which is what chat
-templates take; a document becomes {"text": str}. A record a format cannot
+templates take (tool schemas in the HF/OpenAI form, {"type": "function",
+"function": {...}}, whatever form the data has); a document becomes {"text": str}. A record a format cannot
 use (missing column) is an error naming the record; a record without any text
 (all fields null or blank: "empty") and a sharegpt/openai conversation with
 broken role order are skipped and counted under their reason.
@@ -161,7 +162,21 @@ def _tools(spec: Spec, rec: dict, cols: dict, loc: str) -> Optional[list]:
             raw = json.loads(raw)
         except json.JSONDecodeError:
             raise UserError(f"data set '{spec.name}': {loc}: column '{cols['tools']}' is not valid JSON") from None
-    return raw if isinstance(raw, list) else [raw]
+    return [standard_tool(t) for t in (raw if isinstance(raw, list) else [raw])]
+
+
+def standard_tool(tool: Any) -> Any:
+    """A tool schema in the HF/OpenAI form chat templates expect: {"type": "function", "function": {...}}.
+
+    Data sets (LLaMA-Factory's glaive demo among them) often hold the bare function schema ({"name",
+    "description", "parameters"}); templates read tool["function"], so a bare schema would render as an empty
+    declaration. A schema of another shape is passed on unchanged (the render check looks at what it can).
+    """
+    if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+        return {**tool, "type": tool.get("type") or "function"}
+    if isinstance(tool, dict) and "name" in tool:
+        return {"type": "function", "function": tool}
+    return tool
 
 
 def _tool_calls(content: Any) -> Optional[list]:
@@ -216,6 +231,34 @@ def _conversation(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]
             messages.append({"role": "assistant", "content": "", "tool_calls": calls})
         else:
             messages.append({"role": role, "content": _text(content)})
+            reasoning = turn.get("reasoning_content") if role == "assistant" else None
+            if isinstance(reasoning, str) and reasoning.strip():  # OpenAI-style separate reasoning
+                messages[-1]["reasoning_content"] = reasoning
     if not turns or len(turns) % 2:
         return {}, "does not end with an assistant turn"
-    return {"messages": messages, "tools": _tools(spec, rec, cols, loc)}, None
+    return {"messages": link_tool_results(messages), "tools": _tools(spec, rec, cols, loc)}, None
+
+
+def link_tool_results(messages: list[dict]) -> list[dict]:
+    """Give each tool call an id and each tool result the id and name of the call it answers, in order.
+
+    Some templates require them (Mistral's: 9-character alphanumeric ids; others print the function's name on
+    the result); data sets in LLaMA-Factory's layout have neither. Ids already there are kept.
+    """
+    pending: list[dict] = []
+    n = 0
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                n += 1
+                calls.append({**c, "id": c.get("id") or f"call{n:05d}"})
+            pending = list(calls)
+            m = {**m, "tool_calls": calls}
+        elif m["role"] == "tool" and pending:
+            call = pending.pop(0)
+            m = {**m, "tool_call_id": m.get("tool_call_id") or call["id"], "name": m.get("name") or
+                 call["function"]["name"]}
+        out.append(m)
+    return out

@@ -60,7 +60,8 @@ def load_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int = 0
         lengths = [len(e.input_ids) for e in examples]
     else:
         specs = resolve(d.datasets, d.dataset_dir)
-        settings = Settings(d.max_length, d.train_on_prompt, d.mask_history, d.max_samples, cfg.seed, d.num_proc)
+        settings = Settings(d.max_length, d.train_on_prompt, d.mask_history, d.max_samples, cfg.seed, d.num_proc,
+                            d.template)
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
         examples, st, per_set, hit = prepare(specs, tokenizer, settings, cache_dir, rank, local_rank,
                                              d.overwrite_cache, log)

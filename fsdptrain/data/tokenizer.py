@@ -64,7 +64,9 @@ def apply_template(tok: PreTrainedTokenizerBase, name: str) -> None:
             tok.chat_template = CHAT_TEMPLATE
         return
     if name not in TEMPLATES:
-        raise UserError(f"data.template: unknown template '{name}'; use auto or one of {', '.join(TEMPLATES)}")
+        raise UserError(f"data.template: unknown template '{name}' (LLaMA-Factory's template names are not mapped "
+                        f"yet); use auto (the tokenizer's own chat template) or one of {', '.join(TEMPLATES)} "
+                        "(fsdptrain's own; see docs/templates.md)")
     tok.chat_template = TEMPLATES[name]
 
 

@@ -1,0 +1,135 @@
+"""`fsdptrain data`: the data pipeline alone (no model, no GPU), to look at before a long run.
+
+For each data set: records read, skipped and why, examples kept, truncated, extra rows (long documents cut,
+turns re-rendered by the template), dropped for having no target left. Then the first N examples rendered with
+their trained spans marked (green on a terminal, `[[...]]` otherwise), and with an output file one JSON line
+per example: input_ids, labels, the source file and the record's number in it. Records are read, converted,
+rendered and tokenised exactly as for training (the same functions, in process, no cache), and a template that
+cannot render the data stops here with the same one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from ..config import Config
+from ..errors import UserError
+from . import formats, sources
+from .cache import template_fix, template_label
+from .encode import IGNORE, Example, TemplateError, TokenizeStats, tokenize_all, tokenize_record
+from .synthetic import generate
+from .tokenizer import apply_template, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+GREEN, RESET = "\x1b[32m", "\x1b[0m"
+OPEN, CLOSE = "[[", "]]"
+
+
+@dataclass
+class Row:
+    example: Example
+    source: str  # the file (or hub path) the record came from
+    record: int  # its number there (0-based)
+
+
+@dataclass
+class SetReport:
+    name: str
+    stats: TokenizeStats = field(default_factory=TokenizeStats)
+
+    def line(self) -> str:
+        return f"data: '{self.name}': {self.stats.summary()}"
+
+
+def collect(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[list[SetReport], list[Row]]:
+    """Every data set's counts and examples, in order, as training would make them (before packing)."""
+    d = cfg.data
+    if not d.datasets:
+        examples, st = tokenize_all(tok, generate(d.synthetic_task, d.synthetic_examples, cfg.seed), d.max_length,
+                                    d.train_on_prompt, d.mask_history)
+        return [SetReport(f"synthetic {d.synthetic_task}", st)], [Row(e, "synthetic", i)
+                                                                    for i, e in enumerate(examples)]
+    reports, rows = [], []
+    for n, spec in enumerate(sources.resolve(d.datasets, d.dataset_dir)):
+        records, where = sources.read(spec)
+        records, where = sources.sample(records, where, spec.num_samples, cfg.seed + n)
+        if d.max_samples is not None:
+            records, where = records[: d.max_samples], where[: d.max_samples]
+        conv = formats.convert(spec, records, where)
+        report = SetReport(spec.name, TokenizeStats(reasons=dict(conv.skipped)))
+        for rec, loc in zip(conv.records, conv.where):
+            try:
+                examples, st = tokenize_record(tok, rec, d.max_length, d.train_on_prompt, d.mask_history)
+            except TemplateError as e:
+                raise UserError(f"{loc}: {template_label(d.template)}: {e}; {template_fix(tok)}") from None
+            st.read = 0
+            report.stats.add(st)
+            source, _, number = loc.rpartition(" record ")
+            rows += [Row(e, source, int(number) if number.isdigit() else -1) for e in examples]
+        report.stats.read = conv.read
+        reports.append(report)
+    return reports, rows
+
+
+def marked(tok: PreTrainedTokenizerBase, ex: Example, color: bool) -> str:
+    """The example's text with every trained span marked."""
+    opening, closing = (GREEN, RESET) if color else (OPEN, CLOSE)
+    out, run, trained = [], [], False
+    for t, label in zip(ex.input_ids, ex.labels):
+        if (label != IGNORE) != trained and run:
+            text = tok.decode(run)
+            out.append(f"{opening}{text}{closing}" if trained else text)
+            run = []
+        trained = label != IGNORE
+        run.append(t)
+    if run:
+        text = tok.decode(run)
+        out.append(f"{opening}{text}{closing}" if trained else text)
+    return "".join(out)
+
+
+def write_jsonl(rows: list[Row], out: str) -> None:
+    """One JSON line per example, written to a temporary name and renamed; an existing file is not replaced."""
+    path = Path(out)
+    if path.exists():
+        raise UserError(f"--out: {out} exists; give a new file name (fsdptrain never replaces a file it did not "
+                        "write)")
+    if not path.parent.is_dir():
+        raise UserError(f"--out: {path.parent} is not a folder; create it or give another path")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps({"input_ids": list(r.example.input_ids), "labels": list(r.example.labels),
+                                     "source": r.source, "record": r.record}) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def preview(cfg: Config, show: int, out: Optional[str], color: bool, echo: Callable[[str], None] = print) -> None:
+    tok = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
+    apply_template(tok, cfg.data.template)
+    reports, rows = collect(cfg, tok)
+    for r in reports:
+        echo(r.line())
+    if len(reports) > 1:
+        total = TokenizeStats()
+        for r in reports:
+            total.add(r.stats)
+        echo(f"data: total: {total.summary()}")
+    for i, r in enumerate(rows[:show]):
+        where = r.source if r.record < 0 else f"{r.source} record {r.record}"
+        echo(f"--- example {i} ({where}, {len(r.example.input_ids)} tokens, {r.example.n_targets} trained)")
+        echo(marked(tok, r.example, color))
+    if out:
+        write_jsonl(rows, out)
+        echo(f"data: wrote {len(rows)} examples to {out}")
