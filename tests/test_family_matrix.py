@@ -48,7 +48,8 @@ NO_PACKING = {  # the packing check's refusal, asserted word for word up to the 
 }
 # The reference loop trains on cross-entropy alone, so the MoE router's auxiliary loss is off here; the objective
 # with it is checked against transformers' own outputs.loss in tests/test_moe_training.py.
-TRAIN = {"router_aux_loss_coef": 0, "lr": HYPER["lr"], "warmup_steps": HYPER["warmup"], "schedule": "cosine", "min_lr_ratio": HYPER["min_ratio"],
+TRAIN = {"router_aux_loss_coef": 0,
+         "lr": HYPER["lr"], "warmup_steps": HYPER["warmup"], "schedule": "cosine", "min_lr_ratio": HYPER["min_ratio"],
          "weight_decay": HYPER["wd"], "max_grad_norm": HYPER["clip"],
          "adam_betas": f"[{HYPER['betas'][0]},{HYPER['betas'][1]}]"}
 
