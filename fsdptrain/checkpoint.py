@@ -365,6 +365,15 @@ class Saved:
         partial = self.finetune is not None and self.finetune.get("method") != "full"
         return StateDictOptions(ignore_frozen_params=partial, strict=not partial)
 
+    def state_dicts(self) -> tuple[dict, dict]:
+        """The model and optimizer state dicts a checkpoint holds: without the frozen weights under lora / freeze
+        (DCP's ignore_frozen_params keeps a tied weight's second name, e.g. lm_head.weight: dropped here)."""
+        msd, osd = get_state_dict(self.model, self.optimizer, options=self.options)
+        if self.options.ignore_frozen_params:
+            frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            msd = {k: v for k, v in msd.items() if k not in frozen}
+        return msd, osd
+
 
 class Checkpointer:
     """Saves and restores one run's checkpoints; every rank holds one and calls it at the same points.
@@ -408,7 +417,7 @@ class Checkpointer:
             if self.cfg.resume == "auto":
                 log.info("checkpoint: no complete checkpoint to resume from; starting at step 0")
             return self.state
-        msd, osd = get_state_dict(self.saved.model, self.saved.optimizer, options=self.saved.options)
+        msd, osd = self.saved.state_dicts()
         saved = self._check(path, msd)
         self._load(path, saved, msd, osd)
         self.state.step, self.state.tokens_seen = int(saved["step"]), int(saved.get("tokens_seen", 0))
@@ -496,7 +505,7 @@ class Checkpointer:
         _write_json(tmp / "rng" / f"rank-{self.rank:05d}.json", rng_state())
         if self.rank == 0:
             self._write_run_files(tmp, step)
-        msd, osd = get_state_dict(self.saved.model, self.saved.optimizer, options=self.saved.options)
+        msd, osd = self.saved.state_dicts()
         if self.async_ok:
             fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=self.async_group)
             self.pending = (fut, tmp, final, step)

@@ -74,7 +74,8 @@ def peft_model(llama: Path, lora: dict, seed: int):
 
     base = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)
     target = lora["target"]
-    pcfg = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0, use_rslora=lora.get("use_rslora", False),
+    pcfg = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                      use_rslora=lora.get("use_rslora", False),
                       target_modules="all-linear" if target == "all" else target.split(","))
     model = get_peft_model(base, pcfg)
     n = 0
@@ -189,7 +190,8 @@ def test_lora_checkpoint_holds_only_the_adapters_and_resumes_bitwise(runs):
 def test_lora_checkpoint_resumes_on_one_rank_and_refuses_other_adapters(runs):
     root, cases, _ = runs
     step = root / "lora" / "checkpoints" / "step-00000003"
-    cfg = {**cases["lora"], "output_dir": str(root / "one_rank"), "checkpoint": {"resume": str(step)}}
+    cfg = {**cases["lora"], "output_dir": str(root / "one_rank"), "checkpoint": {"resume": str(step)},
+           "train": {**cases["lora"]["train"], "micro_batch_size": 4}}  # the same global batch on one rank
     (root / "one_rank.yaml").write_text(yaml.safe_dump(cfg))
     proc = run_cli(["train", str(root / "one_rank.yaml")])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -202,3 +204,30 @@ def test_lora_checkpoint_resumes_on_one_rank_and_refuses_other_adapters(runs):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "finetune settings differ (rank 8 in the checkpoint, 4 now)" in lines[0], proc.stderr
+
+
+def test_export_writes_a_peft_adapter_and_a_merged_model_with_the_trained_logits(runs):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    root, _, llama = runs
+    trained = load_file(str(root / "lora_logits.safetensors"))["logits"]  # the 2-rank model after 6 steps
+    ids = torch.tensor([synthetic_examples(llama)[0].input_ids])
+    proc = run_cli(["export", str(root / "lora"), "--out", str(root / "adapter")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in (root / "adapter").iterdir()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32),
+                                      str(root / "adapter"))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - trained).abs().max() < 1e-5, (got - trained).abs().max()
+
+    proc = run_cli(["export", str(root / "lora"), "--out", str(root / "merged"), "--merge"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(str(root / "merged"), dtype=torch.float32)
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)(input_ids=ids).logits
+    assert (got - trained).abs().max() < 1e-5, (got - trained).abs().max()
+    assert (base - trained).abs().max() > 1e-2  # the adapters changed the model

@@ -59,7 +59,7 @@ def probe(cfg, info, out: Path) -> None:
         state = sum(v.numel() if not hasattr(v, "to_local") else v.to_local().numel()
                     for st in run.optimizer.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
         by_dtype: Counter = Counter()
-        for n, p in params:
+        for _n, p in params:
             t = local_tensor(p)
             by_dtype[f"{'trainable' if p.requires_grad else 'frozen'}.{str(t.dtype).removeprefix('torch.')}"] += \
                 t.numel() * t.element_size()
