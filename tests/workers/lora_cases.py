@@ -3,6 +3,7 @@
 Usage (under torchrun): python -m tests.workers.lora_cases SPEC.json
 SPEC: {"cases": [{"config": yaml path, "kind": "train" | "probe", "logits_out": optional path}], "ids": [token ids]}
   train: trainer.setup + loop; with logits_out, rank 0 saves the trained model's logits on `ids` (safetensors).
+  refuse: setup must fail with a UserError; rank 0 writes its message to error_out.
   probe: one forward/backward and optimizer step; rank 0 writes PROBE.json next to the config: which frozen
          tensors got a gradient, trainable parameters, optimizer state elements, local bytes per dtype (all ranks).
 """
@@ -19,6 +20,7 @@ import torch
 from fsdptrain import distributed, trainer
 from fsdptrain.config import load_config
 from fsdptrain.data import pipeline
+from fsdptrain.errors import UserError
 from fsdptrain.models import local_tensor
 
 
@@ -82,6 +84,14 @@ def main() -> None:
         cfg = load_config(case["config"])
         if case.get("kind") == "probe":
             probe(cfg, info, Path(cfg.output_dir))
+        elif case.get("kind") == "refuse":  # a start that must fail with one line: record it
+            try:
+                trainer.setup(cfg, info)
+                msg = "started"
+            except UserError as e:
+                msg = str(e)
+            if info.is_main:
+                Path(case["error_out"]).write_text(msg)
         else:
             run_train(cfg, info, spec.get("ids", []), case.get("logits_out"))
         distributed.barrier()
