@@ -240,3 +240,71 @@ def test_export_writes_a_peft_adapter_and_a_merged_model_with_the_trained_logits
         base = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)(input_ids=ids).logits
     assert (got - trained).abs().max() < 1e-5, (got - trained).abs().max()
     assert (base - trained).abs().max() > 1e-2  # the adapters changed the model
+
+
+def meta_llama():
+    from fsdptrain import models
+
+    hf = models.load_hf_config(None, {**LLAMA, "vocab_size": 100}, None, False)
+    model = models.build_meta_model(hf, "sdpa", torch.float32, False)
+    return model, models.find_blocks(model)
+
+
+@pytest.mark.parametrize("section, error", [
+    ({"method": "lora", "lora": {"target": "q_proj,qkv_proj"}},
+     "finetune.lora.target: 'qkv_proj' matches no linear layer of the model's blocks; its linear layers are: "
+     "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or all)"),
+    ({"method": "freeze", "freeze": {"trainable_layers": 4}},
+     "finetune.freeze.trainable_layers: 4 but the model has 3 blocks; give a value from -3 to 3"),
+    ({"method": "freeze", "freeze": {"trainable_modules": "attn"}},
+     "finetune.freeze.trainable_modules: 'attn' matches nothing in block model.layers.1; its modules are: "
+     "act_fn, down_proj, gate_proj, input_layernorm, k_proj, mlp, o_proj, post_attention_layernorm, q_proj, self_attn, "
+     "up_proj, v_proj (or all)"),
+])
+def test_bad_targets_are_one_line(section, error):
+    from fsdptrain.config import FinetuneConfig, FreezeConfig, LoraConfig
+    from fsdptrain.errors import ConfigError
+    from fsdptrain.finetune import prepare
+
+    fcfg = FinetuneConfig(section["method"], LoraConfig(**section.get("lora", {})),
+                          FreezeConfig(**section.get("freeze", {})))
+    model, blocks = meta_llama()
+    with pytest.raises(ConfigError) as e:
+        prepare(model, blocks, fcfg, "fp32")
+    assert str(e.value) == error
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["finetune.method=lora", "finetune.lora.rank=0"], "finetune.lora.rank: 0 must be a positive integer (e.g. 8 "
+                                                       "or 16)"),
+    (["finetune.method=lora", "finetune.lora.rank=-4"], "finetune.lora.rank: -4 must be a positive integer"),
+    (["finetune.lora.rank=16"], "finetune.lora.* is set but finetune.method is full; set finetune.method=lora, or "
+                                "remove the finetune.lora settings"),
+    (["finetune.method=full", "finetune.freeze.trainable_layers=1"], "finetune.freeze.* is set but finetune.method "
+                                                                     "is full"),
+    (["lora_target=all"], "unknown key 'lora_target'; did you mean 'finetune.lora.target'?"),
+])
+def test_bad_finetune_settings_are_one_line(overrides, error):
+    from fsdptrain.config import load_config
+    from fsdptrain.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert error in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lora_layers_keep_hugging_face_names_and_get_adapters_in_their_block():
+    from fsdptrain.config import FinetuneConfig, LoraConfig
+    from fsdptrain.finetune import LoRALinear, prepare
+
+    model, blocks = meta_llama()
+    plan = prepare(model, blocks, FinetuneConfig("lora", LoraConfig(rank=4, target=["q_proj", "down_proj"])),
+                   "bf16-mixed")
+    assert plan.lora_modules == [f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.q_proj",
+                                                                                      "mlp.down_proj")]
+    q = blocks[0].self_attn.q_proj
+    assert isinstance(q, LoRALinear) and q.lora_A.weight.shape == (4, 64) and q.lora_B.weight.shape == (64, 4)
+    assert q.weight.dtype == torch.bfloat16 and not q.weight.requires_grad
+    assert q.lora_A.weight.dtype == torch.float32 and q.lora_A.weight.requires_grad
+    assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tying survives the bf16 copy
