@@ -598,6 +598,13 @@ def export_finetuned(path: Path, saved: dict, out_dir: str, dtype_name: str, max
     def write(tmp: Path) -> None:
         if lora and not merge:
             skeleton = _skeleton(raw_config, hf_config)
+            names: dict[int, list[str]] = {}
+            for n, p in skeleton.named_parameters(remove_duplicate=False):
+                names.setdefault(id(p), []).append(n)
+            tied = [ns for ns in names.values() if len(ns) > 1 and any(n in trained for n in ns)]
+            if tied:  # PEFT's modules_to_save copies one module: it cannot hold a trained tied weight
+                raise UserError(f"export: {path} trained the tied weight {' = '.join(tied[0])} (modules_to_save); a "
+                                "PEFT adapter cannot hold it: add --merge to export a full model")
             linear = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
             write_adapter(tmp, trained, ident, linear, base_dir, dtype)
             if tokenizer is not None:

@@ -308,3 +308,32 @@ def test_lora_layers_keep_hugging_face_names_and_get_adapters_in_their_block():
     assert q.lora_A.weight.dtype == torch.float32 and q.lora_A.weight.requires_grad
     assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict()
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tying survives the bf16 copy
+
+
+def test_modules_to_save_export_round_trip_on_one_rank(tmp_path):
+    """An untied model: lora on q_proj plus lm_head trained in full; the PEFT adapter (PEFT applies it) and the
+    merged folder (fsdptrain merges) give the same logits, which differ from the base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fsdptrain.config import load_config
+    from fsdptrain.export import export_checkpoint
+    from fsdptrain.trainer import train
+    from tests.helpers import QWEN2
+
+    qwen = make_model_dir(tmp_path / "qwen2", {**QWEN2, "num_hidden_layers": 1}, seed=2)
+    cfg = base_config(tmp_path / "run", qwen, finetune={"method": "lora", "lora": {
+        "rank": 4, "target": "q_proj", "modules_to_save": ["lm_head"]}}, train={"max_steps": 2})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    train(load_config(str(tmp_path / "c.yaml")))
+    export_checkpoint(str(tmp_path / "run"), str(tmp_path / "adapter"))
+    export_checkpoint(str(tmp_path / "run"), str(tmp_path / "merged"), merge=True)
+    ids = torch.tensor([synthetic_examples(qwen)[0].input_ids])
+    base = AutoModelForCausalLM.from_pretrained(str(qwen), dtype=torch.float32)
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)(
+            input_ids=ids).logits
+    assert (peft - merged).abs().max() < 1e-5, (peft - merged).abs().max()
+    assert (peft - before).abs().max() > 1e-3
