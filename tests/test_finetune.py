@@ -173,6 +173,24 @@ def test_bf16_mixed_stores_the_frozen_base_in_bf16_and_trainable_weights_in_fp32
     assert f["optimizer_state_elements"] == 2 * block
 
 
+@pytest.mark.parametrize("case", ["probe", "probe_bf16", "probe_freeze_bf16"])
+def test_estimated_model_state_equals_the_real_shards(runs, case):
+    from fsdptrain.config import load_config
+    from fsdptrain.memory import estimate
+
+    root = runs[0]
+    cfg = load_config(str(root / f"{case}.yaml"))
+    shape = estimate.shape_from_config(cfg)
+    settings = estimate.settings_from_config(cfg, 1, 2, 1, device_type="cpu")
+    est = estimate.compute(shape, settings.vary(parallel={"activation_checkpointing": "none"}), rank=0)
+    for rank in range(2):
+        real = json.loads((root / case / f"PROBE-rank{rank}.json").read_text())
+        st = estimate.model_state(shape, 2, rank, 4, frozen_bytes=2 if "bf16" in case else 4)
+        assert (st.params, st.grads, st.optimizer, st.n_tensors) == (
+            real["params_storage"], real["grads_storage"], real["optimizer_bytes"], real["n_tensors"]), rank
+    assert est.state == estimate.model_state(shape, 2, 0, 4, frozen_bytes=2 if "bf16" in case else 4)
+
+
 def test_lora_checkpoint_holds_only_the_adapters_and_resumes_bitwise(runs):
     from torch.distributed.checkpoint import FileSystemReader
 

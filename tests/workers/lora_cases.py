@@ -4,8 +4,9 @@ Usage (under torchrun): python -m tests.workers.lora_cases SPEC.json
 SPEC: {"cases": [{"config": yaml path, "kind": "train" | "probe", "logits_out": optional path}], "ids": [token ids]}
   train: trainer.setup + loop; with logits_out, rank 0 saves the trained model's logits on `ids` (safetensors).
   refuse: setup must fail with a UserError; rank 0 writes its message to error_out.
-  probe: one forward/backward and optimizer step; rank 0 writes PROBE.json next to the config: which frozen
-         tensors got a gradient, trainable parameters, optimizer state elements, local bytes per dtype (all ranks).
+  probe: one forward/backward and optimizer step; rank 0 writes PROBE.json into output_dir: which frozen
+         tensors got a gradient, trainable parameters, optimizer state elements, local bytes per dtype (all ranks);
+         each rank writes PROBE-rank{R}.json: its shards' storage bytes (parameters, gradients, optimizer state).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def sum_all(values: dict[str, int]) -> dict[str, int]:
     return {k: int(v) for k, v in zip(keys, t.tolist())}
 
 
+def storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (FSDP2's padded shards)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def probe(cfg, info, out: Path) -> None:
     run = trainer.setup(cfg, info)
     try:
@@ -57,7 +63,13 @@ def probe(cfg, info, out: Path) -> None:
         params = list({id(p): (n, p) for n, p in run.model.named_parameters()}.values())
         frozen_with_grad = [n for n, p in params if not p.requires_grad and p.grad is not None]
         trainable_without_grad = [n for n, p in params if p.requires_grad and p.grad is None]
+        grads = [local_tensor(p.grad) for _, p in params if p.grad is not None]
         run.optimizer.step()
+        own = {"params_storage": storage_bytes([local_tensor(p) for _, p in params]),
+               "grads_storage": storage_bytes(grads), "n_tensors": len(params),
+               "optimizer_bytes": sum(local_tensor(v).numel() * v.element_size() for st in run.optimizer.state.values()
+                                      for v in st.values() if isinstance(v, torch.Tensor))}
+        (out / f"PROBE-rank{info.rank}.json").write_text(json.dumps(own))
         state = sum(v.numel() if not hasattr(v, "to_local") else v.to_local().numel()
                     for st in run.optimizer.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
         by_dtype: Counter = Counter()
