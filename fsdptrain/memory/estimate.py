@@ -180,6 +180,11 @@ class ModelState:
     params: int  # bytes
     grads: int
     optimizer: int
+    trainable_numel: int = -1  # local elements of the trainable parameters (lora / freeze); -1: all of them
+
+    @property
+    def trained_local(self) -> int:
+        return self.local_numel if self.trainable_numel < 0 else self.trainable_numel
 
     @property
     def total(self) -> int:
@@ -204,7 +209,8 @@ def model_state(shape: ModelShape, world: int, rank: int, param_bytes: int,
     fb = param_bytes if frozen_bytes is None else frozen_bytes
     return ModelState(local_numel=local, padded_numel=padded, n_tensors=n,
                       params=t_padded * param_bytes + (padded - t_padded) * fb,
-                      grads=t_padded * param_bytes, optimizer=2 * t_local * param_bytes + 4 * t_n)
+                      grads=t_padded * param_bytes, optimizer=2 * t_local * param_bytes + 4 * t_n,
+                      trainable_numel=t_local if shape.frozen else -1)
 
 
 def unit_numel(unit: list[tuple[int, ...]], world: int) -> int:
@@ -445,9 +451,9 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     peak = phases[peak_phase]
     cpu_rank = 0
     if p.cpu_offload:
-        cpu_rank = st.total + st.local_numel * pb  # + AdamW foreach's sqrt(v) temporary on CPU
+        cpu_rank = st.total + st.trained_local * pb  # + AdamW foreach's sqrt(v) temporary on CPU
     elif p.optimizer_offload:
-        cpu_rank = st.optimizer + 2 * st.local_numel * pb  # state + persistent host buffers (gradient, shard)
+        cpu_rank = st.optimizer + 2 * st.trained_local * pb  # state + persistent host buffers (gradient, shard)
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.facts.gpu_memory
     if cpu_rank and s.facts.cpu_memory is not None:
         fits = fits and cpu_rank * s.facts.gpus_per_node <= s.facts.cpu_memory
