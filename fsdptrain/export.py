@@ -547,6 +547,7 @@ def write_merged(tmp: Path, base: Path, trained: dict[str, torch.Tensor], deltas
                  dtype: torch.dtype, max_shard_bytes: int) -> None:
     """The base model's tensors, one at a time, with trained weights replacing theirs and LoRA deltas added."""
     from .models import safetensors_index
+    from .safetensors_io import DTYPES as STORED_DTYPES
     from .safetensors_io import SafetensorsFile
 
     index = safetensors_index(str(base))
@@ -564,7 +565,8 @@ def write_merged(tmp: Path, base: Path, trained: dict[str, torch.Tensor], deltas
                 t = full[key]
             else:
                 h = handles.get(f) or handles.setdefault(f, SafetensorsFile(f))
-                t = torch.empty(h.shape(key), dtype=torch.float32)
+                stored = STORED_DTYPES.get(h.header[key].get("dtype"), torch.float32)
+                t = torch.empty(h.shape(key), dtype=torch.float32 if stored.is_floating_point else stored)
                 h.read_into(key, tuple(slice(0, n) for n in t.shape), t)
                 if key in deltas:
                     t += deltas[key]
