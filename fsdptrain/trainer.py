@@ -35,12 +35,14 @@ from .data.loader import StepSampler
 from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo
 from .errors import RunStopped, TrainingError, UserError
+from .evaluate import EvalResult, eval_micro_batch, evaluate
 from .export import check_target, export_dtype, export_hf, training_export_check
 from .loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
 from .memory.tracker import MemoryTracker
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .plan import check_device_support
+from .sinks import open_sinks
 from .stopping import StopRequests, job_deadline
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ class RunResult:
     steps: int = 0
     skipped_steps: int = 0
     output_dir: str = ""
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss) of every evaluation
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Run:
     result: RunResult
     lock: Optional[rundir.RunLock]  # output_dir's lock, held by rank 0
     started: float = field(default_factory=time.time)  # when train() began (the job's wall time counts from it)
+    eval_examples: Any = None  # held-out examples (data.val_size / data.eval_datasets), packed like training's
 
     @property
     def model(self) -> nn.Module:
@@ -160,13 +164,12 @@ def write_run_files(cfg: Config, info: DistInfo, out: Path, fresh: bool) -> None
 
 
 def setup_data(cfg: Config, info: DistInfo, tokenizer: PreTrainedTokenizerBase,
-               examples: Optional[list[Example]]) -> tuple[Any, StepSampler, int]:
-    """Examples, this rank's sampler and the number of optimizer steps."""
-    if examples is None:
-        examples = pipeline.load_examples(cfg, tokenizer, info.rank, info.local_rank, log.info)
+               examples: Optional[list[Example]]) -> tuple[Any, StepSampler, int, Any]:
+    """Examples, this rank's sampler, the number of optimizer steps and the eval examples (or None)."""
+    examples, evals = pipeline.load_train_eval(cfg, tokenizer, info.rank, info.local_rank, log.info, examples)
     sampler = pipeline.build_sampler(cfg, examples, info.world_size, info.rank, info.local_world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
-    return examples, sampler, total_steps
+    return examples, sampler, total_steps, evals
 
 
 def setup_hf_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -199,7 +202,7 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
            held: Optional[rundir.RunLock], fresh: bool) -> Run:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
-    examples, sampler, total_steps = setup_data(cfg, info, tokenizer, examples)
+    examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples)
     hf_config = setup_hf_config(cfg, tokenizer)
     sharded = build_sharded_model(cfg, info, hf_config)
     log.info(sharded.describe(hf_config))
@@ -220,11 +223,13 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     if state.step and info.is_main:
         rundir.trim_metrics(out / "metrics.jsonl", state.step)  # the steps after the checkpoint run again
 
-    logger = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step)
+    logger = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step,
+                       sinks=open_sinks(cfg, out))
     tracker = MemoryTracker(cfg.memory, info, out, model, sharded.blocks)  # per-phase records, OOM post-mortem
     return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded, loss_head,
                optimizer, scheduler, state, checkpointer, logger, tracker,
-               peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)), held)
+               peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)), held,
+               eval_examples=evals)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -320,6 +325,29 @@ def record(run: Run, stats: StepStats) -> None:
     run.logger.log(step, metrics)
 
 
+def eval_due(run: Run, step: int) -> bool:
+    """train.eval_every steps, and the last step, when there is eval data."""
+    every = run.cfg.train.eval_every
+    return run.eval_examples is not None and ((every > 0 and step % every == 0) or step == run.total_steps)
+
+
+def evaluate_run(run: Run, step: int) -> EvalResult:
+    """Evaluate after optimizer step `step` (collective): metrics, progress line, `eval` memory record."""
+    cfg, info = run.cfg, run.info
+    run.tracker.evaluating = True
+    try:
+        res = evaluate(run.model, run.eval_examples, run.tokenizer.pad_token_id, info.device, info.world_size,
+                       info.rank, eval_micro_batch(cfg), cfg.train.eval_max_batches, run.loss_head,
+                       cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2")
+    finally:
+        run.tracker.evaluating = False
+    run.tracker.phase("eval")
+    run.result.evals.append((step, res.loss))
+    run.logger.log_eval(step, res.metrics())
+    run.checkpointer.note_eval(step, res.loss)
+    return res
+
+
 def finish(run: Run) -> None:
     """After the loop: the optional Hugging Face export and the summary line."""
     cfg, out, result = run.cfg, run.out, run.result
@@ -348,6 +376,8 @@ def loop(run: Run) -> RunResult:
         for batches in steps:
             stats = train_step(run, batches, t0)
             record(run, stats)
+            if eval_due(run, stats.step):
+                evaluate_run(run, stats.step)
             stopped = stop.agreed()  # one small all_reduce: did any rank get a signal?
             run.checkpointer.maybe_save(stats.step, last=stats.step == run.total_steps, force=stopped is not None)
             if run.lock is not None:
