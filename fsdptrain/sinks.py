@@ -15,18 +15,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import Config, to_dict
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 INSTALL = {"wandb": "pip install wandb  (or pip install 'fsdptrain[wandb]')",
            "mlflow": "pip install mlflow-skinny  (or pip install 'fsdptrain[mlflow]')"}
+
+
+def not_installed(name: str, sink: str) -> ConfigError:
+    return ConfigError(f"logging.report_to: {sink} is listed but the {name} package is not installed; "
+                       f"{INSTALL[sink]}, or remove {sink} from logging.report_to")
 
 
 def optional_import(name: str, sink: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise ConfigError(f"logging.report_to: {sink} is listed but the {name} package is not installed; "
-                          f"{INSTALL[sink]}, or remove {sink} from logging.report_to") from None
+        raise not_installed(name, sink) from None
 
 
 def active(report_to: list[str], tensorboard: bool) -> list[str]:
@@ -35,7 +39,7 @@ def active(report_to: list[str], tensorboard: bool) -> list[str]:
     names = [s for s in dict.fromkeys(report_to) if s != "tensorboard" or tensorboard]
     for sink, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
         if sink in names and importlib.util.find_spec(module) is None:
-            optional_import(module, sink)
+            raise not_installed(module, sink)
     return names
 
 
@@ -100,6 +104,7 @@ class Sinks:
 
     def __init__(self, names: list[str], out_dir: Path, run_name: str, options: dict, config: dict):
         self.sinks: list[Any] = []
+        name = ""
         try:
             for name in names:
                 if name == "tensorboard":
@@ -109,9 +114,15 @@ class Sinks:
                 elif name == "mlflow":
                     self.sinks.append(MlflowSink(run_name, options["mlflow_tracking_uri"],
                                                  options["mlflow_experiment"], flat(config)))
-        except BaseException:
+        except UserError:
             self.close()
             raise
+        except Exception as e:  # noqa: BLE001  (the sink's own refusal, e.g. a tracking store it will not use)
+            self.close()
+            lines = [x for x in str(e).strip().splitlines() if x.strip()]
+            raise UserError(f"logging.report_to: {name} could not start ({type(e).__name__}: "
+                            f"{lines[0] if lines else ''}); fix its settings or remove it from "
+                            "logging.report_to") from None
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         for s in self.sinks:

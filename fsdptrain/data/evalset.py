@@ -50,10 +50,10 @@ def val_count(val_size: float, n: int) -> int:
     elif float(val_size).is_integer():
         k = int(val_size)
     else:
-        raise ConfigError(f"data.val_size: {val_size} is neither a fraction in (0, 1) nor a whole number of "
+        raise ConfigError(f"data.val_size: {val_size:g} is neither a fraction in (0, 1) nor a whole number of "
                           "examples; write e.g. 0.05 or 200")
     if k >= n:
-        raise ConfigError(f"data.val_size: {val_size} takes {k} of the {n} examples, leaving none to train on; "
+        raise ConfigError(f"data.val_size: {val_size:g} takes {k} of the {n} examples, leaving none to train on; "
                           "lower data.val_size or add data")
     return k
 

@@ -70,8 +70,13 @@ def tokenized(cfg: Config, tokenizer: PreTrainedTokenizerBase, datasets: list, r
         specs = resolve(datasets, d.dataset_dir)
         settings = Settings(d.max_length, d.train_on_prompt, d.mask_history, d.max_samples, cfg.seed, d.num_proc)
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
-        examples, st, per_set, hit = prepare(specs, tokenizer, settings, cache_dir, rank, local_rank,
-                                             d.overwrite_cache, log)
+        try:
+            examples, st, per_set, hit = prepare(specs, tokenizer, settings, cache_dir, rank, local_rank,
+                                                 d.overwrite_cache, log)
+        except UserError as e:
+            if what == "data":
+                raise
+            raise UserError(f"data.eval_datasets: {e}") from None
         log(f"{what}: {'cache hit' if hit else 'tokenised'} {examples.path}")
         for entry in per_set:
             skipped = ", ".join(f"{n} {r}" for r, n in entry["skipped"].items()) or "none"
