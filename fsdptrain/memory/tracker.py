@@ -2,7 +2,8 @@
 
 The trainer calls, per optimizer step: `step_start(step, batches)`, then
 `phase("forward", i)` and `phase("backward", i)` per micro-batch, then
-`phase("optimizer")`, and `gather(step, log)` on log steps. Every call writes
+`phase("optimizer")`, and `gather(step, log)` on log steps; after an evaluation
+`phase("eval")` (its peak; per-block records during it are labelled eval). Every call writes
 one JSON line to output_dir/memory/rank{R}.jsonl with the SCHEMA fields of
 stats.py (current, and peak since the previous record: the peak is reset at
 each record) plus the step's tokens and the micro-batch's shape, so a line's
