@@ -1,4 +1,4 @@
-"""Command line: `fsdptrain train | config | eval | export | estimate | mem report | mem diff` (click).
+"""Command line: `fsdptrain train | config | eval | export | plot | estimate | mem report | mem diff` (click).
 
 Exit statuses: 0 done; 2 a user mistake (`UserError`: one line `fsdptrain: error: ...`, no traceback); 1 anything
 else (an internal error, out of memory, a distributed failure): two short lines on stderr, and the full
@@ -258,6 +258,17 @@ def export_cmd(checkpoint: str, out_dir: str, overwrite: bool, dtype: str, max_s
     out, replaced = export_checkpoint(checkpoint, out_dir, dtype, parse_size(max_shard_size, "--max-shard-size"),
                                       overwrite=overwrite)
     click.echo(f"exported {checkpoint} to {out}" + (" (replaced the earlier export there)" if replaced else ""))
+
+
+@main.command("plot")
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", "out_file", default=None, help="PNG to write; default: RUN_DIR/plot.png of the first run.")
+@friendly_errors
+def plot_cmd(run_dirs: tuple[str, ...], out_file: str | None) -> None:
+    """Train loss (raw and smoothed), eval loss, learning rate, tokens/s and per-rank peak memory of RUN_DIRs."""
+    from .plot import plot
+
+    click.echo(f"plot: {plot(list(run_dirs), out_file)}")
 
 
 @main.group("mem")

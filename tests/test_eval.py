@@ -195,3 +195,28 @@ def test_keep_best_eval_command_and_export_best(two_ranks, tmp_path):
     assert f"step-{best_step:08d}" in r.output
     res = eval_checkpoint(cfg, str(tmp_path / "hf"), str(tmp_path / "hf.json"))  # a Hugging Face folder
     assert abs(res.loss - evals[best_step]) < 1e-6
+
+
+def test_plot_overlays_runs(two_ranks, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="a test extra: pip install 'fsdptrain[test]'")
+    from PIL import Image, ImageStat
+
+    from fsdptrain.errors import UserError
+    from fsdptrain.plot import plot
+
+    runs = two_ranks[1]
+    out = plot([str(runs["every"]), str(runs["end"])], str(tmp_path / "p.png"))
+    with Image.open(out) as im:
+        assert im.size == (1600, 900)
+        stat = ImageStat.Stat(im.convert("L"))
+        assert stat.stddev[0] > 10 and len(im.convert("RGB").getcolors(1 << 20)) > 50  # curves, not a blank page
+    assert plot([str(runs["every"])], str(out)) == out  # its own earlier file may be replaced
+    foreign = tmp_path / "mine.png"
+    foreign.write_bytes(b"not ours")
+    with pytest.raises(UserError, match="exists and was not written by fsdptrain plot"):
+        plot([str(runs["every"])], str(foreign))
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(UserError) as e:
+        plot([str(runs["every"])], str(tmp_path / "q.png"))
+    assert str(e.value) == ("plot: matplotlib is not installed; pip install 'fsdptrain[plot]' (or pip install "
+                            "matplotlib)")
