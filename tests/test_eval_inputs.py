@@ -24,8 +24,9 @@ def jsonl(path: Path, records: list[dict]) -> str:
 
 
 def load(tmp_path: Path, **data):
+    given = [f"data.{k}={json.dumps(v)}" for k, v in data.items()]
     cfg = load_config(None, ["model.hf_config={model_type: llama}", f"data.cache_dir={tmp_path / 'cache'}",
-                             "data.max_length=64"] + [f"data.{k}={json.dumps(v)}" for k, v in data.items()])
+                             "data.val_size=0", "data.max_length=64", *given])
     lines: list[str] = []
     train, evals = pipeline.load_train_eval(cfg, build_char_tokenizer(), log=lines.append)
     return train, evals, lines
