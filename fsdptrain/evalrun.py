@@ -65,8 +65,8 @@ def load_dcp_model(model, ckpt: Path) -> None:
     set_model_state_dict(model, msd)
 
 
-def write_result(out: Path, result: dict) -> None:
-    """The JSON result, written to a temporary name and renamed; only an earlier result of ours is replaced."""
+def check_out(out: Path) -> None:
+    """--out may be a new file or an earlier result of this command, nothing else."""
     if out.exists():
         try:
             ours = out.is_file() and RESULT_KEY in json.loads(out.read_text())
@@ -74,6 +74,11 @@ def write_result(out: Path, result: dict) -> None:
             ours = False
         if not ours:
             raise UserError(f"--out: {out} exists and is not an fsdptrain eval result; give another file")
+
+
+def write_result(out: Path, result: dict) -> None:
+    """The JSON result, written to a temporary name and renamed; only an earlier result of ours is replaced."""
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -84,6 +89,7 @@ def eval_checkpoint(cfg: Config, source: str, out: Optional[str]) -> EvalResult:
     """Evaluate `source` on cfg's eval data; rank 0 prints the result and writes it to `out` (JSON)."""
     kind, hf_dir, ckpt = resolve_source(source)
     out_path = Path(out) if out else Path(f"eval-{(ckpt or hf_dir).name}.json")
+    check_out(out_path)  # before any work
     # the weights come from the source: model.path is its folder (random init stands in until DCP fills it)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(hf_dir), hf_config=None,
                                                              random_init=ckpt is not None))

@@ -121,6 +121,7 @@ def check_exact(out: dict, oracle, world: int) -> None:
 
 def test_eval_exact_one_rank(setup, oracle, tmp_path):
     _, _, evals = setup
+    evals = [c for c in evals if c["name"] in ("plain", "packed")]  # the other settings run on 2 ranks
     out = eval_cases.run({"out": str(tmp_path / "r.json"), "eval": evals})
     torch.distributed.destroy_process_group()
     check_exact(out, oracle, 1)
@@ -146,7 +147,7 @@ def test_eval_exact_two_ranks(two_ranks, oracle):
 
 def test_eval_exact_three_ranks(setup, oracle):
     root, _, evals = setup
-    evals = [c for c in evals if c["name"] in ("plain", "packed")]  # the other settings run on 1 and 2 ranks
+    evals = [c for c in evals if c["name"] in ("plain", "packed")]  # the other settings run on 2 ranks
     (root / "three-spec.json").write_text(json.dumps({"out": str(root / "three.json"), "eval": evals}))
     p = torchrun(3, ["-m", "tests.workers.eval_cases", str(root / "three-spec.json")])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -195,6 +196,18 @@ def test_keep_best_eval_command_and_export_best(two_ranks, tmp_path):
     assert f"step-{best_step:08d}" in r.output
     res = eval_checkpoint(cfg, str(tmp_path / "hf"), str(tmp_path / "hf.json"))  # a Hugging Face folder
     assert abs(res.loss - evals[best_step]) < 1e-6
+
+    from fsdptrain.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        eval_checkpoint(cfg, str(tmp_path / "nope"), None)
+    assert str(e.value) == (f"--checkpoint: {tmp_path / 'nope'}: no such folder; give a checkpoint folder, a run "
+                            "directory or a Hugging Face model folder")
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(UserError) as e:
+        eval_checkpoint(cfg, str(run), str(tmp_path / "notes.json"))
+    assert str(e.value) == (f"--out: {tmp_path / 'notes.json'} exists and is not an fsdptrain eval result; give "
+                            "another file")
 
 
 def test_plot_overlays_runs(two_ranks, tmp_path, monkeypatch):
