@@ -71,7 +71,9 @@ class RunLogger:
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(k, v, step)
+                    self.tb.add_scalar(k.replace("eval_", "eval/", 1) if k.startswith("eval_") else k, v, step)
+        if "loss" not in metrics:  # an evaluation after a skipped step: no training numbers to show
+            return
         eta = elapsed / max(1, step - self.start_step) * (self.total - step)
         if self.bar is not None:
             self.bar.n = step
@@ -84,16 +86,11 @@ class RunLogger:
                      f"grad_norm {metrics['grad_norm']:.3f} tok/s/dev {metrics['tokens_per_s_per_device']:.0f} "
                      f"eta {eta:.0f}s")
 
-    def log_eval(self, step: int, metrics: dict) -> None:
-        """An evaluation after optimizer step `step`: its own metrics.jsonl record, eval/* scalars, one line."""
+    def eval_line(self, step: int, metrics: dict) -> None:
+        """An evaluation after optimizer step `step`: one line now, and its loss on the following step lines."""
         if not self.enabled:
             return
         self.last_eval = metrics["eval_loss"]
-        record = {"step": step, **metrics, "elapsed_s": round(time.perf_counter() - self.start, 3)}
-        self.jsonl.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k.replace("eval_", "eval/", 1), v, step)
         if self.progress != "none":
             log.info(f"eval step {step}: loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.3f} "
                      f"({metrics['eval_tokens']} tokens, {metrics['eval_time_s']:.1f}s)")

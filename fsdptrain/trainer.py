@@ -300,11 +300,14 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> Ste
 # ----------------------------------------------------------------------------- the loop
 
 
-def record(run: Run, stats: StepStats) -> None:
-    """The step's results: RunResult, and on log steps metrics.jsonl / TensorBoard / progress and memory."""
+def record(run: Run, stats: StepStats, ev: Optional[EvalResult] = None) -> None:
+    """The step's results: RunResult, and on log steps (and eval steps: `ev`, the evaluation after the step)
+    metrics.jsonl / TensorBoard / progress and memory."""
     result, cfg = run.result, run.cfg
     if stats.skipped:
         result.skipped_steps += 1
+        if ev is not None:  # the evaluation still counts: a record of its own
+            run.logger.log(stats.step, ev.metrics())
         return
     result.losses.append(stats.loss)
     result.grad_norms.append(stats.grad_norm)
@@ -312,7 +315,7 @@ def record(run: Run, stats: StepStats) -> None:
     result.tokens.append(stats.tokens)
     result.steps = stats.step
     step = stats.step
-    if not (step == 1 or step % cfg.logging.log_every == 0 or step == run.total_steps):
+    if not (step == 1 or step % cfg.logging.log_every == 0 or step == run.total_steps or ev is not None):
         return
     tok_s = stats.tokens / stats.seconds / run.info.world_size
     metrics = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens,
@@ -320,6 +323,8 @@ def record(run: Run, stats: StepStats) -> None:
     if run.peak_tflops:
         flops = models.flops_per_token(run.hf_config, run.sharded.n_params, stats.seq_len)
         metrics["mfu"] = flops * tok_s / (run.peak_tflops * 1e12)
+    if ev is not None:
+        metrics.update(ev.metrics())
     metrics.update(run.tracker.gather(step, run.logger.tb))
     result.peak_mem_bytes = max(result.peak_mem_bytes, run.tracker.peak_bytes_max)
     run.logger.log(step, metrics)
@@ -332,7 +337,8 @@ def eval_due(run: Run, step: int) -> bool:
 
 
 def evaluate_run(run: Run, step: int) -> EvalResult:
-    """Evaluate after optimizer step `step` (collective): metrics, progress line, `eval` memory record."""
+    """Evaluate after optimizer step `step` (collective): the eval line, the `eval` memory record; `record`
+    writes its metrics with the step's."""
     cfg, info = run.cfg, run.info
     run.tracker.evaluating = True
     try:
@@ -343,7 +349,7 @@ def evaluate_run(run: Run, step: int) -> EvalResult:
         run.tracker.evaluating = False
     run.tracker.phase("eval")
     run.result.evals.append((step, res.loss))
-    run.logger.log_eval(step, res.metrics())
+    run.logger.eval_line(step, res.metrics())
     run.checkpointer.note_eval(step, res.loss)
     return res
 
@@ -375,9 +381,8 @@ def loop(run: Run) -> RunResult:
         t0 = time.perf_counter()
         for batches in steps:
             stats = train_step(run, batches, t0)
-            record(run, stats)
-            if eval_due(run, stats.step):
-                evaluate_run(run, stats.step)
+            ev = evaluate_run(run, stats.step) if eval_due(run, stats.step) else None
+            record(run, stats, ev)
             stopped = stop.agreed()  # one small all_reduce: did any rank get a signal?
             run.checkpointer.maybe_save(stats.step, last=stats.step == run.total_steps, force=stopped is not None)
             if run.lock is not None:
