@@ -155,6 +155,10 @@ class TrainConfig:
                                     "a time so full-vocabulary fp32 logits never exist at once; 0 computes full "
                                     "logits.", min=0)
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
+    router_aux_loss_coef: Optional[float] = opt(None, "MoE models: weight of the router's load-balancing loss added "
+                                                      "to the objective (transformers' own); null: the model "
+                                                      "config's router_aux_loss_coef; 0: off. See docs/moe.md.",
+                                                min=0)
     on_nonfinite: str = opt("stop", "Non-finite loss or grad norm: stop the run (naming step and rank) or skip the "
                                     "update.", choices=["stop", "skip"])
     eval_every: int = opt(0, "Evaluate on the eval data every N optimizer steps (and after the last step whenever "

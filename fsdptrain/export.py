@@ -8,7 +8,10 @@ generation_config.json, the tokenizer files and `fsdptrain_export.json` (the
 marker: what was exported and every file written, with its size). Tied
 embeddings are written once (transformers re-ties lm_head on load). Persistent
 buffers (the state dict's non-parameter entries, e.g. DeepSeek-V3's router
-`e_score_correction_bias`) are written too; non-persistent ones never are.
+`e_score_correction_bias`) are written too; non-persistent ones never are. The
+tensors are written in the layout `save_pretrained` writes (weightmap.save_groups
+and to_saved_layout: MoE experts one by one, as on the hub), one group of
+tensors converted at a time, so the shard-at-a-time memory bound holds.
 
 An export never deletes or overwrites anything it did not write. The folder is
 written into a new temporary folder beside the target (`OUT.tmp-<pid>`) and
@@ -39,6 +42,7 @@ from .checkpoint import MARKER, SUBDIR
 from .errors import UserError
 from .files import read_json, reading
 from .models import owned_params, persistent_buffers
+from .weightmap import save_groups, to_saved_layout
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -338,11 +342,14 @@ def export_hf(model: nn.Module, hf_config: PretrainedConfig, tokenizer: Optional
 
     def write(tmp: Optional[Path]) -> None:
         writer = ShardWriter(tmp, max_shard_bytes) if tmp is not None else None
-        tensors = [(f"{m}.{a}" if m else a, p) for m, _mod, a, p in owned_params(model)]  # tied weights once
-        for key, t in tensors + list(persistent_buffers(model)):
-            full = t.full_tensor() if isinstance(t, DTensor) else t.detach()
+        tensors = {f"{m}.{a}" if m else a: p for m, _mod, a, p in owned_params(model)}  # tied weights once
+        tensors.update(persistent_buffers(model))
+        for group in save_groups(model, list(tensors)):  # the same order on every rank: full_tensor is collective
+            full = {k: tensors[k].full_tensor() if isinstance(tensors[k], DTensor) else tensors[k].detach()
+                    for k in group}
             if writer is not None:
-                writer.add(key, _cast(full, dtype))
+                for key, t in to_saved_layout(model, full).items():
+                    writer.add(key, _cast(t, dtype))
             del full
         if writer is not None:
             writer.finish()
@@ -357,14 +364,16 @@ def export_hf(model: nn.Module, hf_config: PretrainedConfig, tokenizer: Optional
 # ----------------------------------------------------------------------------- from a checkpoint
 
 
-def _batches(keys: list[str], sizes: dict[str, int], limit: int) -> Iterator[list[str]]:
+def _batches(groups: list[list[str]], sizes: dict[str, int], limit: int) -> Iterator[list[list[str]]]:
+    """Groups of keys (converted together) in batches of at most `limit` bytes (or one group)."""
     batch, total = [], 0
-    for k in keys:
-        if batch and total + sizes[k] > limit:
+    for group in groups:
+        n = sum(sizes[k] for k in group)
+        if batch and total + n > limit:
             yield batch
             batch, total = [], 0
-        batch.append(k)
-        total += sizes[k]
+        batch.append(group)
+        total += n
     if batch:
         yield batch
 
@@ -430,12 +439,15 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     stored_dtype = {k: meta[f"model.{k}"].properties.dtype for k in keys}
     sizes = {k: torch.Size(shapes[k]).numel() * torch.empty((), dtype=stored_dtype[k]).element_size() for k in keys}
-    del skeleton
+    groups = save_groups(skeleton, keys)  # the file layout save_pretrained writes (MoE experts one by one)
+
+    def saved_layout(tensors: dict) -> dict:
+        return to_saved_layout(skeleton, tensors)
 
     def write(tmp: Path) -> None:
         writer = ShardWriter(tmp, max_shard_bytes)
-        for batch in _batches(keys, sizes, max_shard_bytes):
-            part = {k: torch.empty(shapes[k], dtype=stored_dtype[k]) for k in batch}
+        for batch in _batches(groups, sizes, max_shard_bytes):
+            part = {k: torch.empty(shapes[k], dtype=stored_dtype[k]) for group in batch for k in group}
             try:
                 with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                     warnings.simplefilter("ignore", UserWarning)
@@ -444,8 +456,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
                 lines = str(e).strip().splitlines()
                 raise UserError(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
                                 f"{lines[-1] if lines else ''})") from None
-            for k in batch:
-                writer.add(k, _cast(part[k], dtype))
+            for group in batch:
+                for key, t in saved_layout({k: part[k] for k in group}).items():
+                    writer.add(key, _cast(t, dtype))
             del part
         writer.finish()
         _write_meta(tmp, hf_config, tokenizer, dtype)

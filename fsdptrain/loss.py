@@ -148,14 +148,24 @@ def targets_set(head: ChunkedLossHead, labels: torch.Tensor) -> Iterator[None]:
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
-                   head: Optional[ChunkedLossHead] = None) -> torch.Tensor:
-    """Sum of per-token cross-entropy over the batch's target tokens (fp32)."""
+                   head: Optional[ChunkedLossHead] = None, router_aux: Optional[list] = None) -> torch.Tensor:
+    """Sum of per-token cross-entropy over the batch's target tokens (fp32).
+
+    router_aux: a list to receive the MoE router's auxiliary loss of this forward (transformers' own
+    `outputs.aux_loss`, asked for with output_router_logits=True); None: not computed."""
     # use_cache=False: a KV cache would grow again when checkpointed blocks recompute their forward
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "n_tokens")} | {"use_cache": False}
+    if router_aux is not None:
+        inputs["output_router_logits"] = True
     if head is not None:
         with targets_set(head, batch["labels"]):
-            return model(**inputs).logits  # the head returned the summed loss
-    logits = model(**inputs).logits
-    return F.cross_entropy(
-        logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=IGNORE, reduction="sum"
-    )
+            out = model(**inputs)
+            loss = out.logits  # the head returned the summed loss
+    else:
+        out = model(**inputs)
+        logits = out.logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1),
+                               ignore_index=IGNORE, reduction="sum")
+    if router_aux is not None:
+        router_aux.append(out.aux_loss.float())
+    return loss

@@ -6,7 +6,9 @@ Each optimizer step (`train_step`):
   3. per micro-batch: forward, summed cross-entropy scaled by world_size /
      global_targets (FSDP averages gradients over ranks, so the product is the
      gradient of the global per-token mean loss whatever the split), backward,
-     with gradient reduction only on the last micro-batch when configured;
+     with gradient reduction only on the last micro-batch when configured; MoE
+     models add router_aux_coef x the router's auxiliary loss / micro-batches
+     (see docs/moe.md);
   4. clip the global grad norm, check loss and norm are finite, step.
 Step numbers are 1-based throughout: step s is the s-th optimizer step, and
 `run.state.step` counts the steps done.
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from . import distributed, log, models, packcheck, rundir
+from . import distributed, log, models, moe, packcheck, rundir
 from .build import ShardedModel, build_sharded_model
 from .checkpoint import Checkpointer, Saved, TrainState, resolve_resume, step_name
 from .config import Config, parse_size
@@ -85,6 +87,8 @@ class Run:
     result: RunResult
     lock: Optional[rundir.RunLock]  # output_dir's lock, held by rank 0
     started: float = field(default_factory=time.time)  # when train() began (the job's wall time counts from it)
+    router_aux_coef: float = 0.0  # MoE: weight of the router's auxiliary loss in the objective (moe.py)
+    expert_load: Optional[moe.ExpertLoad] = None  # MoE: tokens routed to each expert since the last log step
     eval_examples: Any = None  # held-out examples (data.val_size / data.eval_datasets), packed like training's
 
     @property
@@ -101,6 +105,7 @@ class StepStats:
     tokens: int  # input tokens of the step, all ranks
     target_tokens: int
     seq_len: int  # the longest row of this rank's micro-batches
+    aux_loss: Optional[float] = None  # MoE router auxiliary loss: mean over all ranks' micro-batches
     seconds: float = 0.0
     skipped: bool = False  # non-finite loss or norm: no update
 
@@ -229,26 +234,37 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded, loss_head,
                optimizer, scheduler, state, checkpointer, logger, tracker,
                peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)), held,
-               eval_examples=evals)
+               router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model),
+               expert_load=moe.track_expert_load(model, info.device), eval_examples=evals)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
 
 
 def forward_backward(run: Run, batches: list[dict], scale: torch.Tensor) -> torch.Tensor:
-    """Forward and backward of this rank's micro-batches; returns their summed loss (a device tensor)."""
+    """Forward and backward of this rank's micro-batches; returns their summed loss and (MoE with an auxiliary
+    loss) their summed router auxiliary loss, as one device tensor [2].
+
+    Objective: sum CE x scale (the global per-token mean after FSDP's average over ranks) + router_aux_coef x
+    aux / micro-batches per rank (after the average: the mean of every micro-batch's aux loss)."""
     cfg, device, model = run.cfg, run.info.device, run.model
-    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    sums = torch.zeros(2, dtype=torch.float32, device=device)
     for i, b in enumerate(batches):
         if not cfg.parallel.sync_grads_every_micro_step:
             model.set_requires_gradient_sync(i == cfg.train.grad_accum_steps - 1)
         batch = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
-        micro_loss = token_loss_sum(model, batch, run.loss_head)
+        aux: Optional[list] = [] if run.router_aux_coef else None
+        with moe.counting(run.expert_load):
+            micro_loss = token_loss_sum(model, batch, run.loss_head, aux)
         run.tracker.phase("forward", i)
-        (micro_loss * scale).backward()
+        objective = micro_loss * scale
+        if aux:
+            objective = objective + aux[0] * (run.router_aux_coef / len(batches))
+            sums[1] += aux[0].detach()
+        objective.backward()
         run.tracker.phase("backward", i)
-        loss_sum += micro_loss.detach()
-    return loss_sum
+        sums[0] += micro_loss.detach()
+    return sums
 
 
 def skip_or_stop(run: Run, step: int, loss: float, norm: float, per_rank: list[float]) -> None:
@@ -274,16 +290,19 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> Ste
     # The loss scale stays on the device: reading the counts here would make the CPU wait for the
     # previous step's optimizer before it could queue this step's forward.
     scale = (info.world_size / counts[0].clamp(min=1.0)).float()
-    loss_sum = forward_backward(run, batches, scale)
+    sums = forward_backward(run, batches, scale)
 
     grad_norm = grad_norm_and_clip(run.model, run.cfg.train.max_grad_norm).float()
-    per_rank = distributed.all_gather_rows(loss_sum.reshape(1), info.world_size).flatten()
+    rows = distributed.all_gather_rows(sums, info.world_size)  # [rank, (loss sum, aux loss sum)]
+    per_rank = rows[:, 0]
     targets_total, global_tokens = counts.tolist()  # the step's first host sync
     global_targets = max(1.0, targets_total)
     run.state.step, run.state.tokens_seen = step, run.state.tokens_seen + int(global_tokens)
     stats = StepStats(step, per_rank.sum().item() / global_targets, grad_norm.item(),
                       run.optimizer.param_groups[0]["lr"], int(global_tokens), int(global_targets),
                       max(b["input_ids"].shape[1] for b in batches))
+    if run.router_aux_coef:
+        stats.aux_loss = rows[:, 1].sum().item() / (info.world_size * len(batches))
     stats.skipped = not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm))
     if stats.skipped:
         skip_or_stop(run, step, stats.loss, stats.grad_norm, per_rank.tolist())
@@ -320,6 +339,13 @@ def record(run: Run, stats: StepStats, ev: Optional[EvalResult] = None) -> None:
     tok_s = stats.tokens / stats.seconds / run.info.world_size
     metrics = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens,
                "target_tokens": stats.target_tokens, "step_time_s": stats.seconds, "tokens_per_s_per_device": tok_s}
+    if stats.aux_loss is not None:
+        metrics["aux_loss"] = stats.aux_loss
+    if run.expert_load is not None:  # every rank: one all_reduce
+        load = moe.summarize(moe.take_counts(run.expert_load))
+        metrics.update(load)
+        if (warning := moe.imbalance_warning(step, load)) is not None:
+            log.info(warning)
     if run.peak_tflops:
         flops = models.flops_per_token(run.hf_config, run.sharded.n_params, stats.seq_len)
         metrics["mfu"] = flops * tok_s / (run.peak_tflops * 1e12)

@@ -11,6 +11,9 @@ parameter is a list of (file key, where that tensor sits in the parameter), so a
 read only the parts that fall in its shard (its experts, its rows) and never builds a fused
 tensor whole. Only the operations a fused tensor needs for that are mapped (`MergeModulelist`
 on dim 0, then or alone `Concatenate`); a checkpoint that needs another one is refused.
+
+Saving goes the other way as `save_pretrained` does (transformers' `revert_weight_conversion`),
+one group of tensors at a time (`save_groups`, `to_saved_layout`), so exports stream.
 """
 
 from __future__ import annotations
@@ -45,15 +48,9 @@ def conversion_rules(model: nn.Module) -> list:
 
     FSDP2 gives the sharded root a class of its own (`FSDP<Name>`); a shallow copy with the original class is
     asked instead, so class-specific rules are found as for the plain model."""
-    from torch.distributed.fsdp import FSDPModule
     from transformers.conversion_mapping import get_model_conversion_mapping
 
-    proxy = model
-    if isinstance(model, FSDPModule):
-        cls = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
-        proxy = cls.__new__(cls)  # not copy.copy: FSDP's __new__ would run the model's __init__
-        proxy.__dict__.update(model.__dict__)
-    return get_model_conversion_mapping(proxy)
+    return get_model_conversion_mapping(_plain_model(model))
 
 
 def plan_sources(model: nn.Module, param_names: list[str], file_shapes: dict[str, tuple[int, ...]],
@@ -189,3 +186,49 @@ def _looked_for(name: str, rules: list) -> list[str]:
             key, _ = ren.rename_source_key(key)
         renamed.append(key.replace("\\", ""))
     return list(dict.fromkeys([*renamed, *keys]))
+
+
+# ----------------------------------------------------------------------------- saving: the hub's layout again
+
+
+def _plain_model(model: nn.Module) -> nn.Module:
+    """`model`, or for an FSDP-sharded root a shallow copy with the model's own class (see conversion_rules)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    cls = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
+    proxy = cls.__new__(cls)  # not copy.copy: FSDP's __new__ would run the model's __init__
+    proxy.__dict__.update(model.__dict__)
+    return proxy
+
+
+def save_groups(model: nn.Module, keys: list[str]) -> list[list[str]]:
+    """`keys` (state-dict keys) in the groups that `save_pretrained` converts together, in their first order.
+
+    save_pretrained reverts the load-time rules (`revert_weight_conversion`): a fused parameter (e.g. an expert
+    stack) splits back into per-expert tensors, and several parameters that one file tensor was split into merge
+    back. A group is the keys one reverse converter collects, as transformers groups them, so converting group by
+    group writes what converting the whole state dict at once writes, with one group in memory at a time."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter, apply_converters
+
+    plain = _plain_model(model)
+    rules = getattr(plain, "_weight_conversions", None)
+    if rules is None:  # as revert_weight_conversion for a model not made by from_pretrained
+        rules = [r for r in get_model_conversion_mapping(plain, add_legacy=False) if not isinstance(r, PrefixChange)]
+    reverse = [r.reverse_transform() for r in rules[::-1]]
+    converters = [r for r in reverse if isinstance(r, WeightConverter)]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key in keys:
+        renamed, pattern = apply_converters(key, converters) if converters else (key, None)
+        groups.setdefault(("fused", renamed) if pattern is not None else ("key", key), []).append(key)
+    return list(groups.values())
+
+
+def to_saved_layout(model: nn.Module, tensors: dict) -> dict:
+    """One group of `save_groups` (full tensors by state-dict key) in the layout `save_pretrained` writes: the
+    file keys and tensors transformers' own `revert_weight_conversion` makes of them."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(_plain_model(model), dict(tensors))

@@ -20,6 +20,37 @@ QWEN2 = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "nu
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
          "tie_word_embeddings": False}
 
+# Tiny models of every family the matrix covers (tests/test_family_matrix.py), the config fields given to
+# AutoConfig.for_model; vocab_size comes from the built-in tokenizer. Shared by the tests that build folders.
+_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0}  # phi3: default pad id > vocab
+_MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+FAMILIES = {
+    "llama": {"model_type": "llama", **_TINY, "tie_word_embeddings": True},
+    "qwen2": {"model_type": "qwen2", **_TINY, "tie_word_embeddings": False},
+    "qwen3": {"model_type": "qwen3", **_TINY, "head_dim": 8},
+    "mistral": {"model_type": "mistral", **_TINY, "sliding_window": 8},  # shorter than the examples: it bites
+    "gemma": {"model_type": "gemma", **_TINY, "head_dim": 8},
+    "gemma2": {"model_type": "gemma2", **_TINY, "head_dim": 8, "sliding_window": 8},
+    "gemma3_text": {"model_type": "gemma3_text", **_TINY, "head_dim": 8, "sliding_window": 8},
+    "phi3": {"model_type": "phi3", **_TINY},
+    "olmo2": {"model_type": "olmo2", **_TINY},
+    "granite": {"model_type": "granite", **_TINY, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                "logits_scaling": 2.0, "attention_multiplier": 0.2},
+    "cohere": {"model_type": "cohere", **_TINY, "logit_scale": 0.5},
+    "starcoder2": {"model_type": "starcoder2", **_TINY, "sliding_window": 8},
+    "mixtral": {"model_type": "mixtral", **_TINY, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"model_type": "qwen3_moe", **_TINY, **_MOE, "head_dim": 8, "num_experts": 4,
+                  "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "olmoe": {"model_type": "olmoe", **_TINY, "num_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {"model_type": "deepseek_v3", **_TINY, **_MOE, "num_key_value_heads": 4, "n_routed_experts": 4,
+                    "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
+                    "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+                    "v_head_dim": 8},
+    "gpt_oss": {"model_type": "gpt_oss", **_TINY, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "sliding_window": 8},
+}
+
 
 def env(**extra: str) -> dict:
     e = dict(os.environ)
@@ -40,14 +71,34 @@ def run_cli(args: list[str], timeout: float = 300, cwd: Path | None = None, **ex
                           timeout=timeout, env=env(**extra_env), cwd=cwd)
 
 
+def cli_inproc(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI run inside the test process, for commands that end before any training starts (config errors,
+    `config`, refusals): the same exit status, stdout and stderr as `run_cli` without the seconds an interpreter
+    start-up with torch costs. Tests of what a whole process does (signals, tracebacks, torchrun) use run_cli."""
+    from click.testing import CliRunner
+
+    from fsdptrain.cli import main
+
+    before = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        res = CliRunner().invoke(main, args, prog_name="fsdptrain", catch_exceptions=False)
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
+
+
 def torchrun(nproc: int, args: list[str], timeout: float = 600, **extra_env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
 
 
-def make_model_dir(path: Path, arch: dict, seed: int = 0) -> Path:
-    """A tiny randomly initialised HF model + the built-in tokenizer, saved as safetensors (save_pretrained)."""
+def make_model_dir(path: Path, arch: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   max_shard_size: str | None = None) -> Path:
+    """A tiny randomly initialised HF model + the built-in tokenizer, saved as safetensors (save_pretrained, in
+    `dtype`, in files of at most `max_shard_size` when given)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fsdptrain.data.tokenizer import build_char_tokenizer
@@ -65,7 +116,7 @@ def make_model_dir(path: Path, arch: dict, seed: int = 0) -> Path:
         for name, b in model.state_dict().items():  # e.g. DeepSeek-V3's router correction bias
             if b.is_floating_point() and name not in params:
                 b.add_(torch.randn_like(b))
-    model.save_pretrained(str(path))
+    model.to(dtype).save_pretrained(str(path), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok.save_pretrained(str(path))
     return path
 

@@ -37,11 +37,14 @@ def base_config(out: Path, model_dir: Path, **sections) -> dict:
     return cfg
 
 
-def reference_run(model_dir: Path, examples, batches: list[list[int]]):
-    """Plain single-process loop over the given global batches; returns (losses, model)."""
+def reference_run(model_dir: Path | torch.nn.Module, examples, batches: list[list[int]], steps: int = STEPS):
+    """Plain single-process loop over the given global batches (the schedule spans `steps`); returns (losses,
+    model). model_dir: a folder to load, or a transformers model already loaded (it is trained in place)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = model_dir
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     plain = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": HYPER["wd"]}, {"params": plain, "weight_decay": 0.0}],
@@ -50,7 +53,7 @@ def reference_run(model_dir: Path, examples, batches: list[list[int]]):
     def factor(s: int) -> float:
         if s < HYPER["warmup"]:
             return (s + 1) / HYPER["warmup"]
-        prog = (s - HYPER["warmup"]) / (STEPS - HYPER["warmup"])
+        prog = (s - HYPER["warmup"]) / (steps - HYPER["warmup"])
         return HYPER["min_ratio"] + (1 - HYPER["min_ratio"]) * 0.5 * (1 + math.cos(math.pi * prog))
 
     losses = []

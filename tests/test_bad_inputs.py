@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from fsdptrain import cli
 from fsdptrain.files import FileError
-from tests.helpers import LLAMA, make_model_dir, run_cli
+from tests.helpers import LLAMA, cli_inproc, make_model_dir, run_cli
 
 TINY_RUN = ["train.max_steps=2", "data.synthetic_examples=64", "logging.progress=none"]
 
@@ -36,54 +36,55 @@ def one_line_error(proc, *parts: str) -> str:
 def test_config_not_utf8(tmp_path):
     cfg = tmp_path / "latin1.yaml"
     cfg.write_bytes("output_dir: runs/caf\u00e9\n".encode("latin-1"))
-    one_line_error(run_cli(["config", str(cfg)]), f"{cfg}: not UTF-8 text (byte 0xe9", "save it as UTF-8")
+    one_line_error(cli_inproc(["config", str(cfg)]), f"{cfg}: not UTF-8 text (byte 0xe9", "save it as UTF-8")
 
 
 def test_duplicate_yaml_key(tmp_path):
     cfg = tmp_path / "dup.yaml"
     cfg.write_text("model:\n  hf_config: {model_type: llama}\ntrain:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
-    one_line_error(run_cli(["config", str(cfg)]), f"{cfg}: line 5: key 'lr' appears twice", "keep one")
+    one_line_error(cli_inproc(["config", str(cfg)]), f"{cfg}: line 5: key 'lr' appears twice", "keep one")
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):
     cfg = tmp_path / "broken.yaml"
     cfg.write_text("train:\n  lr: [1e-4\n")
-    one_line_error(run_cli(["config", str(cfg)]), f"{cfg}: not valid YAML (line 3, column 1")
+    one_line_error(cli_inproc(["config", str(cfg)]), f"{cfg}: not valid YAML (line 3, column 1")
 
 
 @pytest.mark.parametrize("override, key", [("train.lr=.nan", "train.lr"), ("train.lr=nan", "train.lr"),
                                            ("parallel.timeout_minutes=.inf", "parallel.timeout_minutes"),
                                            ("train.max_grad_norm=-.inf", "train.max_grad_norm")])
 def test_float_options_must_be_finite(override, key):
-    one_line_error(run_cli(["config", override]), f"{key}: ", "is not a finite number; give a finite number")
+    one_line_error(cli_inproc(["config", override]), f"{key}: ", "is not a finite number; give a finite number")
 
 
 def test_zero_epochs_without_max_steps_is_refused(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(["train", "train.max_steps=null", "train.epochs=0", f"output_dir={out}"])
+    proc = cli_inproc(["train", "train.max_steps=null", "train.epochs=0", f"output_dir={out}"])
     one_line_error(proc, "train.epochs: 0.0 trains nothing", "set train.epochs above 0", "train.max_steps")
     assert not out.exists()
-    assert run_cli(["config", "train.max_steps=3", "train.epochs=0"]).returncode == 0  # max_steps decides
+    assert cli_inproc(["config", "train.max_steps=3", "train.epochs=0"]).returncode == 0  # max_steps decides
 
 
 def test_folder_as_config(tmp_path):
-    one_line_error(run_cli(["train", str(tmp_path)]), f"{tmp_path}: is a folder, not a file; give a YAML config file")
+    one_line_error(cli_inproc(["train", str(tmp_path)]),
+                   f"{tmp_path}: is a folder, not a file; give a YAML config file")
 
 
 def test_missing_config_file(tmp_path):
-    one_line_error(run_cli(["config", str(tmp_path / "nope.yaml")]), f"{tmp_path / 'nope.yaml'}: no such file")
+    one_line_error(cli_inproc(["config", str(tmp_path / "nope.yaml")]), f"{tmp_path / 'nope.yaml'}: no such file")
 
 
 @pytest.mark.parametrize("command", ["train", "config", "estimate"])
 @pytest.mark.parametrize("flag", [["--config", "my.yaml"], ["--config=my.yaml"]])
 def test_config_flag_gets_a_hint(command, flag):
-    line = one_line_error(run_cli([command, *flag, "train.lr=1e-4"]))
+    line = one_line_error(cli_inproc([command, *flag, "train.lr=1e-4"]))
     assert line == (f"fsdptrain: error: --config: give the config file as the first argument: "
                     f"fsdptrain {command} FILE [key=value ...]")
 
 
 def test_empty_output_dir(tmp_path):
-    one_line_error(run_cli(["train", "output_dir="], cwd=tmp_path), "output_dir: the folder name is empty",
+    one_line_error(cli_inproc(["train", "output_dir="], cwd=tmp_path), "output_dir: the folder name is empty",
                    "give a folder")
     assert not any(tmp_path.iterdir())
 
@@ -91,8 +92,8 @@ def test_empty_output_dir(tmp_path):
 def test_output_dir_is_a_file(tmp_path):
     taken = tmp_path / "notes.txt"
     taken.write_text("keep me\n")
-    one_line_error(run_cli(["train", f"output_dir={taken}"]), f"output_dir: {taken} is a file; give a folder")
-    one_line_error(run_cli(["config", f"output_dir={taken / 'run'}"]), f"is inside {taken}, which is a file")
+    one_line_error(cli_inproc(["train", f"output_dir={taken}"]), f"output_dir: {taken} is a file; give a folder")
+    one_line_error(cli_inproc(["config", f"output_dir={taken / 'run'}"]), f"is inside {taken}, which is a file")
     assert taken.read_text() == "keep me\n"
 
 

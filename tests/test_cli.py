@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tests.helpers import LLAMA, make_model_dir, read_metrics, run_cli
+from tests.helpers import LLAMA, cli_inproc, make_model_dir, read_metrics, run_cli
 
 
 def assert_one_line_error(proc, expected_start: str) -> None:
@@ -18,32 +18,32 @@ def assert_one_line_error(proc, expected_start: str) -> None:
 
 
 def test_unknown_key_exits_2_with_one_line(tmp_path):
-    proc = run_cli(["train", "train.lerning_rate=1e-4", f"output_dir={tmp_path}"])
+    proc = cli_inproc(["train", "train.lerning_rate=1e-4", f"output_dir={tmp_path}"])
     assert_one_line_error(proc, "override 'train.lerning_rate=1e-4': unknown key 'train.lerning_rate'")
 
 
 def test_wrong_type_in_file_exits_2_with_one_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model:\n  hf_config: {model_type: llama}\ntrain:\n  max_steps: ten\n")
-    proc = run_cli(["train", str(cfg)])
+    proc = cli_inproc(["train", str(cfg)])
     assert_one_line_error(proc, f"{cfg}: train.max_steps: expected an integer, got 'ten' (str)")
 
 
 def test_cpu_offload_on_cpu_is_a_one_line_error_before_any_work(tmp_path):
-    proc = run_cli(["train", "parallel.cpu_offload=true", f"output_dir={tmp_path / 'run'}"])
+    proc = cli_inproc(["train", "parallel.cpu_offload=true", f"output_dir={tmp_path / 'run'}"])
     assert_one_line_error(proc, "parallel.cpu_offload: true needs CUDA GPUs")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_auto_checkpointing_on_cpu_without_a_budget_is_a_one_line_error(tmp_path):
-    proc = run_cli(["train", "parallel.activation_checkpointing=auto", f"output_dir={tmp_path / 'run'}"])
+    proc = cli_inproc(["train", "parallel.activation_checkpointing=auto", f"output_dir={tmp_path / 'run'}"])
     assert_one_line_error(proc, "parallel.memory_budget_gib: activation_checkpointing=auto on CPU needs a budget; "
                                 "set parallel.memory_budget_gib (GiB) or choose another activation_checkpointing")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_missing_model_folder_is_a_one_line_error(tmp_path):
-    proc = run_cli(["train", f"model.path={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'run'}"])
+    proc = cli_inproc(["train", f"model.path={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'run'}"])
     assert_one_line_error(proc, f"model.path: {tmp_path / 'nowhere'}: no config.json there")
 
 

@@ -119,13 +119,13 @@ def test_dump_round_trips_and_documents_every_key(tmp_path):
 
 
 def test_configuration_doc_is_the_generated_reference():
-    from tests.helpers import REPO, run_cli
+    from tests.helpers import REPO, cli_inproc
 
     doc = (REPO / "docs" / "configuration.md").read_text()
     missing = [key for key, _, _ in reference_rows() if f"| `{key}` |" not in doc]
     assert not missing, (f"docs/configuration.md lacks {missing}; "
                          "regenerate it with `python -m fsdptrain config --reference`")
-    generated = run_cli(["config", "--reference"], timeout=60)
+    generated = cli_inproc(["config", "--reference"])
     assert generated.returncode == 0, generated.stderr
     lines = doc.splitlines()
     start = lines.index("| key | default | meaning |")

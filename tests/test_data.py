@@ -23,7 +23,7 @@ from fsdptrain.data.packing import pack, pack_bins
 from fsdptrain.data.sources import read, resolve
 from fsdptrain.data.tokenizer import build_char_tokenizer
 from fsdptrain.errors import ConfigError, UserError
-from tests.helpers import LLAMA, REPO, run_cli
+from tests.helpers import LLAMA, REPO, cli_inproc
 
 LF = REPO.parent / "shared" / "data" / "llamafactory"
 needs_fixtures = pytest.mark.skipif(not (LF / "dataset_info.json").is_file(),
@@ -253,8 +253,8 @@ def test_malformed_json_line_and_missing_column(tmp_path):
 
 @needs_fixtures
 def test_cli_reports_a_data_error_in_one_line_with_exit_2(tmp_path):
-    proc = run_cli(["train", f"output_dir={tmp_path / 'run'}", f"data.dataset_dir={LF}", "data.datasets=[nope]",
-                    f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1", "parallel.device=cpu"], timeout=120)
+    proc = cli_inproc(["train", f"output_dir={tmp_path / 'run'}", f"data.dataset_dir={LF}", "data.datasets=[nope]",
+                       f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1", "parallel.device=cpu"])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("fsdptrain: error: data.datasets: unknown data set 'nope' (not in ")

@@ -14,7 +14,7 @@ import pytest
 
 from fsdptrain.data.sources import read, resolve
 from fsdptrain.errors import UserError
-from tests.helpers import REPO, env, run_cli
+from tests.helpers import REPO, cli_inproc, env
 
 
 def write(path: Path, obj) -> Path:
@@ -92,8 +92,8 @@ def test_bad_data_file_is_one_line_naming_it_with_exit_2(tmp_path, case):
     d = tmp_path / "data"
     d.mkdir()
     name, expected = case(d)
-    proc = run_cli(["train", f"output_dir={tmp_path / 'run'}", f"data.dataset_dir={d}", f"data.datasets=[{name}]",
-                    f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1", "parallel.device=cpu"], timeout=180)
+    proc = cli_inproc(["train", f"output_dir={tmp_path / 'run'}", f"data.dataset_dir={d}", f"data.datasets=[{name}]",
+                    f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1", "parallel.device=cpu"])
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fsdptrain: error:")]

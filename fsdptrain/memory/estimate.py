@@ -15,7 +15,9 @@ Two kinds of terms:
   gradients and the fp32 reduce-scatter input of a unit, fp32 gradient
   accumulation when gradients are reduced only on the last micro-step,
   activations saved per block (Llama-family block with flash/efficient SDPA;
-  eager attention adds the s x s scores) for the checkpointing mode, and the
+  eager attention adds the s x s scores; a mixture-of-experts block saves its
+  experts' MLP for top_k rows per token, the router and shared experts instead
+  of a dense MLP: moe_mlp_bytes_per_token) for the checkpointing mode, and the
   logits spike (tokens x vocab: bf16 logits, fp32 copy, log-softmax and its
   gradient; with train.loss_chunk_tokens one chunk's logits plus the lm_head
   and hidden-state gradients the fused loss makes in forward). It follows
@@ -67,6 +69,39 @@ class ModelShape:
     lm_head_numel: int
     n_params: int
     model_type: str
+    moe: MoeShape | None = None  # mixture-of-experts blocks (None: dense)
+
+
+@dataclass
+class MoeShape:
+    """What the estimator needs of a mixture-of-experts model (every expert's weights are ordinary parameters of
+    the block's FSDP unit, so the model-state terms need nothing from here)."""
+    experts: int
+    top_k: int  # experts per token
+    expert_intermediate: int  # one expert's MLP width
+    shared_intermediate: int  # shared experts' total MLP width (every token), 0 without
+    shared_gate: bool  # a sigmoid gate scales the shared experts' output (qwen2_moe)
+    norm_topk: bool  # the router renormalises the top-k probabilities (saves them and their sum)
+    moe_blocks: tuple[bool, ...]  # per block: routed experts (True) or a dense MLP
+
+
+def moe_shape(model: nn.Module, blocks: list) -> MoeShape | None:
+    """MoE dimensions from the experts modules (moe.expert_modules) and the config; None for a dense model."""
+    from .. import moe
+
+    found = moe.expert_modules(model)
+    if not found:
+        return None
+    experts = {id(m) for _, m, *_ in found}
+    text = getattr(model.config, "get_text_config", lambda: model.config)()
+    f_e = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    shared = getattr(text, "shared_expert_intermediate_size", None) or (
+        (getattr(text, "n_shared_experts", None) or 0) * f_e)
+    gate = any(name.endswith("shared_expert_gate") for name, _ in model.named_modules())
+    return MoeShape(experts=max(e for *_, e in found), top_k=text.num_experts_per_tok, expert_intermediate=f_e,
+                    shared_intermediate=shared, shared_gate=gate,
+                    norm_topk=bool(getattr(text, "norm_topk_prob", True)),
+                    moe_blocks=tuple(any(id(m) in experts for m in b.modules()) for b in blocks))
 
 
 def shape_of_model(model: nn.Module) -> ModelShape:
@@ -97,7 +132,8 @@ def shape_of_model(model: nn.Module) -> ModelShape:
                       kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
                       vocab=text.vocab_size, layers=len(blocks),
                       lm_head_numel=0 if (out is None or tied) else out.weight.numel(),
-                      n_params=sum(math.prod(s) for u in units for s in u), model_type=c.model_type)
+                      n_params=sum(math.prod(s) for u in units for s in u), model_type=c.model_type,
+                      moe=moe_shape(model, blocks))
 
 
 def shape_from_config(cfg: Config) -> ModelShape:
@@ -233,8 +269,26 @@ def settings_from_config(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memor
     return Settings(cfg, resolve_facts(cfg, nnodes * gpus_per_node, gpus_per_node, device, gpu_memory, cpu_memory))
 
 
-def block_activation_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: int) -> int:
-    """Bytes one decoder block saves for backward per token (c = compute dtype bytes).
+def moe_mlp_bytes_per_token(e: MoeShape, h: int, c: int) -> int:
+    """Bytes a routed-experts MLP saves per token in place of a dense MLP's 4 c f (transformers' default
+    grouped_mm experts; checked against autograd's saved tensors in the tests, fp32).
+
+    Each token goes through top_k experts, so the experts' gated MLP saves top_k x (4 c f_e) plus, per routed
+    row, the gathered input and the expert's output (2 c h); the router saves its fp32 softmax (4 E), the top-k
+    indices (int64) and per routed row three int64 permutation indices and the fp32 routing weight, and with
+    renormalised top-k the chosen probabilities and their sum. Shared experts are a dense MLP on every token
+    (4 c f_s), with a gate their output and the gate's sigmoid too.
+    """
+    k = e.top_k
+    routed = k * (4 * c * e.expert_intermediate + 2 * c * h)
+    router = 4 * e.experts + 8 * k + k * (3 * 8 + 4) + ((4 * k + 4) if e.norm_topk else 0)
+    shared = 4 * c * e.shared_intermediate + ((c * h + 4) if e.shared_gate else 0)
+    return routed + router + shared
+
+
+def block_activation_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: int, routed: bool = False) -> int:
+    """Bytes one decoder block saves for backward per token (c = compute dtype bytes); routed: a block whose MLP
+    is routed experts (m.moe), see moe_mlp_bytes_per_token.
 
     Counted for a Llama-family block (RMSNorm, GQA attention, gated MLP) and
     checked tensor by tensor against autograd's saved tensors in the tests.
@@ -243,11 +297,28 @@ def block_activation_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: 
     norms = 2 * (4 * h + 4 + 2 * c * h)  # fp32 input, rsqrt, normalised, weighted output (projections' input)
     qkv = c * (qd + 2 * kvd)  # q and k after RoPE, v: saved by attention
     attn_out = c * qd + 4 * m.heads  # output (also o_proj's input) and the fp32 log-sum-exp
-    mlp = 4 * c * f  # gate, up, act(gate), act(gate) * up
+    mlp = moe_mlp_bytes_per_token(m.moe, h, c) if (routed and m.moe) else 4 * c * f  # gate, up, act(gate), product
     total = norms + qkv + attn_out + mlp
     if attn == "eager":  # s x s probabilities (fp32 softmax output, and its cast when c < 4), full-head k/v copies
         total += m.heads * seq_len * (4 + (c if c < 4 else 0)) + 2 * c * (qd - kvd) - 4 * m.heads
     return total
+
+
+def block_activation_bytes(m: ModelShape, c: int, attn: str, seq_len: int, tokens: int, routed: bool) -> int:
+    """Bytes one block saves for a micro-batch of `tokens` tokens: per token, plus a routed block's int32 expert
+    offsets (grouped_mm)."""
+    per_block = 4 * m.moe.experts if (routed and m.moe) else 0
+    return block_activation_bytes_per_token(m, c, attn, seq_len, routed) * tokens + per_block
+
+
+def mlp_matmul_bytes_per_token(m: ModelShape, c: int, routed: bool) -> int:
+    """Selective checkpointing keeps the MLP's matmul outputs: gate/up (2f) and down (h); routed experts do that for
+    top_k rows per token, plus the shared experts and the router's probabilities."""
+    if not (routed and m.moe):
+        return c * (2 * m.intermediate + m.hidden)
+    e = m.moe
+    shared = c * (2 * e.shared_intermediate + m.hidden) if e.shared_intermediate else 0
+    return e.top_k * c * (2 * e.expert_intermediate + m.hidden) + shared + 4 * e.experts
 
 
 @dataclass
@@ -279,17 +350,22 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     last_block = block_un[-1] if block_un else 0  # parallelize never reshards the last block after forward
     root_un = unit_numel(root, W)
     tokens = s.micro_batch * s.seq_len
-    a_block = block_activation_bytes_per_token(m, c, s.cfg.model.attn_implementation, s.seq_len) * tokens
+    routed = list(m.moe.moe_blocks) if m.moe else [False] * m.layers
+    saved = [block_activation_bytes(m, c, s.cfg.model.attn_implementation, s.seq_len, tokens, r) for r in routed]
+    a_block = max(saved, default=0)
     modes = s.modes(m.layers)
     h, V = m.hidden, m.vocab
-    kept = {  # saved bytes of one block per mode
-        "none": a_block,
-        "full": c * h * tokens,  # the block input
+
+    def kept(mode: str, i: int) -> int:  # saved bytes of block i in a checkpointing mode
+        if mode == "none":
+            return saved[i]
+        if mode == "full":
+            return c * h * tokens  # the block input
         # block input + outputs of every matmul and of attention
-        "selective": (c * (3 * h + 2 * m.heads * m.head_dim + 2 * m.kv_heads * m.head_dim + 2 * m.intermediate)
-                      + 4 * m.heads) * tokens,
-    }
-    acts = (sum(kept[mode] for mode in modes)
+        return (c * (2 * h + 2 * m.heads * m.head_dim + 2 * m.kv_heads * m.head_dim) + 4 * m.heads
+                + mlp_matmul_bytes_per_token(m, c, routed[i])) * tokens
+
+    acts = (sum(kept(mode, i) for i, mode in enumerate(modes))
             + (4 * h + 4 + 2 * c * h) * tokens)  # + the final norm (its output is the lm_head input)
     recompute = a_block if any(mode != "none" for mode in modes) else 0
     root_buf = c * root_un  # gathered at the start of forward and again at the start of backward
@@ -447,6 +523,10 @@ def render(est: Estimate) -> str:
     count = f"{m.n_params / 1e9:.2f}B" if m.n_params >= 1e9 else f"{m.n_params / 1e6:.2f}M"
     lines = [(f"model: {m.model_type}, {count} parameters, {m.layers} blocks, hidden {m.hidden}, "
               f"vocab {m.vocab}"),
+             *([f"experts: {m.moe.experts} per MoE block ({sum(m.moe.moe_blocks)} of {m.layers} blocks), top-"
+                f"{m.moe.top_k} per token, expert width {m.moe.expert_intermediate}"
+                + (f", shared experts width {m.moe.shared_intermediate}" if m.moe.shared_intermediate else "")]
+              if m.moe else []),
              f"run: {nodes} node(s) x {s.facts.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
              f"micro-batch {s.micro_batch} x {s.seq_len} tokens, grad accumulation {t.grad_accum_steps}, "
              f"checkpointing {p.activation_checkpointing}"
