@@ -111,7 +111,8 @@ def load_train_eval(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int =
                     log: Callable[[str], None] = print, examples=None):
     """(training examples, eval examples or None), each packed when configured. data.val_size splits the data
     before packing (seeded, the same on any world size); data.eval_datasets are tokenised and cached like the
-    training data. `examples` (tests, notebooks) replaces the configured training data and is not packed."""
+    training data. `examples` (tests, notebooks) replaces the configured training data as it is: not split by
+    val_size, not packed."""
     d = cfg.data
     given = examples is not None
     if not given or d.eval_datasets:
@@ -122,7 +123,7 @@ def load_train_eval(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int =
     else:
         examples, lengths = tokenized(cfg, tokenizer, d.datasets, rank, local_rank, log)
     evals = None
-    if d.val_size:
+    if d.val_size and not given:  # given examples are the training data as they are
         examples, evals = evalset.split(examples, lengths, d.val_size, cfg.seed)
         lengths = examples.lengths
         log(f"data: val_size {d.val_size}: {len(evals)} examples held out for evaluation, {len(examples)} to train")
