@@ -241,13 +241,10 @@ def data_cmd(config: str | None, overrides: tuple[str, ...], show: int, out: str
 @friendly_errors
 def eval_cmd(config: str, overrides: tuple[str, ...], source: str, out_file: str | None) -> None:
     """Eval loss, perplexity and tokens of --checkpoint on CONFIG's eval data (any number of ranks)."""
-    global crash_dir
     from .config import load_config
-
-    cfg = load_config(config, overrides)
     from .evalrun import eval_checkpoint
 
-    eval_checkpoint(cfg, source, out_file)
+    eval_checkpoint(load_config(config, overrides), source, out_file)
 
 
 @main.command("export")
