@@ -267,12 +267,15 @@ def _deepspeed(v: Any, ctx: dict) -> Out:
     return out
 
 
+def _mix(v: Any, ctx: dict) -> Out:
+    if v in ("concat", None):
+        return {}  # fsdptrain concatenates the data sets (and shuffles the examples)
+    raise Refused(f"{v!r} is not supported; data sets are concatenated (concat); weight them with num_samples in "
+                  "data.datasets")
+
+
 def _ignore(why: str) -> tuple[str, str]:
     return ("ignore", why)
-
-
-def _refuse(what: str) -> tuple[str, str]:
-    return ("refuse", what)
 
 
 def _refuse_if_set(what: str) -> tuple[str, str]:
@@ -280,7 +283,8 @@ def _refuse_if_set(what: str) -> tuple[str, str]:
 
 
 OFFLOAD = "FSDP2 replaces DeepSpeed"
-# LLaMA-Factory key -> a translation (value, context -> {fsdptrain dotted key: value}) or (kind, why/what to do)
+# LLaMA-Factory key -> a translation (value, the whole YAML -> {fsdptrain dotted key: value}; Refused says what to
+# do) or ("ignore", why) or ("refuse_if_set", what to do: refused unless false/null/0)
 KEYS: dict[str, Any] = {
     # model
     "model_name_or_path": _to("model.path"),
@@ -293,7 +297,7 @@ KEYS: dict[str, Any] = {
     "use_reentrant_gc": _ignore("fsdptrain's activation checkpointing is non-reentrant"),
     "upcast_layernorm": _ignore("norms compute in fp32 under bf16-mixed"),
     "moe_aux_loss_coef": _to("train.router_aux_loss_coef"),
-    "adapter_name_or_path": _refuse("fsdptrain starts LoRA from the base model; resume a fsdptrain run with "
+    "adapter_name_or_path": _refuse_if_set("fsdptrain starts LoRA from the base model; resume a fsdptrain run with "
                                     "checkpoint.resume, or merge the adapter into the model folder first"),
     "quantization_bit": _refuse_if_set("quantized (QLoRA) training is not supported; remove it"),
     "quantization_method": _ignore("no quantized training"),
@@ -357,7 +361,7 @@ KEYS: dict[str, Any] = {
     "mask_history": _to("data.mask_history"),
     "val_size": _to("data.val_size"),
     "streaming": _refuse_if_set("streaming data sets are not supported; remove it"),
-    "mix_strategy": _ignore("data sets are concatenated (LLaMA-Factory's concat)"),
+    "mix_strategy": _mix,
     "interleave_probs": _refuse_if_set("interleaving is not supported; use num_samples per data set in "
                                        "data.datasets"),
     "tokenized_path": _ignore("fsdptrain caches tokenised data itself (data.cache_dir)"),

@@ -120,34 +120,30 @@ REFUSALS = [  # (lines added to a minimal LF YAML, the one-line error after "FIL
 @pytest.mark.parametrize("extra,error", REFUSALS, ids=[r[0].split(":")[0] for r in REFUSALS])
 def test_refusals_are_one_line_naming_file_and_key(tmp_path, extra, error):
     path = tmp_path / "lf.yaml"
-    path.write_text(f"model_name_or_path: {tmp_path}\nstage: sft\ndataset: identity\n{extra}\n")
+    path.write_text(f"model_name_or_path: {tmp_path}\ndataset: identity\n{extra}\n")
     proc = cli_inproc(["train", str(path)])
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [f"fsdptrain: error: {path}: {error}"]
 
 
 def test_lf_template_names_use_the_family_template_with_its_default_system():
-    from transformers import AutoTokenizer
+    from fsdptrain.data.tokenizer import apply_template, build_char_tokenizer
+    from fsdptrain.files import read_json
 
-    from fsdptrain.data.tokenizer import apply_template
-
-    def tok(name: str):
-        return AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / name))
 
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
-    qwen25, own = tok("qwen2.5"), tok("qwen2.5")
-    apply_template(qwen25, "qwen")  # Qwen2.5's own template writes LLaMA-Factory's qwen default system itself
-    assert qwen25.apply_chat_template(chat, tokenize=False) == own.apply_chat_template(chat, tokenize=False)
-    assert QWEN_SYSTEM in own.apply_chat_template(chat, tokenize=False)
-    qwen3, own3 = tok("qwen3"), tok("qwen3")
-    apply_template(qwen3, "qwen")  # Qwen3's has no default system: LLaMA-Factory's is put first
-    assert qwen3.apply_chat_template(chat, tokenize=False) == own3.apply_chat_template(
-        [{"role": "system", "content": QWEN_SYSTEM}] + chat, tokenize=False)
-    apply_template(own3, "qwen3")  # no default system: the tokenizer's own template as it is
-    assert own3.chat_template == tok("qwen3").chat_template
-    llama = tok("llama3.1")
+    # Qwen3's real chat template (rendering text needs no vocabulary: the built-in tokenizer carries it)
+    qwen3 = build_char_tokenizer()
+    qwen3.chat_template = read_json(SHARED / "tokenizers" / "qwen3" / "tokenizer_config.json")["chat_template"]
+    own3 = qwen3.chat_template
+    with_system = qwen3.apply_chat_template([{"role": "system", "content": QWEN_SYSTEM}] + chat, tokenize=False)
+    apply_template(qwen3, "qwen")  # LLaMA-Factory's qwen default system is put first (Qwen3's template has none)
+    assert qwen3.apply_chat_template(chat, tokenize=False) == with_system
+    qwen3.chat_template = own3
+    apply_template(qwen3, "qwen3")  # no default system: the tokenizer's own template as it is
+    assert qwen3.chat_template == own3
     with pytest.raises(UserError) as e:
-        apply_template(llama, "gemma")
+        apply_template(qwen3, "gemma")
     assert str(e.value) == ("data.template=gemma: the tokenizer's chat template is not Gemma's (it has no "
                             "<start_of_turn>); set model.tokenizer to a Gemma tokenizer folder, or "
                             "data.template=auto to use this tokenizer's own template")
