@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from . import log, models
+from . import finetune, log, models
 from .config import Config
 from .distributed import DistInfo
 from .memory.estimate import plan_auto_checkpointing
@@ -36,6 +36,7 @@ class ShardedModel:
     plan: ParallelPlan
     n_params: int
     weights: Optional[str]  # the folder the weights came from; None: random init
+    finetune: Optional[finetune.FinetunePlan] = None  # what trains (method full: everything)
 
     def describe(self, hf_config: PretrainedConfig) -> str:
         """The start-up line about the model."""
@@ -59,6 +60,9 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
                                     cfg.model.trust_remote_code)
     n_params = models.count_params(model)
     blocks = models.find_blocks(model)
+    ft = finetune.prepare(model, blocks, cfg.finetune, precision)  # adapters join their block's FSDP unit
+    if ft.method != "full":
+        log.info(ft.describe())
     mesh = build_mesh(info, cfg.parallel)
     modes = None
     if cfg.parallel.activation_checkpointing == "auto":  # planned from the memory estimate, before sharding
@@ -67,5 +71,7 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
     plan = apply_fsdp(model, blocks, mesh, cfg.parallel, precision, modes)
     # Offloaded shards live in host memory, but random init runs on the GPU (CPU init of a large model is slow).
     models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights,
-                       init_device=info.device)
-    return ShardedModel(model, blocks, mesh, plan, n_params, weights)
+                       init_device=info.device, skip=frozenset(ft.new_params))
+    if ft.lora_modules:
+        finetune.init_adapters(model, ft, cfg.seed)
+    return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from . import log
 from .config import CheckpointConfig
@@ -302,6 +302,26 @@ def check_sampler(path: Path, saved: dict, current: dict, world_size: int, micro
             f"{saved['global_batch']}")
 
 
+def check_finetune(path: Path, saved: Optional[dict], current: Optional[dict]) -> None:
+    """A LoRA / freeze checkpoint resumes only into the same adapters and trainable weights (the base path may
+    move)."""
+    def form(ident: Optional[dict]) -> dict:
+        ident = dict(ident or {"method": "full"})
+        ident.pop("base", None)
+        return ident
+
+    a, b = form(saved), form(current)
+    if a == b:
+        return
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    def text(v: Any) -> str:
+        return f"{len(v)} names" if isinstance(v, list) and len(v) > 6 else repr(v)
+
+    shown = ", ".join(f"{k} {text(a.get(k))} in the checkpoint, {text(b.get(k))} now" for k in diff[:2])
+    raise CheckpointError(f"{path / STATE_FILE}: finetune settings differ ({shown}); resume with the checkpoint's "
+                          "finetune settings")
+
+
 # ----------------------------------------------------------------------------- the checkpointer
 
 
@@ -336,6 +356,23 @@ class Saved:
     tokenizer: Optional[PreTrainedTokenizerBase]
     micro_batch_size: int
     grad_accum_steps: int
+    # finetune.FinetunePlan.identity(): with lora or freeze only the trainable weights (and their optimizer
+    # state) are saved; the frozen base stays in model.path. None: full fine-tuning.
+    finetune: Optional[dict] = None
+
+    @property
+    def options(self) -> StateDictOptions:
+        partial = self.finetune is not None and self.finetune.get("method") != "full"
+        return StateDictOptions(ignore_frozen_params=partial, strict=not partial)
+
+    def state_dicts(self) -> tuple[dict, dict]:
+        """The model and optimizer state dicts a checkpoint holds: without the frozen weights under lora / freeze
+        (DCP's ignore_frozen_params keeps a tied weight's second name, e.g. lm_head.weight: dropped here)."""
+        msd, osd = get_state_dict(self.model, self.optimizer, options=self.options)
+        if self.options.ignore_frozen_params:
+            frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            msd = {k: v for k, v in msd.items() if k not in frozen}
+        return msd, osd
 
 
 class Checkpointer:
@@ -380,7 +417,7 @@ class Checkpointer:
             if self.cfg.resume == "auto":
                 log.info("checkpoint: no complete checkpoint to resume from; starting at step 0")
             return self.state
-        msd, osd = get_state_dict(self.saved.model, self.saved.optimizer)
+        msd, osd = self.saved.state_dicts()
         saved = self._check(path, msd)
         self._load(path, saved, msd, osd)
         self.state.step, self.state.tokens_seen = int(saved["step"]), int(saved.get("tokens_seen", 0))
@@ -407,6 +444,7 @@ class Checkpointer:
             with reading(state_file, "a checkpoint's train state", fix=DAMAGED):  # a sampler entry of another type
                 check_sampler(path, saved.get("sampler", {}), sampler_identity(s.sampler), self.world_size,
                               s.micro_batch_size, s.grad_accum_steps)
+                check_finetune(path, saved.get("finetune"), s.finetune)
             check_model(path, model_sd, saved)
         except CheckpointError as e:
             how = ("checkpoint.resume=none or another output_dir" if self.cfg.resume == "auto"
@@ -423,7 +461,8 @@ class Checkpointer:
             first = str(e).strip().splitlines()
             raise CheckpointError(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
                                   f"{first[-1] if first else ''})") from None
-        set_state_dict(s.model, s.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(s.model, s.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=s.options)
         with reading(path / STATE_FILE, "a checkpoint's train state", fix=DAMAGED):  # values that do not fit
             s.scheduler.load_state_dict(saved["scheduler"])
             if hasattr(s.sampler, "load_state_dict"):
@@ -466,7 +505,7 @@ class Checkpointer:
         _write_json(tmp / "rng" / f"rank-{self.rank:05d}.json", rng_state())
         if self.rank == 0:
             self._write_run_files(tmp, step)
-        msd, osd = get_state_dict(self.saved.model, self.saved.optimizer)
+        msd, osd = self.saved.state_dicts()
         if self.async_ok:
             fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=self.async_group)
             self.pending = (fut, tmp, final, step)
@@ -488,6 +527,7 @@ class Checkpointer:
             "model_type": getattr(s.hf_config, "model_type", None), "precision": self.precision,
             "scheduler": _jsonable(s.scheduler.state_dict()),
             "sampler": ident,
+            **({"finetune": s.finetune} if s.finetune is not None else {}),
         })
         hf_dir = tmp / "hf"
         s.hf_config.save_pretrained(str(hf_dir))

@@ -249,14 +249,20 @@ def data_cmd(config: str | None, overrides: tuple[str, ...], show: int, out: str
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Weight dtype; auto: bf16 if the run trained in bf16, else fp32.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file (e.g. 5GB, 500MB).")
+@click.option("--merge", is_flag=True, help="LoRA: write a full model with the adapters merged into the base weights "
+                                            "(default: a PEFT adapter folder).")
+@click.option("--base", default=None, help="LoRA / freeze: the base model folder, when it moved since training "
+                                           "(default: the model.path the run trained on).")
 @friendly_errors
-def export_cmd(checkpoint: str, out_dir: str, overwrite: bool, dtype: str, max_shard_size: str) -> None:
-    """Write a Hugging Face model folder from CHECKPOINT (a checkpoint folder, or a run directory: its newest)."""
+def export_cmd(checkpoint: str, out_dir: str, overwrite: bool, dtype: str, max_shard_size: str, merge: bool,
+               base: str | None) -> None:
+    """Write a Hugging Face model folder from CHECKPOINT (a checkpoint folder, or a run directory: its newest);
+    a LoRA run gives a PEFT adapter folder (--merge: a full model)."""
     from .config import parse_size
     from .export import export_checkpoint
 
     out, replaced = export_checkpoint(checkpoint, out_dir, dtype, parse_size(max_shard_size, "--max-shard-size"),
-                                      overwrite=overwrite)
+                                      overwrite=overwrite, merge=merge, base=base)
     click.echo(f"exported {checkpoint} to {out}" + (" (replaced the earlier export there)" if replaced else ""))
 
 

@@ -214,6 +214,49 @@ class CheckpointConfig:
                                             "get several files and an index.")
 
 
+def _target_problem(value: Any) -> Optional[str]:
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        return (f"expected module names (a list, or a comma-separated string such as q_proj,v_proj) or all, got "
+                f"{value!r}")
+    return None
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(8, "LoRA rank r of each adapter (LLaMA-Factory lora_rank).")
+    alpha: Optional[float] = opt(None, "LoRA alpha: adapters are scaled by alpha / rank (alpha / sqrt(rank) with "
+                                       "use_rslora); null: 2 x rank (LLaMA-Factory lora_alpha).")
+    dropout: float = opt(0.0, "Dropout on each adapter's input (LLaMA-Factory lora_dropout).", min=0)
+    target: Any = opt("all", "Linear layers that get adapters: module names matched by their last part(s) (q_proj,"
+                             "v_proj, or a list), or all / all-linear: every linear layer of the transformer blocks "
+                             "(LLaMA-Factory lora_target).", check=_target_problem)
+    use_rslora: bool = opt(False, "rsLoRA scaling alpha / sqrt(rank) instead of alpha / rank (LLaMA-Factory "
+                                  "use_rslora).")
+    modules_to_save: list = opt([], "Modules trained in full next to the adapters, e.g. [embed_tokens, lm_head] "
+                                    "after adding tokens (LLaMA-Factory additional_target; PEFT modules_to_save).")
+
+
+@dataclass
+class FreezeConfig:
+    trainable_layers: int = opt(2, "Train the last k transformer blocks (negative: the first |k|) "
+                                   "(LLaMA-Factory freeze_trainable_layers).")
+    trainable_modules: Any = opt("all", "Which modules of the trainable blocks train: all, or name patterns such as "
+                                        "mlp,self_attn (LLaMA-Factory freeze_trainable_modules).",
+                                 check=_target_problem)
+    extra_modules: list = opt([], "Modules outside the blocks that train too, e.g. [embed_tokens, norm, lm_head] "
+                                  "(LLaMA-Factory freeze_extra_modules).")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = opt("full", "full: train every weight; lora: train low-rank adapters on a frozen base (finetune.lora"
+                              ".*); freeze: train only some blocks and modules (finetune.freeze.*) "
+                              "(LLaMA-Factory finetuning_type).", choices=["full", "lora", "freeze"])
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+
+
 @dataclass
 class LoggingConfig:
     log_every: int = opt(1, "Write metrics every N optimizer steps.", min=1)
@@ -252,6 +295,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
@@ -271,6 +315,12 @@ FOREIGN_KEYS = {
     "logging_steps": "logging.log_every", "save_steps": "checkpoint.save_every",
     "save_total_limit": "checkpoint.keep_last",
     "resume_from_checkpoint": "checkpoint.resume", "deepspeed": "parallel (FSDP2 settings: sharding, cpu_offload)",
+    "finetuning_type": "finetune.method", "lora_rank": "finetune.lora.rank", "lora_alpha": "finetune.lora.alpha",
+    "lora_dropout": "finetune.lora.dropout", "lora_target": "finetune.lora.target",
+    "use_rslora": "finetune.lora.use_rslora", "additional_target": "finetune.lora.modules_to_save",
+    "freeze_trainable_layers": "finetune.freeze.trainable_layers",
+    "freeze_trainable_modules": "finetune.freeze.trainable_modules",
+    "freeze_extra_modules": "finetune.freeze.extra_modules",
 }
 
 
@@ -467,6 +517,30 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: train.min_lr_ratio: {t.min_lr_ratio} must be at most 1")
 
     parse_size(cfg.checkpoint.export_max_shard_size, f"{source}: checkpoint.export_max_shard_size")
+    validate_finetune(cfg.finetune, source, cfg.checkpoint.export_hf)
+
+
+def validate_finetune(f: FinetuneConfig, source: str, export_hf: bool = False) -> None:
+    """Settings of one method given while another is chosen are refused, not ignored."""
+    if f.method != "lora" and f.lora != LoraConfig():
+        raise ConfigError(f"{source}: finetune.lora.* is set but finetune.method is {f.method}; set "
+                          "finetune.method=lora, or remove the finetune.lora settings")
+    if f.method != "freeze" and f.freeze != FreezeConfig():
+        raise ConfigError(f"{source}: finetune.freeze.* is set but finetune.method is {f.method}; set "
+                          "finetune.method=freeze, or remove the finetune.freeze settings")
+    if f.method == "lora" and export_hf:
+        raise ConfigError(f"{source}: checkpoint.export_hf: true writes a full model and finetune.method is lora; "
+                          "set checkpoint.export_hf=false and run fsdptrain export RUN --out DIR (a PEFT adapter) "
+                          "or add --merge (a merged model) after training")
+    if f.lora.rank <= 0:
+        raise ConfigError(f"{source}: finetune.lora.rank: {f.lora.rank} must be a positive integer (e.g. 8 or 16)")
+    if f.lora.alpha is not None and f.lora.alpha <= 0:
+        raise ConfigError(f"{source}: finetune.lora.alpha: {f.lora.alpha} must be above 0 (null: 2 x rank)")
+    if f.lora.dropout >= 1:
+        raise ConfigError(f"{source}: finetune.lora.dropout: {f.lora.dropout} must be below 1")
+    if f.method == "freeze" and f.freeze.trainable_layers == 0 and not f.freeze.extra_modules:
+        raise ConfigError(f"{source}: finetune.freeze.trainable_layers: 0 with no extra_modules trains nothing; "
+                          "give k > 0 (last k blocks), k < 0 (first |k|) or finetune.freeze.extra_modules")
 
 
 # ----------------------------------------------------------------------------- output

@@ -398,7 +398,8 @@ def _skeleton(raw_config: object, hf_config: PretrainedConfig) -> nn.Module:
 
 @torch.no_grad()
 def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
-                      max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> tuple[Path, bool]:
+                      max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, merge: bool = False,
+                      base: Optional[str] = None) -> tuple[Path, bool]:
     """Write a Hugging Face folder from a checkpoint alone (one process, one shard in memory at a time).
 
     `out_dir` must be new or empty; with `overwrite`, an earlier fsdptrain export is replaced. Returns the folder
@@ -419,6 +420,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
              "fix": "give a new or empty folder for --out"}
     check_target(out_dir, **check)
     saved = verify_files(path)
+    if isinstance(saved.get("finetune"), dict) and saved["finetune"].get("method") in ("lora", "freeze"):
+        return Path(out_dir), export_finetuned(path, saved, out_dir, dtype_name, max_shard_bytes, check, merge, base)
+    if merge:
+        raise UserError(f"export --merge: {path} is not a LoRA checkpoint (nothing to merge); export it without "
+                        "--merge")
     hf_dir = path / "hf"
     raw_config = read_json(hf_dir / "config.json", "the model config")  # a damaged file: one line naming it
     with reading(hf_dir / "config.json", "the model config"):
@@ -466,3 +472,149 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     out = Path(out_dir)
     replaced = _write_export(out, str(path.resolve()), dtype, check, write)
     return out, replaced
+
+
+# ----------------------------------------------------------------------------- LoRA / freeze checkpoints
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def finetune_base(ident: dict, base: Optional[str], path: Path) -> Path:
+    """The base model folder of a LoRA / freeze checkpoint: --base, else the model.path it was trained on."""
+    folder = base or ident.get("base")
+    if not folder:
+        raise UserError(f"export: {path} was fine-tuned ({ident.get('method')}) from random weights; there is no "
+                        "base model to export with: give --base DIR")
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(f"export: base model {folder} (the frozen weights of {path}) is not a Hugging Face folder "
+                        "there; give its current location with --base DIR")
+    return Path(folder)
+
+
+def read_trained(path: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor a LoRA / freeze checkpoint holds (the trainable weights: small by design)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    part = {k[len("model."):]: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+            for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": part}, checkpoint_id=str(path), no_dist=True)
+    except Exception as e:  # noqa: BLE001
+        lines = str(e).strip().splitlines()
+        raise UserError(f"{path}: cannot read the DCP shards ({type(e).__name__}: {lines[-1] if lines else ''})") \
+            from None
+    return part
+
+
+def lora_deltas(trained: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """'<module>.weight' -> scaling * B @ A (fp32) for every adapter pair."""
+    out = {}
+    for key in trained:
+        if key.endswith(".lora_A.weight"):
+            module = key[:-len(".lora_A.weight")]
+            a, b = trained[key].float(), trained[f"{module}.lora_B.weight"].float()
+            out[f"{module}.weight"] = scaling * (b @ a)
+    return out
+
+
+def write_adapter(tmp: Path, trained: dict[str, torch.Tensor], ident: dict, linear_names: list[str],
+                  base: Path, dtype: torch.dtype) -> None:
+    """A PEFT LoRA adapter folder: adapter_model.safetensors (PEFT's key names) and adapter_config.json."""
+    from safetensors.torch import save_file
+
+    from .finetune import peft_key, target_modules_for_peft
+
+    lora_modules = sorted({k.rsplit(".lora_", 1)[0] for k in trained if ".lora_A." in k or ".lora_B." in k})
+    save_file({peft_key(k): _cast(t, dtype).contiguous() for k, t in trained.items()}, str(tmp / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.resolve()),
+        "r": ident["rank"], "lora_alpha": ident["alpha"], "use_rslora": ident.get("use_rslora", False),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": target_modules_for_peft(linear_names, lora_modules, ident.get("targets", [])),
+        "modules_to_save": ident.get("modules_to_save") or None, "init_lora_weights": True,
+    }
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_merged(tmp: Path, base: Path, trained: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor],
+                 dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """The base model's tensors, one at a time, with trained weights replacing theirs and LoRA deltas added."""
+    from .models import safetensors_index
+    from .safetensors_io import DTYPES as STORED_DTYPES
+    from .safetensors_io import SafetensorsFile
+
+    index = safetensors_index(str(base))
+    full = {k: t for k, t in trained.items() if ".lora_A." not in k and ".lora_B." not in k}
+    missing = sorted(k for k in [*full, *deltas] if k not in index)
+    if missing:
+        raise UserError(f"export: {base}: weight '{missing[0]}' is not in the base model's files under that name "
+                        "(a model whose files are converted on load, e.g. fused MoE experts); export the adapter "
+                        "without --merge")
+    writer = ShardWriter(tmp, max_shard_bytes)
+    handles: dict[Path, SafetensorsFile] = {}
+    try:
+        for key, f in index.items():
+            if key in full:
+                t = full[key]
+            else:
+                h = handles.get(f) or handles.setdefault(f, SafetensorsFile(f))
+                stored = STORED_DTYPES.get(h.header[key].get("dtype"), torch.float32)
+                t = torch.empty(h.shape(key), dtype=torch.float32 if stored.is_floating_point else stored)
+                h.read_into(key, tuple(slice(0, n) for n in t.shape), t)
+                if key in deltas:
+                    t += deltas[key]
+            writer.add(key, _cast(t, dtype))
+    finally:
+        for h in handles.values():
+            h.close()
+    writer.finish()
+
+
+def export_finetuned(path: Path, saved: dict, out_dir: str, dtype_name: str, max_shard_bytes: int, check: dict,
+                     merge: bool, base: Optional[str]) -> bool:
+    """Export a LoRA checkpoint as a PEFT adapter (or, with merge, a full model), a freeze checkpoint as a full
+    model; the frozen weights come from the base model folder. Returns whether an earlier export was replaced."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    ident = saved["finetune"]
+    base_dir = finetune_base(ident, base, path)
+    hf_dir = path / "hf"
+    raw_config = read_json(hf_dir / "config.json", "the model config")
+    with reading(hf_dir / "config.json", "the model config"):
+        hf_config = AutoConfig.from_pretrained(str(hf_dir))
+    tokenizer = None
+    if any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        with reading(hf_dir / "tokenizer.json", "the tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    dtype = export_dtype(dtype_name, saved.get("precision", "fp32"))
+    trained = read_trained(path)
+    lora = ident.get("method") == "lora"
+
+    def write(tmp: Path) -> None:
+        if lora and not merge:
+            skeleton = _skeleton(raw_config, hf_config)
+            names: dict[int, list[str]] = {}
+            for n, p in skeleton.named_parameters(remove_duplicate=False):
+                names.setdefault(id(p), []).append(n)
+            tied = [ns for ns in names.values() if len(ns) > 1 and any(n in trained for n in ns)]
+            if tied:  # PEFT's modules_to_save copies one module: it cannot hold a trained tied weight
+                raise UserError(f"export: {path} trained the tied weight {' = '.join(tied[0])} (modules_to_save); a "
+                                "PEFT adapter cannot hold it: add --merge to export a full model")
+            linear = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
+            write_adapter(tmp, trained, ident, linear, base_dir, dtype)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            return
+        scaling = ident["alpha"] / (ident["rank"] ** 0.5 if ident.get("use_rslora") else ident["rank"]) if lora else 0
+        write_merged(tmp, base_dir, trained, lora_deltas(trained, scaling) if lora else {}, dtype, max_shard_bytes)
+        _write_meta(tmp, hf_config, tokenizer, dtype)
+
+    what = "a PEFT adapter" if lora and not merge else "a merged model"
+    return _write_export(Path(out_dir), f"{path.resolve()} ({what})", dtype, check, write)

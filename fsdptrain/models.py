@@ -282,12 +282,12 @@ def safetensors_index(folder: str) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def load_pretrained(model: nn.Module, folder: str) -> None:
+def load_pretrained(model: nn.Module, folder: str, skip: frozenset[str] = frozenset()) -> None:
     """Each rank reads only the rows of its own shards from the safetensors files (plain reads, no mmap).
 
     File keys map to parameters by transformers' own conversion rules (`weightmap`): a fused MoE parameter
     (`experts.gate_up_proj` [E, 2I, H]) is read from the per-expert tensors of the files, only the experts and
-    rows of this rank's shard."""
+    rows of this rank's shard. `skip`: parameter names the files do not hold (fine-tuning adapters)."""
     index = safetensors_index(folder)
     handles: dict[Path, SafetensorsFile] = {}
     try:
@@ -297,7 +297,7 @@ def load_pretrained(model: nn.Module, folder: str) -> None:
             if key not in h.header:
                 raise UserError(f"model.path: {f}: weight '{key}' is listed in the index but not in this file")
             shapes[key] = h.shape(key)
-        params = list(owned_params(model))
+        params = [x for x in owned_params(model) if (f"{x[0]}.{x[2]}" if x[0] else x[2]) not in skip]
         names = [f"{m}.{a}" if m else a for m, _mod, a, _p in params]
         sources = plan_sources(model, names, shapes, {n: tuple(p.shape) for n, (*_, p) in zip(names, params)},
                                folder)
@@ -410,13 +410,13 @@ def load_buffers(model: nn.Module, folder: str, index: dict[str, Path], handles:
 
 
 def materialize(model: nn.Module, device: torch.device, seed: int, weights_from: Optional[str],
-                init_device: Optional[torch.device] = None) -> None:
+                init_device: Optional[torch.device] = None, skip: frozenset[str] = frozenset()) -> None:
     """Allocate local shards on `device` and fill them (pretrained, or random init computed on `init_device`,
     default `device`: a GPU when shards are offloaded to the CPU, since CPU init of a large model is slow).
     Buffers get their constructor values first; loading then reads the persistent ones the files hold."""
     model.to_empty(device=device)
     restore_buffers(model)
     if weights_from is not None:
-        load_pretrained(model, weights_from)
+        load_pretrained(model, weights_from, skip)  # `skip` (adapters) are filled by their owner
     else:
         init_random(model, seed, init_device or device)

@@ -216,8 +216,10 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload,
                                 offload=cfg.parallel.optimizer_offload)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    ft = sharded.finetune
     saved = Saved(model, optimizer, scheduler, sampler, hf_config, tokenizer,
-                  cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
+                  cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+                  finetune=ft.identity(sharded.weights) if ft is not None and ft.method != "full" else None)
     state = TrainState()
     checkpointer = Checkpointer(cfg.checkpoint, out, info.rank, info.world_size, plan.precision, saved, state)
     checkpointer.resume(total_steps)

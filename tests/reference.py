@@ -45,8 +45,8 @@ def reference_run(model_dir: Path | torch.nn.Module, examples, batches: list[lis
     model = model_dir
     if not isinstance(model, torch.nn.Module):
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    plain = [p for p in model.parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2 and p.requires_grad]  # frozen ones (peft, freeze) never
+    plain = [p for p in model.parameters() if p.ndim < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": HYPER["wd"]}, {"params": plain, "weight_decay": 0.0}],
                             lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"])
 
@@ -75,6 +75,11 @@ def reference_run(model_dir: Path | torch.nn.Module, examples, batches: list[lis
         opt.zero_grad()
         losses.append(loss.item())
     return losses, model
+
+
+def train_reference(model: torch.nn.Module, examples, batches: list[list[int]]) -> list[float]:
+    """reference_run's losses for a loaded model whose frozen parameters (requires_grad False) stay fixed."""
+    return reference_run(model, examples, batches)[0]
 
 
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import UserError
-from ..plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts
+from ..plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
 from ..units import GIB, format_bytes
 
 if TYPE_CHECKING:
@@ -70,6 +70,9 @@ class ModelShape:
     n_params: int
     model_type: str
     moe: MoeShape | None = None  # mixture-of-experts blocks (None: dense)
+    # per unit, per parameter (as in units): frozen by finetune lora / freeze (no gradient, no optimizer state,
+    # stored in the compute dtype under bf16-mixed); empty: everything trains
+    frozen: list[list[bool]] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -111,11 +114,13 @@ def shape_of_model(model: nn.Module) -> ModelShape:
     blocks = models.find_blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
     seen: set[int] = set()
+    frozen: list[list[bool]] = []
 
     def unclaimed_shapes(module) -> list[tuple[int, ...]]:  # each parameter goes to the first unit holding it
-        shapes = [tuple(p.shape) for p in module.parameters() if id(p) not in seen]
+        params = [p for p in module.parameters() if id(p) not in seen]
         seen.update(id(p) for p in module.parameters())
-        return shapes
+        frozen.append([not p.requires_grad for p in params])
+        return [tuple(p.shape) for p in params]
 
     units = [unclaimed_shapes(b) for b in blocks]
     unit_names = [names.get(id(b), "block") for b in blocks]
@@ -133,7 +138,7 @@ def shape_of_model(model: nn.Module) -> ModelShape:
                       vocab=text.vocab_size, layers=len(blocks),
                       lm_head_numel=0 if (out is None or tied) else out.weight.numel(),
                       n_params=sum(math.prod(s) for u in units for s in u), model_type=c.model_type,
-                      moe=moe_shape(model, blocks))
+                      moe=moe_shape(model, blocks), frozen=frozen if any(f for u in frozen for f in u) else [])
 
 
 def shape_from_config(cfg: Config) -> ModelShape:
@@ -150,6 +155,11 @@ def shape_from_config(cfg: Config) -> ModelShape:
         vocab = len(load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code))
     hf = models.load_hf_config(cfg.model.path, inline, vocab, cfg.model.trust_remote_code)
     model = models.build_meta_model(hf, cfg.model.attn_implementation, torch.float32, cfg.model.trust_remote_code)
+    if cfg.finetune.method != "full":  # adapters and frozen weights, as build_sharded_model makes them
+        from .. import finetune
+
+        precision = resolve_precision(cfg.parallel.precision, "cpu" if cfg.parallel.device == "cpu" else "cuda")
+        finetune.prepare(model, models.find_blocks(model), cfg.finetune, precision)
     return shape_of_model(model)
 
 
@@ -170,23 +180,37 @@ class ModelState:
     params: int  # bytes
     grads: int
     optimizer: int
+    trainable_numel: int = -1  # local elements of the trainable parameters (lora / freeze); -1: all of them
+
+    @property
+    def trained_local(self) -> int:
+        return self.local_numel if self.trainable_numel < 0 else self.trainable_numel
 
     @property
     def total(self) -> int:
         return self.params + self.grads + self.optimizer
 
 
-def model_state(shape: ModelShape, world: int, rank: int, param_bytes: int) -> ModelState:
+def model_state(shape: ModelShape, world: int, rank: int, param_bytes: int,
+                frozen_bytes: int | None = None) -> ModelState:
+    """frozen_bytes: bytes per frozen parameter (lora / freeze: 2 under bf16-mixed); default param_bytes. Frozen
+    parameters have no gradient and no optimizer state."""
     local = padded = n = 0
-    for unit in shape.units:
-        for s in unit:
+    t_local = t_padded = t_n = 0  # the trainable ones
+    for u, unit in enumerate(shape.units):
+        for i, s in enumerate(unit):
             rest = math.prod(s[1:]) if len(s) > 1 else 1
             lr, pr = shard_rows(s[0], world, rank) if s else (1, 1)
             local += lr * rest
             padded += pr * rest
             n += 1
-    return ModelState(local_numel=local, padded_numel=padded, n_tensors=n, params=padded * param_bytes,
-                      grads=padded * param_bytes, optimizer=2 * local * param_bytes + 4 * n)
+            if not (shape.frozen and shape.frozen[u][i]):
+                t_local, t_padded, t_n = t_local + lr * rest, t_padded + pr * rest, t_n + 1
+    fb = param_bytes if frozen_bytes is None else frozen_bytes
+    return ModelState(local_numel=local, padded_numel=padded, n_tensors=n,
+                      params=t_padded * param_bytes + (padded - t_padded) * fb,
+                      grads=t_padded * param_bytes, optimizer=2 * t_local * param_bytes + 4 * t_n,
+                      trainable_numel=t_local if shape.frozen else -1)
 
 
 def unit_numel(unit: list[tuple[int, ...]], world: int) -> int:
@@ -342,7 +366,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     pb = 2 if s.precision == "bf16-pure" else 4  # sharded parameter / gradient / optimizer dtype
     c = 2 if s.precision.startswith("bf16") else 4  # compute (all-gather) dtype
     W = s.shard_world
-    st = model_state(m, W, rank, pb)
+    st = model_state(m, W, rank, pb, frozen_bytes=c)  # frozen weights are stored in the compute dtype
     blocks, root = m.units[:-1], m.units[-1]
     block_un = [unit_numel(u, W) for u in blocks]
     ahead = max(1, p.prefetch_blocks)  # FSDP2 prefetches one block implicitly; prefetch_blocks more
@@ -427,9 +451,9 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     peak = phases[peak_phase]
     cpu_rank = 0
     if p.cpu_offload:
-        cpu_rank = st.total + st.local_numel * pb  # + AdamW foreach's sqrt(v) temporary on CPU
+        cpu_rank = st.total + st.trained_local * pb  # + AdamW foreach's sqrt(v) temporary on CPU
     elif p.optimizer_offload:
-        cpu_rank = st.optimizer + 2 * st.local_numel * pb  # state + persistent host buffers (gradient, shard)
+        cpu_rank = st.optimizer + 2 * st.trained_local * pb  # state + persistent host buffers (gradient, shard)
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.facts.gpu_memory
     if cpu_rank and s.facts.cpu_memory is not None:
         fits = fits and cpu_rank * s.facts.gpus_per_node <= s.facts.cpu_memory
