@@ -202,7 +202,9 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, refer
     if from_lf:
         from .lfconfig import lf_yaml
 
-        click.echo(lf_yaml(config), nl=False)
+        text = lf_yaml(config)
+        load_config(config, quiet=True)  # the translation must load and validate as a fsdptrain config
+        click.echo(text, nl=False)
         return
 
     if reference:

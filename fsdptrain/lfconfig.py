@@ -501,16 +501,11 @@ def to_yaml(t: Translation, source: str) -> str:
 
 
 def lf_yaml(path: Optional[str]) -> str:
-    """`fsdptrain config --from-llamafactory FILE`: FILE translated, checked by loading it as fsdptrain would."""
-    from .config import load_config  # config imports this module: only at call time
-
+    """`fsdptrain config --from-llamafactory FILE`: FILE translated (the caller checks that it loads)."""
     if path is None:
         raise ConfigError("--from-llamafactory: give the LLaMA-Factory YAML: fsdptrain config --from-llamafactory "
                           "FILE")
     raw = read_yaml(path, "a LLaMA-Factory YAML config")
     if not is_llamafactory(raw):
         raise ConfigError(f"{path}: not a LLaMA-Factory training YAML (it has no model_name_or_path)")
-    t = translate(raw, path)
-    text = to_yaml(t, path)
-    load_config(path, quiet=True)  # the translation must load and validate
-    return text
+    return to_yaml(translate(raw, path), path)
