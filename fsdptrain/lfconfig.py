@@ -421,6 +421,9 @@ DEFAULTS = {"learning_rate": 5e-5, "lr_scheduler_type": "linear", "num_train_epo
             "save_total_limit": None, "disable_gradient_checkpointing": False}
 
 
+SECTIONS = ("model", "data", "train", "parallel", "checkpoint", "finetune", "logging", "memory")  # fsdptrain's
+
+
 def translate(raw: dict, source: str) -> Translation:
     """A LLaMA-Factory training YAML (its parsed mapping) as fsdptrain's nested config keys; ConfigError names
     `source` and the key for anything refused or unknown."""
@@ -431,6 +434,9 @@ def translate(raw: dict, source: str) -> Translation:
     for key in keys:
         value = raw[key] if key in raw else DEFAULTS[key]
         rule = KEYS.get(key)
+        if rule is None and key in SECTIONS:
+            raise ConfigError(f"{source}: '{key}' is a fsdptrain section, but model_name_or_path makes this a "
+                              "LLaMA-Factory YAML; write one or the other (in a fsdptrain config: model.path)")
         if rule is None:
             close = difflib.get_close_matches(str(key), list(KEYS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -80,6 +80,14 @@ def test_freeze_and_pretrain_examples_take_llamafactory_defaults():
     }
 
 
+def test_deepspeed_json_not_found_is_noted_and_pt_packing_can_be_off(tmp_path):
+    t = translate({"model_name_or_path": "m", "stage": "pt", "packing": False, "deepspeed": "nope.json"},
+                  str(tmp_path / "lf.yaml"))
+    assert ("deepspeed", "nope.json not found; FSDP2 shards fully (ZeRO-3) unless parallel.* says otherwise") \
+        in t.ignored
+    assert t.config["data"] == {"packing": False} and "reshard_after_forward" not in t.config["parallel"]
+
+
 def test_every_example_loads_and_validates_as_a_config():
     for name in ("full_sft.yaml", "lora_sft.yaml", "freeze_sft.yaml", "lora_pretrain.yaml"):
         cfg = load_config(str(FIXTURES / name), quiet=True)
@@ -109,6 +117,8 @@ REFUSALS = [  # (lines added to a minimal LF YAML, the one-line error after "FIL
     ("do_train: false", "do_train: fsdptrain train trains; remove do_train: false (fsdptrain eval evaluates a run)"),
     ("lerning_rate: 1.0e-4", "unknown LLaMA-Factory key 'lerning_rate'; did you mean 'learning_rate'? (the keys "
                              "fsdptrain reads, ignores or refuses are listed in docs/llamafactory.md)"),
+    ("model: {path: m}", "'model' is a fsdptrain section, but model_name_or_path makes this a LLaMA-Factory YAML; "
+                         "write one or the other (in a fsdptrain config: model.path)"),
     ("template: yi", "data.template: 'yi' is not a template fsdptrain knows; use auto (the tokenizer's own chat "
                      "template) or one of LLaMA-Factory's names chatml, llama3, qwen, qwen3, qwen3_nothink, qwen3_5, "
                      "qwen3_5_nothink, llama2, llama4, mistral, ministral, mistral_small, gemma, gemma2, gemma3, "
