@@ -176,6 +176,16 @@ def _schedule(v: Any, ctx: dict) -> Out:
     return {"train.schedule": SCHEDULES[v]}
 
 
+def _warmup(dotted: str) -> Callable[[Any, dict], Out]:
+    def one(v: Any, ctx: dict) -> Out:
+        if ctx.get("lr_scheduler_type") == "constant" and v:  # Hugging Face's constant schedule has no warmup
+            ctx["__notes__"].append((dotted.split(".")[-1], "lr_scheduler_type constant has no warmup (use "
+                                                             "constant_with_warmup)"))
+            return {}
+        return {dotted: v}
+    return one
+
+
 def _max_steps(v: Any, ctx: dict) -> Out:
     return {} if v is None or v <= 0 else {"train.max_steps": v}  # -1: Hugging Face's "use epochs"
 
@@ -389,8 +399,8 @@ KEYS: dict[str, Any] = {
     "num_train_epochs": _to("train.epochs", float),
     "max_steps": _max_steps,
     "lr_scheduler_type": _schedule,
-    "warmup_ratio": _to("train.warmup_ratio"),
-    "warmup_steps": _to("train.warmup_steps"),
+    "warmup_ratio": _warmup("train.warmup_ratio"),
+    "warmup_steps": _warmup("train.warmup_steps"),
     "weight_decay": _to("train.weight_decay"),
     "max_grad_norm": _to("train.max_grad_norm"),
     "adam_beta1": _betas,

@@ -86,6 +86,9 @@ def test_deepspeed_json_not_found_is_noted_and_pt_packing_can_be_off(tmp_path):
     assert ("deepspeed", "nope.json not found; FSDP2 shards fully (ZeRO-3) unless parallel.* says otherwise") \
         in t.ignored
     assert t.config["data"] == {"packing": False} and "reshard_after_forward" not in t.config["parallel"]
+    t = translate({"model_name_or_path": "m", "lr_scheduler_type": "constant", "warmup_ratio": 0.1}, "lf.yaml")
+    assert "warmup_ratio" not in t.config["train"] and t.config["train"]["schedule"] == "constant"
+    assert t.ignored == [("warmup_ratio", "lr_scheduler_type constant has no warmup (use constant_with_warmup)")]
 
 
 def test_every_example_loads_and_validates_as_a_config():
