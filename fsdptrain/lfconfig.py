@@ -463,6 +463,9 @@ def translate(raw: dict, source: str) -> Translation:
             out = rule(value, ctx)
         except Refused as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
+        except (TypeError, ValueError, AttributeError):  # a value of the wrong kind, e.g. max_steps: ten
+            raise ConfigError(f"{source}: {key}: {value!r} is not a value LLaMA-Factory takes here; see "
+                              "docs/llamafactory.md") from None
         flat.update(out)
         if out:
             shown = ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in out.items())

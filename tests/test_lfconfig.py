@@ -122,6 +122,7 @@ REFUSALS = [  # (lines added to a minimal LF YAML, the one-line error after "FIL
                              "fsdptrain reads, ignores or refuses are listed in docs/llamafactory.md)"),
     ("model: {path: m}", "'model' is a fsdptrain section, but model_name_or_path makes this a LLaMA-Factory YAML; "
                          "write one or the other (in a fsdptrain config: model.path)"),
+    ("max_steps: ten", "max_steps: 'ten' is not a value LLaMA-Factory takes here; see docs/llamafactory.md"),
     ("template: yi", "data.template: 'yi' is not a template fsdptrain knows; use auto (the tokenizer's own chat "
                      "template) or one of LLaMA-Factory's names chatml, llama3, qwen, qwen3, qwen3_nothink, qwen3_5, "
                      "qwen3_5_nothink, llama2, llama4, mistral, ministral, mistral_small, gemma, gemma2, gemma3, "
