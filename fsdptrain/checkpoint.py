@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from . import log
+from .best import BEST_FILE, read_best, update_best
 from .config import CheckpointConfig
 from .distributed import barrier
 from .errors import UserError
@@ -119,7 +120,7 @@ def clean_incomplete(root: Path) -> tuple[list[str], list[str]]:
         if is_own_leftover(p):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
-        elif not (p.is_dir() and is_complete(p)):
+        elif not (p.is_dir() and is_complete(p)) and p.name != BEST_FILE:
             left.append(p.name)
     return removed, left
 
@@ -395,6 +396,7 @@ class Checkpointer:
         self.pending: Optional[tuple[Future, Path, Path, int]] = None
         self.async_group = None
         self.async_ok = ccfg.async_save
+        self.evals: dict[int, float] = {}  # eval loss after each evaluated step (checkpoint.keep_best)
         if self.async_ok:
             # DCP's background thread runs its own collectives; a separate gloo group keeps them
             # from interleaving with the training loop's (and gives the CPU backend async_save needs).
@@ -559,16 +561,26 @@ class Checkpointer:
             os.replace(tmp, final)
             _fsync_dir(self.root)
             log.info(f"checkpoint: saved {final} in {time.perf_counter() - t0:.2f}s")
+            if self.cfg.keep_best and step in self.evals and update_best(self.root, step, self.evals[step],
+                                                                          final.name):
+                log.info(f"checkpoint: {final.name} is the best so far (eval loss {self.evals[step]:.4f})")
             self._prune()
         if self.async_ok:
             return  # the other ranks may be mid-step; they never read the folder
         barrier()
 
+    def note_eval(self, step: int, loss: float) -> None:
+        """The eval loss after optimizer step `step`: a checkpoint of that step is ranked by it (keep_best)."""
+        self.evals[step] = loss
+
     def _prune(self) -> None:
         keep = self.cfg.keep_last
         if keep <= 0:
             return
+        best = read_best(self.root) if self.cfg.keep_best else None
         for old in complete_checkpoints(self.root)[:-keep]:  # complete step-N folders only, never `best` & co.
+            if best is not None and old.name == best.get("checkpoint"):
+                continue  # checkpoint.keep_best: the lowest eval loss stays
             if not old.is_symlink():
                 _remove(old)
 

@@ -1,4 +1,4 @@
-"""Command line: `fsdptrain train | config | data | export | estimate | mem report | mem diff` (click).
+"""Command line: `fsdptrain train | config | data | eval | export | plot | estimate | mem report | mem diff` (click).
 
 Exit statuses: 0 done; 2 a user mistake (`UserError`: one line `fsdptrain: error: ...`, no traceback); 1 anything
 else (an internal error, out of memory, a distributed failure): two short lines on stderr, and the full
@@ -241,6 +241,25 @@ def data_cmd(config: str | None, overrides: tuple[str, ...], show: int, out: str
     preview(cfg, show, out, color=sys.stdout.isatty(), echo=click.echo)
 
 
+@main.command("eval", cls=FileFirst)
+@click.argument("config")
+@click.argument("overrides", nargs=-1)
+@click.option("--checkpoint", "source", required=True,
+              help="A checkpoint folder, a run directory (its newest checkpoint) or a Hugging Face model folder.")
+@click.option("--out", "out_file", default=None,
+              help="JSON result file; default: eval-<checkpoint name>.json in the current folder.")
+@friendly_errors
+def eval_cmd(config: str, overrides: tuple[str, ...], source: str, out_file: str | None) -> None:
+    """Eval loss, perplexity and tokens of --checkpoint on CONFIG's eval data (any number of ranks)."""
+    global crash_dir
+    from .config import load_config
+
+    cfg = load_config(config, overrides)
+    from .evalrun import eval_checkpoint
+
+    eval_checkpoint(cfg, source, out_file)
+
+
 @main.command("export")
 @click.argument("checkpoint")
 @click.option("--out", "out_dir", required=True,
@@ -251,21 +270,39 @@ def data_cmd(config: str | None, overrides: tuple[str, ...], show: int, out: str
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Weight dtype; auto: bf16 if the run trained in bf16, else fp32.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file (e.g. 5GB, 500MB).")
+@click.option("--best", is_flag=True, help="CHECKPOINT is a run directory: export its best checkpoint "
+                                           "(checkpoint.keep_best) instead of the newest.")
 @click.option("--merge", is_flag=True, help="LoRA: write a full model with the adapters merged into the base weights "
                                             "(default: a PEFT adapter folder).")
 @click.option("--base", default=None, help="LoRA / freeze: the base model folder, when it moved since training "
                                            "(default: the model.path the run trained on).")
 @friendly_errors
-def export_cmd(checkpoint: str, out_dir: str, overwrite: bool, dtype: str, max_shard_size: str, merge: bool,
-               base: str | None) -> None:
+def export_cmd(checkpoint: str, out_dir: str, overwrite: bool, dtype: str, max_shard_size: str, best: bool,
+               merge: bool, base: str | None) -> None:
     """Write a Hugging Face model folder from CHECKPOINT (a checkpoint folder, or a run directory: its newest);
     a LoRA run gives a PEFT adapter folder (--merge: a full model)."""
     from .config import parse_size
     from .export import export_checkpoint
 
+    if best:
+        from .best import best_checkpoint
+
+        checkpoint = str(best_checkpoint(checkpoint))
+
     out, replaced = export_checkpoint(checkpoint, out_dir, dtype, parse_size(max_shard_size, "--max-shard-size"),
                                       overwrite=overwrite, merge=merge, base=base)
     click.echo(f"exported {checkpoint} to {out}" + (" (replaced the earlier export there)" if replaced else ""))
+
+
+@main.command("plot")
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", "out_file", default=None, help="PNG to write; default: RUN_DIR/plot.png of the first run.")
+@friendly_errors
+def plot_cmd(run_dirs: tuple[str, ...], out_file: str | None) -> None:
+    """Train loss (raw and smoothed), eval loss, learning rate, tokens/s and per-rank peak memory of RUN_DIRs."""
+    from .plot import plot
+
+    click.echo(f"plot: {plot(list(run_dirs), out_file)}")
 
 
 @main.group("mem")

@@ -70,6 +70,16 @@ def folder_problem(value: str) -> Optional[str]:
     return None
 
 
+SINKS = ("tensorboard", "wandb", "mlflow")
+
+
+def sinks_problem(value: list) -> Optional[str]:
+    bad = [v for v in value if v not in SINKS]
+    if bad:
+        return f"unknown sink(s) {bad!r}; choose from {', '.join(SINKS)}"
+    return None
+
+
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # what `fsdptrain train` runs without a CONFIG
 
 
@@ -122,6 +132,11 @@ class DataConfig:
     overwrite_cache: bool = opt(False, "Tokenise again even when the cache has this data.")
     num_workers: Optional[int] = opt(None, "DataLoader worker processes building batches; null: 2 on CUDA, 0 on "
                                            "CPU.", min=0)
+    val_size: float = opt(0.0, "Hold out this share (a fraction in (0, 1), rounded up) or number (a whole number) of "
+                               "the examples for evaluation: a seeded split, disjoint from training, the same on any "
+                               "world size (LLaMA-Factory val_size). 0: none.", min=0)
+    eval_datasets: list = opt([], "Eval data sets, in the forms of data.datasets; tokenised with the same template "
+                                  "and masks and cached like them. Excludes val_size.")
 
 
 @dataclass
@@ -148,6 +163,12 @@ class TrainConfig:
                                                 min=0)
     on_nonfinite: str = opt("stop", "Non-finite loss or grad norm: stop the run (naming step and rank) or skip the "
                                     "update.", choices=["stop", "skip"])
+    eval_every: int = opt(0, "Evaluate on the eval data every N optimizer steps (and after the last step whenever "
+                             "eval data exists); 0: only after the last step.", min=0)
+    eval_max_batches: int = opt(0, "Evaluate only the first N x eval micro-batch eval examples (the same ones on any "
+                                   "world size); 0: all of them.", min=0)
+    eval_micro_batch_size: Optional[int] = opt(None, "Eval examples per rank per forward; null: "
+                                                     "train.micro_batch_size.", min=1)
 
 
 @dataclass
@@ -212,6 +233,8 @@ class CheckpointConfig:
                                     "else fp32.", choices=["auto", "fp32", "bf16"])
     export_max_shard_size: str = opt("5GB", "Largest safetensors file of an export (e.g. 5GB, 500MB); bigger models "
                                             "get several files and an index.")
+    keep_best: bool = opt(False, "Keep the checkpoint with the lowest eval loss (evaluated at its step) out of "
+                                 "keep_last pruning; checkpoints/best.json names it (fsdptrain export RUN --best).")
 
 
 def _target_problem(value: Any) -> Optional[str]:
@@ -260,7 +283,16 @@ class FinetuneConfig:
 @dataclass
 class LoggingConfig:
     log_every: int = opt(1, "Write metrics every N optimizer steps.", min=1)
-    tensorboard: bool = opt(True, "Write TensorBoard events to output_dir/tb.")
+    tensorboard: bool = opt(True, "Deprecated switch kept for old configs: false drops tensorboard from "
+                                  "logging.report_to.")
+    report_to: list = opt(["tensorboard"], "Metric sinks: any of tensorboard (output_dir/tb), wandb, mlflow "
+                                           "(optional extras, imported only when listed). metrics.jsonl is always "
+                                           "written.", check=lambda v: sinks_problem(v))
+    run_name: Optional[str] = opt(None, "Run name for W&B and MLflow; null: the output_dir's folder name.")
+    wandb_project: str = opt("fsdptrain", "W&B project (WANDB_MODE=offline keeps the run local).")
+    mlflow_tracking_uri: Optional[str] = opt(None, "MLflow tracking URI (e.g. file:./mlruns); null: "
+                                                   "MLFLOW_TRACKING_URI or MLflow's default.")
+    mlflow_experiment: str = opt("fsdptrain", "MLflow experiment name.")
     progress: str = opt("auto", "Rank-0 progress: bar (tqdm), lines (one line per log step), none; auto: bar on a "
                                 "terminal, lines otherwise.", choices=["auto", "bar", "lines", "none"])
     peak_tflops: Optional[float] = opt(None, "Per-device peak bf16 TFLOP/s for MFU; null: guess from the GPU name "
@@ -515,6 +547,7 @@ def validate(cfg: Config, source: str = "config") -> None:
                           f"got {bad_steps!r}")
     if t.min_lr_ratio > 1:
         raise ConfigError(f"{source}: train.min_lr_ratio: {t.min_lr_ratio} must be at most 1")
+    check_eval(cfg, source)
 
     parse_size(cfg.checkpoint.export_max_shard_size, f"{source}: checkpoint.export_max_shard_size")
     validate_finetune(cfg.finetune, source, cfg.checkpoint.export_hf)
@@ -541,6 +574,21 @@ def validate_finetune(f: FinetuneConfig, source: str, export_hf: bool = False) -
     if f.method == "freeze" and f.freeze.trainable_layers == 0 and not f.freeze.extra_modules:
         raise ConfigError(f"{source}: finetune.freeze.trainable_layers: 0 with no extra_modules trains nothing; "
                           "give k > 0 (last k blocks), k < 0 (first |k|) or finetune.freeze.extra_modules")
+
+
+def check_eval(cfg: Config, source: str) -> None:
+    """Evaluation keys that need eval data or exclude each other."""
+    d, t = cfg.data, cfg.train
+    if d.val_size and d.eval_datasets:
+        raise ConfigError(f"{source}: data.val_size and data.eval_datasets exclude each other; "
+                          "set one (val_size splits data.datasets, eval_datasets are separate data)")
+    has_eval = bool(d.val_size or d.eval_datasets)
+    if t.eval_every and not has_eval:
+        raise ConfigError(f"{source}: train.eval_every: {t.eval_every} needs eval data; set data.val_size "
+                          "(e.g. 0.05) or data.eval_datasets")
+    if cfg.checkpoint.keep_best and not has_eval:
+        raise ConfigError(f"{source}: checkpoint.keep_best needs eval data; set data.val_size (e.g. 0.05) or "
+                          "data.eval_datasets, and train.eval_every")
 
 
 # ----------------------------------------------------------------------------- output

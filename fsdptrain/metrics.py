@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from . import log
+from .sinks import Sinks, TensorBoardSink
 
 # Dense bf16 peak TFLOP/s per device, by name fragment (first match wins).
 PEAK_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
@@ -33,8 +35,10 @@ class RunLogger:
     """Writes metrics on the main rank only; other ranks get a no-op object."""
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, progress: str, total_steps: int,
-                 start_step: int = 0):
+                 start_step: int = 0, sinks: Optional[Callable[[], Sinks]] = None):
+        """sinks: opens the metric sinks (logging.report_to); None: TensorBoard when `tensorboard`."""
         self.enabled = enabled
+        self.last_eval: Optional[float] = None  # the latest eval loss, shown on the progress line
         self.total = total_steps
         self.start_step = start_step
         self.start = time.perf_counter()
@@ -44,10 +48,10 @@ class RunLogger:
         if not enabled:
             return
         self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tb"))
+        if sinks is not None:
+            self.tb = sinks()  # TensorBoard, W&B, MLflow behind one add_scalar
+        elif tensorboard:
+            self.tb = TensorBoardSink(out_dir)
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "lines"
         self.progress = progress
@@ -67,16 +71,29 @@ class RunLogger:
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(k, v, step)
+                    self.tb.add_scalar(k.replace("eval_", "eval/", 1) if k.startswith("eval_") else k, v, step)
+        if "loss" not in metrics:  # an evaluation after a skipped step: no training numbers to show
+            return
         eta = elapsed / max(1, step - self.start_step) * (self.total - step)
         if self.bar is not None:
             self.bar.n = step
+            extra = {} if self.last_eval is None else {"eval_loss": f"{self.last_eval:.4f}"}
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 tok_s=f"{metrics['tokens_per_s_per_device']:.0f}")
+                                 tok_s=f"{metrics['tokens_per_s_per_device']:.0f}", **extra)
         elif self.progress == "lines":
-            log.info(f"step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            ev = "" if self.last_eval is None else f" eval_loss {self.last_eval:.4f}"
+            log.info(f"step {step}/{self.total} loss {metrics['loss']:.4f}{ev} lr {metrics['lr']:.2e} "
                      f"grad_norm {metrics['grad_norm']:.3f} tok/s/dev {metrics['tokens_per_s_per_device']:.0f} "
                      f"eta {eta:.0f}s")
+
+    def eval_line(self, step: int, metrics: dict) -> None:
+        """An evaluation after optimizer step `step`: one line now, and its loss on the following step lines."""
+        if not self.enabled:
+            return
+        self.last_eval = metrics["eval_loss"]
+        if self.progress != "none":
+            log.info(f"eval step {step}: loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.3f} "
+                     f"({metrics['eval_tokens']} tokens, {metrics['eval_time_s']:.1f}s)")
 
     def close(self) -> None:
         if self.bar is not None:

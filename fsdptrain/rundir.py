@@ -37,7 +37,7 @@ LOCK_STALE_S = 600.0
 
 # What a run writes into output_dir; a fresh start moves an earlier run's copies aside instead of mixing or
 # overwriting them (checkpoints of the same step names would be replaced, then pruned by keep_last).
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "tb", "memory", SUBDIR, "hf")
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "tb", "wandb", "memory", SUBDIR, "hf")
 
 
 def is_run_dir(output_dir: Path) -> bool:

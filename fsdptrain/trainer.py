@@ -37,12 +37,14 @@ from .data.loader import StepSampler
 from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo
 from .errors import RunStopped, TrainingError, UserError
+from .evaluate import EvalResult, eval_micro_batch, evaluate
 from .export import check_target, export_dtype, export_hf, training_export_check
 from .loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
 from .memory.tracker import MemoryTracker
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .plan import check_device_support
+from .sinks import open_sinks
 from .stopping import StopRequests, job_deadline
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ class RunResult:
     steps: int = 0
     skipped_steps: int = 0
     output_dir: str = ""
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss) of every evaluation
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Run:
     started: float = field(default_factory=time.time)  # when train() began (the job's wall time counts from it)
     router_aux_coef: float = 0.0  # MoE: weight of the router's auxiliary loss in the objective (moe.py)
     expert_load: Optional[moe.ExpertLoad] = None  # MoE: tokens routed to each expert since the last log step
+    eval_examples: Any = None  # held-out examples (data.val_size / data.eval_datasets), packed like training's
 
     @property
     def model(self) -> nn.Module:
@@ -165,13 +169,12 @@ def write_run_files(cfg: Config, info: DistInfo, out: Path, fresh: bool) -> None
 
 
 def setup_data(cfg: Config, info: DistInfo, tokenizer: PreTrainedTokenizerBase,
-               examples: Optional[list[Example]]) -> tuple[Any, StepSampler, int]:
-    """Examples, this rank's sampler and the number of optimizer steps."""
-    if examples is None:
-        examples = pipeline.load_examples(cfg, tokenizer, info.rank, info.local_rank, log.info)
+               examples: Optional[list[Example]]) -> tuple[Any, StepSampler, int, Any]:
+    """Examples, this rank's sampler, the number of optimizer steps and the eval examples (or None)."""
+    examples, evals = pipeline.load_train_eval(cfg, tokenizer, info.rank, info.local_rank, log.info, examples)
     sampler = pipeline.build_sampler(cfg, examples, info.world_size, info.rank, info.local_world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
-    return examples, sampler, total_steps
+    return examples, sampler, total_steps, evals
 
 
 def setup_hf_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -204,7 +207,7 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
            held: Optional[rundir.RunLock], fresh: bool) -> Run:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
-    examples, sampler, total_steps = setup_data(cfg, info, tokenizer, examples)
+    examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples)
     hf_config = setup_hf_config(cfg, tokenizer)
     sharded = build_sharded_model(cfg, info, hf_config)
     log.info(sharded.describe(hf_config))
@@ -227,13 +230,14 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     if state.step and info.is_main:
         rundir.trim_metrics(out / "metrics.jsonl", state.step)  # the steps after the checkpoint run again
 
-    logger = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step)
+    logger = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step,
+                       sinks=open_sinks(cfg, out))
     tracker = MemoryTracker(cfg.memory, info, out, model, sharded.blocks)  # per-phase records, OOM post-mortem
     return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded, loss_head,
                optimizer, scheduler, state, checkpointer, logger, tracker,
                peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)), held,
                router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model),
-               expert_load=moe.track_expert_load(model, info.device))
+               expert_load=moe.track_expert_load(model, info.device), eval_examples=evals)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -317,11 +321,14 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> Ste
 # ----------------------------------------------------------------------------- the loop
 
 
-def record(run: Run, stats: StepStats) -> None:
-    """The step's results: RunResult, and on log steps metrics.jsonl / TensorBoard / progress and memory."""
+def record(run: Run, stats: StepStats, ev: Optional[EvalResult] = None) -> None:
+    """The step's results: RunResult, and on log steps (and eval steps: `ev`, the evaluation after the step)
+    metrics.jsonl / TensorBoard / progress and memory."""
     result, cfg = run.result, run.cfg
     if stats.skipped:
         result.skipped_steps += 1
+        if ev is not None:  # the evaluation still counts: a record of its own
+            run.logger.log(stats.step, ev.metrics())
         return
     result.losses.append(stats.loss)
     result.grad_norms.append(stats.grad_norm)
@@ -329,7 +336,7 @@ def record(run: Run, stats: StepStats) -> None:
     result.tokens.append(stats.tokens)
     result.steps = stats.step
     step = stats.step
-    if not (step == 1 or step % cfg.logging.log_every == 0 or step == run.total_steps):
+    if not (step == 1 or step % cfg.logging.log_every == 0 or step == run.total_steps or ev is not None):
         return
     tok_s = stats.tokens / stats.seconds / run.info.world_size
     metrics = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens,
@@ -344,9 +351,35 @@ def record(run: Run, stats: StepStats) -> None:
     if run.peak_tflops:
         flops = models.flops_per_token(run.hf_config, run.sharded.n_params, stats.seq_len)
         metrics["mfu"] = flops * tok_s / (run.peak_tflops * 1e12)
+    if ev is not None:
+        metrics.update(ev.metrics())
     metrics.update(run.tracker.gather(step, run.logger.tb))
     result.peak_mem_bytes = max(result.peak_mem_bytes, run.tracker.peak_bytes_max)
     run.logger.log(step, metrics)
+
+
+def eval_due(run: Run, step: int) -> bool:
+    """train.eval_every steps, and the last step, when there is eval data."""
+    every = run.cfg.train.eval_every
+    return run.eval_examples is not None and ((every > 0 and step % every == 0) or step == run.total_steps)
+
+
+def evaluate_run(run: Run, step: int) -> EvalResult:
+    """Evaluate after optimizer step `step` (collective): the eval line, the `eval` memory record; `record`
+    writes its metrics with the step's."""
+    cfg, info = run.cfg, run.info
+    run.tracker.evaluating = True
+    try:
+        res = evaluate(run.model, run.eval_examples, run.tokenizer.pad_token_id, info.device, info.world_size,
+                       info.rank, eval_micro_batch(cfg), cfg.train.eval_max_batches, run.loss_head,
+                       cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2")
+    finally:
+        run.tracker.evaluating = False
+    run.tracker.phase("eval")
+    run.result.evals.append((step, res.loss))
+    run.logger.eval_line(step, res.metrics())
+    run.checkpointer.note_eval(step, res.loss)
+    return res
 
 
 def finish(run: Run) -> None:
@@ -376,7 +409,8 @@ def loop(run: Run) -> RunResult:
         t0 = time.perf_counter()
         for batches in steps:
             stats = train_step(run, batches, t0)
-            record(run, stats)
+            ev = evaluate_run(run, stats.step) if eval_due(run, stats.step) else None
+            record(run, stats, ev)
             stopped = stop.agreed()  # one small all_reduce: did any rank get a signal?
             run.checkpointer.maybe_save(stats.step, last=stats.step == run.total_steps, force=stopped is not None)
             if run.lock is not None:

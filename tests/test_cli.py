@@ -58,11 +58,15 @@ def test_demo_run_learns(tmp_path):
     """The built-in demo, exactly as `fsdptrain train` runs it, apart from where it writes."""
     proc = run_cli(["train", f"output_dir={tmp_path}"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = read_metrics(tmp_path)
+    records = read_metrics(tmp_path)
+    metrics = [m for m in records if "loss" in m]
     assert metrics[0]["step"] == 1 and metrics[-1]["step"] == 500
     first, last = metrics[0]["loss"], metrics[-1]["loss"]
     assert first > 4.0  # about ln(100): an untrained model over the 100-token vocabulary
     assert last < 0.4 * first, (first, last)
+    evals = [m for m in records if "eval_loss" in m]  # data.val_size 0.05, train.eval_every 250
+    assert [m["step"] for m in evals] == [250, 500] and evals[-1]["eval_loss"] < 0.4 * first, evals
+    assert "eval step 500: loss" in proc.stderr + proc.stdout
     assert "done: 500 steps" in proc.stdout
     assert (tmp_path / "config.yaml").is_file()
     assert any((tmp_path / "tb").iterdir())

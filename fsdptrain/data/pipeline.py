@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import ConfigError, UserError
+from . import evalset
 from .cache import Settings, prepare
 from .encode import tokenize_all
 from .loader import StepSampler, padded, resolve_rank_sizes, step_batches
@@ -50,40 +51,92 @@ def check(cfg: Config) -> None:
 def load_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int = 0, local_rank: int = 0,
                   log: Callable[[str], None] = print):
     """The run's examples (a sequence of encode.Example), packed when configured."""
-    d = cfg.data
     check(cfg)
-    apply_template(tokenizer, d.template)
-    if not d.datasets:
+    apply_template(tokenizer, cfg.data.template)
+    examples, lengths = tokenized(cfg, tokenizer, cfg.data.datasets, rank, local_rank, log)
+    return pack_rows(cfg, examples, lengths, log)
+
+
+def tokenized(cfg: Config, tokenizer: PreTrainedTokenizerBase, datasets: list, rank: int, local_rank: int,
+              log: Callable[[str], None], what: str = "data"):
+    """(examples, lengths) of `datasets` (empty: the synthetic task), unpacked; `what` names them in the logs."""
+    d = cfg.data
+    if not datasets:
         conversations = generate(d.synthetic_task, d.synthetic_examples, cfg.seed)
         examples, st = tokenize_all(tokenizer, conversations, d.max_length, d.train_on_prompt, d.mask_history)
-        log(f"data: synthetic '{d.synthetic_task}': {st.summary()}")
+        log(f"{what}: synthetic '{d.synthetic_task}': {st.summary()}")
         lengths = [len(e.input_ids) for e in examples]
     else:
-        specs = resolve(d.datasets, d.dataset_dir)
+        specs = resolve(datasets, d.dataset_dir)
         settings = Settings(d.max_length, d.train_on_prompt, d.mask_history, d.max_samples, cfg.seed, d.num_proc,
                             d.template)
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
-        examples, st, per_set, hit = prepare(specs, tokenizer, settings, cache_dir, rank, local_rank,
-                                             d.overwrite_cache, log)
-        log(f"data: {'cache hit' if hit else 'tokenised'} {examples.path}")
+        try:
+            examples, st, per_set, hit = prepare(specs, tokenizer, settings, cache_dir, rank, local_rank,
+                                                 d.overwrite_cache, log)
+        except UserError as e:
+            if what == "data":
+                raise
+            raise UserError(f"data.eval_datasets: {e}") from None
+        log(f"{what}: {'cache hit' if hit else 'tokenised'} {examples.path}")
         for entry in per_set:
             skipped = ", ".join(f"{n} {r}" for r, n in entry["skipped"].items()) or "none"
-            log(f"data: '{entry['name']}': read {entry['read']}, skipped {sum(entry['skipped'].values())} "
+            log(f"{what}: '{entry['name']}': read {entry['read']}, skipped {sum(entry['skipped'].values())} "
                 f"({skipped}), kept {entry['kept']}, truncated {entry['truncated']}, "
                 f"dropped (no target token left) {entry['dropped_no_target']}")
-        log(f"data: total: {st.summary()}")
+        log(f"{what}: total: {st.summary()}")
         lengths = examples.lengths
     if not len(examples):
+        if what != "data":
+            raise UserError("data.eval_datasets: every eval example was dropped (no target tokens left after "
+                            "truncation); raise data.max_length or check the eval data sets")
         raise UserError("data: every example was dropped (no target tokens left after truncation); "
                         "raise data.max_length or check the data sets")
+    return examples, lengths
+
+
+def pack_rows(cfg: Config, examples, lengths, log: Callable[[str], None], what: str = "data"):
+    """Examples packed into rows when data.packing is on, else unchanged."""
+    d = cfg.data
     if d.packing:
         capacity = d.pack_length or d.max_length
         packed = pack(examples, lengths, capacity)
         used = int(sum(int(n) for n in lengths))
-        log(f"data: packed {len(examples)} examples into {len(packed)} rows of {capacity} tokens "
+        log(f"{what}: packed {len(examples)} examples into {len(packed)} rows of {capacity} tokens "
             f"({100 * used / (len(packed) * capacity):.1f}% filled)")
         return packed
     return examples
+
+
+def load_train_eval(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int = 0, local_rank: int = 0,
+                    log: Callable[[str], None] = print, examples=None):
+    """(training examples, eval examples or None), each packed when configured. data.val_size splits the data
+    before packing (seeded, the same on any world size); data.eval_datasets are tokenised and cached like the
+    training data. `examples` (tests, notebooks) replaces the configured training data as it is: not split by
+    val_size, not packed."""
+    d = cfg.data
+    given = examples is not None
+    if not given or d.eval_datasets:
+        check(cfg)
+        apply_template(tokenizer, d.template)
+    if given:
+        lengths = lengths_of(examples)
+    else:
+        examples, lengths = tokenized(cfg, tokenizer, d.datasets, rank, local_rank, log)
+    evals = None
+    if d.val_size and not given:  # given examples are the training data as they are
+        examples, evals = evalset.split(examples, lengths, d.val_size, cfg.seed)
+        lengths = examples.lengths
+        log(f"data: val_size {d.val_size}: {len(evals)} examples held out for evaluation, {len(examples)} to train")
+        evals = pack_rows(cfg, evals, evals.lengths, log, "eval data")
+    elif d.eval_datasets:
+        evals, eval_lengths = tokenized(cfg, tokenizer, d.eval_datasets, rank, local_rank, log, "eval data")
+        both = evalset.overlap_count(examples, evals)
+        if both:
+            log(f"eval data: warning: {both} of the {len(evals)} eval examples are also training examples; "
+                "the eval loss of those measures memorisation (check data.eval_datasets against data.datasets)")
+        evals = pack_rows(cfg, evals, eval_lengths, log, "eval data")
+    return (examples if given else pack_rows(cfg, examples, lengths, log)), evals
 
 
 def lengths_of(examples) -> list[int]:

@@ -2,7 +2,8 @@
 
 The trainer calls, per optimizer step: `step_start(step, batches)`, then
 `phase("forward", i)` and `phase("backward", i)` per micro-batch, then
-`phase("optimizer")`, and `gather(step, log)` on log steps. Every call writes
+`phase("optimizer")`, and `gather(step, log)` on log steps; after an evaluation
+`phase("eval")` (its peak; per-block records during it are labelled eval). Every call writes
 one JSON line to output_dir/memory/rank{R}.jsonl with the SCHEMA fields of
 stats.py (current, and peak since the previous record: the peak is reset at
 each record) plus the step's tokens and the micro-batch's shape, so a line's
@@ -37,7 +38,7 @@ from ..errors import PeerLost, TrainingError
 from . import snapshot
 from . import stats as memstats
 
-PHASES = ["step_start", "forward", "backward", "optimizer", "recompute"]
+PHASES = ["step_start", "forward", "backward", "optimizer", "recompute", "eval"]
 # Numbers gathered per rank each log step (in this order).
 GATHERED = ["allocated_peak", "reserved_peak", "inactive_split_peak", "num_alloc_retries", "num_ooms",
             "step", "phase", "module", "micro", "batch_tokens", "longest"]
@@ -92,6 +93,7 @@ class MemoryTracker:
         self._tokens = 0  # real (unpadded) tokens of this rank's step
         self.peak_bytes_max = 0  # highest peak allocated of any rank over all gathers so far
         self._recording = False
+        self.evaluating = False  # set by the trainer around an evaluation: block records are `eval` ones
         # the process's watch over its peers (distributed.init starts it for a launched group); a local, idle
         # one otherwise (one process, or a group made elsewhere)
         self.peers = distributed.peers() or PeerStop(self.rank, self.world)
@@ -136,6 +138,8 @@ class MemoryTracker:
         elif name == "backward":
             nxt = (f"forward of micro-batch {micro + 1}" if micro is not None and micro + 1 < n
                    else "gradient clipping / optimizer step")
+        elif name == "eval":
+            nxt = "evaluation" if self.evaluating else "between steps (logging)"
         else:
             nxt = "between steps (logging)"
         self._record(name, micro, nxt)
@@ -192,7 +196,8 @@ class MemoryTracker:
     def _post_hook(self, i: int):
         def hook(module, args, kwargs, output):
             in_backward = torch._C._current_graph_task_id() != -1
-            self._record("recompute" if in_backward else "forward", self._micro, "forward", i)
+            phase = "eval" if self.evaluating else "recompute" if in_backward else "forward"
+            self._record(phase, self._micro, "forward", i)
         return hook
 
     # ------------------------------------------------------------------------- across ranks

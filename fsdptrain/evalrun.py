@@ -1,0 +1,122 @@
+"""`fsdptrain eval`: the eval loss of a checkpoint, a run's newest checkpoint or a Hugging Face model folder.
+
+The model is built and sharded as the config says (any number of ranks under
+torchrun), the weights come from the checkpoint's DCP shards (model only) or
+the Hugging Face folder, and the eval data is the config's (data.val_size or
+data.eval_datasets), dealt and summed as during training (evaluate.py): the same
+checkpoint gives the same eval loss in the run and here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from . import distributed, log, models
+from .build import build_sharded_model
+from .checkpoint import MARKER, SUBDIR, CheckpointError, resolve_resume, verify_files
+from .config import Config
+from .data import pipeline
+from .data.tokenizer import load_tokenizer
+from .errors import UserError
+from .evaluate import EvalResult, eval_micro_batch, evaluate
+from .files import read_json
+from .loss import install_chunked_loss
+
+RESULT_KEY = "fsdptrain_eval"  # marks a result file this command wrote (the only kind it replaces)
+
+
+def resolve_source(path: str) -> tuple[str, Path, Optional[Path]]:
+    """(kind, Hugging Face folder with config and tokenizer, DCP checkpoint folder or None) of --checkpoint."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"--checkpoint: {path}: no such folder; give a checkpoint folder, a run directory or a "
+                        "Hugging Face model folder")
+    if (p / "config.json").is_file() and not (p / MARKER).is_file() and not (p / SUBDIR).is_dir():
+        if not any(p.glob("*.safetensors")):
+            raise UserError(f"--checkpoint: {path}: a Hugging Face config without *.safetensors weights; give a "
+                            "folder with the model's weights")
+        return "hf", p, None
+    try:
+        ckpt = resolve_resume(str(p), p, key="--checkpoint")
+    except CheckpointError as e:
+        raise UserError(f"{e}, or a Hugging Face model folder") from None
+    assert ckpt is not None
+    verify_files(ckpt)
+    return "checkpoint", ckpt / "hf", ckpt
+
+
+def load_dcp_model(model, ckpt: Path) -> None:
+    """The model's weights from a checkpoint's DCP shards (the optimizer state is not read)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    msd = get_model_state_dict(model)
+    try:
+        dcp.load({"model": msd}, checkpoint_id=str(ckpt))
+    except Exception as e:  # noqa: BLE001  (DCP wraps per-rank failures; name the folder)
+        lines = str(e).strip().splitlines()
+        raise CheckpointError(f"{ckpt}: cannot read the model's DCP shards ({type(e).__name__}: "
+                              f"{lines[-1] if lines else ''}); does the config describe this checkpoint's "
+                              "model?") from None
+    set_model_state_dict(model, msd)
+
+
+def check_out(out: Path) -> None:
+    """--out may be a new file or an earlier result of this command, nothing else."""
+    if out.exists():
+        try:
+            ours = out.is_file() and RESULT_KEY in json.loads(out.read_text())
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise UserError(f"--out: {out} exists and is not an fsdptrain eval result; give another file")
+
+
+def write_result(out: Path, result: dict) -> None:
+    """The JSON result, written to a temporary name and renamed; only an earlier result of ours is replaced."""
+    check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
+def eval_checkpoint(cfg: Config, source: str, out: Optional[str]) -> EvalResult:
+    """Evaluate `source` on cfg's eval data; rank 0 prints the result and writes it to `out` (JSON)."""
+    kind, hf_dir, ckpt = resolve_source(source)
+    out_path = Path(out) if out else Path(f"eval-{(ckpt or hf_dir).name}.json")
+    check_out(out_path)  # before any work
+    # the weights come from the source: model.path is its folder (random init stands in until DCP fills it)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(hf_dir), hf_config=None,
+                                                             random_init=ckpt is not None))
+    info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer, str(hf_dir), cfg.model.trust_remote_code)
+        _, evals = pipeline.load_train_eval(cfg, tokenizer, info.rank, info.local_rank, log.info)
+        if evals is None:
+            raise UserError("eval: the config has no eval data; set data.val_size (as in training) or "
+                            "data.eval_datasets")
+        hf_config = models.load_hf_config(str(hf_dir), None, len(tokenizer), cfg.model.trust_remote_code)
+        model = build_sharded_model(cfg, info, hf_config).model
+        if ckpt is not None:
+            load_dcp_model(model, ckpt)
+        head = install_chunked_loss(model, cfg.train.loss_chunk_tokens,
+                                    cfg.parallel.compile_backend if cfg.parallel.compile else None)
+        res = evaluate(model, evals, tokenizer.pad_token_id, info.device, info.world_size, info.rank,
+                       eval_micro_batch(cfg), cfg.train.eval_max_batches, head,
+                       cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2")
+        step = read_json(ckpt / "train_state.json").get("step") if ckpt is not None else None
+        if info.is_main:
+            write_result(out_path, {RESULT_KEY: 1, "source": str(source), "kind": kind,
+                                    "checkpoint": str(ckpt or hf_dir), "step": step, **res.metrics(),
+                                    "examples": res.examples, "world_size": info.world_size})
+            log.info(f"eval {ckpt or hf_dir}: loss {res.loss:.6f} ppl {res.ppl:.4f} tokens {res.tokens} "
+                     f"({res.examples} rows, {res.seconds:.1f}s); result in {out_path}")
+        distributed.barrier()
+        return res
+    finally:
+        distributed.shutdown(info)
