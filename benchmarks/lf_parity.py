@@ -15,6 +15,7 @@ repository, folder data/.
 
 Usage:
   python benchmarks/lf_parity.py --lf-python /tmp/lf/venv/bin/python --lf-stubs /tmp/lf/stubs --data DIR
+  (--only qwen qwen3 ...: only the cases of these data.template values)
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ CASES = [  # (data set, tokenizer, LLaMA-Factory template (None: parsed from the
     ("glaive_toolcall_en_demo", "qwen2.5", "qwen", "auto"),
     ("glaive_toolcall_en_demo", "llama3.1", None, "auto"),
     ("glaive_toolcall_en_demo", "llama3.1", "llama3", "llama3"),
+    # LLaMA-Factory's template names (data.template: qwen, ...: see docs/llamafactory.md)
+    ("alpaca_en_demo", "qwen2.5", "qwen", "qwen"),
+    ("glaive_toolcall_en_demo", "qwen2.5", "qwen", "qwen"),
+    ("alpaca_en_demo", "qwen3", "qwen", "qwen"),
+    ("alpaca_en_demo", "qwen3", "qwen3", "qwen3"),
+    ("glaive_toolcall_en_demo", "qwen3", "qwen3", "qwen3"),
+    ("alpaca_en_demo", "qwen3", "qwen3_nothink", "qwen3_nothink"),
+    ("alpaca_en_demo", "qwen2.5", "chatml", "chatml"),
+    ("alpaca_en_demo", "llama3.1", "llama3", "llama3"),
 ]
 
 
@@ -90,6 +100,7 @@ def main() -> None:
     ap.add_argument("--lf-stubs", default="", help="folder with the torchaudio stand-in")
     ap.add_argument("--data", required=True, help="folder with LLaMA-Factory's demo data and dataset_info.json")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    ap.add_argument("--only", nargs="*", default=None, help="run only the cases with these fsdptrain data.template")
     ap.add_argument("--lf-side", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lf_side:
@@ -99,6 +110,8 @@ def main() -> None:
     print("| data set | tokenizer | LLaMA-Factory template | data.template | identical | different | refused |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: |")
     for dataset, tokenizer, lf_template, template in CASES:
+        if args.only is not None and template not in args.only:
+            continue
         tok_dir = str(args.shared / "tokenizers" / tokenizer)
         with tempfile.NamedTemporaryFile(suffix=".jsonl") as fh:
             env = {**os.environ, "DISABLE_VERSION_CHECK": "1",

@@ -192,10 +192,20 @@ def train(config: str | None, overrides: tuple[str, ...]) -> None:
 @click.argument("overrides", nargs=-1)
 @click.option("--dump", is_flag=True, help="Print the effective config (defaults filled in) with each key's doc.")
 @click.option("--reference", is_flag=True, help="Print every key, its default and doc as a Markdown table.")
+@click.option("--from-llamafactory", "from_lf", is_flag=True,
+              help="CONFIG is a LLaMA-Factory training YAML: print its translation as a fsdptrain YAML.")
 @friendly_errors
-def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, reference: bool) -> None:
+def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, reference: bool, from_lf: bool) -> None:
     """Validate a config; with --dump print the effective config."""
     from .config import dump_yaml, load_config, reference_rows
+
+    if from_lf:
+        from .lfconfig import lf_yaml
+
+        text = lf_yaml(config)
+        load_config(config, quiet=True)  # the translation must load and validate as a fsdptrain config
+        click.echo(text, nl=False)
+        return
 
     if reference:
         click.echo("| key | default | meaning |\n| --- | --- | --- |")

@@ -27,6 +27,7 @@ import yaml
 
 from .errors import ConfigError
 from .files import read_yaml
+from .lfconfig import LF_TEMPLATES, announce, is_llamafactory, template_problem, translate
 
 
 def parse_size(text: str, key: str) -> int:
@@ -113,8 +114,9 @@ class DataConfig:
                              "num_samples}. Empty: the synthetic task.")
     max_samples: Optional[int] = opt(None, "Keep at most this many records of each data set (after "
                                            "num_samples).", min=1)
-    template: str = opt("auto", "Chat template: auto uses the tokenizer's own (ChatML if it has none); a name forces a "
-                                "built-in one.", choices=["auto", "chatml", "llama3"])
+    template: str = opt("auto", "Chat template: auto uses the tokenizer's own (ChatML if it has none); or a "
+                                "LLaMA-Factory template name (docs/llamafactory.md): "
+                                f"{', '.join(LF_TEMPLATES)}.", check=template_problem)
     train_on_prompt: bool = opt(False, "Train on prompt tokens too (default: only assistant turns carry labels).")
     mask_history: bool = opt(False, "Train only the last assistant turn of multi-turn conversations.")
     packing: bool = opt(False, "Pack examples into rows of pack_length tokens; each example attends only to itself "
@@ -376,8 +378,10 @@ def refuse_config_flag(args: list[str] | tuple[str, ...], usage: str) -> None:
         raise ConfigError(f"--config: give the config file as the first argument: {usage} FILE [key=value ...]")
 
 
-def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Defaults, then the YAML file (the built-in demo when None), then `key.path=value` overrides."""
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (),
+                quiet: bool = False) -> Config:
+    """Defaults, then the YAML file (the built-in demo when None), then `key.path=value` overrides. A
+    LLaMA-Factory YAML is translated first, its summary printed unless `quiet`."""
     cfg = Config()
     if path is None:
         path = str(DEMO_CONFIG)
@@ -386,6 +390,11 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+        if is_llamafactory(raw):  # a LLaMA-Factory training YAML: its keys as fsdptrain's (lfconfig.py)
+            lf = translate(raw, str(path))
+            if not quiet:
+                announce(lf, str(path))
+            raw = lf.config
         _apply(cfg, raw, source=str(path), prefix="")
     for item in overrides:
         if "=" not in item:

@@ -7,11 +7,13 @@ what the embedded default run and the tests use.
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import UserError
+from ..lfconfig import LF_TEMPLATES, template_problem
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -58,16 +60,33 @@ TEMPLATES = {"chatml": CHAT_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
 
 
 def apply_template(tok: PreTrainedTokenizerBase, name: str) -> None:
-    """data.template: 'auto' keeps the tokenizer's own chat template (ChatML if it has none); a name forces one."""
+    """data.template: 'auto' keeps the tokenizer's own chat template (ChatML if it has none); a LLaMA-Factory name
+    (lfconfig.LF_TEMPLATES) uses fsdptrain's ChatML / Llama 3 template (chatml, llama3) or the tokenizer's own
+    template, which must be of the named family, with LLaMA-Factory's default system prompt where it has one."""
     if name == "auto":
         if not tok.chat_template:
             tok.chat_template = CHAT_TEMPLATE
         return
-    if name not in TEMPLATES:
-        raise UserError(f"data.template: unknown template '{name}' (LLaMA-Factory's template names are not mapped "
-                        f"yet); use auto (the tokenizer's own chat template) or one of {', '.join(TEMPLATES)} "
-                        "(fsdptrain's own; see docs/templates.md)")
-    tok.chat_template = TEMPLATES[name]
+    lf = LF_TEMPLATES.get(name)
+    if lf is None:
+        raise UserError(f"data.template: {template_problem(name)}")
+    if lf.builtin:
+        tok.chat_template = TEMPLATES[lf.builtin]
+        return
+    own = tok.chat_template or CHAT_TEMPLATE
+    if lf.marker not in own:
+        raise UserError(f"data.template={name}: the tokenizer's chat template is not {lf.family}'s (it has no "
+                        f"{lf.marker}); set model.tokenizer to a {lf.family} tokenizer folder, or data.template=auto "
+                        "to use this tokenizer's own template")
+    tok.chat_template = with_default_system(own, lf.system) if lf.system else own
+
+
+def with_default_system(template: str, system: str) -> str:
+    """`template` with `system` put first in a conversation that has no system message (LLaMA-Factory's
+    default_system). Templates that add the same prompt themselves (Qwen2.5's) render the same text."""
+    return ("{%- if not messages or messages[0]['role'] != 'system' %}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {json.dumps(system)}}}] + messages %}}"
+            "{%- endif %}" + template)
 
 
 def build_char_tokenizer():
