@@ -333,9 +333,11 @@ def mem_diff(a: str, b: str, top: int) -> None:
 @click.option("--gpus-per-node", default=8, show_default=True, help="GPUs per node.")
 @click.option("--gpu-memory", default="80GiB", show_default=True, help="Memory per GPU, e.g. 80GiB, 141GB.")
 @click.option("--cpu-memory", default=None, help="Host memory per node (checked when offloading), e.g. 1TiB.")
+@click.option("--trace", is_flag=True, help="Also trace the real training step on fake tensors at this world "
+              "size and compare, category by category (docs/memory.md).")
 @friendly_errors
 def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_node: int, gpu_memory: str,
-                 cpu_memory: str | None) -> None:
+                 cpu_memory: str | None, trace: bool) -> None:
     """Per-rank memory of CONFIG from the model config alone (no weights, no GPU), the verdict and what to change."""
     from .config import load_config, parse_size
     from .memory import estimate
@@ -344,6 +346,12 @@ def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_
     est = estimate.estimate(cfg, nnodes, gpus_per_node, parse_size(gpu_memory, "--gpu-memory"),
                             parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None)
     click.echo(estimate.render(est), nl=False)
+    if trace:
+        from .memory import trace as traced
+
+        rep = traced.run_trace(cfg, nnodes, gpus_per_node, est.settings.facts.gpu_memory, est.settings.facts.cpu_memory,
+                               progress=lambda m: click.echo(m, err=True))
+        click.echo(traced.render(rep), nl=False)
 
 
 if __name__ == "__main__":
