@@ -335,9 +335,11 @@ def mem_diff(a: str, b: str, top: int) -> None:
 @click.option("--cpu-memory", default=None, help="Host memory per node (checked when offloading), e.g. 1TiB.")
 @click.option("--trace", is_flag=True, help="Also trace the real training step on fake tensors at this world "
               "size and compare, category by category (docs/memory.md).")
+@click.option("--forecast", is_flag=True, help="With --trace: trace each rank's largest micro-batch of the "
+              "first epoch from the configured data, and forecast every rank's peak and the imbalance.")
 @friendly_errors
 def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_node: int, gpu_memory: str,
-                 cpu_memory: str | None, trace: bool) -> None:
+                 cpu_memory: str | None, trace: bool, forecast: bool) -> None:
     """Per-rank memory of CONFIG from the model config alone (no weights, no GPU), the verdict and what to change."""
     from .config import load_config, parse_size
     from .memory import estimate
@@ -349,9 +351,13 @@ def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_
     if trace:
         from .memory import trace as traced
 
-        rep = traced.run_trace(cfg, nnodes, gpus_per_node, est.settings.facts.gpu_memory, est.settings.facts.cpu_memory,
-                               progress=lambda m: click.echo(m, err=True))
+        facts, say = est.settings.facts, (lambda m: click.echo(m, err=True))
+        plans = traced.plan_ranks(cfg, facts.world_size, facts.gpus_per_node, say) if forecast else None
+        rep = traced.run_trace(cfg, nnodes, gpus_per_node, facts.gpu_memory, facts.cpu_memory,
+                               traced.forecast_shapes(cfg, plans) if plans else None, say)
         click.echo(traced.render(rep), nl=False)
+        if plans:
+            click.echo(traced.render_forecast(rep, plans), nl=False)
 
 
 if __name__ == "__main__":

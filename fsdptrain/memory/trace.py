@@ -30,10 +30,11 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ from ..build import build_sharded_model
 from ..config import Config
 from ..data.encode import IGNORE
 from ..distributed import DistInfo
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..loss import install_chunked_loss
 from ..optim import build_optimizer
 from ..plan import resolve_precision
@@ -412,4 +413,67 @@ def render(rep: TraceReport) -> str:
                  f"(the estimate's {analytic.RUNTIME_OVERHEAD / GIB:.0f} GiB + "
                  f"{int((analytic.FRAGMENTATION - 1) * 100)}% allowance)")
     lines += rep.notes
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- per-rank forecasts from the data
+
+
+@dataclass
+class RankPlan:
+    """A rank's largest micro-batch of the first epoch (most padded tokens, then the widest) and where it is."""
+    rank: int
+    rows: int
+    width: int
+    step: int  # 1-based optimizer step of the first epoch
+    micro: int  # its index in that step
+    tokens: int  # the rank's real tokens over the epoch
+
+
+def plan_ranks(cfg: Config, world: int, gpus_per_node: int,
+               progress: Callable[[str], None] = lambda _: None) -> list[RankPlan]:
+    """Every rank's micro-batch shapes over the first epoch, from the run's own data pipeline and sampler."""
+    from ..data import pipeline
+    from ..data.loader import padded
+    from ..data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
+    examples = pipeline.load_examples(cfg, tokenizer, 0, 0, progress)
+    lengths = pipeline.lengths_of(examples)
+    flatten = cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"  # rows laid end to end
+    out = []
+    for r in range(world):
+        sampler = pipeline.build_sampler(cfg, examples, world, r, gpus_per_node)
+        best, tokens = None, 0
+        for step in range(sampler.steps_in_epoch(0)):
+            for i, mb in enumerate(sampler.rank_micro_batches(step)):
+                rows, width = len(mb), padded(max(lengths[j] for j in mb))
+                if flatten:
+                    rows, width = 1, rows * width
+                tokens += sum(lengths[j] for j in mb)
+                if best is None or (rows * width, width) > (best.rows * best.width, best.width):
+                    best = RankPlan(r, rows, width, step + 1, i, 0)
+        best.tokens = tokens
+        out.append(best)
+    return out
+
+
+def forecast_shapes(cfg: Config, plans: list[RankPlan]) -> dict[int, list[list[tuple[int, int]]]]:
+    """Two steps of each rank's largest micro-batch (every micro-step of both)."""
+    return {p.rank: [[(p.rows, p.width)] * cfg.train.grad_accum_steps] * 2 for p in plans}
+
+
+def render_forecast(rep: TraceReport, plans: list[RankPlan]) -> str:
+    peak = {r: rt.trace.peak for rt in rep.traces for r in rt.ranks}
+    med = statistics.median(p.total for p in peak.values())
+    lines = ["", "per-rank forecast from the data plan (first epoch; each rank's largest micro-batch, traced):",
+             f"  {'rank':>4} {'micro-batch':>12} {'at step':>8} {'epoch tokens':>13} {'predicted peak':>15}  phase"]
+    for p in plans:
+        pk = peak[p.rank]
+        lines.append(f"  {p.rank:>4} {f'{p.rows} x {p.width}':>12} {f'{p.step} #{p.micro}':>8} {p.tokens:>13,} "
+                     f"{format_bytes(pk.total):>15}  {pk.phase}")
+    top = max(plans, key=lambda p: peak[p.rank].total)
+    lines.append(f"imbalance: max/median predicted peak = {peak[top.rank].total / med:.2f}; rank {top.rank} peaks "
+                 f"at step {top.step} (micro-batch {top.micro}: {top.rows} x {top.width} tokens) with "
+                 f"{format_bytes(peak[top.rank].total)}, median {format_bytes(med)}")
     return "\n".join(lines) + "\n"
