@@ -347,10 +347,12 @@ def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_
     cfg = load_config(config, overrides)
     est = estimate.estimate(cfg, nnodes, gpus_per_node, parse_size(gpu_memory, "--gpu-memory"),
                             parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None)
-    click.echo(estimate.render(est), nl=False)
-    if trace:
+    if trace:  # what cannot be traced is refused before anything is printed
         from .memory import trace as traced
 
+        traced.check_traceable(cfg, est)
+    click.echo(estimate.render(est), nl=False)
+    if trace:
         facts, say = est.settings.facts, (lambda m: click.echo(m, err=True))
         plans = traced.plan_ranks(cfg, facts.world_size, facts.gpus_per_node, say) if forecast else None
         rep = traced.run_trace(cfg, nnodes, gpus_per_node, facts.gpu_memory, facts.cpu_memory,

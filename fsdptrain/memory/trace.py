@@ -184,8 +184,14 @@ def _is_fake(batches: list[dict]) -> bool:
 # ----------------------------------------------------------------------------- the fake build
 
 
-def check_traceable(cfg: Config) -> None:
+def check_traceable(cfg: Config, est: Optional[analytic.Estimate] = None) -> None:
     p = cfg.parallel
+    modes = est.settings.modes(est.shape.layers) if est is not None else [p.activation_checkpointing]
+    if "selective" in modes:
+        raise ConfigError("parallel.activation_checkpointing: --trace cannot trace selective checkpointing "
+                          f"({'the auto plan has selective blocks; ' if p.activation_checkpointing == 'auto' else ''}"
+                          "FSDPMemTracker's profiler ops break the selective replay in backward, torch 2.13); "
+                          "trace with full or none, or drop --trace for the analytic estimate")
     for key, on in (("parallel.cpu_offload", p.cpu_offload), ("parallel.optimizer_offload", p.optimizer_offload),
                     ("parallel.compile", p.compile)):
         if on:
@@ -344,6 +350,7 @@ def run_trace(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu
     check_traceable(cfg)
     t0 = time.perf_counter()
     est = analytic.estimate(cfg, nnodes, gpus_per_node, gpu_memory, cpu_memory)
+    check_traceable(cfg, est)
     s, world = est.settings, est.settings.world
     hf = load_hf_config(cfg)
     groups: dict[tuple, list[int]] = {}
@@ -359,7 +366,9 @@ def run_trace(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu
         tr = trace_rank(cfg, hf, world, gpus_per_node, r, shapes, gpu_memory, s.facts.device_type)
         e = est if shard_index(r, s.shard_world) == 0 else analytic.compute(est.shape, s, shard_index(r, s.shard_world))
         out.append(RankTrace(ranks, shapes, tr, e))
-    return TraceReport(out, time.perf_counter() - t0)
+    notes = ([f"analytic column: the config's micro-batch ({s.micro_batch} x {s.seq_len}), not the data plan's"]
+             if rank_shapes else [])
+    return TraceReport(out, time.perf_counter() - t0, notes=notes)
 
 
 def describe_shapes(steps: list[list[tuple[int, int]]]) -> str:
