@@ -8,7 +8,9 @@ own `forward_backward` (accumulation, per-micro-step sync, loss scaling) and
 `grad_norm_and_clip` then run two optimizer steps (the first has no optimizer
 state yet), and torch's FSDPMemTracker attributes every live tensor to a
 category; the peak of each phase is recorded (`measure_steps`, the one place
-that talks to the tracker). The same function measures real tensors on a real
+that talks to the tracker). Accumulation is traced in at most 3 micro-steps
+per step: the first, one of the (identical) middle ones and the last
+(`traced_micro_steps`). The same function measures real tensors on a real
 process group, which is how the tests check the fake trace against reality.
 
 What the trace does not model:
@@ -207,11 +209,12 @@ def trace_config(cfg: Config, facts, gpu_memory: int) -> Config:
     target GPU's budget."""
     p = cfg.parallel
     changes = {"precision": resolve_precision(p.precision, facts.device_type), "device": "cpu"}
+    train = dataclasses.replace(cfg.train, grad_accum_steps=traced_micro_steps(cfg))  # the last one syncs
     if p.sharding == "hybrid":
         changes["shard_group_size"] = facts.shard_group
     if p.activation_checkpointing == "auto":
         changes["memory_budget_gib"] = analytic.budget_bytes(p.memory_budget_gib, gpu_memory) / GIB
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, **changes))
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, **changes), train=train)
 
 
 def fake_batch(rows: int, width: int, vocab: int, packed: bool) -> dict:
@@ -325,9 +328,18 @@ class TraceReport:
     notes: list[str] = field(default_factory=list)
 
 
+def traced_micro_steps(cfg: Config) -> int:
+    """Micro-steps traced per optimizer step. Memory differs only between the first micro-step (no gradients
+    yet), the ones after it, and with sync_grads_every_micro_step false the last (it reduces), so the middle
+    ones, all alike, are traced once: N micro-steps are traced as min(N, 2) with per-micro-step sync, else
+    min(N, 3)."""
+    n = cfg.train.grad_accum_steps
+    return min(n, 2 if cfg.parallel.sync_grads_every_micro_step else 3)
+
+
 def config_shapes(s: analytic.Settings) -> list[list[tuple[int, int]]]:
     """Two steps of the config's micro-batch shape (the longest row from max_length / pack_length / token_budget)."""
-    return [[(s.micro_batch, s.seq_len)] * s.cfg.train.grad_accum_steps for _ in range(2)]
+    return [[(s.micro_batch, s.seq_len)] * traced_micro_steps(s.cfg) for _ in range(2)]
 
 
 def load_hf_config(cfg: Config):
@@ -469,7 +481,7 @@ def plan_ranks(cfg: Config, world: int, gpus_per_node: int,
 
 def forecast_shapes(cfg: Config, plans: list[RankPlan]) -> dict[int, list[list[tuple[int, int]]]]:
     """Two steps of each rank's largest micro-batch (every micro-step of both)."""
-    return {p.rank: [[(p.rows, p.width)] * cfg.train.grad_accum_steps] * 2 for p in plans}
+    return {p.rank: [[(p.rows, p.width)] * traced_micro_steps(cfg)] * 2 for p in plans}
 
 
 def render_forecast(rep: TraceReport, plans: list[RankPlan]) -> str:
