@@ -335,7 +335,7 @@ def mem_diff(a: str, b: str, top: int) -> None:
 @click.option("--cpu-memory", default=None, help="Host memory per node (checked when offloading), e.g. 1TiB.")
 @click.option("--trace", is_flag=True, help="Also trace the real training step on fake tensors at this world "
               "size and compare, category by category (docs/memory.md).")
-@click.option("--forecast", is_flag=True, help="With --trace: trace each rank's largest micro-batch of the "
+@click.option("--forecast", is_flag=True, help="Trace (implies --trace) each rank's largest micro-batch of the "
               "first epoch from the configured data, and forecast every rank's peak and the imbalance.")
 @friendly_errors
 def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_node: int, gpu_memory: str,
@@ -347,6 +347,7 @@ def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_
     cfg = load_config(config, overrides)
     est = estimate.estimate(cfg, nnodes, gpus_per_node, parse_size(gpu_memory, "--gpu-memory"),
                             parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None)
+    trace = trace or forecast  # the forecast is traced
     if trace:  # what cannot be traced is refused before anything is printed
         from .memory import trace as traced
 
