@@ -69,9 +69,10 @@ def test_fake_trace_equals_the_real_run_and_the_analytic_model_state(real, name)
         mine = measured[name][rank]
         got = [p for p in fake.phases]
         assert [p.label for p in got] == [f"step {p['step']} {p['phase']}" for p in mine["phases"]]
-        # A real gloo reduce-scatter completes asynchronously: whether its input (at most one unit, unsharded, in
-        # fp32) is still alive at a backward's peak depends on timing (three identical real runs differed by
-        # exactly that buffer, in the backward that reduces). The fake group completes at once.
+        # Real gloo collectives complete asynchronously, so what they hold at a phase's peak depends on timing:
+        # three identical real runs differed by exactly a reduce-scatter input in the backward that reduces, and
+        # by 84 bytes (21 per-tensor norms) in a clip + optimizer phase. The fake group completes at once. Bound:
+        # one unit's unsharded fp32 gradient, the largest buffer a pending collective holds.
         tol = 4 * max(analytic.unit_numel(u, 2) for u in est.shape.units)
         for p, q in zip(got, mine["phases"]):
             if p.warmup:  # step 1's optimizer on fake tensors also counts DTensor's first sharding propagation
@@ -79,10 +80,10 @@ def test_fake_trace_equals_the_real_run_and_the_analytic_model_state(real, name)
                 continue
             for c in trace.EXACT:  # model state: exact in every phase
                 assert p.by_category[c] == q["by_category"][c], (rank, p.label, c)
-            if p.phase.startswith("backward") and p.total != q["total"]:
+            if not p.phase.startswith("forward") and p.total != q["total"]:
                 assert abs(p.total - q["total"]) <= tol, (rank, p.label, p.total, q["total"], tol)
                 continue
-            # elsewhere exact: same code, same shapes; fake tensors allocate what real ones do, byte for byte
+            # otherwise exact (every forward always): same code, same shapes; fake tensors have the real sizes
             assert (p.total, p.by_category) == (q["total"], q["by_category"]), (rank, p.label)
         assert fake.optimizer_state == mine["optimizer_state"]
         # the analytic model-state terms are exact against the trace, on the full and the short shard
