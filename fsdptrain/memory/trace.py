@@ -177,6 +177,15 @@ def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: Simpl
     return StepTrace(phases, state_bytes(optimizer))
 
 
+def step_run(cfg: Config, info: DistInfo, model: nn.Module, head) -> SimpleNamespace:
+    """What trainer.forward_backward reads of a Run (its `tracker` is set by measure_steps). MoE expert-load
+    counting (a few int64 counters) is left out: its hooks read routing values."""
+    from .. import moe
+
+    return SimpleNamespace(cfg=cfg, info=info, model=model, loss_head=head, expert_load=None,
+                           router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model))
+
+
 def _is_fake(batches: list[dict]) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -265,7 +274,7 @@ def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_no
             optimizer = build_optimizer(sharded.model, cfg.train, fused=target_device == "cuda")
             packed = cfg.data.packing
             steps = [[fake_batch(r, w, hf_config.vocab_size, packed) for r, w in shapes] for shapes in step_shapes]
-            run = SimpleNamespace(cfg=tcfg, info=info, model=sharded.model, loss_head=head)
+            run = step_run(tcfg, info, sharded.model, head)
             sharded.model.train()
             return measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm)
     finally:

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -35,7 +34,7 @@ def run_case(case: dict, info: distributed.DistInfo) -> None:
     steps = [[{"input_ids": torch.randint(0, hf.vocab_size, (r, w), generator=g),
                "labels": torch.randint(0, hf.vocab_size, (r, w), generator=g), "n_tokens": torch.tensor(r * w)}
               for r, w in step] for step in case["shapes"]]
-    run = SimpleNamespace(cfg=cfg, info=info, model=sharded.model, loss_head=head)
+    run = trace.step_run(cfg, info, sharded.model, head)
     sharded.model.train()
     tr = trace.measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm)
     out = Path(case["out"])
