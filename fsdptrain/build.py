@@ -48,10 +48,15 @@ class ShardedModel:
 
 
 def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig,
-                        weights: Optional[str] = None) -> ShardedModel:
+                        weights: Optional[str] = None, mesh: Optional[DeviceMesh] = None,
+                        fill: bool = True) -> ShardedModel:
     """Build, shard and fill the model of `cfg` on this rank.
 
     weights: a Hugging Face folder to load; default: cfg.model.path unless model.random_init (or no path).
+    mesh: the device mesh, when the caller built it (memory.trace builds it outside its fake-tensor mode);
+    default: mesh.build_mesh for cfg.parallel.
+    fill: False allocates the shards and restores the buffers but neither loads nor initialises the weights
+    (memory.trace: fake tensors, whose values are never read).
     """
     if weights is None and cfg.model.path is not None and not cfg.model.random_init:
         weights = cfg.model.path
@@ -63,15 +68,19 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
     ft = finetune.prepare(model, blocks, cfg.finetune, precision)  # adapters join their block's FSDP unit
     if ft.method != "full":
         log.info(ft.describe())
-    mesh = build_mesh(info, cfg.parallel)
+    mesh = mesh if mesh is not None else build_mesh(info, cfg.parallel)
     modes = None
     if cfg.parallel.activation_checkpointing == "auto":  # planned from the memory estimate, before sharding
         modes, note = plan_auto_checkpointing(cfg, model, info.world_size, info.local_world_size, info.device)
         log.info(note)
     plan = apply_fsdp(model, blocks, mesh, cfg.parallel, precision, modes)
     # Offloaded shards live in host memory, but random init runs on the GPU (CPU init of a large model is slow).
-    models.materialize(model, torch.device("cpu") if plan.offload else info.device, cfg.seed, weights,
-                       init_device=info.device, skip=frozenset(ft.new_params))
+    device = torch.device("cpu") if plan.offload else info.device
+    if not fill:
+        model.to_empty(device=device)
+        models.restore_buffers(model)
+        return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)
+    models.materialize(model, device, cfg.seed, weights, init_device=info.device, skip=frozenset(ft.new_params))
     if ft.lora_modules:
         finetune.init_adapters(model, ft, cfg.seed)
     return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)

@@ -343,9 +343,13 @@ def mem_diff(a: str, b: str, top: int) -> None:
 @click.option("--gpus-per-node", default=8, show_default=True, help="GPUs per node.")
 @click.option("--gpu-memory", default="80GiB", show_default=True, help="Memory per GPU, e.g. 80GiB, 141GB.")
 @click.option("--cpu-memory", default=None, help="Host memory per node (checked when offloading), e.g. 1TiB.")
+@click.option("--trace", is_flag=True, help="Also trace the real training step on fake tensors at this world "
+              "size and compare, category by category (docs/memory.md).")
+@click.option("--forecast", is_flag=True, help="Trace (implies --trace) each rank's largest micro-batch of the "
+              "first epoch from the configured data, and forecast every rank's peak and the imbalance.")
 @friendly_errors
 def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_node: int, gpu_memory: str,
-                 cpu_memory: str | None) -> None:
+                 cpu_memory: str | None, trace: bool, forecast: bool) -> None:
     """Per-rank memory of CONFIG from the model config alone (no weights, no GPU), the verdict and what to change."""
     from .config import load_config, parse_size
     from .memory import estimate
@@ -353,7 +357,20 @@ def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_
     cfg = load_config(config, overrides)
     est = estimate.estimate(cfg, nnodes, gpus_per_node, parse_size(gpu_memory, "--gpu-memory"),
                             parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None)
+    trace = trace or forecast  # the forecast is traced
+    if trace:  # what cannot be traced is refused before anything is printed
+        from .memory import trace as traced
+
+        traced.check_traceable(cfg, est)
     click.echo(estimate.render(est), nl=False)
+    if trace:
+        facts, say = est.settings.facts, (lambda m: click.echo(m, err=True))
+        plans = traced.plan_ranks(cfg, facts.world_size, facts.gpus_per_node, say) if forecast else None
+        rep = traced.run_trace(cfg, nnodes, gpus_per_node, facts.gpu_memory, facts.cpu_memory,
+                               traced.forecast_shapes(cfg, plans) if plans else None, say)
+        click.echo(traced.render(rep), nl=False)
+        if plans:
+            click.echo(traced.render_forecast(rep, plans), nl=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,509 @@
+"""`fsdptrain estimate CONFIG --trace`: the real training step traced on fake tensors at the target world size.
+
+The model is built by build.build_sharded_model (the same build training
+uses: config sharding or hybrid mesh, precision, per-block checkpointing, the
+chunked loss head, the optimizer) under FakeTensorMode with torch's fake
+process group, so no memory is allocated and no GPU is needed. The trainer's
+own `forward_backward` (accumulation, per-micro-step sync, loss scaling) and
+`grad_norm_and_clip` then run two optimizer steps (the first has no optimizer
+state yet), and torch's FSDPMemTracker attributes every live tensor to a
+category; the peak of each phase is recorded (`measure_steps`, the one place
+that talks to the tracker). Accumulation is traced in at most 3 micro-steps
+per step: the first, one of the (identical) middle ones and the last
+(`traced_micro_steps`). The same function measures real tensors on a real
+process group, which is how the tests check the fake trace against reality.
+
+What the trace does not model:
+- The device is the CPU (fake): this torch build has no CUDA, and fake CUDA
+  tensors cannot be copied across devices. The CUDA-side choices that change
+  memory are made as on CUDA: the precision is resolved for the target device
+  and AdamW is the fused kernel; attention runs the CPU's fused SDPA kernel,
+  which saves the same output and log-sum-exp as CUDA's flash/efficient ones.
+- CUDA-only memory (allocator caching and fragmentation, the CUDA context,
+  NCCL buffers, kernel workspaces) stays the estimator's allowance line.
+- parallel.cpu_offload and parallel.optimizer_offload (offloaded and resident
+  memory are one device here) and parallel.compile (the tracker does not see
+  inside compiled graphs) are refused in one line; the analytic estimate
+  covers them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import nn
+
+from ..build import build_sharded_model
+from ..config import Config
+from ..data.encode import IGNORE
+from ..distributed import DistInfo
+from ..errors import ConfigError
+from ..loss import install_chunked_loss
+from ..optim import build_optimizer
+from ..plan import resolve_precision
+from ..trainer import forward_backward, grad_norm_and_clip
+from ..units import GIB, format_bytes
+from . import estimate as analytic
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+# FSDPMemTracker's reference types -> the categories we report (in this order)
+CATEGORY_OF = {
+    "Sharded Param": "parameters (sharded)",
+    "Unsharded Param": "parameters (gathered)",
+    "Sharded Grad": "gradients (sharded)",
+    "Unsharded Grad": "gradients (unsharded)",
+    "OptState": "optimizer state",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "All Gather": "collective buffers",
+    "Reduce Scatter": "collective buffers",
+    "Buffer": "buffers + inputs",
+    "Inputs": "buffers + inputs",
+}
+CATEGORIES = list(dict.fromkeys(CATEGORY_OF.values()))
+
+
+@dataclass
+class PhasePeak:
+    step: int  # 1-based
+    phase: str  # forward #i | backward #i | optimizer
+    total: int
+    by_category: dict[str, int]
+    # on fake tensors, step 1's clipping and optimizer run DTensor's sharding propagation for the first time
+    # (then cached), and under the fake mode the tracker counts its tensors: that phase is left out of peaks
+    warmup: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"step {self.step} {self.phase}"
+
+
+@dataclass
+class StepTrace:
+    """Per-phase peaks of the traced steps on one rank, and its exact optimizer state."""
+    phases: list[PhasePeak]
+    optimizer_state: int  # bytes of the optimizer's state tensors after the last step
+
+    @property
+    def compared(self) -> list[PhasePeak]:
+        return [p for p in self.phases if not p.warmup]
+
+    @property
+    def peak(self) -> PhasePeak:
+        return max(self.compared, key=lambda p: p.total)
+
+    def category_max(self, name: str) -> int:
+        return max(p.by_category.get(name, 0) for p in self.compared)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (AdamW's each own their storage)."""
+    total = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                local = v.to_local() if hasattr(v, "to_local") else v
+                total += local.untyped_storage().nbytes()
+    return total
+
+
+def _by_category(snapshot: dict, opt_state: int) -> tuple[int, dict[str, int]]:
+    """One device's tracker snapshot -> (total, bytes per category). Tensors made while the optimizer steps are all
+    labelled OptState by the tracker; what exceeds the real state is the update's temporaries."""
+    out = dict.fromkeys(CATEGORIES, 0)
+    total = 0
+    for dev_snap in snapshot.values():
+        for ref, n in dev_snap.items():
+            name = getattr(ref, "value", ref)
+            if name == "Total":
+                total += n
+                continue
+            out[CATEGORY_OF.get(name, "temporaries")] += n
+    if out["optimizer state"] > opt_state:
+        out["temporaries"] += out["optimizer state"] - opt_state
+        out["optimizer state"] = opt_state
+    return total, out
+
+
+def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: SimpleNamespace,
+                  steps: list[list[dict]], max_grad_norm: float) -> StepTrace:
+    """Run optimizer steps (each a list of micro-batches) under FSDPMemTracker and record each phase's peak.
+
+    `run` carries what trainer.forward_backward reads (cfg, info.device, model, loss_head); its `tracker` is
+    replaced here by the phase recorder. Works on fake and on real tensors alike.
+    """
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    # FSDP's lazy init (run by the first forward) re-allocates the padded shard of a rank whose rows are fewer
+    # than the padded size; done inside the tracker, those shards would be counted as activations.
+    model._get_fsdp_state()._lazy_init()
+    tracker = FSDPMemTracker(model, optimizer)
+    phases: list[PhasePeak] = []
+    step_no = [0]
+    fake = _is_fake(steps[0])
+
+    def close_phase(name: str, i: Optional[int] = None) -> None:
+        total, cats = _by_category(tracker.get_tracker_snapshot("peak"), state_bytes(optimizer))
+        phases.append(PhasePeak(step_no[0], name if i is None else f"{name} #{i}", total, cats,
+                                warmup=fake and step_no[0] == 1 and name == "optimizer"))
+        # FSDPMemTracker keeps one running peak; restart it from the live memory so each phase gets its own
+        # (the same reset its __enter__ does).
+        tracker._peak_mem_snap = tracker.get_tracker_snapshot()
+        tracker._peak_mem = {d: s["Total"] for d, s in tracker._peak_mem_snap.items()}
+        if name == "backward":  # its per-module stats allow one forward/backward per module; ours are kept
+            tracker.reset_mod_stats()
+
+    run.tracker = SimpleNamespace(phase=close_phase)
+    with tracker:
+        for n, batches in enumerate(steps, start=1):
+            step_no[0] = n
+            targets = 1 if fake else sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+            scale = torch.tensor(run.info.world_size / max(1, targets), dtype=torch.float32, device=run.info.device)
+            forward_backward(run, batches, scale)
+            grad_norm_and_clip(model, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            close_phase("optimizer")
+    return StepTrace(phases, state_bytes(optimizer))
+
+
+def step_run(cfg: Config, info: DistInfo, model: nn.Module, head) -> SimpleNamespace:
+    """What trainer.forward_backward reads of a Run (its `tracker` is set by measure_steps). MoE expert-load
+    counting (a few int64 counters) is left out: its hooks read routing values."""
+    from .. import moe
+
+    return SimpleNamespace(cfg=cfg, info=info, model=model, loss_head=head, expert_load=None,
+                           router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model))
+
+
+def _is_fake(batches: list[dict]) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(v, FakeTensor) for b in batches for v in b.values())
+
+
+# ----------------------------------------------------------------------------- the fake build
+
+
+def check_traceable(cfg: Config, est: Optional[analytic.Estimate] = None) -> None:
+    p = cfg.parallel
+    modes = est.settings.modes(est.shape.layers) if est is not None else [p.activation_checkpointing]
+    if "selective" in modes:
+        raise ConfigError("parallel.activation_checkpointing: --trace cannot trace selective checkpointing "
+                          f"({'the auto plan has selective blocks; ' if p.activation_checkpointing == 'auto' else ''}"
+                          "FSDPMemTracker's profiler ops break the selective replay in backward, torch 2.13); "
+                          "trace with full or none, or drop --trace for the analytic estimate")
+    for key, on in (("parallel.cpu_offload", p.cpu_offload), ("parallel.optimizer_offload", p.optimizer_offload),
+                    ("parallel.compile", p.compile)):
+        if on:
+            why = ("the tracker does not see inside compiled graphs" if key == "parallel.compile" else
+                   "the fake trace runs on one device, so offloaded and resident memory cannot be told apart")
+            raise ConfigError(f"{key}: --trace cannot trace it ({why}); trace with {key}=false, or drop --trace "
+                              "for the analytic estimate, which covers it")
+
+
+def trace_config(cfg: Config, facts, gpu_memory: int) -> Config:
+    """The config the fake build uses: precision resolved for the target device (the build runs on the CPU),
+    the hybrid shard group explicit (no node check over a fake group), checkpointing auto planned for the
+    target GPU's budget."""
+    p = cfg.parallel
+    changes = {"precision": resolve_precision(p.precision, facts.device_type), "device": "cpu"}
+    train = dataclasses.replace(cfg.train, grad_accum_steps=traced_micro_steps(cfg))  # the last one syncs
+    if p.sharding == "hybrid":
+        changes["shard_group_size"] = facts.shard_group
+    if p.activation_checkpointing == "auto":
+        changes["memory_budget_gib"] = analytic.budget_bytes(p.memory_budget_gib, gpu_memory) / GIB
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, **changes), train=train)
+
+
+def fake_batch(rows: int, width: int, vocab: int, packed: bool) -> dict:
+    """A micro-batch in the loader's format (data/loader.collate); made inside the fake mode."""
+    b = {"input_ids": torch.randint(0, vocab, (rows, width)), "labels": torch.randint(0, vocab, (rows, width)),
+         "n_tokens": torch.tensor(rows * width)}
+    if packed:
+        b["position_ids"] = torch.arange(width).expand(rows, width).contiguous()
+    return b
+
+
+@contextmanager
+def rows_unpacked(packed: bool) -> Iterator[None]:
+    """transformers looks for packed sequences in position_ids unless it is tracing, and a fake tensor counts as
+    tracing, so on fake tensors it would build the s x s mask a real unpacked batch never gets. Without
+    data.packing every row is one sequence: answer as the real batch would."""
+    from transformers import masking_utils
+
+    real = masking_utils.find_packed_sequence_indices
+    if not packed:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = real
+
+
+def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_node: int, rank: int,
+               step_shapes: list[list[tuple[int, int]]], gpu_memory: int, target_device: str) -> StepTrace:
+    """Build rank `rank`'s shards of the model on fake tensors under a fake process group of `world` ranks and
+    trace steps whose micro-batches have the given (rows, width) shapes."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from ..mesh import build_mesh
+
+    facts = analytic.settings_from_config(cfg, world // gpus_per_node, gpus_per_node, gpu_memory,
+                                          device_type=target_device).facts
+    tcfg = trace_config(cfg, facts, gpu_memory)
+    info = DistInfo(rank, rank % gpus_per_node, world, gpus_per_node, torch.device("cpu"), "fake", True)
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        mesh = build_mesh(info, tcfg.parallel)  # outside the fake mode: the mesh's set-up reads real values
+        with FakeTensorMode(allow_non_fake_inputs=True), rows_unpacked(cfg.data.packing):
+            sharded = build_sharded_model(tcfg, info, hf_config, mesh=mesh, fill=False)
+            head = install_chunked_loss(sharded.model, cfg.train.loss_chunk_tokens)
+            optimizer = build_optimizer(sharded.model, cfg.train, fused=target_device == "cuda")
+            packed = cfg.data.packing
+            steps = [[fake_batch(r, w, hf_config.vocab_size, packed) for r, w in shapes] for shapes in step_shapes]
+            run = step_run(tcfg, info, sharded.model, head)
+            sharded.model.train()
+            return measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- ranks, comparison, rendering
+
+
+def shard_index(rank: int, shard_world: int) -> int:
+    """A rank's index in its shard group (mesh.build_mesh: full sharding, or rows of (replicate, shard))."""
+    return rank % shard_world
+
+
+def rank_groups(shape: analytic.ModelShape, world: int, shard_world: int) -> list[list[int]]:
+    """Ranks grouped by identical shard sizes (FSDP2 pads dim 0 per rank, so the last ranks can hold less);
+    one trace per group stands for all of its ranks."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for r in range(world):
+        st = analytic.model_state(shape, shard_world, shard_index(r, shard_world), 4)
+        groups.setdefault((st.local_numel, st.padded_numel), []).append(r)
+    return list(groups.values())
+
+
+# analytic term -> the traced category it is compared with
+TERM_CATEGORY = {
+    "parameters (sharded)": "parameters (sharded)",
+    "gradients (sharded)": "gradients (sharded)",
+    "optimizer state (AdamW m, v, step)": "optimizer state",
+    "all-gather: root (embeddings, norm, lm_head)": "parameters (gathered)",
+    "all-gather: current + prefetched block": "parameters (gathered)",
+    "all-gather: every block (no reshard)": "parameters (gathered)",
+    "activations (saved for backward)": "activations",
+    "unit gradient + fp32 reduce-scatter input": "gradients (unsharded)",
+    "fp32 gradient accumulation (no sync)": "gradients (unsharded)",
+}
+EXACT = ("parameters (sharded)", "gradients (sharded)", "optimizer state")
+
+
+def analytic_by_category(est: analytic.Estimate) -> dict[str, int]:
+    out = dict.fromkeys(CATEGORIES, 0)
+    for term, v in est.terms.items():
+        out[TERM_CATEGORY.get(term, "temporaries")] += v
+    return out
+
+
+@dataclass
+class RankTrace:
+    ranks: list[int]  # the ranks this trace stands for (same shard sizes and micro-batch shapes)
+    shapes: list[list[tuple[int, int]]]  # (rows, width) of each micro-batch, per traced step
+    trace: StepTrace
+    est: analytic.Estimate  # the analytic estimate for the first of `ranks`
+
+
+@dataclass
+class TraceReport:
+    traces: list[RankTrace]
+    seconds: float
+    host_note: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def traced_micro_steps(cfg: Config) -> int:
+    """Micro-steps traced per optimizer step. Memory differs only between the first micro-step (no gradients
+    yet), the ones after it, and with sync_grads_every_micro_step false the last (it reduces), so the middle
+    ones, all alike, are traced once: N micro-steps are traced as min(N, 2) with per-micro-step sync, else
+    min(N, 3)."""
+    n = cfg.train.grad_accum_steps
+    return min(n, 2 if cfg.parallel.sync_grads_every_micro_step else 3)
+
+
+def config_shapes(s: analytic.Settings) -> list[list[tuple[int, int]]]:
+    """Two steps of the config's micro-batch shape (the longest row from max_length / pack_length / token_budget)."""
+    return [[(s.micro_batch, s.seq_len)] * traced_micro_steps(s.cfg) for _ in range(2)]
+
+
+def load_hf_config(cfg: Config):
+    from .. import models
+
+    vocab = None
+    if cfg.model.path is None and "vocab_size" not in (cfg.model.hf_config or {}):
+        from ..data.tokenizer import load_tokenizer
+
+        vocab = len(load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code))
+    return models.load_hf_config(cfg.model.path, cfg.model.hf_config if cfg.model.path is None else None, vocab,
+                                 cfg.model.trust_remote_code)
+
+
+def run_trace(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_memory: Optional[int] = None,
+              rank_shapes: Optional[dict[int, list[list[tuple[int, int]]]]] = None,
+              progress: Callable[[str], None] = lambda _: None) -> TraceReport:
+    """Trace one rank of every group of ranks with the same shard sizes (and, with `rank_shapes`, the same
+    micro-batch shapes: rank -> steps of (rows, width)); default shapes: the config's micro-batch, two steps."""
+    check_traceable(cfg)
+    t0 = time.perf_counter()
+    est = analytic.estimate(cfg, nnodes, gpus_per_node, gpu_memory, cpu_memory)
+    check_traceable(cfg, est)
+    s, world = est.settings, est.settings.world
+    hf = load_hf_config(cfg)
+    groups: dict[tuple, list[int]] = {}
+    for ranks in rank_groups(est.shape, world, s.shard_world):
+        for r in ranks:
+            shapes = rank_shapes[r] if rank_shapes else config_shapes(s)
+            groups.setdefault((ranks[0], repr(shapes)), []).append(r)
+    out = []
+    for ranks in groups.values():
+        r = ranks[0]
+        shapes = rank_shapes[r] if rank_shapes else config_shapes(s)
+        progress(f"trace: rank {r} (stands for {len(ranks)} rank(s)), micro-batches {describe_shapes(shapes)}")
+        tr = trace_rank(cfg, hf, world, gpus_per_node, r, shapes, gpu_memory, s.facts.device_type)
+        e = est if shard_index(r, s.shard_world) == 0 else analytic.compute(est.shape, s, shard_index(r, s.shard_world))
+        out.append(RankTrace(ranks, shapes, tr, e))
+    notes = ([f"analytic column: the config's micro-batch ({s.micro_batch} x {s.seq_len}), not the data plan's"]
+             if rank_shapes else [])
+    return TraceReport(out, time.perf_counter() - t0, notes=notes)
+
+
+def describe_shapes(steps: list[list[tuple[int, int]]]) -> str:
+    shapes = sorted({sh for step in steps for sh in step}, key=lambda x: (-x[0] * x[1], -x[1]))
+    return ", ".join(f"{r} x {w}" for r, w in shapes)
+
+
+def describe_ranks(ranks: list[int]) -> str:
+    if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{(a - b) / b * 100:+.1f}%" if b else "-"
+
+
+def render_rank(rt: RankTrace) -> list[str]:
+    tr, est = rt.trace, rt.est
+    peak = tr.peak
+    ana = analytic_by_category(est)
+    lines = [f"{describe_ranks(rt.ranks)}: traced peak {format_bytes(peak.total)} at {peak.label}; "
+             f"analytic peak {format_bytes(est.peak)} at {est.peak_phase} ({_pct(est.peak, peak.total)})",
+             f"  {'category':<24} {'at traced peak':>14} {'traced max':>12} {'analytic':>12} {'difference':>12}"]
+    for c in CATEGORIES:
+        at, mx, a = peak.by_category.get(c, 0), tr.category_max(c), ana[c]
+        if not (at or mx or a):
+            continue
+        diff = ("exact" if a == mx else format_bytes(a - mx)) if c in EXACT else _pct(a, mx)
+        lines.append(f"  {c:<24} {format_bytes(at):>14} {format_bytes(mx):>12} {format_bytes(a):>12} {diff:>12}")
+    lines.append(f"  {'total':<24} {format_bytes(peak.total):>14} {'':>12} {format_bytes(est.peak):>12} "
+                 f"{_pct(est.peak, peak.total):>12}")
+    lines.append("  traced phases (peak of each): " + "; ".join(
+        f"{p.label} {format_bytes(p.total)}" for p in tr.phases if p.step == len(rt.shapes)))
+    return lines
+
+
+def render(rep: TraceReport) -> str:
+    lines = ["", f"traced on fake tensors ({rep.seconds:.0f} s; the real step: build_sharded_model, the trainer's "
+             "forward/backward, clipping and two optimizer steps; CPU fake device):"]
+    for rt in rep.traces:
+        lines += render_rank(rt)
+    peaks = {r: rt.trace.peak for rt in rep.traces for r in rt.ranks}
+    if len(rep.traces) > 1:
+        top = max(peaks, key=lambda r: peaks[r].total)
+        med = statistics.median(p.total for p in peaks.values())
+        lines.append(f"imbalance: max/median traced peak = {peaks[top].total / med:.2f} (rank {top}: "
+                     f"{format_bytes(peaks[top].total)} at {peaks[top].label}, median {format_bytes(med)})")
+    lines.append("analytic working-memory rows are each term's own size (the terms are not all live at once); "
+                 "not traced: allocator caching/fragmentation, CUDA context, NCCL buffers, kernel workspaces "
+                 f"(the estimate's {analytic.RUNTIME_OVERHEAD / GIB:.0f} GiB + "
+                 f"{int((analytic.FRAGMENTATION - 1) * 100)}% allowance)")
+    lines += rep.notes
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- per-rank forecasts from the data
+
+
+@dataclass
+class RankPlan:
+    """A rank's largest micro-batch of the first epoch (most padded tokens, then the widest) and where it is."""
+    rank: int
+    rows: int
+    width: int
+    step: int  # 1-based optimizer step of the first epoch
+    micro: int  # its index in that step
+    tokens: int  # the rank's real tokens over the epoch
+
+
+def plan_ranks(cfg: Config, world: int, gpus_per_node: int,
+               progress: Callable[[str], None] = lambda _: None) -> list[RankPlan]:
+    """Every rank's micro-batch shapes over the first epoch, from the run's own data pipeline and sampler."""
+    from ..data import pipeline
+    from ..data.loader import padded
+    from ..data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
+    examples = pipeline.load_examples(cfg, tokenizer, 0, 0, progress)
+    lengths = pipeline.lengths_of(examples)
+    flatten = cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"  # rows laid end to end
+    out = []
+    for r in range(world):
+        sampler = pipeline.build_sampler(cfg, examples, world, r, gpus_per_node)
+        best, tokens = None, 0
+        for step in range(sampler.steps_in_epoch(0)):
+            for i, mb in enumerate(sampler.rank_micro_batches(step)):
+                rows, width = len(mb), padded(max(lengths[j] for j in mb))
+                if flatten:
+                    rows, width = 1, rows * width
+                tokens += sum(lengths[j] for j in mb)
+                if best is None or (rows * width, width) > (best.rows * best.width, best.width):
+                    best = RankPlan(r, rows, width, step + 1, i, 0)
+        best.tokens = tokens
+        out.append(best)
+    return out
+
+
+def forecast_shapes(cfg: Config, plans: list[RankPlan]) -> dict[int, list[list[tuple[int, int]]]]:
+    """Two steps of each rank's largest micro-batch (every micro-step of both)."""
+    return {p.rank: [[(p.rows, p.width)] * traced_micro_steps(cfg)] * 2 for p in plans}
+
+
+def render_forecast(rep: TraceReport, plans: list[RankPlan]) -> str:
+    peak = {r: rt.trace.peak for rt in rep.traces for r in rt.ranks}
+    med = statistics.median(p.total for p in peak.values())
+    lines = ["", "per-rank forecast from the data plan (first epoch; each rank's largest micro-batch, traced):",
+             f"  {'rank':>4} {'micro-batch':>12} {'at step':>8} {'epoch tokens':>13} {'predicted peak':>15}  phase"]
+    for p in plans:
+        pk = peak[p.rank]
+        lines.append(f"  {p.rank:>4} {f'{p.rows} x {p.width}':>12} {f'{p.step} #{p.micro}':>8} {p.tokens:>13,} "
+                     f"{format_bytes(pk.total):>15}  {pk.phase}")
+    top = max(plans, key=lambda p: peak[p.rank].total)
+    lines.append(f"imbalance: max/median predicted peak = {peak[top.rank].total / med:.2f}; rank {top.rank} peaks "
+                 f"at step {top.step} (micro-batch {top.micro}: {top.rows} x {top.width} tokens) with "
+                 f"{format_bytes(peak[top.rank].total)}, median {format_bytes(med)}")
+    return "\n".join(lines) + "\n"

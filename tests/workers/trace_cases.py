@@ -1,0 +1,57 @@
+"""The real side of the trace-vs-reality check (see test_trace.py): per-phase peaks by category of real tensors.
+
+Usage (under torchrun, gloo): python -m tests.workers.trace_cases SPEC.json
+SPEC: {"cases": [{"config": yaml, "shapes": [[[rows, width], ...] per step], "out": dir}, ...]}
+Each case builds the model with build_sharded_model (real random init), runs memory.trace.measure_steps on real
+micro-batches of those shapes, and writes out/rank{R}.json: the phases (step, phase, total, by_category) and
+the optimizer state bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fsdptrain import distributed
+from fsdptrain.build import build_sharded_model
+from fsdptrain.config import load_config
+from fsdptrain.loss import install_chunked_loss
+from fsdptrain.memory import trace
+from fsdptrain.optim import build_optimizer
+
+
+def run_case(case: dict, info: distributed.DistInfo) -> None:
+    cfg = load_config(case["config"], [])
+    hf = trace.load_hf_config(cfg)
+    sharded = build_sharded_model(cfg, info, hf)
+    head = install_chunked_loss(sharded.model, cfg.train.loss_chunk_tokens)
+    optimizer = build_optimizer(sharded.model, cfg.train, fused=False)
+    g = torch.Generator().manual_seed(info.rank)
+    steps = [[{"input_ids": torch.randint(0, hf.vocab_size, (r, w), generator=g),
+               "labels": torch.randint(0, hf.vocab_size, (r, w), generator=g), "n_tokens": torch.tensor(r * w)}
+              for r, w in step] for step in case["shapes"]]
+    run = trace.step_run(cfg, info, sharded.model, head)
+    sharded.model.train()
+    tr = trace.measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm)
+    out = Path(case["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{info.rank}.json").write_text(json.dumps(
+        {"phases": [dataclasses.asdict(p) for p in tr.phases], "optimizer_state": tr.optimizer_state}))
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    info = distributed.init("cpu", 5.0)
+    try:
+        for case in spec["cases"]:
+            run_case(case, info)
+    finally:
+        distributed.shutdown(info)
+
+
+if __name__ == "__main__":
+    main()
