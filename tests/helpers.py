@@ -77,15 +77,16 @@ def cli_inproc(args: list[str], cwd: Path | None = None) -> subprocess.Completed
     start-up with torch costs. Tests of what a whole process does (signals, tracebacks, torchrun) use run_cli."""
     from click.testing import CliRunner
 
-    from fsdptrain.cli import main
+    from fsdptrain import cli
 
     before = os.getcwd()
     try:
         if cwd is not None:
             os.chdir(cwd)
-        res = CliRunner().invoke(main, args, prog_name="fsdptrain", catch_exceptions=False)
+        res = CliRunner().invoke(cli.main, args, prog_name="fsdptrain", catch_exceptions=False)
     finally:
         os.chdir(before)
+        cli.crash_dir = None  # set by `train` for its crash reports; a process would end here
     return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
 
 

@@ -139,9 +139,12 @@ def test_a_model_without_aux_loss_trains_without_it_and_refuses_a_coefficient(tm
     assert (coef, aux_sum) == (0, 0.0) and ce_sum > 0
     from fsdptrain import distributed
 
-    with pytest.raises(ConfigError) as e:
-        setup_run(folder, tmp_path / "b", exs, router_aux_loss_coef=0.01)
-    distributed.shutdown(distributed.init("cpu"))
+    info = distributed.init("cpu")
+    try:
+        with pytest.raises(ConfigError) as e:
+            setup_run(folder, tmp_path / "b", exs, router_aux_loss_coef=0.01)
+    finally:
+        distributed.shutdown(info)
     assert str(e.value) == ("train.router_aux_loss_coef: model_type 'deepseek_v3' has no router auxiliary loss in "
                             "transformers (its router balances experts without one); set it to null or 0")
 
