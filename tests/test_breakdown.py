@@ -124,3 +124,20 @@ def test_bad_breakdown_steps_and_what_the_tracker_cannot_follow_are_one_line_err
     with pytest.raises(ConfigError, match=r"^memory.breakdown_steps: the tracker does not see inside compiled"):
         breakdown.check(cfg, ["none", "none"])
     breakdown.check(load_config(str(path), []), ["selective", "selective"])  # nothing tracked: nothing refused
+
+
+def test_estimate_prints_the_cuda_only_allowance_as_its_own_line(tmp_path):
+    """The allowance line adds up to the verdict's own figure (peak x FRAGMENTATION + RUNTIME_OVERHEAD)."""
+    from fsdptrain.memory import estimate
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    res = CliRunner().invoke(main, ["estimate", str(path), "--nnodes", "1", "--gpus-per-node", "2"])
+    assert res.exit_code == 0, res.output
+    est = estimate.estimate(load_config(str(path), []), 1, 2, 80 << 30)
+    need = est.peak * estimate.FRAGMENTATION + estimate.RUNTIME_OVERHEAD
+    assert f"about {format_bytes(need)} of 80.00 GiB" in res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("CUDA-only allowance"))
+    assert line == (f"CUDA-only allowance (not in the terms above): {format_bytes(int(need) - est.peak)} = allocator "
+                    "caching/fragmentation 5% of the peak + CUDA context, NCCL buffers, kernel workspaces 2.00 GiB; "
+                    f"peak + allowance {format_bytes(int(need))} of 80.00 GiB")
