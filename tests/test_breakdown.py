@@ -1,7 +1,8 @@
 """memory.breakdown_steps: a real step measured by category on every rank, and `fsdptrain mem report` naming the
 category that differs between ranks.
 
-One 2-rank gloo launch (tests/workers/breakdown_cases.py) trains the same config three times: without tracking,
+One 2-rank gloo launch (tests/workers/breakdown_cases.py) trains the same config three times (and runs
+`fsdptrain estimate` on it, for the CUDA-only allowance line): without tracking,
 with memory.breakdown_steps=[3], and steps 1-2 by the trainer then step 3 under memory.trace.measure_steps (the
 tracker function of `estimate --trace`, an independent measurement of the same step). Rank 0 gets 3 rows per
 micro-batch and rank 1 one row of the same width (data.micro_batch_sizes [3, 1]), so only activations differ.
@@ -126,18 +127,16 @@ def test_bad_breakdown_steps_and_what_the_tracker_cannot_follow_are_one_line_err
     breakdown.check(load_config(str(path), []), ["selective", "selective"])  # nothing tracked: nothing refused
 
 
-def test_estimate_prints_the_cuda_only_allowance_as_its_own_line(tmp_path):
-    """The allowance line adds up to the verdict's own figure (peak x FRAGMENTATION + RUNTIME_OVERHEAD)."""
-    from fsdptrain.memory import estimate
+def test_estimate_prints_the_cuda_only_allowance_as_its_own_line(runs):
+    """The allowance line adds up to the verdict's own figure (peak x FRAGMENTATION + RUNTIME_OVERHEAD). The
+    command ran in the launched worker (transformers' model code is loaded there already)."""
+    from fsdptrain.memory.estimate import FRAGMENTATION, RUNTIME_OVERHEAD
 
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(CONFIG))
-    res = CliRunner().invoke(main, ["estimate", str(path), "--nnodes", "1", "--gpus-per-node", "2"])
-    assert res.exit_code == 0, res.output
-    est = estimate.estimate(load_config(str(path), []), 1, 2, 80 << 30)
-    need = est.peak * estimate.FRAGMENTATION + estimate.RUNTIME_OVERHEAD
-    assert f"about {format_bytes(need)} of 80.00 GiB" in res.output
-    line = next(x for x in res.output.splitlines() if x.startswith("CUDA-only allowance"))
-    assert line == (f"CUDA-only allowance (not in the terms above): {format_bytes(int(need) - est.peak)} = allocator "
-                    "caching/fragmentation 5% of the peak + CUDA context, NCCL buffers, kernel workspaces 2.00 GiB; "
-                    f"peak + allowance {format_bytes(int(need))} of 80.00 GiB")
+    res = _read(runs / "estimate.json")
+    assert res["exit"] == 0, res["output"]
+    need = res["peak"] * FRAGMENTATION + RUNTIME_OVERHEAD
+    assert f"about {format_bytes(need)} of 80.00 GiB" in res["output"]
+    line = next(x for x in res["output"].splitlines() if x.startswith("CUDA-only allowance"))
+    assert line == (f"CUDA-only allowance (not in the terms above): {format_bytes(int(need) - res['peak'])} = "
+                    "allocator caching/fragmentation 5% of the peak + CUDA context, NCCL buffers, kernel workspaces "
+                    f"2.00 GiB; peak + allowance {format_bytes(int(need))} of 80.00 GiB")

@@ -6,7 +6,9 @@ SPEC: {"config": yaml, "root": dir, "step": S, "seq": width}
   tracked/  : memory.breakdown_steps=[S] (writes memory/breakdown_step{S}_rank{R}.json)
   measured/ : steps 1..S-1 by the trainer, then step S under memory.trace.measure_steps (the tracker function of
               `estimate --trace`), written to root/measured_rank{R}.json
-Each rank writes root/losses_{plain,tracked}_rank{R}.json (RunResult.losses and step_times).
+Each rank writes root/losses_{plain,tracked}_rank{R}.json (RunResult.losses and step_times); rank 0 also runs
+`fsdptrain estimate` on the config (2 ranks) in-process and writes its output and analytic peak to
+root/estimate.json (here, where transformers' model code is already loaded).
 """
 
 from __future__ import annotations
@@ -64,6 +66,15 @@ def main() -> None:
             {"losses": res.losses, "step_times": res.step_times}))
     cfg = load_config(spec["config"], [f"output_dir={root / 'measured'}"])
     (root / f"measured_rank{info.rank}.json").write_text(json.dumps(measured(cfg, info, data, step)))
+    if info.rank == 0:
+        from click.testing import CliRunner
+
+        from fsdptrain.cli import main as cli
+        from fsdptrain.memory import estimate
+
+        res = CliRunner().invoke(cli, ["estimate", spec["config"], "--nnodes", "1", "--gpus-per-node", "2"])
+        peak = estimate.estimate(load_config(spec["config"], []), 1, 2, 80 << 30).peak
+        (root / "estimate.json").write_text(json.dumps({"exit": res.exit_code, "output": res.output, "peak": peak}))
     distributed.barrier()
     distributed.shutdown(info)
 
