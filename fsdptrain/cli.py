@@ -318,6 +318,7 @@ def mem_report(run_dir: str, plot_file: str | None) -> None:
 
     runs = report.read_run(run_dir)
     click.echo(report.render(run_dir, runs), nl=False)
+    click.echo(report.render_breakdowns(run_dir), nl=False)  # memory.breakdown_steps
     if plot_file:
         report.plot(runs, plot_file)
         click.echo(f"plot: {plot_file}")
@@ -352,7 +353,7 @@ def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_
                  cpu_memory: str | None, trace: bool, forecast: bool) -> None:
     """Per-rank memory of CONFIG from the model config alone (no weights, no GPU), the verdict and what to change."""
     from .config import load_config, parse_size
-    from .memory import estimate
+    from .memory import allowance, estimate
 
     cfg = load_config(config, overrides)
     est = estimate.estimate(cfg, nnodes, gpus_per_node, parse_size(gpu_memory, "--gpu-memory"),
@@ -363,12 +364,15 @@ def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_
 
         traced.check_traceable(cfg, est)
     click.echo(estimate.render(est), nl=False)
+    click.echo(allowance.estimate_line(est.peak, est.settings.facts.gpu_memory), nl=False)
     if trace:
         facts, say = est.settings.facts, (lambda m: click.echo(m, err=True))
         plans = traced.plan_ranks(cfg, facts.world_size, facts.gpus_per_node, say) if forecast else None
         rep = traced.run_trace(cfg, nnodes, gpus_per_node, facts.gpu_memory, facts.cpu_memory,
                                traced.forecast_shapes(cfg, plans) if plans else None, say)
         click.echo(traced.render(rep), nl=False)
+        click.echo(allowance.trace_line({traced.describe_ranks(rt.ranks): rt.trace.peak.total for rt in rep.traces},
+                                        facts.gpu_memory), nl=False)
         if plans:
             click.echo(traced.render_forecast(rep, plans), nl=False)
 

@@ -70,6 +70,14 @@ def folder_problem(value: str) -> Optional[str]:
     return None
 
 
+def step_list_problem(value: list) -> Optional[str]:
+    """What keeps `value` from being a list of 1-based optimizer steps."""
+    bad = [s for s in value if not (isinstance(s, int) and not isinstance(s, bool) and s >= 1)]
+    if bad:
+        return f"expected optimizer steps (integers >= 1, e.g. [3]), got {bad!r}"
+    return None
+
+
 SINKS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -310,6 +318,11 @@ class MemoryConfig:
                                      "rank, phase and likely cause).", min=1.0)
     snapshot_steps: list = opt([], "Optimizer steps (1-based) at which every CUDA rank records allocation history and "
                                    "dumps output_dir/memory/snapshot_step{S}_rank{R}.pickle.")
+    breakdown_steps: list = opt([], "Optimizer steps (1-based) at which every rank measures its memory by category "
+                                    "(parameters, gradients, optimizer state, activations, temporaries, collective "
+                                    "buffers) and phase with torch's FSDPMemTracker and writes output_dir/memory/"
+                                    "breakdown_step{S}_rank{R}.json; `fsdptrain mem report` sets the ranks side by "
+                                    "side. Any device; the tracked step runs slower.", check=step_list_problem)
     snapshot_max_entries: int = opt(200000, "Allocation-history entries kept per snapshot (ring buffer).", min=1)
     oom_postmortem: bool = opt(True, "On out-of-memory the failing rank writes a snapshot, its stats and a readable "
                                      "post-mortem to output_dir/memory/, and all ranks stop.")

@@ -40,6 +40,7 @@ from .errors import RunStopped, TrainingError, UserError
 from .evaluate import EvalResult, eval_micro_batch, evaluate
 from .export import check_target, export_dtype, export_hf, training_export_check
 from .loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
+from .memory import breakdown
 from .memory.tracker import MemoryTracker
 from .metrics import RunLogger, peak_tflops
 from .optim import build_optimizer, build_scheduler
@@ -211,6 +212,7 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     hf_config = setup_hf_config(cfg, tokenizer)
     sharded = build_sharded_model(cfg, info, hf_config)
     log.info(sharded.describe(hf_config))
+    breakdown.check(cfg, sharded.plan.checkpoint_modes)
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
     model, plan = sharded.model, sharded.plan
@@ -408,7 +410,10 @@ def loop(run: Run) -> RunResult:
     try:
         t0 = time.perf_counter()
         for batches in steps:
-            stats = train_step(run, batches, t0)
+            with breakdown.track_step(cfg.memory, run.info, run.out, run.state.step + 1, run.model, run.optimizer,
+                                      run.tracker, batches) as tracked:  # memory.breakdown_steps
+                stats = train_step(run, batches, t0)
+                tracked.seconds = stats.seconds
             ev = evaluate_run(run, stats.step) if eval_due(run, stats.step) else None
             record(run, stats, ev)
             stopped = stop.agreed()  # one small all_reduce: did any rank get a signal?

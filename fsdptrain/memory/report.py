@@ -2,6 +2,10 @@
 
 Reads output_dir/memory/rank{R}.jsonl (written by tracker.py). The plot is
 drawn with Pillow (installed with `datasets`), so no plotting library is needed.
+With memory.breakdown_steps, output_dir/memory/breakdown_step{S}_rank{R}.json
+(breakdown.py) add, per tracked step, every rank's peak by category side by
+side and, when the ranks are imbalanced, the category that differs most, with
+the tracked step's time against the untracked steps' (metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..units import GIB
+from ..files import read_json, read_text
+from ..units import GIB, format_bytes
 
 
 @dataclass
@@ -104,6 +109,113 @@ def render(run_dir: str | Path, runs: dict[int, list[dict]]) -> str:
                     for rows in runs.values()):
         lines.append("note: CPU run: the numbers are process resident memory (RSS), not allocator bytes")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- breakdown (memory.breakdown_steps)
+
+# where to look when a category differs between ranks
+CAUSES = {
+    "activations": "the ranks' micro-batches differ in tokens (data.micro_batch_sizes, long rows); balance them, "
+                   "or checkpoint more blocks",
+    "temporaries": "logits, loss and optimizer-update temporaries differ; train.loss_chunk_tokens bounds the logits",
+    "parameters (gathered)": "gathered parameters differ (uneven shards, prefetch, reshard_after_forward)",
+    "collective buffers": "all-gather / reduce-scatter buffers in flight differ (prefetch, collective timing)",
+    "optimizer state": "uneven shards: the last ranks hold fewer rows of each parameter",
+    "parameters (sharded)": "uneven shards: the last ranks hold fewer rows of each parameter",
+    "gradients (sharded)": "uneven shards: the last ranks hold fewer rows of each parameter",
+    "gradients (unsharded)": "unsharded gradients differ (accumulation without sync, reduce-scatter inputs)",
+    "buffers + inputs": "the ranks' inputs differ in size",
+}
+
+
+def read_breakdowns(run_dir: str | Path) -> dict[int, dict[int, dict]]:
+    """step -> rank -> its breakdown file (empty when the run tracked no step)."""
+    out: dict[int, dict[int, dict]] = {}
+    for f in sorted((Path(run_dir) / "memory").glob("breakdown_step*_rank*.json")):
+        m = re.fullmatch(r"breakdown_step(\d+)_rank(\d+)\.json", f.name)
+        if not m:
+            continue
+        data = read_json(f, "memory breakdown", "delete it, or train again with memory.breakdown_steps")
+        if not isinstance(data, dict) or not {"peak", "categories", "seconds"} <= data.keys():
+            raise UserError(f"{f}: not a memory breakdown file (no peak/categories); delete it, or train again "
+                            "with memory.breakdown_steps")
+        out.setdefault(int(m.group(1)), {})[int(m.group(2))] = data
+    return out
+
+
+def untracked_step_times(run_dir: str | Path, skip: set[int]) -> list[float]:
+    """step_time_s of the logged steps in metrics.jsonl, without step 1 (warm-up) and the `skip` steps."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    times = []
+    for n, line in enumerate(read_text(path, "metrics").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n}: not a JSON line (a truncated write?); delete the line and retry") from None
+        if "step_time_s" in rec and rec.get("step", 1) != 1 and rec.get("step") not in skip:
+            times.append(float(rec["step_time_s"]))
+    return times
+
+
+def differing_category(ranks: dict[int, dict]) -> tuple[str, int, int]:
+    """The category whose bytes at each rank's peak differ most between ranks: (category, rank of the most,
+    rank of the least)."""
+    cats = next(iter(ranks.values()))["categories"]
+
+    def at(r: int, c: str) -> int:
+        return ranks[r]["peak"]["by_category"].get(c, 0)
+
+    spread = {c: max(at(r, c) for r in ranks) - min(at(r, c) for r in ranks) for c in cats}
+    c = max(cats, key=lambda k: spread[k])
+    return c, max(ranks, key=lambda r: at(r, c)), min(ranks, key=lambda r: at(r, c))
+
+
+def render_breakdown(step: int, ranks: dict[int, dict], untracked: list[float]) -> str:
+    order = sorted(ranks)
+    cats = ranks[order[0]]["categories"]
+    lines = ["", f"memory by category at step {step} (memory.breakdown_steps; each rank at its own peak):",
+             f"  {'category':<24}" + "".join(f"{f'rank {r}':>12}" for r in order)]
+    for c in cats:
+        vals = [ranks[r]["peak"]["by_category"].get(c, 0) for r in order]
+        if any(vals):
+            lines.append(f"  {c:<24}" + "".join(f"{format_bytes(v):>12}" for v in vals))
+    totals = {r: ranks[r]["peak"]["total"] for r in order}
+    lines.append(f"  {'total (peak)':<24}" + "".join(f"{format_bytes(totals[r]):>12}" for r in order))
+    lines.append(f"  {'phase at peak':<24}" + "".join(f"{ranks[r]['peak']['phase']:>12}" for r in order))
+    lines.append("  micro-batches: " + "; ".join(
+        f"rank {r} " + ", ".join(f"{a} x {b}" for a, b in ranks[r].get("micro_batches", [])) for r in order))
+    if len(order) > 1:
+        med = statistics.median(totals.values())
+        top = max(order, key=totals.__getitem__)
+        ratio = totals[top] / med if med else 1.0
+        warn = ranks[top].get("imbalance_warn", 1.2)
+        if ratio > warn:
+            c, hi, lo = differing_category(ranks)
+            a, b = (ranks[r]["peak"]["by_category"].get(c, 0) for r in (hi, lo))
+            lines.append(f"imbalance: max/median peak = {ratio:.2f} (over memory.imbalance_warn {warn}), rank {top} "
+                         f"highest; the category that differs most: {c} (rank {hi} {format_bytes(a)}, rank {lo} "
+                         f"{format_bytes(b)}, difference {format_bytes(a - b)}): {CAUSES.get(c, '')}")
+        else:
+            lines.append(f"balanced: max/median peak = {ratio:.2f} (memory.imbalance_warn {warn})")
+    tracked = ranks[order[0]]["seconds"]  # the lowest rank's, like metrics.jsonl's (rank 0 writes it)
+    if untracked:
+        base = statistics.median(untracked)
+        lines.append(f"tracked step time: {tracked:.3f} s, {tracked / base:.1f}x the untracked steps' median "
+                     f"{base:.3f} s (metrics.jsonl)")
+    else:
+        lines.append(f"tracked step time: {tracked:.3f} s (no untracked step logged in metrics.jsonl to compare)")
+    return "\n".join(lines) + "\n"
+
+
+def render_breakdowns(run_dir: str | Path) -> str:
+    """Every tracked step's side-by-side table ('' when the run tracked none)."""
+    steps = read_breakdowns(run_dir)
+    untracked = untracked_step_times(run_dir, set(steps)) if steps else []
+    return "".join(render_breakdown(s, ranks, untracked) for s, ranks in sorted(steps.items()))
 
 
 # ----------------------------------------------------------------------------- the plot

@@ -94,6 +94,7 @@ class MemoryTracker:
         self.peak_bytes_max = 0  # highest peak allocated of any rank over all gathers so far
         self._recording = False
         self.evaluating = False  # set by the trainer around an evaluation: block records are `eval` ones
+        self.listeners: list = []  # called as f(name, micro) at each phase end (memory.breakdown's tracked step)
         # the process's watch over its peers (distributed.init starts it for a launched group); a local, idle
         # one otherwise (one process, or a group made elsewhere)
         self.peers = distributed.peers() or PeerStop(self.rank, self.world)
@@ -132,6 +133,8 @@ class MemoryTracker:
         self._micro = 0  # the micro-batch that per-block hooks attribute their records to
 
     def phase(self, name: str, micro: Optional[int] = None) -> None:
+        for listener in self.listeners:
+            listener(name, micro)
         n = len(self._batches)
         if name == "forward":
             nxt = f"backward of micro-batch {micro}"
