@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
                                                                             "shard_group_size": 1}),
         "lora_offload": lora_cfg(root, "lora_offload", llama, LORA, parallel={"optimizer_offload": True}),
         "lora_compiled": lora_cfg(root, "lora_compiled", llama, LORA, parallel={"compile": True,
-                                                                                "compile_backend": "aot_eager"}),
+                                                                                "compile_backend": "eager"}),
         "probe": lora_cfg(root, "probe", llama, {"rank": 4, "target": "q_proj,v_proj"}),
         "probe_bf16": lora_cfg(root, "probe_bf16", llama, {"rank": 4, "target": "all"},
                                parallel={"precision": "bf16-mixed"}),
@@ -141,6 +141,9 @@ def test_lora_losses_stay_the_same_with_hybrid_sharding_optimizer_offload_and_co
     root = runs[0]
     want = read_metrics(root / "lora")[:STEPS_SAME]  # the plain 2-rank run, itself equal to peft's (above)
     got = steps_run(root / f"{case}.json")
+    ran = {"lora_hybrid": ("AdamW", [2, 1], False), "lora_offload": ("CPUOffloadAdamW", [2], False),
+           "lora_compiled": ("AdamW", [2], True)}[case]
+    assert (got["optimizer"], got["mesh"], all(got["compiled"])) == ran
     assert got["step"] == [1, 2, 3]
     for key in ("loss", "grad_norm"):
         diff = max(abs(a - m[key]) for a, m in zip(got[key], want))
@@ -266,7 +269,7 @@ def test_lora_checkpoint_resumes_on_four_ranks(runs):
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = steps_run(root / "four_ranks.json")
     want = read_metrics(root / "lora")[3:5]
-    assert got["step"] == [4, 5]
+    assert got["step"] == [4, 5] and got["mesh"] == [4]
     for key in ("loss", "grad_norm"):
         diff = max(abs(a - m[key]) for a, m in zip(got[key], want))
         assert diff < 1e-5, (key, got[key], [m[key] for m in want])

@@ -1,10 +1,11 @@
 """LoRA / freeze cases in one launched process group (tests/test_finetune.py).
 
 Usage (under torchrun): python -m tests.workers.lora_cases SPEC.json
-SPEC: {"cases": [{"config": yaml path, "kind": "train" | "probe", "logits_out": optional path}], "ids": [token ids]}
+SPEC: {"cases": [{"config": yaml path, "kind": "train" | "steps" | "refuse" | "probe", ...}], "ids": [token ids]}
   train: trainer.setup + loop; with logits_out, rank 0 saves the trained model's logits on `ids` (safetensors).
   steps: trainer.setup (resuming if configured), then only the next `steps` optimizer steps of the configured run
-         (its schedule unchanged, nothing saved); rank 0 writes {"step", "loss", "grad_norm"} lists to `out`.
+         (its schedule unchanged, nothing saved); rank 0 writes {"step", "loss", "grad_norm"} lists to `out`,
+         with the optimizer's class, the mesh shape and which blocks were compiled.
   refuse: setup must fail with a UserError; rank 0 writes its message to error_out.
   probe: one forward/backward and optimizer step; rank 0 writes PROBE.json into output_dir: which frozen
          tensors got a gradient, trainable parameters, optimizer state elements, local bytes per dtype (all ranks);
@@ -56,8 +57,11 @@ def run_steps(cfg, info, n: int, out: str) -> None:
             stats = trainer.train_step(run, batches)
             for key in got:
                 got[key].append(getattr(stats, key))
-        if info.is_main:
-            Path(out).write_text(json.dumps(got))
+        if info.is_main:  # and what ran: the optimizer's class, the mesh, whether the blocks were compiled
+            Path(out).write_text(json.dumps({**got, "optimizer": type(run.optimizer).__name__,
+                                             "mesh": list(run.sharded.mesh.shape),
+                                             "compiled": [b._compiled_call_impl is not None
+                                                          for b in run.sharded.blocks]}))
     finally:
         if run.lock is not None:
             run.lock.release()
