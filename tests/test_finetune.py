@@ -19,6 +19,8 @@ from tests.helpers import LLAMA, make_model_dir, read_metrics, run_cli, torchrun
 from tests.reference import STEPS, base_config, global_batches, synthetic_examples, train_reference
 
 LORA = {"rank": 8, "alpha": 16, "target": "all"}
+SAME_LOSSES = ["lora_hybrid", "lora_offload", "lora_compiled"]
+STEPS_SAME = 3  # two updates: step 3's loss and grad norm follow both, and AdamW's state from the first
 
 
 def lora_cfg(root: Path, name: str, model: Path, lora: dict, **sections) -> dict:
@@ -46,6 +48,13 @@ def runs(tmp_path_factory):
         # the same checkpoint into adapters of another rank: refused in one line
         "refuse_rank": lora_cfg(root, "refuse_rank", llama, {**LORA, "rank": 4}, checkpoint={
             "resume": str(root / "lora" / "checkpoints" / "step-00000003")}),
+        # the lora run with one more option, its first STEPS_SAME steps only (same schedule): hybrid sharding as 2
+        # replicas of 1 (adapter gradients all-reduced across replicas), AdamW offloaded to the host, compiled blocks
+        "lora_hybrid": lora_cfg(root, "lora_hybrid", llama, LORA, parallel={"sharding": "hybrid",
+                                                                            "shard_group_size": 1}),
+        "lora_offload": lora_cfg(root, "lora_offload", llama, LORA, parallel={"optimizer_offload": True}),
+        "lora_compiled": lora_cfg(root, "lora_compiled", llama, LORA, parallel={"compile": True,
+                                                                                "compile_backend": "eager"}),
         "probe": lora_cfg(root, "probe", llama, {"rank": 4, "target": "q_proj,v_proj"}),
         "probe_bf16": lora_cfg(root, "probe_bf16", llama, {"rank": 4, "target": "all"},
                                parallel={"precision": "bf16-mixed"}),
@@ -61,6 +70,8 @@ def runs(tmp_path_factory):
                 "error_out": str(root / f"{name}.error")}
         if name == "lora":
             case["logits_out"] = str(root / "lora_logits.safetensors")
+        if name in SAME_LOSSES:
+            case.update(kind="steps", steps=STEPS_SAME, out=str(root / f"{name}.json"))
         spec["cases"].append(case)
     (root / "spec.json").write_text(json.dumps(spec))
     proc = torchrun(2, ["-m", "tests.workers.lora_cases", str(root / "spec.json")])
@@ -119,6 +130,25 @@ def test_two_rank_lora_matches_peft(runs, case):
     assert len(got) == STEPS
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5, (got, ref)
     assert ref[-1] < ref[0]  # the adapters learn: equality is not the base model's loss six times
+
+
+def steps_run(path: Path) -> dict[str, list]:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("case", SAME_LOSSES)
+def test_lora_losses_stay_the_same_with_hybrid_sharding_optimizer_offload_and_compile(runs, case):
+    root = runs[0]
+    want = read_metrics(root / "lora")[:STEPS_SAME]  # the plain 2-rank run, itself equal to peft's (above)
+    got = steps_run(root / f"{case}.json")
+    ran = {"lora_hybrid": ("AdamW", [2, 1], False), "lora_offload": ("CPUOffloadAdamW", [2], False),
+           "lora_compiled": ("AdamW", [2], True)}[case]
+    assert (got["optimizer"], got["mesh"], all(got["compiled"])) == ran
+    assert got["step"] == [1, 2, 3]
+    for key in ("loss", "grad_norm"):
+        diff = max(abs(a - m[key]) for a, m in zip(got[key], want))
+        assert diff < 1e-5, (key, got[key], [m[key] for m in want])
+    assert got["loss"][2] < got["loss"][0]
 
 
 def test_freeze_matches_a_reference_freezing_the_same_parameters(runs):
@@ -222,6 +252,27 @@ def test_lora_checkpoint_resumes_on_one_rank(runs):
     got = [m["loss"] for m in read_metrics(root / "one_rank")]
     want = losses(root / "lora")[3:]
     assert len(got) == 3 and max(abs(a - b) for a, b in zip(got, want)) < 1e-5, (got, want)
+
+
+def test_lora_checkpoint_resumes_on_four_ranks(runs):
+    """The 2-rank step-3 checkpoint resharded onto 4 ranks (micro-batch 1: the same global batch of 4): steps 4 and
+    5 equal the uninterrupted 2-rank run's. Step 5 follows an update made with the resharded AdamW state."""
+    root, cases, _ = runs
+    cfg = {**cases["lora"], "output_dir": str(root / "four_ranks"),
+           "checkpoint": {"resume": str(root / "lora" / "checkpoints" / "step-00000003")},
+           "train": {**cases["lora"]["train"], "micro_batch_size": 1}}
+    (root / "four_ranks.yaml").write_text(yaml.safe_dump(cfg))
+    spec = {"cases": [{"config": str(root / "four_ranks.yaml"), "kind": "steps", "steps": 2,
+                       "out": str(root / "four_ranks.json")}]}
+    (root / "four_ranks_spec.json").write_text(json.dumps(spec))
+    proc = torchrun(4, ["-m", "tests.workers.lora_cases", str(root / "four_ranks_spec.json")])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = steps_run(root / "four_ranks.json")
+    want = read_metrics(root / "lora")[3:5]
+    assert got["step"] == [4, 5] and got["mesh"] == [4]
+    for key in ("loss", "grad_norm"):
+        diff = max(abs(a - m[key]) for a, m in zip(got[key], want))
+        assert diff < 1e-5, (key, got[key], [m[key] for m in want])
 
 
 def test_lora_checkpoint_into_other_adapters_is_refused_in_one_line(runs):

@@ -1,8 +1,11 @@
 """LoRA / freeze cases in one launched process group (tests/test_finetune.py).
 
 Usage (under torchrun): python -m tests.workers.lora_cases SPEC.json
-SPEC: {"cases": [{"config": yaml path, "kind": "train" | "probe", "logits_out": optional path}], "ids": [token ids]}
+SPEC: {"cases": [{"config": yaml path, "kind": "train" | "steps" | "refuse" | "probe", ...}], "ids": [token ids]}
   train: trainer.setup + loop; with logits_out, rank 0 saves the trained model's logits on `ids` (safetensors).
+  steps: trainer.setup (resuming if configured), then only the next `steps` optimizer steps of the configured run
+         (its schedule unchanged, nothing saved); rank 0 writes {"step", "loss", "grad_norm"} lists to `out`,
+         with the optimizer's class, the mesh shape and which blocks were compiled.
   refuse: setup must fail with a UserError; rank 0 writes its message to error_out.
   probe: one forward/backward and optimizer step; rank 0 writes PROBE.json into output_dir: which frozen
          tensors got a gradient, trainable parameters, optimizer state elements, local bytes per dtype (all ranks);
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +41,27 @@ def run_train(cfg, info, ids: list[int], logits_out: str | None) -> None:
                 from safetensors.torch import save_file
 
                 save_file({"logits": logits.contiguous()}, logits_out)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def run_steps(cfg, info, n: int, out: str) -> None:
+    run = trainer.setup(cfg, info)
+    try:
+        got: dict[str, list] = {"step": [], "loss": [], "grad_norm": []}
+        start = run.state.step
+        run.model.train()
+        for batches in pipeline.batches(cfg, run.sampler, run.examples, run.tokenizer.pad_token_id, start,
+                                        min(start + n, run.total_steps), "cpu"):
+            stats = trainer.train_step(run, batches)
+            for key in got:
+                got[key].append(getattr(stats, key))
+        if info.is_main:  # and what ran: the optimizer's class, the mesh, whether the blocks were compiled
+            Path(out).write_text(json.dumps({**got, "optimizer": type(run.optimizer).__name__,
+                                             "mesh": list(run.sharded.mesh.shape),
+                                             "compiled": [b._compiled_call_impl is not None
+                                                          for b in run.sharded.blocks]}))
     finally:
         if run.lock is not None:
             run.lock.release()
@@ -93,9 +118,12 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     info = distributed.init("cpu")
     for case in spec["cases"]:
+        t0, c0 = time.perf_counter(), time.process_time()
         cfg = load_config(case["config"])
         if case.get("kind") == "probe":
             probe(cfg, info, Path(cfg.output_dir))
+        elif case.get("kind") == "steps":
+            run_steps(cfg, info, case["steps"], case["out"])
         elif case.get("kind") == "refuse":  # a start that must fail with one line: record it
             try:
                 trainer.setup(cfg, info)
@@ -107,6 +135,9 @@ def main() -> None:
         else:
             run_train(cfg, info, spec.get("ids", []), case.get("logits_out"))
         distributed.barrier()
+        if info.is_main:  # where a launch's seconds go (the test budget)
+            print(f"case {Path(case['config']).stem}: {time.perf_counter() - t0:.1f} s "
+                  f"({time.process_time() - c0:.1f} s CPU on rank 0)", flush=True)
     torch.distributed.destroy_process_group()
 
 
