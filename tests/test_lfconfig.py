@@ -127,7 +127,7 @@ REFUSALS = [  # (lines added to a minimal LF YAML, the one-line error after "FIL
                      "template) or one of LLaMA-Factory's names chatml, llama3, qwen, qwen3, qwen3_nothink, qwen3_5, "
                      "qwen3_5_nothink, llama2, llama4, mistral, ministral, mistral_small, gemma, gemma2, gemma3, "
                      "gemma4, phi, phi4, phi4_mini, deepseek3, deepseekr1, glm4, glm4_moe, granite3, granite4, "
-                     "gpt_oss (see docs/llamafactory.md)"),
+                     "gpt_oss, default, empty (see docs/llamafactory.md)"),
 ]
 
 
@@ -151,8 +151,12 @@ def test_lf_template_names_use_the_family_template_with_its_default_system():
     qwen3.chat_template = read_json(SHARED / "tokenizers" / "qwen3" / "tokenizer_config.json")["chat_template"]
     own3 = qwen3.chat_template
     with_system = qwen3.apply_chat_template([{"role": "system", "content": QWEN_SYSTEM}] + chat, tokenize=False)
-    apply_template(qwen3, "qwen")  # LLaMA-Factory's qwen default system is put first (Qwen3's template has none)
-    assert qwen3.apply_chat_template(chat, tokenize=False) == with_system
+    # LLaMA-Factory's qwen default system is put first (Qwen3's template has none), and the empty <think> block
+    # Qwen3's template writes before the last reply is left out, as LLaMA-Factory's qwen formats replies
+    apply_template(qwen3, "qwen")
+    think = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert with_system.count(think) == 1
+    assert qwen3.apply_chat_template(chat, tokenize=False) == with_system.replace(think, "<|im_start|>assistant\n")
     qwen3.chat_template = own3
     apply_template(qwen3, "qwen3")  # no default system: the tokenizer's own template as it is
     assert qwen3.chat_template == own3
