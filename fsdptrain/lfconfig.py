@@ -582,8 +582,9 @@ def translate(raw: dict, source: str) -> Translation:
 
 def _covered(default_key: str, raw: dict) -> bool:
     """A default that another given key already decides (adam_beta2 brings beta1's default along, ...)."""
-    alternatives = {"adam_beta1": ("adam_beta2",), "disable_gradient_checkpointing": ("gradient_checkpointing",),
-                    "save_steps": ("save_strategy",), "num_train_epochs": ("max_steps",)}
+    alternatives = {"adam_beta1": ("adam_beta2",), "save_steps": ("save_strategy",),
+                    "disable_gradient_checkpointing": ("gradient_checkpointing", "recompute_granularity"),
+                    "num_train_epochs": ("max_steps",)}
     return any(k in raw for k in alternatives.get(default_key, ()))
 
 

@@ -278,13 +278,16 @@ def test_lf_empty_and_default_templates_give_llamafactorys_tokens(tok_of):
     trained = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])
     assert trained == ('Action: get_weather\nAction Input: {"city": "Lisbon", "unit": "celsius"}<|im_end|>\n'
                        "It is 23 degrees Celsius in Lisbon.<|im_end|>\n")
+    # as in LLaMA-Factory, a record with a tool list, even an empty one, gets a system turn
+    ((ex, _),) = conversation_examples(tok, msgs[1:3], 4096, [])
+    assert tok.decode(ex.input_ids).startswith("System: <|im_end|>\nHuman: What is 2+2?")
 
 
 @needs_fixtures
 def test_qwen3_nothink_and_qwen_leave_out_qwen3s_empty_think_block(tok_of):
     """With Qwen3's (hybrid-thinking) tokenizer, LLaMA-Factory's qwen3_nothink writes a reply with no <think>
-    block; so does fsdptrain's, and a multi-turn tool conversation is then one example, as in LLaMA-Factory.
-    Reasoning the data holds is still trained."""
+    block; so does fsdptrain's, and a multi-turn tool conversation is then one example, laid out as
+    LLaMA-Factory's. Reasoning the data holds is still trained."""
     from fsdptrain.data.encode import IGNORE, conversation_examples
     from fsdptrain.data.formats import link_tool_results, standard_tool
     from fsdptrain.data.templatecheck import CONVERSATIONS
@@ -298,8 +301,12 @@ def test_qwen3_nothink_and_qwen_leave_out_qwen3s_empty_think_block(tok_of):
     assert (ex.input_ids, ex.labels) == _pieces_encoded(tok, [
         (("<|im_start|>user\nGive me a fruit.<|im_end|>\n<|im_start|>assistant\n",), False),
         (("Apple.<|im_end|>\n",), True)])
+    # with tools (even none) and no system message LLaMA-Factory writes a system turn, the tools after its empty text
     messages, tools = CONVERSATIONS["tools"]
-    assert len(conversation_examples(tok, link_tool_results(messages), 4096, [standard_tool(t) for t in tools])) == 1
+    ((ex, _),) = conversation_examples(tok, link_tool_results(messages), 4096, [standard_tool(t) for t in tools])
+    assert tok.decode(ex.input_ids).startswith("<|im_start|>system\n\n\n# Tools\n")
+    ((ex, _),) = conversation_examples(tok, single, 4096, [])
+    assert tok.decode(ex.input_ids).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
     reasoned = [single[0], {"role": "assistant", "content": "<think>\nA common one.\n</think>\n\nApple."}]
     ((ex, _),) = conversation_examples(tok, reasoned, 4096)
     assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]) == \
