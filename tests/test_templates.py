@@ -278,9 +278,14 @@ def test_lf_empty_and_default_templates_give_llamafactorys_tokens(tok_of):
     trained = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])
     assert trained == ('Action: get_weather\nAction Input: {"city": "Lisbon", "unit": "celsius"}<|im_end|>\n'
                        "It is 23 degrees Celsius in Lisbon.<|im_end|>\n")
-    # as in LLaMA-Factory, a record with a tool list, even an empty one, gets a system turn
+    # as in LLaMA-Factory, a record with a tool list, even an empty one, gets a system turn (so does llama3's)
     ((ex, _),) = conversation_examples(tok, msgs[1:3], 4096, [])
     assert tok.decode(ex.input_ids).startswith("System: <|im_end|>\nHuman: What is 2+2?")
+    llama = tok_of("llama3.1")
+    apply_template(llama, "llama3")
+    ((ex, _),) = conversation_examples(llama, msgs[1:3], 4096, [])
+    assert llama.decode(ex.input_ids).startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                                                 "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is")
 
 
 @needs_fixtures

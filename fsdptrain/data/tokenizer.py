@@ -39,9 +39,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Llama 3 header style, for tokenizers that carry its special tokens but no template.
+# Llama 3 header style, for tokenizers that carry its special tokens but no template (LLaMA-Factory's llama3
+# layout; its tool prompt is not reproduced: tool schemas go into the system turn as JSON lines).
 LLAMA3_TEMPLATE = (
     "{{ bos_token or '' }}"
+    # an empty tool list and no system message: an empty system turn, as LLaMA-Factory's llama3 lays it out
+    "{% if tools is defined and tools is not none and tools | length == 0 "
+    "and not (messages and messages[0]['role'] == 'system') %}"
+    "<|start_header_id|>system<|end_header_id|>\n\n<|eot_id|>{% endif %}"
     "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
     "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
     "{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|eot_id|>{% endif %}"
