@@ -1,9 +1,11 @@
 """fsdptrain's tokenised examples vs LLaMA-Factory's own supervised preprocessing, record by record.
 
 For each case (a LLaMA-Factory demo data set, a tokenizer from ../shared/tokenizers, the template) both sides
-encode every record at cutoff 2048 and the input_ids and labels are compared. fsdptrain's `data.template: auto`
-is compared with LLaMA-Factory given no template (it then parses the tokenizer's chat template). A record
-fsdptrain refuses (a template that would drop tool calls) is counted as refused.
+encode every record at cutoff 2048 and the input_ids and labels are compared; "same targets" counts the records
+whose trained tokens (each run of labelled tokens, in order) are the same, whatever the prompt tokens.
+fsdptrain's `data.template: auto` is compared with LLaMA-Factory given no template (it then parses the
+tokenizer's chat template). A record fsdptrain refuses (a template that would drop tool calls) is counted as
+refused.
 
 LLaMA-Factory runs in its own virtual environment, so this project's torch stays untouched:
   python -m venv --system-site-packages /tmp/lf/venv
@@ -43,8 +45,16 @@ CASES = [  # (data set, tokenizer, LLaMA-Factory template (None: parsed from the
     ("alpaca_en_demo", "qwen3", "qwen3", "qwen3"),
     ("glaive_toolcall_en_demo", "qwen3", "qwen3", "qwen3"),
     ("alpaca_en_demo", "qwen3", "qwen3_nothink", "qwen3_nothink"),
+    ("glaive_toolcall_en_demo", "qwen3", "qwen3_nothink", "qwen3_nothink"),
+    ("glaive_toolcall_en_demo", "qwen3", "qwen", "qwen"),
     ("alpaca_en_demo", "qwen2.5", "chatml", "chatml"),
     ("alpaca_en_demo", "llama3.1", "llama3", "llama3"),
+    ("alpaca_en_demo", "qwen2.5", "empty", "empty"),
+    ("alpaca_en_demo", "llama3.1", "empty", "empty"),
+    ("glaive_toolcall_en_demo", "qwen2.5", "empty", "empty"),
+    ("alpaca_en_demo", "qwen2.5", "default", "default"),
+    ("alpaca_en_demo", "llama3.1", "default", "default"),
+    ("glaive_toolcall_en_demo", "qwen2.5", "default", "default"),
 ]
 
 
@@ -94,6 +104,20 @@ def ours(data: str, dataset: str, tokenizer: str, template: str) -> list:
     return out
 
 
+def trained(examples: list) -> list:
+    """The trained tokens of a record's examples, each run of them apart: what the model learns to write."""
+    runs: list = []
+    for _, labels in examples:
+        previous = -100
+        for label in labels:
+            if label != -100:
+                if previous == -100:
+                    runs.append([])
+                runs[-1].append(label)
+            previous = label
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lf-python", required=True, help="the python of an environment with llamafactory")
@@ -107,8 +131,9 @@ def main() -> None:
         data, dataset, tokenizer, template, out = args.lf_side
         lf_side(data, dataset, tokenizer, None if template == "-" else template, out)
         return
-    print("| data set | tokenizer | LLaMA-Factory template | data.template | identical | different | refused |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: |")
+    print("| data set | tokenizer | LLaMA-Factory template | data.template | identical | different | refused "
+          "| same targets |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
     for dataset, tokenizer, lf_template, template in CASES:
         if args.only is not None and template not in args.only:
             continue
@@ -121,16 +146,19 @@ def main() -> None:
                            check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             theirs = [json.loads(line) for line in Path(fh.name).read_text().splitlines()]
         mine = ours(args.data, dataset, tok_dir, template)
-        same = diff = refused = 0
+        same = diff = refused = same_targets = 0
         for m, t in zip(mine, theirs):
             if isinstance(m, str):
                 refused += 1
-            elif len(m) == 1 and (m[0][0], m[0][1]) == (t["input_ids"], t["labels"]):
+                continue
+            if len(m) == 1 and (m[0][0], m[0][1]) == (t["input_ids"], t["labels"]):
                 same += 1
             else:
                 diff += 1
+            same_targets += trained(m) == trained([(t["input_ids"], t["labels"])])
         assert len(mine) == len(theirs), (len(mine), len(theirs))
-        print(f"| {dataset} | {tokenizer} | {lf_template or '(parsed)'} | {template} | {same} | {diff} | {refused} |")
+        print(f"| {dataset} | {tokenizer} | {lf_template or '(parsed)'} | {template} | {same} | {diff} | {refused} "
+              f"| {same_targets} |")
         sys.stdout.flush()
 
 

@@ -40,15 +40,17 @@ class LFTemplate:
     marker: str = ""
     system: str = ""
     builtin: str = ""
+    no_empty_think: bool = False  # leave out the empty <think> block the family's template writes before a reply
+    system_with_tools: bool = False  # a system turn (empty if need be) whenever the record has a tool list
 
 
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 LF_TEMPLATES = {
     "chatml": LFTemplate("ChatML", builtin="chatml"),
     "llama3": LFTemplate("Llama 3", builtin="llama3"),
-    "qwen": LFTemplate("Qwen", "<|im_start|>", QWEN_SYSTEM),
+    "qwen": LFTemplate("Qwen", "<|im_start|>", QWEN_SYSTEM, no_empty_think=True),
     "qwen3": LFTemplate("Qwen3", "<|im_start|>"),
-    "qwen3_nothink": LFTemplate("Qwen3", "<|im_start|>"),
+    "qwen3_nothink": LFTemplate("Qwen3", "<|im_start|>", no_empty_think=True, system_with_tools=True),
     "qwen3_5": LFTemplate("Qwen3.5", "<|im_start|>"),
     "qwen3_5_nothink": LFTemplate("Qwen3.5", "<|im_start|>"),
     "llama2": LFTemplate("Llama 2", "[INST]"),
@@ -71,6 +73,8 @@ LF_TEMPLATES = {
     "granite4": LFTemplate("Granite 4", "<|start_of_role|>",
                            "You are Granite, developed by IBM. You are a helpful AI assistant."),
     "gpt_oss": LFTemplate("gpt-oss", "<|channel|>"),  # its own template already writes the default system
+    "default": LFTemplate("LLaMA-Factory's default", builtin="default"),
+    "empty": LFTemplate("LLaMA-Factory's empty", builtin="empty"),
 }
 TEMPLATE_NAMES = ("auto", *LF_TEMPLATES)
 
@@ -274,6 +278,10 @@ def _deepspeed(v: Any, ctx: dict) -> Out:
         out["parallel.cpu_offload"] = True  # FSDP2 CPU offload holds the optimizer state on the CPU too
     elif (zero.get("offload_optimizer") or {}).get("device") == "cpu":
         out["parallel.optimizer_offload"] = True
+    tp = (ds.get("tensor_parallel") or {}).get("autotp_size", 1) if isinstance(ds, dict) else 1
+    if tp not in (None, 1):
+        ctx["__notes__"].append(("deepspeed", f"tensor_parallel.autotp_size {tp}: FSDP2 has no tensor parallelism; "
+                                              "every rank holds a shard of each weight instead"))
     return out
 
 
@@ -282,6 +290,52 @@ def _mix(v: Any, ctx: dict) -> Out:
         return {}  # fsdptrain concatenates the data sets (and shuffles the examples)
     raise Refused(f"{v!r} is not supported; data sets are concatenated (concat); weight them with num_samples in "
                   "data.datasets")
+
+
+def _dataset_dir(v: Any, ctx: dict) -> Out:
+    if isinstance(v, str) and v.startswith("REMOTE:"):  # LLaMA-Factory fetches dataset_info.json from a hub
+        raise Refused(f"{v!r} is a hub location; fsdptrain reads local folders: download it and give the folder")
+    return {"data.dataset_dir": v}
+
+
+def _fsdp(v: Any, ctx: dict) -> Out:
+    """Hugging Face Trainer's fsdp options as FSDP2 settings (FSDP2 always wraps each transformer block)."""
+    options = set(_names(v.replace(" ", ",")) if isinstance(v, str) else _names(v or []))
+    known = {"full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap"}
+    if options - known:
+        raise Refused(f"{', '.join(sorted(options - known))} is not supported; use any of {', '.join(sorted(known))}")
+    out: Out = {}
+    if options & {"full_shard", "hybrid_shard"}:
+        out["parallel.reshard_after_forward"] = True
+    if options & {"shard_grad_op", "hybrid_shard_zero2"}:
+        out["parallel.reshard_after_forward"] = False
+    if options & {"hybrid_shard", "hybrid_shard_zero2"}:
+        out["parallel.sharding"] = "hybrid"
+    if "offload" in options:
+        out["parallel.cpu_offload"] = True
+    return out
+
+
+def _model_parallel(kind: str) -> Callable[[Any, dict], Out]:
+    """Megatron's model-parallel sizes: 1 is plain data parallelism, which FSDP2 gives; more is refused."""
+    def one(v: Any, ctx: dict) -> Out:
+        if v in (None, 1):
+            return {}
+        raise Refused(f"{v} is not supported; fsdptrain shards data-parallel with FSDP2 and has no {kind} "
+                      "parallelism: set 1 or remove it")
+    return one
+
+
+def _recompute(v: Any, ctx: dict) -> Out:
+    if v in ("full", "selective"):
+        return {"parallel.activation_checkpointing": v}
+    raise Refused(f"{v!r} is not supported; use full or selective")
+
+
+def _mixed_precision(v: Any, ctx: dict) -> Out:
+    if v == "bf16_mixed":
+        return {"parallel.precision": "bf16-mixed"}
+    raise Refused(f"{v!r} is not supported; use bf16_mixed (fsdptrain trains in bf16 or fp32)")
 
 
 def _ignore(why: str) -> tuple[str, str]:
@@ -293,6 +347,8 @@ def _refuse_if_set(what: str) -> tuple[str, str]:
 
 
 OFFLOAD = "FSDP2 replaces DeepSpeed"
+MULTIMODAL = _refuse_if_set("multimodal (image, video, audio) training is not supported; fsdptrain trains text-only "
+                            "causal LMs")
 # LLaMA-Factory key -> a translation (value, the whole YAML -> {fsdptrain dotted key: value}; Refused says what to
 # do) or ("ignore", why) or ("refuse_if_set", what to do: refused unless false/null/0)
 KEYS: dict[str, Any] = {
@@ -358,7 +414,7 @@ KEYS: dict[str, Any] = {
     "template": _to("data.template", lambda v: "auto" if v is None else v),
     "dataset": _to("data.datasets", _names),
     "eval_dataset": _to("data.eval_datasets", _names),
-    "dataset_dir": _to("data.dataset_dir"),
+    "dataset_dir": _dataset_dir,
     "cutoff_len": _to("data.max_length"),
     "max_samples": _to("data.max_samples"),
     "overwrite_cache": _to("data.overwrite_cache"),
@@ -422,7 +478,57 @@ KEYS: dict[str, Any] = {
     "eval_steps": _eval_steps,
     "per_device_eval_batch_size": _to("train.eval_micro_batch_size"),
     "eval_on_each_dataset": _refuse_if_set("not supported; remove it"),
+    # multimodal models
+    **dict.fromkeys(("image_max_pixels", "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches",
+                     "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video",
+                     "audio_sampling_rate"), MULTIMODAL),
+    **dict.fromkeys(("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model"),
+                    _ignore("multimodal models only; fsdptrain trains text-only causal LMs")),
+    # launchers, kernels and distributed back ends LLaMA-Factory can use instead of DeepSpeed
+    "fsdp": _fsdp,
+    "fsdp_transformer_layer_cls_to_wrap": _ignore("FSDP2 shards each transformer block (fsdptrain finds them)"),
+    "gradient_checkpointing_kwargs": _ignore("fsdptrain's activation checkpointing is non-reentrant"),
+    "use_v1_kernels": _ignore("fsdptrain uses PyTorch's and transformers' kernels"),
+    **dict.fromkeys(("ray_num_workers", "ray_init_kwargs", "ray_run_name", "ray_storage_path",
+                     "resources_per_worker", "placement_strategy"),
+                    _ignore("fsdptrain runs under torchrun (fsdptrain launch), not Ray: the launcher's process "
+                            "count applies")),
+    "fp8": _refuse_if_set("FP8 training is not supported; fsdptrain trains in bf16 or fp32 (remove fp8)"),
+    "mixture_of_depths": _refuse_if_set("Mixture-of-Depths is not supported; remove it"),
+    "predict_with_generate": _refuse_if_set("prediction is not supported; remove it"),
+    "use_kt": _refuse_if_set("KTransformers is not supported; remove it"),
+    "double_quantization": _ignore("only used with quantization_bit, which fsdptrain refuses"),
+    # Megatron (LLaMA-Factory's Megatron-Bridge back end)
+    "tensor_model_parallel_size": _model_parallel("tensor"),
+    "pipeline_model_parallel_size": _model_parallel("pipeline"),
+    "context_parallel_size": _model_parallel("context"),
+    "expert_model_parallel_size": _model_parallel("expert"),
+    "sequence_parallel": _refuse_if_set("Megatron sequence parallelism is not supported (it needs tensor "
+                                        "parallelism); remove it"),
+    "use_distributed_optimizer": _ignore("FSDP2 shards the optimizer state over the ranks anyway"),
+    **dict.fromkeys(("overlap_param_gather", "overlap_grad_reduce"),
+                    _ignore("FSDP2 overlaps its all-gathers and reduce-scatters with compute itself")),
+    **dict.fromkeys(("bias_activation_fusion", "apply_rope_fusion", "moe_grouped_gemm",
+                     "moe_token_dispatcher_type"), _ignore("Megatron kernel choices; fsdptrain runs transformers' "
+                                                           "modelling code")),
+    "recompute_granularity": _recompute,
+    "mixed_precision": _mixed_precision,
+    "use_packed_sequences": _to("data.packing"),
+    "export_hf_on_finish": _to("checkpoint.export_hf"),
 }
+
+# Settings of a feature fsdptrain refuses when it is switched on (by the key named): ignored on their own, so a
+# YAML that leaves the feature off still loads, in whatever order its keys come.
+FAMILIES = {"apollo_": "use_apollo", "galore_": "use_galore", "badam_": "use_badam", "oft_": "finetuning_type oft",
+            "pissa_": "pissa_init", "asft_": "use_asft_loss", "kt_": "use_kt", "fp8_": "fp8",
+            "pref_": "stage dpo, kto or rm"}
+
+
+def _family(key: str) -> Optional[tuple[str, str]]:
+    for prefix, parent in FAMILIES.items():
+        if str(key).startswith(prefix):
+            return _ignore(f"only used with {parent}, which fsdptrain does not support")
+    return None
 
 # Hugging Face Trainer / LLaMA-Factory defaults that differ from fsdptrain's, applied where the YAML omits the key,
 # so the run trains as it did under LLaMA-Factory.
@@ -443,7 +549,7 @@ def translate(raw: dict, source: str) -> Translation:
     keys = list(raw) + [k for k in DEFAULTS if k not in raw and not _covered(k, raw)]
     for key in keys:
         value = raw[key] if key in raw else DEFAULTS[key]
-        rule = KEYS.get(key)
+        rule = KEYS.get(key) or _family(key)
         if rule is None and key in SECTIONS:
             raise ConfigError(f"{source}: '{key}' is a fsdptrain section, but model_name_or_path makes this a "
                               "LLaMA-Factory YAML; write one or the other (in a fsdptrain config: model.path)")
@@ -476,8 +582,9 @@ def translate(raw: dict, source: str) -> Translation:
 
 def _covered(default_key: str, raw: dict) -> bool:
     """A default that another given key already decides (adam_beta2 brings beta1's default along, ...)."""
-    alternatives = {"adam_beta1": ("adam_beta2",), "disable_gradient_checkpointing": ("gradient_checkpointing",),
-                    "save_steps": ("save_strategy",), "num_train_epochs": ("max_steps",)}
+    alternatives = {"adam_beta1": ("adam_beta2",), "save_steps": ("save_strategy",),
+                    "disable_gradient_checkpointing": ("gradient_checkpointing", "recompute_granularity"),
+                    "num_train_epochs": ("max_steps",)}
     return any(k in raw for k in alternatives.get(default_key, ()))
 
 

@@ -91,6 +91,35 @@ def test_deepspeed_json_not_found_is_noted_and_pt_packing_can_be_off(tmp_path):
     assert t.ignored == [("warmup_ratio", "lr_scheduler_type constant has no warmup (use constant_with_warmup)")]
 
 
+def test_keys_of_llamafactorys_other_back_ends_map_or_refuse_in_one_line():
+    """Keys LLaMA-Factory's own examples use beyond DeepSpeed (HF Trainer fsdp, Megatron-Bridge, Ray, multimodal,
+    feature settings): mapped, ignored with the reason, or refused naming the key (benchmarks/lf_examples.py
+    runs every example)."""
+    base = {"model_name_or_path": "m"}
+    t = translate({**base, "fsdp": ["shard_grad_op", "auto_wrap"], "tensor_model_parallel_size": 1,
+                   "recompute_granularity": "selective", "mixed_precision": "bf16_mixed",
+                   "use_packed_sequences": True, "ray_num_workers": 4, "galore_rank": 16}, "lf.yaml")
+    assert t.config["parallel"] == {"reshard_after_forward": False, "activation_checkpointing": "selective",
+                                    "precision": "bf16-mixed"}
+    assert t.config["data"] == {"packing": True}
+    assert dict(t.ignored)["galore_rank"] == "only used with use_galore, which fsdptrain does not support"
+    assert "ray_num_workers" in dict(t.ignored)
+    assert translate({**base, "fsdp": "hybrid_shard offload"}, "lf.yaml").config["parallel"] == {
+        "reshard_after_forward": True, "sharding": "hybrid", "cpu_offload": True, "activation_checkpointing": "full"}
+    for extra, error in (
+            ({"image_max_pixels": 262144}, "image_max_pixels: multimodal (image, video, audio) training is not "
+                                           "supported; fsdptrain trains text-only causal LMs"),
+            ({"pipeline_model_parallel_size": 4}, "pipeline_model_parallel_size: 4 is not supported; fsdptrain "
+                                                  "shards data-parallel with FSDP2 and has no pipeline parallelism: "
+                                                  "set 1 or remove it"),
+            ({"dataset_dir": "REMOTE:org/data"}, "dataset_dir: 'REMOTE:org/data' is a hub location; fsdptrain reads "
+                                                 "local folders: download it and give the folder"),
+            ({"fp8": True}, "fp8: FP8 training is not supported; fsdptrain trains in bf16 or fp32 (remove fp8)")):
+        with pytest.raises(UserError) as e:
+            translate({**base, **extra}, "lf.yaml")
+        assert str(e.value) == f"lf.yaml: {error}"
+
+
 def test_every_example_loads_and_validates_as_a_config():
     for name in ("full_sft.yaml", "lora_sft.yaml", "freeze_sft.yaml", "lora_pretrain.yaml"):
         cfg = load_config(str(FIXTURES / name), quiet=True)
@@ -127,7 +156,7 @@ REFUSALS = [  # (lines added to a minimal LF YAML, the one-line error after "FIL
                      "template) or one of LLaMA-Factory's names chatml, llama3, qwen, qwen3, qwen3_nothink, qwen3_5, "
                      "qwen3_5_nothink, llama2, llama4, mistral, ministral, mistral_small, gemma, gemma2, gemma3, "
                      "gemma4, phi, phi4, phi4_mini, deepseek3, deepseekr1, glm4, glm4_moe, granite3, granite4, "
-                     "gpt_oss (see docs/llamafactory.md)"),
+                     "gpt_oss, default, empty (see docs/llamafactory.md)"),
 ]
 
 
@@ -151,8 +180,12 @@ def test_lf_template_names_use_the_family_template_with_its_default_system():
     qwen3.chat_template = read_json(SHARED / "tokenizers" / "qwen3" / "tokenizer_config.json")["chat_template"]
     own3 = qwen3.chat_template
     with_system = qwen3.apply_chat_template([{"role": "system", "content": QWEN_SYSTEM}] + chat, tokenize=False)
-    apply_template(qwen3, "qwen")  # LLaMA-Factory's qwen default system is put first (Qwen3's template has none)
-    assert qwen3.apply_chat_template(chat, tokenize=False) == with_system
+    # LLaMA-Factory's qwen default system is put first (Qwen3's template has none), and the empty <think> block
+    # Qwen3's template writes before the last reply is left out, as LLaMA-Factory's qwen formats replies
+    apply_template(qwen3, "qwen")
+    think = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert with_system.count(think) == 1
+    assert qwen3.apply_chat_template(chat, tokenize=False) == with_system.replace(think, "<|im_start|>assistant\n")
     qwen3.chat_template = own3
     apply_template(qwen3, "qwen3")  # no default system: the tokenizer's own template as it is
     assert qwen3.chat_template == own3

@@ -232,3 +232,87 @@ def test_separate_reasoning_content_is_rendered_by_the_template_or_inlined_never
         tok = tok_of(name)
         ((ex, _),) = conversation_examples(tok, conv["messages"], 256)
         assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]) == want
+
+
+def _pieces_encoded(tok, runs) -> tuple[list[int], list[int]]:
+    """LLaMA-Factory's way: each piece (a text, or a token id such as EOS) encoded on its own and concatenated;
+    runs are (pieces, trained)."""
+    from fsdptrain.data.encode import IGNORE
+
+    ids, labels = [], []
+    for pieces, trained in runs:
+        run = [i for p in pieces for i in ([p] if isinstance(p, int) else tok.encode(p, add_special_tokens=False))]
+        ids += run
+        labels += run if trained else [IGNORE] * len(run)
+    return ids, labels
+
+
+@needs_fixtures
+def test_lf_empty_and_default_templates_give_llamafactorys_tokens(tok_of):
+    """data.template=empty concatenates the messages (no markers, nothing after a reply); default writes
+    System:/Human:/Assistant: with the tokenizer's EOS; both as LLaMA-Factory encodes them, piece by piece."""
+    from fsdptrain.data.encode import conversation_examples
+    from fsdptrain.data.formats import link_tool_results, standard_tool
+    from fsdptrain.data.templatecheck import CONVERSATIONS, check
+    from fsdptrain.data.tokenizer import apply_template
+
+    tok = tok_of("qwen2.5")
+    eos = tok.eos_token_id
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "Six."}]
+    want = {"empty": [(("Answer briefly.", "What is 2+2?"), False), (("Four.",), True), (("And 3+3?",), False),
+                      (("Six.",), True)],
+            "default": [(("System: Answer briefly.", eos, "\n", "Human: What is 2+2?", eos, "\nAssistant:"), False),
+                        (("Four.", eos, "\n"), True), (("Human: And 3+3?", eos, "\nAssistant:"), False),
+                        (("Six.", eos, "\n"), True)]}
+    for name, runs in want.items():
+        apply_template(tok, name)
+        ((ex, truncated),) = conversation_examples(tok, msgs, 4096)
+        assert (ex.input_ids, ex.labels) == _pieces_encoded(tok, runs), name
+    # default renders tools, calls (LLaMA-Factory's Action / Action Input lines) and reasoning; only replies train
+    apply_template(tok, "default")
+    assert {c: check(tok, m, t).cell() for c, (m, t) in CONVERSATIONS.items()} == dict.fromkeys(CONVERSATIONS, "ok")
+    messages, tools = CONVERSATIONS["tools"]
+    ((ex, _),) = conversation_examples(tok, link_tool_results(messages), 4096, [standard_tool(t) for t in tools])
+    trained = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])
+    assert trained == ('Action: get_weather\nAction Input: {"city": "Lisbon", "unit": "celsius"}<|im_end|>\n'
+                       "It is 23 degrees Celsius in Lisbon.<|im_end|>\n")
+    # as in LLaMA-Factory, a record with a tool list, even an empty one, gets a system turn (so does llama3's)
+    ((ex, _),) = conversation_examples(tok, msgs[1:3], 4096, [])
+    assert tok.decode(ex.input_ids).startswith("System: <|im_end|>\nHuman: What is 2+2?")
+    llama = tok_of("llama3.1")
+    apply_template(llama, "llama3")
+    ((ex, _),) = conversation_examples(llama, msgs[1:3], 4096, [])
+    assert llama.decode(ex.input_ids).startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                                                 "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is")
+
+
+@needs_fixtures
+def test_qwen3_nothink_and_qwen_leave_out_qwen3s_empty_think_block(tok_of):
+    """With Qwen3's (hybrid-thinking) tokenizer, LLaMA-Factory's qwen3_nothink writes a reply with no <think>
+    block; so does fsdptrain's, and a multi-turn tool conversation is then one example, laid out as
+    LLaMA-Factory's. Reasoning the data holds is still trained."""
+    from fsdptrain.data.encode import IGNORE, conversation_examples
+    from fsdptrain.data.formats import link_tool_results, standard_tool
+    from fsdptrain.data.templatecheck import CONVERSATIONS
+    from fsdptrain.data.tokenizer import apply_template
+
+    tok = tok_of("qwen3")
+    single = [{"role": "user", "content": "Give me a fruit."}, {"role": "assistant", "content": "Apple."}]
+    assert "<think>\n\n</think>" in tok.apply_chat_template(single, tokenize=False)  # Qwen3's own writes one
+    apply_template(tok, "qwen3_nothink")
+    ((ex, _),) = conversation_examples(tok, single, 4096)
+    assert (ex.input_ids, ex.labels) == _pieces_encoded(tok, [
+        (("<|im_start|>user\nGive me a fruit.<|im_end|>\n<|im_start|>assistant\n",), False),
+        (("Apple.<|im_end|>\n",), True)])
+    # with tools (even none) and no system message LLaMA-Factory writes a system turn, the tools after its empty text
+    messages, tools = CONVERSATIONS["tools"]
+    ((ex, _),) = conversation_examples(tok, link_tool_results(messages), 4096, [standard_tool(t) for t in tools])
+    assert tok.decode(ex.input_ids).startswith("<|im_start|>system\n\n\n# Tools\n")
+    ((ex, _),) = conversation_examples(tok, single, 4096, [])
+    assert tok.decode(ex.input_ids).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+    reasoned = [single[0], {"role": "assistant", "content": "<think>\nA common one.\n</think>\n\nApple."}]
+    ((ex, _),) = conversation_examples(tok, reasoned, 4096)
+    assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]) == \
+        "<think>\nA common one.\n</think>\n\nApple.<|im_end|>\n"

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .render import Chain, TemplateError, render_chains
+from .render import OPEN_END, Chain, TemplateError, render_chains
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -94,6 +94,8 @@ def segments(tok: PreTrainedTokenizerBase, messages: list[dict],
 def _tokenize_runs(tok: PreTrainedTokenizerBase, full: str,
                    cuts: list[tuple[int, bool]]) -> list[tuple[list[int], bool]]:
     """One (ids, is_target) per cut (a run may be empty)."""
+    if OPEN_END in (tok.chat_template or ""):  # messages abut (no markers): each is tokenised on its own, as
+        return _runs_apart(tok, full, cuts)   # LLaMA-Factory does, or one's end would merge with the next's start
     fast = _runs_by_offsets(tok, full, cuts)
     return fast if fast is not None else _runs_by_prefixes(tok, full, cuts)
 

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 THINK = re.compile(r"<think>(.*?)</think>", re.S)
 PLACEHOLDER = "\x1e{}\x1f"  # stands for an assistant reply while its template renders (see _substituted)
+# A template holding this comment writes messages with nothing between them on purpose (LLaMA-Factory's `empty`
+# format: the texts concatenated): no end-of-turn marker is required after a reply, and encode.py tokenises each
+# message on its own, as LLaMA-Factory does.
+OPEN_END = "{#- fsdptrain: replies end with nothing #}"
 
 
 class TemplateError(ValueError):
@@ -82,7 +86,7 @@ def render_chains(tok: PreTrainedTokenizerBase, messages: list[dict], tools: Opt
             variant = ADAPTATIONS[name][1](variant, tok)
         try:
             chains = _chains(tok, variant)
-            _check(messages, tools, chains)
+            _check(messages, tools, chains, OPEN_END not in (tok.chat_template or ""))
         except TemplateError as e:
             first_problem = first_problem or e
             continue
@@ -271,8 +275,9 @@ def _turn_no(messages: list[dict], i: int) -> int:
 # ----------------------------------------------------------------------------- checking the rendered text
 
 
-def _check(messages: list[dict], tools: Optional[list], chains: list[Chain]) -> None:
-    """TemplateError unless every message, reasoning, tool call and tool declaration is where it belongs."""
+def _check(messages: list[dict], tools: Optional[list], chains: list[Chain], end_marker: bool = True) -> None:
+    """TemplateError unless every message, reasoning, tool call and tool declaration is where it belongs (and,
+    with end_marker, something follows each reply: its end-of-turn marker)."""
     # (text, target start, target end, first turn of its example) per assistant turn
     turns = [(c.text, c.cuts[k - 1][0], end, k == min(x for x, (_, t) in enumerate(c.cuts) if t))
              for c in chains for k, (end, is_target) in enumerate(c.cuts) if is_target]
@@ -290,7 +295,7 @@ def _check(messages: list[dict], tools: Optional[list], chains: list[Chain]) -> 
                                     f"(the {messages[j]['role']} text before assistant turn {n} is not rendered)")
         if first:
             _check_tools(tools, prompt)
-        _check_reply(messages[i], target, n)
+        _check_reply(messages[i], target, n, end_marker)
         previous = i
 
 
@@ -305,7 +310,7 @@ def _check_tools(tools: Optional[list], prompt: str) -> None:
                                     "from the prompt)")
 
 
-def _check_reply(m: dict, target: str, n: int) -> None:
+def _check_reply(m: dict, target: str, n: int, end_marker: bool = True) -> None:
     content = _plain(m.get("content"))
     last = 0
     reasoning = [r.strip() for r in THINK.findall(content)] + [_plain(m.get("reasoning_content")).strip()]
@@ -330,7 +335,7 @@ def _check_reply(m: dict, target: str, n: int) -> None:
             raise TemplateError(f"does not render tool calls (assistant turn {n}'s call {what} is missing)")
         last = max([last, at + len(fn["name"])] + [target.rfind(a) + len(a) for alts in _leaves(fn.get("arguments"))
                                                     for a in alts if a in target])
-    if not target[last:].strip():
+    if end_marker and not target[last:].strip():
         raise TemplateError(f"puts no end-of-turn marker after assistant turn {n}")
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..errors import UserError
 from ..lfconfig import LF_TEMPLATES, template_problem
+from .render import OPEN_END
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -38,9 +39,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Llama 3 header style, for tokenizers that carry its special tokens but no template.
+# Llama 3 header style, for tokenizers that carry its special tokens but no template (LLaMA-Factory's llama3
+# layout; its tool prompt is not reproduced: tool schemas go into the system turn as JSON lines).
 LLAMA3_TEMPLATE = (
     "{{ bos_token or '' }}"
+    # an empty tool list and no system message: an empty system turn, as LLaMA-Factory's llama3 lays it out
+    "{% if tools is defined and tools is not none and tools | length == 0 "
+    "and not (messages and messages[0]['role'] == 'system') %}"
+    "<|start_header_id|>system<|end_header_id|>\n\n<|eot_id|>{% endif %}"
     "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
     "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
     "{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|eot_id|>{% endif %}"
@@ -56,7 +62,40 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
-TEMPLATES = {"chatml": CHAT_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
+# LLaMA-Factory's template-free formats, `empty` and `default`: the system prompt (with the tool schemas as JSON
+# lines, if any) first, then each message's content. `empty` adds nothing between them, not even an end-of-turn
+# marker after a reply (OPEN_END tells render.py's check that this is meant); `default` writes
+# "System: ...", "Human: ...\nAssistant:" and ends each turn with the tokenizer's EOS and a newline (a
+# record with a tool list, even an empty one, gets a "System: " turn, as in LLaMA-Factory). Tool results
+# are written like user turns and tool calls as "Action: NAME\nAction Input: ARGUMENTS", one per line, as
+# LLaMA-Factory formats them.
+_SYSTEM_AND_TOOLS = (
+    "{%- if messages and messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] or '' %}"
+    "{%- set rest = messages[1:] %}{%- else %}{%- set system = '' %}{%- set rest = messages %}{%- endif %}"
+    "{%- set declared %}{{ system }}{% if tools %}{% if system %}{{ '\n\n' }}{% endif %}"
+    "{% for t in tools %}{{ t | tojson }}{{ '\n' }}{% endfor %}{% endif %}{% endset %}"
+)
+_CALLS = (
+    "{%- for c in m.get('tool_calls') or [] %}{% if not loop.first or m['content'] %}{{ '\n' }}{% endif %}"
+    "Action: {{ c['function']['name'] }}{{ '\n' }}Action Input: "
+    "{% if c['function']['arguments'] is string %}{{ c['function']['arguments'] }}"
+    "{% else %}{{ c['function']['arguments'] | tojson }}{% endif %}{% endfor %}"
+)
+EMPTY_TEMPLATE = (
+    OPEN_END + _SYSTEM_AND_TOOLS + "{{ declared }}"
+    "{%- for m in rest %}{{ m['content'] or '' }}{% if m['role'] == 'assistant' %}" + _CALLS + "{% endif %}"
+    "{%- endfor %}"
+)
+DEFAULT_TEMPLATE = (
+    _SYSTEM_AND_TOOLS + "{%- if declared or (tools is defined and tools is not none) %}"
+    "System: {{ declared }}{{ eos_token }}{{ '\n' }}{% endif %}"
+    "{%- for m in rest %}{%- if m['role'] == 'assistant' %}{{ m['content'] or '' }}" + _CALLS
+    + "{{ eos_token }}{{ '\n' }}{%- else %}Human: {{ m['content'] or '' }}{{ eos_token }}{{ '\n' }}Assistant:"
+    "{%- endif %}{%- endfor %}"
+)
+
+TEMPLATES = {"chatml": CHAT_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "empty": EMPTY_TEMPLATE,
+             "default": DEFAULT_TEMPLATE}
 
 
 def apply_template(tok: PreTrainedTokenizerBase, name: str) -> None:
@@ -78,7 +117,22 @@ def apply_template(tok: PreTrainedTokenizerBase, name: str) -> None:
         raise UserError(f"data.template={name}: the tokenizer's chat template is not {lf.family}'s (it has no "
                         f"{lf.marker}); set model.tokenizer to a {lf.family} tokenizer folder, or data.template=auto "
                         "to use this tokenizer's own template")
+    if lf.no_empty_think:
+        own = without_empty_think(own)
+    if lf.system_with_tools:
+        own = with_system_for_tools(own)
     tok.chat_template = with_default_system(own, lf.system) if lf.system else own
+
+
+EMPTY_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def without_empty_think(template: str) -> str:
+    """`template` with the empty `<think>` block that hybrid-reasoning ChatML templates (Qwen3's) write before a
+    reply left out, as LLaMA-Factory's non-reasoning templates (qwen, qwen3_nothink) format replies. Reasoning
+    the data holds is kept: only the empty block goes."""
+    return (f"{{%- filter replace({json.dumps(EMPTY_THINK)}, {json.dumps(EMPTY_THINK.split('<think>')[0])}) %}}"
+            + template + "{% endfilter %}")
 
 
 def with_default_system(template: str, system: str) -> str:
@@ -87,6 +141,14 @@ def with_default_system(template: str, system: str) -> str:
     return ("{%- if not messages or messages[0]['role'] != 'system' %}"
             f"{{%- set messages = [{{'role': 'system', 'content': {json.dumps(system)}}}] + messages %}}"
             "{%- endif %}" + template)
+
+
+def with_system_for_tools(template: str) -> str:
+    """`template` with an empty system message put first in a conversation that has a tool list (even an empty
+    one) but no system message: LLaMA-Factory writes the system turn whenever a record has tools, the tool text
+    after the (empty) system text, and ChatML templates then render it the same way."""
+    return ("{%- if tools is defined and tools is not none and (not messages or messages[0]['role'] != 'system') %}"
+            "{%- set messages = [{'role': 'system', 'content': ''}] + messages %}{%- endif %}" + template)
 
 
 def build_char_tokenizer():
