@@ -345,6 +345,16 @@ def mlp_matmul_bytes_per_token(m: ModelShape, c: int, routed: bool) -> int:
     return e.top_k * c * (2 * e.expert_intermediate + m.hidden) + shared + 4 * e.experts
 
 
+def block_backward_bytes_per_token(m: ModelShape, c: int, routed: bool = False) -> int:
+    """What a block's backward allocates per token on top of its saved tensors, at its worst moment (measured
+    op by op on CPU, fp32 and bf16): in the MLP's backward, the gradients of the product, of act(gate) and up,
+    and of gate (3 c f) are live at once while the saved tensors are still held; later, in the fp32 RMSNorm's
+    backward, about 20 h bytes are live but the MLP's saved tensors (4 c f) are already freed. A routed block's
+    MLP width is top_k experts' plus the shared experts'."""
+    f = (m.moe.top_k * m.moe.expert_intermediate + m.moe.shared_intermediate) if (routed and m.moe) else m.intermediate
+    return max(3 * c * f, 20 * m.hidden - 4 * c * f)
+
+
 @dataclass
 class Estimate:
     settings: Settings
@@ -377,6 +387,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     routed = list(m.moe.moe_blocks) if m.moe else [False] * m.layers
     saved = [block_activation_bytes(m, c, s.cfg.model.attn_implementation, s.seq_len, tokens, r) for r in routed]
     a_block = max(saved, default=0)
+    bw_block = max((block_backward_bytes_per_token(m, c, r) for r in routed), default=0) * tokens
     modes = s.modes(m.layers)
     h, V = m.hidden, m.vocab
 
@@ -389,8 +400,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         return (c * (2 * h + 2 * m.heads * m.head_dim + 2 * m.kv_heads * m.head_dim) + 4 * m.heads
                 + mlp_matmul_bytes_per_token(m, c, routed[i])) * tokens
 
-    acts = (sum(kept(mode, i) for i, mode in enumerate(modes))
-            + (4 * h + 4 + 2 * c * h) * tokens)  # + the final norm (its output is the lm_head input)
+    kept_bytes = [kept(mode, i) for i, mode in enumerate(modes)]
+    acts = sum(kept_bytes) + (4 * h + 4 + 2 * c * h) * tokens  # + the final norm (its output is the lm_head input)
     recompute = a_block if any(mode != "none" for mode in modes) else 0
     root_buf = c * root_un  # gathered at the start of forward and again at the start of backward
     # After forward FSDP frees the gathered blocks (and the root, which parallelize shards with an explicit
@@ -427,7 +438,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "offload staging (H2D shards)": offload_staging,
         "activations (saved for backward)": acts,
         "recompute of one block (checkpointing)": recompute,
-        "backward working set (one block)": a_block,
+        "backward working set (one block)": bw_block,
         "unit gradient + fp32 reduce-scatter input": unit_grad,
         "fp32 gradient accumulation (no sync)": accum,
         "logits + loss (forward)": logits_fwd,
@@ -442,8 +453,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "forward (loss)": base + held_after_fwd + acts + logits_fwd + fused_grads,
         "backward (loss)": base + held_after_fwd + acts + logits_bwd + fused_grads,
         "backward (lm_head)": base + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
-        "backward (last block)": (base + root_buf + lm_head_grad + c * two_blocks + acts + recompute + a_block
-                                  + unit_grad),
+        **block_backward_phases(m, s, rank, st, kept_bytes, saved, tokens,
+                                base + root_buf + lm_head_grad + c * two_blocks + unit_grad),
         "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * root_un,
         "optimizer": base + grads_gpu,
     }
@@ -459,6 +470,32 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         fits = fits and cpu_rank * s.facts.gpus_per_node <= s.facts.cpu_memory
     return Estimate(settings=s, shape=m, state=st, terms=terms, phases=phases, peak=peak, peak_phase=peak_phase,
                     cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.facts.gpus_per_node, fits=fits)
+
+
+def block_backward_phases(m: ModelShape, s: Settings, rank: int, st: ModelState, kept_bytes: list[int],
+                          saved: list[int], tokens: int, fixed: int) -> dict[str, int]:
+    """The backward of each block, last to first: the blocks before it keep what they saved, this block holds all
+    it saves (kept, or recomputed by checkpointing) plus its backward working set (block_backward_bytes_per_token),
+    and the blocks after it have reduced their sharded gradients (all of them are held from the previous
+    micro-step when accumulating with per-micro-step sync). `fixed`: what every block's backward holds (model
+    state, the root's gathered parameters and lm_head gradient, the gathered blocks, the unit's gradient)."""
+    p, t = s.cfg.parallel, s.cfg.train
+    pb = 2 if s.precision == "bf16-pure" else 4
+    c = 2 if s.precision.startswith("bf16") else 4
+    routed = list(m.moe.moe_blocks) if m.moe else [False] * m.layers
+    accumulated = t.grad_accum_steps > 1 and p.sync_grads_every_micro_step and not p.cpu_offload
+    out: dict[str, int] = {}
+    later_grads = 0  # sharded gradients of the blocks after i, reduced already
+    for i in reversed(range(m.layers)):
+        grads = st.grads if accumulated else later_grads
+        work = saved[i] + block_backward_bytes_per_token(m, c, routed[i]) * tokens
+        out[f"backward (block {i})" if i < m.layers - 1 else "backward (last block)"] = (
+            fixed + sum(kept_bytes[:i]) + work + (0 if p.cpu_offload else grads))
+        unit = dataclasses.replace(m, units=[m.units[i]], frozen=[m.frozen[i]] if m.frozen else [])
+        later_grads += model_state(unit, s.shard_world, rank, pb).grads
+    # the block whose backward is the largest stands for all (the phase list stays short)
+    worst = max(out, key=out.get, default=None)
+    return {worst: out[worst]} if worst else {}
 
 
 def budget_bytes(budget_gib: float, gpu_memory: int) -> int:

@@ -164,7 +164,7 @@ def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: Simpl
             tracker.reset_mod_stats()
 
     run.tracker = SimpleNamespace(phase=close_phase)
-    with tracker:
+    with tracker, profiler_ops_outside_selective_replay():
         for n, batches in enumerate(steps, start=1):
             step_no[0] = n
             targets = 1 if fake else sum(int((b["labels"] != IGNORE).sum()) for b in batches)
@@ -175,6 +175,14 @@ def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: Simpl
             optimizer.zero_grad(set_to_none=True)
             close_phase("optimizer")
     return StepTrace(phases, state_bytes(optimizer))
+
+
+def state_on_host(tr: StepTrace) -> StepTrace:
+    """parallel.optimizer_offload: the trace of the resident optimizer with its state taken off every phase (the
+    state lives in host memory; optimizer_state still gives its bytes, now the host's)."""
+    phases = [dataclasses.replace(p, total=p.total - p.by_category["optimizer state"],
+                                  by_category={**p.by_category, "optimizer state": 0}) for p in tr.phases]
+    return StepTrace(phases, tr.optimizer_state)
 
 
 def step_run(cfg: Config, info: DistInfo, model: nn.Module, head) -> SimpleNamespace:
@@ -196,20 +204,24 @@ def _is_fake(batches: list[dict]) -> bool:
 
 
 def check_traceable(cfg: Config, est: Optional[analytic.Estimate] = None) -> None:
-    p = cfg.parallel
-    modes = est.settings.modes(est.shape.layers) if est is not None else [p.activation_checkpointing]
-    if "selective" in modes:
-        raise ConfigError("parallel.activation_checkpointing: --trace cannot trace selective checkpointing "
-                          f"({'the auto plan has selective blocks; ' if p.activation_checkpointing == 'auto' else ''}"
-                          "FSDPMemTracker's profiler ops break the selective replay in backward, torch 2.13); "
-                          "trace with full or none, or drop --trace for the analytic estimate")
-    for key, on in (("parallel.cpu_offload", p.cpu_offload), ("parallel.optimizer_offload", p.optimizer_offload),
-                    ("parallel.compile", p.compile)):
-        if on:
-            why = ("the tracker does not see inside compiled graphs" if key == "parallel.compile" else
-                   "the fake trace runs on one device, so offloaded and resident memory cannot be told apart")
-            raise ConfigError(f"{key}: --trace cannot trace it ({why}); trace with {key}=false, or drop --trace "
-                              "for the analytic estimate, which covers it")
+    """parallel.cpu_offload cannot be traced (parameters and gradients move between host and device per unit,
+    and the fake trace has one device); everything else can (see trace_notes for what is traced instead)."""
+    if cfg.parallel.cpu_offload:
+        raise ConfigError("parallel.cpu_offload: --trace cannot trace it (the fake trace runs on one device, so "
+                          "offloaded and resident memory cannot be told apart); trace with "
+                          "parallel.cpu_offload=false, or drop --trace for the analytic estimate, which covers it")
+
+
+def trace_notes(cfg: Config) -> list[str]:
+    """What is traced in place of what the config runs, one line each."""
+    notes = []
+    if cfg.parallel.compile:
+        notes.append("parallel.compile: traced eager (the tracker does not see inside compiled graphs; what a "
+                     "compiled block saves for backward is the compiler's choice, not modelled here)")
+    if cfg.parallel.optimizer_offload:
+        notes.append("parallel.optimizer_offload: traced with the state resident, then the optimizer state taken "
+                     "off every phase (it lives in host memory; the CPU update makes no device temporaries)")
+    return notes
 
 
 def trace_config(cfg: Config, facts, gpu_memory: int) -> Config:
@@ -217,7 +229,8 @@ def trace_config(cfg: Config, facts, gpu_memory: int) -> Config:
     the hybrid shard group explicit (no node check over a fake group), checkpointing auto planned for the
     target GPU's budget."""
     p = cfg.parallel
-    changes = {"precision": resolve_precision(p.precision, facts.device_type), "device": "cpu"}
+    changes = {"precision": resolve_precision(p.precision, facts.device_type), "device": "cpu",
+               "compile": False, "optimizer_offload": False}  # see trace_notes
     train = dataclasses.replace(cfg.train, grad_accum_steps=traced_micro_steps(cfg))  # the last one syncs
     if p.sharding == "hybrid":
         changes["shard_group_size"] = facts.shard_group
@@ -233,6 +246,25 @@ def fake_batch(rows: int, width: int, vocab: int, packed: bool) -> dict:
     if packed:
         b["position_ids"] = torch.arange(width).expand(rows, width).contiguous()
     return b
+
+
+@contextmanager
+def profiler_ops_outside_selective_replay() -> Iterator[None]:
+    """Selective checkpointing replays a block's recorded ops in backward and fails on an op it did not record.
+    In recompute, FSDP's pre-forward hook runs inside the block's checkpoint context and opens a profiler range
+    (record_function), which in forward it did outside it; with a tracker's dispatch mode active that range's
+    ops reach the replay (torch 2.13). They carry no tensors: let them run unrecorded, as checkpointing
+    already does for detach."""
+    from torch.utils import checkpoint
+
+    ops = {torch.ops.profiler._record_function_enter_new.default,
+           torch.ops.profiler._record_function_exit._RecordFunction}
+    added = ops - checkpoint.SAC_IGNORED_OPS
+    checkpoint.SAC_IGNORED_OPS.update(added)
+    try:
+        yield
+    finally:
+        checkpoint.SAC_IGNORED_OPS.difference_update(added)
 
 
 @contextmanager
@@ -276,7 +308,8 @@ def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_no
             steps = [[fake_batch(r, w, hf_config.vocab_size, packed) for r, w in shapes] for shapes in step_shapes]
             run = step_run(tcfg, info, sharded.model, head)
             sharded.model.train()
-            return measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm)
+            tr = measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm)
+            return state_on_host(tr) if cfg.parallel.optimizer_offload else tr
     finally:
         dist.destroy_process_group()
 
@@ -388,7 +421,7 @@ def run_trace(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu
         e = est if shard_index(r, s.shard_world) == 0 else analytic.compute(est.shape, s, shard_index(r, s.shard_world))
         out.append(RankTrace(ranks, shapes, tr, e))
     notes = ([f"analytic column: the config's micro-batch ({s.micro_batch} x {s.seq_len}), not the data plan's"]
-             if rank_shapes else [])
+             if rank_shapes else []) + trace_notes(cfg)
     return TraceReport(out, time.perf_counter() - t0, notes=notes)
 
 
