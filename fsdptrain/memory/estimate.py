@@ -73,6 +73,12 @@ class ModelShape:
     # per unit, per parameter (as in units): frozen by finetune lora / freeze (no gradient, no optimizer state,
     # stored in the compute dtype under bf16-mixed); empty: everything trains
     frozen: list[list[bool]] = dataclasses.field(default_factory=list)
+    # per block, with lora / freeze: whether autograd records it (a trainable parameter in it or before it, the
+    # embeddings included); a block before every trainable one saves nothing. Empty: every block.
+    in_graph: list[bool] = dataclasses.field(default_factory=list)
+    # per block: its norms' weights are frozen (lora), so their normalised inputs are not saved. Empty: none.
+    frozen_norms: list[bool] = dataclasses.field(default_factory=list)
+    lm_head_frozen: bool = False  # no lm_head gradient
 
 
 @dataclass
@@ -132,13 +138,23 @@ def shape_of_model(model: nn.Module) -> ModelShape:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     out = model.get_output_embeddings()
     tied = out is not None and out.weight is model.get_input_embeddings().weight
+    graph = model.get_input_embeddings().weight.requires_grad
+    in_graph, frozen_norms = [], []
+    for b in blocks:
+        graph = graph or any(q.requires_grad for q in b.parameters())
+        in_graph.append(graph)
+        frozen_norms.append(any(not q.requires_grad for n, q in b.named_parameters()
+                                if q.dim() == 1 and "norm" in n.rsplit(".", 2)[-2]))
     return ModelShape(units=units, unit_names=unit_names, hidden=text.hidden_size,
                       intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
                       kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
                       vocab=text.vocab_size, layers=len(blocks),
                       lm_head_numel=0 if (out is None or tied) else out.weight.numel(),
                       n_params=sum(math.prod(s) for u in units for s in u), model_type=c.model_type,
-                      moe=moe_shape(model, blocks), frozen=frozen if any(f for u in frozen for f in u) else [])
+                      moe=moe_shape(model, blocks), frozen=frozen if any(f for u in frozen for f in u) else [],
+                      in_graph=[] if all(in_graph) else in_graph,
+                      frozen_norms=frozen_norms if any(frozen_norms) else [],
+                      lm_head_frozen=out is not None and not out.weight.requires_grad)
 
 
 def shape_from_config(cfg: Config) -> ModelShape:
@@ -385,14 +401,16 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     root_un = unit_numel(root, W)
     tokens = s.micro_batch * s.seq_len
     routed = list(m.moe.moe_blocks) if m.moe else [False] * m.layers
-    saved = [block_activation_bytes(m, c, s.cfg.model.attn_implementation, s.seq_len, tokens, r) for r in routed]
+    h, V = m.hidden, m.vocab
+    saved = [block_activation_bytes(m, c, s.cfg.model.attn_implementation, s.seq_len, tokens, r)
+             - (2 * c * h * tokens if m.frozen_norms and m.frozen_norms[i] else 0)  # frozen norm weights
+             if not m.in_graph or m.in_graph[i] else 0 for i, r in enumerate(routed)]
     a_block = max(saved, default=0)
     bw_block = max((block_backward_bytes_per_token(m, c, r) for r in routed), default=0) * tokens
     modes = s.modes(m.layers)
-    h, V = m.hidden, m.vocab
 
     def kept(mode: str, i: int) -> int:  # saved bytes of block i in a checkpointing mode
-        if mode == "none":
+        if mode == "none" or not saved[i]:
             return saved[i]
         if mode == "full":
             return c * h * tokens  # the block input
@@ -420,7 +438,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         logits_bwd = lt * V * 12  # cross-entropy backward: fp32 gradient, softmax, output
         logits_grad = lt * V * (4 + c if c == 2 else 4)  # fp32 gradient and its cast, entering lm_head backward
         fused_grads = 0
-    lm_head_grad = c * m.lm_head_numel  # unsharded root gradient, held until the root's reduce-scatter at the end
+    # unsharded root gradient, held until the root's reduce-scatter at the end
+    lm_head_grad = 0 if m.lm_head_frozen else c * m.lm_head_numel
     unit_grad = (c + 4) * max(block_un, default=0)  # a block's unsharded grad + fp32 reduce-scatter input
     no_sync = t.grad_accum_steps > 1 and not p.sync_grads_every_micro_step
     accum = 4 * sum(unit_numel(u, W) for u in m.units) if no_sync else 0
@@ -448,13 +467,15 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     base = params_gpu + opt_gpu + offload_staging + accum  # fused AdamW on CUDA: no full-size temporaries
     if chunked:  # the chunked loss runs inside the model's forward and backward: the root stays gathered
         held_after_fwd = max(held_after_fwd, root_buf + c * last_block)
+    # accumulating with per-micro-step sync, the micro-steps after the first hold the reduced gradients
+    fwd = base + (grads_gpu if t.grad_accum_steps > 1 and p.sync_grads_every_micro_step else 0)
     phases = {
-        "forward (lm_head)": base + during_fwd + acts + logits_bf,
-        "forward (loss)": base + held_after_fwd + acts + logits_fwd + fused_grads,
-        "backward (loss)": base + held_after_fwd + acts + logits_bwd + fused_grads,
-        "backward (lm_head)": base + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
+        "forward (lm_head)": fwd + during_fwd + acts + logits_bf,
+        "forward (loss)": fwd + held_after_fwd + acts + logits_fwd + fused_grads,
+        "backward (loss)": fwd + held_after_fwd + acts + logits_bwd + fused_grads,
+        "backward (lm_head)": fwd + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
         **block_backward_phases(m, s, rank, st, kept_bytes, saved, tokens,
-                                base + root_buf + lm_head_grad + c * two_blocks + unit_grad),
+                                base + root_buf + lm_head_grad + c * two_blocks + c * max(block_un, default=0)),
         "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * root_un,
         "optimizer": base + grads_gpu,
     }
@@ -478,7 +499,8 @@ def block_backward_phases(m: ModelShape, s: Settings, rank: int, st: ModelState,
     it saves (kept, or recomputed by checkpointing) plus its backward working set (block_backward_bytes_per_token),
     and the blocks after it have reduced their sharded gradients (all of them are held from the previous
     micro-step when accumulating with per-micro-step sync). `fixed`: what every block's backward holds (model
-    state, the root's gathered parameters and lm_head gradient, the gathered blocks, the unit's gradient)."""
+    state, the root's gathered parameters and lm_head gradient, the gathered blocks, the unit's unsharded gradient:
+    its fp32 reduce-scatter input comes after the block's backward, when the working set is gone)."""
     p, t = s.cfg.parallel, s.cfg.train
     pb = 2 if s.precision == "bf16-pure" else 4
     c = 2 if s.precision.startswith("bf16") else 4
@@ -488,7 +510,7 @@ def block_backward_phases(m: ModelShape, s: Settings, rank: int, st: ModelState,
     later_grads = 0  # sharded gradients of the blocks after i, reduced already
     for i in reversed(range(m.layers)):
         grads = st.grads if accumulated else later_grads
-        work = saved[i] + block_backward_bytes_per_token(m, c, routed[i]) * tokens
+        work = saved[i] + (block_backward_bytes_per_token(m, c, routed[i]) * tokens if saved[i] else 0)
         out[f"backward (block {i})" if i < m.layers - 1 else "backward (last block)"] = (
             fixed + sum(kept_bytes[:i]) + work + (0 if p.cpu_offload else grads))
         unit = dataclasses.replace(m, units=[m.units[i]], frozen=[m.frozen[i]] if m.frozen else [])

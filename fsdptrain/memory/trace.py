@@ -437,7 +437,7 @@ def describe_ranks(ranks: list[int]) -> str:
 
 
 def _pct(a: int, b: int) -> str:
-    return f"{(a - b) / b * 100:+.1f}%" if b else "-"
+    return f"{(a - b) / b * 100:+.1f}%" if b and a <= 100 * b else "-"  # "-": nothing comparable was traced
 
 
 def render_rank(rt: RankTrace) -> list[str]:
