@@ -20,9 +20,9 @@ import yaml
 from fsdptrain.config import load_config
 from fsdptrain.memory import trace
 
-LLAMA = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+LLAMA = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
          "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 2048, "tie_word_embeddings": False}
-MIXTRAL = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 352, "num_hidden_layers": 4,
+MIXTRAL = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 352, "num_hidden_layers": 3,
            "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 2048, "num_local_experts": 8,
            "num_experts_per_tok": 2, "tie_word_embeddings": False}
 BF16 = {"device": "cpu", "precision": "bf16-mixed"}
@@ -40,7 +40,7 @@ CASES = {
     "auto": (1, 8, {"parallel": {**BF16, "activation_checkpointing": "auto", "memory_budget_gib": 0.04},
                     "train": CHUNKED}),
     "hybrid_no_sync": (2, 4, {"parallel": {**BF16, "sharding": "hybrid", "sync_grads_every_micro_step": False},
-                              "train": {"micro_batch_size": 2, "grad_accum_steps": 4}}),
+                              "train": {"micro_batch_size": 2, "grad_accum_steps": 2}}),
     "lora": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 2}, "finetune": {"method": "lora"}}),
     "freeze": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 2}, "finetune": {"method": "freeze"}}),
     "optimizer_offload": (1, 8, {"parallel": {**BF16, "optimizer_offload": True}, "train": {"micro_batch_size": 2}}),

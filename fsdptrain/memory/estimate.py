@@ -23,7 +23,13 @@ Two kinds of terms:
   and hidden-state gradients the fused loss makes in forward). It follows
   parallel.sharding (hybrid: sharded within a shard group), prefetch_blocks,
   optimizer_offload and selective checkpointing (block input, matmul and
-  attention outputs kept). The peak is the largest of the phase sums in `phases`.
+  attention outputs kept). Each block's backward is a phase of its own
+  (block_backward_phases: what the earlier blocks keep, the block's saved
+  tensors and its backward working set, the later blocks' reduced
+  gradients); with lora / freeze, blocks before every trainable parameter
+  save nothing. The peak is the largest of the phase sums in `phases`; the
+  working-memory terms were checked against the fake-tensor trace of the real
+  step (memory/trace.py, tests/test_estimate_vs_trace.py).
 The verdict adds a fixed allowance for the CUDA context, NCCL buffers and
 allocator fragmentation that torch's allocator does not count.
 

@@ -21,10 +21,13 @@ What the trace does not model:
   which saves the same output and log-sum-exp as CUDA's flash/efficient ones.
 - CUDA-only memory (allocator caching and fragmentation, the CUDA context,
   NCCL buffers, kernel workspaces) stays the estimator's allowance line.
-- parallel.cpu_offload and parallel.optimizer_offload (offloaded and resident
-  memory are one device here) and parallel.compile (the tracker does not see
-  inside compiled graphs) are refused in one line; the analytic estimate
-  covers them.
+- parallel.cpu_offload (offloaded and resident memory are one device here)
+  is refused in one line; the analytic estimate covers it. parallel.compile
+  is traced eager and parallel.optimizer_offload with the state resident, then
+  taken off (trace_notes says so under the table).
+- Selective checkpointing is traced with the profiler ops FSDP opens inside
+  the recompute let through the selective replay
+  (profiler_ops_outside_selective_replay).
 """
 
 from __future__ import annotations
