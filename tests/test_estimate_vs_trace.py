@@ -4,7 +4,8 @@ Ten configurations of a small Llama (and one Mixtral) at 8 ranks under torch's f
 none / full / every_k / selective / auto, the chunked loss, hybrid sharding with accumulation reduced only on the
 last micro-step, accumulation with per-micro-step sync, fp32 and bf16-mixed, LoRA, freeze, optimizer offload and a
 mixture-of-experts family. For each, on every group of ranks with equal shards: the analytic peak is within 5% of
-the traced peak, and the model-state terms (sharded parameters, gradients, optimizer state) are exact.
+the traced peak, and the model-state terms (sharded parameters, gradients, optimizer state) are exact. cpu_offload,
+which cannot be traced, has its host-side model state checked against the resident run's trace.
 
 The dimensions are in proportion to real models (vocabulary 8x the hidden size, MLP 2.75x) so that no single term
 swamps the others; fake tensors cost the same whatever their size. All traces run in this process (no torchrun).
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from fsdptrain.config import load_config
+from fsdptrain.memory import estimate as analytic
 from fsdptrain.memory import trace
 
 LLAMA = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
@@ -49,13 +51,21 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory) -> dict[str, trace.TraceReport]:
+def configs(tmp_path_factory) -> dict[str, str]:
     root: Path = tmp_path_factory.mktemp("estvstrace")
     out = {}
-    for name, (nnodes, gpus, extra) in CASES.items():
+    for name, (_, _, extra) in CASES.items():
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump({"model": {"hf_config": LLAMA}, "data": {"max_length": 512}, **extra}))
-        out[name] = trace.run_trace(load_config(str(path), []), nnodes, gpus, 80 << 30)
+        out[name] = str(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def traced(configs) -> dict[str, trace.TraceReport]:
+    out = {}
+    for name, (nnodes, gpus, _) in CASES.items():
+        out[name] = trace.run_trace(load_config(configs[name], []), nnodes, gpus, 80 << 30)
     return out
 
 
@@ -86,3 +96,17 @@ def test_the_cases_exercise_what_they_name(traced):
     assert any(n.startswith("parallel.optimizer_offload: traced with the state resident") for n in off.notes)
     assert traced["mixtral_chunked"].traces[0].est.shape.moe is not None
     assert traced["hybrid_no_sync"].traces[0].est.settings.shard_world == 4
+
+
+def test_cpu_offload_model_state_equals_the_trace_of_the_resident_run(configs, traced):
+    """cpu_offload cannot be traced (one device): its host-side model state is checked against the trace of the
+    same run with the state resident (optimizer offload: parameters and gradients on the device, the optimizer
+    state's bytes from the host)."""
+    rep = traced["optimizer_offload"]
+    cfg = load_config(configs["optimizer_offload"], ["parallel.optimizer_offload=false", "parallel.cpu_offload=true"])
+    est = analytic.estimate(cfg, 1, 8, 80 << 30)
+    tr = rep.traces[0].trace
+    assert (est.state.params, est.state.grads, est.state.optimizer) == (
+        tr.category_max("parameters (sharded)"), tr.category_max("gradients (sharded)"), tr.optimizer_state)
+    assert est.terms["parameters (sharded)"] == est.terms["gradients (sharded)"] == 0  # all on the host
+    assert est.cpu_per_rank == est.state.total + 4 * est.state.trained_local  # + AdamW's temporary
