@@ -1,11 +1,12 @@
 """The analytic estimator (memory/estimate.py) against the fake-tensor trace of the real step (memory/trace.py).
 
-Ten configurations of a small Llama (and one Mixtral) at 8 ranks under torch's fake process group: checkpointing
-none / full / every_k / selective / auto, the chunked loss, hybrid sharding with accumulation reduced only on the
-last micro-step, accumulation with per-micro-step sync, fp32 and bf16-mixed, LoRA, freeze, optimizer offload and a
-mixture-of-experts family. For each, on every group of ranks with equal shards: the analytic peak is within 5% of
-the traced peak, and the model-state terms (sharded parameters, gradients, optimizer state) are exact. cpu_offload,
-which cannot be traced, has its host-side model state checked against the resident run's trace.
+Eleven configurations of a small Llama (one of them a Qwen3-MoE) at 8 ranks under torch's fake process group:
+checkpointing none / full / every_k / selective / auto, the chunked loss, hybrid sharding with accumulation reduced
+only on the last micro-step, accumulation with per-micro-step sync, fp32 and bf16-mixed, LoRA, freeze, optimizer
+offload and a mixture-of-experts family with q/k norms (qwen3_moe). For each, on every group of ranks with equal
+shards: the analytic peak is within 5% of the traced peak, and the model-state terms (sharded parameters, gradients,
+optimizer state) are exact. cpu_offload, which cannot be traced, has its host-side model state checked against the
+resident run's trace.
 
 The dimensions are in proportion to real models (vocabulary 8x the hidden size, MLP 2.75x) so that no single term
 swamps the others; fake tensors cost the same whatever their size. All traces run in this process (no torchrun).
@@ -24,9 +25,11 @@ from fsdptrain.memory import trace
 
 LLAMA = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
          "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 2048, "tie_word_embeddings": False}
-MIXTRAL = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 352, "num_hidden_layers": 3,
-           "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 2048, "num_local_experts": 8,
-           "num_experts_per_tok": 2, "tie_word_embeddings": False}
+# routed experts in every block, and q/k norms (which the estimator counts: test_qk_norms_... below)
+QWEN3_MOE = {"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 704, "moe_intermediate_size": 176,
+             "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,
+             "vocab_size": 2048, "num_experts": 8, "num_experts_per_tok": 2, "tie_word_embeddings": False,
+             "decoder_sparse_step": 1, "mlp_only_layers": []}
 BF16 = {"device": "cpu", "precision": "bf16-mixed"}
 CHUNKED = {"micro_batch_size": 2, "loss_chunk_tokens": 256}
 # name -> (nnodes, gpus per node, config)
@@ -46,7 +49,7 @@ CASES = {
     "lora": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 2}, "finetune": {"method": "lora"}}),
     "freeze": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 2}, "finetune": {"method": "freeze"}}),
     "optimizer_offload": (1, 8, {"parallel": {**BF16, "optimizer_offload": True}, "train": {"micro_batch_size": 2}}),
-    "mixtral_chunked": (1, 8, {"parallel": BF16, "train": CHUNKED, "model": {"hf_config": MIXTRAL}}),
+    "qwen3_moe_chunked": (1, 8, {"parallel": BF16, "train": CHUNKED, "model": {"hf_config": QWEN3_MOE}}),
 }
 
 
@@ -94,7 +97,8 @@ def test_the_cases_exercise_what_they_name(traced):
     off = traced["optimizer_offload"]
     assert off.traces[0].est.terms["optimizer state (AdamW m, v, step)"] == 0 < off.traces[0].trace.optimizer_state
     assert any(n.startswith("parallel.optimizer_offload: traced with the state resident") for n in off.notes)
-    assert traced["mixtral_chunked"].traces[0].est.shape.moe is not None
+    moe = traced["qwen3_moe_chunked"].traces[0].est.shape
+    assert moe.moe is not None and moe.qk_norm
     assert traced["hybrid_no_sync"].traces[0].est.settings.shard_world == 4
 
 
@@ -110,3 +114,34 @@ def test_cpu_offload_model_state_equals_the_trace_of_the_resident_run(configs, t
         tr.category_max("parameters (sharded)"), tr.category_max("gradients (sharded)"), tr.optimizer_state)
     assert est.terms["parameters (sharded)"] == est.terms["gradients (sharded)"] == 0  # all on the host
     assert est.cpu_per_rank == est.state.total + 4 * est.state.trained_local  # + AdamW's temporary
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qk_norms_saved_tensors_equal_autograd(dtype):
+    """Qwen3's per-head q/k norms save their fp32 input, an rsqrt per head and the normalised q and k: counted
+    tensor by tensor against autograd's saved tensors of one block."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dt = getattr(torch, dtype)
+    cfg = AutoConfig.for_model("qwen3", hidden_size=64, intermediate_size=176, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dt).train()
+    b, s = 2, 40
+    x = model.model.embed_tokens(torch.randint(0, 100, (b, s))).detach().requires_grad_()
+    pos = torch.arange(s)[None]
+    cos_sin = model.model.rotary_emb(x, pos)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *cos_sin]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, position_embeddings=cos_sin, position_ids=pos)
+    shape = analytic.shape_of_model(model)
+    assert shape.qk_norm
+    c = dt.itemsize
+    assert analytic.block_activation_bytes_per_token(shape, c, "sdpa", s) * b * s == sum(saved.values())

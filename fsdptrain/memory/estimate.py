@@ -85,6 +85,7 @@ class ModelShape:
     # per block: its norms' weights are frozen (lora), so their normalised inputs are not saved. Empty: none.
     frozen_norms: list[bool] = dataclasses.field(default_factory=list)
     lm_head_frozen: bool = False  # no lm_head gradient
+    qk_norm: bool = False  # an RMSNorm on q and on k before RoPE (q_norm / k_norm: the qwen3 family)
 
 
 @dataclass
@@ -160,7 +161,8 @@ def shape_of_model(model: nn.Module) -> ModelShape:
                       moe=moe_shape(model, blocks), frozen=frozen if any(f for u in frozen for f in u) else [],
                       in_graph=[] if all(in_graph) else in_graph,
                       frozen_norms=frozen_norms if any(frozen_norms) else [],
-                      lm_head_frozen=out is not None and not out.weight.requires_grad)
+                      lm_head_frozen=out is not None and not out.weight.requires_grad,
+                      qk_norm=any(n.endswith(("q_norm", "k_norm")) for b in blocks[:1] for n, _ in b.named_modules()))
 
 
 def shape_from_config(cfg: Config) -> ModelShape:
@@ -345,6 +347,8 @@ def block_activation_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: 
     attn_out = c * qd + 4 * m.heads  # output (also o_proj's input) and the fp32 log-sum-exp
     mlp = moe_mlp_bytes_per_token(m.moe, h, c) if (routed and m.moe) else 4 * c * f  # gate, up, act(gate), product
     total = norms + qkv + attn_out + mlp
+    if m.qk_norm:  # per-head norms of q and k: fp32 input, rsqrt per head, normalised (RoPE saves only cos/sin)
+        total += (4 + c) * (qd + kvd) + 4 * (m.heads + m.kv_heads)
     if attn == "eager":  # s x s probabilities (fp32 softmax output, and its cast when c < 4), full-head k/v copies
         total += m.heads * seq_len * (4 + (c if c < 4 else 0)) + 2 * c * (qd - kvd) - 4 * m.heads
     return total
