@@ -71,7 +71,7 @@ def run_cli(args: list[str], timeout: float = 300, cwd: Path | None = None, **ex
                           timeout=timeout, env=env(**extra_env), cwd=cwd)
 
 
-def cli_inproc(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli_inproc(args: list[str], cwd: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess:
     """The CLI run inside the test process, for commands that end before any training starts (config errors,
     `config`, refusals): the same exit status, stdout and stderr as `run_cli` without the seconds an interpreter
     start-up with torch costs. Tests of what a whole process does (signals, tracebacks, torchrun) use run_cli."""
@@ -83,7 +83,7 @@ def cli_inproc(args: list[str], cwd: Path | None = None) -> subprocess.Completed
     try:
         if cwd is not None:
             os.chdir(cwd)
-        res = CliRunner().invoke(cli.main, args, prog_name="fsdptrain", catch_exceptions=False)
+        res = CliRunner(env=extra_env or None).invoke(cli.main, args, prog_name="fsdptrain", catch_exceptions=False)
     finally:
         os.chdir(before)
         cli.crash_dir = None  # set by `train` for its crash reports; a process would end here

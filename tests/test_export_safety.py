@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import cli_inproc, run_cli
 
 CKPT1, CKPT2 = "step-00000001", "step-00000002"
 TRAIN = ["train.max_steps=2", "data.synthetic_examples=64", "logging.log_every=1", "logging.tensorboard=false",
@@ -74,7 +74,8 @@ def work(trained, tmp_path) -> Path:
 
 
 def export(work: Path, *args: str, **env: str):
-    return run_cli(["export", *args], cwd=work, **env)
+    """`fsdptrain export` in the test process (tests.helpers.cli_inproc): the same exit status and output."""
+    return cli_inproc(["export", *args], cwd=work, **env)
 
 
 # ----------------------------------------------------------------------------- export refuses, nothing changes
