@@ -105,7 +105,8 @@ def test_truncated_safetensors_in_model_folder(tmp_path):
     weights = model / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    proc = run_cli(["train", f"model.path={model}", "model.hf_config=null", *TINY_RUN, f"output_dir={tmp_path / 'r'}"])
+    proc = cli_inproc(["train", f"model.path={model}", "model.hf_config=null", *TINY_RUN,
+                       f"output_dir={tmp_path / 'r'}"])
     one_line_error(proc, f"{weights}: truncated", "download or save it again")
 
 
@@ -206,7 +207,7 @@ def test_damaged_checkpoint_json_is_one_line(finished_run, tmp_path, name, chang
     shutil.copytree(finished_run, run)
     damaged = _damage(run, name, change)
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*") if "config.yaml" not in p.name)
-    proc = run_cli(["train", *TINY_RUN, "train.max_steps=3", f"output_dir={run}"])
+    proc = cli_inproc(["train", *TINY_RUN, "train.max_steps=3", f"output_dir={run}"])
     one_line_error(proc, expected, "resume from another checkpoint")
     assert damaged.exists()
     after = sorted(str(p.relative_to(run)) for p in run.rglob("*") if "config.yaml" not in p.name)
