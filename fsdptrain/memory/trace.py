@@ -55,41 +55,10 @@ from ..plan import resolve_precision
 from ..trainer import forward_backward, grad_norm_and_clip
 from ..units import GIB, format_bytes
 from . import estimate as analytic
+from .phases import CATEGORIES, PhasePeak, by_category, state_bytes
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-# FSDPMemTracker's reference types -> the categories we report (in this order)
-CATEGORY_OF = {
-    "Sharded Param": "parameters (sharded)",
-    "Unsharded Param": "parameters (gathered)",
-    "Sharded Grad": "gradients (sharded)",
-    "Unsharded Grad": "gradients (unsharded)",
-    "OptState": "optimizer state",
-    "Activation": "activations",
-    "Temp": "temporaries",
-    "All Gather": "collective buffers",
-    "Reduce Scatter": "collective buffers",
-    "Buffer": "buffers + inputs",
-    "Inputs": "buffers + inputs",
-}
-CATEGORIES = list(dict.fromkeys(CATEGORY_OF.values()))
-
-
-@dataclass
-class PhasePeak:
-    step: int  # 1-based
-    phase: str  # forward #i | backward #i | optimizer
-    total: int
-    by_category: dict[str, int]
-    # on fake tensors, step 1's clipping and optimizer run DTensor's sharding propagation for the first time
-    # (then cached), and under the fake mode the tracker counts its tensors: that phase is left out of peaks
-    warmup: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"step {self.step} {self.phase}"
-
 
 @dataclass
 class StepTrace:
@@ -107,35 +76,6 @@ class StepTrace:
 
     def category_max(self, name: str) -> int:
         return max(p.by_category.get(name, 0) for p in self.compared)
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors (AdamW's each own their storage)."""
-    total = 0
-    for st in optimizer.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor):
-                local = v.to_local() if hasattr(v, "to_local") else v
-                total += local.untyped_storage().nbytes()
-    return total
-
-
-def _by_category(snapshot: dict, opt_state: int) -> tuple[int, dict[str, int]]:
-    """One device's tracker snapshot -> (total, bytes per category). Tensors made while the optimizer steps are all
-    labelled OptState by the tracker; what exceeds the real state is the update's temporaries."""
-    out = dict.fromkeys(CATEGORIES, 0)
-    total = 0
-    for dev_snap in snapshot.values():
-        for ref, n in dev_snap.items():
-            name = getattr(ref, "value", ref)
-            if name == "Total":
-                total += n
-                continue
-            out[CATEGORY_OF.get(name, "temporaries")] += n
-    if out["optimizer state"] > opt_state:
-        out["temporaries"] += out["optimizer state"] - opt_state
-        out["optimizer state"] = opt_state
-    return total, out
 
 
 def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: SimpleNamespace,
@@ -156,7 +96,7 @@ def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: Simpl
     fake = _is_fake(steps[0])
 
     def close_phase(name: str, i: Optional[int] = None) -> None:
-        total, cats = _by_category(tracker.get_tracker_snapshot("peak"), state_bytes(optimizer))
+        total, cats = by_category(tracker.get_tracker_snapshot("peak"), state_bytes(optimizer))
         phases.append(PhasePeak(step_no[0], name if i is None else f"{name} #{i}", total, cats,
                                 warmup=fake and step_no[0] == 1 and name == "optimizer"))
         # FSDPMemTracker keeps one running peak; restart it from the live memory so each phase gets its own
