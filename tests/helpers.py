@@ -125,3 +125,23 @@ def make_model_dir(path: Path, arch: dict, seed: int = 0, dtype: torch.dtype = t
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines if x.strip()]
+
+
+def first_block_saved_bytes(model, b: int, s: int) -> int:
+    """Bytes autograd saves for backward in the first decoder block of `model` (a transformers causal LM) on a
+    [b, s] batch, parameters and rotary tables left out: what the estimator's per-block activation term predicts."""
+    x = model.model.embed_tokens(torch.randint(0, 100, (b, s))).detach().requires_grad_()
+    pos = torch.arange(s)[None]
+    cos_sin = model.model.rotary_emb(x, pos)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *cos_sin]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, position_embeddings=cos_sin, position_ids=pos)
+    return sum(saved.values())

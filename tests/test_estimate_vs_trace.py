@@ -22,6 +22,7 @@ import yaml
 from fsdptrain.config import load_config
 from fsdptrain.memory import estimate as analytic
 from fsdptrain.memory import trace
+from tests.helpers import first_block_saved_bytes
 
 LLAMA = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
          "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 2048, "tie_word_embeddings": False}
@@ -128,20 +129,8 @@ def test_qk_norms_saved_tensors_equal_autograd(dtype):
                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dt).train()
     b, s = 2, 40
-    x = model.model.embed_tokens(torch.randint(0, 100, (b, s))).detach().requires_grad_()
-    pos = torch.arange(s)[None]
-    cos_sin = model.model.rotary_emb(x, pos)
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *cos_sin]}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model.layers[0](x, position_embeddings=cos_sin, position_ids=pos)
+    saved = first_block_saved_bytes(model, b, s)
     shape = analytic.shape_of_model(model)
     assert shape.qk_norm
     c = dt.itemsize
-    assert analytic.block_activation_bytes_per_token(shape, c, "sdpa", s) * b * s == sum(saved.values())
+    assert analytic.block_activation_bytes_per_token(shape, c, "sdpa", s) * b * s == saved

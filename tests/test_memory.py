@@ -27,7 +27,7 @@ from fsdptrain.memory import diff, estimate, report, snapshot
 from fsdptrain.memory import stats as memstats
 from fsdptrain.memory.tracker import likely_cause
 from fsdptrain.units import GIB
-from tests.helpers import REPO, torchrun
+from tests.helpers import REPO, first_block_saved_bytes, torchrun
 from tests.workers.mem_cases import LONG, SHORT, measure_model_state
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -358,22 +358,9 @@ def test_block_activations_equal_autograd_saved_tensors(attn):
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32).train()
     b, s = 2, 40
-    x = model.model.embed_tokens(torch.randint(0, 100, (b, s))).detach().requires_grad_()
-    pos = torch.arange(s)[None]
-    cos_sin = model.model.rotary_emb(x, pos)
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *cos_sin]}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model.layers[0](x, position_embeddings=cos_sin, position_ids=pos)
+    saved = first_block_saved_bytes(model, b, s)
     shape = estimate.shape_of_model(model)
-    assert estimate.block_activation_bytes_per_token(shape, 4, attn, s) * b * s == sum(saved.values())
+    assert estimate.block_activation_bytes_per_token(shape, 4, attn, s) * b * s == saved
 
 
 def test_qwen25_32b_on_2x8_with_and_without_offload():
