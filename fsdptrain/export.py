@@ -31,7 +31,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -397,6 +397,22 @@ def _skeleton(raw_config: object, hf_config: PretrainedConfig) -> nn.Module:
 
 
 @torch.no_grad()
+def checkpoint_model_files(path: Path) -> tuple[dict, Any, Any]:
+    """A checkpoint's hf/ folder: its config.json as written, the transformers config, and the tokenizer (None when
+    the run saved none). A damaged file is one line naming it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    hf_dir = path / "hf"
+    raw_config = read_json(hf_dir / "config.json", "the model config")
+    with reading(hf_dir / "config.json", "the model config"):
+        hf_config = AutoConfig.from_pretrained(str(hf_dir))
+    tokenizer = None
+    if any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        with reading(hf_dir / "tokenizer.json", "the tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    return raw_config, hf_config, tokenizer
+
+
 def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
                       max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, merge: bool = False,
                       base: Optional[str] = None) -> tuple[Path, bool]:
@@ -406,7 +422,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     and whether an earlier export was replaced."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
-    from transformers import AutoConfig, AutoTokenizer
 
     from .checkpoint import check_model, resolve_resume, verify_files
 
@@ -425,14 +440,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype_name: str = "auto",
     if merge:
         raise UserError(f"export --merge: {path} is not a LoRA checkpoint (nothing to merge); export it without "
                         "--merge")
-    hf_dir = path / "hf"
-    raw_config = read_json(hf_dir / "config.json", "the model config")  # a damaged file: one line naming it
-    with reading(hf_dir / "config.json", "the model config"):
-        hf_config = AutoConfig.from_pretrained(str(hf_dir))
-    tokenizer = None
-    if any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        with reading(hf_dir / "tokenizer.json", "the tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    raw_config, hf_config, tokenizer = checkpoint_model_files(path)
     dtype = export_dtype(dtype_name, saved.get("precision", "fp32"))
 
     skeleton = _skeleton(raw_config, hf_config)
@@ -581,18 +589,10 @@ def export_finetuned(path: Path, saved: dict, out_dir: str, dtype_name: str, max
                      merge: bool, base: Optional[str]) -> bool:
     """Export a LoRA checkpoint as a PEFT adapter (or, with merge, a full model), a freeze checkpoint as a full
     model; the frozen weights come from the base model folder. Returns whether an earlier export was replaced."""
-    from transformers import AutoConfig, AutoTokenizer
 
     ident = saved["finetune"]
     base_dir = finetune_base(ident, base, path)
-    hf_dir = path / "hf"
-    raw_config = read_json(hf_dir / "config.json", "the model config")
-    with reading(hf_dir / "config.json", "the model config"):
-        hf_config = AutoConfig.from_pretrained(str(hf_dir))
-    tokenizer = None
-    if any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        with reading(hf_dir / "tokenizer.json", "the tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    raw_config, hf_config, tokenizer = checkpoint_model_files(path)
     dtype = export_dtype(dtype_name, saved.get("precision", "fp32"))
     trained = read_trained(path)
     lora = ident.get("method") == "lora"
