@@ -61,6 +61,7 @@ class WandbSink:
 
     def __init__(self, out_dir: Path, name: str, project: str, config: dict):
         wandb = optional_import("wandb", "wandb")
+        self.wandb = wandb
         self.run = wandb.init(project=project, name=name, dir=str(out_dir), config=config,
                               settings=wandb.Settings(console="off", x_disable_stats=True))
 
@@ -69,6 +70,10 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+        # finish() only asks wandb's service to close the run: its run file is written when the service closes
+        # the stream, after finish() returns (a small offline run file is held in one buffer until then).
+        # teardown() waits for the service to exit, so the run's files are complete when training returns.
+        self.wandb.teardown()
 
 
 class MlflowSink:
