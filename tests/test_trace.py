@@ -1,8 +1,9 @@
 """`fsdptrain estimate --trace`: the fake-tensor trace against a real 2-rank gloo run, the analytic model-state
 terms against the trace, the command's table and the per-rank forecast from the data plan.
 
-One 2-rank torchrun launch (tests/workers/trace_cases.py) measures real tensors of two configurations with the
-same tracker function; the fake traces run in this process under torch's fake process group.
+One 2-rank torchrun launch (tests/workers/trace_cases.py) measures real tensors of three configurations with the
+same tracker function, collectives settled at issue; the fake traces run in this process under torch's fake
+process group.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ CASES = {
     # selective checkpointing replays recorded ops in backward; the tracker's profiler ops must not break it
     "fp32_selective": {"parallel": {"device": "cpu", "precision": "fp32", "activation_checkpointing": "selective"},
                        "data": {"max_length": 48}, "train": {"micro_batch_size": 2}},
+    # frozen bf16 base with fp32 adapters (no gradient, no optimizer state on the base), full checkpointing
+    "bf16_lora_full": {"parallel": {"device": "cpu", "precision": "bf16-mixed", "activation_checkpointing": "full"},
+                       "data": {"max_length": 48}, "train": {"micro_batch_size": 2},
+                       "finetune": {"method": "lora"}},
 }
 
 
@@ -72,29 +77,34 @@ def test_fake_trace_equals_the_real_run_and_the_analytic_model_state(real, name)
         mine = measured[name][rank]
         got = [p for p in fake.phases]
         assert [p.label for p in got] == [f"step {p['step']} {p['phase']}" for p in mine["phases"]]
-        # Real gloo collectives complete asynchronously, so what they hold at a phase's peak depends on timing:
-        # three identical real runs differed by exactly a reduce-scatter input in the backward that reduces, and
-        # by 84 bytes of small tensors in a clip + optimizer phase. The fake group completes at once. Bound:
-        # one unit's unsharded fp32 gradient, the largest buffer a pending collective holds.
-        tol = 4 * max(analytic.unit_numel(u, 2) for u in est.shape.units)
+        # The reference run settles each collective at issue (tests/workers/trace_cases.py), as the fake group
+        # does; its phases are then equal to the byte, now and then but for a few bytes of scalars: 1% of the
+        # phase's total bounds the total and every category.
         for p, q in zip(got, mine["phases"]):
             if p.warmup:  # step 1's optimizer on fake tensors also counts DTensor's first sharding propagation
                 assert p.total >= q["total"]
                 continue
             for c in trace.EXACT:  # model state: exact in every phase
                 assert p.by_category[c] == q["by_category"][c], (rank, p.label, c)
-            if not p.phase.startswith("forward") and p.total != q["total"]:
-                assert abs(p.total - q["total"]) <= tol, (rank, p.label, p.total, q["total"], tol)
-                continue
-            # otherwise exact (every forward always): same code, same shapes; fake tensors have the real sizes
-            assert (p.total, p.by_category) == (q["total"], q["by_category"]), (rank, p.label)
+            tol = q["total"] // 100
+            assert abs(p.total - q["total"]) <= tol, (rank, p.label, p.total, q["total"])
+            for c, b in p.by_category.items():
+                assert abs(b - q["by_category"][c]) <= tol, (rank, p.label, c, b, q["by_category"][c])
+        # the step's peak and each category's peak within 1%
+        compared = [q for p, q in zip(got, mine["phases"]) if not p.warmup]
+        real_peak = max(q["total"] for q in compared)
+        assert abs(fake.peak.total - real_peak) <= real_peak // 100, (rank, fake.peak.total, real_peak)
+        for c in trace.CATEGORIES:
+            real_max = max(q["by_category"][c] for q in compared)
+            assert abs(fake.category_max(c) - real_max) <= real_max // 100, (rank, c, fake.category_max(c), real_max)
         assert fake.optimizer_state == mine["optimizer_state"]
         # the analytic model-state terms are exact against the trace, on the full and the short shard
         e = analytic.compute(est.shape, est.settings, rank)
         assert e.terms["parameters (sharded)"] == fake.category_max("parameters (sharded)")
         assert e.terms["gradients (sharded)"] == fake.category_max("gradients (sharded)")
         assert e.terms["optimizer state (AdamW m, v, step)"] == fake.optimizer_state
-    assert measured[name][0]["optimizer_state"] > measured[name][1]["optimizer_state"]  # the shards differ
+    if "finetune" not in CASES[name]:  # the padded vocabulary and MLP rows: rank 1's shards are shorter
+        assert measured[name][0]["optimizer_state"] > measured[name][1]["optimizer_state"]
 
 
 def test_estimate_trace_forecast_prints_the_traced_table(tmp_path):
