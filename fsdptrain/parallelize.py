@@ -55,8 +55,19 @@ _SAVE_OPS = {
 }
 
 
+# torch 2.13: in a selectively checkpointed block's recompute, FSDP's pre-forward hook runs inside the block's
+# checkpoint context and opens a profiler range (record_function) that in forward it opened outside it (with
+# bf16-mixed, or under any dispatch mode such as memory.phases' tracker); the replay then meets ops it never
+# recorded and fails ("... encountered during backward but not found in storage"). They carry no tensors: the
+# replay lets them through, as it does detach.
+_PROFILER_OPS = {torch.ops.profiler._record_function_enter_new.default,
+                 torch.ops.profiler._record_function_exit._RecordFunction}
+
+
 def _selective_context():
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, create_selective_checkpoint_contexts
+
+    SAC_IGNORED_OPS.update(_PROFILER_OPS)
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE

@@ -212,7 +212,7 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     hf_config = setup_hf_config(cfg, tokenizer)
     sharded = build_sharded_model(cfg, info, hf_config)
     log.info(sharded.describe(hf_config))
-    breakdown.check(cfg, sharded.plan.checkpoint_modes)
+    breakdown.check(cfg)
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
     model, plan = sharded.model, sharded.plan

@@ -1,10 +1,12 @@
 """memory.breakdown_steps: a real step measured by category on every rank, and `fsdptrain mem report` naming the
 category that differs between ranks.
 
-One 2-rank gloo launch (tests/workers/breakdown_cases.py) trains the same config three times (and runs
+One 2-rank gloo launch (tests/workers/breakdown_cases.py) trains the same config five times (and runs
 `fsdptrain estimate` on it, for the CUDA-only allowance line): without tracking,
 with memory.breakdown_steps=[3], and steps 1-2 by the trainer then step 3 under memory.trace.measure_steps (the
-tracker function of `estimate --trace`, an independent measurement of the same step). Rank 0 gets 3 rows per
+tracker function of `estimate --trace`, an independent measurement of the same step); then untracked and tracked
+again with selective activation checkpointing and bf16-mixed (whose recompute opened profiler ranges the selective
+replay had not recorded, tracked or not, before parallelize._PROFILER_OPS). Rank 0 gets 3 rows per
 micro-batch and rank 1 one row of the same width (data.micro_batch_sizes [3, 1]), so only activations differ.
 """
 
@@ -118,13 +120,23 @@ def test_bad_breakdown_steps_and_what_the_tracker_cannot_follow_are_one_line_err
     res = cli_inproc(["config", str(bad)])
     assert (res.returncode, res.stderr) == (2, f"fsdptrain: error: {bad}: memory.breakdown_steps: expected optimizer "
                                                "steps (integers >= 1, e.g. [3]), got ['three', True]\n")
-    cfg = load_config(str(path), ["memory.breakdown_steps=[2]", "parallel.activation_checkpointing=selective"])
-    with pytest.raises(ConfigError, match=r"^memory.breakdown_steps: FSDPMemTracker cannot track selective "):
-        breakdown.check(cfg, ["selective", "selective"])
     cfg = load_config(str(path), ["memory.breakdown_steps=[2]", "parallel.compile=true"])
     with pytest.raises(ConfigError, match=r"^memory.breakdown_steps: the tracker does not see inside compiled"):
-        breakdown.check(cfg, ["none", "none"])
-    breakdown.check(load_config(str(path), []), ["selective", "selective"])  # nothing tracked: nothing refused
+        breakdown.check(cfg)
+    breakdown.check(load_config(str(path), ["parallel.compile=true"]))  # nothing tracked: nothing refused
+
+
+def test_selective_checkpointing_is_tracked_and_the_losses_stay_bitwise(runs):
+    """The selective replay in backward sees no profiler op of the tracker's (phases.PhaseTracker), so the tracked
+    step runs, computes what the untracked run does, and its forward saves less than without checkpointing."""
+    for rank in range(2):
+        assert (_read(runs / f"losses_selective_tracked_rank{rank}.json")["losses"]
+                == _read(runs / f"losses_selective_plain_rank{rank}.json")["losses"])
+        sel = _read(runs / "selective_tracked" / "memory" / f"breakdown_step{STEP}_rank{rank}.json")
+        full = _read(runs / "tracked" / "memory" / f"breakdown_step{STEP}_rank{rank}.json")
+        assert [p["phase"] for p in sel["phases"]] == [p["phase"] for p in full["phases"]]
+        saved = [p["by_category"]["activations"] for p in (sel["phases"][0], full["phases"][0])]
+        assert 0 < saved[0] < saved[1], saved
 
 
 def test_estimate_prints_the_cuda_only_allowance_as_its_own_line(runs):

@@ -37,15 +37,10 @@ from .phases import CATEGORIES, PhasePeak, PhaseTracker, state_bytes
 FILE = "breakdown_step{step}_rank{rank}.json"
 
 
-def check(cfg: Config, checkpoint_modes: list[str]) -> None:
+def check(cfg: Config) -> None:
     """What the tracker cannot follow, refused in one line before training starts."""
     if not cfg.memory.breakdown_steps:
         return
-    if "selective" in checkpoint_modes:
-        raise ConfigError("memory.breakdown_steps: FSDPMemTracker cannot track selective activation checkpointing "
-                          "(its profiler ops break the selective replay in backward, torch 2.13); for the tracked "
-                          "run set parallel.activation_checkpointing to full, every_k or none, or set "
-                          "memory.breakdown_steps=[]")
     if cfg.parallel.compile:
         raise ConfigError("memory.breakdown_steps: the tracker does not see inside compiled blocks; for the tracked "
                           "run set parallel.compile=false, or set memory.breakdown_steps=[]")

@@ -6,7 +6,8 @@ temporaries, all-gather and reduce-scatter buffers, ...). `PhaseTracker` keeps
 the peak of each phase of a step (it restarts the tracker's running peak at
 each phase end) and maps the reference types to the categories fsdptrain
 reports (`CATEGORIES`). It works on real tensors on any device and on fake
-tensors under a fake process group alike. Users: memory.breakdown (a real
+tensors under a fake process group alike, selective checkpointing included
+(see parallelize._PROFILER_OPS). Users: memory.breakdown (a real
 run's step, memory.breakdown_steps) and, through the same categories,
 memory.trace (`fsdptrain estimate --trace`).
 """

@@ -7,10 +7,10 @@ process group, so no memory is allocated and no GPU is needed. The trainer's
 own `forward_backward` (accumulation, per-micro-step sync, loss scaling) and
 `grad_norm_and_clip` then run two optimizer steps (the first has no optimizer
 state yet), and torch's FSDPMemTracker attributes every live tensor to a
-category; the peak of each phase is recorded (`measure_steps`, the one place
-that talks to the tracker). Accumulation is traced in at most 3 micro-steps
-per step: the first, one of the (identical) middle ones and the last
-(`traced_micro_steps`). The same function measures real tensors on a real
+category; the peak of each phase is recorded (`measure_steps`, through
+phases.PhaseTracker, the one wrapper around the tracker). Accumulation is
+traced in at most 3 micro-steps per step: the first, one of the (identical)
+middle ones and the last (`traced_micro_steps`). The same function measures real tensors on a real
 process group, which is how the tests check the fake trace against reality.
 
 What the trace does not model:
@@ -25,9 +25,9 @@ What the trace does not model:
   is refused in one line; the analytic estimate covers it. parallel.compile
   is traced eager and parallel.optimizer_offload with the state resident, then
   taken off (trace_notes says so under the table).
-- Selective checkpointing is traced with the profiler ops FSDP opens inside
-  the recompute let through the selective replay
-  (profiler_ops_outside_selective_replay).
+- Selective checkpointing is traced as trained: the profiler ops FSDP opens
+  inside a block's recompute pass through the selective replay
+  (parallelize._PROFILER_OPS).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from ..plan import resolve_precision
 from ..trainer import forward_backward, grad_norm_and_clip
 from ..units import GIB, format_bytes
 from . import estimate as analytic
-from .phases import CATEGORIES, PhasePeak, by_category, state_bytes
+from .phases import CATEGORIES, PhasePeak, PhaseTracker, state_bytes
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -80,34 +80,19 @@ class StepTrace:
 
 def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: SimpleNamespace,
                   steps: list[list[dict]], max_grad_norm: float) -> StepTrace:
-    """Run optimizer steps (each a list of micro-batches) under FSDPMemTracker and record each phase's peak.
+    """Run optimizer steps (each a list of micro-batches) under a phases.PhaseTracker, one peak per phase.
 
     `run` carries what trainer.forward_backward reads (cfg, info.device, model, loss_head); its `tracker` is
     replaced here by the phase recorder. Works on fake and on real tensors alike.
     """
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
-    # FSDP's lazy init (run by the first forward) re-allocates the padded shard of a rank whose rows are fewer
-    # than the padded size; done inside the tracker, those shards would be counted as activations.
-    model._get_fsdp_state()._lazy_init()
-    tracker = FSDPMemTracker(model, optimizer)
-    phases: list[PhasePeak] = []
-    step_no = [0]
     fake = _is_fake(steps[0])
+    with PhaseTracker(model, optimizer) as pt:
+        step_no = [0]  # the step being traced, read by the phase records
 
-    def close_phase(name: str, i: Optional[int] = None) -> None:
-        total, cats = by_category(tracker.get_tracker_snapshot("peak"), state_bytes(optimizer))
-        phases.append(PhasePeak(step_no[0], name if i is None else f"{name} #{i}", total, cats,
-                                warmup=fake and step_no[0] == 1 and name == "optimizer"))
-        # FSDPMemTracker keeps one running peak; restart it from the live memory so each phase gets its own
-        # (the same reset its __enter__ does).
-        tracker._peak_mem_snap = tracker.get_tracker_snapshot()
-        tracker._peak_mem = {d: s["Total"] for d, s in tracker._peak_mem_snap.items()}
-        if name == "backward":  # its per-module stats allow one forward/backward per module; ours are kept
-            tracker.reset_mod_stats()
+        def close_phase(name: str, i: Optional[int] = None) -> None:
+            pt.close(step_no[0], name, i, warmup=fake and step_no[0] == 1 and name == "optimizer")
 
-    run.tracker = SimpleNamespace(phase=close_phase)
-    with tracker, profiler_ops_outside_selective_replay():
+        run.tracker = SimpleNamespace(phase=close_phase)
         for n, batches in enumerate(steps, start=1):
             step_no[0] = n
             targets = 1 if fake else sum(int((b["labels"] != IGNORE).sum()) for b in batches)
@@ -117,7 +102,7 @@ def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: Simpl
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             close_phase("optimizer")
-    return StepTrace(phases, state_bytes(optimizer))
+    return StepTrace(pt.phases, state_bytes(optimizer))
 
 
 def state_on_host(tr: StepTrace) -> StepTrace:
@@ -189,25 +174,6 @@ def fake_batch(rows: int, width: int, vocab: int, packed: bool) -> dict:
     if packed:
         b["position_ids"] = torch.arange(width).expand(rows, width).contiguous()
     return b
-
-
-@contextmanager
-def profiler_ops_outside_selective_replay() -> Iterator[None]:
-    """Selective checkpointing replays a block's recorded ops in backward and fails on an op it did not record.
-    In recompute, FSDP's pre-forward hook runs inside the block's checkpoint context and opens a profiler range
-    (record_function), which in forward it did outside it; with a tracker's dispatch mode active that range's
-    ops reach the replay (torch 2.13). They carry no tensors: let them run unrecorded, as checkpointing
-    already does for detach."""
-    from torch.utils import checkpoint
-
-    ops = {torch.ops.profiler._record_function_enter_new.default,
-           torch.ops.profiler._record_function_exit._RecordFunction}
-    added = ops - checkpoint.SAC_IGNORED_OPS
-    checkpoint.SAC_IGNORED_OPS.update(added)
-    try:
-        yield
-    finally:
-        checkpoint.SAC_IGNORED_OPS.difference_update(added)
 
 
 @contextmanager

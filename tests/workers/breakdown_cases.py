@@ -1,12 +1,13 @@
-"""The launched side of test_breakdown.py: one 2-rank gloo group runs three trainings of the same config.
+"""The launched side of test_breakdown.py: one 2-rank gloo group runs five trainings of the same config.
 
 Usage (under torchrun): python -m tests.workers.breakdown_cases SPEC.json
 SPEC: {"config": yaml, "root": dir, "step": S, "seq": width}
   plain/    : trained as configured (no memory.breakdown_steps)
   tracked/  : memory.breakdown_steps=[S] (writes memory/breakdown_step{S}_rank{R}.json)
+  selective_plain/, selective_tracked/ : the same two with selective activation checkpointing and bf16-mixed
   measured/ : steps 1..S-1 by the trainer, then step S under memory.trace.measure_steps (the tracker function of
               `estimate --trace`), written to root/measured_rank{R}.json
-Each rank writes root/losses_{plain,tracked}_rank{R}.json (RunResult.losses and step_times); rank 0 also runs
+Each rank writes root/losses_{NAME}_rank{R}.json for the trainings (RunResult.losses and step_times); rank 0 also runs
 `fsdptrain estimate` on the config (2 ranks) in-process and writes its output and analytic peak to
 root/estimate.json (here, where transformers' model code is already loaded).
 """
@@ -23,6 +24,7 @@ from fsdptrain.config import load_config
 from fsdptrain.data import pipeline
 from fsdptrain.data.encode import IGNORE, Example
 from fsdptrain.memory import trace
+from tests.workers.settled import settled_collectives
 
 
 def examples(n: int, seq: int) -> list[Example]:
@@ -57,10 +59,14 @@ def measured(cfg, info: distributed.DistInfo, data: list[Example], step: int) ->
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     root, step = Path(spec["root"]), spec["step"]
+    settled_collectives()  # the tracked step and its measured twin hold no collective buffer over by timing
     info = distributed.init("cpu")
     cfg = load_config(spec["config"], [])
     data = examples(cfg.train.max_steps * sum(cfg.data.micro_batch_sizes), spec["seq"])
-    for name, over in (("plain", []), ("tracked", [f"memory.breakdown_steps=[{step}]"])):
+    selective = "parallel.activation_checkpointing=selective", "parallel.precision=bf16-mixed"
+    for name, over in (("plain", []), ("tracked", [f"memory.breakdown_steps=[{step}]"]),
+                       ("selective_plain", [*selective]),
+                       ("selective_tracked", [*selective, f"memory.breakdown_steps=[{step}]"])):
         res = trainer.train(load_config(spec["config"], [f"output_dir={root / name}", *over]), examples=data)
         (root / f"losses_{name}_rank{info.rank}.json").write_text(json.dumps(
             {"losses": res.losses, "step_times": res.step_times}))

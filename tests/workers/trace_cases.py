@@ -6,10 +6,8 @@ Each case builds the model with build_sharded_model (real random init), runs mem
 micro-batches of those shapes, and writes out/rank{R}.json: the phases (step, phase, total, by_category), the
 optimizer state bytes and how many phases differed between the repeats.
 
-Collectives are settled at issue (`settled_collectives`): the fake process group completes every collective
-at once, while gloo completes it on a worker thread that holds the collective's tensors until it lets go of
-the finished work, so an unsettled CPU run counts an all-gather or reduce-scatter buffer in some phases and not
-in others, run to run. Settled, a real run still holds an all-gather buffer into one backward phase now and
+Collectives are settled at issue (tests/workers/settled.py), as the fake process group completes them. Settled,
+a real run still holds an all-gather buffer into one backward phase now and
 then (about one run in five under pytest, cause not found: not the gloo thread, not Python's collector), and a
 few bytes of scalars into an optimizer phase: each case runs its steps three times on the same model and
 reports, per phase, the repeat that held least (a held-over buffer only ever adds).
@@ -18,15 +16,11 @@ reports, per phase, the repeat that held least (a held-over buffer only ever add
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
 
 from fsdptrain import distributed
 from fsdptrain.build import build_sharded_model
@@ -34,42 +28,7 @@ from fsdptrain.config import load_config
 from fsdptrain.loss import install_chunked_loss
 from fsdptrain.memory import trace
 from fsdptrain.optim import build_optimizer
-
-
-class OneThreadGloo(c10d.ProcessGroupGloo):
-    """gloo with one worker thread: when a later collective completes, the thread has let go of every earlier
-    one (it drops a finished work before it takes the next)."""
-
-    def __init__(self, store, rank: int, size: int, timeout=None):
-        opts = c10d.ProcessGroupGloo._Options()
-        opts._threads = 1
-        opts._devices = [c10d.ProcessGroupGloo.create_default_device()]
-        if timeout is not None:
-            opts._timeout = timeout
-        super().__init__(store, rank, size, opts)
-
-
-def settle(collective: Callable) -> Callable:
-    """The collective, waited on at issue and followed by a barrier on its group (which the one gloo thread
-    runs only after it has dropped the collective's work and tensors); an async caller gets the finished work."""
-
-    @functools.wraps(collective)
-    def settled(*args, async_op: bool = False, **kwargs):
-        work = collective(*args, async_op=True, **kwargs)
-        work.wait()
-        (kwargs.get("group") or c10d._get_default_group()).barrier().wait()
-        return work if async_op else None
-
-    return settled
-
-
-def settled_collectives() -> None:
-    """Before the process group exists: gloo groups with one thread, FSDP's collectives settled at issue."""
-    c10d.ProcessGroupGloo = OneThreadGloo
-    for name in ("all_gather_single", "reduce_scatter_single", "all_reduce", "all_gather_into_tensor",
-                 "reduce_scatter_tensor"):
-        setattr(dist, name, settle(getattr(dist, name)))
-
+from tests.workers.settled import settled_collectives
 
 REPEATS = 3
 
