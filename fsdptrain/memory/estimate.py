@@ -246,6 +246,14 @@ def unit_numel(unit: list[tuple[int, ...]], world: int) -> int:
     return total
 
 
+def trainable_units(m: ModelShape) -> list[list[tuple[int, ...]]]:
+    """Each unit's trainable parameter shapes (lora / freeze: frozen ones have no gradient to gather, reduce or
+    accumulate); every parameter when nothing is frozen."""
+    if not m.frozen:
+        return m.units
+    return [[shape for shape, frozen in zip(u, f) if not frozen] for u, f in zip(m.units, m.frozen)]
+
+
 # ----------------------------------------------------------------------------- settings and working memory
 
 
@@ -450,9 +458,11 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         fused_grads = 0
     # unsharded root gradient, held until the root's reduce-scatter at the end
     lm_head_grad = 0 if m.lm_head_frozen else c * m.lm_head_numel
-    unit_grad = (c + 4) * max(block_un, default=0)  # a block's unsharded grad + fp32 reduce-scatter input
+    grad_units = trainable_units(m)
+    # a block's unsharded grad + fp32 reduce-scatter input (its trainable parameters only)
+    unit_grad = (c + 4) * max((unit_numel(u, W) for u in grad_units[:-1]), default=0)
     no_sync = t.grad_accum_steps > 1 and not p.sync_grads_every_micro_step
-    accum = 4 * sum(unit_numel(u, W) for u in m.units) if no_sync else 0
+    accum = 4 * sum(unit_numel(u, W) for u in grad_units) if no_sync else 0
     params_gpu = 0 if p.cpu_offload else st.params
     grads_gpu = 0 if p.cpu_offload else st.grads
     opt_gpu = 0 if (p.cpu_offload or p.optimizer_offload) else st.optimizer
@@ -486,7 +496,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "backward (lm_head)": fwd + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
         **block_backward_phases(m, s, rank, st, kept_bytes, saved, tokens,
                                 base + root_buf + lm_head_grad + c * two_blocks + c * max(block_un, default=0)),
-        "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * root_un,
+        "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * unit_numel(grad_units[-1], W),
         "optimizer": base + grads_gpu,
     }
     peak_phase = max(phases, key=phases.get)
