@@ -56,6 +56,12 @@ def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Opti
         if not isinstance(raw, dict):
             raise FileError(f"{config_file}: expected a JSON object (a Hugging Face model config), got "
                             f"{type(raw).__name__}; point model.path at a Hugging Face model folder")
+        quant = raw.get("quantization_config")
+        if quant is not None:  # GPTQ, AWQ, bitsandbytes, fp8, mxfp4 (gpt-oss), ...: not weights fsdptrain can train
+            method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
+            raise UserError(f"model.path: {config_file}: quantization_config ({method}): the weights are quantized, "
+                            "and fsdptrain loads and trains full-precision (bf16/fp32) weights; point model.path at "
+                            "the unquantized model (QLoRA is not supported)")
         with reading(config_file, "a Hugging Face model config",
                      fix="check that model.path is a Hugging Face model folder whose config.json names a "
                          "model_type this transformers knows"):

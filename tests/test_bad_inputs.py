@@ -142,6 +142,20 @@ def test_damaged_model_config_and_index(tmp_path):
         safetensors_index(str(tmp_path))
 
 
+def test_quantized_model_folder_is_refused_in_one_line(tmp_path):
+    """A GPTQ / fp8 / mxfp4 folder's weights are not what fsdptrain trains: refused before anything is read."""
+    model = make_model_dir(tmp_path / "m", LLAMA)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (model / "config.json").write_text(json.dumps(cfg))
+    proc = cli_inproc(["train", f"model.path={model}", "model.hf_config=null", *TINY_RUN,
+                       f"output_dir={tmp_path / 'r'}"])
+    one_line_error(proc, f"model.path: {model / 'config.json'}: quantization_config (gptq): the weights are "
+                         "quantized, and fsdptrain loads and trains full-precision (bf16/fp32) weights",
+                   "point model.path at the unquantized model (QLoRA is not supported)")
+    assert not any((tmp_path / "r").iterdir())  # nothing written
+
+
 def test_context_length_above_max_position_embeddings_warns():
     from transformers import AutoConfig, PretrainedConfig
 
