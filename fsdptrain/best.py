@@ -9,12 +9,11 @@ is the evaluation after its own step, so save steps should be eval steps.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
-from .files import read_json
+from .files import read_json, write_atomic
 
 BEST_FILE = "best.json"
 SUBDIR = "checkpoints"
@@ -33,9 +32,7 @@ def update_best(root: Path, step: int, loss: float, folder: str) -> bool:
     best = read_best(root)
     if best is not None and (root / best["checkpoint"]).is_dir() and best["eval_loss"] <= loss:
         return False
-    tmp = root / (BEST_FILE + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "eval_loss": loss, "checkpoint": folder}) + "\n")
-    os.replace(tmp, root / BEST_FILE)
+    write_atomic(root / BEST_FILE, json.dumps({"step": step, "eval_loss": loss, "checkpoint": folder}) + "\n")
     return True
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +22,7 @@ from .data import pipeline
 from .data.tokenizer import load_tokenizer
 from .errors import UserError
 from .evaluate import EvalResult, eval_micro_batch, evaluate
-from .files import read_json
+from .files import read_json, write_atomic
 from .loss import install_chunked_loss
 
 RESULT_KEY = "fsdptrain_eval"  # marks a result file this command wrote (the only kind it replaces)
@@ -80,9 +79,7 @@ def write_result(out: Path, result: dict) -> None:
     """The JSON result, written to a temporary name and renamed; only an earlier result of ours is replaced."""
     check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(result, indent=1) + "\n")
 
 
 def eval_checkpoint(cfg: Config, source: str, out: Optional[str]) -> EvalResult:

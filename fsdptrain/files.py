@@ -5,11 +5,15 @@ weights, checkpoint JSON) is read inside `reading(path, what)` or through the he
 missing, a folder, unreadable, not UTF-8, or not valid JSON/YAML/Parquet ends the run with
 `fsdptrain: error: <file>: <what is wrong>; <what to do>` and exit status 2, never a traceback. The errors are
 handled as classes here, not case by case where files are read.
+
+`write_atomic` is the other half: a small result file (JSON records, best.json, a lock) written under a hidden
+temporary name beside it and renamed, so a reader never sees half a file and a crash leaves the old one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,3 +114,15 @@ def parse_yaml(text: str, where: str, base_loader: Any = None) -> Any:
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or _first_line(e)
         raise FileError(f"{where}: not valid YAML ({at}{problem}); fix the file") from None
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """`text` to `path` through `.NAME.tmp-PID` beside it and a rename (the temporary is removed if writing fails)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

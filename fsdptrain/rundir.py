@@ -30,6 +30,7 @@ from .checkpoint import SUBDIR
 from .config import Config, dump_yaml
 from .distributed import DistInfo, all_gather_rows
 from .errors import LaunchError, UserError
+from .files import write_atomic
 
 LOCK_FILE = ".fsdptrain.lock"
 LOCK_REFRESH_S = 60.0
@@ -90,9 +91,7 @@ def trim_metrics(path: Path, step: int) -> None:
         except (json.JSONDecodeError, AttributeError):
             continue  # a line cut short by the crash
         kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(k + "\n" for k in kept))
 
 
 # ----------------------------------------------------------------------------- the output_dir lock
@@ -161,9 +160,7 @@ def lock(output_dir: Path) -> RunLock:
             raise UserError(f"output_dir: {output_dir} is in use by another run ({who}; lock {path}); wait for it to "
                             f"end or use another output_dir; if that run is dead, delete {path}") from None
         log.info(f"output_dir: took over the lock of a run that is no longer running ({who})")
-        tmp = path.with_name(f"{LOCK_FILE}.{os.getpid()}")
-        tmp.write_text(json.dumps(me))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(me))
         return RunLock(path, time.monotonic())
     except OSError as e:
         raise UserError(f"output_dir: cannot write in {output_dir} ({e.strerror}); give a writable folder") from None
@@ -217,9 +214,7 @@ def note_stop(msg: str) -> None:
     if not target:
         return
     path = Path(target)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(msg + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, msg + "\n")
     except OSError as e:
         log.info(f"FSDPTRAIN_STOP_FILE: cannot write {path} ({e.strerror}); the job script will not requeue")

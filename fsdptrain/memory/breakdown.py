@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from torch import nn
 from ..config import Config, MemoryConfig
 from ..distributed import DistInfo
 from ..errors import ConfigError
+from ..files import write_atomic
 from .phases import CATEGORIES, PhasePeak, PhaseTracker, state_bytes
 
 FILE = "breakdown_step{step}_rank{rank}.json"
@@ -96,6 +96,4 @@ def summary(rec: Tracked, info: DistInfo, opt_state: int, shapes: list[list[int]
 def write(path: Path, data: dict) -> None:
     """Written under a temporary name and renamed, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
