@@ -65,9 +65,7 @@ _PROFILER_OPS = {torch.ops.profiler._record_function_enter_new.default,
 
 
 def _selective_context():
-    from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, create_selective_checkpoint_contexts
-
-    SAC_IGNORED_OPS.update(_PROFILER_OPS)
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
@@ -79,7 +77,10 @@ def apply_activation_checkpointing(blocks: list[nn.Module], modes: list[str]) ->
     """Non-reentrant checkpointing of whole blocks (full) or op-selective (selective), composable (no module
     wrapping, state-dict keys unchanged). Blocks can differ: each rank's plan may mix modes."""
     from torch.distributed._composable import checkpoint
+    from torch.utils.checkpoint import SAC_IGNORED_OPS
 
+    if "selective" in modes:
+        SAC_IGNORED_OPS.update(_PROFILER_OPS)
     for block, mode in zip(blocks, modes):
         if mode == "selective":
             checkpoint(block, context_fn=_selective_context)

@@ -48,10 +48,10 @@ def run_case(case: dict, info: distributed.DistInfo) -> None:
     for _ in range(REPEATS):  # the same steps again, from a fresh optimizer (step 1 has no state yet)
         optimizer = build_optimizer(sharded.model, cfg.train, fused=False)
         repeats.append(trace.measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm))
-        optimizer.zero_grad(set_to_none=True)
+    by_phase = list(zip(*(r.phases for r in repeats)))  # each phase across the repeats
     # per phase, the repeat that held least: a held-over buffer only ever adds
-    phases = [min(same, key=lambda p: p.total) for same in zip(*(r.phases for r in repeats))]
-    differing = sum(len({p.total for p in same}) > 1 for same in zip(*(r.phases for r in repeats)))
+    phases = [min(same, key=lambda p: p.total) for same in by_phase]
+    differing = sum(len({p.total for p in same}) > 1 for same in by_phase)
     out = Path(case["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{info.rank}.json").write_text(json.dumps(
