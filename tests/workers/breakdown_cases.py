@@ -1,12 +1,15 @@
 """The launched side of test_breakdown.py: one 2-rank gloo group runs five trainings of the same config.
 
 Usage (under torchrun): python -m tests.workers.breakdown_cases SPEC.json
-SPEC: {"config": yaml, "root": dir, "step": S, "seq": width}
+SPEC: {"config": yaml, "root": dir, "step": S, "repeats": 3, "seq": width}
   plain/    : trained as configured (no memory.breakdown_steps)
-  tracked/  : memory.breakdown_steps=[S] (writes memory/breakdown_step{S}_rank{R}.json)
+  tracked/  : memory.breakdown_steps=[S, S+1, S+2] (writes memory/breakdown_step{N}_rank{R}.json for each)
   selective_plain/, selective_tracked/ : the same two with selective activation checkpointing and bf16-mixed
-  measured/ : steps 1..S-1 by the trainer, then step S under memory.trace.measure_steps (the tracker function of
-              `estimate --trace`), written to root/measured_rank{R}.json
+  measured/ : steps 1..S-1 by the trainer, then steps S..S+2 under memory.trace.measure_steps (the tracker function
+              of `estimate --trace`), written to root/measured_rank{R}.json
+Steps S..S+2 hold the same bytes (one width, optimizer state made at step 1); both sides measure all three, so
+the test can take per phase the step that held least on each side: a real gloo run now and then holds a
+collective's scalar buffer over into a phase (docs/memory.md), on either side, and a held-over buffer only adds.
 Each rank writes root/losses_{NAME}_rank{R}.json for the trainings (RunResult.losses and step_times); rank 0 also runs
 `fsdptrain estimate` on the config (2 ranks) in-process and writes its output and analytic peak to
 root/estimate.json (here, where transformers' model code is already loaded).
@@ -36,8 +39,9 @@ def examples(n: int, seq: int) -> list[Example]:
     return out
 
 
-def measured(cfg, info: distributed.DistInfo, data: list[Example], step: int) -> dict:
-    """Steps before `step` by the trainer, then step `step`'s batches under trace.measure_steps."""
+def measured(cfg, info: distributed.DistInfo, data: list[Example], step: int, repeats: int) -> dict:
+    """Steps before `step` by the trainer, then the batches of steps `step`..`step + repeats - 1` under
+    trace.measure_steps (their phases numbered 1..repeats)."""
     run = trainer.setup(cfg, info, data)
     try:
         run.model.train()
@@ -45,9 +49,9 @@ def measured(cfg, info: distributed.DistInfo, data: list[Example], step: int) ->
                               info.device_type)
         for _ in range(step - 1):
             trainer.train_step(run, next(it))
-        batches = next(it)
+        steps = [next(it) for _ in range(repeats)]
         head_run = trace.step_run(cfg, info, run.model, run.loss_head)
-        tr = trace.measure_steps(run.model, run.optimizer, head_run, [batches], cfg.train.max_grad_norm)
+        tr = trace.measure_steps(run.model, run.optimizer, head_run, steps, cfg.train.max_grad_norm)
         return {"phases": [dataclasses.asdict(p) for p in tr.phases], "optimizer_state": tr.optimizer_state}
     finally:
         run.tracker.close()
@@ -58,20 +62,21 @@ def measured(cfg, info: distributed.DistInfo, data: list[Example], step: int) ->
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    root, step = Path(spec["root"]), spec["step"]
+    root, step, repeats = Path(spec["root"]), spec["step"], spec["repeats"]
     settled_collectives()  # the tracked step and its measured twin hold no collective buffer over by timing
     info = distributed.init("cpu")
     cfg = load_config(spec["config"], [])
     data = examples(cfg.train.max_steps * sum(cfg.data.micro_batch_sizes), spec["seq"])
     selective = "parallel.activation_checkpointing=selective", "parallel.precision=bf16-mixed"
-    for name, over in (("plain", []), ("tracked", [f"memory.breakdown_steps=[{step}]"]),
+    tracked = ",".join(str(step + k) for k in range(repeats))
+    for name, over in (("plain", []), ("tracked", [f"memory.breakdown_steps=[{tracked}]"]),
                        ("selective_plain", [*selective]),
                        ("selective_tracked", [*selective, f"memory.breakdown_steps=[{step}]"])):
         res = trainer.train(load_config(spec["config"], [f"output_dir={root / name}", *over]), examples=data)
         (root / f"losses_{name}_rank{info.rank}.json").write_text(json.dumps(
             {"losses": res.losses, "step_times": res.step_times}))
     cfg = load_config(spec["config"], [f"output_dir={root / 'measured'}"])
-    (root / f"measured_rank{info.rank}.json").write_text(json.dumps(measured(cfg, info, data, step)))
+    (root / f"measured_rank{info.rank}.json").write_text(json.dumps(measured(cfg, info, data, step, repeats)))
     if info.rank == 0:
         from click.testing import CliRunner
 
