@@ -13,9 +13,9 @@ import argparse
 import tempfile
 import time
 
-from fsdptrain import distributed
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
 from fsdptrain.data import pipeline
+from fsdptrain.dist import distributed
 from fsdptrain.trainer import evaluate_run, setup, train_step
 
 

@@ -37,10 +37,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fsdptrain.config import load_config  # noqa: E402
-from fsdptrain.errors import UserError  # noqa: E402
-from fsdptrain.files import read_yaml  # noqa: E402
-from fsdptrain.lfconfig import lf_yaml, translate  # noqa: E402
+from fsdptrain.config.llamafactory import lf_yaml, translate  # noqa: E402
+from fsdptrain.config.schema import load_config  # noqa: E402
+from fsdptrain.core.errors import UserError  # noqa: E402
+from fsdptrain.core.files import read_yaml  # noqa: E402
 
 
 def examples_root(lf_repo: Path, scratch: Path) -> Path:

@@ -73,10 +73,11 @@ def make_model(folder: Path, size: str) -> None:
 def worker(folder: str, out: str) -> None:
     import torch
 
-    from fsdptrain import distributed, models
-    from fsdptrain.build import build_sharded_model
-    from fsdptrain.config import Config, ModelConfig, ParallelConfig
+    from fsdptrain.config.schema import Config, ModelConfig, ParallelConfig
+    from fsdptrain.dist import distributed
     from fsdptrain.memory import stats
+    from fsdptrain.model import models
+    from fsdptrain.train.build import build_sharded_model
 
     info = distributed.init("cpu")
     hf = models.load_hf_config(folder, None, None, False)

@@ -20,10 +20,10 @@ import torch
 
 
 def run(method: str, args, tmp: str) -> tuple[float, int, int]:
-    from fsdptrain import distributed
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.data import pipeline
     from fsdptrain.data.encode import Example
+    from fsdptrain.dist import distributed
     from fsdptrain.trainer import setup, train_step
 
     overrides = [f"output_dir={tmp}/{method}", "parallel.device=cpu", "parallel.precision=fp32",

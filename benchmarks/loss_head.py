@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fsdptrain.loss import ChunkedLossHead
+from fsdptrain.objectives.loss import ChunkedLossHead
 
 
 def full(h, w, y, chunk):

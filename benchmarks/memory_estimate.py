@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fsdptrain import distributed
-from fsdptrain.config import Config, load_config, parse_size
+from fsdptrain.config.schema import Config, load_config, parse_size
+from fsdptrain.core.errors import ConfigError
+from fsdptrain.core.units import GIB
 from fsdptrain.data.encode import IGNORE, Example
-from fsdptrain.errors import ConfigError
+from fsdptrain.dist import distributed
 from fsdptrain.memory import estimate, trace
 from fsdptrain.trainer import train
-from fsdptrain.units import GIB
 
 SIZES = {
     "cpu": dict(model={"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from fsdptrain import distributed
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
+from fsdptrain.dist import distributed
 from fsdptrain.memory import tracker as trk
 from fsdptrain.trainer import train
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from fsdptrain.optim_offload import CPUOffloadAdamW
+from fsdptrain.train.optim_offload import CPUOffloadAdamW
 
 
 def make_params(total: int, seed: int) -> list[torch.nn.Parameter]:

@@ -24,14 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from fsdptrain import distributed, models
-from fsdptrain.config import Config, load_config
+from fsdptrain.config.schema import Config, load_config
 from fsdptrain.data.encode import Example
 from fsdptrain.data.loader import StepSampler, collate
+from fsdptrain.dist import distributed
+from fsdptrain.dist.plan import resolve_precision
 from fsdptrain.memory import stats as memstats
-from fsdptrain.metrics import peak_tflops
-from fsdptrain.parallelize import mixed_precision_policy
-from fsdptrain.plan import resolve_precision
+from fsdptrain.model import models
+from fsdptrain.run.metrics import peak_tflops
+from fsdptrain.train.parallelize import mixed_precision_policy
 from fsdptrain.trainer import train
 
 LLAMA_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,

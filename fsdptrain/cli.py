@@ -21,9 +21,9 @@ from typing import Optional
 
 import click
 
-from . import log
-from .errors import RunStopped, UserError
-from .stopping import EXIT_STOPPED
+from .core import log
+from .core.errors import RunStopped, UserError
+from .dist.stopping import EXIT_STOPPED
 
 # The run's output_dir once a command has loaded its config: where the traceback of a crash goes.
 crash_dir: Optional[str] = None
@@ -134,8 +134,8 @@ def friendly_errors(fn):
             sys.exit(130)
         except UserError as e:
             user_error(str(e), getattr(e, "print_rank", 0))
-            if "fsdptrain.distributed" in sys.modules:  # a process group may be up (never import torch for this)
-                from .distributed import tell_peers
+            if "fsdptrain.dist.distributed" in sys.modules:  # a process group may be up (never import torch for this)
+                from .dist.distributed import tell_peers
 
                 tell_peers(str(e))  # the other ranks stop now, not at their next collective's timeout
             sys.exit(2)
@@ -153,7 +153,7 @@ class FileFirst(click.Command):
     gets a one-line hint instead of click's usage error."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        from .config import refuse_config_flag
+        from .config.schema import refuse_config_flag
 
         try:
             refuse_config_flag(args, f"fsdptrain {self.name}")
@@ -175,7 +175,7 @@ def main() -> None:
 def train(config: str | None, overrides: tuple[str, ...]) -> None:
     """Train a model: CONFIG is a YAML file (omit it for the built-in demo); OVERRIDES are key.path=value."""
     global crash_dir
-    from .config import load_config
+    from .config.schema import load_config
 
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides = (config, *overrides)
@@ -197,10 +197,10 @@ def train(config: str | None, overrides: tuple[str, ...]) -> None:
 @friendly_errors
 def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, reference: bool, from_lf: bool) -> None:
     """Validate a config; with --dump print the effective config."""
-    from .config import dump_yaml, load_config, reference_rows
+    from .config.schema import dump_yaml, load_config, reference_rows
 
     if from_lf:
-        from .lfconfig import lf_yaml
+        from .config.llamafactory import lf_yaml
 
         text = lf_yaml(config)
         load_config(config, quiet=True)  # the translation must load and validate as a fsdptrain config
@@ -231,7 +231,7 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, refer
 @friendly_errors
 def data_cmd(config: str | None, overrides: tuple[str, ...], show: int, out: str | None) -> None:
     """Run only the data pipeline of CONFIG (no model, no GPU): counts per data set and marked examples."""
-    from .config import load_config
+    from .config.schema import load_config
     from .data.preview import preview
 
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
@@ -251,7 +251,7 @@ def data_cmd(config: str | None, overrides: tuple[str, ...], show: int, out: str
 @friendly_errors
 def eval_cmd(config: str, overrides: tuple[str, ...], source: str, out_file: str | None) -> None:
     """Eval loss, perplexity and tokens of --checkpoint on CONFIG's eval data (any number of ranks)."""
-    from .config import load_config
+    from .config.schema import load_config
     from .evalrun import eval_checkpoint
 
     eval_checkpoint(load_config(config, overrides), source, out_file)
@@ -278,11 +278,11 @@ def export_cmd(checkpoint: str, out_dir: str, overwrite: bool, dtype: str, max_s
                merge: bool, base: str | None) -> None:
     """Write a Hugging Face model folder from CHECKPOINT (a checkpoint folder, or a run directory: its newest);
     a LoRA run gives a PEFT adapter folder (--merge: a full model)."""
-    from .config import parse_size
-    from .export import export_checkpoint
+    from .config.schema import parse_size
+    from .run.export import export_checkpoint
 
     if best:
-        from .best import best_checkpoint
+        from .run.best import best_checkpoint
 
         checkpoint = str(best_checkpoint(checkpoint))
 
@@ -297,7 +297,7 @@ def export_cmd(checkpoint: str, out_dir: str, overwrite: bool, dtype: str, max_s
 @friendly_errors
 def plot_cmd(run_dirs: tuple[str, ...], out_file: str | None) -> None:
     """Train loss (raw and smoothed), eval loss, learning rate, tokens/s and per-rank peak memory of RUN_DIRs."""
-    from .plot import plot
+    from .run.plot import plot
 
     click.echo(f"plot: {plot(list(run_dirs), out_file)}")
 
@@ -352,7 +352,7 @@ def mem_diff(a: str, b: str, top: int) -> None:
 def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_node: int, gpu_memory: str,
                  cpu_memory: str | None, trace: bool, forecast: bool) -> None:
     """Per-rank memory of CONFIG from the model config alone (no weights, no GPU), the verdict and what to change."""
-    from .config import load_config, parse_size
+    from .config.schema import load_config, parse_size
     from .memory import allowance, estimate
 
     cfg = load_config(config, overrides)

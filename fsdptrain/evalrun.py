@@ -14,16 +14,19 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from . import distributed, log, models
-from .build import build_sharded_model
-from .checkpoint import MARKER, SUBDIR, CheckpointError, resolve_resume, verify_files
-from .config import Config
+from .config.schema import Config
+from .core import log
+from .core.errors import UserError
+from .core.files import read_json, write_atomic
 from .data import pipeline
 from .data.tokenizer import load_tokenizer
-from .errors import UserError
-from .evaluate import EvalResult, eval_micro_batch, evaluate
-from .files import read_json, write_atomic
-from .loss import install_chunked_loss
+from .dist import distributed
+from .model import models
+from .objectives.choose import objective_for
+from .objectives.loss import install_chunked_loss
+from .run.checkpoint import MARKER, SUBDIR, CheckpointError, resolve_resume, verify_files
+from .train.build import build_sharded_model
+from .train.evaluate import EvalResult, eval_micro_batch, evaluate
 
 RESULT_KEY = "fsdptrain_eval"  # marks a result file this command wrote (the only kind it replaces)
 
@@ -103,8 +106,8 @@ def eval_checkpoint(cfg: Config, source: str, out: Optional[str]) -> EvalResult:
             load_dcp_model(model, ckpt)
         head = install_chunked_loss(model, cfg.train.loss_chunk_tokens,
                                     cfg.parallel.compile_backend if cfg.parallel.compile else None)
-        res = evaluate(model, evals, tokenizer.pad_token_id, info.device, info.world_size, info.rank,
-                       eval_micro_batch(cfg), cfg.train.eval_max_batches, head,
+        res = evaluate(model, objective_for(cfg), evals, tokenizer.pad_token_id, info.device, info.world_size,
+                       info.rank, eval_micro_batch(cfg), cfg.train.eval_max_batches, head,
                        cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2")
         step = read_json(ckpt / "train_state.json").get("step") if ckpt is not None else None
         if info.is_main:

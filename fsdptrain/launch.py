@@ -36,8 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
-from . import log
-from .errors import LaunchError, UserError
+from .core import log
+from .core.errors import LaunchError, UserError
 
 PREFIX = "fsdptrain-launch"
 HELLO_KEY = "fsdptrain_rendezvous"
@@ -443,7 +443,7 @@ def say(msg: str) -> None:
 
 def check_config(argv: list[str]) -> None:
     """Validate `[CONFIG] [key=value ...]` like `fsdptrain train` will (config.py imports no torch: fast)."""
-    from .config import load_config, refuse_config_flag
+    from .config.schema import load_config, refuse_config_flag
 
     refuse_config_flag(argv, "launch/torchrun.sh")
     args = [a for a in argv if not a.startswith("-")]
@@ -484,7 +484,7 @@ def main(argv: list[str]) -> int:
     sys.stdout.flush()
     # Slurm's --signal=USR1 reaches every process of the step: torchrun's agent would die of it (it handles
     # TERM, INT, HUP, QUIT only). Ignored here, it stays ignored through exec in the agent; the workers set
-    # their own handler (fsdptrain.stopping), so they save and stop.
+    # their own handler (fsdptrain.dist.stopping), so they save and stop.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached

@@ -2,13 +2,15 @@
 
 Each optimizer step (`train_step`):
   1. this rank's micro-batches for the step (see data/loader.py);
-  2. one all_reduce of the target-token count over all ranks and micro-batches;
-  3. per micro-batch: forward, summed cross-entropy scaled by world_size /
-     global_targets (FSDP averages gradients over ranks, so the product is the
-     gradient of the global per-token mean loss whatever the split), backward,
-     with gradient reduction only on the last micro-batch when configured; MoE
-     models add router_aux_coef x the router's auxiliary loss / micro-batches
-     (see docs/moe.md);
+  2. one all_reduce of the objective's units (target tokens for SFT: the
+     normaliser) and the input tokens over all ranks and micro-batches;
+  3. per micro-batch: forward and the objective's summed loss (run.objective,
+     objectives/base.py), scaled by world_size / global units (FSDP averages
+     gradients over ranks, so the product is the gradient of the global mean
+     over every unit whatever the split), backward, with gradient reduction
+     only on the last micro-batch when configured; MoE models add
+     router_aux_coef x the router's auxiliary loss / micro-batches (see
+     docs/moe.md);
   4. clip the global grad norm, check loss and norm are finite, step.
 Step numbers are 1-based throughout: step s is the s-th optimizer step, and
 `run.state.step` counts the steps done.
@@ -27,26 +29,31 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from . import distributed, log, models, moe, packcheck, rundir
-from .build import ShardedModel, build_sharded_model
-from .checkpoint import Checkpointer, Saved, TrainState, resolve_resume, step_name
-from .config import Config, parse_size
+from .config.schema import Config, parse_size
+from .core import log
+from .core.errors import RunStopped, TrainingError, UserError
 from .data import pipeline
-from .data.encode import IGNORE, Example
+from .data.encode import Example
 from .data.loader import StepSampler
 from .data.tokenizer import load_tokenizer
-from .distributed import DistInfo
-from .errors import RunStopped, TrainingError, UserError
-from .evaluate import EvalResult, eval_micro_batch, evaluate
-from .export import check_target, export_dtype, export_hf, training_export_check
-from .loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
+from .dist import distributed
+from .dist.distributed import DistInfo
+from .dist.plan import check_device_support
+from .dist.stopping import StopRequests, job_deadline
 from .memory import breakdown
 from .memory.tracker import MemoryTracker
-from .metrics import RunLogger, peak_tflops
-from .optim import build_optimizer, build_scheduler
-from .plan import check_device_support
-from .sinks import open_sinks
-from .stopping import StopRequests, job_deadline
+from .model import models, moe, packcheck
+from .objectives.base import Objective
+from .objectives.choose import objective_for
+from .objectives.loss import ChunkedLossHead, install_chunked_loss
+from .run import rundir
+from .run.checkpoint import Checkpointer, Saved, TrainState, resolve_resume, step_name
+from .run.export import check_target, export_dtype, export_hf, training_export_check
+from .run.metrics import RunLogger, peak_tflops
+from .run.sinks import open_sinks
+from .train.build import ShardedModel, build_sharded_model
+from .train.evaluate import EvalResult, eval_micro_batch, evaluate
+from .train.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -77,6 +84,7 @@ class Run:
     sampler: StepSampler
     total_steps: int
     sharded: ShardedModel
+    objective: Objective  # what a step optimises (objectives/)
     loss_head: Optional[ChunkedLossHead]
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -100,15 +108,16 @@ class Run:
 @dataclass
 class StepStats:
     step: int  # 1-based
-    loss: float  # mean over the step's target tokens, all ranks
+    loss: float  # mean over the step's units (target tokens for SFT), all ranks
     grad_norm: float  # before clipping
     lr: float  # the rate this step's update used
     tokens: int  # input tokens of the step, all ranks
-    target_tokens: int
+    target_tokens: int  # the objective's units of the step, all ranks (the normaliser)
     seq_len: int  # the longest row of this rank's micro-batches
     aux_loss: Optional[float] = None  # MoE router auxiliary loss: mean over all ranks' micro-batches
     seconds: float = 0.0
     skipped: bool = False  # non-finite loss or norm: no update
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's metrics: step sum / global units
 
 
 def seed_everything(seed: int) -> None:
@@ -235,7 +244,8 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     logger = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step,
                        sinks=open_sinks(cfg, out))
     tracker = MemoryTracker(cfg.memory, info, out, model, sharded.blocks)  # per-phase records, OOM post-mortem
-    return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded, loss_head,
+    return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded, objective_for(cfg),
+               loss_head,
                optimizer, scheduler, state, checkpointer, logger, tracker,
                peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)), held,
                router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model),
@@ -246,28 +256,30 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
 
 
 def forward_backward(run: Run, batches: list[dict], scale: torch.Tensor) -> torch.Tensor:
-    """Forward and backward of this rank's micro-batches; returns their summed loss and (MoE with an auxiliary
-    loss) their summed router auxiliary loss, as one device tensor [2].
+    """Forward and backward of this rank's micro-batches; returns, as one device tensor [2 + metrics], their
+    summed loss, (MoE with an auxiliary loss) their summed router auxiliary loss, and the objective's metric sums.
 
-    Objective: sum CE x scale (the global per-token mean after FSDP's average over ranks) + router_aux_coef x
-    aux / micro-batches per rank (after the average: the mean of every micro-batch's aux loss)."""
-    cfg, device, model = run.cfg, run.info.device, run.model
-    sums = torch.zeros(2, dtype=torch.float32, device=device)
+    What is minimised: the objective's summed loss x scale (the global mean over units after FSDP's average over
+    ranks) + router_aux_coef x aux / micro-batches per rank (after the average: the mean of every micro-batch's
+    aux loss)."""
+    cfg, device, model, obj = run.cfg, run.info.device, run.model, run.objective
+    sums = torch.zeros(2 + len(obj.metrics), dtype=torch.float32, device=device)
     for i, b in enumerate(batches):
         if not cfg.parallel.sync_grads_every_micro_step:
             model.set_requires_gradient_sync(i == cfg.train.grad_accum_steps - 1)
         batch = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
-        aux: Optional[list] = [] if run.router_aux_coef else None
         with moe.counting(run.expert_load):
-            micro_loss = token_loss_sum(model, batch, run.loss_head, aux)
+            out = obj.loss(model, batch, run.loss_head, bool(run.router_aux_coef))
         run.tracker.phase("forward", i)
-        objective = micro_loss * scale
-        if aux:
-            objective = objective + aux[0] * (run.router_aux_coef / len(batches))
-            sums[1] += aux[0].detach()
-        objective.backward()
+        minimised = out.loss * scale
+        if out.router_aux is not None:
+            minimised = minimised + out.router_aux * (run.router_aux_coef / len(batches))
+            sums[1] += out.router_aux.detach()
+        minimised.backward()
         run.tracker.phase("backward", i)
-        sums[0] += micro_loss.detach()
+        sums[0] += out.loss.detach()
+        for k, name in enumerate(obj.metrics):
+            sums[2 + k] += out.metrics[name].detach()
     return sums
 
 
@@ -287,8 +299,8 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> Ste
     t0 = time.perf_counter() if t0 is None else t0
     info, step = run.info, run.state.step + 1
     run.tracker.step_start(step, batches)
-    # One all_reduce: target tokens (normaliser) and input tokens (throughput) of the whole step.
-    counts = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches),
+    # One all_reduce: the objective's units (normaliser) and input tokens (throughput) of the whole step.
+    counts = torch.tensor([sum(run.objective.units(b) for b in batches),
                            sum(int(b["n_tokens"]) for b in batches)], dtype=torch.float64, device=info.device)
     distributed.all_reduce_sum(counts)
     # The loss scale stays on the device: reading the counts here would make the CPU wait for the
@@ -297,7 +309,7 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> Ste
     sums = forward_backward(run, batches, scale)
 
     grad_norm = grad_norm_and_clip(run.model, run.cfg.train.max_grad_norm).float()
-    rows = distributed.all_gather_rows(sums, info.world_size)  # [rank, (loss sum, aux loss sum)]
+    rows = distributed.all_gather_rows(sums, info.world_size)  # [rank, (loss sum, aux loss sum, metric sums)]
     per_rank = rows[:, 0]
     targets_total, global_tokens = counts.tolist()  # the step's first host sync
     global_targets = max(1.0, targets_total)
@@ -307,6 +319,8 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> Ste
                       max(b["input_ids"].shape[1] for b in batches))
     if run.router_aux_coef:
         stats.aux_loss = rows[:, 1].sum().item() / (info.world_size * len(batches))
+    stats.metrics = {name: rows[:, 2 + k].sum().item() / global_targets
+                     for k, name in enumerate(run.objective.metrics)}
     stats.skipped = not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm))
     if stats.skipped:
         skip_or_stop(run, step, stats.loss, stats.grad_norm, per_rank.tolist())
@@ -345,6 +359,7 @@ def record(run: Run, stats: StepStats, ev: Optional[EvalResult] = None) -> None:
                "target_tokens": stats.target_tokens, "step_time_s": stats.seconds, "tokens_per_s_per_device": tok_s}
     if stats.aux_loss is not None:
         metrics["aux_loss"] = stats.aux_loss
+    metrics.update(stats.metrics)
     if run.expert_load is not None:  # every rank: one all_reduce
         load = moe.summarize(moe.take_counts(run.expert_load))
         metrics.update(load)
@@ -372,8 +387,8 @@ def evaluate_run(run: Run, step: int) -> EvalResult:
     cfg, info = run.cfg, run.info
     run.tracker.evaluating = True
     try:
-        res = evaluate(run.model, run.eval_examples, run.tokenizer.pad_token_id, info.device, info.world_size,
-                       info.rank, eval_micro_batch(cfg), cfg.train.eval_max_batches, run.loss_head,
+        res = evaluate(run.model, run.objective, run.eval_examples, run.tokenizer.pad_token_id, info.device,
+                       info.world_size, info.rank, eval_micro_batch(cfg), cfg.train.eval_max_batches, run.loss_head,
                        cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2")
     finally:
         run.tracker.evaluating = False

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from fsdptrain import cli
-from fsdptrain.files import FileError
+from fsdptrain.core.files import FileError
 from tests.helpers import LLAMA, cli_inproc, make_model_dir, run_cli
 
 TINY_RUN = ["train.max_steps=2", "data.synthetic_examples=64", "logging.progress=none"]
@@ -118,7 +118,7 @@ def test_truncated_safetensors_in_model_folder(tmp_path):
      "the header entry of tensor 'w' is malformed"),
 ], ids=["short", "random", "list-header", "entry-without-shape"])
 def test_damaged_safetensors_is_one_line_naming_the_file(tmp_path, content, problem):
-    from fsdptrain.models import safetensors_index
+    from fsdptrain.model.models import safetensors_index
 
     (tmp_path / "model.safetensors").write_bytes(content)
     with pytest.raises(FileError) as e:
@@ -128,7 +128,7 @@ def test_damaged_safetensors_is_one_line_naming_the_file(tmp_path, content, prob
 
 
 def test_damaged_model_config_and_index(tmp_path):
-    from fsdptrain.models import load_hf_config, safetensors_index
+    from fsdptrain.model.models import load_hf_config, safetensors_index
 
     (tmp_path / "config.json").write_text('{"model_type": "llama",\n')
     with pytest.raises(FileError, match=r"config.json: not valid JSON \(line 2"):
@@ -159,7 +159,7 @@ def test_quantized_model_folder_is_refused_in_one_line(tmp_path):
 def test_context_length_above_max_position_embeddings_warns():
     from transformers import AutoConfig, PretrainedConfig
 
-    from fsdptrain.models import check_context_length
+    from fsdptrain.model.models import check_context_length
 
     hf = AutoConfig.for_model("llama", max_position_embeddings=256)
     msg = check_context_length(hf, 1024)
@@ -283,7 +283,7 @@ def test_internal_error_before_the_output_dir_exists_goes_to_a_temp_file(crashin
 
 
 def test_user_errors_keep_exit_status_2_in_process(crashing_trainer, tmp_path):
-    from fsdptrain.errors import TrainingError
+    from fsdptrain.core.errors import TrainingError
 
     result = crashing_trainer(TrainingError("non-finite loss at step 3; lower train.lr"), tmp_path / "r")
     assert result.exit_code == 2

@@ -22,10 +22,10 @@ import yaml
 from click.testing import CliRunner
 
 from fsdptrain.cli import main
-from fsdptrain.config import load_config
-from fsdptrain.errors import ConfigError
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.errors import ConfigError
+from fsdptrain.core.units import format_bytes
 from fsdptrain.memory import breakdown
-from fsdptrain.units import format_bytes
 from tests.helpers import cli_inproc, torchrun
 
 STEP, SEQ = 3, 64

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from fsdptrain.errors import UserError
+from fsdptrain.core.errors import UserError
 from tests.helpers import env, free_port, read_metrics, torchrun
 
 STEPS = 8
@@ -100,7 +100,7 @@ def test_resume_reproduces_uninterrupted_losses_bitwise(two_rank):
 
 
 def test_resume_on_one_rank_reshards(two_rank, tmp_path, capsys):
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.trainer import train
 
     full = two_rank[0]
@@ -186,7 +186,7 @@ def test_restart_after_sigkill_during_a_save(two_rank, root):
 
 
 def _resume_error(tmp_path: Path, checkpoint: Path, **sections) -> str:
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.trainer import train
 
     cfg = config(tmp_path / "bad", train={"micro_batch_size": 4}, checkpoint={"resume": str(checkpoint)})
@@ -255,7 +255,7 @@ def test_incomplete_checkpoint_path_and_export_errors(two_rank, tmp_path):
 
 
 def test_auto_resume_picks_newest_complete_and_cleans_only_own_leftovers(tmp_path):
-    from fsdptrain import checkpoint as ck
+    from fsdptrain.run import checkpoint as ck
 
     root = tmp_path / "checkpoints"
     for name, marker in [("step-00000002", True), ("step-00000010", True), ("step-00000012", False),
@@ -275,7 +275,7 @@ def test_auto_resume_picks_newest_complete_and_cleans_only_own_leftovers(tmp_pat
 
 
 def test_trim_metrics_drops_steps_that_will_rerun(tmp_path):
-    from fsdptrain.rundir import trim_metrics
+    from fsdptrain.run.rundir import trim_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
@@ -285,7 +285,7 @@ def test_trim_metrics_drops_steps_that_will_rerun(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_async_save_on_cuda_resumes_exactly(tmp_path):
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.trainer import train
 
     cuda = {"device": "cuda", "precision": "fp32"}
@@ -300,7 +300,7 @@ def test_async_save_on_cuda_resumes_exactly(tmp_path):
 def test_safetensors_rows_read_without_mmap(tmp_path):
     from safetensors.torch import save_file
 
-    from fsdptrain.safetensors_io import SafetensorsFile
+    from fsdptrain.model.safetensors_io import SafetensorsFile
 
     w = torch.randn(7, 5)
     save_file({"w": w.to(torch.bfloat16), "v": torch.arange(6.0)}, str(tmp_path / "a.safetensors"))

@@ -90,7 +90,7 @@ def test_nonfinite_weights_stop_the_run_naming_step_and_rank(tmp_path):
 
 
 def test_fresh_start_in_a_used_output_dir_moves_the_earlier_run_aside(tmp_path):
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.trainer import train
 
     common = [f"output_dir={tmp_path}", "train.max_steps=2", "data.synthetic_examples=64", "logging.progress=none",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fsdptrain.config import DEMO_CONFIG, Config, dump_yaml, load_config, parse_size, reference_rows, to_dict
-from fsdptrain.errors import ConfigError
-from fsdptrain.files import FileError
+from fsdptrain.config.schema import DEMO_CONFIG, Config, dump_yaml, load_config, parse_size, reference_rows, to_dict
+from fsdptrain.core.errors import ConfigError
+from fsdptrain.core.files import FileError
 
 
 def write(tmp_path, data, name="c.yaml"):

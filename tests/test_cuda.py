@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def run(tmp_path, name, *overrides, steps=30):
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.trainer import train
 
     cfg = load_config(None, [f"output_dir={tmp_path / name}", f"train.max_steps={steps}", "logging.progress=none",

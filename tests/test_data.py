@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsdptrain.config import Config
+from fsdptrain.config.schema import Config
+from fsdptrain.core.errors import ConfigError, UserError
 from fsdptrain.data import cache, pipeline
 from fsdptrain.data.encode import IGNORE, Example, build_example, tokenize_record
 from fsdptrain.data.formats import convert
@@ -22,7 +23,6 @@ from fsdptrain.data.loader import StepSampler, collate, padded, resolve_rank_siz
 from fsdptrain.data.packing import pack, pack_bins
 from fsdptrain.data.sources import read, resolve
 from fsdptrain.data.tokenizer import build_char_tokenizer
-from fsdptrain.errors import ConfigError, UserError
 from tests.helpers import LLAMA, REPO, cli_inproc
 
 LF = REPO.parent / "shared" / "data" / "llamafactory"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fsdptrain.core.errors import UserError
 from fsdptrain.data.sources import read, resolve
-from fsdptrain.errors import UserError
 from tests.helpers import REPO, cli_inproc, env
 
 
@@ -138,7 +138,7 @@ def test_other_unreadable_files_and_entries_are_one_line(tmp_path):
 
 
 def test_records_without_text_are_skipped_counted_and_not_trained(tmp_path):
-    from fsdptrain.config import Config
+    from fsdptrain.config.schema import Config
     from fsdptrain.data import pipeline
     from fsdptrain.data.formats import convert
     from fsdptrain.data.tokenizer import build_char_tokenizer
@@ -310,7 +310,7 @@ def test_cached_rows_equal_in_process_tokenisation(tmp_path, monkeypatch):
 
 PEAK_RSS = """
 import json, sys
-from fsdptrain.config import Config
+from fsdptrain.config.schema import Config
 from fsdptrain.data import pipeline
 from fsdptrain.data.tokenizer import build_char_tokenizer
 cfg = Config()

@@ -14,7 +14,7 @@ import json
 import pytest
 import yaml
 
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
 from fsdptrain.data import pipeline
 from fsdptrain.data.packing import PackedExamples
 from fsdptrain.data.tokenizer import load_tokenizer

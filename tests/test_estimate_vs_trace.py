@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
 from fsdptrain.memory import estimate as analytic
 from fsdptrain.memory import trace
 from tests.helpers import first_block_saved_bytes

@@ -81,7 +81,7 @@ def oracle(setup):
     """Per-example summed cross-entropy from transformers itself, one example at a time, no padding."""
     from transformers import AutoModelForCausalLM
 
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.data import pipeline
     from fsdptrain.data.tokenizer import load_tokenizer
 
@@ -173,7 +173,7 @@ def test_keep_best_eval_command_and_export_best(two_ranks, tmp_path):
     from click.testing import CliRunner
 
     from fsdptrain.cli import main
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.evalrun import eval_checkpoint
 
     run = two_ranks[1]["every"]
@@ -197,7 +197,7 @@ def test_keep_best_eval_command_and_export_best(two_ranks, tmp_path):
     res = eval_checkpoint(cfg, str(tmp_path / "hf"), str(tmp_path / "hf.json"))  # a Hugging Face folder
     assert abs(res.loss - evals[best_step]) < 1e-6
 
-    from fsdptrain.errors import UserError
+    from fsdptrain.core.errors import UserError
 
     with pytest.raises(UserError) as e:
         eval_checkpoint(cfg, str(tmp_path / "nope"), None)
@@ -214,8 +214,8 @@ def test_plot_overlays_runs(two_ranks, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib", reason="a test extra: pip install 'fsdptrain[test]'")
     from PIL import Image, ImageStat
 
-    from fsdptrain.errors import UserError
-    from fsdptrain.plot import plot
+    from fsdptrain.core.errors import UserError
+    from fsdptrain.run.plot import plot
 
     runs = two_ranks[1]
     out = plot([str(runs["every"]), str(runs["end"])], str(tmp_path / "p.png"))

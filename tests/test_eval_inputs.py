@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.errors import ConfigError, UserError
 from fsdptrain.data import pipeline
 from fsdptrain.data.tokenizer import build_char_tokenizer
-from fsdptrain.errors import ConfigError, UserError
 from tests.helpers import read_metrics
 
 MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -85,7 +85,7 @@ def test_eval_data_overlapping_training_is_counted(tmp_path):
 def test_missing_sink_package_is_one_line(monkeypatch):
     import importlib.util
 
-    from fsdptrain import sinks
+    from fsdptrain.run import sinks
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))

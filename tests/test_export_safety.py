@@ -281,7 +281,7 @@ def _folder(path: Path, marker: bool = True, step: int = 1) -> Path:
 
 
 def test_clean_incomplete_removes_only_its_own_leftovers(tmp_path):
-    from fsdptrain import checkpoint as ck
+    from fsdptrain.run import checkpoint as ck
 
     root = tmp_path / "checkpoints"
     _folder(root / "step-00000002")
@@ -304,7 +304,7 @@ def test_clean_incomplete_removes_only_its_own_leftovers(tmp_path):
 
 
 def test_auto_resume_ignores_folders_that_are_not_step_n(tmp_path):
-    from fsdptrain import checkpoint as ck
+    from fsdptrain.run import checkpoint as ck
 
     _folder(tmp_path / "checkpoints" / "best", step=50)
     _folder(tmp_path / "checkpoints" / "step-00000009", marker=False)
@@ -313,8 +313,8 @@ def test_auto_resume_ignores_folders_that_are_not_step_n(tmp_path):
 
 
 def test_prune_removes_only_complete_step_folders(tmp_path):
-    from fsdptrain import checkpoint as ck
-    from fsdptrain.config import CheckpointConfig
+    from fsdptrain.config.schema import CheckpointConfig
+    from fsdptrain.run import checkpoint as ck
 
     root = tmp_path / "checkpoints"
     for s in (1, 2, 3):
@@ -331,7 +331,7 @@ def test_prune_removes_only_complete_step_folders(tmp_path):
 
 
 def test_saving_over_an_unmarked_step_folder_moves_it_aside(tmp_path):
-    from fsdptrain import checkpoint as ck
+    from fsdptrain.run import checkpoint as ck
 
     root = tmp_path / "checkpoints"
     unmarked = _folder(root / "step-00000004", marker=False)

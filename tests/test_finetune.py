@@ -85,7 +85,7 @@ def peft_model(llama: Path, lora: dict, seed: int):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from fsdptrain.finetune import adapter_init
+    from fsdptrain.model.finetune import adapter_init
 
     base = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)
     target = lora["target"]
@@ -205,7 +205,7 @@ def test_bf16_mixed_stores_the_frozen_base_in_bf16_and_trainable_weights_in_fp32
 
 @pytest.mark.parametrize("case", ["probe", "probe_bf16", "probe_freeze_bf16"])
 def test_estimated_model_state_equals_the_real_shards(runs, case):
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.memory import estimate
 
     root = runs[0]
@@ -240,7 +240,7 @@ def test_lora_checkpoint_holds_only_the_adapters_and_resumes_bitwise(runs):
 
 
 def test_lora_checkpoint_resumes_on_one_rank(runs):
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.trainer import train
 
     root, cases, _ = runs
@@ -288,7 +288,7 @@ def test_export_writes_a_peft_adapter_and_a_merged_model_with_the_trained_logits
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from fsdptrain.export import export_checkpoint
+    from fsdptrain.run.export import export_checkpoint
 
     root, _, llama = runs
     trained = load_file(str(root / "lora_logits.safetensors"))["logits"]  # the 2-rank model after 6 steps
@@ -312,7 +312,7 @@ def test_export_writes_a_peft_adapter_and_a_merged_model_with_the_trained_logits
 
 
 def meta_llama():
-    from fsdptrain import models
+    from fsdptrain.model import models
 
     hf = models.load_hf_config(None, {**LLAMA, "vocab_size": 100}, None, False)
     model = models.build_meta_model(hf, "sdpa", torch.float32, False)
@@ -331,9 +331,9 @@ def meta_llama():
      "up_proj, v_proj (or all)"),
 ])
 def test_bad_targets_are_one_line(section, error):
-    from fsdptrain.config import FinetuneConfig, FreezeConfig, LoraConfig
-    from fsdptrain.errors import ConfigError
-    from fsdptrain.finetune import prepare
+    from fsdptrain.config.schema import FinetuneConfig, FreezeConfig, LoraConfig
+    from fsdptrain.core.errors import ConfigError
+    from fsdptrain.model.finetune import prepare
 
     fcfg = FinetuneConfig(section["method"], LoraConfig(**section.get("lora", {})),
                           FreezeConfig(**section.get("freeze", {})))
@@ -354,8 +354,8 @@ def test_bad_targets_are_one_line(section, error):
     (["lora_target=all"], "unknown key 'lora_target'; did you mean 'finetune.lora.target'?"),
 ])
 def test_bad_finetune_settings_are_one_line(overrides, error):
-    from fsdptrain.config import load_config
-    from fsdptrain.errors import ConfigError
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
@@ -363,8 +363,8 @@ def test_bad_finetune_settings_are_one_line(overrides, error):
 
 
 def test_lora_layers_keep_hugging_face_names_and_get_adapters_in_their_block():
-    from fsdptrain.config import FinetuneConfig, LoraConfig
-    from fsdptrain.finetune import LoRALinear, prepare
+    from fsdptrain.config.schema import FinetuneConfig, LoraConfig
+    from fsdptrain.model.finetune import LoRALinear, prepare
 
     model, blocks = meta_llama()
     plan = prepare(model, blocks, FinetuneConfig("lora", LoraConfig(rank=4, target=["q_proj", "down_proj"])),
@@ -385,8 +385,8 @@ def test_modules_to_save_export_round_trip_on_one_rank(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fsdptrain.config import load_config
-    from fsdptrain.export import export_checkpoint
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.run.export import export_checkpoint
     from fsdptrain.trainer import train
     from tests.helpers import QWEN2
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from fsdptrain.config import load_config
-from fsdptrain.errors import ConfigError, LaunchError
-from fsdptrain.mesh import check_node_layout, hybrid_shape
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.errors import ConfigError, LaunchError
+from fsdptrain.dist.mesh import check_node_layout, hybrid_shape
 from tests.helpers import LLAMA, make_model_dir, read_metrics, torchrun
 from tests.parity_data import uneven_examples
 from tests.reference import STEPS, base_config, global_batches, reference_run, synthetic_examples

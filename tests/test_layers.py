@@ -1,7 +1,10 @@
 """The package's layering: each module imports only its own layer or lower ones, with no import cycle.
 
-The layer order is written once, in docs/architecture.md (the ```layers block, bottom layer first); this
-test parses it and every module's imports (module level and inside functions alike).
+The layer order is written once, in docs/architecture.md (the ```layers block, bottom layer first), and it names
+folders: a module's layer is its folder's (fsdptrain/dist/mesh.py is in the layer that lists `dist`). Top-level
+modules (trainer, cli, ...) are named one by one, and a module of a folder that spans layers is named in the layer
+above its folder's (memory.trace, a recipe over train.build, sits with the trainer). This test parses the block
+and every module's imports (module level and inside functions alike).
 """
 
 from __future__ import annotations
@@ -76,11 +79,35 @@ def graph() -> tuple[dict[str, list[tuple[str, list[str]]]], dict[str, int], lis
     return modules, index, names
 
 
+def folders() -> list[str]:
+    return sorted(p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+
+
+def test_the_layers_name_folders_and_every_folder_is_in_one():
+    """Each entry of the block is a folder, a top-level module, or a module of a folder listed in a lower layer
+    (a folder spanning layers, said in the block); every folder is listed exactly once."""
+    layers = layer_order()
+    entries = [m for _, mods in layers for m in mods]
+    tops = {p.stem for p in PKG.glob("*.py") if p.name != "__init__.py"}
+    dirs = folders()
+    assert sorted(e for e in entries if e in dirs) == dirs, "every folder of fsdptrain/ is listed exactly once"
+    seen: set[str] = set()
+    for _, mods in layers:
+        for m in mods:
+            head, _, rest = m.partition(".")
+            if rest:  # a module listed above its folder's layer
+                assert head in seen and (PKG / head / f"{rest}.py").is_file(), f"{m}: not a module of a lower folder"
+            else:
+                assert m in dirs or m in tops, f"{m}: neither a folder nor a top-level module of fsdptrain/"
+        seen.update(mods)
+    assert len(dirs) >= 8 and len(tops) <= 6, "the package is organised in folders, with few top-level modules"
+
+
 def test_every_module_imports_only_its_layer_or_lower():
     modules, index, names = graph()
     upward = []
     for mod, deps in modules.items():
-        if mod in ("", "data", "memory"):  # package __init__ files hold docstrings only
+        if mod == "" or mod in folders():  # package __init__ files hold docstrings only
             assert not deps, f"fsdptrain/{mod}/__init__.py imports {deps}; keep package __init__ files empty"
             continue
         mine = layer_of(mod, index)
@@ -124,10 +151,12 @@ def test_no_private_name_is_imported_across_modules():
 def test_the_checker_sees_an_upward_import():
     """The parser resolves relative imports: a wing importing the trainer would be caught."""
     deps = dict(imports_of(PKG / "memory" / "tracker.py"))
-    assert "distributed" in deps and "memory.stats" in deps
+    assert "dist.distributed" in deps and "memory.stats" in deps and "core.errors" in deps
     index = {m: i for i, (_, mods) in enumerate(layer_order()) for m in mods}
     assert layer_of("trainer", index) > layer_of("memory.tracker", index)
     assert layer_of("data.loader", index) == layer_of("data", index)
+    assert layer_of("memory.trace", index) == layer_of("trainer", index) > layer_of("memory.estimate", index)
+    assert layer_of("config.schema", index) > layer_of("core.errors", index)
 
 
 def test_memory_runtime_tools_and_estimator_stay_apart():

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fsdptrain.config import load_config
-from fsdptrain.errors import UserError
-from fsdptrain.files import read_yaml
-from fsdptrain.lfconfig import QWEN_SYSTEM, translate
+from fsdptrain.config.llamafactory import QWEN_SYSTEM, translate
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.errors import UserError
+from fsdptrain.core.files import read_yaml
 from tests.helpers import LLAMA, cli_inproc, make_model_dir, read_metrics, run_cli
 
 FIXTURES = Path(__file__).parent / "lf_configs"
@@ -170,8 +170,8 @@ def test_refusals_are_one_line_naming_file_and_key(tmp_path, extra, error):
 
 
 def test_lf_template_names_use_the_family_template_with_its_default_system():
+    from fsdptrain.core.files import read_json
     from fsdptrain.data.tokenizer import apply_template, build_char_tokenizer
-    from fsdptrain.files import read_json
 
 
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]

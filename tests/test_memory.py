@@ -21,12 +21,12 @@ import yaml
 from click.testing import CliRunner
 
 from fsdptrain.cli import main as cli
-from fsdptrain.config import load_config
-from fsdptrain.errors import ConfigError, UserError
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.errors import ConfigError, UserError
+from fsdptrain.core.units import GIB
 from fsdptrain.memory import diff, estimate, report, snapshot
 from fsdptrain.memory import stats as memstats
 from fsdptrain.memory.tracker import likely_cause
-from fsdptrain.units import GIB
 from tests.helpers import REPO, first_block_saved_bytes, torchrun
 from tests.workers.mem_cases import LONG, SHORT, measure_model_state
 
@@ -159,7 +159,7 @@ def test_model_state_terms_equal_the_real_shards(launch, tmp_path):
     cfg_path = root / "state.yaml"
     shape = estimate.shape_from_config(load_config(str(cfg_path)))
     measured = [json.loads((root / "state" / f"rank{r}.json").read_text()) for r in range(3)]
-    from fsdptrain import distributed
+    from fsdptrain.dist import distributed
 
     info = distributed.init("cpu")  # a 1-rank group in this process: world size 1
     try:
@@ -428,7 +428,7 @@ def test_cuda_run_records_allocator_stats_and_snapshot(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory error needs a GPU")
 def test_cuda_oom_post_mortem(tmp_path):
-    from fsdptrain.errors import TrainingError
+    from fsdptrain.core.errors import TrainingError
     from fsdptrain.trainer import train
 
     big_vocab = {**TINY, "vocab_size": 151936}

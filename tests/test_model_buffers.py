@@ -20,7 +20,7 @@ def test_random_init_buffer_survives_checkpoint_and_export(tmp_path):
     from safetensors.torch import load_file
 
     from fsdptrain.cli import main
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.trainer import train
 
     run = tmp_path / "run"

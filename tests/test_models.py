@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsdptrain import models
 from fsdptrain.data.encode import IGNORE, Example
 from fsdptrain.data.loader import StepSampler, collate
-from fsdptrain.optim import lr_factor, no_decay
+from fsdptrain.model import models
+from fsdptrain.train.optim import lr_factor, no_decay
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
          "num_key_value_heads": 2, "vocab_size": 128}
@@ -47,7 +47,7 @@ def test_global_batches_do_not_depend_on_world_size_and_ranks_are_disjoint():
 
 
 def test_too_little_data_is_a_clear_error():
-    from fsdptrain.errors import UserError
+    from fsdptrain.core.errors import UserError
 
     with pytest.raises(UserError, match=r"data: 5 examples cannot fill one global batch of 8"):
         StepSampler(5, 2, 0, micro_batch_size=4, grad_accum_steps=1, seed=0)

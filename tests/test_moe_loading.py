@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from fsdptrain.errors import UserError
+from fsdptrain.core.errors import UserError
 from tests.helpers import FAMILIES, make_model_dir, torchrun
 
 ARCHS = {name: FAMILIES[name] for name in ("mixtral", "qwen3_moe")}
@@ -42,9 +42,10 @@ def hf_model(folder: Path):
 
 def load_one_rank(folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """fsdptrain's sharded model on one rank: its full parameters."""
-    from fsdptrain import distributed, models
-    from fsdptrain.build import build_sharded_model
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.dist import distributed
+    from fsdptrain.model import models
+    from fsdptrain.train.build import build_sharded_model
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", folder))
     info = distributed.init("cpu")
@@ -103,7 +104,7 @@ def test_expert_load_counts_equal_transformers_router_on_two_ranks(folders, two_
     """The tokens each expert got in step 1 (2 ranks x 2 micro-batches, checkpointed blocks recomputed in backward)
     equal the top-k of transformers' own router logits on the same batches; aux_loss is the mean of transformers'
     per-micro-batch aux_loss; `loss` stays the pure cross-entropy."""
-    from fsdptrain import moe
+    from fsdptrain.model import moe
     from tests.helpers import read_metrics
 
     root, _ = two_ranks
@@ -131,7 +132,7 @@ def test_expert_load_counts_equal_transformers_router_on_two_ranks(folders, two_
 
 @pytest.mark.parametrize("name", list(STATE))
 def test_estimator_model_state_equals_real_moe_shards(two_ranks, name):
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.memory import estimate
 
     root, _ = two_ranks
@@ -173,7 +174,7 @@ def test_missing_expert_names_the_file_keys_looked_for(folders, tmp_path):
 def test_a_rule_that_cannot_be_read_by_shards_is_refused_naming_the_model_type(folders, tmp_path, monkeypatch):
     from transformers.core_model_loading import Chunk, MergeModulelist, WeightConverter
 
-    from fsdptrain import weightmap
+    from fsdptrain.model import weightmap
 
     real = weightmap.conversion_rules
 

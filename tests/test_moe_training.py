@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
+from fsdptrain.core.errors import ConfigError
 from fsdptrain.data.encode import IGNORE, Example
-from fsdptrain.errors import ConfigError
 from tests.helpers import first_block_saved_bytes, make_model_dir
 
 BASE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -49,8 +49,9 @@ def examples(vocab: int, n: int = 4) -> list[Example]:
 
 
 def setup_run(folder: Path, tmp_path: Path, exs: list[Example], **train):
-    from fsdptrain import distributed, trainer
-    from fsdptrain.config import load_config
+    from fsdptrain import trainer
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.dist import distributed
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({
@@ -71,8 +72,9 @@ def hf_labels(ours: torch.Tensor) -> torch.Tensor:
 
 def our_step(folder: Path, tmp_path: Path, exs: list[Example], **train):
     """fsdptrain's forward_backward of step 1 on one rank: (CE sum, aux sum, targets, grads, batches, coef)."""
-    from fsdptrain import distributed, trainer
+    from fsdptrain import trainer
     from fsdptrain.data import pipeline
+    from fsdptrain.dist import distributed
 
     run, info = setup_run(folder, tmp_path, exs, **train)
     try:
@@ -137,7 +139,7 @@ def test_a_model_without_aux_loss_trains_without_it_and_refuses_a_coefficient(tm
     exs = examples(json.loads((folder / "config.json").read_text())["vocab_size"])
     (ce_sum, aux_sum), *_, coef = our_step(folder, tmp_path / "a", exs)
     assert (coef, aux_sum) == (0, 0.0) and ce_sum > 0
-    from fsdptrain import distributed
+    from fsdptrain.dist import distributed
 
     info = distributed.init("cpu")
     try:
@@ -150,7 +152,7 @@ def test_a_model_without_aux_loss_trains_without_it_and_refuses_a_coefficient(tm
 
 
 def test_summary_of_counts():
-    from fsdptrain import moe
+    from fsdptrain.model import moe
 
     counts = torch.tensor([[10, 30, 20, 20], [5, 5, 5, 65]])
     m = moe.summarize(counts)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from fsdptrain.config import TrainConfig
-from fsdptrain.errors import LaunchError
+from fsdptrain.config.schema import TrainConfig
+from fsdptrain.core.errors import LaunchError
 from fsdptrain.launch import interface_env, read_plan, route_to, torchrun_command
 from tests.helpers import REPO, env, free_port, read_metrics
 

@@ -12,10 +12,11 @@ import re
 import pytest
 from transformers import AutoConfig
 
-from fsdptrain import packcheck, trainer
-from fsdptrain.config import load_config
+from fsdptrain import trainer
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.errors import ConfigError
 from fsdptrain.data.tokenizer import build_char_tokenizer
-from fsdptrain.errors import ConfigError
+from fsdptrain.model import packcheck
 from tests.helpers import LLAMA, QWEN2, run_cli
 
 GPT_OSS = {"model_type": "gpt_oss", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,

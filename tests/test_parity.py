@@ -69,7 +69,7 @@ AUTO_PLAN = 4  # of candidate_plans(3): block 0 full, blocks 1-2 selective
 
 def auto_budget_gib(root: Path, llama: Path) -> float:
     """A budget between candidate plan AUTO_PLAN's estimated peak and every less-recomputing plan's."""
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.memory import estimate
 
     (root / "auto_probe.yaml").write_text(yaml.safe_dump(base_config(root / "probe", llama)))
@@ -142,9 +142,10 @@ def test_exported_model_has_the_reference_weights(runs):
 def test_random_init_does_not_depend_on_world_size(runs):
     from safetensors.torch import load_file
 
-    from fsdptrain import distributed, models
-    from fsdptrain.build import build_sharded_model
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.dist import distributed
+    from fsdptrain.model import models
+    from fsdptrain.train.build import build_sharded_model
 
     root = runs[0]
     two = load_file(str(root / "init2.safetensors"))

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fsdptrain import models
 from fsdptrain.data.encode import IGNORE
-from fsdptrain.loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
-from fsdptrain.optim_offload import CPUOffloadAdamW
-from fsdptrain.parallelize import apply_activation_checkpointing
+from fsdptrain.model import models
+from fsdptrain.objectives.loss import ChunkedLossHead, install_chunked_loss, token_loss_sum
+from fsdptrain.train.optim_offload import CPUOffloadAdamW
+from fsdptrain.train.parallelize import apply_activation_checkpointing
 
 SMALL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97, "tie_word_embeddings": True}
@@ -109,7 +109,7 @@ def test_chunked_loss_does_no_more_matmul_work_than_full_logits():
 
 
 def test_fused_linear_cross_entropy_with_bias_matches_autograd():
-    from fsdptrain.loss import _chunk_loss_and_grad, _FusedLinearCrossEntropy
+    from fsdptrain.objectives.loss import _chunk_loss_and_grad, _FusedLinearCrossEntropy
 
     g = torch.Generator().manual_seed(3)
     h = torch.randn(50, 8, generator=g, requires_grad=True)
@@ -165,7 +165,7 @@ def test_selective_checkpointing_recomputes_only_cheap_ops():
 
 
 def test_cpu_offload_adamw_matches_torch_adamw(monkeypatch):
-    import fsdptrain.optim_offload as oo
+    from fsdptrain.train import optim_offload as oo
 
     monkeypatch.setattr(oo, "CHUNK_BYTES", 100)  # several chunks per group: the pipelined path
     torch.manual_seed(0)
@@ -211,7 +211,7 @@ def test_cpu_offload_adamw_rereads_parameters_after_a_state_load():
 
 
 def test_offloaded_optimizer_state_checkpoints_and_resumes_exactly(tmp_path):
-    from fsdptrain.config import load_config
+    from fsdptrain.config.schema import load_config
     from fsdptrain.trainer import train
 
     common = [f"output_dir={tmp_path}", "train.max_steps=4", "data.synthetic_examples=128", "logging.progress=none",
@@ -238,9 +238,9 @@ def test_per_block_checkpointing_modes_recompute_only_their_blocks():
 
 
 def test_auto_checkpointing_plan_is_the_least_recomputation_within_budget():
-    from fsdptrain.config import Config
+    from fsdptrain.config.schema import Config
+    from fsdptrain.dist.plan import checkpoint_modes, describe_modes
     from fsdptrain.memory import estimate
-    from fsdptrain.plan import checkpoint_modes, describe_modes
 
     shape = estimate.shape_of_model(models.build_meta_model(
         models.load_hf_config(None, {**SMALL, "num_hidden_layers": 6}, None, False), "sdpa", torch.float32, False))

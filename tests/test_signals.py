@@ -149,7 +149,7 @@ def test_second_sigint_stops_at_once_without_saving(capsys):
     import torch
 
     from fsdptrain.cli import friendly_errors
-    from fsdptrain.stopping import StopRequests
+    from fsdptrain.dist.stopping import StopRequests
 
     stop = StopRequests(torch.device("cpu"))
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fsdptrain.errors import UserError
+from fsdptrain.core.errors import UserError
 from tests.helpers import REPO
 
 SHARED = REPO.parent / "shared"

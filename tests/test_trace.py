@@ -16,10 +16,10 @@ import yaml
 from click.testing import CliRunner
 
 from fsdptrain.cli import main
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.units import format_bytes
 from fsdptrain.memory import estimate as analytic
 from fsdptrain.memory import trace
-from fsdptrain.units import format_bytes
 from tests.helpers import torchrun
 
 # vocab 301 and intermediate 100 do not divide by 2 ranks: rank 1 holds fewer rows than its padded shard

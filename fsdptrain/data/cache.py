@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch.distributed as dist
 
-from ..errors import UserError
-from ..files import reading
+from ..core.errors import UserError
+from ..core.files import reading
 from . import formats, sources
 from .encode import (
     IGNORE,

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .encode import IGNORE, Example
 
 SPLIT_SALT = 7_727  # the split's generator differs from the sampler's (seed * 10_007 + epoch)

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 FORMATS = ("alpaca", "sharegpt", "openai", "text")
 

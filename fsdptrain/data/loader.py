@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .encode import IGNORE, Example
 
 PAD_MULTIPLE = 8

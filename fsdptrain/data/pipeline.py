@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Config
-from ..errors import ConfigError, UserError
+from ..config.schema import Config
+from ..core.errors import ConfigError, UserError
 from . import evalset
 from .cache import Settings, prepare
 from .encode import tokenize_all

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ..config import Config
-from ..errors import UserError
+from ..config.schema import Config
+from ..core.errors import UserError
 from . import formats, sources
 from .cache import template_fix, template_label
 from .encode import IGNORE, Example, TemplateError, TokenizeStats, tokenize_all, tokenize_record

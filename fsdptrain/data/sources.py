@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import UserError
-from ..files import FileError, read_json, read_text, reading
+from ..core.errors import UserError
+from ..core.files import FileError, read_json, read_text, reading
 from .formats import FORMATS, Spec
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",

@@ -12,8 +12,8 @@ import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ..errors import UserError
-from ..lfconfig import LF_TEMPLATES, template_problem
+from ..config.llamafactory import LF_TEMPLATES, template_problem
+from ..core.errors import UserError
 from .render import OPEN_END
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ The estimator allows for them with a fixed part and a share of the peak
 
 from __future__ import annotations
 
-from ..units import format_bytes
+from ..core.units import format_bytes
 from .estimate import FRAGMENTATION, RUNTIME_OVERHEAD
 
 WHAT = (f"allocator caching/fragmentation {round((FRAGMENTATION - 1) * 100)}% of the peak + CUDA context, NCCL "

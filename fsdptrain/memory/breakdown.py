@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, MemoryConfig
-from ..distributed import DistInfo
-from ..errors import ConfigError
-from ..files import write_atomic
+from ..config.schema import Config, MemoryConfig
+from ..core.errors import ConfigError
+from ..core.files import write_atomic
+from ..dist.distributed import DistInfo
 from .phases import CATEGORIES, PhasePeak, PhaseTracker, state_bytes
 
 FILE = "breakdown_step{step}_rank{rank}.json"

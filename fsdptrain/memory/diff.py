@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..units import GIB, MIB, format_bytes
+from ..core.units import GIB, MIB, format_bytes
 from . import snapshot
 
 

@@ -45,10 +45,10 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config import Config
-from ..errors import UserError
-from ..plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
-from ..units import GIB, format_bytes
+from ..config.schema import Config
+from ..core.errors import UserError
+from ..core.units import GIB, format_bytes
+from ..dist.plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +103,7 @@ class MoeShape:
 
 def moe_shape(model: nn.Module, blocks: list) -> MoeShape | None:
     """MoE dimensions from the experts modules (moe.expert_modules) and the config; None for a dense model."""
-    from .. import moe
+    from ..model import moe
 
     found = moe.expert_modules(model)
     if not found:
@@ -122,7 +122,7 @@ def moe_shape(model: nn.Module, blocks: list) -> MoeShape | None:
 
 def shape_of_model(model: nn.Module) -> ModelShape:
     """FSDP units and dimensions of a (meta) transformers model, split like parallelize.apply_fsdp."""
-    from .. import models
+    from ..model import models
 
     blocks = models.find_blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -169,7 +169,7 @@ def shape_from_config(cfg: Config) -> ModelShape:
     """Build the configured model on the meta device (no weights are read) and measure it."""
     import torch
 
-    from .. import models
+    from ..model import models
 
     inline = cfg.model.hf_config if cfg.model.path is None else None
     vocab = None
@@ -180,7 +180,7 @@ def shape_from_config(cfg: Config) -> ModelShape:
     hf = models.load_hf_config(cfg.model.path, inline, vocab, cfg.model.trust_remote_code)
     model = models.build_meta_model(hf, cfg.model.attn_implementation, torch.float32, cfg.model.trust_remote_code)
     if cfg.finetune.method != "full":  # adapters and frozen weights, as build_sharded_model makes them
-        from .. import finetune
+        from ..model import finetune
 
         precision = resolve_precision(cfg.parallel.precision, "cpu" if cfg.parallel.device == "cpu" else "cuda")
         finetune.prepare(model, models.find_blocks(model), cfg.finetune, precision)
@@ -684,7 +684,7 @@ def plan_auto_checkpointing(cfg: Config, model: nn.Module, world_size: int, loca
     configured one, or the smallest GPU's memory across ranks). Returns the per-block modes and a log line."""
     import torch
 
-    from .. import distributed
+    from ..dist import distributed
 
     gpu_memory = 0
     if device.type == "cuda":

@@ -16,9 +16,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..files import read_json, read_text
-from ..units import GIB, format_bytes
+from ..core.errors import UserError
+from ..core.files import read_json, read_text
+from ..core.units import GIB, format_bytes
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import UserError
-from ..units import format_bytes
+from ..core.errors import UserError
+from ..core.units import format_bytes
 
 OWNERS = ["parameters", "gradients", "optimizer state", "activations", "other"]
 

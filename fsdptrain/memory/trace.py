@@ -44,16 +44,16 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from ..build import build_sharded_model
-from ..config import Config
-from ..data.encode import IGNORE
-from ..distributed import DistInfo
-from ..errors import ConfigError
-from ..loss import install_chunked_loss
-from ..optim import build_optimizer
-from ..plan import resolve_precision
+from ..config.schema import Config
+from ..core.errors import ConfigError
+from ..core.units import GIB, format_bytes
+from ..dist.distributed import DistInfo
+from ..dist.plan import resolve_precision
+from ..objectives.choose import objective_for
+from ..objectives.loss import install_chunked_loss
+from ..train.build import build_sharded_model
+from ..train.optim import build_optimizer
 from ..trainer import forward_backward, grad_norm_and_clip
-from ..units import GIB, format_bytes
 from . import estimate as analytic
 from .phases import CATEGORIES, PhasePeak, PhaseTracker, state_bytes
 
@@ -82,7 +82,8 @@ def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: Simpl
                   steps: list[list[dict]], max_grad_norm: float) -> StepTrace:
     """Run optimizer steps (each a list of micro-batches) under a phases.PhaseTracker, one peak per phase.
 
-    `run` carries what trainer.forward_backward reads (cfg, info.device, model, loss_head); its `tracker` is
+    `run` carries what trainer.forward_backward reads (cfg, info.device, model, objective, loss_head); its
+    `tracker` is
     replaced here by the phase recorder. Works on fake and on real tensors alike.
     """
     fake = _is_fake(steps[0])
@@ -95,7 +96,7 @@ def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: Simpl
         run.tracker = SimpleNamespace(phase=close_phase)
         for n, batches in enumerate(steps, start=1):
             step_no[0] = n
-            targets = 1 if fake else sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+            targets = 1 if fake else sum(run.objective.units(b) for b in batches)
             scale = torch.tensor(run.info.world_size / max(1, targets), dtype=torch.float32, device=run.info.device)
             forward_backward(run, batches, scale)
             grad_norm_and_clip(model, max_grad_norm)
@@ -116,9 +117,10 @@ def state_on_host(tr: StepTrace) -> StepTrace:
 def step_run(cfg: Config, info: DistInfo, model: nn.Module, head) -> SimpleNamespace:
     """What trainer.forward_backward reads of a Run (its `tracker` is set by measure_steps). MoE expert-load
     counting (a few int64 counters) is left out: its hooks read routing values."""
-    from .. import moe
+    from ..model import moe
 
-    return SimpleNamespace(cfg=cfg, info=info, model=model, loss_head=head, expert_load=None,
+    return SimpleNamespace(cfg=cfg, info=info, model=model, objective=objective_for(cfg), loss_head=head,
+                           expert_load=None,
                            router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model))
 
 
@@ -200,7 +202,7 @@ def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_no
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from ..mesh import build_mesh
+    from ..dist.mesh import build_mesh
 
     facts = analytic.settings_from_config(cfg, world // gpus_per_node, gpus_per_node, gpu_memory,
                                           device_type=target_device).facts
@@ -294,7 +296,7 @@ def config_shapes(s: analytic.Settings) -> list[list[tuple[int, int]]]:
 
 
 def load_hf_config(cfg: Config):
-    from .. import models
+    from ..model import models
 
     vocab = None
     if cfg.model.path is None and "vocab_size" not in (cfg.model.hf_config or {}):

@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import distributed, log
-from ..config import MemoryConfig
-from ..distributed import DistInfo, PeerStop
-from ..errors import PeerLost, TrainingError
+from ..config.schema import MemoryConfig
+from ..core import log
+from ..core.errors import PeerLost, TrainingError
+from ..dist import distributed
+from ..dist.distributed import DistInfo, PeerStop
 from . import snapshot
 from . import stats as memstats
 
@@ -42,7 +43,7 @@ PHASES = ["step_start", "forward", "backward", "optimizer", "recompute", "eval"]
 # Numbers gathered per rank each log step (in this order).
 GATHERED = ["allocated_peak", "reserved_peak", "inactive_split_peak", "num_alloc_retries", "num_ooms",
             "step", "phase", "module", "micro", "batch_tokens", "longest"]
-from ..units import GIB  # noqa: E402
+from ..core.units import GIB  # noqa: E402
 
 
 def likely_cause(rows: list[dict], r: int) -> str:

@@ -22,10 +22,11 @@ import json
 import sys
 from pathlib import Path
 
-from fsdptrain import distributed, trainer
-from fsdptrain.config import load_config
+from fsdptrain import trainer
+from fsdptrain.config.schema import load_config
 from fsdptrain.data import pipeline
 from fsdptrain.data.encode import IGNORE, Example
+from fsdptrain.dist import distributed
 from fsdptrain.memory import trace
 from tests.workers.settled import settled_collectives
 

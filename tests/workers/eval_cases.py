@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 
-from fsdptrain import distributed, models
-from fsdptrain.build import build_sharded_model
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
 from fsdptrain.data import pipeline
 from fsdptrain.data.tokenizer import load_tokenizer
-from fsdptrain.evaluate import eval_micro_batch, evaluate
-from fsdptrain.loss import install_chunked_loss
+from fsdptrain.dist import distributed
+from fsdptrain.model import models
+from fsdptrain.objectives.loss import install_chunked_loss
+from fsdptrain.objectives.sft import SFT
+from fsdptrain.train.build import build_sharded_model
+from fsdptrain.train.evaluate import eval_micro_batch, evaluate
 from fsdptrain.trainer import train
 
 
@@ -33,8 +35,8 @@ def eval_case(config: str, info: distributed.DistInfo) -> dict:
     head = install_chunked_loss(model, cfg.train.loss_chunk_tokens)
     model.train()
     rng = torch.get_rng_state()
-    res = evaluate(model, evals, tok.pad_token_id, info.device, info.world_size, info.rank, eval_micro_batch(cfg),
-                   cfg.train.eval_max_batches, head)
+    res = evaluate(model, SFT, evals, tok.pad_token_id, info.device, info.world_size, info.rank,
+                   eval_micro_batch(cfg), cfg.train.eval_max_batches, head)
     return {"loss": res.loss, "tokens": res.tokens, "examples": res.examples, "rows": len(evals),
             "rng_same": bool(torch.equal(rng, torch.get_rng_state())), "mode_back": model.training}
 

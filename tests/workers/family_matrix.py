@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from fsdptrain import distributed, packcheck
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.errors import UserError
 from fsdptrain.data.encode import Example
 from fsdptrain.data.loader import collate
 from fsdptrain.data.packing import pack
-from fsdptrain.errors import UserError
-from fsdptrain.loss import token_loss_sum
+from fsdptrain.dist import distributed
+from fsdptrain.model import packcheck
+from fsdptrain.objectives.loss import token_loss_sum
 from fsdptrain.trainer import loop, setup
 
 

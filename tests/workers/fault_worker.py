@@ -16,8 +16,8 @@ import sys
 
 from torch.distributed.checkpoint import FileSystemWriter
 
-from fsdptrain import checkpoint
 from fsdptrain.cli import main
+from fsdptrain.run import checkpoint
 
 
 def _faults() -> list[tuple[str, int]]:

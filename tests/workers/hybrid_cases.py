@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from fsdptrain import distributed, models
-from fsdptrain.build import build_sharded_model
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
+from fsdptrain.dist import distributed
+from fsdptrain.model import models
+from fsdptrain.train.build import build_sharded_model
 from fsdptrain.trainer import train
 from tests.parity_data import uneven_examples
 

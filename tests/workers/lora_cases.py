@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from fsdptrain import distributed, trainer
-from fsdptrain.config import load_config
+from fsdptrain import trainer
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.errors import UserError
 from fsdptrain.data import pipeline
-from fsdptrain.errors import UserError
-from fsdptrain.models import local_tensor
+from fsdptrain.dist import distributed
+from fsdptrain.model.models import local_tensor
 
 
 def run_train(cfg, info, ids: list[int], logits_out: str | None) -> None:

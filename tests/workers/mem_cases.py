@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from fsdptrain import distributed, models
-from fsdptrain.build import build_sharded_model
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
 from fsdptrain.data.encode import IGNORE, Example
-from fsdptrain.optim import build_optimizer
+from fsdptrain.dist import distributed
+from fsdptrain.model import models
+from fsdptrain.train.build import build_sharded_model
+from fsdptrain.train.optim import build_optimizer
 
 LONG, SHORT = 1536, 32
 
@@ -69,9 +70,10 @@ def measure_model_state(config: str, info: distributed.DistInfo) -> dict:
 
 def run_oom(spec: dict) -> None:
     """Rank spec['rank'] fails its spec['at_call']-th forward with the error CUDA would raise."""
-    from fsdptrain import cli, trainer
+    from fsdptrain import cli
+    from fsdptrain.objectives import sft
 
-    real = trainer.token_loss_sum
+    real = sft.token_loss_sum
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -80,7 +82,7 @@ def run_oom(spec: dict) -> None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated in a test)")
         return real(*args, **kwargs)
 
-    trainer.token_loss_sum = failing
+    sft.token_loss_sum = failing  # what the SFT objective calls for each forward
     cli.main(["train", spec["config"]])
 
 
@@ -90,7 +92,7 @@ def run_watchdog(run_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from fsdptrain.config import MemoryConfig
+    from fsdptrain.config.schema import MemoryConfig
     from fsdptrain.memory.tracker import MemoryTracker
 
     info = distributed.init("cpu")

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from fsdptrain import distributed
-from fsdptrain.config import load_config
+from fsdptrain.config.schema import load_config
+from fsdptrain.dist import distributed
 
 
 def routing_case(spec: dict, info: distributed.DistInfo) -> None:
     """trainer.train for one step; the counts the trainer summarised and the batches each rank ran are kept."""
-    from fsdptrain import moe, trainer
+    from fsdptrain import trainer
     from fsdptrain.data.encode import Example
+    from fsdptrain.model import moe
 
     counts, batches = [], []
     real_take, real_step = moe.take_counts, trainer.train_step

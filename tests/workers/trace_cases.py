@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from fsdptrain import distributed
-from fsdptrain.build import build_sharded_model
-from fsdptrain.config import load_config
-from fsdptrain.loss import install_chunked_loss
+from fsdptrain.config.schema import load_config
+from fsdptrain.dist import distributed
 from fsdptrain.memory import trace
-from fsdptrain.optim import build_optimizer
+from fsdptrain.objectives.loss import install_chunked_loss
+from fsdptrain.train.build import build_sharded_model
+from fsdptrain.train.optim import build_optimizer
 from tests.workers.settled import settled_collectives
 
 REPEATS = 3

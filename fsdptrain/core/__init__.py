@@ -1,0 +1,1 @@
+"""The foundation: errors, byte units, the one reader of users' files, the one output channel."""

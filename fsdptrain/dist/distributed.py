@@ -1,0 +1,358 @@
+"""Process group, device and mesh set-up from the torchrun environment; rank helpers.
+
+`python -m fsdptrain train` without torchrun runs as a one-process group (so the
+loop is the same code path at every scale). Under torchrun we read RANK,
+LOCAL_RANK, WORLD_SIZE (and LOCAL_WORLD_SIZE) and rendezvous through
+MASTER_ADDR/MASTER_PORT via the env:// method. CUDA + NCCL when GPUs exist,
+otherwise CPU + gloo with an explicit CPU device mesh (on a GPU machine the
+default mesh would pick CUDA).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..core import log
+from .elastic import fresh_store
+from ..core.errors import LaunchError, UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    owns_group: bool  # we created the process group, so we destroy it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+def _env_int(name: str, default: Optional[int] = None) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise LaunchError(f"environment variable {name} is not set; launch with torchrun or unset WORLD_SIZE")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device_type(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise LaunchError("parallel.device: cuda was requested but no CUDA device is visible; "
+                          "use parallel.device=cpu or auto")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Join (or create) the default process group and pick this rank's device."""
+    device_type = resolve_device_type(device)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+
+    if dist.is_initialized():  # e.g. several runs in one launched test process
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = _env_int("LOCAL_RANK", 0)
+        local_world = _env_int("LOCAL_WORLD_SIZE", world)
+        owns = False
+    elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        local_rank = _env_int("LOCAL_RANK", 0)
+        local_world = _env_int("LOCAL_WORLD_SIZE", world)
+        _join_launched_group(rank, world, local_rank, local_world, device_type, backend, timeout)
+        owns = True
+    else:  # plain `python -m fsdptrain train`: a one-process group, no network
+        rank, world, local_rank, local_world = 0, 1, 0, 1
+        if device_type == "cuda":
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        owns = True
+
+    dev = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    log.configure(rank == 0)
+    return DistInfo(rank, local_rank, world, local_world, dev, backend, owns)
+
+
+def _join_launched_group(rank: int, world: int, local_rank: int, local_world: int, device_type: str, backend: str,
+                         timeout: datetime.timedelta) -> None:
+    """The process group of a launched job (torchrun, or RANK/WORLD_SIZE/MASTER_* from another launcher), and
+    this process's watch over its peers."""
+    global _peers
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise LaunchError(f"{name} is not set; torchrun sets it (use torchrun, or export {name})")
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise LaunchError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
+                "lower --nproc-per-node or check CUDA_VISIBLE_DEVICES"
+            )
+        torch.cuda.set_device(local_rank)
+    try:
+        store = fresh_store(rank, world, timeout)  # None unless torchrun's agent store (stale keys after a restart)
+        if store is None and world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            store = _store_without_agent(rank, world, timeout)
+        dist.init_process_group(
+            backend=backend,
+            init_method=None if store is not None else "env://",
+            store=store,
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            device_id=torch.device("cuda", local_rank) if device_type == "cuda" else None,
+        )
+    except LaunchError:
+        raise
+    except Exception as e:  # rendezvous failures: say where we tried to go
+        raise LaunchError(
+            f"could not join the process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+            f"as rank {rank}/{world} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "check MASTER_ADDR/MASTER_PORT, the network interface and that every node started"
+        ) from None
+    _peers = PeerStop(rank, world)
+    _peers.start_watching()  # heartbeats, a gone store, a peer that failed
+    # One line per rank, so each node's log shows which ranks it runs (multi-node debugging).
+    log.rank_line(f"fsdptrain: rank {rank}/{world} (local rank {local_rank}/{local_world}, node "
+                  f"{os.environ.get('GROUP_RANK', '?')}) on host {socket.gethostname()} joined "
+                  f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+
+
+def shutdown(info: DistInfo) -> None:
+    global _peers
+    if info.owns_group and _peers is not None:
+        _peers.close()
+        _peers = None
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _store_without_agent(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """RANK and WORLD_SIZE set, but no torchrun agent started this process: another launcher (srun, mpirun)
+    or variables left in the shell. Find the peers within FSDPTRAIN_PEER_WAIT_S (default 30) seconds, or
+    say so in one line instead of waiting for the process-group timeout."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    wait = float(os.environ.get("FSDPTRAIN_PEER_WAIT_S", "30"))
+    log.rank_line(f"fsdptrain: rank {rank}: RANK/WORLD_SIZE are set but no torchrun agent started this process; "
+                  f"waiting up to {wait:g} s for {world} ranks at {addr}:{port}")
+    stale = (f"RANK={rank} WORLD_SIZE={world} are set but no torchrun agent started this process and the other "
+             f"ranks did not join {addr}:{port} within {wait:g} s; variables left in the shell? `unset RANK "
+             "WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE` for a one-process run, or launch with torchrun "
+             "(FSDPTRAIN_PEER_WAIT_S waits longer)")
+    try:
+        store = dist.TCPStore(addr, port, world, rank == 0, timeout=datetime.timedelta(seconds=wait),
+                              wait_for_workers=False)
+    except Exception:  # noqa: BLE001 (no server to join: rank 0 never came)
+        raise LaunchError(stale) from None
+    store.add("fsdptrain/peers", 1)
+    deadline = time.monotonic() + wait
+    while store.add("fsdptrain/peers", 0) < world:
+        if time.monotonic() > deadline:
+            raise LaunchError(stale)
+        time.sleep(0.1)
+    store.set_timeout(timeout)
+    return dist.PrefixStore("fsdptrain/pg", store)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def all_gather_rows(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Stack one small 1-D tensor from every rank into (world_size, n)."""
+    out = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(out, t)
+    return torch.stack(out)
+
+
+def on_rank0(fn: Callable[[], object]) -> object:
+    """Run a check on rank 0 alone; a UserError it raises is raised on every rank (collective), so all ranks
+    stop with the same one line. Returns fn's result on rank 0, None elsewhere."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+    return result
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class PeerStop:
+    """Every rank stops within seconds when another fails, and the run says which one and why.
+
+    A watchdog thread ticks once a second: it writes this rank's heartbeat into the rendezvous store and
+    looks for a failure key. A rank that fails in a way it explains (out of memory) prints its one line,
+    sets the failure key and exits; the others see the key and exit quietly, even while blocked inside a
+    collective. A rank killed without a word (kill -9, a lost node) stops heartbeating: when a collective
+    then fails on a survivor, `dead_ranks` names the ranks whose heartbeat stood still. When the store
+    itself is gone (torchrun's agent was killed), there is nobody left to coordinate with: the rank says
+    so in one line and exits. Exiting is `os._exit`: a peer may be blocked in a collective, so no clean
+    shutdown is possible. Keys are per run (the output_dir as configured, identical on every node) and per
+    elastic restart, so a restarted group does not read the previous attempt's keys. One per process, made by
+    `init` for a launched group (`peers()`); a rank that stops on a user error tells the others (`tell`), so
+    they stop within a second instead of waiting in their next collective.
+    """
+
+    def __init__(self, rank: int, world_size: int, before_exit: Callable[[], None] = lambda: None):
+        # the default store is the process group's own (per run, and per restart under torchrun: elastic.py)
+        self.prefix = f"fsdptrain/peers/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self.key = f"{self.prefix}/failed"
+        self.rank = rank
+        self.world_size = world_size
+        self.before_exit = before_exit
+        self.failing = False
+        self.store_failures = 0
+        self._beat = 0
+        self._stop = threading.Event()
+        self._watch: Optional[threading.Thread] = None
+
+    def _store(self) -> dist.Store:
+        return dist.distributed_c10d._get_default_store()
+
+    def start_watching(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            self._tick()  # the first heartbeat before any collective can fail
+            self._watch = threading.Thread(target=self._poll, name="fsdptrain-peer-watch", daemon=True)
+            self._watch.start()
+
+    def _tick(self) -> bool:
+        """Heartbeat and failure check; False when the store cannot be reached."""
+        self._beat += 1
+        try:
+            store = self._store()
+            store.set(f"{self.prefix}/alive/{self.rank}", f"{self._beat} {socket.gethostname()} {os.getpid()}")
+            self.store_failures = 0
+            return True
+        except Exception:  # noqa: BLE001 (a broken connection: counted, acted on in _poll)
+            self.store_failures += 1
+            return False
+
+    def peer_failed(self) -> bool:
+        if self.world_size <= 1 or not dist.is_initialized():
+            return False
+        try:
+            return bool(self._store().check([self.key]))
+        except Exception:  # noqa: BLE001 (the store went away: nothing to learn from it)
+            return False
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            if not dist.is_initialized():
+                return  # the group was destroyed (the run ended): nothing left to watch
+            if self.failing:
+                continue
+            if not self._tick():  # a broken connection to the store does not heal: stop now
+                if not self._stop.is_set() and dist.is_initialized():
+                    self.store_gone()
+            elif self.peer_failed():
+                self.exit(1)
+
+    def store_gone(self) -> None:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        log.error(f"rank {self.rank}: the rendezvous store at {where} is gone (torchrun's agent or the first node "
+                  "stopped); stopping this rank. Rerun the same command to continue from the last checkpoint")
+        self.exit(1)
+
+    def dead_ranks(self, wait: float = 2.5) -> Optional[list[tuple[int, str, str]]]:
+        """(rank, host, pid) of the ranks whose heartbeat stood still for `wait` seconds; None when the store
+        cannot be reached."""
+        if self.world_size <= 1 or not dist.is_initialized():
+            return []
+        try:
+            store = self._store()
+            keys = [f"{self.prefix}/alive/{r}" for r in range(self.world_size)]
+            first = {r: store.get(k).decode() for r, k in enumerate(keys) if store.check([k])}
+            time.sleep(wait)
+            second = {r: store.get(k).decode() for r, k in enumerate(keys) if store.check([k])}
+        except Exception:  # noqa: BLE001 (no store, no answer)
+            return None
+        dead = [r for r in first if r != self.rank and second.get(r) == first[r]]
+        return [(r, *(first[r].split(" ")[1:3])) for r in dead]
+
+    def exit(self, code: int) -> None:
+        self.before_exit()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    def fail(self, msg: str) -> None:
+        """This rank failed: say so in one line, tell the others, exit."""
+        self.failing = True
+        log.error(msg)
+        try:
+            self._store().set(self.key, msg)
+        finally:
+            self.exit(1)
+
+    def tell(self, msg: str) -> None:
+        """This rank stops with a message it prints itself: the others stop quietly within a second."""
+        self.failing = True
+        try:
+            self._store().set(self.key, msg)
+        except Exception:  # noqa: BLE001 (no store: the peers find out through their collectives)
+            return
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and self.rank == 0:
+            time.sleep(1.5)  # rank 0 hosts the store: let the others read the key before it goes
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+_peers: Optional[PeerStop] = None  # this process's watch over its peers, for a group `init` created
+
+
+def peers() -> Optional[PeerStop]:
+    return _peers
+
+
+def tell_peers(msg: str) -> None:
+    """Called when this rank stops on a user error: the other ranks stop too (no-op without a group)."""
+    if _peers is not None:
+        _peers.tell(msg)

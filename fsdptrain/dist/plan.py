@@ -1,0 +1,74 @@
+"""Resolved run facts: what a configuration means on a given cluster, worked out once.
+
+The trainer (parallelize.apply_fsdp) and the memory estimator both need the
+same answers: the precision `auto` resolves to on this device, which
+checkpointing mode each block gets, how many ranks a parameter is sharded
+over, and whether the options can run on this device at all. They live here,
+below both, so neither has to import the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config.schema import Config, ParallelConfig
+from ..core.errors import ConfigError
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    if precision == "auto":
+        return "bf16-mixed" if device_type == "cuda" else "fp32"
+    return precision
+
+
+def checkpoint_modes(n_blocks: int, mode: str, k: int) -> list[str]:
+    """Per-block checkpointing for a configured mode (auto is planned from a memory budget, not here)."""
+    if mode == "every_k":
+        return ["full" if i % k == 0 else "none" for i in range(n_blocks)]
+    if mode in ("none", "full", "selective"):
+        return [mode] * n_blocks
+    raise ValueError(f"checkpointing mode {mode!r} has no fixed plan")
+
+
+def describe_modes(modes: list[str]) -> str:
+    """['selective', 'selective', 'full'] -> 'blocks 0-1 selective, 2 full'."""
+    runs: list[list] = []
+    for i, m in enumerate(modes):
+        if runs and runs[-1][2] == m:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, m])
+    return "blocks " + ", ".join(f"{a}-{b} {m}" if a != b else f"{a} {m}" for a, b, m in runs)
+
+
+def check_device_support(pcfg: ParallelConfig, device_type: str) -> None:
+    """Fail before any work is done when the options cannot run on this device."""
+    if pcfg.cpu_offload and device_type != "cuda":
+        raise ConfigError(
+            "parallel.cpu_offload: true needs CUDA GPUs (FSDP2 offload pins host memory for GPU copies); "
+            "this run is on CPU, so set parallel.cpu_offload=false"
+        )
+    if pcfg.activation_checkpointing == "auto" and device_type != "cuda" and pcfg.memory_budget_gib <= 0:
+        raise ConfigError("parallel.memory_budget_gib: activation_checkpointing=auto on CPU needs a budget; "
+                          "set parallel.memory_budget_gib (GiB) or choose another activation_checkpointing")
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """The cluster a config runs on, and what the config resolves to there."""
+    world_size: int
+    gpus_per_node: int
+    device_type: str  # cuda | cpu
+    precision: str  # resolved: bf16-mixed | bf16-pure | fp32
+    shard_group: int  # ranks a parameter is sharded over: a shard group under hybrid sharding, else all ranks
+    gpu_memory: int  # bytes per GPU (0: unknown)
+    cpu_memory: int | None = None  # host bytes per node (None: unknown)
+
+
+def resolve_facts(cfg: Config, world_size: int, gpus_per_node: int, device_type: str, gpu_memory: int = 0,
+                  cpu_memory: int | None = None) -> RunFacts:
+    p = cfg.parallel
+    return RunFacts(world_size=world_size, gpus_per_node=gpus_per_node, device_type=device_type,
+                    precision=resolve_precision(p.precision, device_type),
+                    shard_group=(p.shard_group_size or gpus_per_node) if p.sharding == "hybrid" else world_size,
+                    gpu_memory=gpu_memory, cpu_memory=cpu_memory)

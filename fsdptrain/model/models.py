@@ -1,0 +1,428 @@
+"""Build and load Hugging Face causal LMs without materialising them whole on any rank.
+
+The recipe (see `trainer.py`):
+  1. `build_meta_model`: the architecture on the meta device (no memory).
+  2. `parallelize.apply_fsdp`: shard it (DTensor params, still on meta).
+  3. `materialize`: allocate only the local shards, then fill them either from
+     the model folder's safetensors (each rank reads just its own rows with
+     `get_slice`) or with Hugging Face's own init, computed per module from a
+     seed so that every world size produces the same weights.
+Buffers (RoPE `inv_freq`, Gemma's `embed_scale`, routers' correction biases)
+are computed for real by the model's own constructor at build time (only the
+parameters go to the meta device, see `build_meta_model`), kept, and copied
+back after `to_empty`, which leaves garbage in them; persistent buffers are then
+read from the model folder when it has them.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
+
+from ..core import log
+from ..core.errors import UserError
+from ..core.files import FileError, read_json, reading
+from .safetensors_io import SafetensorsFile
+from .weightmap import Piece, plan_sources
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.float32, "bf16-pure": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- config + skeleton
+
+
+def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Optional[int], trust_remote_code: bool):
+    """The transformers config from model.path or model.hf_config."""
+    from transformers import AutoConfig
+
+    if path is not None:
+        folder = Path(path)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise UserError(f"model.path: {path}: no config.json there; point it at a local Hugging Face model folder")
+        raw = read_json(config_file, "a Hugging Face model config")  # not UTF-8, not JSON: one line, with the line
+        if not isinstance(raw, dict):
+            raise FileError(f"{config_file}: expected a JSON object (a Hugging Face model config), got "
+                            f"{type(raw).__name__}; point model.path at a Hugging Face model folder")
+        quant = raw.get("quantization_config")
+        if quant is not None:  # GPTQ, AWQ, bitsandbytes, fp8, mxfp4 (gpt-oss), ...: not weights fsdptrain can train
+            method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
+            raise UserError(f"model.path: {config_file}: quantization_config ({method}): the weights are quantized, "
+                            "and fsdptrain loads and trains full-precision (bf16/fp32) weights; point model.path at "
+                            "the unquantized model (QLoRA is not supported)")
+        with reading(config_file, "a Hugging Face model config",
+                     fix="check that model.path is a Hugging Face model folder whose config.json names a "
+                         "model_type this transformers knows"):
+            try:
+                return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+            except ValueError as e:
+                if "trust_remote_code" not in str(e):
+                    raise
+                raise UserError(f"model.path: {config_file}: {str(e).splitlines()[0]} "
+                                "(set model.trust_remote_code=true only if you trust this folder's code)") from None
+    fields = dict(inline or {})
+    model_type = fields.pop("model_type", None)
+    if vocab_size is not None:
+        fields.setdefault("vocab_size", vocab_size)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as e:  # unknown model_type, a field of the wrong type (transformers validates strictly), ...
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UserError(f"model.hf_config: {detail}") from None
+
+
+# Constructor tensors above this many elements are created on the meta device (parameters: a 70B model's
+# layers, a DeepSeek-V3 expert tensor of 30 GB); smaller ones are computed on the CPU. Buffers are small.
+BUILD_ON_CPU_LIMIT = 2**24
+_BUFFERS = "_fsdptrain_constructor_buffers"  # attribute of the built model: buffer name -> constructor value
+
+
+class _ParamsOnMeta(TorchFunctionMode):
+    """Build a model with its parameters on the meta device but its buffers computed on the CPU.
+
+    Why: constructors compute buffers (RoPE `inv_freq`, Gemma's `embed_scale = sqrt(hidden)`, DeepSeek-V3's
+    `e_score_correction_bias`); under `torch.device("meta")` those values are lost, and `to_empty` later leaves
+    garbage in them (Gemma trained with an embedding scale of 3e-8). Re-deriving them from `_init_weights` only
+    covers some modules, so instead the constructor's own values are recorded, whatever module they belong to.
+    How: tensor factories (torch.empty, torch.tensor, torch.arange, ...) without an explicit device run on the
+    CPU when their result is small and on meta when it is large (probed on meta first, so a 30 GB expert tensor
+    is never allocated; accelerate's `init_empty_weights(include_buffers=False)` would allocate it), and every
+    parameter is moved to meta as it is registered. So parameters end on meta whatever their size, small
+    intermediate tensors and buffers are real; a buffer above the limit stays on meta (see `restore_buffers`).
+    """
+
+    def __enter__(self):
+        self._register = nn.Module.register_parameter
+        register = self._register
+
+        def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+            register(module, name, param)
+            p = module._parameters.get(name)
+            if p is not None and not p.is_meta:
+                extra = dict(p.__dict__)
+                extra["requires_grad"] = p.requires_grad
+                module._parameters[name] = type(p)(p.to("meta"), **extra)
+
+        nn.Module.register_parameter = register_on_meta
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        nn.Module.register_parameter = self._register
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _device_constructors() and kwargs.get("device") is None:
+            probe = func(*args, **{**kwargs, "device": "meta"})
+            if not isinstance(probe, torch.Tensor) or probe.numel() > BUILD_ON_CPU_LIMIT:
+                return probe
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def build_meta_model(hf_config: PretrainedConfig, attn_implementation: str, dtype: torch.dtype,
+                     trust_remote_code: bool) -> nn.Module:
+    """The model's modules with parameters on the meta device (no memory used) and buffers as its constructor
+    computed them (on the CPU; kept for `materialize`)."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config.use_cache = False
+    with _ParamsOnMeta():
+        try:
+            model = AutoModelForCausalLM.from_config(
+                hf_config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        except (ValueError, ImportError) as e:
+            raise UserError(f"model: cannot build {hf_config.model_type!r} "
+                            f"with attn_implementation={attn_implementation!r}: "
+                            f"{str(e).splitlines()[0]}") from None
+    # Small (a few KiB per model); the model's own buffers are replaced by to_empty, these copies are not.
+    setattr(model, _BUFFERS, {n: b.detach() for n, b in model.named_buffers() if not b.is_meta})
+    return model
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, in order: classes named in `_no_split_modules`, else the longest ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        raise UserError(f"model: cannot find transformer blocks in {type(model).__name__} "
+                        "(no _no_split_modules, no layer list)")
+    return list(max(lists, key=len))
+
+
+def check_context_length(hf_config: PretrainedConfig, max_length: int) -> Optional[str]:
+    """A warning when data.max_length is above the model's max_position_embeddings; None when it fits or the
+    config has no such field. (Packed rows restart positions per example, so max_length is the longest.)"""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or max_length <= limit:
+        return None
+    return (f"warning: data.max_length {max_length} is above the model's max_position_embeddings {limit}: "
+            f"positions past {limit} were never trained (and models with learned position embeddings fail); "
+            f"lower data.max_length to {limit}, or extend the model's context (rope_scaling)")
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(hf_config: PretrainedConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (N without the input embedding lookup, with lm_head) + 12*L*h*s attention."""
+    hidden = hf_config.hidden_size
+    layers = hf_config.num_hidden_layers
+    embed = hf_config.vocab_size * hidden
+    tied = getattr(hf_config, "tie_word_embeddings", False)
+    n_compute = n_params - embed + (embed if tied else 0)
+    return 6.0 * n_compute + 12.0 * layers * hidden * seq_len
+
+
+# ----------------------------------------------------------------------------- materialising shards
+
+
+def _local_slices(param: torch.Tensor) -> tuple[slice, ...]:
+    """Index of this rank's shard inside the full tensor."""
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, s) for s in param.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def owned_params(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+    """(module name, module, attribute, param) for every distinct parameter, in a fixed order."""
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        for attr, p in mod.named_parameters(recurse=False):
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield mod_name, mod, attr, p
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+@torch.no_grad()
+def init_random(model: nn.Module, seed: int, device: Optional[torch.device] = None) -> None:
+    """Hugging Face init per module on a full-size copy on `device`, then keep the local rows.
+
+    Seeding per module name makes the weights independent of world size and of
+    the DTensor RNG (which on CPU meshes can repeat shards across ranks); they
+    depend on the device type (CPU and CUDA generators differ). `device`
+    defaults to where the local shards live; on a GPU this takes seconds where
+    a CPU copy of a 1B model takes about a minute. Buffers are not touched:
+    they hold the constructor's values (`restore_buffers`).
+    """
+    done: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        params = {a: p for a, p in mod.named_parameters(recurse=False) if p is not None and id(p) not in done}
+        if not params:
+            continue
+        proxy = copy.copy(mod)  # same class (so _init_weights dispatches right), own parameter dict
+        # and own buffers: theirs keep the constructor's values (`restore_buffers`), whatever _init_weights does
+        proxy._buffers = {a: None if b is None else b.clone() for a, b in mod._buffers.items()}
+        first = next(iter(params.values()), None)
+        where = device or (local_tensor(first).device if first is not None else None)
+        proxy._parameters = {  # None entries (e.g. bias=False) stay None
+            a: None if p is None else nn.Parameter(torch.full(tuple(p.shape), float("nan"), device=where),
+                                                   requires_grad=False)
+            for a, p in mod._parameters.items()
+        }
+        torch.manual_seed(_module_seed(seed, mod_name))
+        model._init_weights(proxy)
+        for attr, p in params.items():
+            full = proxy._parameters[attr]
+            if torch.isnan(full).any():  # a parameter the model's own init does not cover
+                full.normal_(0.0, 0.02) if full.dim() > 1 else full.zero_()
+            local_tensor(p).copy_(full[_local_slices(p)].to(p.dtype))
+            done.add(id(p))
+
+
+def safetensors_index(folder: str) -> dict[str, Path]:
+    """Checkpoint key -> file for a Hugging Face folder (sharded with an index, or one model.safetensors)."""
+    root = Path(folder)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        raw = read_json(index, "a safetensors index")
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FileError(f"{index}: key 'weight_map': expected a mapping of weight name -> file name; the index "
+                            "is damaged: download or save the model again")
+        return {k: root / v for k, v in weight_map.items()}
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"model.path: {folder}: no *.safetensors weights (only safetensors are loaded; "
+                        "convert .bin/.pt weights first, or set model.random_init=true)")
+    out: dict[str, Path] = {}
+    for f in files:
+        handle = SafetensorsFile(f)  # a damaged or truncated file: one line naming it
+        try:
+            out.update(dict.fromkeys(handle.keys(), f))
+        finally:
+            handle.close()
+    return out
+
+
+@torch.no_grad()
+def load_pretrained(model: nn.Module, folder: str, skip: frozenset[str] = frozenset()) -> None:
+    """Each rank reads only the rows of its own shards from the safetensors files (plain reads, no mmap).
+
+    File keys map to parameters by transformers' own conversion rules (`weightmap`): a fused MoE parameter
+    (`experts.gate_up_proj` [E, 2I, H]) is read from the per-expert tensors of the files, only the experts and
+    rows of this rank's shard. `skip`: parameter names the files do not hold (fine-tuning adapters)."""
+    index = safetensors_index(folder)
+    handles: dict[Path, SafetensorsFile] = {}
+    try:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for key, f in index.items():
+            h = _open(handles, f)
+            if key not in h.header:
+                raise UserError(f"model.path: {f}: weight '{key}' is listed in the index but not in this file")
+            shapes[key] = h.shape(key)
+        params = [x for x in owned_params(model) if (f"{x[0]}.{x[2]}" if x[0] else x[2]) not in skip]
+        names = [f"{m}.{a}" if m else a for m, _mod, a, _p in params]
+        sources = plan_sources(model, names, shapes, {n: tuple(p.shape) for n, (*_, p) in zip(names, params)},
+                               folder)
+        for name, (*_, p) in zip(names, params):
+            src = sources[name]
+            if not src.pieces:
+                looked = ", ".join(f"'{k}'" for k in src.looked_for)
+                raise UserError(f"model.path: {folder}: weight '{name}' is missing from the safetensors files "
+                                f"(looked for {looked}); is this checkpoint for another architecture?")
+            if len(src.pieces) == 1 and not src.pieces[0].stacked and shapes[src.pieces[0].key] != tuple(p.shape):
+                key = src.pieces[0].key
+                raise UserError(f"model.path: {index[key]}: weight '{key}' has shape {list(shapes[key])}, "
+                                f"the model expects {list(p.shape)}")
+            _read_pieces(src.pieces, shapes, index, handles, _local_slices(p), local_tensor(p))
+        load_buffers(model, folder, index, handles)
+    finally:
+        for h in handles.values():
+            h.close()
+
+
+def persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(state-dict key, buffer) for every distinct persistent buffer (those in state_dict, e.g. DeepSeek-V3's
+    router `e_score_correction_bias`), in a fixed order."""
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        for attr, b in mod._buffers.items():
+            if b is None or attr in mod._non_persistent_buffers_set or id(b) in seen:
+                continue
+            seen.add(id(b))
+            yield (f"{mod_name}.{attr}" if mod_name else attr), b
+
+
+def _open(handles: dict[Path, SafetensorsFile], f: Path) -> SafetensorsFile:
+    if f not in handles:
+        if not f.is_file():
+            raise UserError(f"model.path: {f}: listed in model.safetensors.index.json but missing")
+        handles[f] = SafetensorsFile(f)
+    return handles[f]
+
+
+def _read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path],
+                 handles: dict[Path, SafetensorsFile], local: tuple[slice, ...], out: torch.Tensor) -> None:
+    """out <- the part of the parameter in `local` (this rank's slices), read from the file tensors that fall in it.
+
+    A stacked piece (one expert) covers one index of dim 0; a rank reads only the experts in its rows."""
+    for piece in pieces:
+        shape = shapes[piece.key]
+        dims = (1,) + tuple(shape) if piece.stacked else tuple(shape)  # the piece's extent in parameter dims
+        src, dst = [], []
+        for d, (lo, n) in enumerate(zip(piece.offset, dims)):
+            a, b = max(lo, local[d].start), min(lo + n, local[d].stop)
+            if a >= b:
+                break
+            src.append(slice(a - lo, b - lo))
+            dst.append(slice(a - local[d].start, b - local[d].start))
+        else:
+            if piece.stacked:
+                src, dst[0] = src[1:], dst[0].start  # the file tensor is one index of dim 0
+            handles_f = _open(handles, index[piece.key])
+            handles_f.read_into(piece.key, tuple(src), out[tuple(dst)])
+
+
+@torch.no_grad()
+def restore_buffers(model: nn.Module) -> None:
+    """Every buffer <- the value the model's constructor computed (recorded by `build_meta_model`).
+
+    A buffer the constructor made above BUILD_ON_CPU_LIMIT elements has no recorded value: it is recomputed by
+    the model's `_init_weights` when its module owns no parameters (the old rule), and named in one line."""
+    saved = getattr(model, _BUFFERS, None) or {}
+    unknown = []
+    for mod_name, mod in model.named_modules():
+        for attr, b in mod._buffers.items():
+            if b is None:
+                continue
+            name = f"{mod_name}.{attr}" if mod_name else attr
+            if name in saved:
+                local_tensor(b).copy_(saved[name])
+            elif not any(True for _ in mod.parameters(recurse=False)):
+                model._init_weights(mod)
+                unknown.append(name)
+            else:
+                unknown.append(name)
+    if unknown:
+        log.info(f"model: buffer(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} were too large to "
+                 "compute at build time; recomputed by the model's _init_weights where it can")
+
+
+@torch.no_grad()
+def load_buffers(model: nn.Module, folder: str, index: dict[str, Path], handles: dict[Path, SafetensorsFile]) -> None:
+    """Persistent buffers the safetensors files hold (under their state-dict key) are read through the loader's
+    open files; the others keep the constructor's value (`restore_buffers`), named in one line."""
+    missing = []
+    for key, b in persistent_buffers(model):
+        f = index.get(key)
+        if f is None:
+            missing.append(key)
+            continue
+        h = _open(handles, f)
+        if key not in h.header:
+            missing.append(key)
+            continue
+        shape = h.shape(key)
+        if shape != tuple(b.shape):
+            raise UserError(f"model.path: {f}: buffer '{key}' has shape {list(shape)}, "
+                            f"the model expects {list(b.shape)}")
+        h.read_into(key, _local_slices(b), local_tensor(b))
+    if missing:
+        log.info(f"model.path: {folder}: {len(missing)} persistent buffer(s) not in the safetensors files, kept at "
+                 f"the model's initial values: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int, weights_from: Optional[str],
+                init_device: Optional[torch.device] = None, skip: frozenset[str] = frozenset()) -> None:
+    """Allocate local shards on `device` and fill them (pretrained, or random init computed on `init_device`,
+    default `device`: a GPU when shards are offloaded to the CPU, since CPU init of a large model is slow).
+    Buffers get their constructor values first; loading then reads the persistent ones the files hold."""
+    model.to_empty(device=device)
+    restore_buffers(model)
+    if weights_from is not None:
+        load_pretrained(model, weights_from, skip)  # `skip` (adapters) are filled by their owner
+    else:
+        init_random(model, seed, init_device or device)

@@ -1,0 +1,234 @@
+"""Which safetensors tensors make up each model parameter, by transformers' own conversion rules.
+
+transformers 5 keeps checkpoints in the hub's layout (e.g. one tensor per MoE expert,
+`...block_sparse_moe.experts.3.w1.weight`) and converts while loading: it renames keys and
+fuses tensors (experts stacked on dim 0, gate and up concatenated into `gate_up_proj`). The
+rules are declared per architecture in `transformers.conversion_mapping`; we import them
+(`get_model_conversion_mapping`, the same call `from_pretrained` makes) and apply their key
+renaming (`rename_source_key`), so a checkpoint maps to the same parameters as in
+transformers. What we do ourselves is turn a rule's operations into *pieces*: each
+parameter is a list of (file key, where that tensor sits in the parameter), so a rank can
+read only the parts that fall in its shard (its experts, its rows) and never builds a fused
+tensor whole. Only the operations a fused tensor needs for that are mapped (`MergeModulelist`
+on dim 0, then or alone `Concatenate`); a checkpoint that needs another one is refused.
+
+Saving goes the other way as `save_pretrained` does (transformers' `revert_weight_conversion`),
+one group of tensors at a time (`save_groups`, `to_saved_layout`), so exports stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from ..core.errors import UserError
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One file tensor inside a parameter: it fills `offset[d] : offset[d] + shape[d]` of every parameter dim
+    d; `stacked`: the file tensor is one slice along the parameter's dim 0 (an expert), at index offset[0]."""
+    key: str
+    offset: tuple[int, ...]
+    stacked: bool
+
+
+@dataclass
+class ParamSource:
+    """How one parameter is read: its pieces, or the file keys looked for when it is missing."""
+    name: str
+    pieces: list[Piece]
+    looked_for: list[str]
+
+
+def conversion_rules(model: nn.Module) -> list:
+    """transformers' weight transforms for this model (renamings and converters), as `from_pretrained` uses them.
+
+    FSDP2 gives the sharded root a class of its own (`FSDP<Name>`); a shallow copy with the original class is
+    asked instead, so class-specific rules are found as for the plain model."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return get_model_conversion_mapping(_plain_model(model))
+
+
+def plan_sources(model: nn.Module, param_names: list[str], file_shapes: dict[str, tuple[int, ...]],
+                 param_shapes: dict[str, tuple[int, ...]], where: str) -> dict[str, ParamSource]:
+    """For each parameter name, the file tensors that compose it (by transformers' rules for this model).
+
+    file_shapes: every key of the checkpoint -> its shape. A parameter whose pieces are missing gets no pieces
+    and the keys that were looked for; a rule that cannot be read shard by shard, or pieces that do not add up
+    to the parameter's shape, raise a one-line UserError (`where` names the folder)."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    rules = conversion_rules(model)
+    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    wanted = dict.fromkeys(param_names, True)
+    base_prefix = getattr(model, "base_model_prefix", None)
+
+    direct: dict[str, str] = {}  # param -> the one file key renamed to it
+    fused: dict[str, tuple[object, dict[str, list[str]]]] = {}  # param -> (converter, source pattern -> keys)
+    for key in sorted(file_shapes, key=dot_natural_key):  # transformers' order: experts 0, 1, ..., 10 (natural sort)
+        target, pattern = rename_source_key(key, renamings, converters, base_prefix, wanted)
+        if target not in wanted and key in wanted:  # as transformers: a key that needs no renaming
+            target, pattern = key, None
+        if target not in wanted:
+            continue
+        if pattern is None:
+            direct.setdefault(target, key)
+        else:
+            entry = fused.setdefault(target, (by_pattern[pattern], {}))
+            entry[1].setdefault(pattern, []).append(key)
+
+    out: dict[str, ParamSource] = {}
+    for name in param_names:
+        if name in fused:
+            converter, keys = fused[name]
+            pieces = _fused_pieces(converter, keys, file_shapes, name, param_shapes[name], model_type, where,
+                                   _looked_for(name, rules))
+        elif name in direct:
+            pieces = [Piece(direct[name], (0,) * len(param_shapes[name]), stacked=False)]
+        else:
+            pieces = []
+        out[name] = ParamSource(name, pieces, [] if pieces else _looked_for(name, rules))
+    return out
+
+
+def _fused_pieces(converter, keys: dict[str, list[str]], file_shapes: dict[str, tuple[int, ...]], name: str,
+                  param_shape: tuple[int, ...], model_type: str, where: str, looked_for: list[str]) -> list[Piece]:
+    """The pieces of a parameter that a converter fuses from several file tensors (looked_for: the file key
+    patterns, one per source of the rule, for the error when some are missing)."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = list(converter.operations)
+    stacked = bool(ops) and type(ops[0]) is MergeModulelist and ops[0].dim == 0
+    if stacked:
+        ops = ops[1:]
+    concat_dim = None
+    if len(ops) == 1 and type(ops[0]) is Concatenate:
+        concat_dim = ops.pop().dim
+    if ops or not (stacked or concat_dim is not None) or len(converter.target_patterns) != 1:
+        names = ", ".join(type(op).__name__ for op in converter.operations)
+        raise UserError(f"model.path: {where}: model_type {model_type!r}: transformers converts its checkpoint "
+                        f"with {names} (for {name!r}), which fsdptrain cannot read shard by shard; "
+                        "convert the checkpoint to the model's own parameter names first")
+    absent = [looked_for[i] for i, p in enumerate(converter.source_patterns)
+              if not keys.get(p) and i < len(looked_for)]
+    if absent:
+        looked = ", ".join(f"'{k}'" for k in looked_for[:len(converter.source_patterns)])
+        raise UserError(f"model.path: {where}: weight '{name}' is incomplete in the safetensors files: no key "
+                        f"matches '{absent[0]}' (transformers' {model_type!r} rules fuse it from {looked}); "
+                        "is this checkpoint for another architecture?")
+    pieces: list[Piece] = []
+    along = 0  # offset along the concatenation dim
+    shape: Optional[list[int]] = None
+    for pattern in converter.source_patterns:  # the rule's order (gate before up), not the files'
+        pattern_keys = keys.get(pattern, [])
+        if not pattern_keys:
+            continue
+        first = tuple(file_shapes[pattern_keys[0]])
+        bad = [k for k in pattern_keys if tuple(file_shapes[k]) != first]
+        if bad:
+            raise UserError(f"model.path: {where}: weight '{bad[0]}' has shape {list(file_shapes[bad[0]])}, "
+                            f"unlike '{pattern_keys[0]}' {list(first)} that it is fused with into '{name}'")
+        if stacked and len(pattern_keys) != param_shape[0]:
+            raise UserError(f"model.path: {where}: weight '{name}' has {param_shape[0]} experts, the safetensors "
+                            f"files hold {len(pattern_keys)} tensors matching '{pattern}' for it "
+                            f"('{pattern_keys[0]}', ...): some experts are missing, or the config's expert count "
+                            "does not match the checkpoint")
+        if stacked:
+            part = [len(pattern_keys), *first]
+        elif len(pattern_keys) == 1:
+            part = list(first)
+        else:
+            raise UserError(f"model.path: {where}: weights {pattern_keys[:3]} all map to '{name}'; "
+                            "is this checkpoint for another architecture?")
+        for i, key in enumerate(pattern_keys):
+            offset = [0] * len(part)
+            if stacked:
+                offset[0] = i
+            if concat_dim is not None:
+                offset[concat_dim] = along
+            pieces.append(Piece(key, tuple(offset), stacked))
+        if shape is None:
+            shape = part
+        elif concat_dim is not None and len(part) == len(shape):
+            shape[concat_dim] += part[concat_dim]
+        if concat_dim is not None:
+            along += part[concat_dim]
+    if shape is None or tuple(shape) != tuple(param_shape):
+        got = "none" if shape is None else list(shape)
+        files = ", ".join(f"'{k}'" for k in (pieces[0].key, pieces[-1].key)) if pieces else "no file keys"
+        raise UserError(f"model.path: {where}: weight '{name}' fused by transformers' {model_type!r} rules from "
+                        f"{len(pieces)} tensors ({files}, ...) has shape {got}, the model expects "
+                        f"{list(param_shape)}")
+    return pieces
+
+
+def _looked_for(name: str, rules: list) -> list[str]:
+    """The file keys (or key patterns, `*` for the expert index) that would have been read for `name`."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    keys = [name]
+    reverse = [r.reverse_transform() for r in rules]
+    for conv in (r for r in reverse if isinstance(r, WeightConverter)):
+        match = conv.compiled_sources.search(name)
+        if match is not None:  # the fused parameter: one file pattern per source of the forward rule
+            keys = [name.replace(match.group(0), t, 1) for t in conv.target_patterns]
+            break
+    renamed = []
+    for key in keys:
+        for ren in (r for r in reverse if isinstance(r, WeightRenaming)):
+            key, _ = ren.rename_source_key(key)
+        renamed.append(key.replace("\\", ""))
+    return list(dict.fromkeys([*renamed, *keys]))
+
+
+# ----------------------------------------------------------------------------- saving: the hub's layout again
+
+
+def _plain_model(model: nn.Module) -> nn.Module:
+    """`model`, or for an FSDP-sharded root a shallow copy with the model's own class (see conversion_rules)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    cls = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
+    proxy = cls.__new__(cls)  # not copy.copy: FSDP's __new__ would run the model's __init__
+    proxy.__dict__.update(model.__dict__)
+    return proxy
+
+
+def save_groups(model: nn.Module, keys: list[str]) -> list[list[str]]:
+    """`keys` (state-dict keys) in the groups that `save_pretrained` converts together, in their first order.
+
+    save_pretrained reverts the load-time rules (`revert_weight_conversion`): a fused parameter (e.g. an expert
+    stack) splits back into per-expert tensors, and several parameters that one file tensor was split into merge
+    back. A group is the keys one reverse converter collects, as transformers groups them, so converting group by
+    group writes what converting the whole state dict at once writes, with one group in memory at a time."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter, apply_converters
+
+    plain = _plain_model(model)
+    rules = getattr(plain, "_weight_conversions", None)
+    if rules is None:  # as revert_weight_conversion for a model not made by from_pretrained
+        rules = [r for r in get_model_conversion_mapping(plain, add_legacy=False) if not isinstance(r, PrefixChange)]
+    reverse = [r.reverse_transform() for r in rules[::-1]]
+    converters = [r for r in reverse if isinstance(r, WeightConverter)]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key in keys:
+        renamed, pattern = apply_converters(key, converters) if converters else (key, None)
+        groups.setdefault(("fused", renamed) if pattern is not None else ("key", key), []).append(key)
+    return list(groups.values())
+
+
+def to_saved_layout(model: nn.Module, tensors: dict) -> dict:
+    """One group of `save_groups` (full tensors by state-dict key) in the layout `save_pretrained` writes: the
+    file keys and tensors transformers' own `revert_weight_conversion` makes of them."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(_plain_model(model), dict(tensors))

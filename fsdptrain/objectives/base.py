@@ -1,0 +1,49 @@
+"""The objective seam: what a training step optimises, as one small value the trainer calls.
+
+The trainer knows no loss function. For every optimizer step it
+  1. asks the objective how many units each of its micro-batches counts (`units`: target tokens for SFT and
+     pretraining) and sums them over micro-batches and ranks in its one all_reduce: the step's normaliser;
+  2. per micro-batch calls `loss(model, batch, head, router_aux)`, which runs the forward and returns the
+     micro-batch's *summed* loss (fp32, with its graph), the named metric sums, and (asked for on MoE models with
+     an auxiliary loss) the router's auxiliary loss of that forward;
+  3. backpropagates the sum x world_size / global units (FSDP averages gradients over ranks, so the update is the
+     gradient of the mean over every unit of the step however units are split across ranks and micro-batches),
+     and logs sum / global units as `loss` and each metric sum / global units under its name.
+Evaluation uses the same two functions (no gradient): eval loss = summed loss / units over the eval set.
+
+An objective is a plain frozen dataclass of functions, not a class to subclass; objectives/choose.py picks the
+run's. Members: sft.py (token cross-entropy, SFT and pretraining).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .loss import ChunkedLossHead
+
+
+@dataclass
+class MicroLoss:
+    """One micro-batch's result: `loss` summed over its units (fp32, differentiable); `metrics` named sums (no
+    graph), each logged as its step sum / global units; `router_aux` the MoE router's auxiliary loss of this
+    forward when the trainer asked for it, else None."""
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_aux: Optional[torch.Tensor] = None
+
+
+LossFn = Callable[[nn.Module, dict, Optional[ChunkedLossHead], bool], MicroLoss]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str  # as in logs and docs, e.g. "sft"
+    unit: str  # what the loss is averaged over, e.g. "target tokens"
+    units: Callable[[dict], int]  # a micro-batch's count of units (host side: read from the collated batch)
+    loss: LossFn  # (model, batch on the device, chunked loss head or None, router_aux wanted) -> MicroLoss
+    metrics: tuple[str, ...] = ()  # the keys of MicroLoss.metrics, in the order they are gathered

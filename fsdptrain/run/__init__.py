@@ -1,0 +1,2 @@
+"""A run's outputs: checkpoints and resume, the run directory, Hugging Face export, metrics and their
+sinks, and plots."""

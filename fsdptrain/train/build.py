@@ -1,0 +1,87 @@
+"""The sharded model from a config: meta -> plan -> `fully_shard` -> materialise or load.
+
+This is the one place that assembles a model for training; the trainer, the
+tests and the benchmarks all call `build_sharded_model`, so what they measure
+and check is what training runs. No rank ever holds a full copy: the model is
+built on the meta device, sharded there, and only then are the local shards
+allocated and filled (random init, or each rank's rows read from safetensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..config.schema import Config
+from ..core import log
+from ..dist.distributed import DistInfo
+from ..dist.mesh import build_mesh, describe
+from ..dist.plan import resolve_precision
+from ..memory.estimate import plan_auto_checkpointing
+from ..model import finetune, models
+from .parallelize import ParallelPlan, apply_fsdp
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+@dataclass
+class ShardedModel:
+    model: nn.Module
+    blocks: list[nn.Module]  # the FSDP units below the root, in order
+    mesh: DeviceMesh
+    plan: ParallelPlan
+    n_params: int
+    weights: Optional[str]  # the folder the weights came from; None: random init
+    finetune: Optional[finetune.FinetunePlan] = None  # what trains (method full: everything)
+
+    def describe(self, hf_config: PretrainedConfig) -> str:
+        """The start-up line about the model."""
+        p = self.plan
+        source = "from " + self.weights if self.weights else "random init"
+        return (f"model: {hf_config.model_type}, {self.n_params / 1e6:.2f}M params, {len(self.blocks)} blocks, "
+                f"precision {p.precision}, checkpointed blocks {len(p.checkpointed)}, offload {p.offload}, "
+                f"mesh {describe(self.mesh)}, weights {source}")
+
+
+def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig,
+                        weights: Optional[str] = None, mesh: Optional[DeviceMesh] = None,
+                        fill: bool = True) -> ShardedModel:
+    """Build, shard and fill the model of `cfg` on this rank.
+
+    weights: a Hugging Face folder to load; default: cfg.model.path unless model.random_init (or no path).
+    mesh: the device mesh, when the caller built it (memory.trace builds it outside its fake-tensor mode);
+    default: mesh.build_mesh for cfg.parallel.
+    fill: False allocates the shards and restores the buffers but neither loads nor initialises the weights
+    (memory.trace: fake tensors, whose values are never read).
+    """
+    if weights is None and cfg.model.path is not None and not cfg.model.random_init:
+        weights = cfg.model.path
+    precision = resolve_precision(cfg.parallel.precision, info.device_type)
+    model = models.build_meta_model(hf_config, cfg.model.attn_implementation, models.DTYPES[precision],
+                                    cfg.model.trust_remote_code)
+    n_params = models.count_params(model)
+    blocks = models.find_blocks(model)
+    ft = finetune.prepare(model, blocks, cfg.finetune, precision)  # adapters join their block's FSDP unit
+    if ft.method != "full":
+        log.info(ft.describe())
+    mesh = mesh if mesh is not None else build_mesh(info, cfg.parallel)
+    modes = None
+    if cfg.parallel.activation_checkpointing == "auto":  # planned from the memory estimate, before sharding
+        modes, note = plan_auto_checkpointing(cfg, model, info.world_size, info.local_world_size, info.device)
+        log.info(note)
+    plan = apply_fsdp(model, blocks, mesh, cfg.parallel, precision, modes)
+    # Offloaded shards live in host memory, but random init runs on the GPU (CPU init of a large model is slow).
+    device = torch.device("cpu") if plan.offload else info.device
+    if not fill:
+        model.to_empty(device=device)
+        models.restore_buffers(model)
+        return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)
+    models.materialize(model, device, cfg.seed, weights, init_device=info.device, skip=frozenset(ft.new_params))
+    if ft.lora_modules:
+        finetune.init_adapters(model, ft, cfg.seed)
+    return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)

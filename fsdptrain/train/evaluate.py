@@ -1,0 +1,81 @@
+"""Held-out loss of a sharded model: exact on any number of ranks, and without side effects on training.
+
+eval loss = (the objective's summed loss over the eval examples evaluated) /
+(their units: for SFT, per-token cross-entropy over every target token / the
+number of those tokens), summed in float64 over micro-batches and ranks;
+perplexity = exp(loss). data/evalset.py deals the
+examples so that each is counted exactly once on any world size.
+
+The model runs under `torch.no_grad` in eval mode (dropout off) and goes back
+to its former mode; the random state is forked, and nothing touches the
+optimizer, scheduler or sampler, so training after an evaluation is bitwise the
+training without it. With the chunked loss head the no-grad path computes the
+loss chunk by chunk and builds no gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config.schema import Config
+from ..data.evalset import eval_count, rank_eval_batches
+from ..data.loader import collate
+from ..dist import distributed
+from ..objectives.base import Objective
+from ..objectives.loss import ChunkedLossHead
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean loss per unit (SFT: cross-entropy per target token)
+    tokens: int  # units evaluated, all ranks (SFT: target tokens)
+    examples: int  # eval rows evaluated (packed rows when packing)
+    seconds: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else float("inf")
+
+    def metrics(self) -> dict:
+        return {"eval_loss": self.loss, "eval_ppl": self.ppl, "eval_tokens": self.tokens,
+                "eval_time_s": round(self.seconds, 3)}
+
+
+def eval_micro_batch(cfg: Config) -> int:
+    return cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size
+
+
+def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int, device: torch.device,
+             world_size: int, rank: int, micro_batch: int, max_batches: int = 0,
+             head: Optional[ChunkedLossHead] = None, flatten: bool = False,
+             on_batch: Optional[Callable[[int], None]] = None) -> EvalResult:
+    """The eval loss of `model` on `examples` (collective: every rank calls it with the same arguments but
+    its rank). on_batch(i) runs after this rank's i-th forward (memory records)."""
+    t0 = time.perf_counter()
+    n = eval_count(len(examples), micro_batch, max_batches)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target tokens
+    was_training = model.training
+    forked = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked, device_type="cuda"), torch.no_grad():
+        model.eval()
+        try:
+            for i, rows in enumerate(rank_eval_batches(examples, n, world_size, rank, micro_batch, pad_id)):
+                b = collate(rows, pad_id, flatten=flatten)
+                batch = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
+                sums[0] += objective.loss(model, batch, head, False).loss.double()
+                sums[1] += objective.units(b)
+                if on_batch is not None:
+                    on_batch(i)
+        finally:
+            model.train(was_training)
+    if torch.distributed.is_initialized():
+        distributed.all_reduce_sum(sums)
+    loss_sum, tokens = sums.tolist()
+    return EvalResult(loss_sum / max(tokens, 1.0), int(tokens), n, time.perf_counter() - t0)
