@@ -119,6 +119,7 @@ def test_resume_on_one_rank_reshards(two_rank, tmp_path, capsys):
     assert f"the run is already complete ({STEPS} of {STEPS} steps); nothing to train" in out
 
 
+@pytest.mark.slow
 def test_resume_on_four_ranks_reshards(two_rank, root):
     full = two_rank[0]
     cfg = config(root / "four", train={"micro_batch_size": 1}, checkpoint={"resume": str(ckpt(full, 4))})
@@ -159,6 +160,7 @@ def test_export_cli_matches_trained_model_and_ties_weights(two_rank, tmp_path):
     assert all(torch.equal(t, sd_live[k]) for k, t in exported.state_dict().items())
 
 
+@pytest.mark.slow
 def test_restart_after_sigkill_during_a_save(two_rank, root):
     """Rank 1 is SIGKILLed while writing the step-6 checkpoint (steps 5 and 6 done, step 4 saved). torchrun
     restarts the group; it must delete the half-written step 6, resume from step 4 and finish as if

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tests.helpers import LLAMA, cli_inproc, make_model_dir, read_metrics, run_cli
@@ -54,6 +55,7 @@ def test_config_dump_prints_effective_values():
     assert "# Peak learning rate." in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_run_learns(tmp_path):
     """The built-in demo, exactly as `fsdptrain train` runs it, apart from where it writes."""
     proc = run_cli(["train", f"output_dir={tmp_path}"], timeout=600)

@@ -145,6 +145,7 @@ def test_eval_exact_two_ranks(two_ranks, oracle):
     check_exact(two_ranks[0], oracle, 2)
 
 
+@pytest.mark.slow
 def test_eval_exact_three_ranks(setup, oracle):
     root, _, evals = setup
     evals = [c for c in evals if c["name"] in ("plain", "packed")]  # the other settings run on 2 ranks

@@ -28,6 +28,8 @@ import torch
 from tests.helpers import FAMILIES, make_model_dir, torchrun
 from tests.reference import HYPER, reference_run
 
+pytestmark = pytest.mark.slow  # see docs/testing.md: the quick loop is -m "not slow"
+
 STEPS = 3
 N_EXAMPLES, LENGTH = 4, 16  # one global batch of every example per step: 2 ranks x micro-batch 2
 EAGER = {"gemma2", "gpt_oss"}  # transformers refuses sdpa for these

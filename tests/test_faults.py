@@ -11,6 +11,8 @@ import signal
 import socket
 import time
 
+import pytest
+
 from tests.helpers import free_port, run_cli
 from tests.test_signals import ARGS, start, wait_for_steps, worker_pids
 
@@ -32,6 +34,7 @@ def test_stale_rank_variables_without_torchrun_fail_within_seconds(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_named_by_the_survivor(tmp_path):
     run = tmp_path / "k9"
     p = start([*ENDLESS, f"output_dir={run}"], torchrun=2)

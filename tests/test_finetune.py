@@ -254,6 +254,7 @@ def test_lora_checkpoint_resumes_on_one_rank(runs):
     assert len(got) == 3 and max(abs(a - b) for a, b in zip(got, want)) < 1e-5, (got, want)
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_resumes_on_four_ranks(runs):
     """The 2-rank step-3 checkpoint resharded onto 4 ranks (micro-batch 1: the same global batch of 4): steps 4 and
     5 equal the uninterrupted 2-rank run's. Step 5 follows an update made with the resharded AdamW state."""
@@ -307,7 +308,9 @@ def test_export_writes_a_peft_adapter_and_a_merged_model_with_the_trained_logits
     with torch.no_grad():
         got = merged(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)(input_ids=ids).logits
-    assert (got - trained).abs().max() < 1e-5, (got - trained).abs().max()
+    # W + s·BA in one matrix rounds differently from x·W + s·(x·A)·B: on logits up to ~70 that is ~1e-5 apart,
+    # machine-dependent (1.14e-5 max on an AMD EPYC); a wrong merge (scale, transpose, a missed module) is >1e-2
+    torch.testing.assert_close(got, trained, rtol=1e-5, atol=1e-5)
     assert (base - trained).abs().max() > 1e-2  # the adapters changed the model
 
 

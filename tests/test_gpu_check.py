@@ -11,7 +11,11 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # see docs/testing.md: the quick loop is -m "not slow"
 
 ROWS = ["fsdptrain", "hand-written FSDP2", "fsdptrain compile+chunked", "fsdptrain auto-AC-28GiB+compile+chunked",
         "fsdptrain optimizer-offload+compile+chunked", "fsdptrain selective-AC+compile+chunked",

@@ -28,6 +28,8 @@ from fsdptrain.core.errors import LaunchError
 from fsdptrain.launch import interface_env, read_plan, route_to, torchrun_command
 from tests.helpers import REPO, env, free_port, read_metrics
 
+pytestmark = pytest.mark.slow  # see docs/testing.md: the quick loop is -m "not slow"
+
 LAUNCH = str(REPO / "launch" / "torchrun.sh")
 DEMO = ["train.max_steps=3", "data.synthetic_examples=64", "train.micro_batch_size=4", "logging.log_every=1",
         "logging.tensorboard=false", "logging.progress=lines"]

@@ -21,6 +21,8 @@ import pytest
 
 from tests.helpers import env, free_port, read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # see docs/testing.md: the quick loop is -m "not slow"
+
 STEPS = 60
 ARGS = ["train", f"train.max_steps={STEPS}", "data.synthetic_examples=480", "logging.log_every=1",
         "logging.progress=lines", "logging.tensorboard=false", "train.micro_batch_size=8"]
