@@ -41,8 +41,8 @@ def examples(n: int, seq: int) -> list[Example]:
 
 
 def measured(cfg, info: distributed.DistInfo, data: list[Example], step: int, repeats: int) -> dict:
-    """Steps before `step` by the trainer, then the batches of steps `step`..`step + repeats - 1` under
-    trace.measure_steps (their phases numbered 1..repeats)."""
+    """Steps before `step` by the trainer, then the batches of steps `step`..`step + repeats - 1`, each under its
+    own trace.measure_steps (their phases numbered 1..repeats)."""
     run = trainer.setup(cfg, info, data)
     try:
         run.model.train()
@@ -50,10 +50,14 @@ def measured(cfg, info: distributed.DistInfo, data: list[Example], step: int, re
                               info.device_type)
         for _ in range(step - 1):
             trainer.train_step(run, next(it))
-        steps = [next(it) for _ in range(repeats)]
         head_run = trace.step_run(cfg, info, run.model, run.loss_head)
-        tr = trace.measure_steps(run.model, run.optimizer, head_run, steps, cfg.train.max_grad_norm)
-        return {"phases": [dataclasses.asdict(p) for p in tr.phases], "optimizer_state": tr.optimizer_state}
+        phases, state = [], 0
+        for n in range(repeats):  # one tracker per step: within one tracker later steps also count what earlier
+            batches = next(it)  # steps left alive (a batch-sized int64 tensor per step, measured)
+            tr = trace.measure_steps(run.model, run.optimizer, head_run, [batches], cfg.train.max_grad_norm)
+            phases += [{**dataclasses.asdict(p), "step": n + 1} for p in tr.phases]
+            state = tr.optimizer_state
+        return {"phases": phases, "optimizer_state": state}
     finally:
         run.tracker.close()
         run.logger.close()
