@@ -3,7 +3,7 @@
 `tiny_fields(model_type)` shrinks every size field the default config has (hidden size 32, 2-4 heads, 4 experts,
 2 per token, ranks and head dims 8-16, context 64) and cuts per-layer lists (`layer_types`, `mlp_layer_types`, ...)
 to the fewest layers that still hold every kind of layer the default list has, so a hybrid model keeps one
-linear-attention and one full-attention layer. `HINTS` are the few hand fields a type needs where the generic
+linear-attention and one full-attention layer. Dropout probabilities are set to 0. `HINTS` are the few hand fields a type needs where the generic
 rule does not give a consistent config. The result goes to `AutoConfig.for_model`, which recomputes the derived
 fields (`qk_head_dim`, ...). Shared by the family matrix's fast tier and benchmarks/family_sweep.py.
 """
@@ -67,6 +67,9 @@ def tiny_fields(model_type: str, vocab_size: int | None = None) -> dict[str, Any
     fields.update({k: v[:layers] for k, v in lists.items()})
     if "num_hidden_layers" in default:
         fields["num_hidden_layers"] = layers
+    # dropout off: step 1 of training is compared with transformers' loss in eval mode
+    fields.update({k: 0.0 for k, v in default.items() if ("dropout" in k or "layerdrop" in k)
+                   and isinstance(v, float) and v > 0})
     for k in ("first_k_dense_replace",):
         if isinstance(default.get(k), int):
             fields[k] = min(default[k], 1)
