@@ -1,11 +1,12 @@
 """A tiny random config for any decoder type of the installed transformers, built from the type's defaults.
 
 `tiny_fields(model_type)` shrinks every size field the default config has (hidden size 32, 2-4 heads, 4 experts,
-2 per token, ranks and head dims 8-16, context 64) and cuts per-layer lists (`layer_types`, `mlp_layer_types`, ...)
-to the fewest layers that still hold every kind of layer the default list has, so a hybrid model keeps one
-linear-attention and one full-attention layer. Dropout probabilities are set to 0. `HINTS` are the few hand fields a type needs where the generic
-rule does not give a consistent config. The result goes to `AutoConfig.for_model`, which recomputes the derived
-fields (`qk_head_dim`, ...). Shared by the family matrix's fast tier and benchmarks/family_sweep.py.
+2 per token, ranks and head dims 8-16, context 64; GPT-2-style names through the config's `attribute_map`), cuts
+per-layer lists (`layer_types`, `mlp_layer_types`, ...) to the fewest layers that still hold every kind of layer
+the default list has, so a hybrid model keeps one linear-attention and one full-attention layer, and sets dropout
+probabilities to 0. `HINTS` are the few hand fields a type needs where the generic rule does not give a
+consistent config. The result goes to `AutoConfig.for_model`, which recomputes the derived fields
+(`qk_head_dim`, ...). Shared by tests/test_families.py and benchmarks/family_sweep.py.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ HINTS: dict[str, dict[str, Any]] = {
     # the output layer keeps `unpadded_vocab_size` rows of the vocabulary: the built-in tokenizer's 100 or fewer
     "inkling_text": {"unpadded_vocab_size": 90}, "inkling2_text": {"unpadded_vocab_size": 90},
     "inkling2_loop_text": {"unpadded_vocab_size": 90},
+    "codegen": {"rotary_dim": 4},  # at most the head dim (8)
     # its first shared-transformer ("hybrid") layer is the 7th: two of them in 4 layers
     "zamba2": {"num_hidden_layers": 4, "layers_block_type": ["linear_attention", "hybrid"] * 2, "n_mamba_heads": 8},
 }
@@ -59,17 +61,22 @@ def tiny_fields(model_type: str, vocab_size: int | None = None) -> dict[str, Any
     to the caller when None, e.g. `tests.helpers.make_model_dir` sets the built-in tokenizer's)."""
     from transformers import AutoConfig
 
-    default = AutoConfig.for_model(model_type).to_dict()
-    fields: dict[str, Any] = {k: v for k, v in SIZES.items() if isinstance(default.get(k), int)
-                              and not isinstance(default.get(k), bool)}
-    lists = {k: default[k] for k in PER_LAYER if isinstance(default.get(k), list) and len(default[k]) > 1}
+    config = AutoConfig.for_model(model_type)
+    default = config.to_dict()
+    # GPT-2-style configs name the sizes their own way (n_embd, n_layer, ...) and map the common names to them
+    own = {v: k for k, v in getattr(config, "attribute_map", {}).items()}
+    default.update({own[k]: v for k, v in list(default.items()) if k in own})
+    fields: dict[str, Any] = {config.attribute_map.get(k, k): v for k, v in SIZES.items()
+                              if isinstance(default.get(k), int) and not isinstance(default.get(k), bool)}
+    lists = {k: default[k] for k in PER_LAYER  # by the config's own names only (an alias would set it twice)
+             if k not in config.attribute_map and isinstance(default.get(k), list) and len(default[k]) > 1}
     layers = _layers_needed(lists)
     fields.update({k: v[:layers] for k, v in lists.items()})
     if "num_hidden_layers" in default:
-        fields["num_hidden_layers"] = layers
+        fields[config.attribute_map.get("num_hidden_layers", "num_hidden_layers")] = layers
     # dropout off: step 1 of training is compared with transformers' loss in eval mode
-    fields.update({k: 0.0 for k, v in default.items() if ("dropout" in k or "layerdrop" in k)
-                   and isinstance(v, float) and v > 0})
+    fields.update({k: 0.0 for k, v in config.to_dict().items()
+                   if any(w in k for w in ("dropout", "layerdrop", "pdrop")) and isinstance(v, float) and v > 0})
     for k in ("first_k_dense_replace",):
         if isinstance(default.get(k), int):
             fields[k] = min(default[k], 1)
