@@ -36,9 +36,9 @@ MAX_LAYERS = 6
 HINTS: dict[str, dict[str, Any]] = {
     # num_experts defaults to a number, is_moe off: keep the dense path but a tiny (unused) expert count
     "doge": {"num_experts": 4, "num_experts_per_tok": 2},
-    # the output layer keeps `unpadded_vocab_size` rows of the vocabulary: the built-in tokenizer's 100 or fewer
-    "inkling_text": {"unpadded_vocab_size": 90}, "inkling2_text": {"unpadded_vocab_size": 90},
-    "inkling2_loop_text": {"unpadded_vocab_size": 90},
+    # the output layer keeps `unpadded_vocab_size` rows of the vocabulary: all of the built-in tokenizer's 100
+    "inkling_text": {"unpadded_vocab_size": 100}, "inkling2_text": {"unpadded_vocab_size": 100},
+    "inkling2_loop_text": {"unpadded_vocab_size": 100},
     "codegen": {"rotary_dim": 4},  # at most the head dim (8)
     # its first shared-transformer ("hybrid") layer is the 7th: two of them in 4 layers
     "zamba2": {"num_hidden_layers": 4, "layers_block_type": ["linear_attention", "hybrid"] * 2, "n_mamba_heads": 8},
