@@ -25,6 +25,8 @@ QWEN2 = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "nu
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0}  # phi3: default pad id > vocab
 _MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+_MLA = {"num_key_value_heads": 4, "head_dim": 8, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+        "v_head_dim": 8}  # latent attention: one kv head per head
 FAMILIES = {
     "llama": {"model_type": "llama", **_TINY, "tie_word_embeddings": True},
     "qwen2": {"model_type": "qwen2", **_TINY, "tie_word_embeddings": False},
@@ -49,6 +51,42 @@ FAMILIES = {
                     "v_head_dim": 8},
     "gpt_oss": {"model_type": "gpt_oss", **_TINY, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2,
                 "sliding_window": 8},
+    # issue 26's families: tests/tiny.py's fields, cut to one layer of each kind (2 layers where that is enough)
+    "kimi_linear": {"model_type": "kimi_linear", **_TINY, **_MLA, "num_experts": 4, "num_experts_per_token": 2,
+                    "num_shared_experts": 1, "linear_head_dim": 8, "linear_num_heads": 4, "num_expert_group": 2,
+                    "topk_group": 1, "layer_types": ["linear_attention", "full_attention"],
+                    "mlp_layer_types": ["dense", "sparse"]},
+    "minimax_m2": {"model_type": "minimax_m2", **_TINY, "head_dim": 8, "num_local_experts": 4,
+                   "num_experts_per_tok": 2},
+    "nemotron_h": {"model_type": "nemotron_h", **_TINY, **_MOE, "head_dim": 8, "n_routed_experts": 4,
+                   "n_shared_experts": 1, "moe_shared_expert_intermediate_size": 32, "mamba_num_heads": 4,
+                   "mamba_head_dim": 16, "ssm_state_size": 8, "n_groups": 1, "chunk_size": 8, "n_group": 2,
+                   "topk_group": 1, "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"]},
+    "exaone_moe": {"model_type": "exaone_moe", **_TINY, **_MOE, "num_experts": 4, "num_shared_experts": 1,
+                   "sliding_window": 8, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
+                   "layer_types": ["sliding_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"]},
+    "bailing_hybrid": {"model_type": "bailing_hybrid", **_TINY, **_MLA, "num_experts": 4, "num_experts_per_token": 2,
+                       "num_shared_experts": 1, "linear_head_dim": 8, "linear_num_heads": 4, "num_expert_group": 2,
+                       "topk_group": 1, "layer_group_size": 2, "first_k_dense_replace": 1,
+                       "layer_types": ["linear_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"],
+                       "expert_swiglu_limit_list": [0, 0], "share_expert_swiglu_limit_list": [0, 0]},
+    "kolibri1": {"model_type": "kolibri1", **_TINY, **_MOE, "head_dim": 8, "num_local_experts": 4,
+                 "shared_expert_intermediate_size": 32, "sliding_window": 8,
+                 "layer_types": ["sliding_attention", "full_attention"]},
+    "glm_moe_dsa": {"model_type": "glm_moe_dsa", **_TINY, **_MOE, **_MLA, "q_lora_rank": 16, "n_routed_experts": 4,
+                    "n_shared_experts": 1, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 8, "n_group": 2,
+                    "topk_group": 1, "first_k_dense_replace": 1, "layer_types": ["indexed_attention"] * 2,
+                    "mlp_layer_types": ["dense", "sparse"], "indexer_types": ["full", "full"]},
+    "mamba": {"model_type": "mamba", "hidden_size": 32, "intermediate_size": 64, "state_size": 8,
+              "time_step_rank": 4, "num_hidden_layers": 2, "pad_token_id": 0},
+    "falcon_mamba": {"model_type": "falcon_mamba", "hidden_size": 32, "intermediate_size": 64, "state_size": 8,
+                     "time_step_rank": 4, "num_hidden_layers": 2, "pad_token_id": 0},
+    "deepseek_v4": {"model_type": "deepseek_v4", **_TINY, **_MOE, "head_dim": 8, "n_routed_experts": 4,
+                    "n_shared_experts": 1, "q_lora_rank": 16, "o_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "index_head_dim": 8, "index_n_heads": 2, "index_topk": 8, "sliding_window": 8, "o_groups": 2,
+                    "layer_types": ["heavily_compressed_attention", "compressed_sparse_attention"],
+                    "mlp_layer_types": ["hash_moe", "moe"]},
+    "doge": {"model_type": "doge", **_TINY, "keep_window_size": 8},
 }
 
 

@@ -154,9 +154,21 @@ def build_meta_model(hf_config: PretrainedConfig, attn_implementation: str, dtyp
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, in order: classes named in `_no_split_modules`, else the longest ModuleList."""
+    """The transformer blocks, in order: the outermost modules of the classes named in `_no_split_modules`, else
+    the longest ModuleList.
+
+    Outermost: Mamba lists both its block and the mixer inside it; sharding both would make the mixer a unit of
+    its own inside its block's, applied after the block's (`fully_shard` must go inner first), and its weights
+    would stay sharded in the block's forward."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()  # modules under a block already taken (modules() lists a parent before its children)
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        if type(m).__name__ in names:
+            blocks.append(m)
+            inside.update(id(x) for x in m.modules())
     if blocks:
         return blocks
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
@@ -291,9 +303,10 @@ def safetensors_index(folder: str) -> dict[str, Path]:
 def load_pretrained(model: nn.Module, folder: str, skip: frozenset[str] = frozenset()) -> None:
     """Each rank reads only the rows of its own shards from the safetensors files (plain reads, no mmap).
 
-    File keys map to parameters by transformers' own conversion rules (`weightmap`): a fused MoE parameter
-    (`experts.gate_up_proj` [E, 2I, H]) is read from the per-expert tensors of the files, only the experts and
-    rows of this rank's shard. `skip`: parameter names the files do not hold (fine-tuning adapters)."""
+    File keys map to parameters and persistent buffers by transformers' own conversion rules (`weightmap`): a
+    fused MoE parameter (`experts.gate_up_proj` [E, 2I, H]) is read from the per-expert tensors of the files, only
+    the experts and rows of this rank's shard, and a renamed key (MiniMax-M2's `block_sparse_moe.` -> `mlp.`) is
+    read under its file name, buffers included. `skip`: parameter names the files do not hold (adapters)."""
     index = safetensors_index(folder)
     handles: dict[Path, SafetensorsFile] = {}
     try:
@@ -305,23 +318,31 @@ def load_pretrained(model: nn.Module, folder: str, skip: frozenset[str] = frozen
             shapes[key] = h.shape(key)
         params = [x for x in owned_params(model) if (f"{x[0]}.{x[2]}" if x[0] else x[2]) not in skip]
         names = [f"{m}.{a}" if m else a for m, _mod, a, _p in params]
-        sources = plan_sources(model, names, shapes, {n: tuple(p.shape) for n, (*_, p) in zip(names, params)},
-                               folder)
+        buffers = dict(persistent_buffers(model))
+        wanted = {**{n: tuple(p.shape) for n, (*_, p) in zip(names, params)},
+                  **{n: tuple(b.shape) for n, b in buffers.items()}}
+        sources = plan_sources(model, list(wanted), shapes, wanted, folder)
         for name, (*_, p) in zip(names, params):
             src = sources[name]
             if not src.pieces:
                 looked = ", ".join(f"'{k}'" for k in src.looked_for)
                 raise UserError(f"model.path: {folder}: weight '{name}' is missing from the safetensors files "
                                 f"(looked for {looked}); is this checkpoint for another architecture?")
-            if len(src.pieces) == 1 and not src.pieces[0].stacked and shapes[src.pieces[0].key] != tuple(p.shape):
-                key = src.pieces[0].key
-                raise UserError(f"model.path: {index[key]}: weight '{key}' has shape {list(shapes[key])}, "
-                                f"the model expects {list(p.shape)}")
+            _check_shape(src.pieces, shapes, index, "weight", tuple(p.shape))
             _read_pieces(src.pieces, shapes, index, handles, _local_slices(p), local_tensor(p))
-        load_buffers(model, folder, index, handles)
+        load_buffers(buffers, sources, shapes, index, handles, folder)
     finally:
         for h in handles.values():
             h.close()
+
+
+def _check_shape(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path], what: str,
+                 expected: tuple[int, ...]) -> None:
+    """A tensor read from one file key must have the model's shape (fused pieces are checked by `weightmap`)."""
+    if len(pieces) == 1 and not pieces[0].stacked and shapes[pieces[0].key] != expected:
+        key = pieces[0].key
+        raise UserError(f"model.path: {index[key]}: {what} '{key}' has shape {list(shapes[key])}, "
+                        f"the model expects {list(expected)}")
 
 
 def persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -392,24 +413,19 @@ def restore_buffers(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_buffers(model: nn.Module, folder: str, index: dict[str, Path], handles: dict[Path, SafetensorsFile]) -> None:
-    """Persistent buffers the safetensors files hold (under their state-dict key) are read through the loader's
-    open files; the others keep the constructor's value (`restore_buffers`), named in one line."""
+def load_buffers(buffers: dict[str, torch.Tensor], sources: dict, shapes: dict[str, tuple[int, ...]],
+                 index: dict[str, Path], handles: dict[Path, SafetensorsFile], folder: str) -> None:
+    """Persistent buffers the safetensors files hold (under the file key transformers' rules map to their
+    state-dict key, `sources`) are read through the loader's open files; the others keep the constructor's value
+    (`restore_buffers`), named in one line."""
     missing = []
-    for key, b in persistent_buffers(model):
-        f = index.get(key)
-        if f is None:
+    for key, b in buffers.items():
+        pieces = sources[key].pieces
+        if not pieces:
             missing.append(key)
             continue
-        h = _open(handles, f)
-        if key not in h.header:
-            missing.append(key)
-            continue
-        shape = h.shape(key)
-        if shape != tuple(b.shape):
-            raise UserError(f"model.path: {f}: buffer '{key}' has shape {list(shape)}, "
-                            f"the model expects {list(b.shape)}")
-        h.read_into(key, _local_slices(b), local_tensor(b))
+        _check_shape(pieces, shapes, index, "buffer", tuple(b.shape))
+        _read_pieces(pieces, shapes, index, handles, _local_slices(b), local_tensor(b))
     if missing:
         log.info(f"model.path: {folder}: {len(missing)} persistent buffer(s) not in the safetensors files, kept at "
                  f"the model's initial values: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")

@@ -9,6 +9,10 @@ trainer.py); this module only decides the coefficient: `train.router_aux_loss_co
 null meaning the model config's `router_aux_loss_coef`. A model whose forward
 has no `output_router_logits` (deepseek_v2/v3, glm4_moe: a bias-corrected,
 auxiliary-loss-free router) trains without one; asking for one there is refused.
+So does a config whose layers have no learned router although the forward takes
+`output_router_logits` (`routerless`): a dense Doge (`is_moe: false`) returns
+no auxiliary loss, and a DeepSeek-V4 whose MoE layers are all hash-routed
+fails inside transformers' `load_balancing_loss_func` when asked for one.
 
 Expert load. A forward pre-hook on every experts module (the module that takes
 the router's top-k expert indices as its second argument) adds the tokens each
@@ -57,10 +61,21 @@ def count_experts(module: nn.Module) -> int:
     return int(stacked[0].shape[0])
 
 
+def routerless(config: Any) -> Optional[str]:
+    """Why this config has no learned router although its model class has a router auxiliary loss; None when it
+    has one. transformers' forward then returns no aux_loss (Doge) or cannot compute it (DeepSeek-V4)."""
+    if config.model_type == "doge" and not getattr(config, "is_moe", False):
+        return "is_moe is false: the MLPs are dense"
+    if config.model_type == "deepseek_v4" and "moe" not in (getattr(config, "mlp_layer_types", None) or []):
+        return "every MoE layer is hash-routed (no 'moe' in mlp_layer_types)"
+    return None
+
+
 def has_aux_loss(model: nn.Module) -> bool:
     """Whether transformers computes a router auxiliary loss for this model (its forward takes
-    output_router_logits and returns outputs.aux_loss)."""
-    return "output_router_logits" in inspect.signature(type(model).forward).parameters
+    output_router_logits and returns outputs.aux_loss, and its config has a learned router)."""
+    return ("output_router_logits" in inspect.signature(type(model).forward).parameters
+            and routerless(model.config) is None)
 
 
 def resolve_aux_coef(configured: Optional[float], model: nn.Module) -> float:
@@ -68,8 +83,9 @@ def resolve_aux_coef(configured: Optional[float], model: nn.Module) -> float:
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if not has_aux_loss(model):
         if configured:
+            why = routerless(model.config) or "its router balances experts without one"
             raise ConfigError(f"train.router_aux_loss_coef: model_type '{model_type}' has no router auxiliary loss "
-                              "in transformers (its router balances experts without one); set it to null or 0")
+                              f"in transformers ({why}); set it to null or 0")
         return 0.0
     if configured is not None:
         return float(configured)

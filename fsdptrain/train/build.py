@@ -22,7 +22,7 @@ from ..dist.distributed import DistInfo
 from ..dist.mesh import build_mesh, describe
 from ..dist.plan import resolve_precision
 from ..memory.estimate import plan_auto_checkpointing
-from ..model import finetune, models
+from ..model import families, finetune, models
 from .parallelize import ParallelPlan, apply_fsdp
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
                                     cfg.model.trust_remote_code)
     n_params = models.count_params(model)
     blocks = models.find_blocks(model)
+    families.check_trainable(model, blocks, hf_config.model_type)  # before any weight is read
     ft = finetune.prepare(model, blocks, cfg.finetune, precision)  # adapters join their block's FSDP unit
     if ft.method != "full":
         log.info(ft.describe())

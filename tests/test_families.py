@@ -1,0 +1,113 @@
+"""The families of issue 26, in-process and fast: what was wrong with each, checked at its cause.
+
+The 2-rank family matrix (tests/test_family_matrix.py, slow) trains every fixed family end to end; here, in one
+process: a persistent buffer stored under a renamed key is loaded (MiniMax-M2's router correction bias), Mamba's
+blocks are its blocks and not also the mixers inside them, a dense Doge and an all-hash DeepSeek-V4 have no router
+auxiliary loss, and a model whose layers share weights (Zamba2) is refused in one line before a weight is read.
+The tiny configs come from tests/tiny.py (the generic builder the sweep, benchmarks/family_sweep.py, uses).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fsdptrain.core.errors import ConfigError
+from fsdptrain.model import models, moe
+from tests.helpers import cli_inproc, make_model_dir
+from tests.tiny import tiny_fields
+
+
+def meta_model(model_type: str, **extra):
+    fields = {**tiny_fields(model_type, vocab_size=100), **extra}
+    hf = models.load_hf_config(None, fields, None, False)
+    return models.build_meta_model(hf, "eager", torch.float32, False)
+
+
+def test_renamed_persistent_buffer_is_loaded_like_from_pretrained(tmp_path):
+    """minimax_m2's checkpoint stores `block_sparse_moe.e_score_correction_bias`, transformers renames it to
+    `mlp.e_score_correction_bias`: the loader read buffers by their in-memory name only and kept the init value,
+    so step 1's loss differed from transformers' (issue 26: 6.30928 vs 6.31377)."""
+    from transformers import AutoModelForCausalLM
+
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.dist import distributed
+    from fsdptrain.train.build import build_sharded_model
+
+    folder = make_model_dir(tmp_path / "m", tiny_fields("minimax_m2"))
+    from safetensors.torch import load_file
+
+    assert any(k.endswith("block_sparse_moe.e_score_correction_bias") for k in load_file(folder / "model.safetensors"))
+    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    cfg = load_config(None, [f"model.path={folder}", "parallel.device=cpu", "parallel.precision=fp32",
+                             f"output_dir={tmp_path / 'run'}"])
+    info = distributed.init("cpu")
+    try:
+        hf = models.load_hf_config(str(folder), None, None, False)
+        model = build_sharded_model(cfg, info, hf).model
+        mine = {k: b.clone() for k, b in model.named_buffers()}
+        ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+    finally:
+        distributed.shutdown(info)
+    theirs = dict(ref.named_buffers())
+    biases = [k for k in theirs if k.endswith("mlp.e_score_correction_bias")]
+    assert len(biases) == 2
+    for key in theirs:
+        assert torch.equal(mine[key], theirs[key]), key
+    with torch.no_grad():
+        assert abs(loss - ref(input_ids=ids, labels=ids).loss.item()) < 1e-6
+
+
+@pytest.mark.parametrize("model_type,block", [("mamba", "MambaBlock"), ("falcon_mamba", "FalconMambaBlock")])
+def test_mamba_blocks_are_the_outermost_no_split_modules(model_type, block):
+    """_no_split_modules names the block and the mixer inside it: both became FSDP units, the mixer's after its
+    block's, and its weights stayed sharded in the block's forward (`aten.mm.default got mixed torch.Tensor and
+    DTensor`)."""
+    blocks = models.find_blocks(meta_model(model_type))
+    assert [type(b).__name__ for b in blocks] == [block] * 2
+
+
+@pytest.mark.parametrize("model_type,extra,why", [
+    ("doge", {}, "is_moe is false: the MLPs are dense"),
+    ("deepseek_v4", {"num_hidden_layers": 2, "layer_types": ["heavily_compressed_attention"] * 2,
+                     "mlp_layer_types": ["hash_moe"] * 2},
+     "every MoE layer is hash-routed (no 'moe' in mlp_layer_types)"),
+])
+def test_a_config_without_a_learned_router_has_no_aux_loss(model_type, extra, why):
+    """The config's router_aux_loss_coef (0.001) was used: dense Doge's forward returns aux_loss None
+    (`'NoneType' object has no attribute 'float'`), an all-hash DeepSeek-V4 fails in transformers'
+    load_balancing_loss_func (`IndexError: tuple index out of range`)."""
+    model = meta_model(model_type, **extra)
+    assert model.config.router_aux_loss_coef > 0
+    assert moe.resolve_aux_coef(None, model) == 0.0
+    with pytest.raises(ConfigError) as e:
+        moe.resolve_aux_coef(0.01, model)
+    assert str(e.value) == (f"train.router_aux_loss_coef: model_type '{model_type}' has no router auxiliary loss in "
+                            f"transformers ({why}); set it to null or 0")
+    assert moe.resolve_aux_coef(None, meta_model("deepseek_v4")) == 0.001  # with learned routers: the config's
+
+
+ZAMBA2 = ("fsdptrain: error: model: zamba2: its shared transformer block is used from several layers "
+          "(model.layers.1 and model.layers.3 hold the same 'shared_transformer.self_attn.q_proj.weight'), which "
+          "FSDP2 per-block sharding cannot train; fsdptrain cannot train this family: use a model whose layers do "
+          "not share weights\n")
+
+
+def test_shared_weights_across_blocks_are_refused_before_any_weight_is_read(tmp_path):
+    """zamba2 crashed (`aten.mul.Tensor got mixed torch.Tensor and DTensor`) or failed to find its second copy of
+    the shared block's weights; now one line, exit 2, from a folder whose weights file is garbage (never read)."""
+    from transformers import AutoConfig
+
+    fields = tiny_fields("zamba2", vocab_size=100)
+    AutoConfig.for_model(fields.pop("model_type"), **fields).save_pretrained(str(tmp_path / "m"))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not safetensors")
+    res = cli_inproc(["train", f"model.path={tmp_path / 'm'}", f"output_dir={tmp_path / 'run'}",
+                      "parallel.device=cpu", "data.synthetic_examples=40", "train.micro_batch_size=2",
+                      "logging.progress=none"])
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr == ZAMBA2
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "zamba2"
