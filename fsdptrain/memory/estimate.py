@@ -49,6 +49,7 @@ from ..config.schema import Config
 from ..core.errors import UserError
 from ..core.units import GIB, format_bytes
 from ..dist.plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
+from ..train.staging import staging_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -503,14 +504,27 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     peak = phases[peak_phase]
     cpu_rank = 0
     if p.cpu_offload:
-        cpu_rank = st.total + st.trained_local * pb  # + AdamW foreach's sqrt(v) temporary on CPU
-    elif p.optimizer_offload:
-        cpu_rank = st.optimizer + 2 * st.trained_local * pb  # state + persistent host buffers (gradient, shard)
+        cpu_rank = st.total  # fused CPU AdamW: no full-size temporary
+    elif p.optimizer_offload:  # state + the persistent host buffers (gradient, shard), pinned on CUDA
+        cpu_rank = st.optimizer + offload_staging_bytes(m, W, rank, s.facts.device_type == "cuda")
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.facts.gpu_memory
     if cpu_rank and s.facts.cpu_memory is not None:
         fits = fits and cpu_rank * s.facts.gpus_per_node <= s.facts.cpu_memory
     return Estimate(settings=s, shape=m, state=st, terms=terms, phases=phases, peak=peak, peak_phase=peak_phase,
                     cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.facts.gpus_per_node, fits=fits)
+
+
+def offload_staging_bytes(m: ModelShape, world: int, rank: int, pinned: bool) -> int:
+    """Host bytes of optimizer_offload's staging buffers on `rank`: per parameter group (weights with decay, 1-D
+    tensors without) one flat fp32 gradient and one shard buffer per 64 MiB chunk, each rounded up to a power
+    of two by CUDA's pinned allocator (train.optim_offload). Parameters in the units' order: the root's come
+    last here and first in the model, which moves a few chunk boundaries, not the total much."""
+    groups: dict[bool, list[int]] = {True: [], False: []}
+    for unit in trainable_units(m):
+        for shape in unit:
+            rows = shard_rows(shape[0], world, rank)[0] if shape else 1
+            groups[len(shape) >= 2].append(rows * math.prod(shape[1:]))
+    return sum(staging_bytes(numels, pinned) for numels in groups.values())
 
 
 def block_backward_phases(m: ModelShape, s: Settings, rank: int, st: ModelState, kept_bytes: list[int],
@@ -650,8 +664,8 @@ def render(est: Estimate) -> str:
                    f"fragmentation and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about "
                    f"{format_bytes(need)} of {format_bytes(s.facts.gpu_memory)}")]
     if est.cpu_per_rank:
-        what = ("sharded params, grads, AdamW state and the step's temporary" if s.cfg.parallel.cpu_offload
-                else "AdamW state and host copies of the gradient and parameter shards")
+        what = ("sharded params, grads and AdamW state" if s.cfg.parallel.cpu_offload
+                else "AdamW state and the pinned staging of the gradient and parameter shards")
         cpu = (f"CPU (offload): {format_bytes(est.cpu_per_rank)} per rank, {format_bytes(est.cpu_per_node)} "
                f"per node ({what})")
         if s.facts.cpu_memory is not None:

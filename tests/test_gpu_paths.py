@@ -1,0 +1,110 @@
+"""CUDA-only paths checked on CPU with stand-ins: the process-group backend and device of a launch, the
+offloaded optimizer's state on load and its pinned staging layout, buffers of an offloaded model, the CPU
+threads of an optimizer on the CPU, and the smaller CUDA settings (MFU peaks, TF32, reduce dtype).
+
+Each test fails on the code before the fix it covers; what only a GPU run can confirm is listed in
+docs/performance.md ("What the GPU check will confirm").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fsdptrain.train import optim_offload as oo
+from fsdptrain.train.optim_offload import CPUOffloadAdamW
+from fsdptrain.train.staging import pinned_size, staging_bytes, staging_chunks
+
+
+# ----------------------------------------------------------------------------- offloaded AdamW: state on load
+
+
+def saved_state(opt: torch.optim.Optimizer, shape: tuple[int, ...]) -> dict:
+    groups = opt.state_dict()["param_groups"]
+    return {"state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.full(shape, 0.5),
+                          "exp_avg_sq": torch.full(shape, 0.25)}}, "param_groups": groups}
+
+
+def test_offloaded_adamw_state_loads_onto_the_cpu_whatever_device_the_parameters_are_on():
+    # meta parameters stand in for CUDA ones: torch's Optimizer.load_state_dict casts every state tensor to its
+    # parameter's device, which for CUDA parameters put the "offloaded" moments on the GPU
+    p = nn.Parameter(torch.zeros(3, 2, device="meta"))
+    opt = CPUOffloadAdamW([p], lr=0.1)
+    opt.load_state_dict(saved_state(opt, (3, 2)))
+    st = opt.state[p]
+    for key, value in (("exp_avg", 0.5), ("exp_avg_sq", 0.25)):
+        assert st[key].device.type == "cpu" and st[key].dtype == torch.float32, key
+        assert torch.equal(st[key], torch.full((3, 2), value)), key
+    assert st["step"].device.type == "cpu" and float(st["step"]) == 4.0
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["params"] == [p]
+
+
+def test_offloaded_adamw_state_stays_fp32_for_bf16_parameters_and_the_next_step_matches():
+    # bf16-pure: torch's load made the moments bf16, and the fused fp32 update then refused them
+    ref = nn.Parameter(torch.randn(4, 3))
+    mine = nn.Parameter(ref.detach().to(torch.bfloat16))
+    a, b = torch.optim.AdamW([ref], lr=1e-2), CPUOffloadAdamW([mine], lr=1e-2)
+    g = torch.randn(4, 3)
+    ref.grad, mine.grad = g.clone(), g.to(torch.bfloat16)
+    a.step()
+    b.step()
+    b.load_state_dict(b.state_dict())
+    assert {v.dtype for v in b.state[mine].values()} == {torch.float32}
+    ref.grad, mine.grad = g.clone(), g.to(torch.bfloat16)
+    a.step()
+    b.step()
+    assert float(b.state[mine]["step"]) == 2.0
+    assert torch.allclose(b.state[mine]["exp_avg"], a.state[ref]["exp_avg"].float(), atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- offloaded AdamW: pinned staging
+
+
+def test_staging_chunks_and_the_pinned_allocators_rounding():
+    assert staging_chunks([12, 5, 4, 30], limit=80) == [[0, 1], [2], [3]]  # 20 fp32 per chunk; 30 alone
+    assert staging_chunks([], limit=80) == []
+    assert [pinned_size(n) for n in (0, 1, 68, 64, 65, 2**26 + 1)] == [0, 1, 128, 64, 128, 2**27]
+    # two buffers (gradients, shards) per chunk: 68 -> 128, 16 -> 16, 120 -> 128 bytes each
+    assert staging_bytes([12, 5, 4, 30], pinned=True, limit=80) == 2 * (128 + 16 + 128)
+    assert staging_bytes([12, 5, 4, 30], pinned=False, limit=80) == 2 * 4 * 51
+
+
+def test_offloaded_adamw_stages_each_chunk_in_one_flat_buffer(monkeypatch):
+    # One allocation per chunk and kind, views handed out: pinned per parameter, every request was rounded up to
+    # a power of two (up to 2x the planned 8 bytes per parameter)
+    monkeypatch.setattr(oo.staging, "CHUNK_BYTES", 80)
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(2, 2)),
+              nn.Parameter(torch.randn(30))]
+    opt = CPUOffloadAdamW([{"params": params, "weight_decay": 0.0}], lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    chunks = opt.staged(0)
+    assert [[next(i for i, q in enumerate(params) if q is p) for p in c.params] for c in chunks] == [[0, 1], [2], [3]]
+    for c in chunks:
+        for views in (c.grads, c.shards):
+            base = views[0].untyped_storage()
+            assert all(v.untyped_storage().data_ptr() == base.data_ptr() for v in views)
+            assert [v.storage_offset() for v in views] == [sum(p.numel() for p in c.params[:i])
+                                                            for i in range(len(views))]
+            assert base.nbytes() == 4 * sum(p.numel() for p in c.params)  # exact: the allocator rounds it
+            assert [v.shape for v in views] == [p.shape for p in c.params]
+        for p, g, s in zip(c.params, c.grads, c.shards):
+            assert torch.equal(g, p.grad) and torch.equal(s, p.detach())  # staged gradient, updated shard
+
+
+def test_estimated_host_memory_counts_the_pinned_staging(tmp_path):
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.units import GIB
+    from fsdptrain.memory import estimate
+
+    cfg = load_config(None, ["parallel.optimizer_offload=true"])
+    shape = estimate.shape_from_config(cfg)
+    est = estimate.estimate(cfg, 1, 2, 80 * GIB, shape=shape)  # a CUDA estimate: the staging is pinned
+    decay = [estimate.shard_rows(s[0], 2, 0)[0] * (s[1] if len(s) > 1 else 1)
+             for u in shape.units for s in u if len(s) >= 2]
+    plain = [estimate.shard_rows(s[0], 2, 0)[0] for u in shape.units for s in u if len(s) < 2]
+    staging = staging_bytes(decay, pinned=True) + staging_bytes(plain, pinned=True)
+    assert est.cpu_per_rank == est.state.optimizer + staging
+    assert staging > 8 * est.state.trained_local  # rounded up: more than the 8 bytes per parameter of payload
