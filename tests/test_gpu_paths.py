@@ -15,7 +15,6 @@ from fsdptrain.train import optim_offload as oo
 from fsdptrain.train.optim_offload import CPUOffloadAdamW
 from fsdptrain.train.staging import pinned_size, staging_bytes, staging_chunks
 
-
 # ----------------------------------------------------------------------------- offloaded AdamW: state on load
 
 

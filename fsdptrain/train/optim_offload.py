@@ -40,6 +40,7 @@ from torch.optim.adamw import adamw
 from ..model.models import local_tensor
 from . import staging
 
+
 @dataclass
 class StagingChunk:
     """One chunk of a parameter group in host memory: its parameters and their views into two flat buffers."""
