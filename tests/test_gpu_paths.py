@@ -107,3 +107,81 @@ def test_estimated_host_memory_counts_the_pinned_staging(tmp_path):
     staging = staging_bytes(decay, pinned=True) + staging_bytes(plain, pinned=True)
     assert est.cpu_per_rank == est.state.optimizer + staging
     assert staging > 8 * est.state.trained_local  # rounded up: more than the 8 bytes per parameter of payload
+
+
+# ----------------------------------------------------------------------------- process group and device
+
+
+def test_a_cuda_launch_uses_nccl_for_cuda_tensors_and_gloo_for_cpu_tensors():
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from fsdptrain.dist.distributed import process_group_backend
+
+    assert process_group_backend("cuda") == "cuda:nccl,cpu:gloo"
+    parsed = BackendConfig(Backend(process_group_backend("cuda"))).get_device_backend_map()  # torch's own parser
+    assert parsed == {"cuda": "nccl", "cpu": "gloo"}
+    assert process_group_backend("cpu") == "gloo"
+
+
+def test_a_cpu_run_keeps_its_gloo_only_group():
+    import torch.distributed as dist
+
+    from fsdptrain.dist import distributed
+
+    info = distributed.init("cpu")
+    try:
+        assert (info.backend, dist.get_backend(), info.device) == ("gloo", "gloo", torch.device("cpu"))
+        assert (info.local_rank, info.local_world_size) == (0, 1)
+    finally:
+        distributed.shutdown(info)
+
+
+def test_the_local_rank_comes_from_the_launcher_that_set_it():
+    from fsdptrain.dist.distributed import local_layout
+
+    assert local_layout({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}, 5, 8) == (1, 4)
+    assert local_layout({"SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4"}, 7, 8) == (3, 4)
+    assert local_layout({"OMPI_COMM_WORLD_LOCAL_RANK": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 10, 16) == (2, 8)
+    # torchrun under srun (launch/slurm.sbatch: one torchrun per node, SLURM_LOCALID 0 for all its workers)
+    assert local_layout({"LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8", "SLURM_LOCALID": "0",
+                         "SLURM_NTASKS_PER_NODE": "1"}, 13, 16) == (5, 8)
+    assert local_layout({}, 0, 1) == (0, 1)  # one process: nothing to place
+
+
+def test_a_launch_without_a_local_rank_is_refused_in_one_line():
+    import pytest
+
+    from fsdptrain.core.errors import LaunchError
+    from fsdptrain.dist.distributed import local_layout
+
+    with pytest.raises(LaunchError) as e:
+        local_layout({}, 3, 8)
+    assert str(e.value) == (
+        "RANK=3 WORLD_SIZE=8 are set but not LOCAL_RANK (nor SLURM_LOCALID or OMPI_COMM_WORLD_LOCAL_RANK), so every "
+        "process would use the same device; set LOCAL_RANK and LOCAL_WORLD_SIZE for each process, or launch with "
+        "torchrun (launch/torchrun.sh)")
+    with pytest.raises(LaunchError, match=r"^SLURM_LOCALID=1 is set but SLURM_NTASKS_PER_NODE is not; set "):
+        local_layout({"SLURM_LOCALID": "1"}, 1, 8)
+    with pytest.raises(LaunchError, match=r"^LOCAL_RANK=4, LOCAL_WORLD_SIZE=4 with WORLD_SIZE=8: need 0 <= "):
+        local_layout({"LOCAL_RANK": "4", "LOCAL_WORLD_SIZE": "4"}, 4, 8)
+    with pytest.raises(LaunchError, match=r"^environment variable SLURM_LOCALID='x' is not an integer$"):
+        local_layout({"SLURM_LOCALID": "x", "SLURM_NTASKS_PER_NODE": "2"}, 0, 2)
+
+
+def test_every_cuda_branch_sets_the_device_also_in_an_existing_group(monkeypatch):
+    import torch.distributed as dist
+
+    from fsdptrain.dist import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # made by someone else
+    try:
+        info = distributed.init("cuda")
+        assert chosen == [0] and info.device == torch.device("cuda", 0) and not info.owns_group
+    finally:
+        dist.destroy_process_group()
