@@ -185,3 +185,65 @@ def test_every_cuda_branch_sets_the_device_also_in_an_existing_group(monkeypatch
         assert chosen == [0] and info.device == torch.device("cuda", 0) and not info.owns_group
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the optimizer on the CPU
+
+
+def test_cpu_offload_runs_fused_adamw_and_cpu_runs_keep_foreach():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.train.optim import adamw_fused, build_optimizer
+
+    assert adamw_fused("cuda") and not adamw_fused("cpu")  # CUDA: GPU parameters and cpu_offload's CPU ones
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:  # what cpu_offload's optimizer sees: DTensors with CPU local shards; the fused CPU kernel takes them
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        w, g = torch.randn(8, 4), torch.randn(8, 4)
+        models = [nn.Linear(4, 8, bias=False) for _ in range(2)]
+        for m in models:
+            m.weight = nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
+            m.weight.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        fused, foreach = (build_optimizer(m, load_config(None, []).train, fused=f) for m, f in zip(models, (1, 0)))
+        assert fused.defaults["fused"] and foreach.defaults["foreach"] and not foreach.defaults["fused"]
+        fused.step()
+        foreach.step()
+        assert torch.allclose(models[0].weight.full_tensor(), models[1].weight.full_tensor(), atol=1e-7)
+        assert fused.state[models[0].weight]["step"].device.type == "cpu"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_optimizer_on_the_cpu_gets_its_share_of_the_cpus_unless_the_user_chose():
+    from fsdptrain.train.optim import OMP_UNSET_MARKER, cpu_optimizer_threads
+
+    torchrun = {"TORCHELASTIC_RUN_ID": "r1"}
+    assert cpu_optimizer_threads({}, 64, 8) == 8
+    assert cpu_optimizer_threads({**torchrun, "OMP_NUM_THREADS": "1"}, 64, 8) == 8  # torchrun's own default
+    assert cpu_optimizer_threads({**torchrun, "OMP_NUM_THREADS": "1", OMP_UNSET_MARKER: "1"}, 64, 8) == 8
+    # the user's 1, recorded by fsdptrain's launcher before torchrun set it
+    assert cpu_optimizer_threads({**torchrun, "OMP_NUM_THREADS": "1", OMP_UNSET_MARKER: "0"}, 64, 8) is None
+    assert cpu_optimizer_threads({**torchrun, "OMP_NUM_THREADS": "4"}, 64, 8) is None
+    assert cpu_optimizer_threads({"OMP_NUM_THREADS": "1"}, 64, 8) is None  # no torchrun: the user's
+    assert cpu_optimizer_threads({**torchrun, "OMP_NUM_THREADS": "1"}, 64, 1) is None  # torchrun sets none for 1
+    assert cpu_optimizer_threads({}, 4, 8) == 1 and cpu_optimizer_threads({}, 2, 1) == 2
+
+
+def test_the_launcher_records_whether_the_user_set_omp_num_threads(monkeypatch):
+    from fsdptrain import launch
+
+    seen = []
+    monkeypatch.setattr(launch.os, "execvpe", lambda cmd0, cmd, env: seen.append(env))
+    monkeypatch.setattr(launch.signal, "signal", lambda *a: None)
+    monkeypatch.setenv("FSDPTRAIN_SKIP_PREFLIGHT", "1")
+    for key in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "NPROC_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert launch.main(["train.max_steps=1"]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert launch.main(["train.max_steps=1"]) == 0
+    assert [env["FSDPTRAIN_OMP_NUM_THREADS_UNSET"] for env in seen] == ["1", "0"]
