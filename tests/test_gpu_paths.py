@@ -247,3 +247,51 @@ def test_the_launcher_records_whether_the_user_set_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert launch.main(["train.max_steps=1"]) == 0
     assert [env["FSDPTRAIN_OMP_NUM_THREADS_UNSET"] for env in seen] == ["1", "0"]
+
+
+# ----------------------------------------------------------------------------- buffers of an offloaded model
+
+
+def test_cpu_offload_puts_the_buffers_on_the_compute_device(monkeypatch):
+    # FSDP2 keeps offloaded shards on the CPU and moves no buffers; the compute device is CUDA in a real run, the
+    # meta device here (a stand-in nothing else uses), so where each buffer ended up is visible on a CPU machine
+    import dataclasses
+    import json
+
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.dist import distributed
+    from fsdptrain.dist.mesh import build_mesh
+    from fsdptrain.model import models
+    from fsdptrain.train import parallelize
+    from fsdptrain.train.build import build_sharded_model
+    from tests.helpers import FAMILIES
+
+    monkeypatch.setattr(parallelize, "CPUOffloadPolicy", lambda pin_memory: CPUOffloadPolicy(pin_memory=False))
+    cfg = load_config(None, [f"model.hf_config={json.dumps(FAMILIES['deepseek_v3'])}", "model.random_init=true",
+                             "parallel.cpu_offload=true", "model.attn_implementation=eager"])
+    info = distributed.init("cpu")
+    try:
+        hf = models.load_hf_config(None, cfg.model.hf_config, 256, False)
+        mesh = build_mesh(info, cfg.parallel)
+        built = build_sharded_model(cfg, dataclasses.replace(info, device=torch.device("meta")), hf, mesh=mesh,
+                                    fill=False)
+        buffers = dict(built.model.named_buffers())
+        assert any(n.endswith("e_score_correction_bias") for n in buffers) and any("inv_freq" in n for n in buffers)
+        assert {n: b.device.type for n, b in buffers.items()} == dict.fromkeys(buffers, "meta")
+        assert {p.to_local().device.type for p in built.model.parameters()} == {"cpu"}  # the shards stay offloaded
+    finally:
+        distributed.shutdown(info)
+
+
+def test_moving_buffers_keeps_a_shared_buffer_shared():
+    from fsdptrain.model.models import move_buffers
+
+    a, b = nn.Module(), nn.Module()
+    shared = torch.arange(3.0)
+    a.register_buffer("x", shared)
+    b.register_buffer("x", shared)
+    root = nn.Sequential(a, b)
+    move_buffers(root, torch.device("meta"))
+    assert a.x.device.type == "meta" and a.x is b.x

@@ -80,8 +80,10 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
     if not fill:
         model.to_empty(device=device)
         models.restore_buffers(model)
-        return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)
-    models.materialize(model, device, cfg.seed, weights, init_device=info.device, skip=frozenset(ft.new_params))
-    if ft.lora_modules:
-        finetune.init_adapters(model, ft, cfg.seed)
+    else:
+        models.materialize(model, device, cfg.seed, weights, init_device=info.device, skip=frozenset(ft.new_params))
+        if ft.lora_modules:
+            finetune.init_adapters(model, ft, cfg.seed)
+    if plan.offload:  # FSDP2 keeps the offloaded shards on the CPU and moves no buffers: they go where compute runs
+        models.move_buffers(model, info.device)
     return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)
