@@ -295,3 +295,100 @@ def test_moving_buffers_keeps_a_shared_buffer_shared():
     root = nn.Sequential(a, b)
     move_buffers(root, torch.device("meta"))
     assert a.x.device.type == "meta" and a.x is b.x
+
+
+# ----------------------------------------------------------------------------- smaller items
+
+
+def test_ranks_waiting_for_the_data_wait_on_the_store_and_end_in_one_line(tmp_path, monkeypatch):
+    # the waiting ranks used an NCCL all_gather_object: past the process-group timeout NCCL's watchdog aborted
+    # them without a word. Here rank 1 (local rank 1) waits for a rank 0 that never answers (a stand-in second
+    # rank: the group has one process, its size is patched to 2)
+    import pytest
+    import torch.distributed as dist
+
+    from fsdptrain.core.errors import UserError
+    from fsdptrain.data import cache
+    from fsdptrain.dist import distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert distributed.exchange_by_store("only", 1.0, lambda r: "late") == ["only"]
+        monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda *a: 1)
+        with pytest.raises(UserError) as e:
+            cache.prepare([], None, None, tmp_path / "c", 1, 1, False, lambda m: None, wait_minutes=0.01)
+        assert str(e.value) == (
+            f"data: rank(s) [0] (local rank 0 of their node) still tokenising after 0.01 minutes "
+            f"(parallel.timeout_minutes); fill the cache {tmp_path / 'c'} before launching (`fsdptrain data CONFIG` "
+            "on each node, or once when data.cache_dir is shared) or raise parallel.timeout_minutes")
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+
+
+def test_mfu_peaks_of_the_h100_and_h200_variants():
+    from fsdptrain.run.metrics import peak_for_name
+
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == 989.0  # SXM
+    assert peak_for_name("NVIDIA H100 PCIe") == 756.0
+    assert peak_for_name("NVIDIA H100 NVL") == 835.0
+    assert peak_for_name("NVIDIA H200") == 989.0 and peak_for_name("NVIDIA H200 NVL") == 835.0
+    assert peak_for_name("NVIDIA A100-SXM4-80GB") == 312.0 and peak_for_name("Tesla T4") is None
+
+
+def test_fp32_on_cuda_uses_tf32_matmuls_and_cpu_runs_do_not(monkeypatch):
+    from fsdptrain.dist.plan import matmul_tf32
+    from fsdptrain.train.build import use_matmul_precision
+
+    assert matmul_tf32("fp32", "cuda") and not matmul_tf32("bf16-mixed", "cuda") and not matmul_tf32("fp32", "cpu")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    use_matmul_precision("fp32", "cpu")
+    assert not torch.backends.cuda.matmul.allow_tf32
+    use_matmul_precision("fp32", "cuda")
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # CPU matmuls untouched
+
+
+def test_reduce_dtype_bf16_is_offered_for_bf16_compute_and_refused_for_fp32():
+    import pytest
+
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.errors import ConfigError
+    from fsdptrain.dist.plan import check_device_support
+    from fsdptrain.train.parallelize import mixed_precision_policy
+
+    assert load_config(None, []).parallel.reduce_dtype == "fp32"
+    assert mixed_precision_policy("bf16-mixed").reduce_dtype == torch.float32
+    assert mixed_precision_policy("bf16-mixed", "bf16").reduce_dtype == torch.bfloat16
+    assert mixed_precision_policy("bf16-pure", "bf16").param_dtype == torch.bfloat16
+    check_device_support(load_config(None, ["parallel.reduce_dtype=bf16"]).parallel, "cuda")  # auto: bf16-mixed
+    with pytest.raises(ConfigError) as e:
+        check_device_support(load_config(None, ["parallel.reduce_dtype=bf16"]).parallel, "cpu")
+    assert str(e.value) == ("parallel.reduce_dtype: bf16 needs bf16 compute, but precision auto is fp32 on cpu; set "
+                            "parallel.reduce_dtype=fp32 or parallel.precision=bf16-mixed")
+    with pytest.raises(ConfigError, match="parallel.reduce_dtype: 'fp16' is not allowed; choose one of fp32, bf16$"):
+        load_config(None, ["parallel.reduce_dtype=fp16"])
+
+
+def test_estimated_reduce_scatter_input_follows_reduce_dtype():
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.units import GIB
+    from fsdptrain.memory import estimate
+
+    cfg = load_config(None, ["parallel.precision=bf16-mixed"])
+    shape = estimate.shape_from_config(cfg)
+    fp32 = estimate.estimate(cfg, 1, 2, 80 * GIB, shape=shape).terms["unit gradient + reduce-scatter input"]
+    bf16 = estimate.estimate(load_config(None, ["parallel.precision=bf16-mixed", "parallel.reduce_dtype=bf16"]),
+                             1, 2, 80 * GIB, shape=shape).terms["unit gradient + reduce-scatter input"]
+    assert fp32 * 4 == bf16 * 6  # (2 + 4) vs (2 + 2) bytes per element of the largest unit
+
+
+def test_compiled_blocks_get_a_recompile_limit_of_32(monkeypatch):
+    import torch._dynamo
+
+    from fsdptrain.train.parallelize import compile_blocks
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    compile_blocks([nn.Linear(2, 2)], "eager")
+    assert torch._dynamo.config.recompile_limit == 32

@@ -272,6 +272,31 @@ def all_gather_rows(t: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+_exchanges = 0  # exchanges through the store made by this process (every rank makes the same ones, in order)
+
+
+def exchange_by_store(value: str, wait_s: float, late: Callable[[list[int]], str], poll_s: float = 0.5) -> list[str]:
+    """Every rank's `value`, by rank, exchanged through the rendezvous store instead of a collective. For waits
+    that can be long (one rank per node tokenising the data): ranks blocked in an NCCL collective are aborted by
+    NCCL's watchdog past the process-group timeout, without a word; here the waiting ranks poll the store (one
+    counter read per poll) and, after `wait_s` seconds without every answer, stop with UserError(late(ranks that
+    have not answered)). A rank that fails meanwhile stops the others through PeerStop, as elsewhere."""
+    global _exchanges
+    _exchanges += 1
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"fsdptrain/exchange/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_exchanges}"
+    world = dist.get_world_size()
+    store.set(f"{prefix}/{dist.get_rank()}", value)
+    store.add(f"{prefix}/count", 1)
+    deadline = time.monotonic() + wait_s
+    keys = [f"{prefix}/{r}" for r in range(world)]
+    while store.add(f"{prefix}/count", 0) < world:
+        if time.monotonic() > deadline:
+            raise UserError(late([r for r, k in enumerate(keys) if not store.check([k])]))
+        time.sleep(poll_s)
+    return [v.decode() for v in store.multi_get(keys)]
+
+
 def on_rank0(fn: Callable[[], object]) -> object:
     """Run a check on rank 0 alone; a UserError it raises is raised on every rank (collective), so all ranks
     stop with the same one line. Returns fn's result on rank 0, None elsewhere."""

@@ -460,8 +460,9 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     # unsharded root gradient, held until the root's reduce-scatter at the end
     lm_head_grad = 0 if m.lm_head_frozen else c * m.lm_head_numel
     grad_units = trainable_units(m)
-    # a block's unsharded grad + fp32 reduce-scatter input (its trainable parameters only)
-    unit_grad = (c + 4) * max((unit_numel(u, W) for u in grad_units[:-1]), default=0)
+    # a block's unsharded grad + reduce-scatter input (its trainable parameters only), fp32 unless reduce_dtype bf16
+    rs = 2 if c == 2 and p.reduce_dtype == "bf16" else 4
+    unit_grad = (c + rs) * max((unit_numel(u, W) for u in grad_units[:-1]), default=0)
     no_sync = t.grad_accum_steps > 1 and not p.sync_grads_every_micro_step
     accum = 4 * sum(unit_numel(u, W) for u in grad_units) if no_sync else 0
     params_gpu = 0 if p.cpu_offload else st.params
@@ -479,7 +480,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "activations (saved for backward)": acts,
         "recompute of one block (checkpointing)": recompute,
         "backward working set (one block)": bw_block,
-        "unit gradient + fp32 reduce-scatter input": unit_grad,
+        "unit gradient + reduce-scatter input": unit_grad,
         "fp32 gradient accumulation (no sync)": accum,
         "logits + loss (forward)": logits_fwd,
         "logits + loss (backward)": logits_bwd,
@@ -497,7 +498,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "backward (lm_head)": fwd + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
         **block_backward_phases(m, s, rank, st, kept_bytes, saved, tokens,
                                 base + root_buf + lm_head_grad + c * two_blocks + c * max(block_un, default=0)),
-        "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * unit_numel(grad_units[-1], W),
+        "backward (root reduce)": base + grads_gpu + root_buf + (c + rs) * unit_numel(grad_units[-1], W),
         "optimizer": base + grads_gpu,
     }
     peak_phase = max(phases, key=phases.get)
