@@ -392,3 +392,26 @@ def test_compiled_blocks_get_a_recompile_limit_of_32(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     compile_blocks([nn.Linear(2, 2)], "eager")
     assert torch._dynamo.config.recompile_limit == 32
+
+
+def test_two_ranks_wait_for_the_data_on_the_store(tmp_path):
+    import json
+    import re
+
+    from tests.helpers import torchrun
+
+    docs = "".join(json.dumps({"text": f"document {i} " * 5}) + "\n" for i in range(20))
+    (tmp_path / "docs.jsonl").write_text(docs)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"docs": {"file_name": "docs.jsonl",
+                                                                     "columns": {"prompt": "text"}}}))
+    proc = torchrun(2, ["-m", "tests.workers.data_wait", str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(x for x in proc.stdout.splitlines() if re.match(r"rank \d case \d: ", x))
+    first = [x.split(": ", 1)[1] for x in lines if " case 1: " in x]
+    assert len(first) == 2 and first[0] == first[1] and first[0].endswith("hit=False"), lines  # the same cache
+    late = [x for x in lines if x.startswith("rank 1 case 2: ")]
+    assert late == [f"rank 1 case 2: error: data: rank(s) [0] (local rank 0 of their node) still tokenising after "
+                    f"0.05 minutes (parallel.timeout_minutes); fill the cache {tmp_path / 'cache'} before launching "
+                    "(`fsdptrain data CONFIG` on each node, or once when data.cache_dir is shared) or raise "
+                    "parallel.timeout_minutes"], lines
+    assert any(x.startswith("rank 0 case 2: ") and x.endswith("hit=False") for x in lines), lines
