@@ -478,6 +478,9 @@ def main(argv: list[str]) -> int:
         log.error(str(e))
         return 2
     env.update(set_env)
+    # torchrun sets OMP_NUM_THREADS=1 in its workers when it is unset: whether the user chose it is known only
+    # here (train/optim.py gives an optimizer on the CPU its share of the node's CPUs unless the user chose)
+    env["FSDPTRAIN_OMP_NUM_THREADS_UNSET"] = "0" if env.get("OMP_NUM_THREADS", "") else "1"
     extra = shlex.split(env.get("TORCHRUN_EXTRA_ARGS", ""))
     cmd = torchrun_command(plan, argv, src if plan.multi_node else None, extra=extra)
     say("exec " + " ".join(f"{k}={v}" for k, v in set_env.items()) + (" " if set_env else "") + shlex.join(cmd))

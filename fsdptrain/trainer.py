@@ -53,7 +53,7 @@ from .run.metrics import RunLogger, peak_tflops
 from .run.sinks import open_sinks
 from .train.build import ShardedModel, build_sharded_model
 from .train.evaluate import EvalResult, eval_micro_batch, evaluate
-from .train.optim import build_optimizer, build_scheduler
+from .train.optim import adamw_fused, build_optimizer, build_scheduler, use_cpu_optimizer_threads
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -227,7 +227,12 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     model, plan = sharded.model, sharded.plan
     loss_head = install_chunked_loss(model, cfg.train.loss_chunk_tokens,
                                      cfg.parallel.compile_backend if cfg.parallel.compile else None)
-    optimizer = build_optimizer(model, cfg.train, fused=info.device_type == "cuda" and not plan.offload,
+    if info.device_type == "cuda" and (plan.offload or cfg.parallel.optimizer_offload):  # an optimizer on the CPU
+        threads = use_cpu_optimizer_threads(info.local_world_size)
+        log.info(f"optimizer: updates on the CPU with {threads} threads per rank (the node's CPUs shared by its "
+                 "ranks; OMP_NUM_THREADS chooses)" if threads else
+                 f"optimizer: updates on the CPU with OMP_NUM_THREADS={torch.get_num_threads()} threads per rank")
+    optimizer = build_optimizer(model, cfg.train, fused=adamw_fused(info.device_type),
                                 offload=cfg.parallel.optimizer_offload)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     ft = sharded.finetune

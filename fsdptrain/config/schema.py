@@ -185,6 +185,10 @@ class ParallelConfig:
     precision: str = opt("auto", "auto: bf16-mixed on CUDA, fp32 on CPU. bf16-mixed: bf16 params/compute, fp32 master "
                                  "weights and gradient reduction. bf16-pure: everything bf16.",
                                  choices=["auto", "bf16-mixed", "fp32", "bf16-pure"])
+    reduce_dtype: str = opt("fp32", "dtype of the gradient reduce-scatter (and all-reduce across replicas) under "
+                                    "bf16-mixed and bf16-pure: fp32 sums in full precision; bf16 halves the "
+                                    "gradient traffic (for communication-bound multi-node runs) at the cost of "
+                                    "bf16 rounding in the sum. Not with precision fp32.", choices=["fp32", "bf16"])
     reshard_after_forward: bool = opt(True, "Free gathered block weights after forward (ZeRO-3); false keeps them "
                                             "until backward (ZeRO-2-like, more memory, less traffic).")
     cpu_offload: bool = opt(False, "Keep sharded params, grads and optimizer state in CPU memory (FSDP2 "
@@ -304,7 +308,8 @@ class LoggingConfig:
     progress: str = opt("auto", "Rank-0 progress: bar (tqdm), lines (one line per log step), none; auto: bar on a "
                                 "terminal, lines otherwise.", choices=["auto", "bar", "lines", "none"])
     peak_tflops: Optional[float] = opt(None, "Per-device peak bf16 TFLOP/s for MFU; null: guess from the GPU name "
-                                             "(H100/H200 989, A100 312).", min=0)
+                                             "(H100/H200 SXM 989, H100/H200 NVL 835, H100 PCIe 756, "
+                                             "A100 312).", min=0)
 
 
 @dataclass

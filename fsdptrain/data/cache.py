@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..core.errors import UserError
 from ..core.files import reading
+from ..dist.distributed import exchange_by_store
 from . import formats, sources
 from .encode import (
     IGNORE,
@@ -274,10 +275,17 @@ def _first_targets(labels: Any) -> int:
     return int(pc.sum(pc.not_equal(firsts, IGNORE)).as_py() or 0)
 
 
+def _still_preparing(ranks: list[int], wait_minutes: float, cache_dir: Path) -> str:
+    return (f"data: rank(s) {ranks} (local rank 0 of their node) still tokenising after {wait_minutes:g} minutes "
+            f"(parallel.timeout_minutes); fill the cache {cache_dir} before launching (`fsdptrain data CONFIG` on each "
+            "node, or once when data.cache_dir is shared) or raise parallel.timeout_minutes")
+
+
 def prepare(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, cache_dir: Path, rank: int,
-            local_rank: int, overwrite: bool,
-            log: Callable[[str], None]) -> tuple[TokenizedExamples, TokenizeStats, list[dict], bool]:
-    """(examples, total stats, per-data-set stats, cache hit). Collective when a process group is up."""
+            local_rank: int, overwrite: bool, log: Callable[[str], None],
+            wait_minutes: float = 30.0) -> tuple[TokenizedExamples, TokenizeStats, list[dict], bool]:
+    """(examples, total stats, per-data-set stats, cache hit). Collective when a process group is up: local rank
+    0 of each node prepares, the others wait for it up to `wait_minutes` (parallel.timeout_minutes)."""
     key, error, hit, failure = None, None, False, None
     if local_rank == 0:
         try:
@@ -292,9 +300,10 @@ def prepare(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings
             error = str(e)
         except Exception as e:  # a bug: let the others stop too, then re-raise it here with its traceback
             error, failure = f"data preparation failed on rank {rank} ({type(e).__name__}: {e})", e
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (key, error, hit))
+    if dist.is_initialized() and dist.get_world_size() > 1:  # the store, not a collective: see exchange_by_store
+        answers = exchange_by_store(json.dumps([key, error, hit]), wait_minutes * 60,
+                                    lambda ranks: _still_preparing(ranks, wait_minutes, cache_dir))
+        gathered = [tuple(json.loads(a)) for a in answers]
     else:
         gathered = [(key, error, hit)]
     if failure is not None:

@@ -73,7 +73,7 @@ def tokenized(cfg: Config, tokenizer: PreTrainedTokenizerBase, datasets: list, r
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
         try:
             examples, st, per_set, hit = prepare(specs, tokenizer, settings, cache_dir, rank, local_rank,
-                                                 d.overwrite_cache, log)
+                                                 d.overwrite_cache, log, cfg.parallel.timeout_minutes)
         except UserError as e:
             if what == "data":
                 raise

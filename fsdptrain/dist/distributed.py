@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,27 +68,87 @@ def resolve_device_type(requested: str) -> str:
     return requested
 
 
+def process_group_backend(device_type: str) -> str:
+    """The backend of the default process group. CUDA: NCCL for CUDA tensors and gloo for CPU tensors in the same
+    group, because some collectives meet CPU tensors: with parallel.cpu_offload the sharded gradients are on
+    the CPU, so clip_grad_norm_'s norm and every full_tensor() (the norm, the export) all-reduce or all-gather
+    CPU tensors, which an NCCL-only group refuses ("No backend type associated with device type cpu"). torch
+    registers one backend per device type; device_id= still initialises NCCL eagerly, the device mesh's
+    subgroups split both (ProcessGroup::splitGroup splits every backend), and object collectives go through
+    gloo. CPU: gloo alone, as before."""
+    return "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
+
+
+# Where launchers put a process's place on its node: (local rank, processes on the node) per launcher.
+LOCAL_LAYOUT_VARIABLES = (("LOCAL_RANK", "LOCAL_WORLD_SIZE"),  # torchrun
+                          ("SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),  # srun (--ntasks-per-node)
+                          ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"))  # Open MPI's mpirun
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def local_layout(env: Mapping[str, str], rank: int, world: int) -> tuple[int, int]:
+    """(local rank, processes on this node) from the launcher's variables: torchrun's LOCAL_RANK and
+    LOCAL_WORLD_SIZE, else srun's SLURM_LOCALID and SLURM_NTASKS_PER_NODE, else mpirun's OMPI_COMM_WORLD_LOCAL_RANK
+    and _LOCAL_SIZE. Without any of them a multi-process launch is refused: every process would take device 0
+    (and the hybrid mesh, per-node data preparation and node counts would see one node)."""
+    for rank_var, size_var in LOCAL_LAYOUT_VARIABLES:
+        if env.get(rank_var, "") == "":
+            continue
+        local_rank = _int_var(env, rank_var)
+        if env.get(size_var, "") == "":
+            if world > 1:
+                raise LaunchError(f"{rank_var}={local_rank} is set but {size_var} is not; set {size_var} to the "
+                                  "number of processes on this node")
+            return local_rank, 1
+        local_world = _int_var(env, size_var)
+        if not 0 <= local_rank < local_world <= world:
+            raise LaunchError(f"{rank_var}={local_rank}, {size_var}={local_world} with WORLD_SIZE={world}: need "
+                              f"0 <= {rank_var} < {size_var} <= WORLD_SIZE; check the launch")
+        return local_rank, local_world
+    if world == 1:
+        return 0, 1
+    raise LaunchError(f"RANK={rank} WORLD_SIZE={world} are set but not LOCAL_RANK (nor SLURM_LOCALID or "
+                      "OMPI_COMM_WORLD_LOCAL_RANK), so every process would use the same device; set LOCAL_RANK "
+                      "and LOCAL_WORLD_SIZE for each process, or launch with torchrun (launch/torchrun.sh)")
+
+
+def use_device(device_type: str, local_rank: int) -> None:
+    """Make cuda:local_rank this process's current device (FSDP2 and NCCL take it from there); no-op on CPU."""
+    if device_type != "cuda":
+        return
+    if local_rank >= torch.cuda.device_count():
+        raise LaunchError(
+            f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
+            "lower --nproc-per-node or check CUDA_VISIBLE_DEVICES"
+        )
+    torch.cuda.set_device(local_rank)
+
+
 def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join (or create) the default process group and pick this rank's device."""
     device_type = resolve_device_type(device)
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = process_group_backend(device_type)
     timeout = datetime.timedelta(minutes=timeout_minutes)
 
     if dist.is_initialized():  # e.g. several runs in one launched test process
         rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = _env_int("LOCAL_RANK", 0)
-        local_world = _env_int("LOCAL_WORLD_SIZE", world)
+        local_rank, local_world = local_layout(os.environ, rank, world)
+        use_device(device_type, local_rank)
+        backend = str(dist.get_backend())
         owns = False
     elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
-        local_rank = _env_int("LOCAL_RANK", 0)
-        local_world = _env_int("LOCAL_WORLD_SIZE", world)
-        _join_launched_group(rank, world, local_rank, local_world, device_type, backend, timeout)
+        local_rank, local_world = _join_launched_group(rank, world, device_type, backend, timeout)
         owns = True
     else:  # plain `python -m fsdptrain train`: a one-process group, no network
         rank, world, local_rank, local_world = 0, 1, 0, 1
-        if device_type == "cuda":
-            torch.cuda.set_device(0)
+        use_device(device_type, 0)
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         owns = True
 
@@ -97,25 +157,26 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     return DistInfo(rank, local_rank, world, local_world, dev, backend, owns)
 
 
-def _join_launched_group(rank: int, world: int, local_rank: int, local_world: int, device_type: str, backend: str,
-                         timeout: datetime.timedelta) -> None:
+def _join_launched_group(rank: int, world: int, device_type: str, backend: str,
+                         timeout: datetime.timedelta) -> tuple[int, int]:
     """The process group of a launched job (torchrun, or RANK/WORLD_SIZE/MASTER_* from another launcher), and
-    this process's watch over its peers."""
+    this process's watch over its peers. Returns (local rank, processes on this node)."""
     global _peers
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
             raise LaunchError(f"{name} is not set; torchrun sets it (use torchrun, or export {name})")
-    if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise LaunchError(
-                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
-                "lower --nproc-per-node or check CUDA_VISIBLE_DEVICES"
-            )
-        torch.cuda.set_device(local_rank)
+    try:
+        layout, unknown = local_layout(os.environ, rank, world), None
+    except LaunchError as e:  # said after the peers are found: variables left in the shell get their own line
+        layout, unknown = (0, 1), e
     try:
         store = fresh_store(rank, world, timeout)  # None unless torchrun's agent store (stale keys after a restart)
         if store is None and world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
             store = _store_without_agent(rank, world, timeout)
+        if unknown is not None:
+            raise unknown
+        local_rank = layout[0]
+        use_device(device_type, local_rank)
         dist.init_process_group(
             backend=backend,
             init_method=None if store is not None else "env://",
@@ -136,9 +197,19 @@ def _join_launched_group(rank: int, world: int, local_rank: int, local_world: in
     _peers = PeerStop(rank, world)
     _peers.start_watching()  # heartbeats, a gone store, a peer that failed
     # One line per rank, so each node's log shows which ranks it runs (multi-node debugging).
-    log.rank_line(f"fsdptrain: rank {rank}/{world} (local rank {local_rank}/{local_world}, node "
-                  f"{os.environ.get('GROUP_RANK', '?')}) on host {socket.gethostname()} joined "
+    log.rank_line(f"fsdptrain: rank {rank}/{world} (local rank {local_rank}/{layout[1]}, node "
+                  f"{node_index(rank, layout[1])}) on host {socket.gethostname()} joined "
                   f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+    return layout
+
+
+def node_index(rank: int, local_world: int) -> int:
+    """This process's node: torchrun's GROUP_RANK, srun's SLURM_NODEID, else rank // processes per node (ranks
+    numbered node by node)."""
+    for name in ("GROUP_RANK", "SLURM_NODEID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return rank // max(1, local_world)
 
 
 def shutdown(info: DistInfo) -> None:
@@ -199,6 +270,31 @@ def all_gather_rows(t: torch.Tensor, world_size: int) -> torch.Tensor:
     out = [torch.empty_like(t) for _ in range(world_size)]
     dist.all_gather(out, t)
     return torch.stack(out)
+
+
+_exchanges = 0  # exchanges through the store made by this process (every rank makes the same ones, in order)
+
+
+def exchange_by_store(value: str, wait_s: float, late: Callable[[list[int]], str], poll_s: float = 0.5) -> list[str]:
+    """Every rank's `value`, by rank, exchanged through the rendezvous store instead of a collective. For waits
+    that can be long (one rank per node tokenising the data): ranks blocked in an NCCL collective are aborted by
+    NCCL's watchdog past the process-group timeout, without a word; here the waiting ranks poll the store (one
+    counter read per poll) and, after `wait_s` seconds without every answer, stop with UserError(late(ranks that
+    have not answered)). A rank that fails meanwhile stops the others through PeerStop, as elsewhere."""
+    global _exchanges
+    _exchanges += 1
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"fsdptrain/exchange/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_exchanges}"
+    world = dist.get_world_size()
+    store.set(f"{prefix}/{dist.get_rank()}", value)
+    store.add(f"{prefix}/count", 1)
+    deadline = time.monotonic() + wait_s
+    keys = [f"{prefix}/{r}" for r in range(world)]
+    while store.add(f"{prefix}/count", 0) < world:
+        if time.monotonic() > deadline:
+            raise UserError(late([r for r, k in enumerate(keys) if not store.check([k])]))
+        time.sleep(poll_s)
+    return [v.decode() for v in store.multi_get(keys)]
 
 
 def on_rank0(fn: Callable[[], object]) -> object:

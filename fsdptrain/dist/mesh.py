@@ -14,13 +14,11 @@ trainer's loss scaling (world_size / global target tokens) holds for both.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config.schema import ParallelConfig
-from .distributed import DistInfo, all_gather_rows
+from .distributed import DistInfo, all_gather_rows, node_index
 from ..core.errors import ConfigError, LaunchError
 
 
@@ -59,7 +57,7 @@ def build_mesh(info: DistInfo, pcfg: ParallelConfig) -> DeviceMesh:
     group = pcfg.shard_group_size
     if group is None:  # one shard group per node, checked against where the ranks really run
         group = info.local_world_size
-        node = int(os.environ.get("GROUP_RANK", info.rank // max(1, group)))
+        node = node_index(info.rank, group)
         nodes = all_gather_rows(torch.tensor([node], dtype=torch.int64, device=info.device), info.world_size)
         check_node_layout(nodes.flatten().tolist(), group)
     shape = hybrid_shape(info.world_size, group)

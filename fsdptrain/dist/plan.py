@@ -15,6 +15,13 @@ from ..config.schema import Config, ParallelConfig
 from ..core.errors import ConfigError
 
 
+def matmul_tf32(precision: str, device_type: str) -> bool:
+    """Whether fp32 matmuls use TF32 tensor cores: on CUDA with precision fp32 (about 8x the fp32 matmul rate on
+    H100; inputs rounded to a 10-bit mantissa, fp32 accumulation). cuBLAS honours NVIDIA_TF32_OVERRIDE=0 to turn
+    it off. CPU runs are unchanged."""
+    return device_type == "cuda" and precision == "fp32"
+
+
 def resolve_precision(precision: str, device_type: str) -> str:
     if precision == "auto":
         return "bf16-mixed" if device_type == "cuda" else "fp32"
@@ -48,6 +55,9 @@ def check_device_support(pcfg: ParallelConfig, device_type: str) -> None:
             "parallel.cpu_offload: true needs CUDA GPUs (FSDP2 offload pins host memory for GPU copies); "
             "this run is on CPU, so set parallel.cpu_offload=false"
         )
+    if pcfg.reduce_dtype == "bf16" and resolve_precision(pcfg.precision, device_type) == "fp32":
+        raise ConfigError(f"parallel.reduce_dtype: bf16 needs bf16 compute, but precision {pcfg.precision} is fp32 "
+                          f"on {device_type}; set parallel.reduce_dtype=fp32 or parallel.precision=bf16-mixed")
     if pcfg.activation_checkpointing == "auto" and device_type != "cuda" and pcfg.memory_budget_gib <= 0:
         raise ConfigError("parallel.memory_budget_gib: activation_checkpointing=auto on CPU needs a budget; "
                           "set parallel.memory_budget_gib (GiB) or choose another activation_checkpointing")

@@ -49,6 +49,7 @@ from ..config.schema import Config
 from ..core.errors import UserError
 from ..core.units import GIB, format_bytes
 from ..dist.plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
+from ..train.staging import staging_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -459,8 +460,9 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     # unsharded root gradient, held until the root's reduce-scatter at the end
     lm_head_grad = 0 if m.lm_head_frozen else c * m.lm_head_numel
     grad_units = trainable_units(m)
-    # a block's unsharded grad + fp32 reduce-scatter input (its trainable parameters only)
-    unit_grad = (c + 4) * max((unit_numel(u, W) for u in grad_units[:-1]), default=0)
+    # a block's unsharded grad + reduce-scatter input (its trainable parameters only), fp32 unless reduce_dtype bf16
+    rs = 2 if c == 2 and p.reduce_dtype == "bf16" else 4
+    unit_grad = (c + rs) * max((unit_numel(u, W) for u in grad_units[:-1]), default=0)
     no_sync = t.grad_accum_steps > 1 and not p.sync_grads_every_micro_step
     accum = 4 * sum(unit_numel(u, W) for u in grad_units) if no_sync else 0
     params_gpu = 0 if p.cpu_offload else st.params
@@ -478,7 +480,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "activations (saved for backward)": acts,
         "recompute of one block (checkpointing)": recompute,
         "backward working set (one block)": bw_block,
-        "unit gradient + fp32 reduce-scatter input": unit_grad,
+        "unit gradient + reduce-scatter input": unit_grad,
         "fp32 gradient accumulation (no sync)": accum,
         "logits + loss (forward)": logits_fwd,
         "logits + loss (backward)": logits_bwd,
@@ -496,21 +498,34 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "backward (lm_head)": fwd + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
         **block_backward_phases(m, s, rank, st, kept_bytes, saved, tokens,
                                 base + root_buf + lm_head_grad + c * two_blocks + c * max(block_un, default=0)),
-        "backward (root reduce)": base + grads_gpu + root_buf + (c + 4) * unit_numel(grad_units[-1], W),
+        "backward (root reduce)": base + grads_gpu + root_buf + (c + rs) * unit_numel(grad_units[-1], W),
         "optimizer": base + grads_gpu,
     }
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     cpu_rank = 0
     if p.cpu_offload:
-        cpu_rank = st.total + st.trained_local * pb  # + AdamW foreach's sqrt(v) temporary on CPU
-    elif p.optimizer_offload:
-        cpu_rank = st.optimizer + 2 * st.trained_local * pb  # state + persistent host buffers (gradient, shard)
+        cpu_rank = st.total  # fused CPU AdamW: no full-size temporary
+    elif p.optimizer_offload:  # state + the persistent host buffers (gradient, shard), pinned on CUDA
+        cpu_rank = st.optimizer + offload_staging_bytes(m, W, rank, s.facts.device_type == "cuda")
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.facts.gpu_memory
     if cpu_rank and s.facts.cpu_memory is not None:
         fits = fits and cpu_rank * s.facts.gpus_per_node <= s.facts.cpu_memory
     return Estimate(settings=s, shape=m, state=st, terms=terms, phases=phases, peak=peak, peak_phase=peak_phase,
                     cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.facts.gpus_per_node, fits=fits)
+
+
+def offload_staging_bytes(m: ModelShape, world: int, rank: int, pinned: bool) -> int:
+    """Host bytes of optimizer_offload's staging buffers on `rank`: per parameter group (weights with decay, 1-D
+    tensors without) one flat fp32 gradient and one shard buffer per 64 MiB chunk, each rounded up to a power
+    of two by CUDA's pinned allocator (train.optim_offload). Parameters in the units' order: the root's come
+    last here and first in the model, which moves a few chunk boundaries, not the total much."""
+    groups: dict[bool, list[int]] = {True: [], False: []}
+    for unit in trainable_units(m):
+        for shape in unit:
+            rows = shard_rows(shape[0], world, rank)[0] if shape else 1
+            groups[len(shape) >= 2].append(rows * math.prod(shape[1:]))
+    return sum(staging_bytes(numels, pinned) for numels in groups.values())
 
 
 def block_backward_phases(m: ModelShape, s: Settings, rank: int, st: ModelState, kept_bytes: list[int],
@@ -650,8 +665,8 @@ def render(est: Estimate) -> str:
                    f"fragmentation and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about "
                    f"{format_bytes(need)} of {format_bytes(s.facts.gpu_memory)}")]
     if est.cpu_per_rank:
-        what = ("sharded params, grads, AdamW state and the step's temporary" if s.cfg.parallel.cpu_offload
-                else "AdamW state and host copies of the gradient and parameter shards")
+        what = ("sharded params, grads and AdamW state" if s.cfg.parallel.cpu_offload
+                else "AdamW state and the pinned staging of the gradient and parameter shards")
         cpu = (f"CPU (offload): {format_bytes(est.cpu_per_rank)} per rank, {format_bytes(est.cpu_per_node)} "
                f"per node ({what})")
         if s.facts.cpu_memory is not None:

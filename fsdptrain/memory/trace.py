@@ -252,7 +252,7 @@ TERM_CATEGORY = {
     "all-gather: current + prefetched block": "parameters (gathered)",
     "all-gather: every block (no reshard)": "parameters (gathered)",
     "activations (saved for backward)": "activations",
-    "unit gradient + fp32 reduce-scatter input": "gradients (unsharded)",
+    "unit gradient + reduce-scatter input": "gradients (unsharded)",
     "fp32 gradient accumulation (no sync)": "gradients (unsharded)",
 }
 EXACT = ("parameters (sharded)", "gradients (sharded)", "optimizer state")

@@ -431,6 +431,19 @@ def load_buffers(buffers: dict[str, torch.Tensor], sources: dict, shapes: dict[s
                  f"the model's initial values: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
+@torch.no_grad()
+def move_buffers(model: nn.Module, device: torch.device) -> None:
+    """Every buffer to `device` (a buffer shared by several modules stays one tensor). FSDP2 moves parameters
+    only: with parallel.cpu_offload the model is materialised on the CPU, and its buffers must still be where
+    the compute runs (DeepSeek-V3's router adds e_score_correction_bias to CUDA scores; RoPE's inv_freq would
+    be copied to the GPU in every forward)."""
+    moved: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for attr, b in mod._buffers.items():
+            if b is not None and b.device != device:
+                mod._buffers[attr] = moved.setdefault(id(b), b.to(device))
+
+
 def materialize(model: nn.Module, device: torch.device, seed: int, weights_from: Optional[str],
                 init_device: Optional[torch.device] = None, skip: frozenset[str] = frozenset()) -> None:
     """Allocate local shards on `device` and fill them (pretrained, or random init computed on `init_device`,

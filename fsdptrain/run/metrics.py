@@ -17,9 +17,16 @@ import torch
 from ..core import log
 from .sinks import Sinks, TensorBoardSink
 
-# Dense bf16 peak TFLOP/s per device, by name fragment (first match wins).
-PEAK_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
+# Dense bf16 peak TFLOP/s per device, by name fragment (first match wins: the PCIe and NVL parts of a family
+# before its SXM part, whose name, e.g. "NVIDIA H100 80GB HBM3", has no suffix).
+PEAK_TFLOPS = [("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+               ("H800 PCIe", 756.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
                ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0), ("V100", 125.0)]
+
+
+def peak_for_name(name: str) -> Optional[float]:
+    """The dense bf16 peak of a CUDA device by its name (torch.cuda.get_device_name); None when unknown."""
+    return next((v for k, v in PEAK_TFLOPS if k in name), None)
 
 
 def peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[float]:
@@ -27,8 +34,7 @@ def peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[f
         return configured
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS if k in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 class RunLogger:

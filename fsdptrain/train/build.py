@@ -20,7 +20,7 @@ from ..config.schema import Config
 from ..core import log
 from ..dist.distributed import DistInfo
 from ..dist.mesh import build_mesh, describe
-from ..dist.plan import resolve_precision
+from ..dist.plan import matmul_tf32, resolve_precision
 from ..memory.estimate import plan_auto_checkpointing
 from ..model import families, finetune, models
 from .parallelize import ParallelPlan, apply_fsdp
@@ -48,6 +48,13 @@ class ShardedModel:
                 f"mesh {describe(self.mesh)}, weights {source}")
 
 
+def use_matmul_precision(precision: str, device_type: str) -> None:
+    """TF32 tensor cores for fp32 matmuls on CUDA (plan.matmul_tf32). Through torch.backends.cuda only: the
+    global set_float32_matmul_precision would also switch oneDNN's CPU matmuls."""
+    if matmul_tf32(precision, device_type):
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig,
                         weights: Optional[str] = None, mesh: Optional[DeviceMesh] = None,
                         fill: bool = True) -> ShardedModel:
@@ -62,6 +69,7 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
     if weights is None and cfg.model.path is not None and not cfg.model.random_init:
         weights = cfg.model.path
     precision = resolve_precision(cfg.parallel.precision, info.device_type)
+    use_matmul_precision(precision, info.device_type)
     model = models.build_meta_model(hf_config, cfg.model.attn_implementation, models.DTYPES[precision],
                                     cfg.model.trust_remote_code)
     n_params = models.count_params(model)
@@ -81,8 +89,10 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
     if not fill:
         model.to_empty(device=device)
         models.restore_buffers(model)
-        return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)
-    models.materialize(model, device, cfg.seed, weights, init_device=info.device, skip=frozenset(ft.new_params))
-    if ft.lora_modules:
-        finetune.init_adapters(model, ft, cfg.seed)
+    else:
+        models.materialize(model, device, cfg.seed, weights, init_device=info.device, skip=frozenset(ft.new_params))
+        if ft.lora_modules:
+            finetune.init_adapters(model, ft, cfg.seed)
+    if plan.offload:  # FSDP2 keeps the offloaded shards on the CPU and moves no buffers: they go where compute runs
+        models.move_buffers(model, info.device)
     return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)

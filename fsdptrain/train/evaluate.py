@@ -52,6 +52,13 @@ def eval_micro_batch(cfg: Config) -> int:
     return cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size
 
 
+def batch_to_device(b: dict, device: torch.device) -> dict:
+    """A collated batch's tensors on `device`. On CUDA through pinned memory: a non_blocking copy from pageable
+    memory is a synchronous one (training batches come pinned from the DataLoader; eval batches are collated here)."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
+
+
 def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int, device: torch.device,
              world_size: int, rank: int, micro_batch: int, max_batches: int = 0,
              head: Optional[ChunkedLossHead] = None, flatten: bool = False,
@@ -68,7 +75,7 @@ def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int,
         try:
             for i, rows in enumerate(rank_eval_batches(examples, n, world_size, rank, micro_batch, pad_id)):
                 b = collate(rows, pad_id, flatten=flatten)
-                batch = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
+                batch = batch_to_device(b, device)
                 sums[0] += objective.loss(model, batch, head, False).loss.double()
                 sums[1] += objective.units(b)
                 if on_batch is not None:

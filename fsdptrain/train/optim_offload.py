@@ -13,18 +13,62 @@ the CPU update: all device-to-host copies are issued at once, each chunk is
 updated as soon as its copies land, and its host-to-device copy runs while the
 next chunk updates. GPU memory saved: the whole optimizer state.
 
+Host staging: each chunk has two flat fp32 buffers (gradients, parameter
+shards), and every parameter's staging copies are views into them
+(`staging_chunks` fixes the layout once per parameter group). One allocation
+per chunk and buffer, not per parameter: CUDA's caching host allocator rounds
+every pinned request up to a power of two, which per parameter cost up to 2x
+the planned 8 bytes per parameter; per chunk the rounding is paid once
+(train/staging.py, also what the memory estimator counts).
+
 The state is kept as DTensors with CPU local tensors and the parameters'
 placements, so torch.distributed.checkpoint saves and reshards it exactly like
-a regular AdamW's state.
+a regular AdamW's state. Loading puts it back on the CPU in fp32
+(`load_state_dict`), whatever device and dtype the parameters have.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Optional
 
 import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw
 
 from ..model.models import local_tensor
+from . import staging
+
+
+@dataclass
+class StagingChunk:
+    """One chunk of a parameter group in host memory: its parameters and their views into two flat buffers."""
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]  # views of one flat fp32 buffer, shaped like each parameter's local shard
+    shards: list[torch.Tensor]  # the same for the parameter shards
+
+
+def flat_views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """Consecutive views of the 1-D tensor `flat`, one per shape, in order."""
+    views, offset = [], 0
+    for shape in shapes:
+        n = shape.numel()
+        views.append(flat[offset:offset + n].view(shape))
+        offset += n
+    return views
+
+
+def build_staging(params: list[torch.Tensor], pin: bool, limit: int) -> list[StagingChunk]:
+    """The host staging of one parameter group: per chunk two flat fp32 buffers (pinned on CUDA) and views."""
+    shapes = [local_tensor(p).shape for p in params]
+    out = []
+    for chunk in staging.staging_chunks([s.numel() for s in shapes], limit):
+        mine = [shapes[i] for i in chunk]
+        total = sum(s.numel() for s in mine)
+        flats = [torch.empty(total, dtype=torch.float32, device="cpu", pin_memory=pin) for _ in range(2)]
+        out.append(StagingChunk([params[i] for i in chunk], flat_views(flats[0], mine), flat_views(flats[1], mine)))
+    return out
 
 
 def _like_param(local_cpu: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -34,60 +78,86 @@ def _like_param(local_cpu: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return local_cpu
 
 
+def host_state(value: Any, param: torch.Tensor, key: Any) -> Any:
+    """A loaded AdamW state value as this optimizer keeps it: tensors in fp32 on the CPU (the moments shaped and
+    placed like `param`), anything else unchanged."""
+    if key == "step" and isinstance(value, (int, float)):  # older state dicts: a number
+        return torch.tensor(float(value), dtype=torch.float32)
+    if not isinstance(value, torch.Tensor):
+        return value
+    local = local_tensor(value).to("cpu", torch.float32)
+    return local if key == "step" else _like_param(local, param)
+
+
 class CPUOffloadAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW semantics (decoupled weight decay, bias correction), state on the CPU."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._pin = torch.cuda.is_available()
-        self._staging: dict[torch.Tensor, list] = {}  # param -> [host gradient, host shard] buffers
+        self._staging: dict[int, list[StagingChunk]] = {}  # parameter group index -> its host staging
         # fp32 shards whose device copy was last written by this optimizer from its host buffer: that buffer
         # already holds the shard, so the step skips the device -> host copy (half the PCIe traffic)
         self._in_sync: set[torch.Tensor] = set()
 
     def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
+        """torch's load casts every state tensor to its parameter's device and dtype
+        (Optimizer._process_value_according_to_param_policy): CUDA parameters would pull the offloaded moments
+        onto the GPU (8 bytes per parameter, what offloading saves) and hand CUDA tensors to the CPU update;
+        bf16 parameters would make them bf16. So torch loads the groups, and the state goes in here: fp32, CPU."""
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
+        for key, st in state_dict["state"].items():
+            p = params.get(key)
+            if p is None:  # state of no parameter: kept as it is, as torch does
+                self.state[key] = st
+                continue
+            self.state[p] = {k: host_state(v, p, k) for k, v in st.items()}
         self._in_sync.clear()  # a checkpoint load may have replaced the parameters too: read them again
 
-    def _host(self, p: torch.Tensor, which: int, t: torch.Tensor) -> torch.Tensor:
-        """Copy `t` (p's local gradient or shard) into p's persistent host buffer `which` (pinned on CUDA).
-        Kept across steps: allocating (and page-faulting) fresh buffers every step cost more than the update."""
-        bufs = self._staging.setdefault(p, [None, None])
-        if bufs[which] is None or bufs[which].shape != t.shape:
-            bufs[which] = torch.empty(t.shape, dtype=torch.float32, device="cpu", pin_memory=self._pin)
-        bufs[which].copy_(t, non_blocking=self._pin)
-        return bufs[which]
+    def staged(self, index: int) -> list[StagingChunk]:
+        """Parameter group `index`'s host staging, made at its first step and kept (allocating and page-faulting
+        fresh buffers every step cost more than the update)."""
+        if index not in self._staging:
+            self._staging[index] = build_staging(self.param_groups[index]["params"], self._pin, staging.CHUNK_BYTES)
+        return self._staging[index]
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
+        for index, group in enumerate(self.param_groups):
             # 1. device -> host: issue every chunk's gradient and parameter copies at once (async on CUDA),
             #    with an event per chunk, so the CPU can start on chunk 0 while later chunks are in flight
-            staged = []
-            for chunk in _chunks(params, CHUNK_BYTES):
-                grads = [self._host(p, 0, local_tensor(p.grad)) for p in chunk]
-                host_params = [self._staging[p][1] if p in self._in_sync else self._host(p, 1, local_tensor(p))
-                               for p in chunk]
-                event = None
-                if self._pin:
-                    event = torch.cuda.Event()
-                    event.record()
-                staged.append((chunk, grads, host_params, event))
+            staged = [s for s in (self._stage(chunk) for chunk in self.staged(index)) if s is not None]
             # 2. per chunk: wait for its copies, update on the CPU, send the new shards back asynchronously
             #    (the host -> device copy of chunk k overlaps the CPU update of chunk k + 1)
-            for chunk, grads, host_params, event in staged:
+            for params, grads, host_params, event in staged:
                 if event is not None:
                     event.synchronize()
-                self._update(chunk, grads, host_params, group)
-                for p, hp in zip(chunk, host_params):
+                self._update(params, grads, host_params, group)
+                for p, hp in zip(params, host_params):
                     local_tensor(p).copy_(hp, non_blocking=self._pin)
                     if local_tensor(p).dtype == torch.float32:  # lower-precision shards are re-read: same rounding
                         self._in_sync.add(p)
         return loss
+
+    def _stage(self, chunk: StagingChunk) -> Optional[tuple[list, list, list, Optional[torch.cuda.Event]]]:
+        """Start the device -> host copies of the chunk's parameters that have a gradient."""
+        live = [i for i, p in enumerate(chunk.params) if p.grad is not None]
+        if not live:
+            return None
+        params = [chunk.params[i] for i in live]
+        grads, host_params = [chunk.grads[i] for i in live], [chunk.shards[i] for i in live]
+        for p, g, hp in zip(params, grads, host_params):
+            g.copy_(local_tensor(p.grad), non_blocking=self._pin)
+            if p not in self._in_sync:
+                hp.copy_(local_tensor(p), non_blocking=self._pin)
+        event = None
+        if self._pin:
+            event = torch.cuda.Event()
+            event.record()
+        return params, grads, host_params, event
 
     def _update(self, params, grads, host_params, group) -> None:
         """The AdamW update of one chunk in host memory, with torch's fused CPU kernel: one pass over
@@ -105,19 +175,3 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         (b1, b2) = group["betas"]
         adamw(host_params, grads, m, v, [], steps, fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)  # increments `steps` too
-
-
-CHUNK_BYTES = 64 * 2**20  # host staging granularity: big enough for foreach, small enough to pipeline
-
-
-def _chunks(params: list, limit: int) -> list[list]:
-    out: list[list] = [[]]
-    size = 0
-    for p in params:
-        n = local_tensor(p).numel() * 4
-        if out[-1] and size + n > limit:
-            out.append([])
-            size = 0
-        out[-1].append(p)
-        size += n
-    return out

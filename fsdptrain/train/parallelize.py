@@ -19,11 +19,13 @@ from ..config.schema import ParallelConfig
 from ..dist.plan import checkpoint_modes
 
 
-def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
-    if precision == "bf16-mixed":  # bf16 compute and all-gather, fp32 master weights and gradient reduction
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if precision == "bf16-pure":  # params already bf16; reduce in fp32 for accuracy of the sum
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+def mixed_precision_policy(precision: str, reduce_dtype: str = "fp32") -> MixedPrecisionPolicy:
+    """bf16-mixed: bf16 compute and all-gather, fp32 master weights; bf16-pure: parameters already bf16. Both
+    reduce gradients in fp32 for the accuracy of the sum unless parallel.reduce_dtype is bf16 (half the traffic).
+    fp32: no casts (plan.check_device_support refuses a bf16 reduction there)."""
+    if precision in ("bf16-mixed", "bf16-pure"):
+        reduce = torch.bfloat16 if reduce_dtype == "bf16" else torch.float32
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
     return MixedPrecisionPolicy()
 
 
@@ -88,6 +90,21 @@ def apply_activation_checkpointing(blocks: list[nn.Module], modes: list[str]) ->
             checkpoint(block)
 
 
+RECOMPILE_LIMIT = 32  # compiled variants dynamo keeps per code object before it runs that code eagerly
+
+
+def compile_blocks(blocks: list[nn.Module], backend: str) -> None:
+    """torch.compile each block, after checkpointing and before sharding (FSDP's hooks stay outside the graph).
+    All blocks share one compiled forward, and its guard variants multiply: train and eval (no_grad), packed
+    (4-D mask) or not, static then dynamic sequence length, a batch of one, MoE counting on or off. Past dynamo's
+    default of 8 recompiles a block would silently run eagerly for the rest of the run: the limit goes to 32."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for block in blocks:
+        block.compile(backend=backend)
+
+
 def set_prefetch(blocks: list[nn.Module], n: int) -> None:
     """All-gather the next n blocks ahead in forward, and the previous n in backward."""
     if n <= 0:
@@ -106,10 +123,9 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg
         modes = checkpoint_modes(len(blocks), pcfg.activation_checkpointing, pcfg.activation_checkpointing_k)
     apply_activation_checkpointing(blocks, modes)
     if pcfg.compile:
-        for block in blocks:  # after checkpointing, before sharding: FSDP's hooks stay outside the graph
-            block.compile(backend=pcfg.compile_backend)
+        compile_blocks(blocks, pcfg.compile_backend)
 
-    kwargs = {"mesh": mesh, "mp_policy": mixed_precision_policy(precision)}
+    kwargs = {"mesh": mesh, "mp_policy": mixed_precision_policy(precision, pcfg.reduce_dtype)}
     if pcfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
     for i, block in enumerate(blocks):
