@@ -78,7 +78,8 @@ def dpo_config(root: Path, name: str, model: Path, dataset: str = "alpaca_pairs"
 # LoRA with label smoothing and the SFT term on sharegpt pairs (step 1: policy = reference too), freeze with
 # hinge, and the per-token losses
 CASES = {
-    "sigmoid_full_accum": ("alpaca_pairs", {}, {"train": {"micro_batch_size": 1, "grad_accum_steps": 2}}),
+    "sigmoid_full_accum": ("alpaca_pairs", {}, {"train": {"micro_batch_size": 1, "grad_accum_steps": 2,
+                                                          "eval_every": 3, "eval_micro_batch_size": 3}}),
     "sigmoid_lora": ("sharegpt_pairs", {"label_smoothing": 0.1, "ftx": 0.5},
                      {"finetune": {"method": "lora", "lora": LORA}}),
     "hinge_freeze": ("alpaca_pairs", {"loss": "hinge", "beta": 0.05},
@@ -98,7 +99,10 @@ def runs(tmp_path_factory):
     spec = {"cases": []}
     for name, (dataset, pref, sections) in CASES.items():
         path = root / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(dpo_config(root, name, llama, dataset, pref, **sections)))
+        cfg = dpo_config(root, name, llama, dataset, pref, **sections)
+        if "eval_every" in cfg["train"]:  # held-out pairs of another data set: the training data stays the same
+            cfg["data"]["eval_datasets"] = ["sharegpt_pairs"]
+        path.write_text(yaml.safe_dump(cfg))
         spec["cases"].append({"config": str(path), "kind": "train"})
     (root / "spec.json").write_text(json.dumps(spec))
     proc = torchrun(2, ["-m", "tests.workers.lora_cases", str(root / "spec.json")])
@@ -163,6 +167,18 @@ def test_step_one_compares_the_policy_with_itself(runs, name):
     assert first["loss"] == (LN2 if name.startswith("sigmoid") else 1.0)
     assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
     assert first["target_tokens"] == 4  # the step's units: 4 pairs (2 ranks x 1 x 2 accumulation, or 2 x 2 x 1)
+
+
+def test_evaluation_on_held_out_pairs_counts_each_pair_once(runs):
+    """32 eval pairs dealt to 2 ranks in micro-batches of 3 (the last round padded with empty pairs): every pair
+    counted once; the rewards and accuracy are evaluated too."""
+    root, _ = runs
+    evals = [m for m in read_metrics(root / "sigmoid_full_accum") if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [3, 6]
+    for m in evals:
+        assert m["eval_tokens"] == 32
+        assert 0.0 <= m["eval_rewards/accuracies"] <= 1.0 and m["eval_rewards/accuracies"] * 32 % 1 == 0
+        assert math.isfinite(m["eval_loss"]) and m["eval_logps/chosen"] < 0
 
 
 def test_lora_reference_is_the_base_with_adapters_off(runs):
