@@ -16,7 +16,7 @@ from typing import Optional
 
 from .config.schema import Config
 from .core import log
-from .core.errors import UserError
+from .core.errors import ConfigError, UserError
 from .core.files import read_json, write_atomic
 from .data import pipeline
 from .data.tokenizer import load_tokenizer
@@ -87,6 +87,10 @@ def write_result(out: Path, result: dict) -> None:
 
 def eval_checkpoint(cfg: Config, source: str, out: Optional[str]) -> EvalResult:
     """Evaluate `source` on cfg's eval data; rank 0 prints the result and writes it to `out` (JSON)."""
+    if cfg.train.objective != "sft":
+        raise ConfigError(f"eval: train.objective {cfg.train.objective} is evaluated during training only (data."
+                          "val_size or data.eval_datasets with train.eval_every); `fsdptrain eval` computes the sft "
+                          "loss: set train.objective=sft to evaluate a checkpoint's token cross-entropy")
     kind, hf_dir, ckpt = resolve_source(source)
     out_path = Path(out) if out else Path(f"eval-{(ckpt or hf_dir).name}.json")
     check_out(out_path)  # before any work

@@ -44,14 +44,14 @@ from .memory import breakdown
 from .memory.tracker import MemoryTracker
 from .model import models, moe, packcheck
 from .objectives.base import Objective
-from .objectives.choose import objective_for
+from .objectives.choose import needs_reference_model, objective_for
 from .objectives.loss import ChunkedLossHead, install_chunked_loss
 from .run import rundir
 from .run.checkpoint import Checkpointer, Saved, TrainState, resolve_resume, step_name
 from .run.export import check_target, export_dtype, export_hf, training_export_check
 from .run.metrics import RunLogger, peak_tflops
 from .run.sinks import open_sinks
-from .train.build import ShardedModel, build_sharded_model
+from .train.build import ShardedModel, build_reference, build_sharded_model
 from .train.evaluate import EvalResult, eval_micro_batch, evaluate
 from .train.optim import adamw_fused, build_optimizer, build_scheduler, use_cpu_optimizer_threads
 
@@ -221,6 +221,8 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     hf_config = setup_hf_config(cfg, tokenizer)
     sharded = build_sharded_model(cfg, info, hf_config)
     log.info(sharded.describe(hf_config))
+    # a preference run's reference: before resuming, so that it is the starting weights (train/build.py)
+    reference = build_reference(cfg, info, hf_config, sharded) if needs_reference_model(cfg) else None
     breakdown.check(cfg)
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
@@ -249,8 +251,8 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     logger = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step,
                        sinks=open_sinks(cfg, out))
     tracker = MemoryTracker(cfg.memory, info, out, model, sharded.blocks)  # per-phase records, OOM post-mortem
-    return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded, objective_for(cfg),
-               loss_head,
+    return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded,
+               objective_for(cfg, reference), loss_head,
                optimizer, scheduler, state, checkpointer, logger, tracker,
                peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)), held,
                router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model),

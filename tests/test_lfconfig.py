@@ -59,6 +59,28 @@ def test_lora_example_translates_exactly_with_zero2_offload():
     }
 
 
+def test_dpo_example_translates_exactly():
+    """stage dpo and its pref_* keys; simpo_gamma, which LLaMA-Factory reads only with pref_loss simpo, is left out
+    (fsdptrain would refuse it as an option of another loss)."""
+    assert lf("lora_dpo.yaml") == {
+        "model": {"path": "Qwen/Qwen3-4B-Instruct-2507"},
+        "finetune": {"method": "lora", "lora": {"rank": 8, "target": "all"}},
+        "preference": {"beta": 0.2, "ftx": 0.1, "label_smoothing": 0.05, "loss": "sigmoid"},
+        "parallel": {"activation_checkpointing": "full", "precision": "bf16-mixed"},
+        "data": {"datasets": ["dpo_en_demo"], "max_length": 2048, "max_samples": 1000, "template": "qwen3_nothink"},
+        "output_dir": "saves/qwen3-4b/lora/dpo",
+        "logging": {"log_every": 10, "report_to": []},
+        "checkpoint": {"keep_last": 0, "save_every": 500},
+        "train": {"objective": "dpo", "micro_batch_size": 1, "grad_accum_steps": 8, "lr": 5e-06, "epochs": 3.0,
+                  "schedule": "cosine", "warmup_ratio": 0.1, "adam_betas": HF_ADAM},
+    }
+    simpo = translate({"model_name_or_path": "m", "stage": "dpo", "pref_loss": "simpo", "simpo_gamma": 0.3,
+                       "dpo_label_smoothing": 0.0}, "lf.yaml").config
+    assert simpo["preference"] == {"loss": "simpo", "simpo_gamma": 0.3}
+    sft = translate({"model_name_or_path": "m", "stage": "sft", "pref_beta": 0.3}, "lf.yaml").config
+    assert "preference" not in sft and "objective" not in sft.get("train", {})  # LLaMA-Factory ignores it too
+
+
 def test_freeze_and_pretrain_examples_take_llamafactory_defaults():
     hf_defaults = {"lr": 5e-5, "schedule": "linear", "epochs": 3.0, "micro_batch_size": 8, "adam_betas": HF_ADAM}
     assert lf("freeze_sft.yaml") == {
@@ -138,7 +160,13 @@ def test_from_llamafactory_prints_a_loadable_fsdptrain_yaml(tmp_path):
 
 
 REFUSALS = [  # (lines added to a minimal LF YAML, the one-line error after "FILE: ")
-    ("stage: dpo", "stage: 'dpo' is not supported; fsdptrain trains sft (supervised) and pt (pretraining) only"),
+    ("stage: kto", "stage: 'kto' is not supported; fsdptrain trains sft (supervised), pt (pretraining) and dpo "
+                   "(preference pairs) only"),
+    ("stage: dpo\npref_loss: kto_pair", "pref_loss: 'kto_pair' is not supported; use sigmoid, ipo, hinge, orpo or "
+                                        "simpo"),
+    ("stage: dpo\nref_model: models/base", "ref_model: the reference is the starting model (model_name_or_path; a "
+                                           "LoRA run's base); a separate reference folder is not supported yet: "
+                                           "remove it"),
     ("finetuning_type: oft", "finetuning_type: 'oft' is not supported; use full, lora or freeze"),
     ("fp16: true", "fp16: fsdptrain trains in bf16 or fp32, not fp16; set bf16: true (or remove fp16)"),
     ("quantization_bit: 4", "quantization_bit: quantized (QLoRA) training is not supported; remove it"),

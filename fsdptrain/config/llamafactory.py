@@ -129,7 +129,33 @@ def _stage(v: Any, ctx: dict) -> Out:
         return {}
     if v == "pt":  # LLaMA-Factory packs pretraining data unless packing: false
         return {} if "packing" in ctx else {"data.packing": True}
-    raise Refused(f"{v!r} is not supported; fsdptrain trains sft (supervised) and pt (pretraining) only")
+    if v == "dpo":
+        return {"train.objective": "dpo"}
+    raise Refused(f"{v!r} is not supported; fsdptrain trains sft (supervised), pt (pretraining) and dpo "
+                  "(preference pairs) only")
+
+
+def _pref(dotted: str) -> Callable[[Any, dict], Out]:
+    """A pref_* setting: translated under stage dpo; for other stages LLaMA-Factory ignores it, and so do we."""
+    return lambda v, ctx: {dotted: v} if ctx.get("stage") == "dpo" else {}
+
+
+def _pref_loss(v: Any, ctx: dict) -> Out:
+    if ctx.get("stage") != "dpo":
+        return {}
+    if v not in ("sigmoid", "ipo", "hinge", "orpo", "simpo"):
+        raise Refused(f"{v!r} is not supported; use sigmoid, ipo, hinge, orpo or simpo")
+    return {"preference.loss": v}
+
+
+def _label_smoothing(v: Any, ctx: dict) -> Out:
+    """dpo_label_smoothing: LLaMA-Factory's default 0 is left out (it is no option of another loss)."""
+    return {"preference.label_smoothing": v} if ctx.get("stage") == "dpo" and v else {}
+
+
+def _simpo_gamma(v: Any, ctx: dict) -> Out:
+    """simpo_gamma: only a simpo run reads it (LLaMA-Factory ignores it otherwise, with a default of 0.5)."""
+    return {"preference.simpo_gamma": v} if ctx.get("stage") == "dpo" and ctx.get("pref_loss") == "simpo" else {}
 
 
 def _method(v: Any, ctx: dict) -> Out:
@@ -382,6 +408,17 @@ KEYS: dict[str, Any] = {
     "do_eval": _ignore("evaluation runs when eval data is set (val_size, eval_dataset)"),
     "do_predict": _refuse_if_set("prediction is not supported; remove it"),
     "finetuning_type": _method,
+    "pref_beta": _pref("preference.beta"),
+    "pref_ftx": _pref("preference.ftx"),
+    "pref_loss": _pref_loss,
+    "dpo_label_smoothing": _label_smoothing,
+    "simpo_gamma": _simpo_gamma,
+    "pref_bco_weight": _refuse_if_set("BCO's extra term is not supported; remove it (0)"),
+    "ld_alpha": _refuse_if_set("LD-DPO is not supported; remove it"),
+    "ref_model": _refuse_if_set("the reference is the starting model (model_name_or_path; a LoRA run's base); a "
+                                "separate reference folder is not supported yet: remove it"),
+    "ref_model_adapters": _refuse_if_set("not supported; remove it"),
+    "ref_model_quantization_bit": _refuse_if_set("quantized reference models are not supported; remove it"),
     "lora_rank": _to("finetune.lora.rank"),
     "lora_alpha": _to("finetune.lora.alpha"),
     "lora_dropout": _to("finetune.lora.dropout"),
@@ -521,7 +558,7 @@ KEYS: dict[str, Any] = {
 # YAML that leaves the feature off still loads, in whatever order its keys come.
 FAMILIES = {"apollo_": "use_apollo", "galore_": "use_galore", "badam_": "use_badam", "oft_": "finetuning_type oft",
             "pissa_": "pissa_init", "asft_": "use_asft_loss", "kt_": "use_kt", "fp8_": "fp8",
-            "pref_": "stage dpo, kto or rm"}
+            "kto_": "stage kto", "ppo_": "stage ppo"}
 
 
 def _family(key: str) -> Optional[tuple[str, str]]:
@@ -537,7 +574,8 @@ DEFAULTS = {"learning_rate": 5e-5, "lr_scheduler_type": "linear", "num_train_epo
             "save_total_limit": None, "disable_gradient_checkpointing": False}
 
 
-SECTIONS = ("model", "data", "train", "parallel", "checkpoint", "finetune", "logging", "memory")  # fsdptrain's
+# fsdptrain's sections
+SECTIONS = ("model", "data", "train", "parallel", "checkpoint", "finetune", "preference", "logging", "memory")
 
 
 def translate(raw: dict, source: str) -> Translation:

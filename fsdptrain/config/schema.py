@@ -151,7 +151,8 @@ class DataConfig:
 class TrainConfig:
     max_steps: Optional[int] = opt(None, "Optimizer steps to run; null: derive from epochs.", min=1)
     epochs: float = opt(1.0, "Passes over the data when max_steps is null.", min=0)
-    micro_batch_size: int = opt(1, "Examples per rank per micro-step.", min=1)
+    micro_batch_size: int = opt(1, "Examples per rank per micro-step (preference pairs with train.objective dpo: "
+                                   "two rows each).", min=1)
     grad_accum_steps: int = opt(1, "Micro-steps per optimizer step (gradient sync only on the last).", min=1)
     lr: float = opt(1.0e-5, "Peak learning rate.", min=0)
     schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=["cosine", "linear", "constant"])
@@ -177,6 +178,9 @@ class TrainConfig:
                                    "world size); 0: all of them.", min=0)
     eval_micro_batch_size: Optional[int] = opt(None, "Eval examples per rank per forward; null: "
                                                      "train.micro_batch_size.", min=1)
+    objective: str = opt("sft", "What a step optimises: sft (token cross-entropy over target tokens; pretraining "
+                                "too) or dpo (preference pairs: the preference.* loss, data with ranking: true; "
+                                "docs/preference.md) (LLaMA-Factory stage).", choices=["sft", "dpo"])
 
 
 @dataclass
@@ -292,6 +296,24 @@ class FinetuneConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
 
+PREF_LOSSES = ["sigmoid", "ipo", "hinge", "orpo", "simpo"]
+
+
+@dataclass
+class PreferenceConfig:
+    loss: str = opt("sigmoid", "Preference loss of train.objective dpo: sigmoid (DPO), ipo, hinge (against a "
+                               "reference model), orpo, simpo (no reference model) (LLaMA-Factory pref_loss).",
+                    choices=PREF_LOSSES)
+    beta: float = opt(0.1, "The loss's beta: DPO's KL weight, IPO's tau, ORPO's odds-ratio weight, SimPO's reward "
+                           "scale (LLaMA-Factory pref_beta).")
+    ftx: float = opt(0.0, "Weight of an SFT term on the chosen response (its mean token negative log-likelihood) "
+                          "added to each pair's loss (LLaMA-Factory pref_ftx).", min=0)
+    label_smoothing: float = opt(0.0, "sigmoid only: the assumed share of flipped labels, in [0, 0.5) (conservative "
+                                      "DPO; LLaMA-Factory dpo_label_smoothing).", min=0)
+    simpo_gamma: Optional[float] = opt(None, "simpo only: the target reward margin; null: 0.5 (LLaMA-Factory "
+                                             "simpo_gamma).")
+
+
 @dataclass
 class LoggingConfig:
     log_every: int = opt(1, "Write metrics every N optimizer steps.", min=1)
@@ -346,6 +368,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
@@ -569,6 +592,40 @@ def validate(cfg: Config, source: str = "config") -> None:
 
     parse_size(cfg.checkpoint.export_max_shard_size, f"{source}: checkpoint.export_max_shard_size")
     validate_finetune(cfg.finetune, source, cfg.checkpoint.export_hf)
+    validate_preference(cfg, source)
+
+
+def validate_preference(cfg: Config, source: str) -> None:
+    """Preference settings: only with train.objective dpo, each only with the loss it belongs to, and the data and
+    step options a pair cannot take refused."""
+    p, d = cfg.preference, cfg.data
+    if cfg.train.objective != "dpo":
+        if p != PreferenceConfig():
+            raise ConfigError(f"{source}: preference.* is set but train.objective is {cfg.train.objective}; set "
+                              "train.objective=dpo, or remove the preference settings")
+        return
+    if p.label_smoothing and p.loss != "sigmoid":
+        raise ConfigError(f"{source}: preference.label_smoothing belongs to the sigmoid loss, not {p.loss}; remove "
+                          "it or set preference.loss=sigmoid")
+    if p.label_smoothing >= 0.5:
+        raise ConfigError(f"{source}: preference.label_smoothing: {p.label_smoothing} must be below 0.5")
+    if p.simpo_gamma is not None and p.loss != "simpo":
+        raise ConfigError(f"{source}: preference.simpo_gamma belongs to the simpo loss, not {p.loss}; remove it or "
+                          "set preference.loss=simpo")
+    if p.beta <= 0:
+        raise ConfigError(f"{source}: preference.beta: {p.beta} must be above 0 (e.g. 0.1)")
+    refused = [("data.packing", d.packing, "a pair's chosen and rejected rows must run in one forward, unpacked; "
+                                           "set data.packing=false"),
+               ("data.train_on_prompt", d.train_on_prompt, "preference losses score the responses only; remove it"),
+               ("data.mask_history", d.mask_history, "a pair trains only its last turn already; remove it"),
+               ("train.loss_chunk_tokens", cfg.train.loss_chunk_tokens, "the chunked loss head computes the token "
+                                                                        "cross-entropy; set it to 0"),
+               ("finetune.lora.modules_to_save", cfg.finetune.lora.modules_to_save,
+                "modules trained in full would change the reference model (the policy with adapters off); "
+                "remove them")]
+    for key, value, why in refused:
+        if value:
+            raise ConfigError(f"{source}: {key} with train.objective dpo: {why}")
 
 
 def validate_finetune(f: FinetuneConfig, source: str, export_hf: bool = False) -> None:

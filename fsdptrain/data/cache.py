@@ -31,11 +31,14 @@ from . import formats, sources
 from .encode import (
     IGNORE,
     Example,
+    Pair,
+    PairError,
     TemplateError,
     TokenizeStats,
     chunk_lengths,
     conversation_examples,
     tokenize_document,
+    tokenize_pair,
 )
 
 if TYPE_CHECKING:
@@ -77,9 +80,11 @@ def cache_key(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settin
     sets = []
     for spec in specs:
         files = {} if spec.hub else {f: file_digest(f) for f in sources.fingerprint_files(spec)}
-        sets.append({"name": spec.name, "formatting": spec.formatting, "columns": spec.columns, "tags": spec.tags,
-                     "num_samples": spec.num_samples, "hub": spec.hub,
-                     "files": sorted(files.values())})
+        entry = {"name": spec.name, "formatting": spec.formatting, "columns": spec.columns, "tags": spec.tags,
+                 "num_samples": spec.num_samples, "hub": spec.hub, "files": sorted(files.values())}
+        if spec.ranking:  # only then: the keys of supervised data sets stay what they were
+            entry["ranking"] = True
+        sets.append(entry)
     settings = {k: v for k, v in asdict(s).items() if k not in ("num_proc", "template")}
     blob = json.dumps({"v": CACHE_VERSION, "sets": sets, "tok": tokenizer_digest(tok), "s": settings},
                       sort_keys=True, default=str)
@@ -158,6 +163,29 @@ def _tokenize_batch(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, 
                      **{k: pa.array(v, type=types[k]) for k, v in cols.items()}})
 
 
+def _tokenize_pairs(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool,
+                    mask_history: bool, template_label: str = "the chat template") -> dict:
+    """datasets.map function for preference pairs: records (JSON) -> one row per pair, the chosen row's tokens
+    in input_ids/labels and the rejected row's in rejected_ids/rejected_labels; length is the longer row's."""
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "rejected_ids", "rejected_labels", "length",
+                                            "source", "truncated", "split", "dropped")}
+    for text, source, where in zip(batch["record"], batch["source"], batch["where"]):
+        record = json.loads(text)
+        try:
+            pair, truncated = tokenize_pair(tok, record["messages"], record["chosen"], record["rejected"],
+                                            max_length, record.get("tools"))
+        except TemplateError as e:
+            raise UserError(f"{where}: {template_label}: {e}; {template_fix(tok)}") from None
+        except PairError as e:
+            raise UserError(f"{where}: {e}; raise data.max_length or shorten the record") from None
+        c, r = pair.chosen, pair.rejected
+        for k, v in (("input_ids", c.input_ids), ("labels", c.labels), ("rejected_ids", r.input_ids),
+                     ("rejected_labels", r.labels), ("length", max(len(c.input_ids), len(r.input_ids))),
+                     ("source", source), ("truncated", int(truncated)), ("split", 0), ("dropped", 0)):
+            out[k].append(v)
+    return out
+
+
 def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, target: Path,
           log: Callable[[str], None]) -> None:
     """Read, convert, tokenise and save one cache entry at `target`."""
@@ -186,12 +214,13 @@ def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, 
         n_records = len(records)
         del records, source, where  # the Arrow copy is what map reads
         log(f"data: tokenising {n_records} records with {s.num_proc} process(es) into {target}")
-        tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256,
+        pairs = any(spec.ranking for spec in specs)  # pipeline.check_objective: then all of them are
+        tokenized = raw.map(_tokenize_pairs if pairs else _tokenize_batch, batched=True, batch_size=256,
                             num_proc=s.num_proc if s.num_proc > 1 else None, remove_columns=raw.column_names,
                             new_fingerprint=target.name,
                             fn_kwargs={"tok": tok, "max_length": s.max_length, "train_on_prompt": s.train_on_prompt,
                                        "mask_history": s.mask_history, "template_label": template_label(s.template)},
-                            features=_features(), cache_file_name=str(tmp / "map" / "tokenized.arrow"),
+                            features=_features(pairs), cache_file_name=str(tmp / "map" / "tokenized.arrow"),
                             desc="tokenising")
         lengths = tokenized.data.column("length").to_numpy()
         counts = {c: tokenized.data.column(c).to_numpy() for c in ("source", "truncated", "split", "dropped")}
@@ -221,11 +250,12 @@ def template_label(name: str) -> str:
     return "the tokenizer's chat template (data.template=auto)" if name == "auto" else f"data.template={name}"
 
 
-def _features():
+def _features(pairs: bool = False):
     import datasets
 
+    rows = ("input_ids", "labels", "rejected_ids", "rejected_labels") if pairs else ("input_ids", "labels")
     return datasets.Features({
-        "input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32")),
+        **{k: datasets.List(datasets.Value("int32")) for k in rows},
         "length": datasets.Value("int32"), "source": datasets.Value("int16"), "truncated": datasets.Value("int8"),
         "split": datasets.Value("int32"), "dropped": datasets.Value("int32")})
 
@@ -234,7 +264,8 @@ def _features():
 
 
 class TokenizedExamples:
-    """The cached examples, memory-mapped: a sequence of Example with their lengths at hand."""
+    """The cached examples, memory-mapped: a sequence of Example (of Pair for preference data) with their lengths
+    at hand."""
 
     def __init__(self, path: Path):
         import datasets
@@ -242,12 +273,15 @@ class TokenizedExamples:
         self.path = path
         self.ds = datasets.load_from_disk(str(path / "examples"))
         self.lengths = self.ds.data.column("length").to_numpy()
+        self.pairs = "rejected_ids" in self.ds.column_names
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> Example:
+    def __getitem__(self, i: int) -> Example | Pair:
         row = self.ds[int(i)]
+        if self.pairs:
+            return Pair(Example(row["input_ids"], row["labels"]), Example(row["rejected_ids"], row["rejected_labels"]))
         return Example(row["input_ids"], row["labels"])
 
 
@@ -265,6 +299,11 @@ def stats_from_meta(meta: dict, examples: TokenizedExamples) -> tuple[TokenizeSt
     chunks = labels.chunks if hasattr(labels, "chunks") else [labels]
     targets = sum(int(pc.sum(pc.not_equal(c.flatten(), IGNORE)).as_py() or 0) for c in chunks)
     total.target_tokens = targets - _first_targets(labels)
+    if examples.pairs:  # the rejected rows' targets count too
+        rejected = examples.ds.data.column("rejected_labels")
+        chunks = rejected.chunks if hasattr(rejected, "chunks") else [rejected]
+        total.target_tokens += sum(int(pc.sum(pc.not_equal(c.flatten(), IGNORE)).as_py() or 0)
+                                   for c in chunks) - _first_targets(rejected)
     return total, meta["sets"]
 
 

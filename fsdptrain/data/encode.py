@@ -57,6 +57,29 @@ class Example:
 
 
 @dataclass
+class Pair:
+    """A preference pair: one prompt with the chosen and with the rejected response, two rows that always travel
+    together (one micro-batch, one forward). The prompt's labels are IGNORE in both; each response is a target."""
+    chosen: Example
+    rejected: Example
+
+    @property
+    def n_targets(self) -> int:
+        return self.chosen.n_targets + self.rejected.n_targets
+
+
+def example_length(e: Example | Pair) -> int:
+    """The tokens of an example's row; of a pair, its longer row (both rows are padded to it)."""
+    if isinstance(e, Pair):
+        return max(len(e.chosen.input_ids), len(e.rejected.input_ids))
+    return len(e.input_ids)
+
+
+class PairError(ValueError):
+    """A preference pair that cannot be trained as given (the message says why)."""
+
+
+@dataclass
 class TokenizeStats:
     read: int = 0
     kept: int = 0
@@ -398,7 +421,8 @@ def chunk_lengths(n_tokens: int, max_length: int) -> tuple[list[int], int]:
 
 def tokenize_record(tok: PreTrainedTokenizerBase, record: dict, max_length: int, train_on_prompt: bool = False,
                     mask_history: bool = False) -> tuple[list[Example], TokenizeStats]:
-    """One common-form record (see formats.py) -> examples (none if it has no target left) and its counts."""
+    """One common-form record (see formats.py) -> examples (none if it has no target left; a pair record gives
+    one Pair) and its counts. Raises PairError for a pair whose prompt truncation would remove."""
     st = TokenizeStats(read=1)
     if "text" in record:
         ids = tokenize_document(tok, record["text"]).tolist()
@@ -406,6 +430,11 @@ def tokenize_record(tok: PreTrainedTokenizerBase, record: dict, max_length: int,
         kept = [Example(ids[i:i + n], ids[i:i + n]) for i, n in zip(range(0, len(ids), max_length), kept_lengths)]
         st.split = n_chunks - 1
         st.dropped_no_target = n_chunks - len(kept)
+    elif "chosen" in record:
+        pair, truncated = tokenize_pair(tok, record["messages"], record["chosen"], record["rejected"], max_length,
+                                        record.get("tools"))
+        st.truncated = int(truncated)
+        kept = [pair]
     else:
         made = conversation_examples(tok, record["messages"], max_length, record.get("tools"), train_on_prompt,
                                      mask_history)
@@ -416,6 +445,61 @@ def tokenize_record(tok: PreTrainedTokenizerBase, record: dict, max_length: int,
     st.kept = len(kept)
     st.target_tokens = sum(e.n_targets for e in kept)
     return kept, st
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+
+def _last_turn(tok: PreTrainedTokenizerBase, messages: list[dict], reply: dict, tools: Optional[list],
+               need: int, apart: bool = False) -> tuple[list[list[int]], list[int], int, int]:
+    """(prompt runs' ids, the reply's ids, tokens elided from the prompt, from the reply): the conversation
+    `messages + [reply]` rendered (its last example), the reply being its last assistant turn. apart: every run
+    tokenised on its own."""
+    chain = render_chains(tok, messages + [reply], tools, last_only=True)[-1]
+    full, cuts, hidden = _elide_runs(tok, chain.text, chain.cuts, need)
+    runs = [ids for ids, _ in (_runs_apart if apart else _tokenize_runs)(tok, full, cuts)]
+    last = len(runs) - 1
+    return runs[:-1], runs[-1], sum(f() for i, f in hidden.items() if i < last), \
+        sum(f() for i, f in hidden.items() if i == last)
+
+
+def tokenize_pair(tok: PreTrainedTokenizerBase, messages: list[dict], chosen: dict, rejected: dict,
+                  max_length: int, tools: Optional[list] = None) -> tuple[Pair, bool]:
+    """(pair, truncated): the prompt `messages` with each response, rendered with the chat template.
+
+    The prompt is everything before the response's turn (earlier assistant turns included, none trained); both
+    rows share its tokens. Cut to max_length as LLaMA-Factory's pairwise preprocessing does: its cutoff rule
+    (infer_lengths) on (prompt, the longer response), both responses cut to the same length; as in SFT the prompt
+    keeps its end (the turn header before the response). PairError when the cut would leave no token of the
+    prompt's messages (only the template's header before the response).
+    """
+    need = max_length + MARGIN
+    prompt_c, reply_c, hid_p, hid_c = _last_turn(tok, messages, chosen, tools, need)
+    prompt_r, reply_r, _, hid_r = _last_turn(tok, messages, rejected, tools, need)
+    if prompt_c != prompt_r:  # a token merged across the prompt's end differently: tokenise each run on its own
+        prompt_c, reply_c, hid_p, hid_c = _last_turn(tok, messages, chosen, tools, need, apart=True)
+        prompt_r, reply_r, _, hid_r = _last_turn(tok, messages, rejected, tools, need, apart=True)
+        if prompt_c != prompt_r:
+            raise TemplateError("renders the prompt differently before the chosen and the rejected response")
+    prompt = [t for run in prompt_c for t in run]
+    header = len(prompt_c[-1]) if len(prompt_c) > 1 else 0  # the template's text after the last prompt message
+    n_s, n_t = len(prompt), max(len(reply_c), len(reply_r))
+    truncated = n_s + n_t > max_length or bool(hid_p or hid_c or hid_r)
+    ns, nt = n_s, n_t
+    if truncated:
+        if 2 * n_s >= max_length and 2 * n_t >= max_length:  # the proportional branch: the full lengths
+            n_s, n_t = n_s + hid_p, max(len(reply_c) + hid_c, len(reply_r) + hid_r)
+        ns, nt = infer_lengths(n_s, n_t, max_length)
+        ns = min(ns, len(prompt))
+        if ns <= header:
+            raise PairError(f"truncation to data.max_length {max_length} would cut the prompt away entirely "
+                            f"({n_s} prompt tokens, responses of {len(reply_c) + hid_c} and {len(reply_r) + hid_r})")
+    kept = prompt[len(prompt) - ns:]
+    rows = []
+    for reply in (reply_c, reply_r):
+        cut = reply[:nt]
+        rows.append(Example(kept + cut, [IGNORE] * len(kept) + cut))
+    return Pair(*rows), truncated
 
 
 def tokenize_all(tok: PreTrainedTokenizerBase, conversations: list, max_length: int, train_on_prompt: bool = False,

@@ -7,7 +7,8 @@ the same on any number of ranks and the two parts are disjoint.
 `rank_eval_batches` deals the eval examples (in their fixed order) to ranks in
 rounds of world_size x micro-batch: every rank runs the same number of forwards,
 and the slots past the last example hold a one-token row whose label is masked,
-so each example is counted exactly once whatever the world size (no drop_last).
+so each example is counted exactly once whatever the world size (no drop_last); for preference data the
+filler is a pair of such rows, which the objective counts as no pair.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..core.errors import ConfigError
-from .encode import IGNORE, Example
+from .encode import IGNORE, Example, Pair, example_length
 
 SPLIT_SALT = 7_727  # the split's generator differs from the sampler's (seed * 10_007 + epoch)
 
@@ -31,7 +32,7 @@ class Subset:
     def __init__(self, base, indices: Sequence[int], base_lengths: Optional[Sequence[int]] = None):
         self.base, self.indices = base, list(indices)
         if base_lengths is None:
-            base_lengths = [len(base[i].input_ids) for i in range(len(base))]
+            base_lengths = [example_length(base[i]) for i in range(len(base))]
         self.lengths = [int(base_lengths[i]) for i in self.indices]
 
     def __len__(self) -> int:
@@ -68,9 +69,12 @@ def split(examples, lengths: Sequence[int], val_size: float, seed: int) -> tuple
     return Subset(examples, train, lengths), Subset(examples, sorted(chosen), lengths)
 
 
-def _digest(e: Example) -> bytes:
+def _digest(e: Example | Pair) -> bytes:
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr((list(e.input_ids), list(e.labels))).encode())
+    if isinstance(e, Pair):
+        h.update(repr([(list(r.input_ids), list(r.labels)) for r in (e.chosen, e.rejected)]).encode())
+    else:
+        h.update(repr((list(e.input_ids), list(e.labels))).encode())
     return h.digest()
 
 
@@ -89,7 +93,9 @@ def rank_eval_batches(examples, n: int, world_size: int, rank: int, micro_batch:
                       pad_id: int) -> Iterator[list[Example]]:
     """This rank's eval micro-batches over the first n examples: round k, rank r takes positions
     [(k * world_size + r) * micro_batch, ... + micro_batch); empty slots get a fully masked one-token row."""
-    filler = Example([pad_id], [IGNORE])
+    filler: Example | Pair = Example([pad_id], [IGNORE])
+    if n and isinstance(examples[0], Pair):
+        filler = Pair(filler, filler)
     per_round = world_size * micro_batch
     for k in range(math.ceil(n / per_round)):
         start = k * per_round + rank * micro_batch

@@ -14,7 +14,10 @@ Formats (LLaMA-Factory's `formatting` field, plus plain text):
 Every conversation becomes {"messages": [{"role", "content", ["tool_calls"]}],
 "tools": list | None}, roles system/user/assistant/tool, which is what chat
 templates take (tool schemas in the HF/OpenAI form, {"type": "function",
-"function": {...}}, whatever form the data has); a document becomes {"text": str}. A record a format cannot
+"function": {...}}, whatever form the data has); a document becomes {"text": str}. A preference pair (a data set with
+`ranking: true`) becomes {"messages": the prompt (ending with a user or tool turn), "chosen": message,
+"rejected": message, "tools"}: alpaca takes `chosen`/`rejected` columns of text, sharegpt and openai a
+`conversations` list that ends with the prompt plus `chosen`/`rejected` messages. A record a format cannot
 use (missing column) is an error naming the record; a record without any text
 (all fields null or blank: "empty") and a sharegpt/openai conversation with
 broken role order are skipped and counted under their reason.
@@ -52,11 +55,13 @@ class Spec:
     num_samples: Optional[int] = None
     hub: Optional[dict] = None  # {"path", "subset", "split"} for a hub data set
     saved: bool = False  # files[0] is a `datasets.save_to_disk` folder
+    ranking: bool = False  # preference pairs (dataset_info.json `ranking: true`)
 
     def resolved_columns(self) -> dict:
         base = {"alpaca": ALPACA_COLUMNS, "sharegpt": SHAREGPT_COLUMNS, "openai": OPENAI_COLUMNS,
                 "text": {"prompt": "text"}}[self.formatting]
-        return {**base, **self.columns}
+        pairs = {"chosen": "chosen", "rejected": "rejected"} if self.ranking else {}
+        return {**base, **pairs, **self.columns}
 
     def resolved_tags(self) -> dict:
         return {**(OPENAI_TAGS if self.formatting == "openai" else SHAREGPT_TAGS), **self.tags}
@@ -74,7 +79,7 @@ def detect_text(spec: Spec, first: Optional[dict]) -> bool:
     """LLaMA-Factory marks pretraining sets as alpaca with only `prompt` mapped (c4_demo: {prompt: text})."""
     if spec.formatting == "text":
         return True
-    if spec.formatting != "alpaca":
+    if spec.formatting != "alpaca" or spec.ranking:
         return False
     if spec.columns and set(spec.columns) == {"prompt"}:
         return True
@@ -90,7 +95,10 @@ def convert(spec: Spec, records: list[dict], where: list[str]) -> Converted:
     out = Converted(records=[], read=len(records))
     if not records:
         return out
-    fn = _document if detect_text(spec, records[0]) else _alpaca if spec.formatting == "alpaca" else _conversation
+    if spec.ranking:
+        fn = _alpaca_pair if spec.formatting == "alpaca" else _conversation_pair
+    else:
+        fn = _document if detect_text(spec, records[0]) else _alpaca if spec.formatting == "alpaca" else _conversation
     for rec, loc in zip(records, where):
         conv, reason = fn(spec, rec, loc)
         if reason is None and _is_empty(conv):
@@ -111,6 +119,8 @@ def _is_empty(conv: dict) -> bool:
     """No text to train on: a blank document, or a conversation whose every turn is blank (and calls no tool)."""
     if "text" in conv:
         return not conv["text"].strip()
+    if "chosen" in conv:  # a pair: both responses blank
+        return not any(m["content"].strip() or m.get("tool_calls") for m in (conv["chosen"], conv["rejected"]))
     return all(not m["content"].strip() and not m.get("tool_calls") for m in conv["messages"])
 
 
@@ -132,25 +142,51 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _alpaca(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
-    cols = spec.resolved_columns()
+def _alpaca_prompt(spec: Spec, rec: dict, loc: str, cols: dict) -> tuple[list[dict], Optional[str]]:
+    """The system, history and user messages of an alpaca record (everything before its response)."""
     prompt = _text(_column(spec, rec, cols["prompt"], loc, "prompt"))
     query = _text(rec.get(cols["query"])) if cols.get("query") else ""
-    response = _column(spec, rec, cols["response"], loc, "response")
-    if isinstance(response, list):
-        raise UserError(f"data set '{spec.name}': {loc}: column '{cols['response']}' holds a list "
-                        "(preference/ranking data); fsdptrain trains supervised responses only")
     messages: list[dict] = []
     if cols.get("system") and rec.get(cols["system"]):
         messages.append({"role": "system", "content": _text(rec[cols["system"]])})
     history = rec.get(cols["history"]) if cols.get("history") else None
     for turn in history or []:
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
-            return {}, "malformed history"
+            return [], "malformed history"
         messages += [{"role": "user", "content": _text(turn[0])}, {"role": "assistant", "content": _text(turn[1])}]
     user = "\n".join(part for part in (prompt, query) if part)
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(response)}]
+    return messages + [{"role": "user", "content": user}], None
+
+
+def _alpaca(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+    cols = spec.resolved_columns()
+    messages, reason = _alpaca_prompt(spec, rec, loc, cols)
+    response = _column(spec, rec, cols["response"], loc, "response")
+    if isinstance(response, list):
+        raise UserError(f"data set '{spec.name}': {loc}: column '{cols['response']}' holds a list "
+                        "(preference/ranking data); mark the data set `ranking: true` in dataset_info.json and "
+                        "train it with train.objective=dpo")
+    if reason:
+        return {}, reason
+    messages.append({"role": "assistant", "content": _text(response)})
     return {"messages": messages, "tools": _tools(spec, rec, cols, loc)}, None
+
+
+def _alpaca_pair(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+    """A ranking alpaca record: instruction/input (system, history) as the prompt, chosen and rejected texts."""
+    cols = spec.resolved_columns()
+    messages, reason = _alpaca_prompt(spec, rec, loc, cols)
+    replies = {}
+    for side in ("chosen", "rejected"):
+        value = _column(spec, rec, cols[side], loc, side)
+        if not isinstance(value, str):
+            raise UserError(f"data set '{spec.name}' (alpaca, ranking): {loc}: column '{cols[side]}' holds a JSON "
+                            f"{type(value).__name__}, not the {side} response's text; fix the record or the "
+                            "data set's columns")
+        replies[side] = {"role": "assistant", "content": value}
+    if reason:
+        return {}, reason
+    return {"messages": messages, **replies, "tools": _tools(spec, rec, cols, loc)}, None
 
 
 def _tools(spec: Spec, rec: dict, cols: dict, loc: str) -> Optional[list]:
@@ -200,7 +236,8 @@ def _tool_calls(content: Any) -> Optional[list]:
     return out
 
 
-def _conversation(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+def _turns(spec: Spec, rec: dict, loc: str) -> tuple[list[dict], Optional[str], int]:
+    """A sharegpt/openai record's messages (system first), the reason to skip it (or None), its turn count."""
     cols, tags = spec.resolved_columns(), spec.resolved_tags()
     turns = _column(spec, rec, cols["messages"], loc, "messages")
     if not isinstance(turns, list):
@@ -216,27 +253,66 @@ def _conversation(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]
     odd = {tags["user_tag"]: "user", tags["observation_tag"]: "tool"}
     even = {tags["assistant_tag"]: "assistant", tags["function_tag"]: "function"}
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_tag not in turn:
-            return {}, "malformed turn"
-        allowed = odd if i % 2 == 0 else even
-        role = allowed.get(turn[role_tag])
-        if role is None:
-            return {}, "broken role order"
-        content = turn.get(content_tag)
-        calls = turn.get("tool_calls") if role == "assistant" else None  # OpenAI-style assistant tool calls
-        if role == "function" or calls:
-            calls = _tool_calls(content if role == "function" else [c.get("function", c) for c in calls])
-            if calls is None:
-                return {}, "function call is not JSON with a name"
-            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
-        else:
-            messages.append({"role": role, "content": _text(content)})
-            reasoning = turn.get("reasoning_content") if role == "assistant" else None
-            if isinstance(reasoning, str) and reasoning.strip():  # OpenAI-style separate reasoning
-                messages[-1]["reasoning_content"] = reasoning
-    if not turns or len(turns) % 2:
+        message, reason = _message(turn, odd if i % 2 == 0 else even, tags)
+        if reason:
+            return [], reason, len(turns)
+        messages.append(message)
+    return messages, None, len(turns)
+
+
+def _message(turn: Any, allowed: dict, tags: dict) -> tuple[dict, Optional[str]]:
+    """One sharegpt/openai turn as a message, if its role is one of `allowed` (tag -> role)."""
+    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+    if not isinstance(turn, dict) or role_tag not in turn:
+        return {}, "malformed turn"
+    role = allowed.get(turn[role_tag])
+    if role is None:
+        return {}, "broken role order"
+    content = turn.get(content_tag)
+    calls = turn.get("tool_calls") if role == "assistant" else None  # OpenAI-style assistant tool calls
+    if role == "function" or calls:
+        calls = _tool_calls(content if role == "function" else [c.get("function", c) for c in calls])
+        if calls is None:
+            return {}, "function call is not JSON with a name"
+        return {"role": "assistant", "content": "", "tool_calls": calls}, None
+    message = {"role": role, "content": _text(content)}
+    reasoning = turn.get("reasoning_content") if role == "assistant" else None
+    if isinstance(reasoning, str) and reasoning.strip():  # OpenAI-style separate reasoning
+        message["reasoning_content"] = reasoning
+    return message, None
+
+
+def _conversation(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+    messages, reason, n_turns = _turns(spec, rec, loc)
+    if reason:
+        return {}, reason
+    if not n_turns or n_turns % 2:
         return {}, "does not end with an assistant turn"
-    return {"messages": link_tool_results(messages), "tools": _tools(spec, rec, cols, loc)}, None
+    return {"messages": link_tool_results(messages), "tools": _tools(spec, rec, spec.resolved_columns(), loc)}, None
+
+
+def _conversation_pair(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+    """A ranking sharegpt/openai record: the conversation is the prompt (it ends with a user or tool turn), the
+    chosen and rejected columns hold one assistant (or function call) message each."""
+    cols, tags = spec.resolved_columns(), spec.resolved_tags()
+    messages, reason, n_turns = _turns(spec, rec, loc)
+    replies = {}
+    for side in ("chosen", "rejected"):
+        value = _column(spec, rec, cols[side], loc, side)
+        if not isinstance(value, dict):
+            raise UserError(f"data set '{spec.name}' ({spec.formatting}, ranking): {loc}: column '{cols[side]}' "
+                            f"holds a JSON {type(value).__name__}, not one message "
+                            f"({{\"{tags['role_tag']}\": ..., \"{tags['content_tag']}\": ...}}); fix the record")
+        reply, why = _message(value, {tags["assistant_tag"]: "assistant", tags["function_tag"]: "function"}, tags)
+        reason = reason or (f"{side} is not an assistant message" if why == "broken role order" else why)
+        replies[side] = reply
+    if reason:
+        return {}, reason
+    if n_turns % 2 == 0:
+        return {}, "prompt does not end with a user turn"
+    linked = link_tool_results(messages + [replies["chosen"]])
+    return {"messages": linked[:-1], "chosen": linked[-1], "rejected": link_tool_results(
+        messages + [replies["rejected"]])[-1], "tools": _tools(spec, rec, cols, loc)}, None
 
 
 def link_tool_results(messages: list[dict]) -> list[dict]:

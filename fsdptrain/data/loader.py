@@ -16,6 +16,10 @@ global step), so a resumed run sees exactly the batches of an uninterrupted one:
   world_size x grad_accum_steps of them out to the ranks in order, so every
   rank processes nearly the same number of tokens.
 
+Preference data is a sequence of Pair items: the sampler deals pairs (a micro-batch size counts pairs), so a
+pair is never split across micro-batches or ranks, and `collate` lays a micro-batch out as rows [chosen...,
+rejected...] (one forward, as TRL does); under a token budget a pair costs two padded rows.
+
 The last incomplete global batch of an epoch is dropped by default; with
 drop_last=false it is completed from the start of the epoch's order, so no rank
 ever runs fewer micro-steps than another.
@@ -31,7 +35,7 @@ from typing import Optional
 import torch
 
 from ..core.errors import UserError
-from .encode import IGNORE, Example
+from .encode import IGNORE, Example, Pair
 
 PAD_MULTIPLE = 8
 SORT_WINDOW = 2048  # token budget: examples sorted by length together before cutting micro-batches
@@ -54,6 +58,7 @@ class StepSampler:
     rank_batch_sizes: Optional[list[int]] = None  # micro-batch size of every rank (None: all micro_batch_size)
     token_budget: Optional[int] = None  # cut micro-batches by padded tokens instead of by count
     lengths: Optional[Sequence[int]] = None  # example lengths, needed with token_budget
+    rows_per_item: int = 1  # token budget: padded rows an item costs (2 for a preference pair)
     step: int = 0  # next global step to fetch (state for checkpoints)
     _plans: dict = field(default_factory=dict, repr=False)  # token budget: one epoch's micro-batches
     _epoch_steps: dict = field(default_factory=dict, repr=False)  # token budget: steps of each epoch seen
@@ -150,7 +155,7 @@ class StepSampler:
                 window, cur, longest = cur + perm[w:w + SORT_WINDOW], [], 0
                 for i in sorted(window, key=lambda i: int(self.lengths[i])):
                     n = int(self.lengths[i])
-                    if cur and padded(max(longest, n)) * (len(cur) + 1) > self.token_budget:
+                    if cur and padded(max(longest, n)) * self.rows_per_item * (len(cur) + 1) > self.token_budget:
                         plan.append(cur)
                         cur, longest = [], 0
                     cur.append(i)
@@ -214,15 +219,19 @@ def resolve_rank_sizes(sizes: Optional[list], world_size: int, local_world_size:
 # ----------------------------------------------------------------------------- batches
 
 
-def collate(examples: list[Example], pad_id: int, multiple: int = PAD_MULTIPLE,
+def collate(examples: list[Example] | list[Pair], pad_id: int, multiple: int = PAD_MULTIPLE,
             flatten: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad to a multiple of `multiple`; labels are shifted so labels[b, t] is the target of position t.
+
+    Pairs become rows [chosen of each pair..., rejected of each pair...]: row i and row n + i are one pair.
 
     Right padding under a causal mask never influences real tokens, so no
     attention mask is needed (the fast causal kernel path stays on). Packed rows
     add position_ids restarting at every example; `flatten` lays the rows end to
     end in one row (flash attention's varlen path reads position_ids only then).
     """
+    if isinstance(examples[0], Pair):
+        examples = [p.chosen for p in examples] + [p.rejected for p in examples]
     longest = max(len(e.input_ids) for e in examples)
     width = padded(longest, multiple)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

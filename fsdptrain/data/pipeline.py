@@ -18,7 +18,7 @@ from ..config.schema import Config
 from ..core.errors import ConfigError, UserError
 from . import evalset
 from .cache import Settings, prepare
-from .encode import tokenize_all
+from .encode import example_length, tokenize_all
 from .loader import StepSampler, padded, resolve_rank_sizes, step_batches
 from .packing import pack
 from .sources import resolve
@@ -40,12 +40,38 @@ def check(cfg: Config) -> None:
         raise ConfigError("data.token_budget and data.micro_batch_sizes exclude each other; "
                           "a token budget already balances ranks by tokens")
     longest = (d.pack_length or d.max_length) if d.packing else d.max_length
-    if d.token_budget is not None and d.token_budget < padded(longest):
-        raise ConfigError(f"data.token_budget: {d.token_budget} is below one padded example of {longest} tokens "
-                          f"({padded(longest)} with padding); raise it")
+    rows = rows_per_item(cfg)
+    if d.token_budget is not None and d.token_budget < padded(longest) * rows:
+        what = "pair (two rows)" if rows == 2 else "example"
+        raise ConfigError(f"data.token_budget: {d.token_budget} is below one padded {what} of {longest} tokens "
+                          f"({padded(longest) * rows} with padding); raise it")
     if d.pack_length is not None and d.pack_length < d.max_length:
         raise ConfigError(f"data.pack_length: {d.pack_length} is below data.max_length {d.max_length}; "
                           "a row must hold the longest example")
+
+
+def rows_per_item(cfg: Config) -> int:
+    """Rows one item of the data takes in a batch: a preference pair two (chosen and rejected)."""
+    return 2 if cfg.train.objective == "dpo" else 1
+
+
+def check_objective(cfg: Config, specs: list, key: str = "data.datasets") -> None:
+    """Preference pairs for dpo, and only for dpo: a data set of the other kind is one line."""
+    for spec in specs:
+        if cfg.train.objective == "dpo" and not spec.ranking:
+            raise UserError(f"{key}: data set '{spec.name}' is not preference data (no `ranking: true` in its "
+                            "dataset_info.json entry); train.objective dpo trains on pairs: pick a ranking data "
+                            "set or mark this one ranking with chosen/rejected columns")
+        if cfg.train.objective != "dpo" and spec.ranking:
+            raise UserError(f"{key}: data set '{spec.name}' holds preference pairs (ranking: true); train it with "
+                            "train.objective=dpo, or pick a supervised or pretraining data set")
+
+
+def require_pairs_given(cfg: Config) -> None:
+    """No data sets means the synthetic task, which has no preference pairs."""
+    if cfg.train.objective == "dpo":
+        raise ConfigError("data.datasets: train.objective dpo needs preference data (no synthetic task makes "
+                          "pairs); list data sets with `ranking: true` (docs/preference.md)")
 
 
 def load_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int = 0, local_rank: int = 0,
@@ -62,12 +88,14 @@ def tokenized(cfg: Config, tokenizer: PreTrainedTokenizerBase, datasets: list, r
     """(examples, lengths) of `datasets` (empty: the synthetic task), unpacked; `what` names them in the logs."""
     d = cfg.data
     if not datasets:
+        require_pairs_given(cfg)
         conversations = generate(d.synthetic_task, d.synthetic_examples, cfg.seed)
         examples, st = tokenize_all(tokenizer, conversations, d.max_length, d.train_on_prompt, d.mask_history)
         log(f"{what}: synthetic '{d.synthetic_task}': {st.summary()}")
         lengths = [len(e.input_ids) for e in examples]
     else:
         specs = resolve(datasets, d.dataset_dir)
+        check_objective(cfg, specs, "data.datasets" if what == "data" else "data.eval_datasets")
         settings = Settings(d.max_length, d.train_on_prompt, d.mask_history, d.max_samples, cfg.seed, d.num_proc,
                             d.template)
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
@@ -142,7 +170,7 @@ def load_train_eval(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int =
 def lengths_of(examples) -> list[int]:
     if hasattr(examples, "lengths"):
         return examples.lengths
-    return [len(examples[i].input_ids) for i in range(len(examples))]
+    return [example_length(examples[i]) for i in range(len(examples))]
 
 
 def build_sampler(cfg: Config, examples, world_size: int, rank: int, local_world_size: int) -> StepSampler:
@@ -150,7 +178,8 @@ def build_sampler(cfg: Config, examples, world_size: int, rank: int, local_world
     sizes = resolve_rank_sizes(d.micro_batch_sizes, world_size, local_world_size)
     return StepSampler(len(examples), world_size, rank, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                        cfg.seed, d.shuffle, d.drop_last, rank_batch_sizes=sizes, token_budget=d.token_budget,
-                       lengths=lengths_of(examples) if d.token_budget is not None else None)
+                       lengths=lengths_of(examples) if d.token_budget is not None else None,
+                       rows_per_item=rows_per_item(cfg))
 
 
 def batches(cfg: Config, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, device_type: str):

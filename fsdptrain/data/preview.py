@@ -3,7 +3,9 @@
 For each data set: records read, skipped and why, examples kept, truncated, extra rows (long documents cut,
 turns re-rendered by the template), dropped for having no target left. Then the first N examples rendered with
 their trained spans marked (green on a terminal, `[[...]]` otherwise), and with an output file one JSON line
-per example: input_ids, labels, the source file and the record's number in it. Records are read, converted,
+per example: input_ids, labels, the source file and the record's number in it. A preference pair is shown as
+its chosen and its rejected row, each with its response marked (and written with rejected_ids and
+rejected_labels beside input_ids and labels). Records are read, converted,
 rendered and tokenised exactly as for training (the same functions, in process, no cache), and a template that
 cannot render the data stops here with the same one-line error.
 """
@@ -21,7 +23,8 @@ from ..config.schema import Config
 from ..core.errors import UserError
 from . import formats, sources
 from .cache import template_fix, template_label
-from .encode import IGNORE, Example, TemplateError, TokenizeStats, tokenize_all, tokenize_record
+from .encode import IGNORE, Example, Pair, PairError, TemplateError, TokenizeStats, tokenize_all, tokenize_record
+from .pipeline import check_objective, require_pairs_given
 from .synthetic import generate
 from .tokenizer import apply_template, load_tokenizer
 
@@ -34,7 +37,7 @@ OPEN, CLOSE = "[[", "]]"
 
 @dataclass
 class Row:
-    example: Example
+    example: Example | Pair
     source: str  # the file (or hub path) the record came from
     record: int  # its number there (0-based)
 
@@ -52,12 +55,15 @@ def collect(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[list[SetReport],
     """Every data set's counts and examples, in order, as training would make them (before packing)."""
     d = cfg.data
     if not d.datasets:
+        require_pairs_given(cfg)
         examples, st = tokenize_all(tok, generate(d.synthetic_task, d.synthetic_examples, cfg.seed), d.max_length,
                                     d.train_on_prompt, d.mask_history)
         return [SetReport(f"synthetic {d.synthetic_task}", st)], [Row(e, "synthetic", i)
                                                                     for i, e in enumerate(examples)]
     reports, rows = [], []
-    for n, spec in enumerate(sources.resolve(d.datasets, d.dataset_dir)):
+    specs = sources.resolve(d.datasets, d.dataset_dir)
+    check_objective(cfg, specs)
+    for n, spec in enumerate(specs):
         records, where = sources.read(spec)
         records, where = sources.sample(records, where, spec.num_samples, cfg.seed + n)
         if d.max_samples is not None:
@@ -69,6 +75,8 @@ def collect(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[list[SetReport],
                 examples, st = tokenize_record(tok, rec, d.max_length, d.train_on_prompt, d.mask_history)
             except TemplateError as e:
                 raise UserError(f"{loc}: {template_label(d.template)}: {e}; {template_fix(tok)}") from None
+            except PairError as e:
+                raise UserError(f"{loc}: {e}; raise data.max_length or shorten the record") from None
             st.read = 0
             report.stats.add(st)
             source, _, number = loc.rpartition(" record ")
@@ -107,8 +115,12 @@ def write_jsonl(rows: list[Row], out: str) -> None:
     try:
         with open(tmp, "w") as fh:
             for r in rows:
-                fh.write(json.dumps({"input_ids": list(r.example.input_ids), "labels": list(r.example.labels),
-                                     "source": r.source, "record": r.record}) + "\n")
+                e = r.example
+                first = e.chosen if isinstance(e, Pair) else e
+                line = {"input_ids": list(first.input_ids), "labels": list(first.labels)}
+                if isinstance(e, Pair):
+                    line.update(rejected_ids=list(e.rejected.input_ids), rejected_labels=list(e.rejected.labels))
+                fh.write(json.dumps({**line, "source": r.source, "record": r.record}) + "\n")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -128,6 +140,12 @@ def preview(cfg: Config, show: int, out: Optional[str], color: bool, echo: Calla
         echo(f"data: total: {total.summary()}")
     for i, r in enumerate(rows[:show]):
         where = r.source if r.record < 0 else f"{r.source} record {r.record}"
+        if isinstance(r.example, Pair):
+            for side in ("chosen", "rejected"):
+                e = getattr(r.example, side)
+                echo(f"--- pair {i} {side} ({where}, {len(e.input_ids)} tokens, {e.n_targets} trained)")
+                echo(marked(tok, e, color))
+            continue
         echo(f"--- example {i} ({where}, {len(r.example.input_ids)} tokens, {r.example.n_targets} trained)")
         echo(marked(tok, r.example, color))
     if out:

@@ -2,11 +2,11 @@
 
 `data.datasets` lists names or paths. A name is looked up in
 `<dataset_dir>/dataset_info.json` (LLaMA-Factory's registry: file_name,
-formatting, columns, tags, num_samples, hf_hub_url, subset, split); a path is a
+formatting, columns, tags, num_samples, ranking, hf_hub_url, subset, split); a path is a
 file (json array, jsonl, parquet, csv, arrow, txt), a folder of files of one
 type, or a folder written by `datasets.save_to_disk`. An entry may also be a
-mapping {name or path, formatting, columns, tags, num_samples} for data that is
-not in a registry.
+mapping {name or path, formatting, columns, tags, num_samples, ranking} for data
+that is not in a registry. `ranking: true` marks preference pairs (formats.py).
 
 Reading gives plain Python records plus, per record, where it came from
 ("file line N" / "record N") so that format errors can point at it. Every
@@ -31,7 +31,8 @@ from .formats import FORMATS, Spec
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
               ".txt": "txt"}
-UNSUPPORTED = ("ranking", "images", "videos", "audios", "kto_tag", "chosen", "rejected")
+UNSUPPORTED = ("images", "videos", "audios", "kto_tag")
+PAIR_COLUMNS = ("chosen", "rejected")
 
 
 def registry(dataset_dir: Path) -> dict[str, tuple[Any, Path]]:
@@ -50,7 +51,7 @@ def registry(dataset_dir: Path) -> dict[str, tuple[Any, Path]]:
 
 # the type each dataset_info.json field must have where fsdptrain reads it (num_samples is checked in _spec)
 ENTRY_FIELDS = {"file_name": str, "formatting": str, "columns": dict, "tags": dict, "hf_hub_url": str,
-                "subset": str, "split": str}
+                "subset": str, "split": str, "ranking": bool}
 
 
 def _check_entry(entry: Any, where: str) -> dict:
@@ -86,11 +87,11 @@ def resolve(datasets: list, dataset_dir: str) -> list[Spec]:
             item = {"name": item}
         if not isinstance(item, dict) or not ({"name", "path"} & set(item)):
             raise UserError(f"data.datasets: entry {item!r} needs a name (in dataset_info.json) or a path")
-        extra = set(item) - {"name", "path", "formatting", "columns", "tags", "num_samples"}
+        extra = set(item) - {"name", "path", "formatting", "columns", "tags", "num_samples", "ranking"}
         if extra:
             raise UserError(f"data.datasets: entry {item!r}: unknown field(s) {', '.join(sorted(extra))} "
-                            "(allowed: name, path, formatting, columns, tags, num_samples)")
-        _check_entry({k: v for k, v in item.items() if k in ("columns", "tags", "formatting")},
+                            "(allowed: name, path, formatting, columns, tags, num_samples, ranking)")
+        _check_entry({k: v for k, v in item.items() if k in ("columns", "tags", "formatting", "ranking")},
                      f"data.datasets: entry {item!r}")
         name = item.get("name") or item["path"]
         entry = {}
@@ -104,7 +105,7 @@ def resolve(datasets: list, dataset_dir: str) -> list[Spec]:
                 raise UserError(f"data.datasets: unknown data set '{name}' (not in {root / 'dataset_info.json'} "
                                 f"and no such file or folder); known: {names}")
             item = {**item, "path": str(candidate)}
-        for key in ("formatting", "columns", "tags", "num_samples"):
+        for key in ("formatting", "columns", "tags", "num_samples", "ranking"):
             if key in item:
                 entry[key] = item[key]
         info = known[name][1] if name in known else root / "dataset_info.json"
@@ -116,16 +117,25 @@ def _spec(name: str, entry: dict, path: Optional[str], root: Path, info: Path) -
     where = f"data set '{name}'"
     bad = [k for k in UNSUPPORTED if entry.get(k) or k in entry.get("columns", {})]
     if bad:
-        raise UserError(f"{where}: uses {', '.join(bad)} (preference or multimodal data), which fsdptrain does "
-                        "not train; pick a supervised or pretraining data set")
+        raise UserError(f"{where}: uses {', '.join(bad)} (KTO or multimodal data), which fsdptrain does "
+                        "not train; pick a supervised, pretraining or preference (ranking) data set")
+    ranking = bool(entry.get("ranking"))
+    pair_columns = [k for k in PAIR_COLUMNS if k in (entry.get("columns") or {})]
+    if pair_columns and not ranking:
+        raise UserError(f"{where}: maps columns {', '.join(pair_columns)} (preference pairs) but is not marked "
+                        "`ranking: true`; add `\"ranking\": true` to its entry (and train it with "
+                        "train.objective=dpo)")
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATS:
         raise UserError(f"{where}: formatting '{formatting}' is not one of {', '.join(FORMATS)}")
+    if ranking and formatting == "text":
+        raise UserError(f"{where}: `ranking: true` with formatting text; preference pairs are alpaca, sharegpt "
+                        "or openai records")
     num = entry.get("num_samples")
     if num is not None and (not isinstance(num, int) or num < 1):
         raise UserError(f"{where}: num_samples must be a positive integer, got {num!r}")
     spec = Spec(name=name, files=[], formatting=formatting, columns=dict(entry.get("columns") or {}),
-                tags=dict(entry.get("tags") or {}), num_samples=num)
+                tags=dict(entry.get("tags") or {}), num_samples=num, ranking=ranking)
     if path is None and "file_name" not in entry:
         hub = entry.get("hf_hub_url")
         if not hub:

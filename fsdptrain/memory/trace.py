@@ -140,6 +140,10 @@ def check_traceable(cfg: Config, est: Optional[analytic.Estimate] = None) -> Non
         raise ConfigError("parallel.cpu_offload: --trace cannot trace it (the fake trace runs on one device, so "
                           "offloaded and resident memory cannot be told apart); trace with "
                           "parallel.cpu_offload=false, or drop --trace for the analytic estimate, which covers it")
+    if cfg.train.objective != "sft":
+        raise ConfigError(f"train.objective: --trace traces the sft step; a {cfg.train.objective} step (two rows per "
+                          "pair and a reference forward) is not traced yet; trace with train.objective=sft on "
+                          "twice the micro-batch for a lower bound")
 
 
 def trace_notes(cfg: Config) -> list[str]:

@@ -18,6 +18,10 @@ fp32 adapters share a unit.
 `init_adapters` fills the adapters after the base is materialised: lora_A like
 PEFT's default (Kaiming-uniform, a = sqrt(5)), seeded per module name so the
 values do not depend on the world size, and lora_B zero (the model starts as the base).
+
+Preference training needs the model it started from as its reference, without a second copy:
+`adapters_disabled` makes a LoRA model compute its frozen base (every adapter skipped), and `InitialWeights`
+keeps a copy of only the trainable shards of a freeze run as they were loaded and swaps them in for a forward.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,6 +40,7 @@ from torch import nn
 
 from ..config.schema import FinetuneConfig
 from ..core.errors import ConfigError
+from .models import local_tensor
 
 ALL = ("all", "all-linear")
 ADAPTERS = ("lora_A", "lora_B")
@@ -43,9 +50,12 @@ class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank update: y = x W^T + b + scaling * B(A(dropout(x)))."""
 
     lora_scaling: float = 1.0
+    lora_off: bool = False  # adapters_disabled: the base layer alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if self.lora_off:
+            return out
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.lora_scaling
 
 
@@ -268,3 +278,45 @@ def target_modules_for_peft(all_linear_names: list[str], lora_modules: list[str]
     if sorted(n for n in all_linear_names if any(matches(n, k) for k in kinds)) == sorted(lora_modules):
         return kinds
     return "^(" + "|".join(re.escape(n) for n in lora_modules) + ")$"
+
+
+# ----------------------------------------------------------------------------- the model a run started from
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within: `model` computes its frozen base, every LoRA adapter skipped (lora_B(lora_A(x)) is not added, so
+    the result is the base layer's exactly). Yields the model."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.lora_off = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.lora_off = False
+
+
+class InitialWeights:
+    """The trainable parameters' local shards as they were when this was made (a freeze run's loaded weights),
+    and a context in which the model computes with them: they are copied in for its duration and the current
+    values copied back after (no update may happen inside). Costs a copy of the trainable shards only; the
+    frozen weights are shared."""
+
+    def __init__(self, model: nn.Module):
+        unique = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+        with torch.no_grad():
+            self.saved = [(local_tensor(p), local_tensor(p).detach().clone()) for p in unique]
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[nn.Module]:
+        with torch.no_grad():
+            current = [local.clone() for local, _ in self.saved]
+            for local, initial in self.saved:
+                local.copy_(initial)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for (local, _), value in zip(self.saved, current):
+                    local.copy_(value)

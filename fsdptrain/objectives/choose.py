@@ -1,11 +1,22 @@
-"""Which objective a run trains with. Today one: token cross-entropy (SFT and pretraining alike)."""
+"""Which objective a run trains with: token cross-entropy (sft: SFT and pretraining alike) or a preference loss
+(dpo: objectives/preference.py, with the reference model the trainer built)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..config.schema import Config
 from .base import Objective
+from .preference import Reference, needs_reference, preference_objective
 from .sft import SFT
 
 
-def objective_for(cfg: Config) -> Objective:
+def needs_reference_model(cfg: Config) -> bool:
+    """Whether the run's objective compares against a reference model (the trainer builds it)."""
+    return cfg.train.objective == "dpo" and needs_reference(cfg.preference)
+
+
+def objective_for(cfg: Config, reference: Optional[Reference] = None) -> Objective:
+    if cfg.train.objective == "dpo":
+        return preference_objective(cfg.preference, reference)
     return SFT

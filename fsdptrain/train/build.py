@@ -5,11 +5,17 @@ tests and the benchmarks all call `build_sharded_model`, so what they measure
 and check is what training runs. No rank ever holds a full copy: the model is
 built on the meta device, sharded there, and only then are the local shards
 allocated and filled (random init, or each rank's rows read from safetensors).
+
+`build_reference` gives a preference run's reference model by the cheapest correct means: a LoRA run's policy
+with its adapters off, a freeze run's policy with its trainable shards as loaded swapped in, and for full
+fine-tuning a second sharded copy, frozen (no gradients, no optimizer state; bf16 under bf16-mixed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -23,7 +29,7 @@ from ..dist.mesh import build_mesh, describe
 from ..dist.plan import matmul_tf32, resolve_precision
 from ..memory.estimate import plan_auto_checkpointing
 from ..model import families, finetune, models
-from .parallelize import ParallelPlan, apply_fsdp
+from .parallelize import ParallelPlan, after_no_grad_forward, apply_fsdp
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -57,7 +63,7 @@ def use_matmul_precision(precision: str, device_type: str) -> None:
 
 def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig,
                         weights: Optional[str] = None, mesh: Optional[DeviceMesh] = None,
-                        fill: bool = True) -> ShardedModel:
+                        fill: bool = True, frozen: bool = False) -> ShardedModel:
     """Build, shard and fill the model of `cfg` on this rank.
 
     weights: a Hugging Face folder to load; default: cfg.model.path unless model.random_init (or no path).
@@ -65,6 +71,8 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
     default: mesh.build_mesh for cfg.parallel.
     fill: False allocates the shards and restores the buffers but neither loads nor initialises the weights
     (memory.trace: fake tensors, whose values are never read).
+    frozen: nothing trains (a reference model): no gradients, weights stored in the compute dtype, no activation
+    checkpointing (it never runs backward), in eval mode.
     """
     if weights is None and cfg.model.path is not None and not cfg.model.random_init:
         weights = cfg.model.path
@@ -75,8 +83,15 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
     n_params = models.count_params(model)
     blocks = models.find_blocks(model)
     families.check_trainable(model, blocks, hf_config.model_type)  # before any weight is read
-    ft = finetune.prepare(model, blocks, cfg.finetune, precision)  # adapters join their block's FSDP unit
-    if ft.method != "full":
+    if frozen:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        finetune.store_frozen_in(model, models.DTYPES["bf16-pure" if precision.startswith("bf16") else "fp32"])
+        cfg = replace(cfg, parallel=replace(cfg.parallel, activation_checkpointing="none"))
+        ft = finetune.FinetunePlan("frozen", n_total=n_params)
+    else:
+        ft = finetune.prepare(model, blocks, cfg.finetune, precision)  # adapters join their block's FSDP unit
+    if ft.method not in ("full", "frozen"):
         log.info(ft.describe())
     mesh = mesh if mesh is not None else build_mesh(info, cfg.parallel)
     modes = None
@@ -93,6 +108,41 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
         models.materialize(model, device, cfg.seed, weights, init_device=info.device, skip=frozenset(ft.new_params))
         if ft.lora_modules:
             finetune.init_adapters(model, ft, cfg.seed)
+        if frozen:
+            model.eval()
     if plan.offload:  # FSDP2 keeps the offloaded shards on the CPU and moves no buffers: they go where compute runs
         models.move_buffers(model, info.device)
     return ShardedModel(model, blocks, mesh, plan, n_params, weights, ft)
+
+
+Reference = Callable[[nn.Module], AbstractContextManager]  # policy -> a context yielding the reference model
+
+
+def build_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sharded: ShardedModel) -> Reference:
+    """The reference model of a preference run: given the policy, a context in which the yielded model computes
+    what the run started from (call it under no_grad, before the policy's own forward of the micro-batch)."""
+    method = sharded.finetune.method if sharded.finetune is not None else "full"
+    if method == "lora":
+        return _tidied(finetune.adapters_disabled)
+    if method == "freeze":
+        return _tidied(finetune.InitialWeights(sharded.model))
+    ref = build_sharded_model(cfg, info, hf_config, mesh=sharded.mesh, frozen=True).model
+    log.info("reference model: a frozen sharded copy of the starting weights (full fine-tuning)")
+
+    @contextmanager
+    def separate(policy: nn.Module) -> Iterator[nn.Module]:
+        yield ref
+
+    return _tidied(separate)
+
+
+def _tidied(reference: Reference) -> Reference:
+    """`reference` with FSDP2's records of its forward tidied after it (parallelize.after_no_grad_forward)."""
+    @contextmanager
+    def run(policy: nn.Module) -> Iterator[nn.Module]:
+        with reference(policy) as model:
+            try:
+                yield model
+            finally:
+                after_no_grad_forward(model)
+    return run

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -38,6 +38,7 @@ class EvalResult:
     tokens: int  # units evaluated, all ranks (SFT: target tokens)
     examples: int  # eval rows evaluated (packed rows when packing)
     seconds: float
+    extra: dict[str, float] = field(default_factory=dict)  # the objective's metrics (dpo: rewards/...) per unit
 
     @property
     def ppl(self) -> float:
@@ -45,7 +46,7 @@ class EvalResult:
 
     def metrics(self) -> dict:
         return {"eval_loss": self.loss, "eval_ppl": self.ppl, "eval_tokens": self.tokens,
-                "eval_time_s": round(self.seconds, 3)}
+                "eval_time_s": round(self.seconds, 3), **{f"eval_{k}": v for k, v in self.extra.items()}}
 
 
 def eval_micro_batch(cfg: Config) -> int:
@@ -67,7 +68,8 @@ def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int,
     its rank). on_batch(i) runs after this rank's i-th forward (memory records)."""
     t0 = time.perf_counter()
     n = eval_count(len(examples), micro_batch, max_batches)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target tokens
+    # loss sum, target tokens (the objective's units), the objective's metric sums
+    sums = torch.zeros(2 + len(objective.metrics), dtype=torch.float64, device=device)
     was_training = model.training
     forked = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked, device_type="cuda"), torch.no_grad():
@@ -76,13 +78,17 @@ def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int,
             for i, rows in enumerate(rank_eval_batches(examples, n, world_size, rank, micro_batch, pad_id)):
                 b = collate(rows, pad_id, flatten=flatten)
                 batch = batch_to_device(b, device)
-                sums[0] += objective.loss(model, batch, head, False).loss.double()
+                out = objective.loss(model, batch, head, False)
+                sums[0] += out.loss.double()
                 sums[1] += objective.units(b)
+                for k, name in enumerate(objective.metrics):
+                    sums[2 + k] += out.metrics[name].double()
                 if on_batch is not None:
                     on_batch(i)
         finally:
             model.train(was_training)
     if torch.distributed.is_initialized():
         distributed.all_reduce_sum(sums)
-    loss_sum, tokens = sums.tolist()
-    return EvalResult(loss_sum / max(tokens, 1.0), int(tokens), n, time.perf_counter() - t0)
+    loss_sum, tokens, *metric_sums = sums.tolist()
+    extra = {name: v / max(tokens, 1.0) for name, v in zip(objective.metrics, metric_sums)}
+    return EvalResult(loss_sum / max(tokens, 1.0), int(tokens), n, time.perf_counter() - t0, extra)

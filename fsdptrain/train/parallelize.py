@@ -135,3 +135,26 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg
     fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **kwargs)
     set_prefetch(blocks, pcfg.prefetch_blocks)
     return ParallelPlan(n_blocks=len(blocks), checkpoint_modes=modes, precision=precision, offload=pcfg.cpu_offload)
+
+
+def after_no_grad_forward(model: nn.Module) -> None:
+    """Tidy FSDP2's per-iteration records after a forward under no_grad that no backward follows (a preference
+    run's reference forward): free every unit's gathered weights (a unit that keeps them after forward, the last
+    block, would hold them until the next forward), and forget the order the units ran in. FSDP2 appends each
+    forward's units to that order and clears it only at the end of a backward, reading it then to prefetch the
+    unit before each one: for the policy, a stale entry would make its first block prefetch the root's weights
+    again; for a reference model, which never runs backward, the list would grow by one entry per unit and
+    forward for the whole run. The record is FSDP2's private state (torch 2.13; read in
+    torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, `_record_post_forward`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    state = model._get_fsdp_state() if isinstance(model, FSDPModule) else None
+    if state is None:
+        return
+    state._comm_ctx.post_forward_order.clear()
+    for st in state._state_ctx.all_states:
+        for group in st._fsdp_param_groups:
+            group._post_forward_indices.clear()
