@@ -22,8 +22,7 @@ from typing import Optional
 import click
 
 from .core import log
-from .core.errors import RunStopped, UserError
-from .dist.stopping import EXIT_STOPPED
+from .core.errors import EXIT_STOPPED, RunStopped, UserError
 
 # The run's output_dir once a command has loaded its config: where the traceback of a crash goes.
 crash_dir: Optional[str] = None
