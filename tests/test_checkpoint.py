@@ -369,6 +369,13 @@ def test_torch_writer_failing_inside_dcp_is_one_line_and_keeps_the_earlier_check
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]  # the .tmp is gone
     assert (ckpt(run, 2) / "COMPLETE.json").is_file()
 
+    calls.clear()  # a failure that is no write (a bug) is an internal error with its traceback in a file, not a
+    monkeypatch.setattr(FileSystemWriter, "write_data", lambda self, plan, planner: 1 / 0)  # bare CheckpointException
+    proc = cli_inproc(["train", cfg, "checkpoint.resume=none", f"output_dir={tmp_path / 'bug'}"])
+    lines = proc.stderr.splitlines()
+    assert (proc.returncode, len(lines)) == (1, 2), proc.stderr
+    assert lines[0] == "fsdptrain: internal error: RuntimeError: checkpoint step 2: ZeroDivisionError: division by zero"
+
 
 def test_a_write_failure_on_any_rank_is_named_on_every_rank():
     """What each rank raises after DCP's gather: the failures of all ranks. A failed write anywhere is a write

@@ -635,6 +635,9 @@ def _writing(step: int, tmp: Path, rank: int) -> Iterator[None]:
         yield
     except (OSError, RuntimeError, CheckpointException) as e:
         reason = write_failure(e)
+        if reason is None and isinstance(e, CheckpointException):  # a BaseException: the CLI's last resort (and
+            exc = next(iter(e.failures.values()))[0]  # the peer-loss check) would miss it
+            raise RuntimeError(f"checkpoint step {step}: {type(exc).__name__}: {exc}") from e
         if reason is None:
             raise
         free = free_space(tmp.parent)  # what the write met, before its own folder is removed
