@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -22,8 +23,7 @@ from typing import Optional
 import click
 
 from .core import log
-from .core.errors import RunStopped, UserError
-from .dist.stopping import EXIT_STOPPED
+from .core.errors import EXIT_STOPPED, ConfigError, RunStopped, UserError
 
 # The run's output_dir once a command has loaded its config: where the traceback of a crash goes.
 crash_dir: Optional[str] = None
@@ -163,6 +163,44 @@ class FileFirst(click.Command):
         return super().parse_args(ctx, args)
 
 
+def looks_like_override(arg: str) -> bool:
+    """`key.path=value`, not a file name (a YAML file may hold '=' in its name)."""
+    key, eq, _ = arg.partition("=")
+    return bool(eq) and not arg.endswith((".yaml", ".yml")) and re.fullmatch(r"[A-Za-z_][\w.-]*", key) is not None
+
+
+def config_first(command: str, config: Optional[str], overrides: tuple[str, ...], default: Optional[str],
+                 usage: str = "") -> tuple[Optional[str], tuple[str, ...]]:
+    """(CONFIG, overrides) of a command whose CONFIG comes first. A first argument of the form key=value is an
+    override of `default` (None: the built-in demo config); a config file after it, or a command that has no
+    default (`default` "", with `usage` saying why), gets a one-line hint that CONFIG comes first."""
+    if config is None or not looks_like_override(config):
+        return config, overrides
+    files = [a for a in overrides if not looks_like_override(a)]
+    if files:
+        raise ConfigError(f"{files[0]}: CONFIG comes first, then the key=value overrides: fsdptrain {command} "
+                          f"{files[0]} {config} ...")
+    if default == "":
+        raise ConfigError(f"{config}: this is a key=value override, and CONFIG comes first{usage}: fsdptrain "
+                          f"{command} CONFIG {config} ...")
+    return default, (config, *overrides)
+
+
+# Where a run directory keeps its resolved config (run/rundir.py's RUN_OUTPUTS) and its checkpoints
+# (run/checkpoint.py's SUBDIR); named here, not imported, because those modules import torch.
+RUN_CONFIG, CHECKPOINTS = "config.yaml", "checkpoints"
+
+
+def run_config_of(source: str) -> Optional[str]:
+    """The config.yaml of the run that --checkpoint belongs to: a run directory, its checkpoints/ folder or a
+    checkpoint in it. None for anything else (a Hugging Face folder, a checkpoint copied elsewhere)."""
+    p = Path(source)
+    for run_dir, holds in ((p, p / CHECKPOINTS), (p.parent, p), (p.parent.parent, p.parent)):
+        if holds.name == CHECKPOINTS and holds.is_dir() and (run_dir / RUN_CONFIG).is_file():
+            return str(run_dir / RUN_CONFIG)
+    return None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """fsdptrain: fine-tune and pretrain Hugging Face causal LMs with PyTorch FSDP2."""
@@ -177,9 +215,7 @@ def train(config: str | None, overrides: tuple[str, ...]) -> None:
     global crash_dir
     from .config.schema import load_config
 
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides = (config, *overrides)
-        config = None
+    config, overrides = config_first("train", config, overrides, None)
     cfg = load_config(config, overrides)  # before importing torch: a config mistake is reported at once
     crash_dir = cfg.output_dir
     from .trainer import train as run
@@ -213,9 +249,7 @@ def config_cmd(config: str | None, overrides: tuple[str, ...], dump: bool, refer
             click.echo(f"| `{key}` | `{default}` | {doc} |")
         return
 
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides = (config, *overrides)
-        config = None
+    config, overrides = config_first("config", config, overrides, None)
     cfg = load_config(config, overrides)
     if dump:
         click.echo(dump_yaml(cfg), nl=False)
@@ -234,27 +268,38 @@ def data_cmd(config: str | None, overrides: tuple[str, ...], show: int, out: str
     from .config.schema import load_config
     from .data.preview import preview
 
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides = (config, *overrides)
-        config = None
+    config, overrides = config_first("data", config, overrides, None)
     cfg = load_config(config, overrides)
     preview(cfg, show, out, color=sys.stdout.isatty(), echo=click.echo)
 
 
 @main.command("eval", cls=FileFirst)
-@click.argument("config")
+@click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--checkpoint", "source", required=True,
               help="A checkpoint folder, a run directory (its newest checkpoint) or a Hugging Face model folder.")
 @click.option("--out", "out_file", default=None,
               help="JSON result file; default: eval-<checkpoint name>.json in the current folder.")
 @friendly_errors
-def eval_cmd(config: str, overrides: tuple[str, ...], source: str, out_file: str | None) -> None:
-    """Eval loss, perplexity and tokens of --checkpoint on CONFIG's eval data (any number of ranks)."""
+def eval_cmd(config: str | None, overrides: tuple[str, ...], source: str, out_file: str | None) -> None:
+    """Eval loss, perplexity and tokens of --checkpoint on CONFIG's eval data (any number of ranks). CONFIG
+    defaults to the run's config.yaml when --checkpoint is a run directory or a checkpoint in one."""
     from .config.schema import load_config
+
+    found = run_config_of(source) if config is None or looks_like_override(config) else None
+    if config is None:
+        if found is None:
+            raise ConfigError(f"--checkpoint: {source} is not a run directory or a checkpoint in one, so there is "
+                              "no run config.yaml to evaluate with; give CONFIG first (the eval data and model "
+                              f"settings): fsdptrain eval CONFIG [key=value ...] --checkpoint {source}")
+        config = found
+    else:
+        config, overrides = config_first("eval", config, overrides, found or "",
+                                         f" (--checkpoint {source} is not a run directory with a config.yaml)")
+    cfg = load_config(config, overrides)  # before importing torch: a config mistake is reported at once
     from .evalrun import eval_checkpoint
 
-    eval_checkpoint(load_config(config, overrides), source, out_file)
+    eval_checkpoint(cfg, source, out_file)
 
 
 @main.command("export")
@@ -355,6 +400,7 @@ def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_
     from .config.schema import load_config, parse_size
     from .memory import allowance, estimate
 
+    config, overrides = config_first("estimate", config, overrides, "", " (the model and settings to estimate)")
     cfg = load_config(config, overrides)
     est = estimate.estimate(cfg, nnodes, gpus_per_node, parse_size(gpu_memory, "--gpu-memory"),
                             parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None)

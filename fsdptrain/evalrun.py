@@ -99,12 +99,13 @@ def eval_checkpoint(cfg: Config, source: str, out: Optional[str]) -> EvalResult:
                                                              random_init=ckpt is not None))
     info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
     try:
-        tokenizer = load_tokenizer(cfg.model.tokenizer, str(hf_dir), cfg.model.trust_remote_code)
-        _, evals = pipeline.load_train_eval(cfg, tokenizer, info.rank, info.local_rank, log.info)
-        if evals is None:
-            raise UserError("eval: the config has no eval data; set data.val_size (as in training) or "
-                            "data.eval_datasets")
-        hf_config = models.load_hf_config(str(hf_dir), None, len(tokenizer), cfg.model.trust_remote_code)
+        with log.held():  # a mistake in the data or the model's config is the only line printed
+            tokenizer = load_tokenizer(cfg.model.tokenizer, str(hf_dir), cfg.model.trust_remote_code)
+            _, evals = pipeline.load_train_eval(cfg, tokenizer, info.rank, info.local_rank, log.info)
+            if evals is None:
+                raise UserError("eval: the config has no eval data; set data.val_size (as in training) or "
+                                "data.eval_datasets")
+            hf_config = models.load_hf_config(str(hf_dir), None, len(tokenizer), cfg.model.trust_remote_code)
         model = build_sharded_model(cfg, info, hf_config).model
         if ckpt is not None:
             load_dcp_model(model, ckpt)

@@ -15,7 +15,9 @@
      of torchrun hanging (its own static rendezvous waits 10 minutes and then
      prints a traceback). The port is released before torchrun binds it.
   4. prints the resolved command and execs torchrun (as `python -m
-     torch.distributed.run`, the same interpreter) with `-m fsdptrain train ...`.
+     torch.distributed.run`, the same interpreter) with `-m fsdptrain train ...`,
+     its output going to a log file and shown here without torchrun's own
+     report of failures (launchlog.py; FSDPTRAIN_LAUNCH_LOG=0: as it is).
 This module imports no torch, so the check costs well under a second.
 """
 
@@ -36,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
+from . import launchlog
 from .core import log
 from .core.errors import LaunchError, UserError
 
@@ -483,13 +486,23 @@ def main(argv: list[str]) -> int:
     env["FSDPTRAIN_OMP_NUM_THREADS_UNSET"] = "0" if env.get("OMP_NUM_THREADS", "") else "1"
     extra = shlex.split(env.get("TORCHRUN_EXTRA_ARGS", ""))
     cmd = torchrun_command(plan, argv, src if plan.multi_node else None, extra=extra)
-    say("exec " + " ".join(f"{k}={v}" for k, v in set_env.items()) + (" " if set_env else "") + shlex.join(cmd))
+    log_file = launchlog.log_path(env, plan.node_rank)
+    if log_file is not None and sys.stdout.isatty():
+        env["FSDPTRAIN_TTY"] = "1"  # the workers write to the log file: rank 0 still draws a progress bar
+    say("exec " + " ".join(f"{k}={v}" for k, v in set_env.items()) + (" " if set_env else "") + shlex.join(cmd)
+        + (f" > {log_file} (shown here without torchrun's own report of failures)" if log_file else ""))
     sys.stdout.flush()
     # Slurm's --signal=USR1 reaches every process of the step: torchrun's agent would die of it (it handles
     # TERM, INT, HUP, QUIT only). Ignored here, it stays ignored through exec in the agent; the workers set
     # their own handler (fsdptrain.dist.stopping), so they save and stop.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    os.execvpe(cmd[0], cmd, env)
+    try:
+        log_fd = launchlog.open_log(log_file) if log_file is not None else None
+    except OSError as e:  # the log folder: not writable, no space
+        log.error(f"FSDPTRAIN_LAUNCH_LOG: cannot write {log_file} ({e.strerror}); set FSDPTRAIN_LAUNCH_LOG to a "
+                  "writable folder, or to 0 for torchrun's output as it is")
+        return 2
+    launchlog.exec_torchrun(cmd, env, (log_fd, log_file) if log_fd is not None and log_file else None)
     return 0  # not reached
 
 

@@ -204,13 +204,15 @@ def setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]] = None)
     """Build the run: output_dir's lock, tokenizer and data, sharded model, optimizer, checkpointer (resumes),
     then the run's files and logs. A failed start writes nothing into output_dir (and releases its lock)."""
     check_device_support(cfg.parallel, info.device_type)
-    out, held, fresh = claim_output_dir(cfg, info)
-    try:
-        return _setup(cfg, info, examples, out, held, fresh)
-    except BaseException:
-        if held is not None:
-            held.release()
-        raise
+    breakdown.check(cfg)
+    with log.held():  # until the inputs are checked (_setup releases it): a mistake found is the only line printed
+        out, held, fresh = claim_output_dir(cfg, info)
+        try:
+            return _setup(cfg, info, examples, out, held, fresh)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
 
 
 def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: Path,
@@ -219,11 +221,11 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples)
     hf_config = setup_hf_config(cfg, tokenizer)
+    log.release()  # data and model config are fine: what was said so far is printed, the rest as it comes
     sharded = build_sharded_model(cfg, info, hf_config)
     log.info(sharded.describe(hf_config))
     # a preference run's reference: before resuming, so that it is the starting weights (train/build.py)
     reference = build_reference(cfg, info, hf_config, sharded) if needs_reference_model(cfg) else None
-    breakdown.check(cfg)
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
     model, plan = sharded.model, sharded.plan

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -94,6 +95,8 @@ def env(**extra: str) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e.setdefault("OMP_NUM_THREADS", "1")
+    # launch/torchrun.sh's log files (launch/slurm.sbatch would put them in the checkout): one folder for the tests
+    e.setdefault("FSDPTRAIN_LAUNCH_LOG", os.path.join(tempfile.gettempdir(), "fsdptrain-test-launch-logs"))
     e.update(extra)
     return e
 

@@ -156,6 +156,31 @@ def test_quantized_model_folder_is_refused_in_one_line(tmp_path):
     assert not any((tmp_path / "r").iterdir())  # nothing written
 
 
+def test_an_unknown_model_type_is_one_line_with_the_closest_known_types(tmp_path):
+    """Not transformers' warning first, nor its three sentences: the file, the type, the nearest known ones."""
+    import transformers
+
+    model = make_model_dir(tmp_path / "m", LLAMA)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["model_type"] = "llamaa"
+    (model / "config.json").write_text(json.dumps(cfg))
+    line = (f"fsdptrain: error: {model / 'config.json'}: unknown model_type 'llamaa' (closest known: 'llama', "
+            f"'mllama', 'llama4'; transformers {transformers.__version__} knows "
+            f"{len(transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES)}); fix model_type in that file, "
+            "or upgrade transformers if the model is newer than it")
+    proc = run_cli(["train", f"model.path={model}", *TINY_RUN, f"output_dir={tmp_path / 'r'}"], timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", line + "\n")  # a process: transformers' own
+    # warnings would show on its stderr
+    data = cli_inproc(["data", f"model.path={model}"])  # its tokenizer is the model folder's: the same line
+    assert (data.returncode, data.stdout, data.stderr) == (2, "", line + "\n")
+    inline = cli_inproc(["train", "model.hf_config={model_type: qwen2.5}", *TINY_RUN, f"output_dir={tmp_path / 'i'}"])
+    assert (inline.returncode, inline.stdout) == (2, "")
+    assert inline.stderr == ("fsdptrain: error: model.hf_config: unknown model_type 'qwen2.5' (closest known: "
+                             f"'qwen2', 'qwen3_5', 'qwen2_5_vl'; transformers {transformers.__version__} knows "
+                             f"{len(transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES)}); fix "
+                             "model.hf_config.model_type\n")
+
+
 def test_context_length_above_max_position_embeddings_warns():
     from transformers import AutoConfig, PretrainedConfig
 

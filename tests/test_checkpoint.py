@@ -325,3 +325,110 @@ def test_safetensors_rows_read_without_mmap(tmp_path):
             g.read_into(key, (slice(0, g.shape(key)[0]),) + tuple(slice(0, n) for n in g.shape(key)[1:]),
                         torch.empty(g.shape(key)))
     g.close()
+
+
+# ----------------------------------------------------------------------------- a write that fails
+
+
+def _failed_write_line(run: Path, step: int, reason: str) -> str:
+    """The one line of a failed save, the free space left as a pattern (it is measured at that moment)."""
+    import re
+
+    return (re.escape(f"fsdptrain: error: checkpoint: could not write step {step} into {run / 'checkpoints'} "
+                      f"({reason}; ") + r"\d+(\.\d\d \wiB| B)" + re.escape(
+        " free there); the earlier checkpoints there are intact: free space (or fix the folder) and rerun the same "
+        "command to continue from the newest one") + "\n")
+
+
+def test_torch_writer_failing_inside_dcp_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
+    """On a full disk torch.save's zip writer, inside DCP's FileSystemWriter, raises a RuntimeError of its own
+    (not OSError(ENOSPC)); DCP hands it to every rank in a CheckpointException, which is not even an Exception."""
+    import re
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from tests.helpers import cli_inproc
+
+    write_data = FileSystemWriter.write_data
+    calls = []
+
+    def full_at_the_second_save(self, plan, planner):
+        calls.append(self.path)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return write_data(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_at_the_second_save)
+    run = tmp_path / "run"
+    cfg = write(tmp_path / "c.yaml", config(run, train={"max_steps": 6}, logging={"progress": "none",
+                                                                                   "tensorboard": False}))
+    proc = cli_inproc(["train", cfg])
+    assert proc.returncode == 2, proc.stderr
+    assert re.fullmatch(_failed_write_line(run, 4, "the file writer stopped short: unexpected pos 704 vs 598"),
+                        proc.stderr), proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]  # the .tmp is gone
+    assert (ckpt(run, 2) / "COMPLETE.json").is_file()
+
+    calls.clear()  # a failure that is no write (a bug) is an internal error with its traceback in a file, not a
+    monkeypatch.setattr(FileSystemWriter, "write_data", lambda self, plan, planner: 1 / 0)  # bare CheckpointException
+    proc = cli_inproc(["train", cfg, "checkpoint.resume=none", f"output_dir={tmp_path / 'bug'}"])
+    lines = proc.stderr.splitlines()
+    assert (proc.returncode, len(lines)) == (1, 2), proc.stderr
+    assert lines[0] == "fsdptrain: internal error: RuntimeError: checkpoint step 2: ZeroDivisionError: division by zero"
+
+
+def test_a_write_failure_on_any_rank_is_named_on_every_rank():
+    """What each rank raises after DCP's gather: the failures of all ranks. A failed write anywhere is a write
+    failure everywhere; a lost peer alone is not (the peer-loss handling names the dead rank)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fsdptrain.run.checkpoint import write_failure
+
+    zip_error = RuntimeError("[enforce fail at inline_container.cc:652] . PytorchStreamWriter failed writing file "
+                             "data/3: file write failed")
+    peer = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    assert write_failure(CheckpointException("write", {1: (zip_error, None)})) == "file write failed"
+    assert write_failure(CheckpointException("write", {0: (peer, None), 1: (OSError(28, "No space left on device"),
+                                                                            None)})) == "No space left on device"
+    assert write_failure(CheckpointException("write", {
+        1: (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), None)})) == \
+        "the file writer stopped short: unexpected pos 704 vs 598"
+    assert write_failure(CheckpointException("write", {1: (peer, None)})) is None
+    assert write_failure(ConnectionResetError(104, "Connection reset by peer")) is None
+    assert write_failure(CheckpointException("write", {0: (TypeError("a bug"), None)})) is None
+
+
+def _mount_tmpfs(path: Path, size: int) -> None:
+    path.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
+                       capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot mount a tmpfs here ({e}); needs root")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_tmpfs_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
+    """The real thing: output_dir on a file system with room for one checkpoint, a save every 2 steps."""
+    import re
+
+    from tests.helpers import cli_inproc
+
+    sized = tmp_path / "sized"  # one checkpoint's bytes, as this model and optimizer write them
+    assert cli_inproc(["train", write(tmp_path / "s.yaml", config(sized, train={"max_steps": 2}, logging={
+        "progress": "none", "tensorboard": False}))]).returncode == 0
+    one = sum(f.stat().st_size + 4096 for f in (sized / "checkpoints").rglob("*") if f.is_file())
+    fs = tmp_path / "fs"
+    _mount_tmpfs(fs, int(1.6 * one) // 4096 * 4096)
+    try:
+        run = fs / "run"
+        proc = cli_inproc(["train", write(tmp_path / "c.yaml", config(run, train={"max_steps": 6}, logging={
+            "progress": "none", "tensorboard": False}))])
+        assert proc.returncode == 2, proc.stderr
+        reasons = "(No space left on device|the file writer stopped short: [^;]*|file write failed)"
+        pattern = _failed_write_line(run, 4, "REASON").replace(re.escape("REASON"), reasons)
+        assert re.fullmatch(pattern, proc.stderr), proc.stderr
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]
+        assert (ckpt(run, 2) / "COMPLETE.json").is_file()
+    finally:
+        subprocess.run(["umount", str(fs)], capture_output=True, timeout=30)

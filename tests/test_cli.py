@@ -105,3 +105,50 @@ def test_fresh_start_in_a_used_output_dir_moves_the_earlier_run_aside(tmp_path):
     assert (prev / "checkpoints" / "step-00000002" / "COMPLETE.json").is_file()
     assert len(read_metrics(tmp_path)) == 2
     assert read_metrics(tmp_path)[0]["loss"] != read_metrics(prev)[0]["loss"]  # the new run (another seed)
+
+
+def test_eval_takes_the_run_config_from_the_checkpoint_and_overrides_first(tmp_path):
+    """`fsdptrain eval --checkpoint RUN` needs no CONFIG: the run's config.yaml is the default, also for a
+    checkpoint in the run, and a first key=value overrides it. (The config is made to fail on purpose here, so
+    the error names the file that was read; tests/test_eval.py evaluates a real run this way.)"""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("train:\n  max_steps: -3\n")
+    for source in (run, run / "checkpoints", run / "checkpoints" / "step-00000002"):
+        proc = cli_inproc(["eval", "--checkpoint", str(source)])
+        assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+        assert proc.stderr == f"fsdptrain: error: {run / 'config.yaml'}: train.max_steps: -3 is below the minimum 1\n"
+    (run / "config.yaml").write_text("model:\n  hf_config: {model_type: llama}\ntrain:\n  max_steps: 3\n")
+    proc = cli_inproc(["eval", "train.lerning_rate=1", "--checkpoint", str(run)])
+    assert_one_line_error(proc, "override 'train.lerning_rate=1': unknown key 'train.lerning_rate'")
+    proc = cli_inproc(["eval", "output_dir=ev1", "--checkpoint", str(run)])  # the config is fine: eval's own check
+    assert_one_line_error(proc, f"--checkpoint: {run}: no complete checkpoint there")
+
+    hf = tmp_path / "hf"  # a Hugging Face folder has no run config: CONFIG comes first
+    hf.mkdir()
+    proc = cli_inproc(["eval", "--checkpoint", str(hf)])
+    assert proc.stderr == (f"fsdptrain: error: --checkpoint: {hf} is not a run directory or a checkpoint in one, so "
+                           "there is no run config.yaml to evaluate with; give CONFIG first (the eval data and model "
+                           f"settings): fsdptrain eval CONFIG [key=value ...] --checkpoint {hf}\n")
+    proc = cli_inproc(["eval", "output_dir=ev1", "--checkpoint", str(hf)])
+    assert proc.stderr == (f"fsdptrain: error: output_dir=ev1: this is a key=value override, and CONFIG comes first "
+                           f"(--checkpoint {hf} is not a run directory with a config.yaml): fsdptrain eval CONFIG "
+                           "output_dir=ev1 ...\n")
+
+
+@pytest.mark.parametrize("command", ["train", "data", "config", "estimate", "eval"])
+def test_a_config_file_after_an_override_gets_a_hint_that_config_comes_first(tmp_path, command):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("train:\n  max_steps: 3\n")
+    extra = ["--checkpoint", str(tmp_path)] if command == "eval" else []
+    proc = cli_inproc([command, "train.lr=0.5", str(cfg), *extra])
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"fsdptrain: error: {cfg}: CONFIG comes first, then the key=value overrides: fsdptrain "
+                           f"{command} {cfg} train.lr=0.5 ...\n")
+
+
+def test_estimate_without_config_says_config_comes_first():
+    proc = cli_inproc(["estimate", "train.lr=1"])
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("fsdptrain: error: train.lr=1: this is a key=value override, and CONFIG comes first (the "
+                           "model and settings to estimate): fsdptrain estimate CONFIG train.lr=1 ...\n")

@@ -192,6 +192,16 @@ def test_keep_best_eval_command_and_export_best(two_ranks, tmp_path):
     written = json.loads((tmp_path / "newest.json").read_text())
     assert written["step"] == 4 and written["eval_loss"] == res.loss and written["eval_tokens"] == res.tokens
 
+    # the command without CONFIG: a checkpoint in the run brings the run's config.yaml, a first key=value overrides it
+    ckpt = run / "checkpoints" / "step-00000004"
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(ckpt), "--out", str(tmp_path / "cli.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "cli.json").read_text())["eval_loss"] == res.loss
+    r = CliRunner().invoke(main, ["eval", "train.eval_max_batches=1", "train.eval_micro_batch_size=3", "--checkpoint",
+                                  str(ckpt), "--out", str(tmp_path / "one.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "one.json").read_text())["examples"] == 3
+
     r = CliRunner().invoke(main, ["export", str(run), "--best", "--out", str(tmp_path / "hf")])
     assert r.exit_code == 0, r.output
     assert f"step-{best_step:08d}" in r.output

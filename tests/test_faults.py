@@ -7,13 +7,16 @@ or hundreds of lines of C++ frames.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, run_cli
+from tests.helpers import REPO, env, free_port, run_cli
 from tests.test_signals import ARGS, start, wait_for_steps, worker_pids
 
 ENDLESS = [*ARGS[:1], "train.max_steps=100000", *ARGS[2:]]
@@ -73,3 +76,72 @@ def test_a_killed_torchrun_agent_stops_its_workers_with_one_line_each(tmp_path):
     assert gone[0].startswith("fsdptrain: error: rank ") and " is gone (torchrun's agent or the first node stopped)" \
         in gone[0]
     assert out.count("sendBytes failed") <= 8  # not a block of C++ frames every second
+
+
+# What a run prints before anything goes wrong: the launcher's start, each rank joining, the start-up, the steps
+STARTUP = re.compile(r"(fsdptrain-launch: (node 0/1 on host|exec )|fsdptrain: rank \d/2 \(local rank|fsdptrain: world "
+                     r"size|data: |model: |checkpoint: no complete checkpoint|step \d+/100000 )")
+
+
+def launched_faults(tmp_path: Path, fault: str) -> tuple[int, list[str], Path, dict[int, int]]:
+    """launch/torchrun.sh with 2 ranks, `fault` applied after 3 steps: (exit status, the lines after the start-up
+    and the steps, torchrun's log file, {rank: pid})."""
+    run = tmp_path / "run"
+    p = subprocess.Popen(["bash", str(REPO / "launch" / "torchrun.sh"), *ENDLESS[1:], f"output_dir={run}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env(NPROC_PER_NODE="2", FSDPTRAIN_LAUNCH_LOG=str(tmp_path)))
+    wait_for_steps(run, 3, p)
+    pids = worker_pids(run)
+    if fault == "rank":
+        os.kill(pids[1], signal.SIGKILL)
+    else:  # the launcher's pid is torchrun's agent: the launcher execs it
+        p.send_signal(signal.SIGKILL if fault == "agent" else signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]  # to the end of the output: the follower and every rank done
+    logs = list(tmp_path.glob("fsdptrain-launch-node0-*.log"))
+    assert len(logs) == 1, out
+    return p.returncode, [x for x in out.splitlines() if not STARTUP.match(x)], logs[0], pids
+
+
+def log_line(log: Path, held: bool) -> str:
+    return ("fsdptrain-launch: " + ("torchrun's own report (tracebacks, exit codes, C++ warnings) is left out here; "
+                                    if held else "") + f"the full output is in {log}")
+
+
+STOP_TAIL = "stopping this rank. Rerun the same command to continue from the last checkpoint"
+
+
+@pytest.mark.slow
+def test_launcher_a_killed_rank_is_one_line_and_the_log_path(tmp_path):
+    rc, lines, log, pids = launched_faults(tmp_path, "rank")
+    assert rc == 1
+    named = (f"fsdptrain: error: [rank 0] rank 1 on host {socket.gethostname()} (pid {pids[1]}) stopped without a "
+             "word at step ")
+    torchrun_stops_rank0 = "fsdptrain: rank 0 got SIGTERM; saving a checkpoint at the end of this step, then stopping"
+    assert [x for x in lines if x != torchrun_stops_rank0] == [lines[-2], log_line(log, held=True)], lines
+    assert lines[-2].startswith(named) and len(lines) <= 3  # one line per rank (rank 1 is dead) and the log's
+    assert "ChildFailedError" in log.read_text()  # torchrun's report is all there
+
+
+@pytest.mark.slow
+def test_launcher_a_killed_agent_is_one_line_per_rank_and_the_log_path(tmp_path):
+    rc, lines, log, _ = launched_faults(tmp_path, "agent")
+    assert rc == -signal.SIGKILL
+    gone = [f"fsdptrain: error: rank {r}: the rendezvous store at 127.0.0.1:" for r in (0, 1)]
+    assert lines[0] == log_line(log, held=False), lines  # torchrun is gone: said at once
+    assert len(lines) == 3 and all(any(x.startswith(g) and x.endswith(STOP_TAIL) for x in lines[1:]) for g in gone)
+    assert "frame #" not in log.read_text()  # the heartbeat no longer calls the dead store (C++ stacks)
+
+
+@pytest.mark.slow
+def test_launcher_sigterm_saves_with_its_own_lines_and_the_log_path(tmp_path):
+    rc, lines, log, _ = launched_faults(tmp_path, "term")
+    got = [f"fsdptrain: rank {r} got SIGTERM; saving a checkpoint at the end of this step, then stopping"
+           for r in (0, 1)]
+    assert sorted(lines[:2]) == got, lines
+    step = int(lines[-2].split("at step ")[1].split(";")[0])
+    ckpt = tmp_path / "run" / "checkpoints" / f"step-{step:08d}"
+    assert lines[2:] == [f"checkpoint: saved {ckpt} in {lines[2].rsplit(' ', 1)[1]}",
+                         f"fsdptrain: stopped by SIGTERM at step {step}; checkpoint saved to {ckpt}; rerun the same "
+                         "command to continue", log_line(log, held=True)]
+    assert "SignalException" in log.read_text()
+    assert rc == 1  # torchrun's own status after a signal; the ranks exited with 75 (see test_signals.py)

@@ -31,6 +31,9 @@ class PeerLost(TrainingError):
         self.print_rank = print_rank
 
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; running the same command continues
+
+
 class RunStopped(Exception):
     """Training stopped on request (a signal, the job's time limit) after saving a checkpoint. The CLI prints
-    the message on rank 0 and exits with stopping.EXIT_STOPPED; rerunning the same command continues."""
+    the message on rank 0 and exits with EXIT_STOPPED; rerunning the same command continues."""

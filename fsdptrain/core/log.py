@@ -6,16 +6,22 @@
 printed by every rank. `error` writes an `fsdptrain: error:` line to stderr.
 While a progress bar is on screen, metrics.py installs the bar's writer with
 `set_writer`, so messages are printed above the bar instead of tearing it.
+While a command checks what the user gave it (`held`), `info` lines are kept
+back: a mistake found there is the only line printed, as for a config mistake.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Optional
+
+from .errors import UserError
 
 _main = True  # this process prints `info` lines
 _writer: Optional[Callable[[str], None]] = None  # the progress bar's writer while a bar is open
+_held: Optional[list[str]] = None  # `info` lines kept back while the start's checks run (`held`)
 
 
 def configure(is_main: bool) -> None:
@@ -42,8 +48,35 @@ def _emit(msg: str) -> None:
 
 
 def info(msg: str) -> None:
-    """A message of the run: printed once, by the main rank."""
+    """A message of the run: printed once, by the main rank (later, while `held`)."""
     if _main:
+        if _held is not None:
+            _held.append(msg)
+        else:
+            _emit(msg)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Keep `info` lines back inside the block, until `release()` or its end: printed then, or dropped when the
+    block ends with a UserError, whose one line is then all the user sees. For the checks at a command's start
+    (data, model config), so that a mistake they find is not buried under the lines of what went well."""
+    global _held
+    _held = []
+    try:
+        yield
+    except UserError:
+        _held = None
+        raise
+    finally:
+        release()
+
+
+def release() -> None:
+    """Print the lines `held` kept back so far and stop holding (the checks have passed)."""
+    global _held
+    lines, _held = _held or [], None
+    for msg in lines:
         _emit(msg)
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..config.llamafactory import LF_TEMPLATES, template_problem
 from ..core.errors import UserError
+from ..model.hfconfig import check_folder_model_type
 from .render import OPEN_END
 
 if TYPE_CHECKING:
@@ -187,6 +188,8 @@ def load_tokenizer(tokenizer_path: Optional[str], model_path: Optional[str], tru
     path = candidates[0]
     if not Path(path).is_dir():
         raise UserError(f"model.tokenizer: {path}: not a folder; point it at a Hugging Face tokenizer folder")
+    if (Path(path) / "config.json").is_file():  # AutoTokenizer reads it too: its mistakes are one line, said first
+        check_folder_model_type(Path(path))
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

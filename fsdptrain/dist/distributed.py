@@ -329,7 +329,9 @@ class PeerStop:
     collective. A rank killed without a word (kill -9, a lost node) stops heartbeating: when a collective
     then fails on a survivor, `dead_ranks` names the ranks whose heartbeat stood still. When the store
     itself is gone (torchrun's agent was killed), there is nobody left to coordinate with: the rank says
-    so in one line and exits. Exiting is `os._exit`: a peer may be blocked in a collective, so no clean
+    so in one line and exits. That is seen on a plain socket to the store's address that never carries a request
+    (`store_closed`), checked before every store call: a store call on the broken connection would print c10d's
+    C++ stack (46 `frame #N` lines) each time. Exiting is `os._exit`: a peer may be blocked in a collective, so no clean
     shutdown is possible. Keys are per run (the output_dir as configured, identical on every node) and per
     elastic restart, so a restarted group does not read the previous attempt's keys. One per process, made by
     `init` for a launched group (`peers()`); a rank that stops on a user error tells the others (`tell`), so
@@ -348,12 +350,14 @@ class PeerStop:
         self._beat = 0
         self._stop = threading.Event()
         self._watch: Optional[threading.Thread] = None
+        self.probe: Optional[socket.socket] = None
 
     def _store(self) -> dist.Store:
         return dist.distributed_c10d._get_default_store()
 
     def start_watching(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
+            self.probe = open_probe()
             self._tick()  # the first heartbeat before any collective can fail
             self._watch = threading.Thread(target=self._poll, name="fsdptrain-peer-watch", daemon=True)
             self._watch.start()
@@ -361,6 +365,9 @@ class PeerStop:
     def _tick(self) -> bool:
         """Heartbeat and failure check; False when the store cannot be reached."""
         self._beat += 1
+        if self.store_closed():
+            self.store_failures += 1
+            return False
         try:
             store = self._store()
             store.set(f"{self.prefix}/alive/{self.rank}", f"{self._beat} {socket.gethostname()} {os.getpid()}")
@@ -370,8 +377,19 @@ class PeerStop:
             self.store_failures += 1
             return False
 
+    def store_closed(self) -> bool:
+        """Whether the store's host closed the probe connection (torchrun's agent or rank 0's node is gone)."""
+        if self.probe is None:
+            return False
+        try:
+            return self.probe.recv(1, socket.MSG_PEEK) == b""  # nothing is ever sent to it: end-of-file
+        except BlockingIOError:
+            return False  # open, nothing to read: the store is there
+        except OSError:
+            return True  # reset
+
     def peer_failed(self) -> bool:
-        if self.world_size <= 1 or not dist.is_initialized():
+        if self.world_size <= 1 or not dist.is_initialized() or self.store_closed():
             return False
         try:
             return bool(self._store().check([self.key]))
@@ -401,6 +419,8 @@ class PeerStop:
         cannot be reached."""
         if self.world_size <= 1 or not dist.is_initialized():
             return []
+        if self.store_closed():
+            return None
         try:
             store = self._store()
             keys = [f"{self.prefix}/alive/{r}" for r in range(self.world_size)]
@@ -423,13 +443,16 @@ class PeerStop:
         self.failing = True
         log.error(msg)
         try:
-            self._store().set(self.key, msg)
+            if not self.store_closed():
+                self._store().set(self.key, msg)
         finally:
             self.exit(1)
 
     def tell(self, msg: str) -> None:
         """This rank stops with a message it prints itself: the others stop quietly within a second."""
         self.failing = True
+        if self.store_closed():
+            return  # no store: the peers find out through their own probes and collectives
         try:
             self._store().set(self.key, msg)
         except Exception:  # noqa: BLE001 (no store: the peers find out through their collectives)
@@ -439,6 +462,21 @@ class PeerStop:
 
     def close(self) -> None:
         self._stop.set()
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+
+
+def open_probe() -> Optional[socket.socket]:
+    """A plain TCP connection to the rendezvous store's address (MASTER_ADDR:MASTER_PORT, where torchrun's agent
+    or rank 0 serves it) on which nothing is ever sent, or None when it cannot be opened. The store's server
+    leaves a connection that sends nothing alone; when its process dies, the connection reads end-of-file."""
+    try:
+        probe = socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=10)
+    except (KeyError, ValueError, OSError):
+        return None
+    probe.setblocking(False)
+    return probe
 
 
 _peers: Optional[PeerStop] = None  # this process's watch over its peers, for a group `init` created

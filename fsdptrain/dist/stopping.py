@@ -8,7 +8,7 @@ request too, `checkpoint.save_before_minutes` before it runs out.
 
 At each step boundary the trainer asks `agreed()`: one small all_reduce tells every rank whether any rank
 was asked to stop (a signal may reach only some ranks, e.g. one node), so all ranks save the same step and
-exit together with status EXIT_STOPPED.
+exit together with status core.errors.EXIT_STOPPED (75).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 from . import distributed
 from ..core import log
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; running the same command continues
 _CODES = {1: "SIGTERM", 2: "SIGINT", 3: "SIGUSR1", 4: "the job's time limit"}
 _SIGNALS = {signal.SIGTERM: 1, signal.SIGINT: 2, signal.SIGUSR1: 3}
 

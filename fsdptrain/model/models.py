@@ -31,6 +31,7 @@ from torch.utils._device import _device_constructors
 from ..core import log
 from ..core.errors import UserError
 from ..core.files import FileError, read_json, reading
+from .hfconfig import read_config_json, unknown_model_type
 from .safetensors_io import SafetensorsFile
 from .weightmap import Piece, plan_sources
 
@@ -50,18 +51,7 @@ def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Opti
     if path is not None:
         folder = Path(path)
         config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise UserError(f"model.path: {path}: no config.json there; point it at a local Hugging Face model folder")
-        raw = read_json(config_file, "a Hugging Face model config")  # not UTF-8, not JSON: one line, with the line
-        if not isinstance(raw, dict):
-            raise FileError(f"{config_file}: expected a JSON object (a Hugging Face model config), got "
-                            f"{type(raw).__name__}; point model.path at a Hugging Face model folder")
-        quant = raw.get("quantization_config")
-        if quant is not None:  # GPTQ, AWQ, bitsandbytes, fp8, mxfp4 (gpt-oss), ...: not weights fsdptrain can train
-            method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
-            raise UserError(f"model.path: {config_file}: quantization_config ({method}): the weights are quantized, "
-                            "and fsdptrain loads and trains full-precision (bf16/fp32) weights; point model.path at "
-                            "the unquantized model (QLoRA is not supported)")
+        read_config_json(folder)  # missing, damaged, quantized, an unknown model_type: one line naming the file
         with reading(config_file, "a Hugging Face model config",
                      fix="check that model.path is a Hugging Face model folder whose config.json names a "
                          "model_type this transformers knows"):
@@ -74,6 +64,8 @@ def load_hf_config(path: Optional[str], inline: Optional[dict], vocab_size: Opti
                                 "(set model.trust_remote_code=true only if you trust this folder's code)") from None
     fields = dict(inline or {})
     model_type = fields.pop("model_type", None)
+    if isinstance(model_type, str) and (unknown := unknown_model_type(model_type)):
+        raise UserError(f"model.hf_config: {unknown}; fix model.hf_config.model_type")
     if vocab_size is not None:
         fields.setdefault("vocab_size", vocab_size)
     try:

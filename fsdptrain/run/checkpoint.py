@@ -30,6 +30,7 @@ import base64
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ from ..config.schema import CheckpointConfig
 from ..core import log
 from ..core.errors import UserError
 from ..core.files import read_json, reading
+from ..core.units import format_bytes
 from ..dist.distributed import barrier
 from .best import BEST_FILE, read_best, update_best
 
@@ -591,26 +593,59 @@ class Checkpointer:
 
 _IO_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
                 "Stale file handle", "Input/output error", "file write failed")
+# How torch.save's zip writer (the one DCP's FileSystemWriter uses) reports a write that stopped short, e.g. on a
+# full disk: `RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598`.
+_ZIP_WRITER = ("inline_container", "PytorchStreamWriter")
+_ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*\.?\s*")
+
+
+def write_failure(exc: BaseException) -> Optional[str]:
+    """Why a checkpoint write failed, in a few words, or None when `exc` is no failed write (a lost peer, a bug).
+    DCP gathers every rank's failure into one CheckpointException that every rank raises: a write that failed on
+    any rank is named on all of them."""
+    if isinstance(exc, CheckpointException):
+        found = [write_failure(e) for e, _trace in exc.failures.values()]
+        return next((r for r in found if r), None)
+    text = str(exc)
+    if isinstance(exc, ConnectionError):
+        return None  # a peer, not the file system
+    reason = next((r for r in _IO_FAILURES if r in text), None)
+    if reason is None and isinstance(exc, OSError):
+        reason = exc.strerror or type(exc).__name__
+    if reason is None and isinstance(exc, RuntimeError) and any(w in text for w in _ZIP_WRITER):
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        reason = f"the file writer stopped short: {_ENFORCE.sub('', first)}"
+    return reason
+
+
+def free_space(folder: Path) -> str:
+    """'; N free there' for the file system of `folder`, or '' when it cannot be asked (a lost mount)."""
+    try:
+        return f"; {format_bytes(shutil.disk_usage(folder).free)} free there"
+    except OSError:
+        return ""
 
 
 @contextmanager
 def _writing(step: int, tmp: Path, rank: int) -> Iterator[None]:
-    """A save that fails on I/O (a full disk, a quota, a lost mount) becomes one line and its own temporary folder
-    is removed (rank 0). Other failures (a peer lost mid-save) pass through unchanged."""
+    """A save that fails on I/O (a full disk, a quota, a lost mount, torch's writer stopping short) becomes one
+    line, with the free space left, on every rank, and its temporary folder is removed (rank 0). Other failures (a
+    peer lost mid-save, a bug) pass through unchanged."""
     try:
         yield
     except (OSError, RuntimeError, CheckpointException) as e:
-        text = str(e)
-        reason = next((r for r in _IO_FAILURES if r in text), None)
-        if reason is None and isinstance(e, OSError):
-            reason = e.strerror or type(e).__name__
+        reason = write_failure(e)
+        if reason is None and isinstance(e, CheckpointException):  # a BaseException: the CLI's last resort (and
+            exc = next(iter(e.failures.values()))[0]  # the peer-loss check) would miss it
+            raise RuntimeError(f"checkpoint step {step}: {type(exc).__name__}: {exc}") from e
         if reason is None:
             raise
+        free = free_space(tmp.parent)  # what the write met, before its own folder is removed
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"checkpoint: could not write step {step} into {tmp.parent} ({reason}); the earlier "
-                              "checkpoints there are intact: free space (or fix the folder) and rerun the same "
-                              "command to continue from the newest one") from None
+        raise CheckpointError(f"checkpoint: could not write step {step} into {tmp.parent} ({reason}"
+                              f"{free}); the earlier checkpoints there are intact: free space (or "
+                              "fix the folder) and rerun the same command to continue from the newest one") from None
 
 
 def _remove(path: Path) -> None:

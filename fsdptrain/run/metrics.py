@@ -6,6 +6,7 @@ Messages go through fsdptrain.core.log; while the progress bar is open it is log
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -59,7 +60,8 @@ class RunLogger:
         elif tensorboard:
             self.tb = TensorBoardSink(out_dir)
         if progress == "auto":
-            progress = "bar" if sys.stderr.isatty() else "lines"
+            # FSDPTRAIN_TTY: launched by launch/torchrun.sh from a terminal, which shows the log file it writes to
+            progress = "bar" if sys.stderr.isatty() or os.environ.get("FSDPTRAIN_TTY") == "1" else "lines"
         self.progress = progress
         if progress == "bar":
             from tqdm import tqdm
