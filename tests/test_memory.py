@@ -292,6 +292,26 @@ def test_live_at_peak_replays_the_trace_backwards():
     assert snapshot.site([]).startswith("<no Python stack")
 
 
+def test_live_at_peak_replays_the_ranks_own_device_trace(tmp_path):
+    """Rank 1 of a node records into device_traces[1]; device 0's trace is empty there (or holds a stray event
+    from another process's context). The peak is rank 1's, read from the device its segments are on."""
+    trace = [_ev("alloc", 1000, 300, MODEL_FR), _ev("alloc", 2000, 500, LOSS_FR),
+             _ev("free_completed", 2000, 500, LOSS_FR), _ev("free_completed", 1000, 300, MODEL_FR)]
+    one = _snap([(0, 100, OPT_FR)], [])
+    one["segments"][0]["device"] = 1
+    one["device_traces"] = [[], trace]
+    blocks, peak = snapshot.live_at_peak(one)
+    assert peak == 900 and sorted(b.addr for b in blocks) == [0, 1000, 2000]
+    stray = {**one, "device_traces": [[_ev("alloc", 7000, 64)], trace]}
+    assert snapshot.live_at_peak(stray)[1] == 900
+    no_segments = {"segments": [], "device_traces": [[], trace]}  # nothing live at the dump: first non-empty trace
+    assert snapshot.live_at_peak(no_segments)[1] == 800
+    # `mem diff` compares each snapshot at its own rank's peak
+    zero = _snap([(0, 100, OPT_FR)], trace)
+    rows, peak_a, peak_b = diff.diff(zero, one)
+    assert (peak_a, peak_b) == (900, 900) and all(r.delta == 0 for r in rows)
+
+
 def test_grouping_by_owner_uses_addresses_then_stacks():
     ranges = [(0, 100, "parameters", "w (local shard)"), (200, 260, "gradients", "grad of w")]
     blocks = [snapshot.Block(0, 100), snapshot.Block(200, 60), snapshot.Block(300, 80, OPT_FR),

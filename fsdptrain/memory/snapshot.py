@@ -79,24 +79,46 @@ class Block:
     frames: list = field(default_factory=list)
 
 
-def live_blocks(snap: dict) -> list[Block]:
-    """Allocated blocks at the moment the snapshot was taken."""
+def live_blocks(snap: dict, device: Optional[int] = None) -> list[Block]:
+    """Allocated blocks at the moment the snapshot was taken (on `device` only, when given)."""
     out = []
     for seg in snap.get("segments", []):
+        if device is not None and int(seg.get("device", device)) != device:
+            continue
         for b in seg.get("blocks", []):
             if b.get("state") == "active_allocated":
                 out.append(Block(int(b["address"]), int(b["size"]), list(b.get("frames") or [])))
     return out
 
 
-def live_at_peak(snap: dict, device: int = 0) -> tuple[list[Block], int]:
+def trace_device(snap: dict) -> int:
+    """The device whose trace records this process's allocations.
+
+    `torch.cuda.memory._snapshot()` holds one trace per visible device, and a
+    rank records into its own device's (rank r of a node: index r), so device 0's
+    trace is empty on every other rank. The segments name their device; without
+    segments, the first trace that holds events is this process's."""
+    devices: dict[int, int] = {}
+    for seg in snap.get("segments", []):
+        if "device" in seg:
+            d = int(seg["device"])
+            devices[d] = devices.get(d, 0) + int(seg.get("total_size", 0))
+    if devices:  # a process that touched several devices: the one holding most memory
+        return max(devices, key=lambda d: (devices[d], -d))
+    traces = snap.get("device_traces") or []
+    return next((i for i, t in enumerate(traces) if t), 0)
+
+
+def live_at_peak(snap: dict, device: Optional[int] = None) -> tuple[list[Block], int]:
     """The allocated blocks when allocated memory peaked within the recorded trace, and that total.
 
     Walk the trace backwards from the final state: undoing an `alloc` removes
     its block, undoing a `free_completed` puts it back. This needs no state
-    from before the (ring-buffered) trace began.
+    from before the (ring-buffered) trace began. device: whose trace to replay
+    (default: the snapshot's own, `trace_device`).
     """
-    live = {b.addr: b for b in live_blocks(snap)}
+    device = trace_device(snap) if device is None else device
+    live = {b.addr: b for b in live_blocks(snap, device)}
     total = sum(b.size for b in live.values())
     best, best_total = dict(live), total
     traces = snap.get("device_traces") or []
