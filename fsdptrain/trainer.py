@@ -18,9 +18,11 @@ Step numbers are 1-based throughout: step s is the s-th optimizer step, and
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -456,17 +458,38 @@ def loop(run: Run) -> RunResult:
     return run.result
 
 
+def release_memory(info: DistInfo) -> None:
+    """Free what a finished run built. FSDP2's module state, its hooks and the modules form reference cycles, so
+    the model, its parameters and the optimizer state outlive the run until a full garbage collection, which
+    Python seldom runs on its own: a second train() in the same process (benchmarks, tests, notebooks) would
+    start with the first run's memory still held."""
+    gc.collect()
+    if info.device_type == "cuda":
+        torch.cuda.empty_cache()  # hand the freed blocks back, so the next run's peak and reserved are its own
+
+
 def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
-    """Run training as configured. `examples` replaces the configured data (tests, notebooks)."""
+    """Run training as configured. `examples` replaces the configured data (tests, notebooks). Everything the run
+    built is freed when it returns or fails (release_memory)."""
     started = time.time()
     info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
     try:
-        run = setup(cfg, info, examples)
-        run.started = started
-        try:
-            return loop(run)
-        finally:
-            if run.lock is not None:
-                run.lock.release()
+        return _train(cfg, info, examples, started)  # the Run lives in _train's frame only
+    except BaseException as e:
+        # The traceback keeps the failed run's frames, and their locals the Run; the report (cli) needs only
+        # the code and line numbers of those frames.
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
+        release_memory(info)
         distributed.shutdown(info)
+
+
+def _train(cfg: Config, info: DistInfo, examples: Optional[list[Example]], started: float) -> RunResult:
+    run = setup(cfg, info, examples)
+    run.started = started
+    try:
+        return loop(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()

@@ -268,3 +268,41 @@ def test_auto_checkpointing_plan_is_the_least_recomputation_within_budget():
     assert modes == ["full"] * 6 and est.peak > peaks[-1] - 1
     assert describe_modes(["full", "selective", "selective", "none"]) == "blocks 0 full, 1-2 selective, 3 none"
     assert checkpoint_modes(5, "every_k", 2) == ["full", "none", "full", "none", "full"]
+
+
+def test_a_finished_run_frees_its_model_and_optimizer_state(tmp_path, monkeypatch):
+    """FSDP2's state and hooks form reference cycles with the modules: without the trainer's own collection the
+    model, its parameters and the AdamW moments outlive train() (a second run in the process would start with
+    them still held). Automatic collection is off here, as between two runs where Python does not happen to run a
+    full one; a failed run frees them too."""
+    import gc
+    import weakref
+
+    import pytest
+
+    from fsdptrain import trainer
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.errors import TrainingError
+
+    refs: list[weakref.ref] = []
+    real_setup = trainer.setup
+
+    def setup(*args, **kwargs):
+        run = real_setup(*args, **kwargs)
+        param = next(run.model.parameters())
+        refs.extend([weakref.ref(run.model), weakref.ref(param), weakref.ref(run.optimizer)])
+        return run
+
+    monkeypatch.setattr(trainer, "setup", setup)
+    common = ["train.max_steps=2", "data.synthetic_examples=32", "logging.progress=none", "logging.tensorboard=false"]
+    gc.collect()
+    gc.disable()
+    try:
+        trainer.train(load_config(None, [f"output_dir={tmp_path / 'a'}", *common]))
+        assert len(refs) == 3 and [r() for r in refs] == [None, None, None]
+        refs.clear()
+        with pytest.raises(TrainingError, match="non-finite"):  # a run that fails frees its model too
+            trainer.train(load_config(None, [f"output_dir={tmp_path / 'b'}", *common, "train.lr=1e30"]))
+        assert len(refs) == 3 and [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
