@@ -36,7 +36,7 @@ from .core import log
 from .core.errors import RunStopped, TrainingError, UserError
 from .data import pipeline
 from .data.encode import Example
-from .data.loader import StepSampler
+from .data.loader import StepSampler, to_device
 from .data.tokenizer import load_tokenizer
 from .dist import distributed
 from .dist.distributed import DistInfo
@@ -269,7 +269,7 @@ def forward_backward(run: Run, batches: list[dict], scale: torch.Tensor) -> torc
     for i, b in enumerate(batches):
         if not cfg.parallel.sync_grads_every_micro_step:
             model.set_requires_gradient_sync(i == cfg.train.grad_accum_steps - 1)
-        batch = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
+        batch = to_device(b, device)
         with moe.counting(run.expert_load):
             out = obj.loss(model, batch, run.loss_head, bool(run.router_aux_coef))
         run.tracker.phase("forward", i)

@@ -188,12 +188,13 @@ def test_oom_on_one_rank_stops_all_with_one_message(launch):
     assert post["rank"] == 1 and post["step"] == 2
     shape = estimate.shape_from_config(load_config(str(root / "oom.yaml")))
     exact = estimate.model_state(shape, 3, 1, 4)
-    assert post["owners"] == {"parameters": exact.params, "gradients": 0,  # zero_grad(set_to_none) ran after step 1
+    assert post["owners"] == {"parameters (sharded)": exact.params, "parameters (gathered)": 0,  # before forward
+                              "gradients": 0,  # zero_grad(set_to_none) ran after step 1
                               "optimizer state": exact.optimizer, "activations": 0, "other": 0}
     text = (mem / "oom_rank1.txt").read_text()
     assert "rank 1, step 2, forward of micro-batch 0" in text
-    assert "  11.00 KiB  parameters       model.layers.1.mlp.down_proj.weight (local shard)" in text
-    assert "  11.00 KiB  optimizer state  exp_avg of model.layers.0.mlp.down_proj.weight" in text
+    assert "  11.00 KiB  parameters (sharded)  model.layers.1.mlp.down_proj.weight (local shard)" in text
+    assert "  11.00 KiB  optimizer state       exp_avg of model.layers.0.mlp.down_proj.weight" in text
     assert not (root / "oomrun" / "memory" / "oom_rank0.txt").exists()
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config.schema import Config
 from ..data.evalset import eval_count, rank_eval_batches
-from ..data.loader import collate
+from ..data.loader import collate, to_device
 from ..dist import distributed
 from ..objectives.base import Objective
 from ..objectives.loss import ChunkedLossHead
@@ -68,7 +68,7 @@ def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int,
         try:
             for i, rows in enumerate(rank_eval_batches(examples, n, world_size, rank, micro_batch, pad_id)):
                 b = collate(rows, pad_id, flatten=flatten)
-                batch = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
+                batch = to_device(b, device)
                 sums[0] += objective.loss(model, batch, head, False).loss.double()
                 sums[1] += objective.units(b)
                 if on_batch is not None:
