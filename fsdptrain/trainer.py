@@ -119,6 +119,7 @@ class StepStats:
     aux_loss: Optional[float] = None  # MoE router auxiliary loss: mean over all ranks' micro-batches
     seconds: float = 0.0
     skipped: bool = False  # non-finite loss or norm: no update
+    stop_code: int = 0  # the largest stop request over all ranks (dist/stopping.py; 0: none)
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's metrics: step sum / global units
 
 
@@ -295,9 +296,11 @@ def skip_or_stop(run: Run, step: int, loss: float, norm: float, per_rank: list[f
     log.info(f"step {step}: non-finite {where}; update skipped")
 
 
-def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> StepStats:
+def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
+               stop: Optional[StopRequests] = None) -> StepStats:
     """One optimizer step over this rank's micro-batches; advances run.state. t0: when the step began
-    (default: now; the loop passes the time before it waited for the batches)."""
+    (default: now; the loop passes the time before it waited for the batches). stop: this rank's stop requests,
+    agreed over all ranks within the step's all_gather (StepStats.stop_code)."""
     t0 = time.perf_counter() if t0 is None else t0
     info, step = run.info, run.state.step + 1
     run.tracker.step_start(step, batches)
@@ -311,22 +314,34 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> Ste
     sums = forward_backward(run, batches, scale)
 
     grad_norm = grad_norm_and_clip(run.model, run.cfg.train.max_grad_norm).float()
-    rows = distributed.all_gather_rows(sums, info.world_size)  # [rank, (loss sum, aux loss sum, metric sums)]
-    per_rank = rows[:, 0]
-    targets_total, global_tokens = counts.tolist()  # the step's first host sync
+    # The stop request rides in the step's all_gather (a fill with a host scalar: no copy, no sync).
+    code = sums.new_full((1,), float(stop.local_code() if stop is not None else 0))
+    rows = distributed.all_gather_rows(torch.cat([sums, code]), info.world_size)
+    # rows: [rank, (loss sum, aux loss sum, metric sums, stop code)]
+    n_metrics = len(run.objective.metrics)
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+    wanted = [counts[0], counts[1], rows[:, 0].sum(), grad_norm, rows[:, 1].sum(),
+              *(rows[:, 2 + k].sum() for k in range(n_metrics)), rows[:, -1].max()]
+    read = torch.stack([v.double() for v in wanted])  # float32 -> float64 is exact: the values .item() gave
+    must_stop = run.cfg.train.on_nonfinite == "stop"
+    if must_stop:
+        # A non-finite step ends the run (TrainingError) and nothing of it is saved, so the update can be queued
+        # before the values are read: the device runs it while the host waits here, instead of idling while the
+        # host launches it.
+        run.optimizer.step()
+        run.scheduler.step()
+    targets_total, global_tokens, loss_sum, norm, aux_sum, *metric_sums, stop_code = read.tolist()  # one sync
     global_targets = max(1.0, targets_total)
     run.state.step, run.state.tokens_seen = step, run.state.tokens_seen + int(global_tokens)
-    stats = StepStats(step, per_rank.sum().item() / global_targets, grad_norm.item(),
-                      run.optimizer.param_groups[0]["lr"], int(global_tokens), int(global_targets),
-                      max(b["input_ids"].shape[1] for b in batches))
+    stats = StepStats(step, loss_sum / global_targets, norm, lr, int(global_tokens), int(global_targets),
+                      max(b["input_ids"].shape[1] for b in batches), stop_code=int(stop_code))
     if run.router_aux_coef:
-        stats.aux_loss = rows[:, 1].sum().item() / (info.world_size * len(batches))
-    stats.metrics = {name: rows[:, 2 + k].sum().item() / global_targets
-                     for k, name in enumerate(run.objective.metrics)}
+        stats.aux_loss = aux_sum / (info.world_size * len(batches))
+    stats.metrics = {name: metric_sums[k] / global_targets for k, name in enumerate(run.objective.metrics)}
     stats.skipped = not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm))
     if stats.skipped:
-        skip_or_stop(run, step, stats.loss, stats.grad_norm, per_rank.tolist())
-    else:
+        skip_or_stop(run, step, stats.loss, stats.grad_norm, rows[:, 0].tolist())
+    elif not must_stop:
         run.optimizer.step()
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -429,11 +444,11 @@ def loop(run: Run) -> RunResult:
         for batches in steps:
             with breakdown.track_step(cfg.memory, run.info, run.out, run.state.step + 1, run.model, run.optimizer,
                                       run.tracker, batches) as tracked:  # memory.breakdown_steps
-                stats = train_step(run, batches, t0)
+                stats = train_step(run, batches, t0, stop=stop)
                 tracked.seconds = stats.seconds
             ev = evaluate_run(run, stats.step) if eval_due(run, stats.step) else None
             record(run, stats, ev)
-            stopped = stop.agreed()  # one small all_reduce: did any rank get a signal?
+            stopped = stop.decide(stats.stop_code)  # agreed within the step's all_gather
             run.checkpointer.maybe_save(stats.step, last=stats.step == run.total_steps, force=stopped is not None)
             if run.lock is not None:
                 run.lock.refresh()
