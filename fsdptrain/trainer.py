@@ -115,7 +115,7 @@ class StepStats:
     lr: float  # the rate this step's update used
     tokens: int  # input tokens of the step, all ranks
     target_tokens: int  # the objective's units of the step, all ranks (the normaliser)
-    seq_len: int  # the longest row of this rank's micro-batches
+    seq_len: int  # the longest sequence of this rank's micro-batches (row, or flash attention's varlen sequence)
     aux_loss: Optional[float] = None  # MoE router auxiliary loss: mean over all ranks' micro-batches
     seconds: float = 0.0
     skipped: bool = False  # non-finite loss or norm: no update
@@ -296,6 +296,12 @@ def skip_or_stop(run: Run, step: int, loss: float, norm: float, per_rank: list[f
     log.info(f"step {step}: non-finite {where}; update skipped")
 
 
+def longest_sequence(batch: dict) -> int:
+    """The attention context of a micro-batch (MFU's attention term): its row width, or for rows laid end to end
+    for flash attention (data/loader.py) the longest of their sequences, not the flattened width."""
+    return int(batch.get("max_length_q", batch["input_ids"].shape[1]))
+
+
 def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
                stop: Optional[StopRequests] = None) -> StepStats:
     """One optimizer step over this rank's micro-batches; advances run.state. t0: when the step began
@@ -334,7 +340,7 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
     global_targets = max(1.0, targets_total)
     run.state.step, run.state.tokens_seen = step, run.state.tokens_seen + int(global_tokens)
     stats = StepStats(step, loss_sum / global_targets, norm, lr, int(global_tokens), int(global_targets),
-                      max(b["input_ids"].shape[1] for b in batches), stop_code=int(stop_code))
+                      max(longest_sequence(b) for b in batches), stop_code=int(stop_code))
     if run.router_aux_coef:
         stats.aux_loss = aux_sum / (info.world_size * len(batches))
     stats.metrics = {name: metric_sums[k] / global_targets for k, name in enumerate(run.objective.metrics)}

@@ -389,6 +389,9 @@ def test_flattened_rows_carry_flash_attentions_boundaries_as_transformers_collat
     moved = to_device(batch, torch.device("cpu"))  # the trainer's and evaluation's move keeps the ints
     assert moved["max_length_q"] == batch["max_length_q"] and "n_tokens" not in moved and "cu_seq_lens_k" in moved
     assert "cu_seq_lens_q" not in collate(rows, 0)  # only the flattened rows (flash attention's) carry them
+    from fsdptrain.trainer import longest_sequence  # MFU's attention context: a sequence, not the flattened row
+
+    assert longest_sequence(batch) == batch["max_length_q"] and longest_sequence(collate(rows, 0)) == width
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention varlen packing needs a CUDA GPU")
