@@ -102,7 +102,7 @@ else  # cut short by its timeout: the runs that finished
     grep -E "^row: |failed" "$RES/throughput_table.txt"
 fi
 # step time (column 4) of selective+compile over full+compile: well below 1 when selective keeps its matmuls
-awk -F'|' '/selective-AC\+compile/ {s=$4} /full-AC\+compile/ {f=$4} END {if (s && f) printf "selective-AC+compile / full-AC+compile step time = %.3f\n", s / f}' \
+awk -F'|' '/^\| fsdptrain selective-AC\+compile/ {s=$4} /^\| fsdptrain full-AC\+compile/ {f=$4} END {if (s && f) printf "selective-AC+compile / full-AC+compile step time = %.3f\n", s / f}' \
     "$RES/throughput_table.txt"
 if [ -s "$RES/cut.txt" ]; then cat "$RES/cut.txt"; fi
 tail -1 "$RES/cuda_tests.txt"

@@ -302,14 +302,11 @@ def longest_sequence(batch: dict) -> int:
     return int(batch.get("max_length_q", batch["input_ids"].shape[1]))
 
 
-def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
-               stop: Optional[StopRequests] = None) -> StepStats:
-    """One optimizer step over this rank's micro-batches; advances run.state. t0: when the step began
-    (default: now; the loop passes the time before it waited for the batches). stop: this rank's stop requests,
-    agreed over all ranks within the step's all_gather (StepStats.stop_code)."""
-    t0 = time.perf_counter() if t0 is None else t0
-    info, step = run.info, run.state.step + 1
-    run.tracker.step_start(step, batches)
+def gradients_and_values(run: Run, batches: list[dict], stop: Optional[StopRequests]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, backward and clipping of the step; its values stay on the device, unread: (counts: global units
+    and input tokens, the gradient norm, rows: [rank, (loss sum, aux loss sum, metric sums, stop code)])."""
+    info = run.info
     # One all_reduce: the objective's units (normaliser) and input tokens (throughput) of the whole step.
     counts = torch.tensor([sum(run.objective.units(b) for b in batches),
                            sum(int(b["n_tokens"]) for b in batches)], dtype=torch.float64, device=info.device)
@@ -318,17 +315,31 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
     # previous step's optimizer before it could queue this step's forward.
     scale = (info.world_size / counts[0].clamp(min=1.0)).float()
     sums = forward_backward(run, batches, scale)
-
     grad_norm = grad_norm_and_clip(run.model, run.cfg.train.max_grad_norm).float()
     # The stop request rides in the step's all_gather (a fill with a host scalar: no copy, no sync).
-    code = sums.new_full((1,), float(stop.local_code() if stop is not None else 0))
-    rows = distributed.all_gather_rows(torch.cat([sums, code]), info.world_size)
-    # rows: [rank, (loss sum, aux loss sum, metric sums, stop code)]
-    n_metrics = len(run.objective.metrics)
+    code = float(stop.local_code() if stop is not None else 0)
+    rows = distributed.all_gather_rows(torch.cat([sums, sums.new_full((1,), code)]), info.world_size)
+    return counts, grad_norm, rows
+
+
+def read_values(counts: torch.Tensor, grad_norm: torch.Tensor, rows: torch.Tensor, n_metrics: int) -> list[float]:
+    """The step's values on the host, in one device-to-host copy: global units, global input tokens, loss sum, grad
+    norm, aux loss sum, metric sums, the largest stop code (float32 -> float64 is exact: what .item() gave)."""
+    values = [counts[0], counts[1], rows[:, 0].sum().double(), grad_norm.double(), rows[:, 1].sum().double(),
+              *(rows[:, 2 + k].sum().double() for k in range(n_metrics)), rows[:, -1].max().double()]
+    return torch.stack(values).tolist()
+
+
+def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
+               stop: Optional[StopRequests] = None) -> StepStats:
+    """One optimizer step over this rank's micro-batches; advances run.state. t0: when the step began
+    (default: now; the loop passes the time before it waited for the batches). stop: this rank's stop requests,
+    agreed over all ranks within the step's all_gather (StepStats.stop_code)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    info, step = run.info, run.state.step + 1
+    run.tracker.step_start(step, batches)
+    counts, grad_norm, rows = gradients_and_values(run, batches, stop)
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-    wanted = [counts[0], counts[1], rows[:, 0].sum(), grad_norm, rows[:, 1].sum(),
-              *(rows[:, 2 + k].sum() for k in range(n_metrics)), rows[:, -1].max()]
-    read = torch.stack([v.double() for v in wanted])  # float32 -> float64 is exact: the values .item() gave
     must_stop = run.cfg.train.on_nonfinite == "stop"
     if must_stop:
         # A non-finite step ends the run (TrainingError) and nothing of it is saved, so the update can be queued
@@ -336,7 +347,8 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
         # host launches it.
         run.optimizer.step()
         run.scheduler.step()
-    targets_total, global_tokens, loss_sum, norm, aux_sum, *metric_sums, stop_code = read.tolist()  # one sync
+    values = read_values(counts, grad_norm, rows, len(run.objective.metrics))  # the step's one host sync
+    targets_total, global_tokens, loss_sum, norm, aux_sum, *metric_sums, stop_code = values
     global_targets = max(1.0, targets_total)
     run.state.step, run.state.tokens_seen = step, run.state.tokens_seen + int(global_tokens)
     stats = StepStats(step, loss_sum / global_targets, norm, lr, int(global_tokens), int(global_targets),
