@@ -18,9 +18,11 @@ Step numbers are 1-based throughout: step s is the s-th optimizer step, and
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -34,7 +36,7 @@ from .core import log
 from .core.errors import RunStopped, TrainingError, UserError
 from .data import pipeline
 from .data.encode import Example
-from .data.loader import StepSampler
+from .data.loader import StepSampler, to_device
 from .data.tokenizer import load_tokenizer
 from .dist import distributed
 from .dist.distributed import DistInfo
@@ -113,10 +115,11 @@ class StepStats:
     lr: float  # the rate this step's update used
     tokens: int  # input tokens of the step, all ranks
     target_tokens: int  # the objective's units of the step, all ranks (the normaliser)
-    seq_len: int  # the longest row of this rank's micro-batches
+    seq_len: int  # the longest sequence of this rank's micro-batches (row, or flash attention's varlen sequence)
     aux_loss: Optional[float] = None  # MoE router auxiliary loss: mean over all ranks' micro-batches
     seconds: float = 0.0
     skipped: bool = False  # non-finite loss or norm: no update
+    stop_code: int = 0  # the largest stop request over all ranks (dist/stopping.py; 0: none)
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's metrics: step sum / global units
 
 
@@ -276,7 +279,7 @@ def forward_backward(run: Run, batches: list[dict], scale: torch.Tensor) -> torc
     for i, b in enumerate(batches):
         if not cfg.parallel.sync_grads_every_micro_step:
             model.set_requires_gradient_sync(i == cfg.train.grad_accum_steps - 1)
-        batch = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
+        batch = to_device(b, device)
         with moe.counting(run.expert_load):
             out = obj.loss(model, batch, run.loss_head, bool(run.router_aux_coef))
         run.tracker.phase("forward", i)
@@ -302,12 +305,17 @@ def skip_or_stop(run: Run, step: int, loss: float, norm: float, per_rank: list[f
     log.info(f"step {step}: non-finite {where}; update skipped")
 
 
-def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> StepStats:
-    """One optimizer step over this rank's micro-batches; advances run.state. t0: when the step began
-    (default: now; the loop passes the time before it waited for the batches)."""
-    t0 = time.perf_counter() if t0 is None else t0
-    info, step = run.info, run.state.step + 1
-    run.tracker.step_start(step, batches)
+def longest_sequence(batch: dict) -> int:
+    """The attention context of a micro-batch (MFU's attention term): its row width, or for rows laid end to end
+    for flash attention (data/loader.py) the longest of their sequences, not the flattened width."""
+    return int(batch.get("max_length_q", batch["input_ids"].shape[1]))
+
+
+def gradients_and_values(run: Run, batches: list[dict], stop: Optional[StopRequests]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, backward and clipping of the step; its values stay on the device, unread: (counts: global units
+    and input tokens, the gradient norm, rows: [rank, (loss sum, aux loss sum, metric sums, stop code)])."""
+    info = run.info
     # One all_reduce: the objective's units (normaliser) and input tokens (throughput) of the whole step.
     counts = torch.tensor([sum(run.objective.units(b) for b in batches),
                            sum(int(b["n_tokens"]) for b in batches)], dtype=torch.float64, device=info.device)
@@ -316,24 +324,51 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None) -> Ste
     # previous step's optimizer before it could queue this step's forward.
     scale = (info.world_size / counts[0].clamp(min=1.0)).float()
     sums = forward_backward(run, batches, scale)
-
     grad_norm = grad_norm_and_clip(run.model, run.cfg.train.max_grad_norm).float()
-    rows = distributed.all_gather_rows(sums, info.world_size)  # [rank, (loss sum, aux loss sum, metric sums)]
-    per_rank = rows[:, 0]
-    targets_total, global_tokens = counts.tolist()  # the step's first host sync
+    # The stop request rides in the step's all_gather (a fill with a host scalar: no copy, no sync).
+    code = float(stop.local_code() if stop is not None else 0)
+    rows = distributed.all_gather_rows(torch.cat([sums, sums.new_full((1,), code)]), info.world_size)
+    return counts, grad_norm, rows
+
+
+def read_values(counts: torch.Tensor, grad_norm: torch.Tensor, rows: torch.Tensor, n_metrics: int) -> list[float]:
+    """The step's values on the host, in one device-to-host copy: global units, global input tokens, loss sum, grad
+    norm, aux loss sum, metric sums, the largest stop code (float32 -> float64 is exact: what .item() gave)."""
+    values = [counts[0], counts[1], rows[:, 0].sum().double(), grad_norm.double(), rows[:, 1].sum().double(),
+              *(rows[:, 2 + k].sum().double() for k in range(n_metrics)), rows[:, -1].max().double()]
+    return torch.stack(values).tolist()
+
+
+def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
+               stop: Optional[StopRequests] = None) -> StepStats:
+    """One optimizer step over this rank's micro-batches; advances run.state. t0: when the step began
+    (default: now; the loop passes the time before it waited for the batches). stop: this rank's stop requests,
+    agreed over all ranks within the step's all_gather (StepStats.stop_code)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    info, step = run.info, run.state.step + 1
+    run.tracker.step_start(step, batches)
+    counts, grad_norm, rows = gradients_and_values(run, batches, stop)
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+    must_stop = run.cfg.train.on_nonfinite == "stop"
+    if must_stop:
+        # A non-finite step ends the run (TrainingError) and nothing of it is saved, so the update can be queued
+        # before the values are read: the device runs it while the host waits here, instead of idling while the
+        # host launches it.
+        run.optimizer.step()
+        run.scheduler.step()
+    values = read_values(counts, grad_norm, rows, len(run.objective.metrics))  # the step's one host sync
+    targets_total, global_tokens, loss_sum, norm, aux_sum, *metric_sums, stop_code = values
     global_targets = max(1.0, targets_total)
     run.state.step, run.state.tokens_seen = step, run.state.tokens_seen + int(global_tokens)
-    stats = StepStats(step, per_rank.sum().item() / global_targets, grad_norm.item(),
-                      run.optimizer.param_groups[0]["lr"], int(global_tokens), int(global_targets),
-                      max(b["input_ids"].shape[1] for b in batches))
+    stats = StepStats(step, loss_sum / global_targets, norm, lr, int(global_tokens), int(global_targets),
+                      max(longest_sequence(b) for b in batches), stop_code=int(stop_code))
     if run.router_aux_coef:
-        stats.aux_loss = rows[:, 1].sum().item() / (info.world_size * len(batches))
-    stats.metrics = {name: rows[:, 2 + k].sum().item() / global_targets
-                     for k, name in enumerate(run.objective.metrics)}
+        stats.aux_loss = aux_sum / (info.world_size * len(batches))
+    stats.metrics = {name: metric_sums[k] / global_targets for k, name in enumerate(run.objective.metrics)}
     stats.skipped = not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm))
     if stats.skipped:
-        skip_or_stop(run, step, stats.loss, stats.grad_norm, per_rank.tolist())
-    else:
+        skip_or_stop(run, step, stats.loss, stats.grad_norm, rows[:, 0].tolist())
+    elif not must_stop:
         run.optimizer.step()
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -436,11 +471,11 @@ def loop(run: Run) -> RunResult:
         for batches in steps:
             with breakdown.track_step(cfg.memory, run.info, run.out, run.state.step + 1, run.model, run.optimizer,
                                       run.tracker, batches) as tracked:  # memory.breakdown_steps
-                stats = train_step(run, batches, t0)
+                stats = train_step(run, batches, t0, stop=stop)
                 tracked.seconds = stats.seconds
             ev = evaluate_run(run, stats.step) if eval_due(run, stats.step) else None
             record(run, stats, ev)
-            stopped = stop.agreed()  # one small all_reduce: did any rank get a signal?
+            stopped = stop.decide(stats.stop_code)  # agreed within the step's all_gather
             run.checkpointer.maybe_save(stats.step, last=stats.step == run.total_steps, force=stopped is not None)
             if run.lock is not None:
                 run.lock.refresh()
@@ -465,17 +500,38 @@ def loop(run: Run) -> RunResult:
     return run.result
 
 
+def release_memory(info: DistInfo) -> None:
+    """Free what a finished run built. FSDP2's module state, its hooks and the modules form reference cycles, so
+    the model, its parameters and the optimizer state outlive the run until a full garbage collection, which
+    Python seldom runs on its own: a second train() in the same process (benchmarks, tests, notebooks) would
+    start with the first run's memory still held."""
+    gc.collect()
+    if info.device_type == "cuda":
+        torch.cuda.empty_cache()  # hand the freed blocks back, so the next run's peak and reserved are its own
+
+
 def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
-    """Run training as configured. `examples` replaces the configured data (tests, notebooks)."""
+    """Run training as configured. `examples` replaces the configured data (tests, notebooks). Everything the run
+    built is freed when it returns or fails (release_memory)."""
     started = time.time()
     info = distributed.init(cfg.parallel.device, cfg.parallel.timeout_minutes)
     try:
-        run = setup(cfg, info, examples)
-        run.started = started
-        try:
-            return loop(run)
-        finally:
-            if run.lock is not None:
-                run.lock.release()
+        return _train(cfg, info, examples, started)  # the Run lives in _train's frame only
+    except BaseException as e:
+        # The traceback keeps the failed run's frames, and their locals the Run; the report (cli) needs only
+        # the code and line numbers of those frames.
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
+        release_memory(info)
         distributed.shutdown(info)
+
+
+def _train(cfg: Config, info: DistInfo, examples: Optional[list[Example]], started: float) -> RunResult:
+    run = setup(cfg, info, examples)
+    run.started = started
+    try:
+        return loop(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()

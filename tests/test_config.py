@@ -106,6 +106,13 @@ def test_cross_field_validation(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"train.adam_betas: expected two numbers in \[0, 1\)"):
         load_config(None, ["train.adam_betas=[0.9]"])
+    # flash-attn has no fp32 kernels: refused before any work, not at the first forward
+    with pytest.raises(ConfigError, match=r"demo.yaml: model.attn_implementation: flash_attention_2 runs in bf16/fp16 "
+                                          r"only and parallel.precision is fp32; set parallel.precision=bf16-mixed "
+                                          r"\(or auto\) or model.attn_implementation=sdpa$"):
+        load_config(None, ["model.attn_implementation=flash_attention_2", "parallel.precision=fp32"])
+    # auto is bf16-mixed on CUDA (flash attention is CUDA-only; on a CPU the run stops at loading flash-attn)
+    load_config(None, ["model.attn_implementation=flash_attention_2", "parallel.precision=auto"])
 
 
 def test_dump_round_trips_and_documents_every_key(tmp_path):

@@ -19,7 +19,7 @@ from fsdptrain.core.errors import ConfigError, UserError
 from fsdptrain.data import cache, pipeline
 from fsdptrain.data.encode import IGNORE, Example, build_example, tokenize_record
 from fsdptrain.data.formats import convert
-from fsdptrain.data.loader import StepSampler, collate, padded, resolve_rank_sizes, step_batches
+from fsdptrain.data.loader import StepSampler, collate, padded, resolve_rank_sizes, step_batches, to_device
 from fsdptrain.data.packing import pack, pack_bins
 from fsdptrain.data.sources import read, resolve
 from fsdptrain.data.tokenizer import build_char_tokenizer
@@ -324,7 +324,8 @@ def _tiny_model(attn: str):
 
 
 def _per_token_losses(model, batch) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "n_tokens")}  # as the trainer passes them
+    logits = model(**inputs, use_cache=False).logits
     losses = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction="none")
     return losses[batch["labels"].flatten() != IGNORE]
 
@@ -354,6 +355,45 @@ def test_packed_rows_give_the_per_token_losses_of_the_unpacked_examples(attn):
     assert (leaked - want).abs().max() > 1e-3
 
 
+def test_flattened_rows_carry_flash_attentions_boundaries_as_transformers_collator_gives_them():
+    """collate(flatten=True) gives flash attention's varlen kwargs (DataCollatorWithFlattening's contract with
+    return_flash_attn_kwargs=True), so transformers uses them instead of deriving them from position_ids on the GPU
+    in every layer: the same values as that collator on the same sequences, and as transformers' own derivation."""
+    from transformers import DataCollatorWithFlattening
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    g = torch.Generator().manual_seed(5)
+    examples = [Example(ids, ids) for ids in (torch.randint(4, 100, (n,), generator=g).tolist()
+                                              for n in (13, 7, 22, 9, 18, 30))]
+    packed = pack(examples, [len(e.input_ids) for e in examples], 40)
+    rows = [packed[i] for i in range(len(packed))] + [examples[1]]  # packed rows and an unpacked one
+    batch = collate(rows, 0, flatten=True)
+    width = batch["input_ids"].shape[1] // len(rows)
+    # the same sequences for transformers' collator: each row's examples, then its padding tail
+    seqs = []
+    for r, e in enumerate(rows):
+        at = r * width
+        for n in (e.seq_lens or [len(e.input_ids)]) + [width - len(e.input_ids)]:
+            if n:
+                seqs.append({"input_ids": batch["input_ids"][0, at:at + n].tolist()})
+                at += n
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(seqs)
+    assert torch.equal(theirs["input_ids"], batch["input_ids"]) and torch.equal(theirs["position_ids"],
+                                                                                batch["position_ids"])
+    for k in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert batch[k].dtype == theirs[k].dtype == torch.int32 and torch.equal(batch[k], theirs[k])
+    for k in ("max_length_q", "max_length_k"):
+        assert type(batch[k]) is int and batch[k] == theirs[k] == max(len(x["input_ids"]) for x in seqs)
+    (cu, _), (longest, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])  # per layer, on the GPU
+    assert torch.equal(cu, batch["cu_seq_lens_q"]) and int(longest) == batch["max_length_q"]
+    moved = to_device(batch, torch.device("cpu"))  # the trainer's and evaluation's move keeps the ints
+    assert moved["max_length_q"] == batch["max_length_q"] and "n_tokens" not in moved and "cu_seq_lens_k" in moved
+    assert "cu_seq_lens_q" not in collate(rows, 0)  # only the flattened rows (flash attention's) carry them
+    from fsdptrain.trainer import longest_sequence  # MFU's attention context: a sequence, not the flattened row
+
+    assert longest_sequence(batch) == batch["max_length_q"] and longest_sequence(collate(rows, 0)) == width
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention varlen packing needs a CUDA GPU")
 def test_flash_attention_packed_rows_match_unpacked_on_gpu():
     pytest.importorskip("flash_attn", reason="flash-attn is not installed")
@@ -369,7 +409,8 @@ def test_flash_attention_packed_rows_match_unpacked_on_gpu():
     packed = pack(examples, [len(e.input_ids) for e in examples], 48)
 
     def losses(batch):
-        return _per_token_losses(model, {k: v.cuda() for k, v in batch.items()}).float()
+        return _per_token_losses(model, {**to_device(batch, torch.device("cuda")), "labels": batch["labels"].cuda()}
+                                 ).float()
 
     with torch.no_grad():
         got = losses(collate([packed[i] for i in range(len(packed))], 0, flatten=True))

@@ -188,12 +188,13 @@ def test_oom_on_one_rank_stops_all_with_one_message(launch):
     assert post["rank"] == 1 and post["step"] == 2
     shape = estimate.shape_from_config(load_config(str(root / "oom.yaml")))
     exact = estimate.model_state(shape, 3, 1, 4)
-    assert post["owners"] == {"parameters": exact.params, "gradients": 0,  # zero_grad(set_to_none) ran after step 1
+    assert post["owners"] == {"parameters (sharded)": exact.params, "parameters (gathered)": 0,  # before forward
+                              "gradients": 0,  # zero_grad(set_to_none) ran after step 1
                               "optimizer state": exact.optimizer, "activations": 0, "other": 0}
     text = (mem / "oom_rank1.txt").read_text()
     assert "rank 1, step 2, forward of micro-batch 0" in text
-    assert "  11.00 KiB  parameters       model.layers.1.mlp.down_proj.weight (local shard)" in text
-    assert "  11.00 KiB  optimizer state  exp_avg of model.layers.0.mlp.down_proj.weight" in text
+    assert "  11.00 KiB  parameters (sharded)  model.layers.1.mlp.down_proj.weight (local shard)" in text
+    assert "  11.00 KiB  optimizer state       exp_avg of model.layers.0.mlp.down_proj.weight" in text
     assert not (root / "oomrun" / "memory" / "oom_rank0.txt").exists()
 
 
@@ -292,17 +293,42 @@ def test_live_at_peak_replays_the_trace_backwards():
     assert snapshot.site([]).startswith("<no Python stack")
 
 
+def test_live_at_peak_replays_the_ranks_own_device_trace(tmp_path):
+    """Rank 1 of a node records into device_traces[1]; device 0's trace is empty there (or holds a stray event
+    from another process's context). The peak is rank 1's, read from the device its segments are on."""
+    trace = [_ev("alloc", 1000, 300, MODEL_FR), _ev("alloc", 2000, 500, LOSS_FR),
+             _ev("free_completed", 2000, 500, LOSS_FR), _ev("free_completed", 1000, 300, MODEL_FR)]
+    one = _snap([(0, 100, OPT_FR)], [])
+    one["segments"][0]["device"] = 1
+    one["device_traces"] = [[], trace]
+    blocks, peak = snapshot.live_at_peak(one)
+    assert peak == 900 and sorted(b.addr for b in blocks) == [0, 1000, 2000]
+    stray = {**one, "device_traces": [[_ev("alloc", 7000, 64)], trace]}
+    assert snapshot.live_at_peak(stray)[1] == 900
+    no_segments = {"segments": [], "device_traces": [[], trace]}  # nothing live at the dump: first non-empty trace
+    assert snapshot.live_at_peak(no_segments)[1] == 800
+    # `mem diff` compares each snapshot at its own rank's peak
+    zero = _snap([(0, 100, OPT_FR)], trace)
+    rows, peak_a, peak_b = diff.diff(zero, one)
+    assert (peak_a, peak_b) == (900, 900) and all(r.delta == 0 for r in rows)
+
+
 def test_grouping_by_owner_uses_addresses_then_stacks():
-    ranges = [(0, 100, "parameters", "w (local shard)"), (200, 260, "gradients", "grad of w")]
+    ranges = [(0, 100, "parameters (sharded)", "w (local shard)"), (200, 260, "gradients", "grad of w"),
+              (600, 650, "parameters (gathered)", "w (gathered)")]
+    gather_fr = [_fr("/x/site-packages/torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py", 300,
+                     "foreach_all_gather")]
     blocks = [snapshot.Block(0, 100), snapshot.Block(200, 60), snapshot.Block(300, 80, OPT_FR),
-              snapshot.Block(400, 30, MODEL_FR), snapshot.Block(500, 7)]
+              snapshot.Block(400, 30, MODEL_FR), snapshot.Block(500, 7), snapshot.Block(600, 50),
+              snapshot.Block(700, 20, gather_fr)]
     g = snapshot.group(blocks, ranges)
-    assert {k: v["bytes"] for k, v in g.items()} == {"parameters": 100, "gradients": 60, "optimizer state": 80,
-                                                      "activations": 30, "other": 7}
+    assert {k: v["bytes"] for k, v in g.items()} == {"parameters (sharded)": 100, "parameters (gathered)": 70,
+                                                      "gradients": 60, "optimizer state": 80, "activations": 30,
+                                                      "other": 7}
     text = snapshot.postmortem_text(3, 7, "backward of micro-batch 1", "CUDA out of memory. Tried",
                                     {"allocated": 277, "reserved": 2**31}, g)
     assert "rank 3, step 7, backward of micro-batch 1" in text and "reserved 2.00 GiB" in text
-    assert "      100 B  parameters       w (local shard)" in text
+    assert "      100 B  parameters (sharded)  w (local shard)" in text
 
 
 def test_diff_orders_sites_by_difference(tmp_path):
@@ -443,7 +469,9 @@ def test_cuda_oom_post_mortem(tmp_path):
     post = json.loads((mem / "oom_rank0_stats.json").read_text())
     shape = estimate.shape_from_config(cfg)
     exact = estimate.model_state(shape, 1, 0, 4)
-    assert exact.params <= post["owners"]["parameters"] <= exact.params + 512 * exact.n_tensors
+    # fp32 shards (FSDP's own records), whatever units were unsharded at the OOM (the root: in lm_head)
+    assert exact.params <= post["owners"]["parameters (sharded)"] <= exact.params + 512 * exact.n_tensors
+    assert post["owners"]["parameters (gathered)"] > 0
     assert post["memory_stats"]["num_ooms"] >= 1
     assert "live memory by owner:" in (mem / "oom_rank0.txt").read_text()
     assert snapshot.live_blocks(snapshot.load(mem / "oom_rank0.pickle"))
@@ -493,3 +521,44 @@ def test_estimate_settings_follow_packing_and_token_budget(tmp_path):
     s = estimate.settings_from_config(load_config(cfg_path, ["data.max_length=2048", "data.token_budget=8192"]),
                                       1, 2, 1)
     assert (s.micro_batch, s.seq_len) == (4, 2048)
+
+
+def test_oom_attribution_uses_fsdps_sharded_and_gathered_parameters():
+    """In the middle of forward FSDP2 has swapped the registered parameters of the unsharded units (the root and
+    the block running) for their all-gathered bf16 copies: the post-mortem must count every fp32 shard as
+    "parameters (sharded)" and the gathered copies apart, as "parameters (gathered)"."""
+    from fsdptrain.dist import distributed
+    from fsdptrain.model import models
+    from fsdptrain.train.build import build_sharded_model
+
+    cfg = load_config(None, ["parallel.device=cpu", "parallel.precision=bf16-mixed", "parallel.prefetch_blocks=0"])
+    cfg.model.hf_config = dict(UNEVEN)
+    info = distributed.init("cpu")
+    try:
+        hf = models.load_hf_config(None, cfg.model.hf_config, None, False)
+        sharded = build_sharded_model(cfg, info, hf)
+        model, blocks = sharded.model, sharded.blocks
+        seen = {}
+
+        def attribute(module, args, output):  # inside block 0: root and block 0 unsharded, block 1 sharded
+            seen["groups"] = snapshot.group([snapshot.Block(s, e - s) for s, e, _, _ in
+                                             snapshot.owner_ranges(model, None)], snapshot.owner_ranges(model, None))
+            seen["names"] = {n for _, _, _, n in snapshot.owner_ranges(model, None)}
+
+        hook = blocks[0].mlp.register_forward_hook(attribute)
+        model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6]]), use_cache=False).logits.sum().backward()
+        hook.remove()
+        numel = {n: p.numel() for n, p in model.named_parameters()}  # after backward: the sharded parameters again
+        in_block = lambda n, i: n.startswith(f"model.layers.{i}.")  # noqa: E731
+        owners = {o: g["bytes"] for o, g in seen["groups"].items()}
+        assert owners["parameters (sharded)"] == 4 * sum(numel.values())  # every fp32 shard (one rank: all of it)
+        assert owners["parameters (gathered)"] == 2 * sum(v for n, v in numel.items() if not in_block(n, 1))
+        assert owners["gradients"] == owners["optimizer state"] == 0
+        assert "model.layers.0.mlp.up_proj.weight (gathered)" in seen["names"]
+        assert "model.layers.1.mlp.up_proj.weight (local shard)" in seen["names"]
+        assert "model.layers.1.mlp.up_proj.weight (gathered)" not in seen["names"]
+        ranges = snapshot.owner_ranges(model, None)  # resharded after backward: no gathered copy, fp32 grad shards
+        assert not [r for r in ranges if r[2] == "parameters (gathered)"]
+        assert sum(e - s for s, e, o, _ in ranges if o == "gradients") == 4 * sum(numel.values())
+    finally:
+        distributed.shutdown(info)

@@ -7,7 +7,9 @@ these tests check that each path really does what it claims.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -268,3 +270,192 @@ def test_auto_checkpointing_plan_is_the_least_recomputation_within_budget():
     assert modes == ["full"] * 6 and est.peak > peaks[-1] - 1
     assert describe_modes(["full", "selective", "selective", "none"]) == "blocks 0 full, 1-2 selective, 3 none"
     assert checkpoint_modes(5, "every_k", 2) == ["full", "none", "full", "none", "full"]
+
+
+def test_a_finished_run_frees_its_model_and_optimizer_state(tmp_path, monkeypatch):
+    """FSDP2's state and hooks form reference cycles with the modules: without the trainer's own collection the
+    model, its parameters and the AdamW moments outlive train() (a second run in the process would start with
+    them still held). Automatic collection is off here, as between two runs where Python does not happen to run a
+    full one; a failed run frees them too."""
+    import gc
+    import weakref
+
+    from fsdptrain import trainer
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.errors import TrainingError
+
+    refs: list[weakref.ref] = []
+    real_setup = trainer.setup
+
+    def setup(*args, **kwargs):
+        run = real_setup(*args, **kwargs)
+        param = next(run.model.parameters())
+        refs.extend([weakref.ref(run.model), weakref.ref(param), weakref.ref(run.optimizer)])
+        return run
+
+    monkeypatch.setattr(trainer, "setup", setup)
+    common = ["train.max_steps=2", "data.synthetic_examples=32", "logging.progress=none", "logging.tensorboard=false"]
+    gc.collect()
+    gc.disable()
+    try:
+        trainer.train(load_config(None, [f"output_dir={tmp_path / 'a'}", *common]))
+        assert len(refs) == 3 and [r() for r in refs] == [None, None, None]
+        refs.clear()
+        with pytest.raises(TrainingError, match="non-finite"):  # a run that fails frees its model too
+            trainer.train(load_config(None, [f"output_dir={tmp_path / 'b'}", *common, "train.lr=1e30"]))
+        assert len(refs) == 3 and [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the test's wrapper
+def test_a_step_reads_the_device_once_and_agrees_on_stopping_in_its_own_all_gather(tmp_path, monkeypatch):
+    """Each host read of a device value (.item(), .tolist()) is a sync on CUDA. A step reads once, after its update
+    is queued (train.on_nonfinite stop: a non-finite step ends the run anyway), and the stop agreement rides in the
+    step's all_gather: no all_reduce of its own. A request on this rank stops the run at that step."""
+    from fsdptrain import trainer
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.errors import RunStopped
+    from fsdptrain.dist import distributed, stopping
+
+    reads, events = [], []
+    real_item, real_tolist, real_step = torch.Tensor.item, torch.Tensor.tolist, trainer.train_step
+
+    def ours() -> bool:  # the trainer's and the stop agreement's reads (torch.optim reads its CPU step counts)
+        return sys._getframe(2).f_code.co_filename.endswith(("fsdptrain/trainer.py", "fsdptrain/dist/stopping.py"))
+
+    def item(t):
+        if ours():
+            reads.append("item")
+        return real_item(t)
+
+    def tolist(t):
+        if ours():
+            reads.append("tolist")
+        return real_tolist(t)
+
+    def step(run, batches, *args, **kwargs):
+        if not events:  # once: the optimizer's step notes how many reads came before it
+            real_opt_step = run.optimizer.step
+
+            def opt_step(*a, **k):
+                events.append(("optimizer.step", len(reads)))
+                return real_opt_step(*a, **k)
+
+            monkeypatch.setattr(run.optimizer, "step", opt_step)
+        reads.clear()
+        stats = real_step(run, batches, *args, **kwargs)
+        events.append(("reads", list(reads)))
+        if stats.step == 2:
+            kwargs["stop"].code = 3  # as SIGUSR1 would: seen by step 3's all_gather
+        return stats
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    monkeypatch.setattr(trainer, "train_step", step)
+    monkeypatch.setattr(distributed, "all_reduce_max", lambda t: pytest.fail("a stop collective of its own"))
+    monkeypatch.setattr(stopping.StopRequests, "_on_signal", lambda *a: None)
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "train.max_steps=5", "data.synthetic_examples=32",
+                             "logging.progress=none", "logging.tensorboard=false", "logging.log_every=100"])
+    with pytest.raises(RunStopped, match="stopped by SIGUSR1 at step 3; checkpoint saved to "):
+        trainer.train(cfg)
+    per_step = [e for e in events if e[0] == "reads"]
+    assert [e[1] for e in per_step] == [["tolist"]] * 3  # one read per step, and steps 4-5 never ran
+    assert [e for e in events if e[0] == "optimizer.step"] == [("optimizer.step", 0)] * 3  # queued before it
+    assert (tmp_path / "checkpoints" / "step-00000003" / "COMPLETE.json").is_file()
+
+
+def _sharded_tiny(overrides: list[str], backend=None):
+    """A 3-block Llama through the trainer's own builder (fully_shard on a one-rank gloo group); `backend`: a
+    compile backend object for parallel.compile_backend."""
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.dist import distributed
+    from fsdptrain.model import models
+    from fsdptrain.train.build import build_sharded_model
+
+    cfg = load_config(None, ["parallel.device=cpu", "parallel.precision=fp32", *overrides])
+    if backend is not None:
+        cfg.parallel.compile_backend = backend
+    cfg.model.hf_config = {**SMALL, "num_hidden_layers": 3, "max_position_embeddings": 256}
+    info = distributed.init("cpu")
+    return build_sharded_model(cfg, info, models.load_hf_config(None, cfg.model.hf_config, None, False)), info
+
+
+def test_selective_checkpointing_under_compile_keeps_matmul_outputs_inside_the_graph():
+    """Selective checkpointing of compiled blocks: the checkpoint is inside what compile traces, so the
+    partitioner applies the policy to the graph's ops. The compiled forward runs once per block (hooks outside the
+    graph would re-run it whole in backward, as full checkpointing does, because inductor's matmuls are
+    invisible to the policy), backward has only the matmuls of the gradients and recomputes the cheap ops, and the
+    state-dict keys stay Hugging Face's. A counting backend with inductor's partitioner stands in for inductor."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from fsdptrain.dist import distributed
+
+    graphs: dict[str, dict] = {}
+
+    def counting(kind: str):
+        def compile_graph(gm, example_inputs):
+            ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            g = graphs.setdefault(f"{kind}{len(graphs)}", {"mm": ops.count("aten.mm.default"),
+                                                            "silu": ops.count("aten.silu.default"), "calls": 0})
+            run = make_boxed_func(gm.forward)
+
+            def counted(args):
+                g["calls"] += 1
+                return run(args)
+
+            counted._boxed_call = True
+            return counted
+        return compile_graph
+
+    backend = aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    sharded, info = _sharded_tiny(["parallel.compile=true", "parallel.activation_checkpointing=selective"], backend)
+    try:
+        model, steps = sharded.model, 2
+        for _ in range(steps):
+            token_loss_sum(model, batch()).backward()
+        fwd = [g for k, g in graphs.items() if k.startswith("forward")]
+        bwd = [g for k, g in graphs.items() if k.startswith("backward")]
+        assert len(fwd) == len(bwd) == 1  # one graph for all 3 blocks
+        assert fwd[0]["calls"] == 3 * steps  # not 6 * steps: backward does not re-run the compiled forward
+        assert fwd[0]["mm"] == 7 and bwd[0]["mm"] == 2 * 7  # q k v o gate up down; their input and weight grads
+        assert bwd[0]["silu"] == 1  # the cheap ops are recomputed (selective, not "save everything")
+        keys = set(model.state_dict())
+        assert "model.layers.0.mlp.up_proj.weight" in keys and not any("checkpoint" in k for k in keys)
+    finally:
+        distributed.shutdown(info)
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_under_inductor_trains_like_eager():
+    """The same with real inductor (CPU C++ kernels): three SGD steps give the losses of uncompiled selective
+    checkpointing."""
+    from fsdptrain.dist import distributed
+
+    def losses(overrides: list[str]) -> list[float]:
+        sharded, info = _sharded_tiny(["parallel.activation_checkpointing=selective", *overrides])
+        try:
+            opt = torch.optim.SGD(sharded.model.parameters(), lr=0.1)
+            out = []
+            for _ in range(3):
+                loss = token_loss_sum(sharded.model, batch())
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                out.append(loss.item())
+            return out
+        finally:
+            distributed.shutdown(info)
+
+    torch._dynamo.reset()
+    try:
+        eager, compiled = losses([]), losses(["parallel.compile=true", "parallel.compile_backend=inductor"])
+    finally:
+        torch._dynamo.reset()
+    assert compiled == pytest.approx(eager, rel=1e-5)

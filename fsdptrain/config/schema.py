@@ -570,6 +570,10 @@ def validate(cfg: Config, source: str = "config") -> None:
                           "or model.hf_config (an inline config)")
     if m.path is None and m.random_init is False and m.hf_config and "model_type" not in m.hf_config:
         raise ConfigError(f"{source}: model.hf_config needs a model_type (e.g. llama, qwen2, mistral, gemma)")
+    if m.attn_implementation.startswith("flash_attention") and cfg.parallel.precision == "fp32":
+        raise ConfigError(f"{source}: model.attn_implementation: {m.attn_implementation} runs in bf16/fp16 only and "
+                          "parallel.precision is fp32; set parallel.precision=bf16-mixed (or auto) or "
+                          "model.attn_implementation=sdpa")
     if cfg.parallel.cpu_offload and cfg.parallel.optimizer_offload:
         raise ConfigError(f"{source}: parallel.cpu_offload already keeps the optimizer state on the CPU; "
                           "set parallel.optimizer_offload=false (or cpu_offload=false to keep parameters on the GPU)")

@@ -228,7 +228,8 @@ def collate(examples: list[Example] | list[Pair], pad_id: int, multiple: int = P
     Right padding under a causal mask never influences real tokens, so no
     attention mask is needed (the fast causal kernel path stays on). Packed rows
     add position_ids restarting at every example; `flatten` lays the rows end to
-    end in one row (flash attention's varlen path reads position_ids only then).
+    end in one row for flash attention's varlen path and adds its boundaries
+    (`flash_attn_kwargs`), so transformers need not find them on the GPU.
     """
     if isinstance(examples[0], Pair):
         examples = [p.chosen for p in examples] + [p.rejected for p in examples]
@@ -252,7 +253,36 @@ def collate(examples: list[Example] | list[Pair], pad_id: int, multiple: int = P
         batch["position_ids"] = pos
         if flatten:
             batch = {k: v.reshape(1, -1) if v.ndim == 2 else v for k, v in batch.items()}
+            batch.update(flash_attn_kwargs([n for e in examples for n in segments(e, width)]))
     return batch
+
+
+def segments(e: Example, width: int) -> list[int]:
+    """The lengths of a padded row's sequences: its examples, then the padding tail (positions restart at each)."""
+    lens = (e.seq_lens or [len(e.input_ids)]) + [width - len(e.input_ids)]
+    return [n for n in lens if n > 0]
+
+
+def flash_attn_kwargs(lengths: list[int]) -> dict:
+    """Flash attention's varlen boundaries of sequences laid end to end, as transformers' DataCollatorWithFlattening
+    (return_flash_attn_kwargs=True) gives them: cumulative starts (int32, the total last) and the longest length
+    (a Python int). Given to the model, transformers' flash attention uses them as they are; without them it derives
+    them from position_ids in every layer (a nonzero() and tensor maxima: host syncs, and graph breaks under
+    compile)."""
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    cu = torch.tensor(starts, dtype=torch.int32)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def to_device(batch: dict, device: torch.device, pin: bool = False) -> dict:
+    """A collated micro-batch's model inputs on `device` (n_tokens stays on the host; the flash attention max
+    lengths are Python ints and stay so). pin: through pinned memory first, for batches collated outside the
+    DataLoader (evaluation): on CUDA a non_blocking copy from pageable memory is a synchronous one."""
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items() if k != "n_tokens"}
 
 
 class _StepBatches(torch.utils.data.Dataset):

@@ -6,9 +6,11 @@ checkpoint write, where stopping at once would lose or corrupt work. A second SI
 job's time limit (`SLURM_JOB_END_TIME`, or `checkpoint.wall_time_minutes` from the start) is a stop
 request too, `checkpoint.save_before_minutes` before it runs out.
 
-At each step boundary the trainer asks `agreed()`: one small all_reduce tells every rank whether any rank
-was asked to stop (a signal may reach only some ranks, e.g. one node), so all ranks save the same step and
-exit together with status core.errors.EXIT_STOPPED (75).
+Every rank must stop at the same step (a signal may reach only some ranks, e.g. one node), so all ranks save
+the same step and exit together with status core.errors.EXIT_STOPPED (75). The trainer carries each rank's
+request (`local_code()`) in the step's own all_gather of the losses (trainer.train_step) and turns the largest
+code into the reason (`decide()`): the agreement costs no collective and no host sync of its own. `agreed()` is
+the same agreement as one small all_reduce, for callers without such a collective.
 """
 
 from __future__ import annotations
@@ -52,17 +54,23 @@ class StopRequests:
                           "at the end of this step, then stopping" + (" (Ctrl-C again: stop at once)"
                                                                        if self.code == 2 else ""))
 
+    def local_code(self) -> int:
+        """This rank's request: 0 none, else the code of the first signal, or of the job's time limit."""
+        if not self.code and self.deadline is not None and time.time() >= self.deadline:
+            return 4
+        return self.code
+
+    def decide(self, code: int) -> Optional[str]:
+        """The reason for stopping given the largest code over all ranks (None: go on)."""
+        if not code:
+            return None
+        return _CODES[code] + (f" ({self.deadline_source})" if code == 4 else "")
+
     def agreed(self) -> Optional[str]:
         """Whether any rank was asked to stop (collective: every rank calls it at the same step boundary)."""
-        code = self.code
-        if not code and self.deadline is not None and time.time() >= self.deadline:
-            code = 4
-        flag = torch.tensor([code], dtype=torch.int32, device=self.device)
+        flag = torch.tensor([self.local_code()], dtype=torch.int32, device=self.device)
         distributed.all_reduce_max(flag)
-        agreed = int(flag.item())
-        if not agreed:
-            return None
-        return _CODES[agreed] + (f" ({self.deadline_source})" if agreed == 4 else "")
+        return self.decide(int(flag.item()))
 
     def close(self) -> None:
         for s, handler in self._previous.items():

@@ -25,7 +25,10 @@ import torch
 from ..core.errors import UserError
 from ..core.units import format_bytes
 
-OWNERS = ["parameters", "gradients", "optimizer state", "activations", "other"]
+SHARDED, GATHERED = "parameters (sharded)", "parameters (gathered)"
+# sharded: this rank's own (fp32) parameter shards; gathered: FSDP's all-gathered (bf16) copies of the units
+# running forward or backward, which replace the sharded parameters in the modules while they run.
+OWNERS = [SHARDED, GATHERED, "gradients", "optimizer state", "activations", "other"]
 
 
 # ----------------------------------------------------------------------------- recording (CUDA)
@@ -79,24 +82,46 @@ class Block:
     frames: list = field(default_factory=list)
 
 
-def live_blocks(snap: dict) -> list[Block]:
-    """Allocated blocks at the moment the snapshot was taken."""
+def live_blocks(snap: dict, device: Optional[int] = None) -> list[Block]:
+    """Allocated blocks at the moment the snapshot was taken (on `device` only, when given)."""
     out = []
     for seg in snap.get("segments", []):
+        if device is not None and int(seg.get("device", device)) != device:
+            continue
         for b in seg.get("blocks", []):
             if b.get("state") == "active_allocated":
                 out.append(Block(int(b["address"]), int(b["size"]), list(b.get("frames") or [])))
     return out
 
 
-def live_at_peak(snap: dict, device: int = 0) -> tuple[list[Block], int]:
+def trace_device(snap: dict) -> int:
+    """The device whose trace records this process's allocations.
+
+    `torch.cuda.memory._snapshot()` holds one trace per visible device, and a
+    rank records into its own device's (rank r of a node: index r), so device 0's
+    trace is empty on every other rank. The segments name their device; without
+    segments, the first trace that holds events is this process's."""
+    devices: dict[int, int] = {}
+    for seg in snap.get("segments", []):
+        if "device" in seg:
+            d = int(seg["device"])
+            devices[d] = devices.get(d, 0) + int(seg.get("total_size", 0))
+    if devices:  # a process that touched several devices: the one holding most memory
+        return max(devices, key=lambda d: (devices[d], -d))
+    traces = snap.get("device_traces") or []
+    return next((i for i, t in enumerate(traces) if t), 0)
+
+
+def live_at_peak(snap: dict, device: Optional[int] = None) -> tuple[list[Block], int]:
     """The allocated blocks when allocated memory peaked within the recorded trace, and that total.
 
     Walk the trace backwards from the final state: undoing an `alloc` removes
     its block, undoing a `free_completed` puts it back. This needs no state
-    from before the (ring-buffered) trace began.
+    from before the (ring-buffered) trace began. device: whose trace to replay
+    (default: the snapshot's own, `trace_device`).
     """
-    live = {b.addr: b for b in live_blocks(snap)}
+    device = trace_device(snap) if device is None else device
+    live = {b.addr: b for b in live_blocks(snap, device)}
     total = sum(b.size for b in live.values())
     best, best_total = dict(live), total
     traces = snap.get("device_traces") or []
@@ -152,7 +177,7 @@ def owner_from_frames(frames: list) -> Optional[str]:
     if "foreach_reduce" in text or "reduce_scatter" in text:
         return "gradients"
     if "foreach_all_gather" in text or "_fsdp_param" in text or "alloc_storage" in text:
-        return "parameters"
+        return GATHERED  # the shards are known by address: an unknown FSDP parameter buffer is a gathered one
     if ":backward" in text or "autograd" in text:
         return "gradients" if "accumulate" in text else "activations"
     if "forward" in text:
@@ -163,8 +188,35 @@ def owner_from_frames(frames: list) -> Optional[str]:
 Range = tuple[int, int, str, str]  # start, end, owner, tensor name
 
 
+def fsdp_param_groups(model: torch.nn.Module) -> list:
+    """FSDP2's parameter groups (torch's FSDPParamGroup) of the fully_shard-ed modules in `model`. Their
+    `fsdp_params` know each parameter's sharded tensor and its all-gather outputs, whichever of the two the
+    module holds at the moment (torch 2.13, torch/distributed/fsdp/_fully_shard/_fsdp_param.py)."""
+    groups = []
+    for m in model.modules():
+        get_state = getattr(m, "_get_fsdp_state", None)
+        group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
+        if group is not None:
+            groups.append(group)
+    return groups
+
+
+def _fsdp_param_name(fp, module_names: dict[int, str]) -> str:
+    """The parameter's name in the model (FSDP sets _param_fqn at its lazy init, before the first forward)."""
+    if getattr(fp, "_param_fqn", None):
+        return fp._param_fqn
+    info = fp._module_info
+    prefix = module_names.get(id(info.module), "")
+    return f"{prefix}.{info.param_name}" if prefix else info.param_name
+
+
 def owner_ranges(model: Optional[torch.nn.Module], optimizer: Optional[torch.optim.Optimizer]) -> list[Range]:
-    """(start, end, owner, name) of the storages of parameters (local shards), gradients and optimizer state."""
+    """(start, end, owner, name) of the storages of parameters (local shards and FSDP's gathered copies),
+    gradients and optimizer state.
+
+    FSDP-managed parameters come from FSDP's own records, not from `named_parameters()`: while a unit runs,
+    its modules hold the gathered copies, so the registered parameters would count the gathered (bf16) bytes as
+    the parameters and leave the (fp32) shards unknown."""
     ranges: list[Range] = []
 
     def add(t: Optional[torch.Tensor], owner: str, name: str) -> None:
@@ -175,14 +227,17 @@ def owner_ranges(model: Optional[torch.nn.Module], optimizer: Optional[torch.opt
             st = local.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return
-        if st.nbytes() and st.data_ptr():
+        if st.nbytes() and st.data_ptr():  # a freed all-gather output has a storage of 0 bytes
             ranges.append((st.data_ptr(), st.data_ptr() + st.nbytes(), owner, name))
 
     names: dict[int, str] = {}
     if model is not None:
+        managed = add_fsdp_params(model, add, names)
         for n, p in model.named_parameters():
+            if id(p) in managed:
+                continue
             names[id(p)] = n
-            add(p, "parameters", f"{n} (local shard)")
+            add(p, SHARDED, f"{n} (local shard)")
             add(p.grad, "gradients", f"grad of {n}")
     if optimizer is not None:
         for p, state in optimizer.state.items():
@@ -193,6 +248,34 @@ def owner_ranges(model: Optional[torch.nn.Module], optimizer: Optional[torch.opt
         merged.setdefault((start, end, owner), []).append(name)
     return sorted((s, e, o, n[0] if len(n) == 1 else f"{n[0]} (+{len(n) - 1} more in this buffer)")
                   for (s, e, o), n in merged.items())
+
+
+def add_fsdp_params(model: torch.nn.Module, add, names: dict[int, str]) -> set[int]:
+    """Add the ranges of every FSDP-managed parameter through `add(tensor, owner, name)`; fills `names` (id of the
+    sharded parameter, the optimizer's key -> name). Returns the ids of every parameter object FSDP may have
+    registered in the modules (sharded, gathered, post-forward), which named_parameters() must not count again."""
+    module_names = {id(m): n for n, m in model.named_modules()}
+    managed: set[int] = set()
+    for group in fsdp_param_groups(model):
+        pending = getattr(group, "_all_gather_result", None)  # the flat all-gather output, before its copy-out
+        if pending is not None:
+            add(pending.all_gather_output, GATHERED, "all-gather buffer of an FSDP unit")
+        for fp in group.fsdp_params:
+            name = _fsdp_param_name(fp, module_names)
+            sharded = fp.sharded_param
+            unsharded = getattr(fp, "_unsharded_param", None)  # a view of the all-gather output, once gathered
+            post_forward = getattr(fp, "_sharded_post_forward_param", None)
+            managed.update(id(p) for p in (sharded, unsharded, post_forward) if p is not None)
+            names[id(sharded)] = name
+            add(sharded, SHARDED, f"{name} (local shard)")
+            add(sharded.grad, "gradients", f"grad of {name}")
+            for t in [*fp.all_gather_outputs, *getattr(fp, "_unsharded_inner_tensors", [])]:
+                add(t, GATHERED, f"{name} (gathered)")
+            add(getattr(fp, "_sharded_post_forward_param_data", None), GATHERED, f"{name} (post-forward shard)")
+            if unsharded is not None:
+                add(unsharded.grad, "gradients", f"unsharded grad of {name}")
+            add(getattr(fp, "unsharded_accumulated_grad", None), "gradients", f"accumulated grad of {name}")
+    return managed
 
 
 def classify(block: Block, ranges: list[Range]) -> tuple[str, str]:
@@ -236,14 +319,14 @@ def postmortem_text(rank: int, step: int, where: str, error: str, stats: dict, g
                  f"fragmentation (inactive split) {format_bytes(stats.get('inactive_split', 0))}, "
                  f"alloc retries {stats.get('num_alloc_retries', 0)}, OOMs {stats.get('num_ooms', 0)}")
     total = sum(g["bytes"] for g in groups.values()) or 1
-    lines += ["", "live memory by owner:", f"  {'owner':<16} {'bytes':>12} {'share':>6} {'blocks':>7}"]
+    lines += ["", "live memory by owner:", f"  {'owner':<21} {'bytes':>12} {'share':>6} {'blocks':>7}"]
     for owner in OWNERS:
         g = groups[owner]
-        lines.append(f"  {owner:<16} {format_bytes(g['bytes']):>12} {100 * g['bytes'] / total:5.1f}% {g['count']:>7}")
+        lines.append(f"  {owner:<21} {format_bytes(g['bytes']):>12} {100 * g['bytes'] / total:5.1f}% {g['count']:>7}")
     allb = sorted(((s, o, where_) for o, g in groups.items() for s, where_ in g["blocks"]), key=lambda x: -x[0])
     lines += ["", f"largest live allocations (top {min(top, len(allb))}):"]
     for size, owner, src in allb[:top]:
-        lines.append(f"  {format_bytes(size):>12}  {owner:<16} {src}")
+        lines.append(f"  {format_bytes(size):>12}  {owner:<21} {src}")
     lines += ["", "next: `fsdptrain estimate CONFIG` for what each term should be; "
               "`fsdptrain mem report RUN_DIR` to compare ranks; open the .pickle in https://pytorch.org/memory_viz"]
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config.schema import Config
 from ..data.evalset import eval_count, rank_eval_batches
-from ..data.loader import collate
+from ..data.loader import collate, to_device
 from ..dist import distributed
 from ..objectives.base import Objective
 from ..objectives.loss import ChunkedLossHead
@@ -53,13 +53,6 @@ def eval_micro_batch(cfg: Config) -> int:
     return cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size
 
 
-def batch_to_device(b: dict, device: torch.device) -> dict:
-    """A collated batch's tensors on `device`. On CUDA through pinned memory: a non_blocking copy from pageable
-    memory is a synchronous one (training batches come pinned from the DataLoader; eval batches are collated here)."""
-    pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in b.items() if k != "n_tokens"}
-
-
 def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int, device: torch.device,
              world_size: int, rank: int, micro_batch: int, max_batches: int = 0,
              head: Optional[ChunkedLossHead] = None, flatten: bool = False,
@@ -77,7 +70,7 @@ def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int,
         try:
             for i, rows in enumerate(rank_eval_batches(examples, n, world_size, rank, micro_batch, pad_id)):
                 b = collate(rows, pad_id, flatten=flatten)
-                batch = batch_to_device(b, device)
+                batch = to_device(b, device, pin=device.type == "cuda")  # training batches come pinned
                 out = objective.loss(model, batch, head, False)
                 sums[0] += out.loss.double()
                 sums[1] += objective.units(b)

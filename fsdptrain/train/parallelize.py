@@ -1,9 +1,19 @@
 """Apply FSDP2 (`fully_shard`), mixed precision, CPU offload and activation checkpointing.
 
 Order matters: activation checkpointing is applied to each block first, then
-`fully_shard` on every block and finally on the root (which then owns the
-embeddings, final norm and lm_head). Everything here works on a model that
-still lives on the meta device.
+compile (parallel.compile), then `fully_shard` on every block and finally on
+the root (which then owns the embeddings, final norm and lm_head). Everything
+here works on a model that still lives on the meta device.
+
+Checkpointing is hook-based (torch's composable `checkpoint`), so module names
+and state-dict keys stay Hugging Face's. A compiled block is the exception for
+selective checkpointing: hooks run outside the compiled graph, where the
+policy would see none of the compiled kernels' matmuls (inductor calls them as
+`mm.out`, Triton kernels are not dispatched at all) and backward would
+recompute the whole block. There the checkpoint goes inside the block's own
+forward, which compile traces: the policy then marks the ops of the graph and
+the partitioner keeps the matmul outputs (torchtitan's order: checkpoint,
+compile, shard). Still no wrapper module: the keys do not change.
 """
 
 from __future__ import annotations
@@ -75,16 +85,19 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def apply_activation_checkpointing(blocks: list[nn.Module], modes: list[str]) -> None:
+def apply_activation_checkpointing(blocks: list[nn.Module], modes: list[str], compiled: bool = False) -> None:
     """Non-reentrant checkpointing of whole blocks (full) or op-selective (selective), composable (no module
-    wrapping, state-dict keys unchanged). Blocks can differ: each rank's plan may mix modes."""
+    wrapping, state-dict keys unchanged). Blocks can differ: each rank's plan may mix modes. compiled: the blocks
+    will be compiled (parallel.compile): selective blocks checkpoint inside their forward (checkpoint_in_forward)."""
     from torch.distributed._composable import checkpoint
     from torch.utils.checkpoint import SAC_IGNORED_OPS
 
-    if "selective" in modes:
+    if "selective" in modes and not compiled:
         SAC_IGNORED_OPS.update(_PROFILER_OPS)
     for block, mode in zip(blocks, modes):
-        if mode == "selective":
+        if mode == "selective" and compiled:
+            checkpoint_in_forward(block, _selective_context)
+        elif mode == "selective":
             checkpoint(block, context_fn=_selective_context)
         elif mode == "full":
             checkpoint(block)
@@ -105,6 +118,25 @@ def compile_blocks(blocks: list[nn.Module], backend: str) -> None:
         block.compile(backend=backend)
 
 
+def checkpoint_in_forward(block: nn.Module, context_fn) -> None:
+    """Make the block's forward a non-reentrant checkpoint of itself, for torch.compile to trace: dynamo turns
+    it into its checkpoint operator and the partitioner saves what `context_fn`'s policy keeps (selective
+    checkpointing under torch.compile). FSDP's hooks stay around it, outside the compiled graph."""
+    import torch._dynamo
+    from torch.utils.checkpoint import checkpoint
+
+    # Python-side effects in a block's forward (transformers' hub-kernel bookkeeping around attention, the MoE
+    # expert-load counter) would otherwise break the graph at the checkpoint, and the block would run eagerly. They
+    # must happen once per forward, not again in the recomputation, which is what this setting does.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    inner = block.forward  # the model class's own forward, bound to this block
+
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    block.forward = forward
+
+
 def set_prefetch(blocks: list[nn.Module], n: int) -> None:
     """All-gather the next n blocks ahead in forward, and the previous n in backward."""
     if n <= 0:
@@ -121,7 +153,7 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, pcfg
     The caller has checked the options against the device (plan.check_device_support) before any work."""
     if modes is None:
         modes = checkpoint_modes(len(blocks), pcfg.activation_checkpointing, pcfg.activation_checkpointing_k)
-    apply_activation_checkpointing(blocks, modes)
+    apply_activation_checkpointing(blocks, modes, compiled=pcfg.compile)
     if pcfg.compile:
         compile_blocks(blocks, pcfg.compile_backend)
 

@@ -32,9 +32,9 @@ def routing_case(spec: dict, info: distributed.DistInfo) -> None:
         counts.append(real_take(load))
         return counts[-1]
 
-    def step(run, b, t0=None):
+    def step(run, b, *args, **kwargs):
         batches.append([x["input_ids"].tolist() for x in b])
-        return real_step(run, b, t0)
+        return real_step(run, b, *args, **kwargs)
 
     moe.take_counts, trainer.train_step = take, step
     try:
