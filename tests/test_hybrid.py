@@ -53,6 +53,7 @@ def reference(runs):
     return reference_run(llama, examples, global_batches(len(examples)))
 
 
+@pytest.mark.slow  # a 4-rank launch
 def test_hybrid_2x2_matches_single_process_reference(runs, reference):
     root, llama, stdout = runs
     ref, _ = reference
@@ -63,6 +64,7 @@ def test_hybrid_2x2_matches_single_process_reference(runs, reference):
     assert "mesh replicate 2 x shard 2" in stdout
 
 
+@pytest.mark.slow  # a 4-rank launch
 def test_hybrid_normalises_tokens_across_replicas(runs):
     # ranks 0-1 (first replica) hold ~40x the target tokens of ranks 2-3 in every step
     root, llama, _ = runs
@@ -72,6 +74,7 @@ def test_hybrid_normalises_tokens_across_replicas(runs):
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5, (got, ref)
 
 
+@pytest.mark.slow  # a 4-rank launch
 def test_hybrid_export_has_the_reference_weights(runs, reference):
     from transformers import AutoModelForCausalLM
 
@@ -82,6 +85,7 @@ def test_hybrid_export_has_the_reference_weights(runs, reference):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+@pytest.mark.slow  # a 4-rank launch
 def test_hybrid_layout_shards_within_a_group_and_replicates_across(runs):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
