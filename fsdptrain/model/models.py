@@ -331,7 +331,7 @@ def load_pretrained(model: nn.Module, folder: str, skip: frozenset[str] = frozen
 def _check_shape(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path], what: str,
                  expected: tuple[int, ...]) -> None:
     """A tensor read from one file key must have the model's shape (fused pieces are checked by `weightmap`)."""
-    if len(pieces) == 1 and not pieces[0].stacked and shapes[pieces[0].key] != expected:
+    if len(pieces) == 1 and not pieces[0].stacked and not pieces[0].extent and shapes[pieces[0].key] != expected:
         key = pieces[0].key
         raise UserError(f"model.path: {index[key]}: {what} '{key}' has shape {list(shapes[key])}, "
                         f"the model expects {list(expected)}")
@@ -361,22 +361,33 @@ def _read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index:
                  handles: dict[Path, SafetensorsFile], local: tuple[slice, ...], out: torch.Tensor) -> None:
     """out <- the part of the parameter in `local` (this rank's slices), read from the file tensors that fall in it.
 
-    A stacked piece (one expert) covers one index of dim 0; a rank reads only the experts in its rows."""
+    A stacked piece (one expert) covers one index of dim 0; a rank reads only the experts in its rows. A piece
+    that is a window of its file tensor (a `Split` target, `Interleave`d rows) reads only the file rows behind
+    this rank's rows: with a step (every other row), the span from the first to the last of them, once, then
+    keeps every step-th."""
     for piece in pieces:
-        shape = shapes[piece.key]
-        dims = (1,) + tuple(shape) if piece.stacked else tuple(shape)  # the piece's extent in parameter dims
+        start, extent, step = piece.window(shapes[piece.key])
+        if piece.stacked:  # parameter dim 0 is the expert index; the file tensor's dims follow it
+            start, extent, step = (0, *start), (1, *extent), (1, *step)
         src, dst = [], []
-        for d, (lo, n) in enumerate(zip(piece.offset, dims)):
+        for d, (lo, n) in enumerate(zip(piece.offset, extent)):
             a, b = max(lo, local[d].start), min(lo + n, local[d].stop)
             if a >= b:
                 break
-            src.append(slice(a - lo, b - lo))
+            first = start[d] + step[d] * (a - lo)
+            src.append(slice(first, first + step[d] * (b - a - 1) + 1))
             dst.append(slice(a - local[d].start, b - local[d].start))
         else:
             if piece.stacked:
-                src, dst[0] = src[1:], dst[0].start  # the file tensor is one index of dim 0
-            handles_f = _open(handles, index[piece.key])
-            handles_f.read_into(piece.key, tuple(src), out[tuple(dst)])
+                src, dst[0], step = src[1:], dst[0].start, step[1:]  # the file tensor is one index of dim 0
+            handle = _open(handles, index[piece.key])
+            target = out[tuple(dst)]
+            if all(s == 1 for s in step):
+                handle.read_into(piece.key, tuple(src), target)
+            else:
+                span = torch.empty([s.stop - s.start for s in src], dtype=target.dtype)
+                handle.read_into(piece.key, tuple(src), span)
+                target.copy_(span[tuple(slice(None, None, s) for s in step)])
 
 
 @torch.no_grad()
