@@ -321,7 +321,7 @@ def load_pretrained(model: nn.Module, folder: str, skip: frozenset[str] = frozen
                 raise UserError(f"model.path: {folder}: weight '{name}' is missing from the safetensors files "
                                 f"(looked for {looked}); is this checkpoint for another architecture?")
             _check_shape(src.pieces, shapes, index, "weight", tuple(p.shape))
-            _read_pieces(src.pieces, shapes, index, handles, _local_slices(p), local_tensor(p))
+            read_pieces(src.pieces, shapes, index, handles, _local_slices(p), local_tensor(p))
         load_buffers(buffers, sources, shapes, index, handles, folder)
     finally:
         for h in handles.values():
@@ -357,8 +357,8 @@ def _open(handles: dict[Path, SafetensorsFile], f: Path) -> SafetensorsFile:
     return handles[f]
 
 
-def _read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path],
-                 handles: dict[Path, SafetensorsFile], local: tuple[slice, ...], out: torch.Tensor) -> None:
+def read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path],
+                handles: dict[Path, SafetensorsFile], local: tuple[slice, ...], out: torch.Tensor) -> None:
     """out <- the part of the parameter in `local` (this rank's slices), read from the file tensors that fall in it.
 
     A stacked piece (one expert) covers one index of dim 0; a rank reads only the experts in its rows. A piece
@@ -428,7 +428,7 @@ def load_buffers(buffers: dict[str, torch.Tensor], sources: dict, shapes: dict[s
             missing.append(key)
             continue
         _check_shape(pieces, shapes, index, "buffer", tuple(b.shape))
-        _read_pieces(pieces, shapes, index, handles, _local_slices(b), local_tensor(b))
+        read_pieces(pieces, shapes, index, handles, _local_slices(b), local_tensor(b))
     if missing:
         log.info(f"model.path: {folder}: {len(missing)} persistent buffer(s) not in the safetensors files, kept at "
                  f"the model's initial values: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
