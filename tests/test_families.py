@@ -185,34 +185,44 @@ def test_split_and_interleaved_checkpoints_load_train_and_export_like_transforme
         assert exported[key].dtype == t.dtype and torch.equal(exported[key], t), key
 
 
-def test_a_rank_reads_only_its_rows_of_split_and_interleaved_tensors(tmp_path):
-    """The pieces of a Split target (a row window of the fused tensor) and of an Interleave along the sharded dim
-    (every other row) give, for any rank's rows, exactly those rows of transformers' own conversion."""
+def test_a_rank_reads_only_its_rows_of_split_and_interleaved_tensors(tmp_path, monkeypatch):
+    """The pieces of a Split target (a row window of the fused tensor) and of an Interleave, along the sharded dim
+    (every other row) or a later one (inkling2's experts: gate and up rows alternate within each expert), give, for
+    any rank's rows, exactly those rows of transformers' own conversion, read as plain byte ranges (never through
+    safetensors' memory-mapped fallback)."""
     from safetensors.torch import save_file
     from transformers.core_model_loading import Interleave
 
     from fsdptrain.model.safetensors_io import SafetensorsFile
     from fsdptrain.model.weightmap import Piece
 
+    def no_mmap(self, key, index):
+        raise AssertionError(f"memory-mapped read of {key}{index}")
+
+    monkeypatch.setattr(SafetensorsFile, "_slow", no_mmap)
     fused = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
-    save_file({"qkv": fused, "w13": fused.clone()}, str(tmp_path / "w.safetensors"))
-    index = {"qkv": tmp_path / "w.safetensors", "w13": tmp_path / "w.safetensors"}
-    shapes = {"qkv": (10, 3), "w13": (10, 3)}
+    experts = torch.arange(4 * 6 * 2, dtype=torch.float32).reshape(4, 6, 2)
+    save_file({"qkv": fused, "w13": fused.clone(), "experts": experts}, str(tmp_path / "w.safetensors"))
+    index = dict.fromkeys(("qkv", "w13", "experts"), tmp_path / "w.safetensors")
+    shapes = {"qkv": (10, 3), "w13": (10, 3), "experts": (4, 6, 2)}
     k_proj = [Piece("qkv", (0, 0), False, start=(4, 0), extent=(4, 3))]  # q 4 rows, k 4, v 2
-    interleaved = [Piece("w13", (0, 0), False, start=(0, 0), extent=(5, 3), step=(2, 1)),
-                   Piece("w13", (5, 0), False, start=(1, 0), extent=(5, 3), step=(2, 1))]
-    want_k = fused[4:8]
-    want_w = Interleave(dim=0).convert({"w13": [fused]}, ["w13"], ["gate_up"])["gate_up"]
+    rows = [Piece("w13", (0, 0), False, start=(0, 0), extent=(5, 3), step=(2, 1)),
+            Piece("w13", (5, 0), False, start=(1, 0), extent=(5, 3), step=(2, 1))]
+    per_expert = [Piece("experts", (0, 0, 0), False, start=(0, 0, 0), extent=(4, 3, 2), step=(1, 2, 1)),
+                  Piece("experts", (0, 3, 0), False, start=(0, 1, 0), extent=(4, 3, 2), step=(1, 2, 1))]
+    cases = [(k_proj, fused[4:8]),
+             (rows, Interleave(dim=0).convert({"w13": [fused]}, ["w13"], ["t"])["t"]),
+             (per_expert, Interleave(dim=1).convert({"experts": [experts]}, ["experts"], ["t"])["t"])]
     handles: dict = {}
     try:
-        for pieces, want in ((k_proj, want_k), (interleaved, want_w)):
-            for lo, hi in ((0, len(want)), (1, 3), (3, len(want)), (4, 7)):
+        for pieces, want in cases:
+            rest = tuple(slice(0, n) for n in want.shape[1:])
+            for lo, hi in ((0, len(want)), (1, 3), (3, len(want)), (2, 4)):
                 if hi > len(want):
                     continue
-                out = torch.full((hi - lo, 3), -1.0)
-                models.read_pieces(pieces, shapes, index, handles, (slice(lo, hi), slice(0, 3)), out)
+                out = torch.full((hi - lo, *want.shape[1:]), -1.0)
+                models.read_pieces(pieces, shapes, index, handles, (slice(lo, hi), *rest), out)
                 assert torch.equal(out, want[lo:hi]), (pieces[0].key, lo, hi)
     finally:
         for h in handles.values():
-            assert isinstance(h, SafetensorsFile)
             h.close()

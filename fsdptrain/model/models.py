@@ -385,9 +385,19 @@ def read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: 
             if all(s == 1 for s in step):
                 handle.read_into(piece.key, tuple(src), target)
             else:
-                span = torch.empty([s.stop - s.start for s in src], dtype=target.dtype)
-                handle.read_into(piece.key, tuple(src), span)
-                target.copy_(span[tuple(slice(None, None, s) for s in step)])
+                _read_strided(handle, piece.key, src, step, target)
+
+
+def _read_strided(handle: SafetensorsFile, key: str, src: list[slice], step: tuple[int, ...],
+                  target: torch.Tensor) -> None:
+    """target <- every step-th element of the file tensor from `src`'s starts. The rows are read as one span (the
+    first to the last wanted row); along a later dim with a step the whole dim is read, so the span stays one
+    contiguous byte range (the plain-read path, not safetensors' memory map)."""
+    shape = handle.shape(key)
+    span = [s if d == 0 or st == 1 else slice(0, shape[d]) for d, (s, st) in enumerate(zip(src, step))]
+    buf = torch.empty([s.stop - s.start for s in span], dtype=target.dtype)
+    handle.read_into(key, tuple(span), buf)
+    target.copy_(buf[tuple(slice(s.start - w.start, s.stop - w.start, st) for s, w, st in zip(src, span, step))])
 
 
 @torch.no_grad()
