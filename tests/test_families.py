@@ -119,6 +119,7 @@ CONVERTED = {
     "sarvam_moe": ("model.layers.0.attention.query_key_value.weight", "model.layers.0.self_attn.k_proj.weight"),
     "param2moe": ("model.layers.0.attention.query_key_value.weight", "model.layers.0.self_attn.v_proj.weight"),
     "inkling2_text": ("model.llm.layers.0.mlp.experts.w13_weight", "model.layers.0.mlp.experts.gate_up_proj"),
+    "ergo": ("layers.1.feed_forward.gate_kernel", "model.layers.1.mlp.gate.linear.weight"),  # stored [in, out]
 }
 
 
@@ -135,7 +136,8 @@ def test_split_and_interleaved_checkpoints_load_train_and_export_like_transforme
     """sarvam_moe and param2moe store q, k and v fused (`query_key_value`, transformers `Split`s it by the
     projections' sizes), inkling2_text its experts' gate and up rows alternating (`w13_weight`, `Interleave`): the
     loader refused them (`... converts its checkpoint with Split ..., which fsdptrain cannot read shard by
-    shard`). Now every parameter and buffer equals from_pretrained's after loading, step 1's loss (lr 0) equals
+    shard`); ergo stores its router and shared expert [in, out] (`Transpose`, refused the same way). Now every
+    parameter and buffer equals from_pretrained's after loading, step 1's loss (lr 0) equals
     transformers' own on the same tokens, and the export holds exactly the tensors save_pretrained wrote, in the
     hub's layout (the fused tensor again). With `unpadded_vocab_size` below the vocabulary, inkling2_text's
     stored unembedding has padding rows that transformers drops (`Inkling2UnpadVocab`) and saving writes back as
@@ -186,10 +188,10 @@ def test_split_and_interleaved_checkpoints_load_train_and_export_like_transforme
 
 
 def test_a_rank_reads_only_its_rows_of_split_and_interleaved_tensors(tmp_path, monkeypatch):
-    """The pieces of a Split target (a row window of the fused tensor) and of an Interleave, along the sharded dim
-    (every other row) or a later one (inkling2's experts: gate and up rows alternate within each expert), give, for
-    any rank's rows, exactly those rows of transformers' own conversion, read as plain byte ranges (never through
-    safetensors' memory-mapped fallback)."""
+    """The pieces of a Split target (a row window of the fused tensor), of a Transpose (a rank's rows are file
+    columns) and of an Interleave, along the sharded dim (every other row) or a later one (inkling2's experts: gate
+    and up rows alternate within each expert), give, for any rank's rows, exactly those rows of transformers' own
+    conversion, read as plain byte ranges (never through safetensors' memory-mapped fallback)."""
     from safetensors.torch import save_file
     from transformers.core_model_loading import Interleave
 
@@ -210,7 +212,8 @@ def test_a_rank_reads_only_its_rows_of_split_and_interleaved_tensors(tmp_path, m
             Piece("w13", (5, 0), False, start=(1, 0), extent=(5, 3), step=(2, 1))]
     per_expert = [Piece("experts", (0, 0, 0), False, start=(0, 0, 0), extent=(4, 3, 2), step=(1, 2, 1)),
                   Piece("experts", (0, 3, 0), False, start=(0, 1, 0), extent=(4, 3, 2), step=(1, 2, 1))]
-    cases = [(k_proj, fused[4:8]),
+    transposed = [Piece("qkv", (0, 0), False, dims=(1, 0))]  # parameter [3, 10] of the file's [10, 3]
+    cases = [(k_proj, fused[4:8]), (transposed, fused.T),
              (rows, Interleave(dim=0).convert({"w13": [fused]}, ["w13"], ["t"])["t"]),
              (per_expert, Interleave(dim=1).convert({"experts": [experts]}, ["experts"], ["t"])["t"])]
     handles: dict = {}

@@ -43,9 +43,10 @@ EXTRA = {  # folder variants: name -> (family, save_pretrained options)
 }
 CASES = [*FAMILIES, *EXTRA]
 MOE = {"mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "kimi_linear", "minimax_m2", "nemotron_h",
-       "exaone_moe", "bailing_hybrid", "kolibri1", "glm_moe_dsa", "deepseek_v4", "sarvam_moe", "inkling2_text"}
+       "exaone_moe", "bailing_hybrid", "kolibri1", "glm_moe_dsa", "deepseek_v4", "sarvam_moe", "inkling2_text",
+       "ergo"}
 PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # save_pretrained's layout: one tensor per expert
-FUSED_EXPERTS = {"gpt_oss", "inkling2_text"}  # whose hub layout stores a layer's experts in one tensor
+FUSED_EXPERTS = {"gpt_oss", "inkling2_text", "ergo"}  # whose hub layout stores a layer's experts in one tensor
 # `fsdptrain export` of the run's checkpoint too (the training-end export covers every case; both write through
 # the same save_groups / to_saved_layout, and a DCP save costs ~1 s a case here): the first MoE families, those that
 # refuse sdpa (the export's model skeleton must be built with the checkpoint's attention implementation) and

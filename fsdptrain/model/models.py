@@ -331,8 +331,9 @@ def load_pretrained(model: nn.Module, folder: str, skip: frozenset[str] = frozen
 def _check_shape(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path], what: str,
                  expected: tuple[int, ...]) -> None:
     """A tensor read from one file key must have the model's shape (fused pieces are checked by `weightmap`)."""
-    if len(pieces) == 1 and not pieces[0].stacked and not pieces[0].extent and shapes[pieces[0].key] != expected:
-        key = pieces[0].key
+    one = pieces[0] if len(pieces) == 1 else None
+    if one and not (one.stacked or one.extent or one.dims) and shapes[one.key] != expected:
+        key = one.key
         raise UserError(f"model.path: {index[key]}: {what} '{key}' has shape {list(shapes[key])}, "
                         f"the model expects {list(expected)}")
 
@@ -382,22 +383,27 @@ def read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: 
                 src, dst[0], step = src[1:], dst[0].start, step[1:]  # the file tensor is one index of dim 0
             handle = _open(handles, index[piece.key])
             target = out[tuple(dst)]
-            if all(s == 1 for s in step):
+            if all(s == 1 for s in step) and not piece.dims:
                 handle.read_into(piece.key, tuple(src), target)
             else:
-                _read_strided(handle, piece.key, src, step, target)
+                _read_strided(handle, piece.key, src, step, piece.dims or tuple(range(len(src))), target)
 
 
 def _read_strided(handle: SafetensorsFile, key: str, src: list[slice], step: tuple[int, ...],
-                  target: torch.Tensor) -> None:
-    """target <- every step-th element of the file tensor from `src`'s starts. The rows are read as one span (the
-    first to the last wanted row); along a later dim with a step the whole dim is read, so the span stays one
-    contiguous byte range (the plain-read path, not safetensors' memory map)."""
+                  dims: tuple[int, ...], target: torch.Tensor) -> None:
+    """target <- every step-th element of the file tensor from `src`'s starts (both in parameter dim order;
+    parameter dim d is file dim dims[d]). The file rows are read as one span (the first to the last wanted row),
+    whole, so the span is one contiguous byte range (the plain-read path, not safetensors' memory map); for a
+    transposed tensor a rank's rows are file columns, and the span is the whole tensor."""
     shape = handle.shape(key)
-    span = [s if d == 0 or st == 1 else slice(0, shape[d]) for d, (s, st) in enumerate(zip(src, step))]
+    want: list = [None] * len(dims)  # (slice, step) per file dim
+    for d, f in enumerate(dims):
+        want[f] = (src[d], step[d])
+    span = [want[0][0], *(slice(0, n) for n in shape[1:])]
     buf = torch.empty([s.stop - s.start for s in span], dtype=target.dtype)
     handle.read_into(key, tuple(span), buf)
-    target.copy_(buf[tuple(slice(s.start - w.start, s.stop - w.start, st) for s, w, st in zip(src, span, step))])
+    picked = buf[tuple(slice(s.start - w.start, s.stop - w.start, st) for (s, st), w in zip(want, span))]
+    target.copy_(picked.permute(dims))
 
 
 @torch.no_grad()

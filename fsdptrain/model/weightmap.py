@@ -36,18 +36,23 @@ class Piece:
     """One file tensor (or a window of it) inside a parameter: it fills `offset[d] : offset[d] + extent[d]` of
     every parameter dim d; `stacked`: the file tensor is one slice along the parameter's dim 0 (an expert), at
     index offset[0]. The window, per file dim: element i of the piece is file index `start + step * i`, `extent`
-    elements (all three empty: the whole file tensor, extent its shape)."""
+    elements (all three empty: the whole file tensor, extent its shape). `dims`: parameter dim d is file dim
+    dims[d] (a `Transpose`; empty: the same order)."""
     key: str
     offset: tuple[int, ...]
     stacked: bool
     start: tuple[int, ...] = ()
     extent: tuple[int, ...] = ()
     step: tuple[int, ...] = ()
+    dims: tuple[int, ...] = ()
 
     def window(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """(start, extent, step) in file dims, the defaults filled in for a file tensor of this shape."""
+        """(start, extent, step) in parameter dim order (past the expert index of a stacked piece), the defaults
+        filled in for a file tensor of this shape."""
         n = len(shape)
-        return (self.start or (0,) * n, self.extent or tuple(shape), self.step or (1,) * n)
+        start, extent, step = self.start or (0,) * n, self.extent or tuple(shape), self.step or (1,) * n
+        order = self.dims or tuple(range(n))
+        return tuple(start[f] for f in order), tuple(extent[f] for f in order), tuple(step[f] for f in order)
 
 
 @dataclass
@@ -193,7 +198,7 @@ def _fused_pieces(converter, keys: dict[str, list[str]], file_shapes: dict[str, 
 
 
 # Single-tensor operations whose result is a (strided) window of the file tensor: read by `_window_pieces`.
-WINDOW_OPS = ("Interleave", "Inkling2UnpadVocab")
+WINDOW_OPS = ("Interleave", "Inkling2UnpadVocab", "Transpose")
 
 
 def _unreadable(converter, name: str, model_type: str, where: str) -> UserError:
@@ -248,11 +253,14 @@ def _split_piece(converter, key: str, targets: list[str], index: int, file_shape
 
 def _window_pieces(converter, keys: dict[str, list[str]], file_shapes: dict[str, tuple[int, ...]], name: str,
                    param_shape: tuple[int, ...], model_type: str, where: str) -> list[Piece]:
-    """The pieces of a parameter that one file tensor makes through `Interleave` or `Inkling2UnpadVocab`.
+    """The pieces of a parameter that one file tensor makes through `Interleave`, `Inkling2UnpadVocab` or
+    `Transpose`.
 
     Interleave(dim) (not inverse) reshapes dim into [n/2, 2] and swaps the two: the parameter's first half along
     dim is the file's even rows, its second half the odd ones (two strided pieces). Inkling2UnpadVocab keeps the
-    first rows of the (padded) unembedding: one window of them."""
+    first rows of the (padded) unembedding: one window of them. Transpose swaps two dims (Ergo's router and shared
+    expert, stored [in, out]): a rank's rows are file columns, found in every file row, so the reader reads the
+    tensor's rows whole, once per rank (`models.read_pieces`)."""
     op = converter.operations[0]
     found = [k for ks in keys.values() for k in ks]
     if len(found) != 1 or getattr(op, "inverse", False):
@@ -260,6 +268,16 @@ def _window_pieces(converter, keys: dict[str, list[str]], file_shapes: dict[str,
     key = found[0]
     shape, want = tuple(file_shapes[key]), tuple(param_shape)
     zeros = (0,) * len(shape)
+    if type(op).__name__ == "Transpose":
+        order = list(range(len(shape)))
+        d0, d1 = op.dim0 % max(len(shape), 1), op.dim1 % max(len(shape), 1)
+        order[d0], order[d1] = order[d1], order[d0]
+        if getattr(op, "check_dims", False) and shape == want:  # as transformers: stored the model's way already
+            return [Piece(key, zeros, stacked=False)]
+        if tuple(shape[f] for f in order) != want:
+            raise UserError(f"model.path: {where}: weight '{key}' has shape {list(shape)}, the model expects "
+                            f"{list(want)} for '{name}' (transposed, dims {d0} and {d1})")
+        return [Piece(key, zeros, stacked=False, dims=tuple(order))]
     if type(op).__name__ == "Inkling2UnpadVocab":
         if len(shape) != len(want) or shape[0] < want[0] or shape[1:] != want[1:]:
             raise UserError(f"model.path: {where}: weight '{key}' has shape {list(shape)}, fewer rows than the "
