@@ -14,8 +14,10 @@ tensors: `MergeModulelist` on dim 0 (then or alone `Concatenate`) fuses several 
 parameter; `Split`/`Chunk` cut one file tensor (Sarvam-MoE's `query_key_value`) into several
 parameters, each a window of it; `Interleave` (Inkling2's `w13_weight`, gate and up rows
 alternating) makes a parameter of every other row of one tensor; `Inkling2UnpadVocab` keeps the
-leading rows. A piece then names a strided window of its file tensor, so a rank still reads only
-the file rows behind its own rows. A checkpoint that needs another operation is refused.
+leading rows; `Transpose` (Ergo's router, stored [in, out]) swaps two dims. A piece then names a
+strided, possibly transposed window of its file tensor, so a rank still reads only the file rows
+behind its own rows (all rows of a transposed tensor: its rows are file columns). A checkpoint
+that needs another operation is refused.
 
 Saving goes the other way as `save_pretrained` does (transformers' `revert_weight_conversion`),
 one group of tensors at a time (`save_groups`, `to_saved_layout`), so exports stream.
