@@ -88,6 +88,20 @@ FAMILIES = {
                     "layer_types": ["heavily_compressed_attention", "compressed_sparse_attention"],
                     "mlp_layer_types": ["hash_moe", "moe"]},
     "doge": {"model_type": "doge", **_TINY, "keep_window_size": 8},
+    # checkpoints converted by transformers while loading: q, k and v fused in one tensor (`Split`), the experts'
+    # gate and up rows alternating (`Interleave`), weights stored transposed (`Transpose`)
+    "sarvam_moe": {"model_type": "sarvam_moe", **_TINY, **_MOE, "head_dim": 8, "n_routed_experts": 4,
+                   "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1},
+    "inkling2_text": {"model_type": "inkling2_text", "hidden_size": 32, "moe_intermediate_size": 32,
+                      "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "n_routed_experts": 4,
+                      "num_experts_per_tok": 2, "max_position_embeddings": 64, "sliding_window_size": 8,
+                      "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 8,
+                      "num_hidden_layers": 2, "layer_types": ["hybrid_sliding", "hybrid"], "unpadded_vocab_size": 100,
+                      "eos_token_id": 2, "tie_word_embeddings": False},
+    # its router and shared expert stored [in, out] (`Transpose`d by transformers while loading)
+    "ergo": {"model_type": "ergo", **_TINY, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+             "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+             "mlp_layer_types": ["dense", "sparse"]},
 }
 
 

@@ -111,3 +111,121 @@ def test_shared_weights_across_blocks_are_refused_before_any_weight_is_read(tmp_
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr == ZAMBA2
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "zamba2"
+
+
+# The three families transformers loads through a conversion fsdptrain refused (issue 26): the file key in the
+# hub's layout, and the parameter it becomes.
+CONVERTED = {
+    "sarvam_moe": ("model.layers.0.attention.query_key_value.weight", "model.layers.0.self_attn.k_proj.weight"),
+    "param2moe": ("model.layers.0.attention.query_key_value.weight", "model.layers.0.self_attn.v_proj.weight"),
+    "inkling2_text": ("model.llm.layers.0.mlp.experts.w13_weight", "model.layers.0.mlp.experts.gate_up_proj"),
+    "ergo": ("layers.1.feed_forward.gate_kernel", "model.layers.1.mlp.gate.linear.weight"),  # stored [in, out]
+}
+
+
+def safetensors_tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("model_type,extra", [(t, {}) for t in sorted(CONVERTED)] + [
+    ("inkling2_text", {"unpadded_vocab_size": 90}),  # the unembedding stored padded: 100 rows, 90 used
+])
+def test_split_and_interleaved_checkpoints_load_train_and_export_like_transformers(tmp_path, model_type, extra):
+    """sarvam_moe and param2moe store q, k and v fused (`query_key_value`, transformers `Split`s it by the
+    projections' sizes), inkling2_text its experts' gate and up rows alternating (`w13_weight`, `Interleave`): the
+    loader refused them (`... converts its checkpoint with Split ..., which fsdptrain cannot read shard by
+    shard`); ergo stores its router and shared expert [in, out] (`Transpose`, refused the same way). Now every
+    parameter and buffer equals from_pretrained's after loading, step 1's loss (lr 0) equals
+    transformers' own on the same tokens, and the export holds exactly the tensors save_pretrained wrote, in the
+    hub's layout (the fused tensor again). With `unpadded_vocab_size` below the vocabulary, inkling2_text's
+    stored unembedding has padding rows that transformers drops (`Inkling2UnpadVocab`) and saving writes back as
+    zeros: the loader reads the leading rows only."""
+    from transformers import AutoModelForCausalLM
+
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.data.encode import Example
+    from fsdptrain.dist import distributed
+    from fsdptrain.trainer import loop, setup
+
+    hub_key, param = CONVERTED[model_type]
+    folder = make_model_dir(tmp_path / "m", {**tiny_fields(model_type), **extra})
+    original = safetensors_tensors(folder)
+    assert hub_key in original and param not in original
+    attn = "eager" if model_type == "inkling2_text" else "sdpa"  # transformers has no sdpa for inkling2
+    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation=attn).eval()
+    vocab = extra.get("unpadded_vocab_size", 100)
+    rows = torch.randint(3, vocab, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_loss = ref(input_ids=rows, labels=rows).loss.item()
+    cfg = load_config(None, [
+        f"model.path={folder}", f"model.attn_implementation={attn}", f"output_dir={tmp_path / 'run'}",
+        "parallel.device=cpu", "parallel.precision=fp32",
+        "train.max_steps=1", "train.lr=0", "train.micro_batch_size=4", "train.router_aux_loss_coef=0",
+        "checkpoint.export_hf=true", "checkpoint.export_dtype=fp32", "checkpoint.save_at_end=false",
+        "logging.progress=none", "logging.tensorboard=false"])
+    info = distributed.init("cpu")
+    run = None
+    try:
+        run = setup(cfg, info, [Example(r, r) for r in rows.tolist()])
+        model = run.sharded.model
+        mine = {k: models.local_tensor(v).clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+        loss = loop(run).losses[0]
+    finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
+        distributed.shutdown(info)
+    theirs = dict([*ref.named_parameters(), *ref.named_buffers()])
+    assert sorted(mine) == sorted(theirs)
+    for key, t in theirs.items():
+        assert torch.equal(mine[key], t), key
+    assert abs(loss - ref_loss) < 1e-5, (loss, ref_loss)
+    exported = safetensors_tensors(tmp_path / "run" / "hf")
+    assert sorted(exported) == sorted(original)
+    for key, t in original.items():
+        assert exported[key].dtype == t.dtype and torch.equal(exported[key], t), key
+
+
+def test_a_rank_reads_only_its_rows_of_split_and_interleaved_tensors(tmp_path, monkeypatch):
+    """The pieces of a Split target (a row window of the fused tensor), of a Transpose (a rank's rows are file
+    columns) and of an Interleave, along the sharded dim (every other row) or a later one (inkling2's experts: gate
+    and up rows alternate within each expert), give, for any rank's rows, exactly those rows of transformers' own
+    conversion, read as plain byte ranges (never through safetensors' memory-mapped fallback)."""
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import Interleave
+
+    from fsdptrain.model.safetensors_io import SafetensorsFile
+    from fsdptrain.model.weightmap import Piece
+
+    def no_mmap(self, key, index):
+        raise AssertionError(f"memory-mapped read of {key}{index}")
+
+    monkeypatch.setattr(SafetensorsFile, "_slow", no_mmap)
+    fused = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+    experts = torch.arange(4 * 6 * 2, dtype=torch.float32).reshape(4, 6, 2)
+    save_file({"qkv": fused, "w13": fused.clone(), "experts": experts}, str(tmp_path / "w.safetensors"))
+    index = dict.fromkeys(("qkv", "w13", "experts"), tmp_path / "w.safetensors")
+    shapes = {"qkv": (10, 3), "w13": (10, 3), "experts": (4, 6, 2)}
+    k_proj = [Piece("qkv", (0, 0), False, start=(4, 0), extent=(4, 3))]  # q 4 rows, k 4, v 2
+    rows = [Piece("w13", (0, 0), False, start=(0, 0), extent=(5, 3), step=(2, 1)),
+            Piece("w13", (5, 0), False, start=(1, 0), extent=(5, 3), step=(2, 1))]
+    per_expert = [Piece("experts", (0, 0, 0), False, start=(0, 0, 0), extent=(4, 3, 2), step=(1, 2, 1)),
+                  Piece("experts", (0, 3, 0), False, start=(0, 1, 0), extent=(4, 3, 2), step=(1, 2, 1))]
+    transposed = [Piece("qkv", (0, 0), False, dims=(1, 0))]  # parameter [3, 10] of the file's [10, 3]
+    cases = [(k_proj, fused[4:8]), (transposed, fused.T),
+             (rows, Interleave(dim=0).convert({"w13": [fused]}, ["w13"], ["t"])["t"]),
+             (per_expert, Interleave(dim=1).convert({"experts": [experts]}, ["experts"], ["t"])["t"])]
+    handles: dict = {}
+    try:
+        for pieces, want in cases:
+            rest = tuple(slice(0, n) for n in want.shape[1:])
+            for lo, hi in ((0, len(want)), (1, 3), (3, len(want)), (2, 4)):
+                if hi > len(want):
+                    continue
+                out = torch.full((hi - lo, *want.shape[1:]), -1.0)
+                models.read_pieces(pieces, shapes, index, handles, (slice(lo, hi), *rest), out)
+                assert torch.equal(out, want[lo:hi]), (pieces[0].key, lo, hi)
+    finally:
+        for h in handles.values():
+            h.close()

@@ -35,15 +35,18 @@ pytestmark = pytest.mark.slow  # see docs/testing.md: the quick loop is -m "not 
 
 STEPS = 3
 N_EXAMPLES, LENGTH = 4, 16  # one global batch of every example per step: 2 ranks x micro-batch 2
-EAGER = {"gemma2", "gpt_oss", "mamba", "falcon_mamba", "deepseek_v4"}  # transformers refuses sdpa for these
+# transformers refuses sdpa for these
+EAGER = {"gemma2", "gpt_oss", "mamba", "falcon_mamba", "deepseek_v4", "inkling2_text"}
 EXTRA = {  # folder variants: name -> (family, save_pretrained options)
     "mixtral-sharded": ("mixtral", {"max_shard_size": "40KB"}),  # experts of one layer spread over files
     "qwen2-bf16": ("qwen2", {"dtype": torch.bfloat16}),
 }
 CASES = [*FAMILIES, *EXTRA]
 MOE = {"mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "kimi_linear", "minimax_m2", "nemotron_h",
-       "exaone_moe", "bailing_hybrid", "kolibri1", "glm_moe_dsa", "deepseek_v4"}
-PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # save_pretrained's layout: one tensor per expert (not gpt_oss)
+       "exaone_moe", "bailing_hybrid", "kolibri1", "glm_moe_dsa", "deepseek_v4", "sarvam_moe", "inkling2_text",
+       "ergo"}
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # save_pretrained's layout: one tensor per expert
+FUSED_EXPERTS = {"gpt_oss", "inkling2_text", "ergo"}  # whose hub layout stores a layer's experts in one tensor
 # `fsdptrain export` of the run's checkpoint too (the training-end export covers every case; both write through
 # the same save_groups / to_saved_layout, and a DCP save costs ~1 s a case here): the first MoE families, those that
 # refuse sdpa (the export's model skeleton must be built with the checkpoint's attention implementation) and
@@ -54,8 +57,10 @@ NO_PACKING = {  # the packing check's refusal, asserted word for word up to the 
     name: f"data.packing: {name} does not keep packed examples apart (packed logits differ from the examples run "
           "alone by "
     # gpt_oss's mask builder ignores position_ids; the others' linear-attention / state-space / compressed
-    # attention layers carry state across the row whatever position_ids say
-    for name in ("gpt_oss", "kimi_linear", "nemotron_h", "bailing_hybrid", "mamba", "falcon_mamba", "deepseek_v4")
+    # attention layers (inkling2_text: short convolutions over the row) carry state across the row whatever
+    # position_ids say
+    for name in ("gpt_oss", "kimi_linear", "nemotron_h", "bailing_hybrid", "mamba", "falcon_mamba", "deepseek_v4",
+                 "inkling2_text")
 }
 # The reference loop trains on cross-entropy alone, so the MoE router's auxiliary loss is off here; the objective
 # with it is checked against transformers' own outputs.loss in tests/test_moe_training.py.
@@ -171,7 +176,7 @@ def test_family(matrix, case, tmp_path):
     experts = {k: list(loaded[k].shape) for k in loaded if ".experts." in k}
     assert bool(experts) == (family(case) in MOE)
     if family(case) in MOE:  # 4 experts over 2 ranks: each rank holds (and read) 2, whole
-        assert any(PER_EXPERT.search(k) for k in folder_tensors(folder)) == (family(case) != "gpt_oss")
+        assert any(PER_EXPERT.search(k) for k in folder_tensors(folder)) == (family(case) not in FUSED_EXPERTS)
         for rank_shapes in result["local_experts"]:
             assert rank_shapes == {k: [s[0] // 2, *s[1:]] for k, s in experts.items()}, rank_shapes
 

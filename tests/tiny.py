@@ -37,7 +37,11 @@ HINTS: dict[str, dict[str, Any]] = {
     # num_experts defaults to a number, is_moe off: keep the dense path but a tiny (unused) expert count
     "doge": {"num_experts": 4, "num_experts_per_tok": 2},
     # the output layer keeps `unpadded_vocab_size` rows of the vocabulary: all of the built-in tokenizer's 100
-    "inkling_text": {"unpadded_vocab_size": 100}, "inkling2_text": {"unpadded_vocab_size": 100},
+    # (inkling2_text's sliding layers also have head counts and sizes of their own, `swa_*`, 48 heads of 128 by
+    # default; its default layer pattern is 5 sliding to 1 full: 2 layers hold one of each kind)
+    "inkling_text": {"unpadded_vocab_size": 100},
+    "inkling2_text": {"unpadded_vocab_size": 100, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
+                      "swa_head_dim": 8, "num_hidden_layers": 2, "layer_types": ["hybrid_sliding", "hybrid"]},
     "inkling2_loop_text": {"unpadded_vocab_size": 100},
     "codegen": {"rotary_dim": 4},  # at most the head dim (8)
     # its first shared-transformer ("hybrid") layer is the 7th: two of them in 4 layers

@@ -321,7 +321,7 @@ def load_pretrained(model: nn.Module, folder: str, skip: frozenset[str] = frozen
                 raise UserError(f"model.path: {folder}: weight '{name}' is missing from the safetensors files "
                                 f"(looked for {looked}); is this checkpoint for another architecture?")
             _check_shape(src.pieces, shapes, index, "weight", tuple(p.shape))
-            _read_pieces(src.pieces, shapes, index, handles, _local_slices(p), local_tensor(p))
+            read_pieces(src.pieces, shapes, index, handles, _local_slices(p), local_tensor(p))
         load_buffers(buffers, sources, shapes, index, handles, folder)
     finally:
         for h in handles.values():
@@ -331,8 +331,9 @@ def load_pretrained(model: nn.Module, folder: str, skip: frozenset[str] = frozen
 def _check_shape(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path], what: str,
                  expected: tuple[int, ...]) -> None:
     """A tensor read from one file key must have the model's shape (fused pieces are checked by `weightmap`)."""
-    if len(pieces) == 1 and not pieces[0].stacked and shapes[pieces[0].key] != expected:
-        key = pieces[0].key
+    one = pieces[0] if len(pieces) == 1 else None
+    if one and not (one.stacked or one.extent or one.dims) and shapes[one.key] != expected:
+        key = one.key
         raise UserError(f"model.path: {index[key]}: {what} '{key}' has shape {list(shapes[key])}, "
                         f"the model expects {list(expected)}")
 
@@ -357,26 +358,52 @@ def _open(handles: dict[Path, SafetensorsFile], f: Path) -> SafetensorsFile:
     return handles[f]
 
 
-def _read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path],
-                 handles: dict[Path, SafetensorsFile], local: tuple[slice, ...], out: torch.Tensor) -> None:
+def read_pieces(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], index: dict[str, Path],
+                handles: dict[Path, SafetensorsFile], local: tuple[slice, ...], out: torch.Tensor) -> None:
     """out <- the part of the parameter in `local` (this rank's slices), read from the file tensors that fall in it.
 
-    A stacked piece (one expert) covers one index of dim 0; a rank reads only the experts in its rows."""
+    A stacked piece (one expert) covers one index of dim 0; a rank reads only the experts in its rows. A piece
+    that is a window of its file tensor (a `Split` target, `Interleave`d rows) reads only the file rows behind
+    this rank's rows: with a step (every other row), the span from the first to the last of them, once, then
+    keeps every step-th."""
     for piece in pieces:
-        shape = shapes[piece.key]
-        dims = (1,) + tuple(shape) if piece.stacked else tuple(shape)  # the piece's extent in parameter dims
+        start, extent, step = piece.window(shapes[piece.key])
+        if piece.stacked:  # parameter dim 0 is the expert index; the file tensor's dims follow it
+            start, extent, step = (0, *start), (1, *extent), (1, *step)
         src, dst = [], []
-        for d, (lo, n) in enumerate(zip(piece.offset, dims)):
+        for d, (lo, n) in enumerate(zip(piece.offset, extent)):
             a, b = max(lo, local[d].start), min(lo + n, local[d].stop)
             if a >= b:
                 break
-            src.append(slice(a - lo, b - lo))
+            first = start[d] + step[d] * (a - lo)
+            src.append(slice(first, first + step[d] * (b - a - 1) + 1))
             dst.append(slice(a - local[d].start, b - local[d].start))
         else:
             if piece.stacked:
-                src, dst[0] = src[1:], dst[0].start  # the file tensor is one index of dim 0
-            handles_f = _open(handles, index[piece.key])
-            handles_f.read_into(piece.key, tuple(src), out[tuple(dst)])
+                src, dst[0], step = src[1:], dst[0].start, step[1:]  # the file tensor is one index of dim 0
+            handle = _open(handles, index[piece.key])
+            target = out[tuple(dst)]
+            if all(s == 1 for s in step) and not piece.dims:
+                handle.read_into(piece.key, tuple(src), target)
+            else:
+                _read_strided(handle, piece.key, src, step, piece.dims or tuple(range(len(src))), target)
+
+
+def _read_strided(handle: SafetensorsFile, key: str, src: list[slice], step: tuple[int, ...],
+                  dims: tuple[int, ...], target: torch.Tensor) -> None:
+    """target <- every step-th element of the file tensor from `src`'s starts (both in parameter dim order;
+    parameter dim d is file dim dims[d]). The file rows are read as one span (the first to the last wanted row),
+    whole, so the span is one contiguous byte range (the plain-read path, not safetensors' memory map); for a
+    transposed tensor a rank's rows are file columns, and the span is the whole tensor."""
+    shape = handle.shape(key)
+    want: list = [None] * len(dims)  # (slice, step) per file dim
+    for d, f in enumerate(dims):
+        want[f] = (src[d], step[d])
+    span = [want[0][0], *(slice(0, n) for n in shape[1:])]
+    buf = torch.empty([s.stop - s.start for s in span], dtype=target.dtype)
+    handle.read_into(key, tuple(span), buf)
+    picked = buf[tuple(slice(s.start - w.start, s.stop - w.start, st) for (s, st), w in zip(want, span))]
+    target.copy_(picked.permute(dims))
 
 
 @torch.no_grad()
@@ -417,7 +444,7 @@ def load_buffers(buffers: dict[str, torch.Tensor], sources: dict, shapes: dict[s
             missing.append(key)
             continue
         _check_shape(pieces, shapes, index, "buffer", tuple(b.shape))
-        _read_pieces(pieces, shapes, index, handles, _local_slices(b), local_tensor(b))
+        read_pieces(pieces, shapes, index, handles, _local_slices(b), local_tensor(b))
     if missing:
         log.info(f"model.path: {folder}: {len(missing)} persistent buffer(s) not in the safetensors files, kept at "
                  f"the model's initial values: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")

@@ -9,8 +9,15 @@ renaming (`rename_source_key`), so a checkpoint maps to the same parameters as i
 transformers. What we do ourselves is turn a rule's operations into *pieces*: each
 parameter is a list of (file key, where that tensor sits in the parameter), so a rank can
 read only the parts that fall in its shard (its experts, its rows) and never builds a fused
-tensor whole. Only the operations a fused tensor needs for that are mapped (`MergeModulelist`
-on dim 0, then or alone `Concatenate`); a checkpoint that needs another one is refused.
+tensor whole. The operations mapped are those whose result is a rearrangement of file
+tensors: `MergeModulelist` on dim 0 (then or alone `Concatenate`) fuses several tensors into one
+parameter; `Split`/`Chunk` cut one file tensor (Sarvam-MoE's `query_key_value`) into several
+parameters, each a window of it; `Interleave` (Inkling2's `w13_weight`, gate and up rows
+alternating) makes a parameter of every other row of one tensor; `Inkling2UnpadVocab` keeps the
+leading rows; `Transpose` (Ergo's router, stored [in, out]) swaps two dims. A piece then names a
+strided, possibly transposed window of its file tensor, so a rank still reads only the file rows
+behind its own rows (all rows of a transposed tensor: its rows are file columns). A checkpoint
+that needs another operation is refused.
 
 Saving goes the other way as `save_pretrained` does (transformers' `revert_weight_conversion`),
 one group of tensors at a time (`save_groups`, `to_saved_layout`), so exports stream.
@@ -28,11 +35,26 @@ from ..core.errors import UserError
 
 @dataclass(frozen=True)
 class Piece:
-    """One file tensor inside a parameter: it fills `offset[d] : offset[d] + shape[d]` of every parameter dim
-    d; `stacked`: the file tensor is one slice along the parameter's dim 0 (an expert), at index offset[0]."""
+    """One file tensor (or a window of it) inside a parameter: it fills `offset[d] : offset[d] + extent[d]` of
+    every parameter dim d; `stacked`: the file tensor is one slice along the parameter's dim 0 (an expert), at
+    index offset[0]. The window, per file dim: element i of the piece is file index `start + step * i`, `extent`
+    elements (all three empty: the whole file tensor, extent its shape). `dims`: parameter dim d is file dim
+    dims[d] (a `Transpose`; empty: the same order)."""
     key: str
     offset: tuple[int, ...]
     stacked: bool
+    start: tuple[int, ...] = ()
+    extent: tuple[int, ...] = ()
+    step: tuple[int, ...] = ()
+    dims: tuple[int, ...] = ()
+
+    def window(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(start, extent, step) in parameter dim order (past the expert index of a stacked piece), the defaults
+        filled in for a file tensor of this shape."""
+        n = len(shape)
+        start, extent, step = self.start or (0,) * n, self.extent or tuple(shape), self.step or (1,) * n
+        order = self.dims or tuple(range(n))
+        return tuple(start[f] for f in order), tuple(extent[f] for f in order), tuple(step[f] for f in order)
 
 
 @dataclass
@@ -72,6 +94,7 @@ def plan_sources(model: nn.Module, param_names: list[str], file_shapes: dict[str
 
     direct: dict[str, str] = {}  # param -> the one file key renamed to it
     fused: dict[str, tuple[object, dict[str, list[str]]]] = {}  # param -> (converter, source pattern -> keys)
+    split: dict[str, tuple[object, str, list[str]]] = {}  # param -> (converter, its file key, all its targets)
     for key in sorted(file_shapes, key=dot_natural_key):  # transformers' order: experts 0, 1, ..., 10 (natural sort)
         target, pattern = rename_source_key(key, renamings, converters, base_prefix, wanted)
         if target not in wanted and key in wanted:  # as transformers: a key that needs no renaming
@@ -80,13 +103,21 @@ def plan_sources(model: nn.Module, param_names: list[str], file_shapes: dict[str
             continue
         if pattern is None:
             direct.setdefault(target, key)
+        elif len(by_pattern[pattern].target_patterns) > 1:  # one file tensor cut into several parameters
+            targets = _split_targets(by_pattern[pattern], target)
+            for t in targets:
+                split.setdefault(t, (by_pattern[pattern], key, targets))
         else:
             entry = fused.setdefault(target, (by_pattern[pattern], {}))
             entry[1].setdefault(pattern, []).append(key)
 
     out: dict[str, ParamSource] = {}
     for name in param_names:
-        if name in fused:
+        if name in split:
+            converter, key, targets = split[name]
+            pieces = [_split_piece(converter, key, targets, targets.index(name), file_shapes, param_shapes,
+                                   model_type, where)]
+        elif name in fused:
             converter, keys = fused[name]
             pieces = _fused_pieces(converter, keys, file_shapes, name, param_shapes[name], model_type, where,
                                    _looked_for(name, rules))
@@ -105,6 +136,8 @@ def _fused_pieces(converter, keys: dict[str, list[str]], file_shapes: dict[str, 
     from transformers.core_model_loading import Concatenate, MergeModulelist
 
     ops = list(converter.operations)
+    if len(ops) == 1 and type(ops[0]).__name__ in WINDOW_OPS and len(converter.target_patterns) == 1:
+        return _window_pieces(converter, keys, file_shapes, name, param_shape, model_type, where)
     stacked = bool(ops) and type(ops[0]) is MergeModulelist and ops[0].dim == 0
     if stacked:
         ops = ops[1:]
@@ -112,10 +145,7 @@ def _fused_pieces(converter, keys: dict[str, list[str]], file_shapes: dict[str, 
     if len(ops) == 1 and type(ops[0]) is Concatenate:
         concat_dim = ops.pop().dim
     if ops or not (stacked or concat_dim is not None) or len(converter.target_patterns) != 1:
-        names = ", ".join(type(op).__name__ for op in converter.operations)
-        raise UserError(f"model.path: {where}: model_type {model_type!r}: transformers converts its checkpoint "
-                        f"with {names} (for {name!r}), which fsdptrain cannot read shard by shard; "
-                        "convert the checkpoint to the model's own parameter names first")
+        raise _unreadable(converter, name, model_type, where)
     absent = [looked_for[i] for i, p in enumerate(converter.source_patterns)
               if not keys.get(p) and i < len(looked_for)]
     if absent:
@@ -166,6 +196,107 @@ def _fused_pieces(converter, keys: dict[str, list[str]], file_shapes: dict[str, 
         raise UserError(f"model.path: {where}: weight '{name}' fused by transformers' {model_type!r} rules from "
                         f"{len(pieces)} tensors ({files}, ...) has shape {got}, the model expects "
                         f"{list(param_shape)}")
+    return pieces
+
+
+# Single-tensor operations whose result is a (strided) window of the file tensor: read by `_window_pieces`.
+WINDOW_OPS = ("Interleave", "Inkling2UnpadVocab", "Transpose")
+
+
+def _unreadable(converter, name: str, model_type: str, where: str) -> UserError:
+    names = ", ".join(type(op).__name__ for op in converter.operations)
+    return UserError(f"model.path: {where}: model_type {model_type!r}: transformers converts its checkpoint with "
+                     f"{names} (for {name!r}), which fsdptrain cannot read shard by shard; convert the checkpoint "
+                     "to the model's own parameter names first")
+
+
+def _split_targets(converter, first: str) -> list[str]:
+    """The parameters a one-to-many converter makes of one file key, in its target order: `first` (the key as
+    `rename_source_key` renames it, with the first target pattern) with that pattern replaced by each target, as
+    `WeightConverter.convert` names them."""
+    patterns = list(converter.target_patterns)
+    prefix, _, suffix = first.partition(patterns[0])
+    return [prefix + t + suffix for t in patterns]
+
+
+def _split_piece(converter, key: str, targets: list[str], index: int, file_shapes: dict[str, tuple[int, ...]],
+                 param_shapes: dict[str, tuple[int, ...]], model_type: str, where: str) -> Piece:
+    """Target `index` of a `Split` (sizes: the targets' own, as transformers takes them from the model) or `Chunk`
+    (equal parts) of one file tensor: a window along the split dim, so a rank reads only the rows it holds."""
+    from transformers.core_model_loading import Chunk, Split
+
+    ops = list(converter.operations)
+    op = ops[0] if len(ops) == 1 else None
+    name = targets[index]
+    if type(op) not in (Split, Chunk) or getattr(op, "num_shards_attribute", None) is not None:
+        raise _unreadable(converter, name, model_type, where)
+    absent = [t for t in targets if t not in param_shapes]
+    if absent:
+        raise UserError(f"model.path: {where}: weight '{key}' is split by transformers' {model_type!r} rules into "
+                        f"{', '.join(repr(t) for t in targets)}, and the model has no '{absent[0]}'; "
+                        "is this checkpoint for another architecture?")
+    shape, dim = tuple(file_shapes[key]), op.dim
+    if type(op) is Split:
+        sizes = [param_shapes[t][dim] if len(param_shapes[t]) > dim else -1 for t in targets]
+    else:  # torch.chunk's parts: ceil(n / k) each, the last one what is left
+        part = -(-shape[dim] // len(targets)) if len(shape) > dim else 0
+        sizes = [max(0, min(part, shape[dim] - i * part)) for i in range(len(targets))]
+    want = tuple(param_shapes[name])
+    fits = (len(want) == len(shape) and sum(sizes) == shape[dim] and want[dim] == sizes[index]
+            and all(w == n for d, (w, n) in enumerate(zip(want, shape)) if d != dim))
+    if not fits:
+        raise UserError(f"model.path: {where}: weight '{key}' has shape {list(shape)}, which transformers' "
+                        f"{model_type!r} rules split along dim {dim} into {', '.join(repr(t) for t in targets)}; "
+                        f"the model expects {[list(param_shapes[t]) for t in targets]}")
+    start = [0] * len(shape)
+    start[dim] = sum(sizes[:index])
+    return Piece(key, (0,) * len(shape), stacked=False, start=tuple(start), extent=want)
+
+
+def _window_pieces(converter, keys: dict[str, list[str]], file_shapes: dict[str, tuple[int, ...]], name: str,
+                   param_shape: tuple[int, ...], model_type: str, where: str) -> list[Piece]:
+    """The pieces of a parameter that one file tensor makes through `Interleave`, `Inkling2UnpadVocab` or
+    `Transpose`.
+
+    Interleave(dim) (not inverse) reshapes dim into [n/2, 2] and swaps the two: the parameter's first half along
+    dim is the file's even rows, its second half the odd ones (two strided pieces). Inkling2UnpadVocab keeps the
+    first rows of the (padded) unembedding: one window of them. Transpose swaps two dims (Ergo's router and shared
+    expert, stored [in, out]): a rank's rows are file columns, found in every file row, so the reader reads the
+    tensor's rows whole, once per rank (`models.read_pieces`)."""
+    op = converter.operations[0]
+    found = [k for ks in keys.values() for k in ks]
+    if len(found) != 1 or getattr(op, "inverse", False):
+        raise _unreadable(converter, name, model_type, where)
+    key = found[0]
+    shape, want = tuple(file_shapes[key]), tuple(param_shape)
+    zeros = (0,) * len(shape)
+    if type(op).__name__ == "Transpose":
+        order = list(range(len(shape)))
+        d0, d1 = op.dim0 % max(len(shape), 1), op.dim1 % max(len(shape), 1)
+        order[d0], order[d1] = order[d1], order[d0]
+        if getattr(op, "check_dims", False) and shape == want:  # as transformers: stored the model's way already
+            return [Piece(key, zeros, stacked=False)]
+        if tuple(shape[f] for f in order) != want:
+            raise UserError(f"model.path: {where}: weight '{key}' has shape {list(shape)}, the model expects "
+                            f"{list(want)} for '{name}' (transposed, dims {d0} and {d1})")
+        return [Piece(key, zeros, stacked=False, dims=tuple(order))]
+    if type(op).__name__ == "Inkling2UnpadVocab":
+        if len(shape) != len(want) or shape[0] < want[0] or shape[1:] != want[1:]:
+            raise UserError(f"model.path: {where}: weight '{key}' has shape {list(shape)}, fewer rows than the "
+                            f"{list(want)} of '{name}' that transformers' {model_type!r} rules keep of it")
+        return [Piece(key, zeros, stacked=False, start=zeros, extent=want)]
+    dim = op.dim
+    if shape != want or shape[dim] % 2:
+        raise UserError(f"model.path: {where}: weight '{key}' has shape {list(shape)}, the model expects "
+                        f"{list(want)} for '{name}' (interleaved along dim {dim}, an even size)")
+    half = shape[dim] // 2
+    extent = tuple(half if d == dim else n for d, n in enumerate(shape))
+    step = tuple(2 if d == dim else 1 for d in range(len(shape)))
+    pieces = []
+    for parity in (0, 1):  # gate rows 0, 2, 4, ... first, then up rows 1, 3, 5, ...
+        offset = tuple(parity * half if d == dim else 0 for d in range(len(shape)))
+        start = tuple(parity if d == dim else 0 for d in range(len(shape)))
+        pieces.append(Piece(key, offset, stacked=False, start=start, extent=extent, step=step))
     return pieces
 
 
