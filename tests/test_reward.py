@@ -237,3 +237,33 @@ def test_bad_reward_settings_are_one_line(tmp_path, overrides, parts):
 def test_reward_model_on_non_ranking_data_is_one_line(tmp_path):
     one_line_error(cli_inproc(["data", str(write_cfg(tmp_path, "sft"))]),
                    "data set 'sft' is not preference data", "train.objective rm trains on pairs")
+
+
+def test_a_family_without_a_sequence_classification_model_is_one_line():
+    from fsdptrain.core.errors import UserError
+    from fsdptrain.model.models import as_reward_config, load_hf_config
+
+    cfg = load_hf_config(None, {"model_type": "cohere", "hidden_size": 64, "num_hidden_layers": 1,
+                                "num_attention_heads": 4, "intermediate_size": 128}, 256, False)
+    with pytest.raises(UserError, match="transformers has no sequence-classification model for 'cohere'; "
+                                        "train.objective rm needs one"):
+        as_reward_config(cfg, 0)
+
+
+def test_a_reward_model_folder_is_refused_for_sft(tmp_path):
+    """A reward model (no language-model head) trained with sft: one line at start-up, before any weight loads."""
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.errors import UserError
+    from fsdptrain.data.tokenizer import load_tokenizer
+    from fsdptrain.trainer import setup_hf_config
+
+    model = make_model_dir(tmp_path / "llama", {**LLAMA, "num_hidden_layers": 1})
+    config = json.loads((model / "config.json").read_text())
+    config.update(architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"},
+                  label2id={"LABEL_0": 0})
+    (model / "config.json").write_text(json.dumps(config))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path / "run", model)))
+    with pytest.raises(UserError, match="holds a reward model \\(LlamaForSequenceClassification, no language-model "
+                                        "head\\); train it with train.objective=rm"):
+        setup_hf_config(load_config(str(path)), load_tokenizer(None, str(model)))
