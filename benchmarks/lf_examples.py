@@ -76,8 +76,10 @@ def what(cfg) -> str:
     bits = [cfg.finetune.method, p.precision, "reshard" if p.reshard_after_forward else "no reshard"]
     bits += [x for x, on in (("cpu_offload", p.cpu_offload), ("optimizer_offload", p.optimizer_offload),
                              ("packing", cfg.data.packing)) if on]
-    if cfg.train.objective != "sft":
-        bits.append(f"{cfg.train.objective} {cfg.preference.loss}")
+    if cfg.train.objective == "dpo":
+        bits.append(f"dpo {cfg.preference.loss}")
+    elif cfg.train.objective != "sft":
+        bits.append(cfg.train.objective)
     return f"{', '.join(bits)}; template {cfg.data.template}"
 
 

@@ -193,6 +193,11 @@ def setup_data(cfg: Config, info: DistInfo, tokenizer: PreTrainedTokenizerBase,
 def setup_hf_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     hf_config = models.load_hf_config(cfg.model.path, cfg.model.hf_config if cfg.model.path is None else None,
                                       len(tokenizer), cfg.model.trust_remote_code)
+    if cfg.train.objective == "rm":  # the family's sequence-classification model, one label (models.py)
+        hf_config = models.as_reward_config(hf_config, tokenizer.pad_token_id)
+    elif models.is_reward_config(hf_config):
+        raise UserError(f"model.path: {cfg.model.path} holds a reward model ({hf_config.architectures[0]}, no "
+                        "language-model head); train it with train.objective=rm, or pick a causal LM")
     if len(tokenizer) > hf_config.vocab_size:
         raise UserError(f"model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                         f"{hf_config.vocab_size}; use the model's own tokenizer or a larger vocab_size")

@@ -81,6 +81,22 @@ def test_dpo_example_translates_exactly():
     assert "preference" not in sft and "objective" not in sft.get("train", {})  # LLaMA-Factory ignores it too
 
 
+def test_reward_example_translates_exactly():
+    """stage rm: a reward model on the pairs; the pref_* keys, which LLaMA-Factory reads only under stage dpo, are
+    left out (fsdptrain would refuse them with rm)."""
+    assert lf("lora_reward.yaml") == {
+        "model": {"path": "Qwen/Qwen3-4B-Instruct-2507", "trust_remote_code": True},
+        "finetune": {"method": "lora", "lora": {"rank": 8, "target": "all"}},
+        "parallel": {"activation_checkpointing": "full", "precision": "bf16-mixed"},
+        "data": {"datasets": ["dpo_en_demo"], "max_length": 2048, "max_samples": 1000, "template": "qwen3_nothink"},
+        "output_dir": "saves/qwen3-4b/lora/reward",
+        "logging": {"log_every": 10, "report_to": []},
+        "checkpoint": {"keep_last": 0, "save_every": 500},
+        "train": {"objective": "rm", "micro_batch_size": 1, "grad_accum_steps": 8, "lr": 1e-4, "epochs": 3.0,
+                  "schedule": "cosine", "warmup_ratio": 0.1, "adam_betas": HF_ADAM},
+    }
+
+
 def test_freeze_and_pretrain_examples_take_llamafactory_defaults():
     hf_defaults = {"lr": 5e-5, "schedule": "linear", "epochs": 3.0, "micro_batch_size": 8, "adam_betas": HF_ADAM}
     assert lf("freeze_sft.yaml") == {
@@ -160,8 +176,8 @@ def test_from_llamafactory_prints_a_loadable_fsdptrain_yaml(tmp_path):
 
 
 REFUSALS = [  # (lines added to a minimal LF YAML, the one-line error after "FILE: ")
-    ("stage: kto", "stage: 'kto' is not supported; fsdptrain trains sft (supervised), pt (pretraining) and dpo "
-                   "(preference pairs) only"),
+    ("stage: kto", "stage: 'kto' is not supported; fsdptrain trains sft (supervised), pt (pretraining), dpo "
+                   "(preference pairs) and rm (reward models) only"),
     ("stage: dpo\npref_loss: kto_pair", "pref_loss: 'kto_pair' is not supported; use sigmoid, ipo, hinge, orpo or "
                                         "simpo"),
     ("stage: dpo\nref_model: models/base", "ref_model: the reference is the starting model (model_name_or_path; a "

@@ -129,10 +129,10 @@ def _stage(v: Any, ctx: dict) -> Out:
         return {}
     if v == "pt":  # LLaMA-Factory packs pretraining data unless packing: false
         return {} if "packing" in ctx else {"data.packing": True}
-    if v == "dpo":
-        return {"train.objective": "dpo"}
-    raise Refused(f"{v!r} is not supported; fsdptrain trains sft (supervised), pt (pretraining) and dpo "
-                  "(preference pairs) only")
+    if v in ("dpo", "rm"):  # rm: a reward model on the same pairs (a score head, the pairwise loss)
+        return {"train.objective": v}
+    raise Refused(f"{v!r} is not supported; fsdptrain trains sft (supervised), pt (pretraining), dpo "
+                  "(preference pairs) and rm (reward models) only")
 
 
 def _pref(dotted: str) -> Callable[[Any, dict], Out]:

@@ -179,8 +179,10 @@ class TrainConfig:
     eval_micro_batch_size: Optional[int] = opt(None, "Eval examples per rank per forward; null: "
                                                      "train.micro_batch_size.", min=1)
     objective: str = opt("sft", "What a step optimises: sft (token cross-entropy over target tokens; pretraining "
-                                "too) or dpo (preference pairs: the preference.* loss, data with ranking: true; "
-                                "docs/preference.md) (LLaMA-Factory stage).", choices=["sft", "dpo"])
+                                "too), dpo (preference pairs: the preference.* loss, data with ranking: true; "
+                                "docs/preference.md) or rm (a reward model: a scalar score head trained on the "
+                                "same pairs with -log sigmoid(chosen - rejected)) (LLaMA-Factory stage).",
+                    choices=["sft", "dpo", "rm"])
 
 
 @dataclass
@@ -599,10 +601,16 @@ def validate(cfg: Config, source: str = "config") -> None:
     validate_preference(cfg, source)
 
 
+PAIRWISE = ("dpo", "rm")  # objectives trained on preference pairs (ranking data)
+
+
 def validate_preference(cfg: Config, source: str) -> None:
     """Preference settings: only with train.objective dpo, each only with the loss it belongs to, and the data and
     step options a pair cannot take refused."""
     p, d = cfg.preference, cfg.data
+    if cfg.train.objective == "rm":
+        validate_reward(cfg, source)
+        return
     if cfg.train.objective != "dpo":
         if p != PreferenceConfig():
             raise ConfigError(f"{source}: preference.* is set but train.objective is {cfg.train.objective}; set "
@@ -630,6 +638,23 @@ def validate_preference(cfg: Config, source: str) -> None:
     for key, value, why in refused:
         if value:
             raise ConfigError(f"{source}: {key} with train.objective dpo: {why}")
+
+
+def validate_reward(cfg: Config, source: str) -> None:
+    """A reward model trains on pairs with its own loss: the dpo settings and what would split a pair refused."""
+    if cfg.preference != PreferenceConfig():
+        raise ConfigError(f"{source}: preference.* belongs to train.objective dpo, not rm (a reward model's loss "
+                          "has no settings); remove the preference settings")
+    refused = [("data.packing", cfg.data.packing, "a pair's chosen and rejected rows must run in one forward, "
+                                                  "unpacked; set data.packing=false"),
+               ("train.loss_chunk_tokens", cfg.train.loss_chunk_tokens, "a reward model has no token loss (it "
+                                                                        "scores the last token); set it to 0"),
+               ("train.router_aux_loss_coef", cfg.train.router_aux_loss_coef, "transformers' sequence-"
+                                                                              "classification models return no "
+                                                                              "router loss; remove it")]
+    for key, value, why in refused:
+        if value:
+            raise ConfigError(f"{source}: {key} with train.objective rm: {why}")
 
 
 def validate_finetune(f: FinetuneConfig, source: str, export_hf: bool = False) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config.schema import Config
+from ..config.schema import PAIRWISE, Config
 from ..core.errors import ConfigError, UserError
 from . import evalset
 from .cache import Settings, prepare
@@ -52,26 +52,27 @@ def check(cfg: Config) -> None:
 
 def rows_per_item(cfg: Config) -> int:
     """Rows one item of the data takes in a batch: a preference pair two (chosen and rejected)."""
-    return 2 if cfg.train.objective == "dpo" else 1
+    return 2 if cfg.train.objective in PAIRWISE else 1
 
 
 def check_objective(cfg: Config, specs: list, key: str = "data.datasets") -> None:
-    """Preference pairs for dpo, and only for dpo: a data set of the other kind is one line."""
+    """Preference pairs for dpo and rm, and only for them: a data set of the other kind is one line."""
+    objective = cfg.train.objective
     for spec in specs:
-        if cfg.train.objective == "dpo" and not spec.ranking:
+        if objective in PAIRWISE and not spec.ranking:
             raise UserError(f"{key}: data set '{spec.name}' is not preference data (no `ranking: true` in its "
-                            "dataset_info.json entry); train.objective dpo trains on pairs: pick a ranking data "
-                            "set or mark this one ranking with chosen/rejected columns")
-        if cfg.train.objective != "dpo" and spec.ranking:
+                            f"dataset_info.json entry); train.objective {objective} trains on pairs: pick a ranking "
+                            "data set or mark this one ranking with chosen/rejected columns")
+        if objective not in PAIRWISE and spec.ranking:
             raise UserError(f"{key}: data set '{spec.name}' holds preference pairs (ranking: true); train it with "
                             "train.objective=dpo, or pick a supervised or pretraining data set")
 
 
 def require_pairs_given(cfg: Config) -> None:
     """No data sets means the synthetic task, which has no preference pairs."""
-    if cfg.train.objective == "dpo":
-        raise ConfigError("data.datasets: train.objective dpo needs preference data (no synthetic task makes "
-                          "pairs); list data sets with `ranking: true` (docs/preference.md)")
+    if cfg.train.objective in PAIRWISE:
+        raise ConfigError(f"data.datasets: train.objective {cfg.train.objective} needs preference data (no "
+                          "synthetic task makes pairs); list data sets with `ranking: true` (docs/preference.md)")
 
 
 def load_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int = 0, local_rank: int = 0,

@@ -197,8 +197,11 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
             mod._parameters[attr] = done[id(p)]
 
 
-def prepare(model: nn.Module, blocks: list[nn.Module], fcfg: FinetuneConfig, precision: str) -> FinetunePlan:
-    """Add adapters / mark what trains on the meta model (before fully_shard); see the module docstring."""
+def prepare(model: nn.Module, blocks: list[nn.Module], fcfg: FinetuneConfig, precision: str,
+            always: tuple[str, ...] = ()) -> FinetunePlan:
+    """Add adapters / mark what trains on the meta model (before fully_shard); see the module docstring.
+    `always`: modules that train in full whatever the method (a reward model's score head): LoRA saves them as
+    modules_to_save."""
     n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     if fcfg.method == "full":
         return FinetunePlan("full", n_trainable=n_total, n_total=n_total)
@@ -215,9 +218,11 @@ def prepare(model: nn.Module, blocks: list[nn.Module], fcfg: FinetuneConfig, pre
         for name in plan.lora_modules:
             add_adapter(modules[name], lc.rank, plan.scaling, lc.dropout, train_dtype)
         plan.modules_to_save = names_to_list(lc.modules_to_save)
+        plan.modules_to_save += [m for m in always if m not in plan.modules_to_save]
         trainable = plan.new_params | module_params(model, plan.modules_to_save, "finetune.lora.modules_to_save")
     else:
         trainable = freeze_trainable(model, blocks, fcfg.freeze)
+        trainable |= module_params(model, list(always), "the reward head") if always else set()
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(name in trainable)
     for name, p in model.named_parameters(remove_duplicate=False):  # a tied weight trains if any of its names does

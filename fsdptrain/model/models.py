@@ -124,16 +124,47 @@ class _ParamsOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# A reward model (train.objective rm) is the family's *ForSequenceClassification class with one label: the base
+# model and `score`, a Linear(hidden, 1, bias=False) on the last non-pad token; its state-dict keys are the ones
+# AutoModelForSequenceClassification.from_pretrained reads, so an export loads there as it is.
+REWARD_HEAD = "score"
+SEQ_CLS = "ForSequenceClassification"
+
+
+def is_reward_config(hf_config: PretrainedConfig) -> bool:
+    """Whether `hf_config` describes a reward model: a sequence-classification architecture with one label."""
+    archs = getattr(hf_config, "architectures", None) or []
+    return bool(archs) and archs[0].endswith(SEQ_CLS) and getattr(hf_config, "num_labels", None) == 1
+
+
+def as_reward_config(hf_config: PretrainedConfig, pad_token_id: int) -> PretrainedConfig:
+    """`hf_config` (a causal LM's, or a reward model's) made the family's sequence-classification model with one
+    label. The head scores the last token that is not `pad_token_id` (transformers' rule), so the pad id is the
+    one batches are padded with: training and a loaded export pick the same token."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(hf_config.model_type)
+    if name is None:
+        raise UserError(f"model: transformers has no sequence-classification model for {hf_config.model_type!r}; "
+                        "train.objective rm needs one (its score head); pick another model family")
+    hf_config.architectures = [name]
+    hf_config.num_labels = 1
+    hf_config.pad_token_id = pad_token_id
+    return hf_config
+
+
 def build_meta_model(hf_config: PretrainedConfig, attn_implementation: str, dtype: torch.dtype,
                      trust_remote_code: bool) -> nn.Module:
     """The model's modules with parameters on the meta device (no memory used) and buffers as its constructor
-    computed them (on the CPU; kept for `materialize`)."""
-    from transformers import AutoModelForCausalLM
+    computed them (on the CPU; kept for `materialize`): the causal LM, or for a reward config
+    (`is_reward_config`) the family's sequence-classification model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if is_reward_config(hf_config) else AutoModelForCausalLM
     hf_config.use_cache = False
     with _ParamsOnMeta():
         try:
-            model = AutoModelForCausalLM.from_config(
+            model = auto.from_config(
                 hf_config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code
             )
         except (ValueError, ImportError) as e:
@@ -474,3 +505,21 @@ def materialize(model: nn.Module, device: torch.device, seed: int, weights_from:
         load_pretrained(model, weights_from, skip)  # `skip` (adapters) are filled by their owner
     else:
         init_random(model, seed, init_device or device)
+
+
+def fresh_reward_head(model: nn.Module, hf_config: PretrainedConfig, weights_from: Optional[str]) -> frozenset[str]:
+    """The reward head's parameters that start at zero: all of them unless `weights_from` (an earlier reward model)
+    holds them. A zero head scores every sequence 0, so the first step's pairwise loss is exactly ln 2."""
+    if not is_reward_config(hf_config):
+        return frozenset()
+    names = {n for n, _ in model.named_parameters() if n.split(".")[0] == REWARD_HEAD}
+    held = set(safetensors_index(weights_from)) if weights_from is not None else set()
+    return frozenset(names - held)
+
+
+@torch.no_grad()
+def zero_params(model: nn.Module, names: frozenset[str]) -> None:
+    """Zero the local shards of the parameters `names`."""
+    for name, p in model.named_parameters():
+        if name in names:
+            local_tensor(p).zero_()

@@ -12,7 +12,7 @@ The trainer knows no loss function. For every optimizer step it
 Evaluation uses the same two functions (no gradient): eval loss = summed loss / units over the eval set.
 
 An objective is a plain frozen dataclass of functions, not a class to subclass; objectives/choose.py picks the
-run's. Members: sft.py (token cross-entropy, SFT and pretraining).
+run's. Members: sft.py (token cross-entropy, SFT and pretraining), preference.py (dpo), reward.py (rm).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Which objective a run trains with: token cross-entropy (sft: SFT and pretraining alike) or a preference loss
-(dpo: objectives/preference.py, with the reference model the trainer built)."""
+(dpo: objectives/preference.py, with the reference model the trainer built) or a reward model's pairwise loss (rm:
+objectives/reward.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Optional
 from ..config.schema import Config
 from .base import Objective
 from .preference import Reference, needs_reference, preference_objective
+from .reward import REWARD
 from .sft import SFT
 
 
@@ -19,4 +21,6 @@ def needs_reference_model(cfg: Config) -> bool:
 def objective_for(cfg: Config, reference: Optional[Reference] = None) -> Objective:
     if cfg.train.objective == "dpo":
         return preference_objective(cfg.preference, reference)
+    if cfg.train.objective == "rm":
+        return REWARD
     return SFT

@@ -51,10 +51,14 @@ def needs_reference(p: PreferenceConfig) -> bool:
     return p.loss not in REFERENCE_FREE
 
 
+def response_rows(batch: dict) -> torch.Tensor:
+    """Which rows of a collated micro-batch have a response (eval filler pairs have none)."""
+    return (batch["labels"] != IGNORE).any(dim=1)
+
+
 def pairs_in(batch: dict) -> int:
     """The pairs of a collated micro-batch that have a response (eval filler pairs have none)."""
-    labels = batch["labels"]
-    return int((labels[: labels.shape[0] // 2] != IGNORE).any(dim=1).sum())
+    return int(response_rows(batch)[: batch["labels"].shape[0] // 2].sum())
 
 
 def row_logps(model: nn.Module, batch: dict, router_aux: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:

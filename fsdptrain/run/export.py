@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 from ..core import log
 from ..core.errors import UserError
 from ..core.files import read_json, reading
-from ..model.models import owned_params, persistent_buffers
+from ..model.models import is_reward_config, owned_params, persistent_buffers
 from ..model.weightmap import save_groups, to_saved_layout
 from .checkpoint import MARKER, SUBDIR
 
@@ -532,8 +532,9 @@ def lora_deltas(trained: dict[str, torch.Tensor], scaling: float) -> dict[str, t
 
 
 def write_adapter(tmp: Path, trained: dict[str, torch.Tensor], ident: dict, linear_names: list[str],
-                  base: Path, dtype: torch.dtype) -> None:
-    """A PEFT LoRA adapter folder: adapter_model.safetensors (PEFT's key names) and adapter_config.json."""
+                  base: Path, dtype: torch.dtype, reward: bool = False) -> None:
+    """A PEFT LoRA adapter folder: adapter_model.safetensors (PEFT's key names) and adapter_config.json.
+    reward: a reward model's adapter (PEFT's SEQ_CLS task, the score head in modules_to_save)."""
     from safetensors.torch import save_file
 
     from ..model.finetune import peft_key, target_modules_for_peft
@@ -542,7 +543,8 @@ def write_adapter(tmp: Path, trained: dict[str, torch.Tensor], ident: dict, line
     save_file({peft_key(k): _cast(t, dtype).contiguous() for k, t in trained.items()}, str(tmp / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.resolve()),
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if reward else "CAUSAL_LM",
+        "base_model_name_or_path": str(base.resolve()),
         "r": ident["rank"], "lora_alpha": ident["alpha"], "use_rslora": ident.get("use_rslora", False),
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "target_modules": target_modules_for_peft(linear_names, lora_modules, ident.get("targets", [])),
@@ -552,15 +554,20 @@ def write_adapter(tmp: Path, trained: dict[str, torch.Tensor], ident: dict, line
 
 
 def write_merged(tmp: Path, base: Path, trained: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor],
-                 dtype: torch.dtype, max_shard_bytes: int) -> None:
-    """The base model's tensors, one at a time, with trained weights replacing theirs and LoRA deltas added."""
-    from ..model.models import safetensors_index
+                 dtype: torch.dtype, max_shard_bytes: int, reward: bool = False) -> None:
+    """The base model's tensors, one at a time, with trained weights replacing theirs and LoRA deltas added.
+    reward: the model is a reward model trained from a causal LM: its score head (trained, not in the base's
+    files) is written and the base's lm_head, which the sequence-classification model lacks, is left out."""
+    from ..model.models import REWARD_HEAD, safetensors_index
     from ..model.safetensors_io import DTYPES as STORED_DTYPES
     from ..model.safetensors_io import SafetensorsFile
 
     index = safetensors_index(str(base))
     full = {k: t for k, t in trained.items() if ".lora_A." not in k and ".lora_B." not in k}
-    missing = sorted(k for k in [*full, *deltas] if k not in index)
+    head = {k: t for k, t in full.items() if reward and k.split(".")[0] == REWARD_HEAD and k not in index}
+    if reward:
+        index = {k: f for k, f in index.items() if k.split(".")[0] != "lm_head"}
+    missing = sorted(k for k in [*full, *deltas] if k not in index and k not in head)
     if missing:
         raise UserError(f"export: {base}: weight '{missing[0]}' is not in the base model's files under that name "
                         "(a model whose files are converted on load, e.g. fused MoE experts); export the adapter "
@@ -579,6 +586,8 @@ def write_merged(tmp: Path, base: Path, trained: dict[str, torch.Tensor], deltas
                 if key in deltas:
                     t += deltas[key]
             writer.add(key, _cast(t, dtype))
+        for key, t in head.items():
+            writer.add(key, _cast(t, dtype))
     finally:
         for h in handles.values():
             h.close()
@@ -596,6 +605,7 @@ def export_finetuned(path: Path, saved: dict, out_dir: str, dtype_name: str, max
     dtype = export_dtype(dtype_name, saved.get("precision", "fp32"))
     trained = read_trained(path)
     lora = ident.get("method") == "lora"
+    reward = is_reward_config(hf_config)
 
     def write(tmp: Path) -> None:
         if lora and not merge:
@@ -608,12 +618,13 @@ def export_finetuned(path: Path, saved: dict, out_dir: str, dtype_name: str, max
                 raise UserError(f"export: {path} trained the tied weight {' = '.join(tied[0])} (modules_to_save); a "
                                 "PEFT adapter cannot hold it: add --merge to export a full model")
             linear = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
-            write_adapter(tmp, trained, ident, linear, base_dir, dtype)
+            write_adapter(tmp, trained, ident, linear, base_dir, dtype, reward)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             return
         scaling = ident["alpha"] / (ident["rank"] ** 0.5 if ident.get("use_rslora") else ident["rank"]) if lora else 0
-        write_merged(tmp, base_dir, trained, lora_deltas(trained, scaling) if lora else {}, dtype, max_shard_bytes)
+        write_merged(tmp, base_dir, trained, lora_deltas(trained, scaling) if lora else {}, dtype, max_shard_bytes,
+                     reward)
         _write_meta(tmp, hf_config, tokenizer, dtype)
 
     what = "a PEFT adapter" if lora and not merge else "a merged model"

@@ -90,7 +90,9 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
         cfg = replace(cfg, parallel=replace(cfg.parallel, activation_checkpointing="none"))
         ft = finetune.FinetunePlan("frozen", n_total=n_params)
     else:
-        ft = finetune.prepare(model, blocks, cfg.finetune, precision)  # adapters join their block's FSDP unit
+        # a reward model's score head always trains (LoRA: as a module to save; freeze: beside the trained layers)
+        head = (models.REWARD_HEAD,) if models.is_reward_config(hf_config) else ()
+        ft = finetune.prepare(model, blocks, cfg.finetune, precision, head)  # adapters join their block's unit
     if ft.method not in ("full", "frozen"):
         log.info(ft.describe())
     mesh = mesh if mesh is not None else build_mesh(info, cfg.parallel)
@@ -105,7 +107,10 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
         model.to_empty(device=device)
         models.restore_buffers(model)
     else:
-        models.materialize(model, device, cfg.seed, weights, init_device=info.device, skip=frozenset(ft.new_params))
+        fresh = models.fresh_reward_head(model, hf_config, weights)
+        models.materialize(model, device, cfg.seed, weights, init_device=info.device,
+                           skip=frozenset(ft.new_params) | fresh)
+        models.zero_params(model, fresh)
         if ft.lora_modules:
             finetune.init_adapters(model, ft, cfg.seed)
         if frozen:
