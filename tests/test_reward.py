@@ -139,6 +139,7 @@ def reference_for(root: Path, llama: Path, name: str) -> dict:
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow  # the module's 2-rank launch (about 40 s)
 def test_two_rank_reward_model_matches_transformers_sequence_classification(runs, name):
     root, llama = runs
     got = read_metrics(root / name)
@@ -151,6 +152,7 @@ def test_two_rank_reward_model_matches_transformers_sequence_classification(runs
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow  # the module's 2-rank launch (about 40 s)
 def test_step_one_scores_zero_so_the_loss_is_ln2(runs, name):
     """The score head starts at zero: every reward 0 and the pairwise loss exactly ln 2 at step 1."""
     first = read_metrics(runs[0] / name)[0]
@@ -159,6 +161,7 @@ def test_step_one_scores_zero_so_the_loss_is_ln2(runs, name):
     assert first["target_tokens"] == 4  # the step's units: 4 pairs
 
 
+@pytest.mark.slow  # the module's 2-rank launch (about 40 s)
 def test_evaluation_on_held_out_pairs_counts_each_pair_once(runs):
     evals = [m for m in read_metrics(runs[0] / "rm_full_accum") if "eval_loss" in m]
     assert [m["step"] for m in evals] == [3, 6]
@@ -178,6 +181,7 @@ def score_of(model) -> torch.Tensor:
         return model(input_ids=torch.tensor([IDS])).logits
 
 
+@pytest.mark.slow  # the module's 2-rank launch (about 40 s)
 def test_full_export_loads_as_sequence_classification_and_scores_equal(runs):
     from transformers import AutoModelForSequenceClassification
 
@@ -190,6 +194,7 @@ def test_full_export_loads_as_sequence_classification_and_scores_equal(runs):
     torch.testing.assert_close(score_of(model), trained_score(root, "rm_full_accum"))
 
 
+@pytest.mark.slow  # the module's 2-rank launch (about 40 s)
 def test_lora_export_merged_and_as_adapter_scores_equal(runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
