@@ -275,12 +275,14 @@ def test_pairs_are_dealt_whole_and_collated_chosen_then_rejected():
 # ----------------------------------------------------------------------------- bad input, one line each
 
 
-def write_cfg(tmp_path: Path, **overrides) -> Path:
+def write_cfg(tmp_path: Path, make_config=None, **overrides) -> Path:
+    """A one-layer model folder, the pair data sets and `make_config(tmp_path, "run", model)` (default the dpo
+    config) with `section__key=value` overrides, written to tmp_path/cfg.yaml (test_reward.py uses it too)."""
     model = tmp_path / "llama"
     if not (model / "config.json").is_file():
         make_model_dir(model, {**LLAMA, "num_hidden_layers": 1})
     data_dir(tmp_path)
-    cfg = dpo_config(tmp_path, "run", model)
+    cfg = (make_config or dpo_config)(tmp_path, "run", model)
     for key, value in overrides.items():
         section, _, name = key.partition("__")
         cfg.setdefault(section, {})[name] = value

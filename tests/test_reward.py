@@ -24,6 +24,7 @@ from tests.helpers import LLAMA, cli_inproc, make_model_dir, read_metrics, torch
 from tests.reference import HYPER, STEPS, base_config, optimizer_and_schedule
 from tests.test_bad_inputs import one_line_error
 from tests.test_preference import data_dir
+from tests.test_preference import write_cfg as write_pair_cfg
 
 LN2 = float(torch.tensor(math.log(2), dtype=torch.float32))
 LORA = {"rank": 8, "alpha": 16, "target": "all"}
@@ -217,17 +218,7 @@ def test_lora_export_merged_and_as_adapter_scores_equal(runs, tmp_path):
 
 
 def write_cfg(tmp_path: Path, dataset: str = "alpaca_pairs", **overrides) -> Path:
-    model = tmp_path / "llama"
-    if not (model / "config.json").is_file():
-        make_model_dir(model, {**LLAMA, "num_hidden_layers": 1})
-    data_dir(tmp_path)
-    cfg = rm_config(tmp_path, "run", model, dataset)
-    for key, value in overrides.items():
-        section, _, name = key.partition("__")
-        cfg.setdefault(section, {})[name] = value
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_pair_cfg(tmp_path, lambda root, name, model: rm_config(root, name, model, dataset), **overrides)
 
 
 @pytest.mark.parametrize("overrides, parts", [
