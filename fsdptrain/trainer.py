@@ -467,8 +467,8 @@ def loop(run: Run) -> RunResult:
     cfg, pad_id = run.cfg, run.tokenizer.pad_token_id
     steps = pipeline.batches(cfg, run.sampler, run.examples, pad_id, run.state.step, run.total_steps,
                              run.info.device_type)
-    stop = StopRequests(run.info.device, *job_deadline(cfg.checkpoint.save_before_minutes,
-                                                       cfg.checkpoint.wall_time_minutes, run.started))
+    stop = StopRequests(*job_deadline(cfg.checkpoint.save_before_minutes, cfg.checkpoint.wall_time_minutes,
+                                      run.started))
     stopped: Optional[str] = None
     run.model.train()
     try:

@@ -85,14 +85,21 @@ def peft_model(llama: Path, lora: dict, seed: int):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from fsdptrain.model.finetune import adapter_init
-
     base = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)
     target = lora["target"]
     pcfg = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0,
                       use_rslora=lora.get("use_rslora", False),
                       target_modules="all-linear" if target == "all" else target.split(","))
     model = get_peft_model(base, pcfg)
+    assert copy_adapter_init(model, seed) > 0
+    return model
+
+
+def copy_adapter_init(model, seed: int) -> int:
+    """Copy fsdptrain's seeded lora_A init into a peft model's adapters (lora_B is zero in both); returns how many
+    adapters there are (test_reward.py uses it too)."""
+    from fsdptrain.model.finetune import adapter_init
+
     n = 0
     with torch.no_grad():
         for name, mod in model.named_modules():
@@ -101,8 +108,7 @@ def peft_model(llama: Path, lora: dict, seed: int):
                 a.copy_(adapter_init(seed, name.removeprefix("base_model.model."), tuple(a.shape)))
                 assert not mod.lora_B["default"].weight.any()
                 n += 1
-    assert n > 0
-    return model
+    return n
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -23,6 +23,7 @@ import yaml
 from tests.helpers import LLAMA, cli_inproc, make_model_dir, read_metrics, torchrun
 from tests.reference import HYPER, STEPS, base_config, optimizer_and_schedule
 from tests.test_bad_inputs import one_line_error
+from tests.test_finetune import copy_adapter_init
 from tests.test_preference import data_dir
 from tests.test_preference import write_cfg as write_pair_cfg
 
@@ -78,18 +79,10 @@ def reward_model(llama: Path, lora: bool, seed: int, pad_id: int):
         return model
     from peft import LoraConfig, get_peft_model
 
-    from fsdptrain.model.finetune import adapter_init
-
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=LORA["rank"], lora_alpha=LORA["alpha"],
                                              lora_dropout=0.0, target_modules="all-linear"))
-    n = 0
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-                a = mod.lora_A["default"].weight
-                a.copy_(adapter_init(seed, name.removeprefix("base_model.model."), tuple(a.shape)))
-                n += 1
-    assert n == 7 * LLAMA["num_hidden_layers"]  # the blocks' linears only: not the score head
+    # the blocks' linears only: not the score head
+    assert copy_adapter_init(model, seed) == 7 * LLAMA["num_hidden_layers"]
     return model
 
 

@@ -147,18 +147,17 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step(reference, tmp_path):
 
 
 def test_second_sigint_stops_at_once_without_saving(capsys):
-    """In-process: the first SIGINT only sets the flag (agreed() says so), the second raises KeyboardInterrupt,
-    which the CLI turns into one line and status 130 (not click's 'Aborted!')."""
-    import torch
+    """In-process: the first SIGINT only sets the flag (the request decides 'SIGINT'), the second raises
+    KeyboardInterrupt, which the CLI turns into one line and status 130 (not click's 'Aborted!')."""
 
     from fsdptrain.cli import friendly_errors
     from fsdptrain.dist.stopping import StopRequests
 
-    stop = StopRequests(torch.device("cpu"))
+    stop = StopRequests()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
-        assert stop.agreed() == "SIGINT"
+        assert stop.decide(stop.local_code()) == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)

@@ -48,15 +48,11 @@ class DistInfo:
 
 
 def _env_int(name: str, default: Optional[int] = None) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
+    if os.environ.get(name, "") == "":
         if default is None:
             raise LaunchError(f"environment variable {name} is not set; launch with torchrun or unset WORLD_SIZE")
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
+    return _int_var(os.environ, name)
 
 
 def resolve_device_type(requested: str) -> str:

@@ -9,8 +9,7 @@ request too, `checkpoint.save_before_minutes` before it runs out.
 Every rank must stop at the same step (a signal may reach only some ranks, e.g. one node), so all ranks save
 the same step and exit together with status core.errors.EXIT_STOPPED (75). The trainer carries each rank's
 request (`local_code()`) in the step's own all_gather of the losses (trainer.train_step) and turns the largest
-code into the reason (`decide()`): the agreement costs no collective and no host sync of its own. `agreed()` is
-the same agreement as one small all_reduce, for callers without such a collective.
+code into the reason (`decide()`): the agreement costs no collective and no host sync of its own.
 """
 
 from __future__ import annotations
@@ -22,9 +21,6 @@ import time
 from types import FrameType
 from typing import Optional
 
-import torch
-
-from . import distributed
 from ..core import log
 
 _CODES = {1: "SIGTERM", 2: "SIGINT", 3: "SIGUSR1", 4: "the job's time limit"}
@@ -32,10 +28,10 @@ _SIGNALS = {signal.SIGTERM: 1, signal.SIGINT: 2, signal.SIGUSR1: 3}
 
 
 class StopRequests:
-    """Installed for the training loop: `agreed()` at each step boundary, `close()` restores the handlers."""
+    """Installed for the training loop: `local_code()` rides in each step's all_gather and `decide()` reads the
+    largest code over the ranks; `close()` restores the handlers."""
 
-    def __init__(self, device: torch.device, deadline: Optional[float] = None, deadline_source: str = ""):
-        self.device = device
+    def __init__(self, deadline: Optional[float] = None, deadline_source: str = ""):
         self.code = 0  # the first request's code on this rank (0: none)
         self.deadline = deadline  # time.time() at which to stop, or None
         self.deadline_source = deadline_source
@@ -65,12 +61,6 @@ class StopRequests:
         if not code:
             return None
         return _CODES[code] + (f" ({self.deadline_source})" if code == 4 else "")
-
-    def agreed(self) -> Optional[str]:
-        """Whether any rank was asked to stop (collective: every rank calls it at the same step boundary)."""
-        flag = torch.tensor([self.local_code()], dtype=torch.int32, device=self.device)
-        distributed.all_reduce_max(flag)
-        return self.decide(int(flag.item()))
 
     def close(self) -> None:
         for s, handler in self._previous.items():
