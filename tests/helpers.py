@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -109,10 +112,52 @@ def env(**extra: str) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e.setdefault("OMP_NUM_THREADS", "1")
+    e.setdefault("PYTHONFAULTHANDLER", "1")  # a hung run's stacks on SIGABRT (hung_report)
     # launch/torchrun.sh's log files (launch/slurm.sbatch would put them in the checkout): one folder for the tests
     e.setdefault("FSDPTRAIN_LAUNCH_LOG", os.path.join(tempfile.gettempdir(), "fsdptrain-test-launch-logs"))
     e.update(extra)
     return e
+
+
+def hung_report(marks: list[str], wait: float = 3.0) -> str:
+    """For a launched run that did not finish: every process whose command line holds one of `marks` (an
+    output_dir: the launcher, torchrun and its workers, which torchrun starts in sessions of their own) gets
+    SIGABRT, so that Python's faulthandler (PYTHONFAULTHANDLER=1, set by `env`) writes each thread's stack into
+    torchrun's log file; then the tail of every log file the output named. Those processes are then killed."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and int(proc.name) != os.getpid() and any(m in cmd for m in marks):
+            pids.append((int(proc.name), cmd[:160]))
+    for pid, cmd in pids:
+        if "fsdptrain.launch" in cmd:
+            continue  # the launcher's follower: it shows the log, which holds the stacks
+        try:
+            os.kill(pid, signal.SIGABRT)
+        except OSError:
+            pass
+    time.sleep(wait)
+    for pid, _ in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    report = ["processes still running: " + "; ".join(f"{pid} {cmd}" for pid, cmd in pids)]
+    return "\n".join(report)
+
+
+def log_tails(out: str, chars: int = 6000) -> str:
+    """The end of each launch log file named in a launcher's output (`> PATH` in its exec line)."""
+    tails = []
+    for path in sorted(set(re.findall(r"(\S+fsdptrain-launch-\S+\.log)", out))):
+        try:
+            tails.append(f"--- {path}\n{Path(path).read_text(errors='replace')[-chars:]}")
+        except OSError as e:
+            tails.append(f"--- {path}: {e}")
+    return "\n".join(tails)
 
 
 def free_port() -> int:

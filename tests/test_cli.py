@@ -152,3 +152,33 @@ def test_estimate_without_config_says_config_comes_first():
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ("fsdptrain: error: train.lr=1: this is a key=value override, and CONFIG comes first (the "
                            "model and settings to estimate): fsdptrain estimate CONFIG train.lr=1 ...\n")
+
+
+SIGNAL_LINES = r"""
+import signal, sys
+from fsdptrain.core import log
+signal.signal(signal.SIGALRM, lambda *a: log.signal_line("S" * 40))
+signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)  # a handler every half millisecond, mid-print
+for _ in range(5000):
+    log.rank_line("r" * 40)
+signal.setitimer(signal.ITIMER_REAL, 0)
+"""
+
+
+def test_lines_stay_whole_when_a_signal_handler_writes_mid_line(tmp_path):
+    """A rank's lines and its signal handler's line (`got SIGTERM; saving...`) share the log file torchrun's
+    ranks append to; unbuffered (as under `python -u`), print() writes a line and its newline apart, and a
+    handler's line landed between them. Every line must come out whole."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, env
+
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, "-u", "-c", SIGNAL_LINES], stdout=f, env=env(), cwd=REPO, check=True,
+                       timeout=120)
+    lines = out.read_text().splitlines()
+    assert lines.count("r" * 40) == 5000
+    assert {x for x in lines} == {"r" * 40, "S" * 40}
+    assert lines.count("S" * 40) > 10

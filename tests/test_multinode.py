@@ -26,7 +26,7 @@ import pytest
 from fsdptrain.config.schema import TrainConfig
 from fsdptrain.core.errors import LaunchError
 from fsdptrain.launch import interface_env, read_plan, route_to, torchrun_command
-from tests.helpers import REPO, env, free_port, read_metrics
+from tests.helpers import REPO, env, free_port, hung_report, log_tails, read_metrics
 
 pytestmark = pytest.mark.slow  # see docs/testing.md: the quick loop is -m "not slow"
 
@@ -100,13 +100,23 @@ def launch(extra: dict, args: list[str] = (), cwd: Path | None = None, wrap: lis
                             text=True, env=e, cwd=cwd, start_new_session=True)
 
 
-def finish(p: subprocess.Popen, timeout: float) -> tuple[int, str]:
+def finish(p: subprocess.Popen, timeout: float, others: tuple[subprocess.Popen, ...] = ()) -> tuple[int, str]:
+    """`p`'s exit status and output. When it does not end within `timeout`, the failure shows what it and the
+    launches in `others` (the other nodes of the same run) were doing: their outputs, the stacks of their
+    processes (hung_report) and the ends of their log files."""
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the launcher, torchrun and its workers: this test started them
-        out, _ = p.communicate()
-        pytest.fail(f"launch did not finish within {timeout} s:\n{out[-3000:]}")
+        launches = [p, *others]
+        marks = [next((a for a in q.args if a.startswith("output_dir=")), "\0") for q in launches]
+        stacks = hung_report(marks)
+        outs = []
+        for q in launches:
+            os.killpg(q.pid, signal.SIGKILL)  # the launcher, torchrun and the follower: this test started them
+            outs.append(q.communicate()[0])
+        shown = "\n".join(f"--- output of launch {i}:\n{o[-3000:]}\n"
+                           f"{log_tails(o)}" for i, (q, o) in enumerate(zip(launches, outs)))
+        pytest.fail(f"launch did not finish within {timeout} s; {stacks}\n{shown}")
     return p.returncode, out
 
 
@@ -261,7 +271,7 @@ def test_two_hosts_train_like_one_host_and_fail_loudly(two_hosts, tmp_path):
     procs = [launch({**common, "NODE_RANK": str(i)}, args, cwd=tmp_path, wrap=h.wrap(i)) for i in range(2)]
     rc, out_single = finish(single, 240)
     assert rc == 0, out_single[-3000:]
-    results = [finish(p, 240) for p in procs]
+    results = [finish(p, 240, tuple(q for q in procs if q is not p)) for p in procs]
     for i, (rc, out) in enumerate(results):
         assert rc == 0, f"node {i}:\n{out[-3000:]}"
         print(f"--- node {i}\n{out}")
@@ -337,7 +347,7 @@ def test_two_hosts_elastic_c10d_rendezvous(two_hosts, tmp_path):
     common = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": h.addr[0], "RDZV_ID": "job1", "RDZV_TIMEOUT": "60"}
     args = [*DEMO, f"output_dir={tmp_path / 'elastic'}"]
     procs = [launch({**common, "NODE_RANK": str(i)}, args, cwd=tmp_path, wrap=h.wrap(i)) for i in range(2)]
-    results = [finish(p, 240) for p in procs]
+    results = [finish(p, 240, tuple(q for q in procs if q is not p)) for p in procs]
     for i, (rc, out) in enumerate(results):
         assert rc == 0, f"node {i}:\n{out[-3000:]}"
         assert f"--rdzv-conf is_host={'true' if i == 0 else 'false'},join_timeout=60 --local-addr {h.addr[i]}" in out

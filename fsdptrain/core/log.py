@@ -12,6 +12,7 @@ back: a mistake found there is the only line printed, as for a config mistake.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,8 +44,24 @@ def set_writer(writer: Optional[Callable[[str], None]]) -> None:
 def _emit(msg: str) -> None:
     if _writer is not None:
         _writer(msg)
+    else:  # one write of the whole line: print's separate write of "\n" lets another rank's line in between
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
+
+
+def signal_line(msg: str) -> None:
+    """A rank's line from inside a signal handler: one system call of the whole line, past Python's buffers. A
+    handler runs between two bytecodes of whatever the rank was doing, a `print` among them: writing through
+    the same buffered stream from there can split that line or re-enter the stream's writer (a RuntimeError).
+    The ranks share the terminal or torchrun's log file (appending): one write keeps each rank's line whole."""
+    try:
+        fd = None if _writer is not None else sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a file (captured output)
+        fd = None
+    if fd is None:
+        _emit(msg)
     else:
-        print(msg, flush=True)
+        os.write(fd, (msg + "\n").encode())
 
 
 def info(msg: str) -> None:
@@ -88,4 +105,5 @@ def rank_line(msg: str) -> None:
 def error(msg: str) -> None:
     """`fsdptrain: error: msg` on stderr, from this rank."""
     sys.stdout.flush()
-    print(f"fsdptrain: error: {msg}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"fsdptrain: error: {msg}\n")
+    sys.stderr.flush()

@@ -46,9 +46,9 @@ class StopRequests:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         if not self.code:
             self.code = _SIGNALS[signal.Signals(signum)]
-            log.rank_line(f"fsdptrain: rank {os.environ.get('RANK', '0')} got {_CODES[self.code]}; saving a checkpoint "
-                          "at the end of this step, then stopping" + (" (Ctrl-C again: stop at once)"
-                                                                       if self.code == 2 else ""))
+            log.signal_line(f"fsdptrain: rank {os.environ.get('RANK', '0')} got {_CODES[self.code]}; saving a "
+                            "checkpoint at the end of this step, then stopping" + (" (Ctrl-C again: stop at once)"
+                                                                                   if self.code == 2 else ""))
 
     def local_code(self) -> int:
         """This rank's request: 0 none, else the code of the first signal, or of the job's time limit."""
