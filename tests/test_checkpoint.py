@@ -224,6 +224,40 @@ def test_damaged_shard_is_named(two_rank, tmp_path, damage):
     assert msg.startswith(want), msg
 
 
+def test_auto_resume_sets_a_damaged_newest_checkpoint_aside_and_loads_the_one_before(two_rank, tmp_path, capsys):
+    """resume: auto after a fault that damaged the newest checkpoint: it is renamed step-N.damaged (nothing
+    deleted) and the run continues from the newest sound one, as exactly as from that one by name."""
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.trainer import train
+
+    full = two_rank[0]
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        shutil.copytree(ckpt(full, step), ckpt(run, step))
+    shard = ckpt(run, 6) / "__1_0.distcp"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 1)
+    cfg = config(run, train={"micro_batch_size": 4}, checkpoint={"resume": "auto"})
+    capsys.readouterr()
+    result = train(load_config(write(tmp_path / "c.yaml", cfg)))
+    out = capsys.readouterr().out
+    assert (f"checkpoint: step-00000006 is damaged ({shard}: truncated or altered ({size - 1} bytes, COMPLETE.json "
+            f"records {size})); moved it to step-00000006.damaged and resuming from step-00000004, the newest "
+            "complete checkpoint before it") in out
+    assert f"resumed from {ckpt(run, 4)} at step 4" in out
+    ref = losses(full)
+    assert len(result.losses) == STEPS - 4
+    assert max(abs(x - ref[5 + i]) for i, x in enumerate(result.losses)) < 1e-5, (result.losses, ref)
+    damaged = run / "checkpoints" / "step-00000006.damaged"
+    assert damaged.is_dir() and (damaged / "__1_0.distcp").stat().st_size == size - 1  # kept as it was
+    # named, damaged: no fallback, one line
+    broken = tmp_path / "named" / "step-00000006"
+    shutil.copytree(damaged, broken)
+    msg = _resume_error(tmp_path, broken)
+    assert msg.startswith(f"{broken / '__1_0.distcp'}: truncated or altered"), msg
+
+
 def test_world_size_the_sampler_cannot_map(two_rank, tmp_path):
     msg = _resume_error(tmp_path, ckpt(two_rank[0], 4), train={"micro_batch_size": 2})
     path = ckpt(two_rank[0], 4) / "train_state.json"

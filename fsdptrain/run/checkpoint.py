@@ -19,7 +19,8 @@ else under checkpoints/ that is not a complete `step-N` checkpoint (a copy
 named `best`, a folder whose marker was removed) is left alone and named in
 the log, and keep_last prunes only complete `step-N` folders. Loading first checks every
 file against the marker's sizes and the weights against the model, so a
-truncated or foreign checkpoint fails with one line naming the file.
+truncated or foreign checkpoint fails with one line naming the file; under resume: auto a damaged newest
+checkpoint is renamed `step-N.damaged` and the one before it is loaded.
 
 The output directory must be on a file system all nodes share.
 """
@@ -50,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from ..config.schema import CheckpointConfig
 from ..core import log
 from ..core.errors import UserError
-from ..core.files import read_json, reading
+from ..core.files import FileError, read_json, reading
 from ..core.units import format_bytes
 from ..dist.distributed import barrier
 from .best import BEST_FILE, read_best, update_best
@@ -66,6 +67,11 @@ SUBDIR = "checkpoints"
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used (incomplete, truncated, another model, unmappable)."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files are not what its marker says (missing, truncated, unreadable JSON or DCP shards),
+    as opposed to a sound checkpoint that does not fit this run (another model, an unmappable world size)."""
 
 
 @dataclass
@@ -421,9 +427,7 @@ class Checkpointer:
             if self.cfg.resume == "auto":
                 log.info("checkpoint: no complete checkpoint to resume from; starting at step 0")
             return self.state
-        msd, osd = self.saved.state_dicts()
-        saved = self._check(path, msd)
-        self._load(path, saved, msd, osd)
+        path, saved = self._resume_from(path)
         self.state.step, self.state.tokens_seen = int(saved["step"]), int(saved.get("tokens_seen", 0))
         self.last_saved_step = self.state.step
         log.info(f"checkpoint: resumed from {path} at step {self.state.step} ({self.state.tokens_seen} tokens seen)")
@@ -433,9 +437,39 @@ class Checkpointer:
                      "output_dir to start over")
         return self.state
 
+    def _resume_from(self, path: Path) -> tuple[Path, dict]:
+        """Load `path` into the run: (the checkpoint loaded, its train_state.json). Under `resume: auto` a damaged
+        checkpoint (its files not what its marker says: a disk fault, a crash past the marker) is moved aside as
+        `step-N.damaged` (renamed, nothing deleted) and the newest complete one before it is loaded instead, with
+        one line saying so; a checkpoint that is sound but does not fit the run stops it, as does damage when the
+        checkpoint was named. Every rank reads the same files and DCP raises a failed read on every rank, so all
+        ranks take the same path."""
+        while True:
+            msd, osd = self.saved.state_dicts()  # afresh: a failed read may have filled some of them
+            try:
+                saved = self._check(path, msd)
+                self._load(path, saved, msd, osd)
+                return path, saved
+            except DamagedCheckpoint as e:
+                step = _step_of(path)
+                older = [p for p in complete_checkpoints(self.root) if step is not None and _step_of(p) < step]
+                if self.cfg.resume != "auto" or not older:
+                    raise
+                barrier()  # every rank is done with `path` before rank 0 moves it
+                aside = path.with_name(path.name + ".damaged")
+                if self.rank == 0:
+                    aside = _set_aside(path)
+                barrier()
+                log.info(f"checkpoint: {path.name} is damaged ({str(e).split('; ')[0]}); moved it to {aside.name} "
+                         f"and resuming from {older[-1].name}, the newest complete checkpoint before it")
+                path = older[-1]
+
     def _check(self, path: Path, model_sd: dict) -> dict:
         """train_state.json of `path` once the files, the data order and the weights are known to fit."""
-        saved = verify_files(path, required=("step", "format", "scheduler"))
+        try:
+            saved = verify_files(path, required=("step", "format", "scheduler"))
+        except (CheckpointError, FileError) as e:  # missing, truncated, unreadable: the files, not the run
+            raise DamagedCheckpoint(str(e)) from None
         state_file = path / STATE_FILE
         if saved.get("format") != FORMAT:
             raise CheckpointError(f"{path / STATE_FILE}: checkpoint format {saved.get('format')!r}, "
@@ -463,7 +497,7 @@ class Checkpointer:
             dcp.load(state, checkpoint_id=str(path))
         except Exception as e:  # noqa: BLE001  (DCP wraps per-rank failures; name the folder)
             first = str(e).strip().splitlines()
-            raise CheckpointError(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
+            raise DamagedCheckpoint(f"{path}: cannot read the DCP shards ({type(e).__name__}: "
                                   f"{first[-1] if first else ''})") from None
         set_state_dict(s.model, s.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=s.options)
@@ -646,6 +680,18 @@ def _writing(step: int, tmp: Path, rank: int) -> Iterator[None]:
         raise CheckpointError(f"checkpoint: could not write step {step} into {tmp.parent} ({reason}"
                               f"{free}); the earlier checkpoints there are intact: free space (or "
                               "fix the folder) and rerun the same command to continue from the newest one") from None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint `step-N` to `step-N.damaged` (`.damaged-2`, ... when taken): out of resume's way,
+    kept for the user to inspect or delete; start-up names it among what it leaves alone."""
+    aside, n = path.with_name(path.name + ".damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{n}")
+    path.rename(aside)
+    _fsync_dir(path.parent)
+    return aside
 
 
 def _remove(path: Path) -> None:
