@@ -53,6 +53,7 @@ from .run.checkpoint import Checkpointer, Saved, TrainState, resolve_resume, ste
 from .run.export import check_target, export_dtype, export_hf, training_export_check
 from .run.metrics import RunLogger, peak_tflops
 from .run.sinks import open_sinks
+from .train.balance import ComputeClock, SpeedBalance
 from .train.build import ShardedModel, build_reference, build_sharded_model
 from .train.evaluate import EvalResult, eval_micro_batch, evaluate
 from .train.optim import adamw_fused, build_optimizer, build_scheduler, use_cpu_optimizer_threads
@@ -101,6 +102,8 @@ class Run:
     router_aux_coef: float = 0.0  # MoE: weight of the router's auxiliary loss in the objective (moe.py)
     expert_load: Optional[moe.ExpertLoad] = None  # MoE: tokens routed to each expert since the last log step
     eval_examples: Any = None  # held-out examples (data.val_size / data.eval_datasets), packed like training's
+    balance: Optional[SpeedBalance] = None  # data.balance speed: the ranks' shares of a step, from their speeds
+    clock: Optional[ComputeClock] = None  # data.balance speed: this rank's compute time
 
     @property
     def model(self) -> nn.Module:
@@ -261,12 +264,45 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     logger = RunLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress, total_steps, state.step,
                        sinks=open_sinks(cfg, out))
     tracker = MemoryTracker(cfg.memory, info, out, model, sharded.blocks)  # per-phase records, OOM post-mortem
-    return Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded,
-               objective_for(cfg, reference), loss_head,
-               optimizer, scheduler, state, checkpointer, logger, tracker,
-               peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)), held,
-               router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model),
-               expert_load=moe.track_expert_load(model, info.device), eval_examples=evals)
+    run = Run(cfg, info, out, tokenizer, hf_config, examples, sampler, total_steps, sharded,
+              objective_for(cfg, reference), loss_head,
+              optimizer, scheduler, state, checkpointer, logger, tracker,
+              peak_tflops(info.device, cfg.logging.peak_tflops), RunResult(output_dir=str(out)), held,
+              router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model),
+              expert_load=moe.track_expert_load(model, info.device), eval_examples=evals)
+    setup_balance(run)
+    return run
+
+
+def setup_balance(run: Run) -> None:
+    """data.balance: say how a step is split between ranks; for `speed`, start timing each rank's compute."""
+    cfg, info, shares = run.cfg, run.info, run.sampler.shares
+    if shares is None:
+        return
+    split = ", ".join(f"{x:.3f}" for x in shares)
+    if cfg.data.balance != "speed" or info.world_size == 1:
+        log.info(f"data: balance: each step's tokens split between the ranks by the shares [{split}]")
+        return
+    run.balance = SpeedBalance(list(shares), every=cfg.data.balance_every)
+    run.clock = ComputeClock(run.sharded.blocks, info.device)
+    log.info(f"data: balance speed: each step's tokens split between the ranks by shares [{split}], measured "
+             f"after step {run.balance.first} and every {run.balance.every} steps after it (compute time per token)")
+
+
+def rebalance(run: Run, step: int, batches: list[dict]) -> None:
+    """After optimizer step `step`: this rank's compute time and tokens into the window; on a measuring step, the
+    ranks' speeds are exchanged and the next step is split by the new shares (the same on every rank)."""
+    bal, clock = run.balance, run.clock
+    bal.add(step, clock.take(), sum(int(b["n_tokens"]) for b in batches))
+    if not bal.due(step):
+        return
+    row = torch.tensor([bal.seconds, bal.tokens], dtype=torch.float64, device=run.info.device)
+    gathered = distributed.all_gather_rows(row, run.info.world_size).tolist()
+    shares = bal.update(gathered)
+    run.sampler.shares = list(shares)
+    speeds = ", ".join(f"{v:.0f}" for v in bal.measured[-1])
+    log.info(f"balance: step {step}: compute speed per rank [{speeds}] tokens/s; shares of each step's tokens now "
+             f"[{', '.join(f'{x:.3f}' for x in shares)}]")
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -478,7 +514,11 @@ def loop(run: Run) -> RunResult:
                                       run.tracker, batches) as tracked:  # memory.breakdown_steps
                 stats = train_step(run, batches, t0, stop=stop)
                 tracked.seconds = stats.seconds
+            if run.balance is not None:
+                rebalance(run, stats.step, batches)
             ev = evaluate_run(run, stats.step) if eval_due(run, stats.step) else None
+            if ev is not None and run.clock is not None:
+                run.clock.take()  # the evaluation's forwards are no training step's compute
             record(run, stats, ev)
             stopped = stop.decide(stats.stop_code)  # agreed within the step's all_gather
             run.checkpointer.maybe_save(stats.step, last=stats.step == run.total_steps, force=stopped is not None)
@@ -493,6 +533,8 @@ def loop(run: Run) -> RunResult:
         raise
     finally:
         stop.close()
+        if run.clock is not None:
+            run.clock.close()
         run.tracker.close()
         run.logger.close()
     if stopped and run.state.step < run.total_steps:

@@ -70,6 +70,20 @@ def folder_problem(value: str) -> Optional[str]:
     return None
 
 
+def balance_problem(value: Any) -> Optional[str]:
+    """What keeps `value` from being data.balance: none, speed, or positive per-rank weights."""
+    if value in ("none", "speed"):
+        return None
+    if isinstance(value, list) and value:
+        bad = [w for w in value if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
+               or not math.isfinite(w)]
+        if not bad:
+            return None
+        return (f"weights must be numbers above zero, got {bad!r} in {value!r}; give every rank a positive weight "
+                "(e.g. [2, 1] for a rank twice as fast as the other)")
+    return f"expected none, speed or a list of per-rank weights (e.g. [2, 1]), got {value!r}"
+
+
 def step_list_problem(value: list) -> Optional[str]:
     """What keeps `value` from being a list of 1-based optimizer steps."""
     bad = [s for s in value if not (isinstance(s, int) and not isinstance(s, bool) and s >= 1)]
@@ -134,6 +148,12 @@ class DataConfig:
                                             "count, so ranks process nearly equal tokens.", min=8)
     micro_batch_sizes: list = opt([], "Per-rank micro-batch sizes (one per rank, or one per node) for mixed-memory "
                                       "clusters; empty: train.micro_batch_size everywhere.")
+    balance: Any = opt("none", "Split each step's global batch across ranks by tokens in proportion to their speed: "
+                               "none (equal counts), speed (measured: compute time per token, re-measured every "
+                               "balance_every steps), or per-rank weights, e.g. [2, 1]. The global batch and the "
+                               "loss are unchanged; only which rank computes which examples.", check=balance_problem)
+    balance_every: int = opt(20, "data.balance speed: steps between two measurements of the ranks' speeds (the "
+                                 "first after 3 steps).", min=1)
     num_proc: int = opt(1, "Processes for tokenising (datasets.map num_proc) on each node's local rank 0.", min=1)
     cache_dir: Optional[str] = opt(None, "Tokenised-data cache; null: $FSDPTRAIN_CACHE or "
                                          "~/.cache/fsdptrain/tokenized.")

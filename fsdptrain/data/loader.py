@@ -20,6 +20,12 @@ Preference data is a sequence of Pair items: the sampler deals pairs (a micro-ba
 pair is never split across micro-batches or ranks, and `collate` lays a micro-batch out as rows [chosen...,
 rejected...] (one forward, as TRL does); under a token budget a pair costs two padded rows.
 
+With per-rank shares (data.balance: a list of weights, or `speed`: measured and re-measured during the run), a
+step's global batch is the by-count one, the same examples in the same order; only the cut between ranks moves:
+contiguous parts whose input tokens follow the shares (`split_by_shares`), each rank still cut into
+grad_accum_steps micro-batches (of different sizes across ranks). Losses are normalised over the global batch, so
+the split changes no step's arithmetic beyond float rounding.
+
 The last incomplete global batch of an epoch is dropped by default; with
 drop_last=false it is completed from the start of the epoch's order, so no rank
 ever runs fewer micro-steps than another.
@@ -59,6 +65,7 @@ class StepSampler:
     token_budget: Optional[int] = None  # cut micro-batches by padded tokens instead of by count
     lengths: Optional[Sequence[int]] = None  # example lengths, needed with token_budget
     rows_per_item: int = 1  # token budget: padded rows an item costs (2 for a preference pair)
+    shares: Optional[list[float]] = None  # by count: each rank's share of a step's tokens (None: equal counts)
     step: int = 0  # next global step to fetch (state for checkpoints)
     _plans: dict = field(default_factory=dict, repr=False)  # token budget: one epoch's micro-batches
     _epoch_steps: dict = field(default_factory=dict, repr=False)  # token budget: steps of each epoch seen
@@ -68,8 +75,8 @@ class StepSampler:
             self.rank_batch_sizes = [self.micro_batch_size] * self.world_size
         if len(self.rank_batch_sizes) != self.world_size:
             raise UserError(f"data.micro_batch_sizes: {len(self.rank_batch_sizes)} sizes for {self.world_size} ranks")
-        if self.token_budget is not None and self.lengths is None:
-            raise ValueError("token_budget needs the example lengths")
+        if (self.token_budget is not None or self.shares is not None) and self.lengths is None:
+            raise ValueError("token_budget and shares need the example lengths")
         if self.steps_in_epoch(0) == 0:
             what = (f"micro-batches of {self.token_budget} tokens (data.token_budget) x {self.grad_accum_steps} "
                     f"accumulation x {self.world_size} ranks" if self.token_budget else
@@ -132,6 +139,10 @@ class StepSampler:
         accum = self.grad_accum_steps
         if self.token_budget is not None:
             return self._step_micro_batches(step)[self.rank * accum:(self.rank + 1) * accum]
+        if self.shares is not None:
+            indices = self.global_indices(step)
+            mine = split_by_shares([int(self.lengths[i]) for i in indices], self.shares, accum)[self.rank]
+            return [indices[i:j] for i, j in even_cuts(mine[0], mine[1], accum)]
         sizes = self.rank_batch_sizes
         start = accum * sum(sizes[: self.rank])
         mine = self.global_indices(step)[start:start + accum * sizes[self.rank]]
@@ -202,18 +213,56 @@ class StepSampler:
         self.step = int(state["step"])
 
 
+def split_by_shares(lengths: Sequence[int], shares: Sequence[float], accum: int) -> list[tuple[int, int]]:
+    """Cut a global batch (its items' token counts, in order) into one contiguous [start, end) per rank whose tokens
+    follow `shares` (any positive weights): rank r's part ends where the running token count comes closest to
+    the first r+1 shares' part of the total. Every rank keeps at least `accum` items (one per micro-batch), so a
+    tiny share still runs every micro-step. A pure function of its arguments: the same on every rank."""
+    n, world = len(lengths), len(shares)
+    prefix = [0]
+    for x in lengths:
+        prefix.append(prefix[-1] + x)
+    total, weight = prefix[-1], sum(shares)
+    cuts, start, acc = [], 0, 0.0
+    for r in range(world - 1):
+        acc += shares[r]
+        target = total * acc / weight
+        lo, hi = start + accum, n - accum * (world - 1 - r)
+        end = min(range(lo, hi + 1), key=lambda k: (abs(prefix[k] - target), k))
+        cuts.append((start, end))
+        start = end
+    cuts.append((start, n))
+    return cuts
+
+
+def even_cuts(start: int, end: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) cut into `parts` contiguous pieces whose sizes differ by at most one (the larger first)."""
+    size, extra = divmod(end - start, parts)
+    out, at = [], start
+    for k in range(parts):
+        step = size + (k < extra)
+        out.append((at, at + step))
+        at += step
+    return out
+
+
 def resolve_rank_sizes(sizes: Optional[list], world_size: int, local_world_size: int) -> Optional[list[int]]:
     """data.micro_batch_sizes: one entry per rank, or one per node (ranks of node k share entry k)."""
     if not sizes:
         return None
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in sizes):
         raise UserError(f"data.micro_batch_sizes: expected positive integers, got {sizes!r}")
-    if len(sizes) == world_size:
-        return list(sizes)
-    if local_world_size > 0 and len(sizes) * local_world_size == world_size:
-        return [sizes[r // local_world_size] for r in range(world_size)]
-    raise UserError(f"data.micro_batch_sizes: {len(sizes)} entries, but the job has {world_size} ranks on "
-                    f"{world_size // max(1, local_world_size)} node(s); give one size per rank or one per node")
+    return per_rank("data.micro_batch_sizes", "size", sizes, world_size, local_world_size)
+
+
+def per_rank(key: str, what: str, values: list, world_size: int, local_world_size: int) -> list:
+    """A list given one entry per rank, or one per node (ranks of node k share entry k), as one per rank."""
+    if len(values) == world_size:
+        return list(values)
+    if local_world_size > 0 and len(values) * local_world_size == world_size:
+        return [values[r // local_world_size] for r in range(world_size)]
+    raise UserError(f"{key}: {len(values)} entries, but the job has {world_size} ranks on "
+                    f"{world_size // max(1, local_world_size)} node(s); give one {what} per rank or one per node")
 
 
 # ----------------------------------------------------------------------------- batches

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from ..config.schema import PAIRWISE, Config
 from ..core.errors import ConfigError, UserError
 from . import evalset
 from .cache import Settings, prepare
 from .encode import example_length, tokenize_all
-from .loader import StepSampler, padded, resolve_rank_sizes, step_batches
+from .loader import StepSampler, padded, per_rank, resolve_rank_sizes, step_batches
 from .packing import pack
 from .sources import resolve
 from .synthetic import generate
@@ -39,6 +39,10 @@ def check(cfg: Config) -> None:
     if d.token_budget is not None and d.micro_batch_sizes:
         raise ConfigError("data.token_budget and data.micro_batch_sizes exclude each other; "
                           "a token budget already balances ranks by tokens")
+    if d.balance != "none" and (d.micro_batch_sizes or d.token_budget is not None):
+        other = "data.micro_batch_sizes" if d.micro_batch_sizes else "data.token_budget"
+        raise ConfigError(f"data.balance and {other} exclude each other: both decide how much of a step each rank "
+                          f"takes; choose one (data.balance=none, or remove {other})")
     longest = (d.pack_length or d.max_length) if d.packing else d.max_length
     rows = rows_per_item(cfg)
     if d.token_budget is not None and d.token_budget < padded(longest) * rows:
@@ -177,14 +181,30 @@ def lengths_of(examples) -> list[int]:
 def build_sampler(cfg: Config, examples, world_size: int, rank: int, local_world_size: int) -> StepSampler:
     d = cfg.data
     sizes = resolve_rank_sizes(d.micro_batch_sizes, world_size, local_world_size)
+    shares = initial_shares(d.balance, world_size, local_world_size)
     return StepSampler(len(examples), world_size, rank, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                        cfg.seed, d.shuffle, d.drop_last, rank_batch_sizes=sizes, token_budget=d.token_budget,
-                       lengths=lengths_of(examples) if d.token_budget is not None else None,
-                       rows_per_item=rows_per_item(cfg))
+                       lengths=lengths_of(examples) if d.token_budget is not None or shares else None,
+                       rows_per_item=rows_per_item(cfg), shares=shares)
+
+
+def initial_shares(balance, world_size: int, local_world_size: int) -> Optional[list[float]]:
+    """The ranks' shares of a step's tokens at the start: None (by count) for data.balance none, equal for speed
+    (measured once the run has begun), the given weights (one per rank or per node) normalised."""
+    if balance == "none":
+        return None
+    if balance == "speed":
+        return [1.0 / world_size] * world_size
+    weights = per_rank("data.balance", "weight", balance, world_size, local_world_size)
+    return [float(w) / sum(weights) for w in weights]
 
 
 def batches(cfg: Config, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, device_type: str):
     """This rank's micro-batches for steps [start, stop), prepared by DataLoader workers."""
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if device_type == "cuda" else 0)
+    if cfg.data.balance == "speed":
+        # the split between ranks follows shares measured during the run: each step's batches are cut here, when
+        # the loop asks for them, not ahead in worker processes holding a copy of the sampler's old shares
+        workers = 0
     flatten = cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"
     return step_batches(sampler, examples, pad_id, start, stop, workers, device_type == "cuda", flatten)

@@ -1,0 +1,107 @@
+"""data.balance: a step's global batch split between ranks by shares of its tokens (weights, or measured speed)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fsdptrain.core.errors import UserError
+from fsdptrain.data.loader import StepSampler, even_cuts, split_by_shares
+from tests.helpers import read_metrics, run_cli, torchrun
+
+
+def test_split_follows_the_shares_and_keeps_one_item_per_micro_batch():
+    assert split_by_shares([10] * 16, [2, 1], 2) == [(0, 11), (11, 16)]  # 110 of 160 tokens: closest to 2/3
+    assert split_by_shares([10] * 16, [1, 1], 2) == [(0, 8), (8, 16)]
+    assert split_by_shares([10] * 16, [100, 1], 2) == [(0, 14), (14, 16)]  # rank 1 still has its 2 micro-steps
+    assert split_by_shares([10] * 16, [1, 100], 4) == [(0, 4), (4, 16)]
+    # by tokens, not by count: two long items weigh as much as the six short ones
+    assert split_by_shares([30, 30, 10, 10, 10, 10, 10, 10], [1, 1], 1) == [(0, 2), (2, 8)]
+    assert split_by_shares([5] * 12, [1, 2, 1], 1) == [(0, 3), (3, 9), (9, 12)]
+    assert even_cuts(0, 7, 3) == [(0, 3), (3, 5), (5, 7)]
+
+
+def test_the_global_batch_is_the_by_count_one_whatever_the_shares():
+    lengths = [(7 * i) % 23 + 3 for i in range(96)]
+    by_count = [StepSampler(96, 2, r, 4, 3, seed=1, lengths=lengths) for r in range(2)]
+    for shares in ([0.5, 0.5], [0.8, 0.2], [0.05, 0.95]):
+        weighted = [StepSampler(96, 2, r, 4, 3, seed=1, lengths=lengths, shares=shares) for r in range(2)]
+        for step in range(10):  # several epochs (4 steps each)
+            mbs = [s.rank_micro_batches(step) for s in weighted]
+            assert all(len(m) == 3 and min(map(len, m)) >= 1 for m in mbs)  # every rank: 3 micro-steps
+            flat = [i for m in mbs for mb in m for i in mb]
+            assert flat == by_count[0].global_indices(step)  # the same examples, in the same order
+            want = split_by_shares([lengths[i] for i in flat], shares, 3)
+            assert [sum(map(len, m)) for m in mbs] == [b - a for a, b in want]
+    assert list(map(len, weighted[0].rank_micro_batches(0))) == [1, 1, 1]  # 5% of the tokens: one per micro-step
+
+
+def _config(path: Path, out: Path, **data) -> str:
+    cfg = {"output_dir": str(out), "seed": 3,
+           "model": {"hf_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "max_position_embeddings": 128}},
+           "data": {"synthetic_task": "add", "synthetic_examples": 96, "max_length": 48, **data},
+           "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2, "lr": 3e-3},
+           "parallel": {"device": "cpu", "precision": "fp32"},
+           "logging": {"log_every": 1, "tensorboard": False, "progress": "lines"}}
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_weighted_and_speed_balanced_runs_train_like_the_unbalanced_run(tmp_path):
+    """2 ranks: by count, by weights [3, 1], and by measured speed with rank 1 made twice as slow per token (a
+    sleep inside its blocks' timed forward). The losses match the by-count run; the speed shares converge to 2:1."""
+    cases = {"none": {}, "weights": {"balance": [3, 1]}, "speed": {"balance": "speed", "balance_every": 2}}
+    spec = {"cases": [{"config": _config(tmp_path / f"{k}.yaml", tmp_path / k, **v),
+                       "seconds_per_token": [2e-5, 4e-5] if k == "speed" else None} for k, v in cases.items()]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = torchrun(2, ["-m", "tests.workers.balance_cases", str(tmp_path / "spec.json")])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref = [m["loss"] for m in read_metrics(tmp_path / "none")]
+    assert len(ref) == 6
+    for k in ("weights", "speed"):
+        got = [m["loss"] for m in read_metrics(tmp_path / k)]
+        assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-6, (k, got, ref)
+    assert "data: balance: each step's tokens split between the ranks by the shares [0.750, 0.250]" in proc.stdout
+    updates = re.findall(r"balance: step (\d+): compute speed per rank \[\d+, \d+\] tokens/s; shares of each "
+                         r"step's tokens now \[([\d.]+), ([\d.]+)\]", proc.stdout)
+    assert [int(s) for s, _, _ in updates] == [3, 5]  # after step 3, then every 2 steps
+    for _, a, b in updates:
+        assert abs(float(a) - 2 / 3) < 0.05 and abs(float(a) + float(b) - 1) < 2e-3, updates
+
+    def taken(k: str) -> list[list[int]]:  # examples per step, rank 0 and rank 1
+        return [json.loads((tmp_path / k / f"examples-rank{r}.json").read_text()) for r in range(2)]
+
+    assert taken("none") == [[8] * 6, [8] * 6]
+    w0, w1 = taken("weights")
+    assert all(a + b == 16 and a > 2 * b for a, b in zip(w0, w1)), (w0, w1)  # 3/4 of the tokens on rank 0
+    s0, s1 = taken("speed")
+    assert all(a + b == 16 for a, b in zip(s0, s1)) and all(4 <= a <= 12 for a in s0[:3]), (s0, s1)
+    assert all(a > 1.5 * b for a, b in zip(s0[3:], s1[3:])), (s0, s1)  # from step 4 on, 2/3 of the tokens
+
+
+@pytest.mark.parametrize("data, line", [
+    ({"balance": [2, 0]}, "data.balance: weights must be numbers above zero, got [0] in [2, 0]; give every rank a "
+                          "positive weight (e.g. [2, 1] for a rank twice as fast as the other)"),
+    ({"balance": "fast"}, "data.balance: expected none, speed or a list of per-rank weights (e.g. [2, 1]), got "
+                          "'fast'"),
+    ({"balance": "speed", "micro_batch_sizes": [4, 2]},
+     "data.balance and data.micro_batch_sizes exclude each other: both decide how much of a step each rank takes; "
+     "choose one (data.balance=none, or remove data.micro_batch_sizes)"),
+    ({"balance": [1, 2, 3]}, "data.balance: 3 entries, but the job has 1 ranks on 1 node(s); give one weight per "
+                             "rank or one per node"),
+])
+def test_bad_balance_settings_are_one_line(tmp_path, data, line):
+    cfg = _config(tmp_path / "c.yaml", tmp_path / "run", **data)
+    proc = run_cli(["train", cfg], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fsdptrain: error: ") and err[0].endswith(line), err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    with pytest.raises(UserError):
+        raise UserError(line)  # the class the CLI turns into that line
