@@ -53,7 +53,7 @@ from .run.checkpoint import Checkpointer, Saved, TrainState, resolve_resume, ste
 from .run.export import check_target, export_dtype, export_hf, training_export_check
 from .run.metrics import RunLogger, peak_tflops
 from .run.sinks import open_sinks
-from .train.balance import ComputeClock, SpeedBalance
+from .train.balance import ComputeClock, ComputeTotals, SpeedBalance, time_report
 from .train.build import ShardedModel, build_reference, build_sharded_model
 from .train.evaluate import EvalResult, eval_micro_batch, evaluate
 from .train.optim import adamw_fused, build_optimizer, build_scheduler, use_cpu_optimizer_threads
@@ -103,7 +103,8 @@ class Run:
     expert_load: Optional[moe.ExpertLoad] = None  # MoE: tokens routed to each expert since the last log step
     eval_examples: Any = None  # held-out examples (data.val_size / data.eval_datasets), packed like training's
     balance: Optional[SpeedBalance] = None  # data.balance speed: the ranks' shares of a step, from their speeds
-    clock: Optional[ComputeClock] = None  # data.balance speed: this rank's compute time
+    clock: Optional[ComputeClock] = None  # this rank's compute time (several ranks: the time report, balance)
+    compute: ComputeTotals = field(default_factory=ComputeTotals)  # the clock's sums over the run
 
     @property
     def model(self) -> nn.Module:
@@ -275,8 +276,11 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
 
 
 def setup_balance(run: Run) -> None:
-    """data.balance: say how a step is split between ranks; for `speed`, start timing each rank's compute."""
+    """Several ranks: time each rank's compute (the end's time report, data.balance speed); data.balance: say how
+    a step is split between the ranks."""
     cfg, info, shares = run.cfg, run.info, run.sampler.shares
+    if info.world_size > 1:
+        run.clock = ComputeClock(run.sharded.blocks, info.device)
     if shares is None:
         return
     split = ", ".join(f"{x:.3f}" for x in shares)
@@ -284,16 +288,20 @@ def setup_balance(run: Run) -> None:
         log.info(f"data: balance: each step's tokens split between the ranks by the shares [{split}]")
         return
     run.balance = SpeedBalance(list(shares), every=cfg.data.balance_every)
-    run.clock = ComputeClock(run.sharded.blocks, info.device)
     log.info(f"data: balance speed: each step's tokens split between the ranks by shares [{split}], measured "
              f"after step {run.balance.first} and every {run.balance.every} steps after it (compute time per token)")
 
 
-def rebalance(run: Run, step: int, batches: list[dict]) -> None:
-    """After optimizer step `step`: this rank's compute time and tokens into the window; on a measuring step, the
-    ranks' speeds are exchanged and the next step is split by the new shares (the same on every rank)."""
-    bal, clock = run.balance, run.clock
-    bal.add(step, clock.take(), sum(int(b["n_tokens"]) for b in batches))
+def time_compute(run: Run, step: int, batches: list[dict]) -> None:
+    """After optimizer step `step`: this rank's compute time and tokens into the run's totals and, under
+    data.balance speed, into the window; on a measuring step the ranks' speeds are exchanged and the next step
+    is split by the new shares (the same on every rank)."""
+    seconds, tokens = run.clock.take(), sum(int(b["n_tokens"]) for b in batches)
+    run.compute.add(step, seconds, tokens)
+    bal = run.balance
+    if bal is None:
+        return
+    bal.add(step, seconds, tokens)
     if not bal.due(step):
         return
     row = torch.tensor([bal.seconds, bal.tokens], dtype=torch.float64, device=run.info.device)
@@ -492,6 +500,12 @@ def finish(run: Run) -> None:
                   dtype=export_dtype(cfg.checkpoint.export_dtype, run.sharded.plan.precision),
                   max_shard_bytes=parse_size(cfg.checkpoint.export_max_shard_size, "checkpoint.export_max_shard_size"))
         log.info(f"export: Hugging Face model written to {out / 'hf'}")
+    if run.clock is not None:  # every rank: one all_gather
+        c = run.compute
+        row = torch.tensor([c.seconds, c.tokens, c.steps], dtype=torch.float64, device=run.info.device)
+        line = time_report(distributed.all_gather_rows(row, run.info.world_size).tolist(), run.balance is not None)
+        if line:
+            log.info(line)
     if result.losses:
         log.info(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
                  f"skipped {result.skipped_steps}; outputs in {out}")
@@ -514,8 +528,8 @@ def loop(run: Run) -> RunResult:
                                       run.tracker, batches) as tracked:  # memory.breakdown_steps
                 stats = train_step(run, batches, t0, stop=stop)
                 tracked.seconds = stats.seconds
-            if run.balance is not None:
-                rebalance(run, stats.step, batches)
+            if run.clock is not None:
+                time_compute(run, stats.step, batches)
             ev = evaluate_run(run, stats.step) if eval_due(run, stats.step) else None
             if ev is not None and run.clock is not None:
                 run.clock.take()  # the evaluation's forwards are no training step's compute

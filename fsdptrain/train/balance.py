@@ -108,3 +108,43 @@ class SpeedBalance:
         else:
             self.shares = [0.5 * old + 0.5 * s / total for old, s in zip(self.shares, speeds)]
         return self.shares
+
+
+@dataclass
+class ComputeTotals:
+    """This rank's compute seconds and input tokens over the run's steps after the first (for the time report)."""
+
+    seconds: float = 0.0
+    tokens: float = 0.0
+    steps: int = 0
+
+    def add(self, step: int, seconds: float, tokens: int) -> None:
+        if step > 1:
+            self.seconds += seconds
+            self.tokens += tokens
+            self.steps += 1
+
+
+def time_report(gathered: list[list[float]], balancing: bool, threshold: float = 1.1) -> Optional[str]:
+    """One line on which rank the others waited for, from every rank's [compute seconds, tokens, steps] over the
+    run (ComputeTotals, all-gathered), when the slowest rank's compute per step is `threshold` times the fastest's or
+    more; None otherwise. Each step every rank waits, at the blocks' all-gathers, until the slowest has computed:
+    about the slowest's compute per step less its own. Weighting each rank's tokens by its speed would make a
+    step's compute the step's tokens over the ranks' summed speeds, instead of the slowest rank's time."""
+    if len(gathered) < 2 or min(steps for _, _, steps in gathered) < 1 or min(s for s, _, _ in gathered) <= 0:
+        return None
+    per_step = [s / n for s, _, n in gathered]
+    slowest, fastest = max(range(len(per_step)), key=per_step.__getitem__), min(per_step)
+    if per_step[slowest] < threshold * fastest:
+        return None
+    waited = sum(per_step[slowest] - t for t in per_step) / (len(per_step) - 1)
+    speeds = [tok / s for s, tok, _ in gathered]
+    us = ", ".join(f"{1e6 / v:.1f}" for v in speeds)
+    line = (f"time: compute per token (block forwards) by rank [{us}] us; rank {slowest} computed "
+            f"{per_step[slowest] / fastest:.2f}x as long per step as the fastest, and the other ranks waited about "
+            f"{waited:.3f} s per step for it")
+    if balancing:
+        return line + " (data.balance: speed was on: its shares are in the balance lines above)"
+    expected = sum(tok / n for _, tok, n in gathered) / sum(speeds) / per_step[slowest]
+    return line + (f"; data.balance: speed would split each step's tokens by the ranks' speeds (the compute of a "
+                   f"step about {expected:.2f}x of now)")
