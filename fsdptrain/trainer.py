@@ -279,7 +279,7 @@ def setup_balance(run: Run) -> None:
     """Several ranks: time each rank's compute (the end's time report, data.balance speed); data.balance: say how
     a step is split between the ranks."""
     cfg, info, shares = run.cfg, run.info, run.sampler.shares
-    if info.world_size > 1:
+    if info.world_size > 1 and not cfg.parallel.compile:  # compiled blocks would trace the clock's hooks
         run.clock = ComputeClock(run.sharded.blocks, info.device)
     if shares is None:
         return

@@ -43,6 +43,10 @@ def check(cfg: Config) -> None:
         other = "data.micro_batch_sizes" if d.micro_batch_sizes else "data.token_budget"
         raise ConfigError(f"data.balance and {other} exclude each other: both decide how much of a step each rank "
                           f"takes; choose one (data.balance=none, or remove {other})")
+    if d.balance == "speed" and cfg.parallel.compile:
+        raise ConfigError("data.balance: speed times each rank's blocks with forward hooks, which parallel.compile "
+                          "would trace into the compiled blocks; give the ranks' weights instead (e.g. "
+                          "data.balance=[2,1]) or set parallel.compile=false")
     longest = (d.pack_length or d.max_length) if d.packing else d.max_length
     rows = rows_per_item(cfg)
     if d.token_budget is not None and d.token_budget < padded(longest) * rows:
