@@ -42,7 +42,8 @@ def check(cfg: Config) -> None:
     longest = (d.pack_length or d.max_length) if d.packing else d.max_length
     rows = rows_per_item(cfg)
     if d.token_budget is not None and d.token_budget < padded(longest) * rows:
-        what = "pair (two rows)" if rows == 2 else "example"
+        what = "example" if rows == 1 else "KTO example (two rows)" if cfg.train.objective == "kto" else \
+            "pair (two rows)"
         raise ConfigError(f"data.token_budget: {d.token_budget} is below one padded {what} of {longest} tokens "
                           f"({padded(longest) * rows} with padding); raise it")
     if d.pack_length is not None and d.pack_length < d.max_length:
