@@ -250,7 +250,7 @@ def test_two_rank_kto_matches_a_single_process_trl_reference(runs, name):
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     # within 1e-5, relative where a value is above 1 (fp32's rounding of differently ordered sums, amplified over
     # the steps by lr 5e-3); the KL, a mean of differences of summed log-probabilities, relative to those
-    # (e.g. 3.11819 vs 3.11806 beside log-probabilities of -100 and more after 5 LoRA steps)
+    # (LoRA step 5: 3.11819 vs 3.11806 beside log-probabilities of -275 and -293)
     logps = [max(1.0, abs(m.get("logps/chosen", 0.0)), abs(m.get("logps/rejected", 0.0))) for m in got]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "kl"):
         mine = [m[key] for m in got]
