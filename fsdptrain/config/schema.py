@@ -613,8 +613,8 @@ KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
 
 
 def validate_preference(cfg: Config, source: str) -> None:
-    """Preference settings: only with train.objective dpo, each only with the loss it belongs to, and the data and
-    step options a pair cannot take refused."""
+    """Preference settings: only with train.objective dpo or kto, each only with the loss (or objective) it belongs
+    to, and the data and step options a pair (a KTO example with its KL row) cannot take refused."""
     p, d = cfg.preference, cfg.data
     if cfg.train.objective == "rm":
         validate_reward(cfg, source)
