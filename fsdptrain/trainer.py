@@ -45,7 +45,7 @@ from .dist.stopping import StopRequests, job_deadline
 from .memory import breakdown
 from .memory.tracker import MemoryTracker
 from .model import models, moe, packcheck
-from .objectives.base import Objective
+from .objectives.base import Objective, metric_means
 from .objectives.choose import needs_reference_model, objective_for
 from .objectives.loss import ChunkedLossHead, install_chunked_loss
 from .run import rundir
@@ -413,7 +413,7 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
                       max(longest_sequence(b) for b in batches), stop_code=int(stop_code))
     if run.router_aux_coef:
         stats.aux_loss = aux_sum / (info.world_size * len(batches))
-    stats.metrics = {name: metric_sums[k] / global_targets for k, name in enumerate(run.objective.metrics)}
+    stats.metrics = metric_means(run.objective, metric_sums, global_targets)
     stats.skipped = not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm))
     if stats.skipped:
         skip_or_stop(run, step, stats.loss, stats.grad_norm, rows[:, 0].tolist())

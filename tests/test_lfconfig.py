@@ -97,6 +97,25 @@ def test_reward_example_translates_exactly():
     }
 
 
+def test_kto_example_translates_exactly():
+    """stage kto: pref_beta, pref_ftx and the KTO weights translate; pref_loss, which LLaMA-Factory reads only under
+    stage dpo, is left out (fsdptrain would refuse it with kto); the KTO weights are ignored under other stages."""
+    assert lf("lora_kto.yaml") == {
+        "model": {"path": "Qwen/Qwen3-4B-Instruct-2507", "trust_remote_code": True},
+        "finetune": {"method": "lora", "lora": {"rank": 8, "target": "all"}},
+        "preference": {"beta": 0.1, "ftx": 0.2, "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.5},
+        "parallel": {"activation_checkpointing": "full", "precision": "bf16-mixed"},
+        "data": {"datasets": ["kto_en_demo"], "max_length": 2048, "max_samples": 1000, "template": "qwen3_nothink"},
+        "output_dir": "saves/qwen3-4b/lora/kto",
+        "logging": {"log_every": 10, "report_to": []},
+        "checkpoint": {"keep_last": 0, "save_every": 500, "resume": "none"},
+        "train": {"objective": "kto", "micro_batch_size": 1, "grad_accum_steps": 8, "lr": 5e-06, "epochs": 3.0,
+                  "schedule": "cosine", "warmup_ratio": 0.1, "adam_betas": HF_ADAM},
+    }
+    dpo = translate({"model_name_or_path": "m", "stage": "dpo", "kto_rejected_weight": 2.0}, "lf.yaml").config
+    assert "preference" not in dpo and dpo["train"]["objective"] == "dpo"
+
+
 def test_freeze_and_pretrain_examples_take_llamafactory_defaults():
     hf_defaults = {"lr": 5e-5, "schedule": "linear", "epochs": 3.0, "micro_batch_size": 8, "adam_betas": HF_ADAM}
     assert lf("freeze_sft.yaml") == {
@@ -176,8 +195,8 @@ def test_from_llamafactory_prints_a_loadable_fsdptrain_yaml(tmp_path):
 
 
 REFUSALS = [  # (lines added to a minimal LF YAML, the one-line error after "FILE: ")
-    ("stage: kto", "stage: 'kto' is not supported; fsdptrain trains sft (supervised), pt (pretraining), dpo "
-                   "(preference pairs) and rm (reward models) only"),
+    ("stage: ppo", "stage: 'ppo' is not supported; fsdptrain trains sft (supervised), pt (pretraining), dpo "
+                   "(preference pairs), kto (tagged responses) and rm (reward models) only"),
     ("stage: dpo\npref_loss: kto_pair", "pref_loss: 'kto_pair' is not supported; use sigmoid, ipo, hinge, orpo or "
                                         "simpo"),
     ("stage: dpo\nref_model: models/base", "ref_model: the reference is the starting model (model_name_or_path; a "

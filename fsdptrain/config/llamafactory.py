@@ -129,15 +129,21 @@ def _stage(v: Any, ctx: dict) -> Out:
         return {}
     if v == "pt":  # LLaMA-Factory packs pretraining data unless packing: false
         return {} if "packing" in ctx else {"data.packing": True}
-    if v in ("dpo", "rm"):  # rm: a reward model on the same pairs (a score head, the pairwise loss)
+    if v in ("dpo", "rm", "kto"):  # rm: a reward model on the same pairs; kto: tagged single responses
         return {"train.objective": v}
     raise Refused(f"{v!r} is not supported; fsdptrain trains sft (supervised), pt (pretraining), dpo "
-                  "(preference pairs) and rm (reward models) only")
+                  "(preference pairs), kto (tagged responses) and rm (reward models) only")
 
 
 def _pref(dotted: str) -> Callable[[Any, dict], Out]:
-    """A pref_* setting: translated under stage dpo; for other stages LLaMA-Factory ignores it, and so do we."""
-    return lambda v, ctx: {dotted: v} if ctx.get("stage") == "dpo" else {}
+    """pref_beta, pref_ftx: translated under stage dpo and kto (LLaMA-Factory's KTO trainer reads both); for other
+    stages LLaMA-Factory ignores them, and so do we."""
+    return lambda v, ctx: {dotted: v} if ctx.get("stage") in ("dpo", "kto") else {}
+
+
+def _kto_weight(dotted: str) -> Callable[[Any, dict], Out]:
+    """kto_chosen_weight, kto_rejected_weight: read under stage kto only (ignored otherwise, as LLaMA-Factory does)."""
+    return lambda v, ctx: {dotted: v} if ctx.get("stage") == "kto" else {}
 
 
 def _pref_loss(v: Any, ctx: dict) -> Out:
@@ -410,6 +416,8 @@ KEYS: dict[str, Any] = {
     "finetuning_type": _method,
     "pref_beta": _pref("preference.beta"),
     "pref_ftx": _pref("preference.ftx"),
+    "kto_chosen_weight": _kto_weight("preference.kto_chosen_weight"),
+    "kto_rejected_weight": _kto_weight("preference.kto_rejected_weight"),
     "pref_loss": _pref_loss,
     "dpo_label_smoothing": _label_smoothing,
     "simpo_gamma": _simpo_gamma,
@@ -558,7 +566,7 @@ KEYS: dict[str, Any] = {
 # YAML that leaves the feature off still loads, in whatever order its keys come.
 FAMILIES = {"apollo_": "use_apollo", "galore_": "use_galore", "badam_": "use_badam", "oft_": "finetuning_type oft",
             "pissa_": "pissa_init", "asft_": "use_asft_loss", "kt_": "use_kt", "fp8_": "fp8",
-            "kto_": "stage kto", "ppo_": "stage ppo"}
+            "ppo_": "stage ppo"}
 
 
 def _family(key: str) -> Optional[tuple[str, str]]:

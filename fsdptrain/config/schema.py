@@ -201,8 +201,10 @@ class TrainConfig:
     objective: str = opt("sft", "What a step optimises: sft (token cross-entropy over target tokens; pretraining "
                                 "too), dpo (preference pairs: the preference.* loss, data with ranking: true; "
                                 "docs/preference.md) or rm (a reward model: a scalar score head trained on the "
-                                "same pairs with -log sigmoid(chosen - rejected)) (LLaMA-Factory stage).",
-                    choices=["sft", "dpo", "rm"])
+                                "same pairs with -log sigmoid(chosen - rejected)) or kto (examples tagged desirable "
+                                "or not, data with a kto_tag column: KTO's loss against a reference model with a KL "
+                                "estimate from mismatched responses) (LLaMA-Factory stage).",
+                    choices=["sft", "dpo", "rm", "kto"])
 
 
 @dataclass
@@ -334,6 +336,10 @@ class PreferenceConfig:
                                       "DPO; LLaMA-Factory dpo_label_smoothing).", min=0)
     simpo_gamma: Optional[float] = opt(None, "simpo only: the target reward margin; null: 0.5 (LLaMA-Factory "
                                              "simpo_gamma).")
+    kto_chosen_weight: float = opt(1.0, "train.objective kto only: the weight of a desirable example's loss "
+                                        "(LLaMA-Factory kto_chosen_weight).", min=0)
+    kto_rejected_weight: float = opt(1.0, "train.objective kto only: the weight of an undesirable example's loss "
+                                          "(LLaMA-Factory kto_rejected_weight).", min=0)
 
 
 @dataclass
@@ -622,20 +628,30 @@ def validate(cfg: Config, source: str = "config") -> None:
 
 
 PAIRWISE = ("dpo", "rm")  # objectives trained on preference pairs (ranking data)
+TWO_ROWS = (*PAIRWISE, "kto")  # objectives whose data item is two rows of one forward (kto: the example, its KL row)
+KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
 
 
 def validate_preference(cfg: Config, source: str) -> None:
-    """Preference settings: only with train.objective dpo, each only with the loss it belongs to, and the data and
-    step options a pair cannot take refused."""
+    """Preference settings: only with train.objective dpo or kto, each only with the loss (or objective) it belongs
+    to, and the data and step options a pair (a KTO example with its KL row) cannot take refused."""
     p, d = cfg.preference, cfg.data
     if cfg.train.objective == "rm":
         validate_reward(cfg, source)
         return
-    if cfg.train.objective != "dpo":
+    objective = cfg.train.objective
+    if objective not in ("dpo", "kto"):
         if p != PreferenceConfig():
-            raise ConfigError(f"{source}: preference.* is set but train.objective is {cfg.train.objective}; set "
-                              "train.objective=dpo, or remove the preference settings")
+            raise ConfigError(f"{source}: preference.* is set but train.objective is {objective}; set "
+                              "train.objective=dpo (or kto), or remove the preference settings")
         return
+    if objective == "kto":
+        validate_kto(p, source)
+    else:
+        for key in KTO_KEYS:
+            if getattr(p, key) != getattr(PreferenceConfig(), key):
+                raise ConfigError(f"{source}: preference.{key} belongs to train.objective kto, not dpo; remove it "
+                                  "or set train.objective=kto")
     if p.label_smoothing and p.loss != "sigmoid":
         raise ConfigError(f"{source}: preference.label_smoothing belongs to the sigmoid loss, not {p.loss}; remove "
                           "it or set preference.loss=sigmoid")
@@ -646,8 +662,8 @@ def validate_preference(cfg: Config, source: str) -> None:
                           "set preference.loss=simpo")
     if p.beta <= 0:
         raise ConfigError(f"{source}: preference.beta: {p.beta} must be above 0 (e.g. 0.1)")
-    refused = [("data.packing", d.packing, "a pair's chosen and rejected rows must run in one forward, unpacked; "
-                                           "set data.packing=false"),
+    rows = "a pair's chosen and rejected rows" if objective == "dpo" else "an example and its KL row"
+    refused = [("data.packing", d.packing, f"{rows} must run in one forward, unpacked; set data.packing=false"),
                ("data.train_on_prompt", d.train_on_prompt, "preference losses score the responses only; remove it"),
                ("data.mask_history", d.mask_history, "a pair trains only its last turn already; remove it"),
                ("train.loss_chunk_tokens", cfg.train.loss_chunk_tokens, "the chunked loss head computes the token "
@@ -657,7 +673,16 @@ def validate_preference(cfg: Config, source: str) -> None:
                 "remove them")]
     for key, value, why in refused:
         if value:
-            raise ConfigError(f"{source}: {key} with train.objective dpo: {why}")
+            raise ConfigError(f"{source}: {key} with train.objective {objective}: {why}")
+
+
+def validate_kto(p: PreferenceConfig, source: str) -> None:
+    """KTO has one loss: the dpo losses' options are refused with it, not ignored."""
+    default = PreferenceConfig()
+    for key in ("loss", "label_smoothing", "simpo_gamma"):
+        if getattr(p, key) != getattr(default, key):
+            raise ConfigError(f"{source}: preference.{key} belongs to train.objective dpo, not kto (KTO has one "
+                              "loss); remove it")
 
 
 def validate_reward(cfg: Config, source: str) -> None:

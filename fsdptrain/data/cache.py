@@ -31,6 +31,7 @@ from . import formats, sources
 from .encode import (
     IGNORE,
     Example,
+    Feedback,
     Pair,
     PairError,
     TemplateError,
@@ -38,6 +39,7 @@ from .encode import (
     chunk_lengths,
     conversation_examples,
     tokenize_document,
+    tokenize_feedback,
     tokenize_pair,
 )
 
@@ -84,6 +86,8 @@ def cache_key(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settin
                  "num_samples": spec.num_samples, "hub": spec.hub, "files": sorted(files.values())}
         if spec.ranking:  # only then: the keys of supervised data sets stay what they were
             entry["ranking"] = True
+        if spec.feedback:  # the KL responses' rule (formats.assign_kl_responses)
+            entry["kl_chunk"] = formats.KL_CHUNK
         sets.append(entry)
     settings = {k: v for k, v in asdict(s).items() if k not in ("num_proc", "template")}
     blob = json.dumps({"v": CACHE_VERSION, "sets": sets, "tok": tokenizer_digest(tok), "s": settings},
@@ -186,6 +190,29 @@ def _tokenize_pairs(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, 
     return out
 
 
+def _tokenize_feedback(batch: dict, tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool,
+                       mask_history: bool, template_label: str = "the chat template") -> dict:
+    """datasets.map function for KTO examples: records (JSON, with their kl_response) -> one row each, the
+    example's tokens in input_ids/labels, its KL row's in kl_ids/kl_labels, its tag in desirable; length is the
+    longer row's."""
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "kl_ids", "kl_labels", "desirable", "length",
+                                            "source", "truncated", "split", "dropped")}
+    for text, source, where in zip(batch["record"], batch["source"], batch["where"]):
+        try:
+            fb, truncated = tokenize_feedback(tok, json.loads(text), max_length)
+        except TemplateError as e:
+            raise UserError(f"{where}: {template_label}: {e}; {template_fix(tok)}") from None
+        except PairError as e:
+            raise UserError(f"{where}: {e}; raise data.max_length or shorten the record") from None
+        e, kl = fb.example, fb.kl
+        for k, v in (("input_ids", e.input_ids), ("labels", e.labels), ("kl_ids", kl.input_ids),
+                     ("kl_labels", kl.labels), ("desirable", int(fb.desirable)),
+                     ("length", max(len(e.input_ids), len(kl.input_ids))), ("source", source),
+                     ("truncated", int(truncated)), ("split", 0), ("dropped", 0)):
+            out[k].append(v)
+    return out
+
+
 def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, target: Path,
           log: Callable[[str], None]) -> None:
     """Read, convert, tokenise and save one cache entry at `target`."""
@@ -195,17 +222,25 @@ def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, 
     source: list[int] = []
     where: list[str] = []
     per_set: list[dict] = []
+    feedback: list[dict] = []  # KTO records, kept as dicts until every data set is read (their KL responses)
     for d, spec in enumerate(specs):
         rows, locs = sources.read(spec)
         rows, locs = sources.sample(rows, locs, spec.num_samples, s.seed + d)
         if s.max_samples is not None:
             rows, locs = rows[: s.max_samples], locs[: s.max_samples]
         conv = formats.convert(spec, rows, locs)
-        records += [json.dumps(r, ensure_ascii=False) for r in conv.records]
+        if spec.feedback:
+            feedback += conv.records
+        else:
+            records += [json.dumps(r, ensure_ascii=False) for r in conv.records]
         source += [d] * len(conv.records)
         where += conv.where
         per_set.append({"name": spec.name, "read": conv.read, "skipped": conv.skipped})
         del rows, locs, conv  # a data set's records live on only as the JSON text above
+    if feedback:  # pipeline.check_objective: then every data set is KTO data
+        formats.assign_kl_responses(feedback)
+        records = [json.dumps(r, ensure_ascii=False) for r in feedback]
+        del feedback
     tmp = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "map").mkdir(parents=True)  # datasets.map's own files stay inside our temporary folder
@@ -215,12 +250,14 @@ def build(specs: list[formats.Spec], tok: PreTrainedTokenizerBase, s: Settings, 
         del records, source, where  # the Arrow copy is what map reads
         log(f"data: tokenising {n_records} records with {s.num_proc} process(es) into {target}")
         pairs = any(spec.ranking for spec in specs)  # pipeline.check_objective: then all of them are
-        tokenized = raw.map(_tokenize_pairs if pairs else _tokenize_batch, batched=True, batch_size=256,
+        kto = any(spec.feedback for spec in specs)  # likewise
+        fn = _tokenize_pairs if pairs else _tokenize_feedback if kto else _tokenize_batch
+        tokenized = raw.map(fn, batched=True, batch_size=256,
                             num_proc=s.num_proc if s.num_proc > 1 else None, remove_columns=raw.column_names,
                             new_fingerprint=target.name,
                             fn_kwargs={"tok": tok, "max_length": s.max_length, "train_on_prompt": s.train_on_prompt,
                                        "mask_history": s.mask_history, "template_label": template_label(s.template)},
-                            features=_features(pairs), cache_file_name=str(tmp / "map" / "tokenized.arrow"),
+                            features=_features(pairs, kto), cache_file_name=str(tmp / "map" / "tokenized.arrow"),
                             desc="tokenising")
         lengths = tokenized.data.column("length").to_numpy()
         counts = {c: tokenized.data.column(c).to_numpy() for c in ("source", "truncated", "split", "dropped")}
@@ -250,12 +287,14 @@ def template_label(name: str) -> str:
     return "the tokenizer's chat template (data.template=auto)" if name == "auto" else f"data.template={name}"
 
 
-def _features(pairs: bool = False):
+def _features(pairs: bool = False, kto: bool = False):
     import datasets
 
-    rows = ("input_ids", "labels", "rejected_ids", "rejected_labels") if pairs else ("input_ids", "labels")
+    rows = ("input_ids", "labels", "rejected_ids", "rejected_labels") if pairs else \
+        ("input_ids", "labels", "kl_ids", "kl_labels") if kto else ("input_ids", "labels")
     return datasets.Features({
         **{k: datasets.List(datasets.Value("int32")) for k in rows},
+        **({"desirable": datasets.Value("int8")} if kto else {}),
         "length": datasets.Value("int32"), "source": datasets.Value("int16"), "truncated": datasets.Value("int8"),
         "split": datasets.Value("int32"), "dropped": datasets.Value("int32")})
 
@@ -274,12 +313,16 @@ class TokenizedExamples:
         self.ds = datasets.load_from_disk(str(path / "examples"))
         self.lengths = self.ds.data.column("length").to_numpy()
         self.pairs = "rejected_ids" in self.ds.column_names
+        self.feedback = "kl_ids" in self.ds.column_names
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> Example | Pair:
+    def __getitem__(self, i: int) -> Example | Pair | Feedback:
         row = self.ds[int(i)]
+        if self.feedback:
+            return Feedback(Example(row["input_ids"], row["labels"]), Example(row["kl_ids"], row["kl_labels"]),
+                            bool(row["desirable"]))
         if self.pairs:
             return Pair(Example(row["input_ids"], row["labels"]), Example(row["rejected_ids"], row["rejected_labels"]))
         return Example(row["input_ids"], row["labels"])

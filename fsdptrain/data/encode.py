@@ -68,10 +68,26 @@ class Pair:
         return self.chosen.n_targets + self.rejected.n_targets
 
 
-def example_length(e: Example | Pair) -> int:
-    """The tokens of an example's row; of a pair, its longer row (both rows are padded to it)."""
+@dataclass
+class Feedback:
+    """A KTO example: the prompt with its response (`example`, tagged desirable or not) and the same prompt with
+    another example's response (`kl`: LLaMA-Factory's mismatched pair, scored only for the KL estimate). The two
+    rows always travel together (one micro-batch, one forward)."""
+    example: Example
+    kl: Example
+    desirable: bool
+
+    @property
+    def n_targets(self) -> int:
+        return self.example.n_targets
+
+
+def example_length(e: Example | Pair | Feedback) -> int:
+    """The tokens of an example's row; of a pair (a KTO example), its longer row (both rows are padded to it)."""
     if isinstance(e, Pair):
         return max(len(e.chosen.input_ids), len(e.rejected.input_ids))
+    if isinstance(e, Feedback):
+        return max(len(e.example.input_ids), len(e.kl.input_ids))
     return len(e.input_ids)
 
 
@@ -430,6 +446,10 @@ def tokenize_record(tok: PreTrainedTokenizerBase, record: dict, max_length: int,
         kept = [Example(ids[i:i + n], ids[i:i + n]) for i, n in zip(range(0, len(ids), max_length), kept_lengths)]
         st.split = n_chunks - 1
         st.dropped_no_target = n_chunks - len(kept)
+    elif "response" in record:
+        feedback, truncated = tokenize_feedback(tok, record, max_length)
+        st.truncated = int(truncated)
+        kept = [feedback]
     elif "chosen" in record:
         pair, truncated = tokenize_pair(tok, record["messages"], record["chosen"], record["rejected"], max_length,
                                         record.get("tools"))
@@ -500,6 +520,16 @@ def tokenize_pair(tok: PreTrainedTokenizerBase, messages: list[dict], chosen: di
         cut = reply[:nt]
         rows.append(Example(kept + cut, [IGNORE] * len(kept) + cut))
     return Pair(*rows), truncated
+
+
+def tokenize_feedback(tok: PreTrainedTokenizerBase, record: dict, max_length: int) -> tuple[Feedback, bool]:
+    """(KTO example, truncated): a common-form KTO record with its `kl_response` (cache.py assigns it) rendered
+    as two rows, each cut on its own by LLaMA-Factory's rule for (prompt, response), as its feedback
+    preprocessing does (a pair of one response is cut exactly so). PairError as tokenize_pair."""
+    messages, tools = record["messages"], record.get("tools")
+    own, cut = tokenize_pair(tok, messages, record["response"], record["response"], max_length, tools)
+    kl, kl_cut = tokenize_pair(tok, messages, record["kl_response"], record["kl_response"], max_length, tools)
+    return Feedback(own.chosen, kl.chosen, bool(record["desirable"])), cut or kl_cut
 
 
 def tokenize_all(tok: PreTrainedTokenizerBase, conversations: list, max_length: int, train_on_prompt: bool = False,

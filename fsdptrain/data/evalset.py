@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..core.errors import ConfigError
-from .encode import IGNORE, Example, Pair, example_length
+from .encode import IGNORE, Example, Feedback, Pair, example_length
 
 SPLIT_SALT = 7_727  # the split's generator differs from the sampler's (seed * 10_007 + epoch)
 
@@ -69,9 +69,11 @@ def split(examples, lengths: Sequence[int], val_size: float, seed: int) -> tuple
     return Subset(examples, train, lengths), Subset(examples, sorted(chosen), lengths)
 
 
-def _digest(e: Example | Pair) -> bytes:
+def _digest(e: Example | Pair | Feedback) -> bytes:
     h = hashlib.blake2b(digest_size=16)
-    if isinstance(e, Pair):
+    if isinstance(e, Feedback):  # the KL row is another record's response: the example and its tag say which
+        h.update(repr((list(e.example.input_ids), list(e.example.labels), e.desirable)).encode())
+    elif isinstance(e, Pair):
         h.update(repr([(list(r.input_ids), list(r.labels)) for r in (e.chosen, e.rejected)]).encode())
     else:
         h.update(repr((list(e.input_ids), list(e.labels))).encode())
@@ -93,9 +95,11 @@ def rank_eval_batches(examples, n: int, world_size: int, rank: int, micro_batch:
                       pad_id: int) -> Iterator[list[Example]]:
     """This rank's eval micro-batches over the first n examples: round k, rank r takes positions
     [(k * world_size + r) * micro_batch, ... + micro_batch); empty slots get a fully masked one-token row."""
-    filler: Example | Pair = Example([pad_id], [IGNORE])
+    filler: Example | Pair | Feedback = Example([pad_id], [IGNORE])
     if n and isinstance(examples[0], Pair):
         filler = Pair(filler, filler)
+    if n and isinstance(examples[0], Feedback):
+        filler = Feedback(filler, filler, False)
     per_round = world_size * micro_batch
     for k in range(math.ceil(n / per_round)):
         start = k * per_round + rank * micro_batch

@@ -17,7 +17,9 @@ templates take (tool schemas in the HF/OpenAI form, {"type": "function",
 "function": {...}}, whatever form the data has); a document becomes {"text": str}. A preference pair (a data set with
 `ranking: true`) becomes {"messages": the prompt (ending with a user or tool turn), "chosen": message,
 "rejected": message, "tools"}: alpaca takes `chosen`/`rejected` columns of text, sharegpt and openai a
-`conversations` list that ends with the prompt plus `chosen`/`rejected` messages. A record a format cannot
+`conversations` list that ends with the prompt plus `chosen`/`rejected` messages. A KTO example (a data set
+whose columns map `kto_tag`, as LLaMA-Factory's kto_en_demo) becomes {"messages": the prompt, "response": the
+last assistant message, "desirable": the record's tag (a JSON bool), "tools"}. A record a format cannot
 use (missing column) is an error naming the record; a record without any text
 (all fields null or blank: "empty") and a sharegpt/openai conversation with
 broken role order are skipped and counted under their reason.
@@ -57,6 +59,11 @@ class Spec:
     saved: bool = False  # files[0] is a `datasets.save_to_disk` folder
     ranking: bool = False  # preference pairs (dataset_info.json `ranking: true`)
 
+    @property
+    def feedback(self) -> bool:
+        """KTO data: each record tagged desirable or not (LLaMA-Factory's `kto_tag` column)."""
+        return bool(self.columns.get("kto_tag"))
+
     def resolved_columns(self) -> dict:
         base = {"alpaca": ALPACA_COLUMNS, "sharegpt": SHAREGPT_COLUMNS, "openai": OPENAI_COLUMNS,
                 "text": {"prompt": "text"}}[self.formatting]
@@ -73,6 +80,21 @@ class Converted:
     where: list[str] = field(default_factory=list)  # where each kept record came from
     read: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> count
+
+
+KL_CHUNK = 1000  # LLaMA-Factory's preprocessing_batch_size default: its KL shift wraps within such a batch
+
+
+def assign_kl_responses(records: list[dict]) -> None:
+    """Give each KTO record (common form) its `kl_response`: the response of the record before it, within
+    consecutive chunks of KL_CHUNK records, the first of a chunk taking the chunk's last, as LLaMA-Factory's
+    feedback preprocessing does (a +1 shift of the responses within each map batch of the merged data sets).
+    Deterministic: it depends on the records' order only (data sets in data.datasets order, each in file order
+    after num_samples and max_samples)."""
+    for start in range(0, len(records), KL_CHUNK):
+        chunk = records[start:start + KL_CHUNK]
+        for j, rec in enumerate(chunk):
+            rec["kl_response"] = chunk[j - 1]["response"]
 
 
 def detect_text(spec: Spec, first: Optional[dict]) -> bool:
@@ -97,6 +119,8 @@ def convert(spec: Spec, records: list[dict], where: list[str]) -> Converted:
         return out
     if spec.ranking:
         fn = _alpaca_pair if spec.formatting == "alpaca" else _conversation_pair
+    elif spec.feedback:
+        fn = _alpaca_feedback if spec.formatting == "alpaca" else _conversation_feedback
     else:
         fn = _document if detect_text(spec, records[0]) else _alpaca if spec.formatting == "alpaca" else _conversation
     for rec, loc in zip(records, where):
@@ -119,6 +143,8 @@ def _is_empty(conv: dict) -> bool:
     """No text to train on: a blank document, or a conversation whose every turn is blank (and calls no tool)."""
     if "text" in conv:
         return not conv["text"].strip()
+    if "response" in conv:  # a KTO example: its response blank
+        return not (conv["response"]["content"].strip() or conv["response"].get("tool_calls"))
     if "chosen" in conv:  # a pair: both responses blank
         return not any(m["content"].strip() or m.get("tool_calls") for m in (conv["chosen"], conv["rejected"]))
     return all(not m["content"].strip() and not m.get("tool_calls") for m in conv["messages"])
@@ -187,6 +213,38 @@ def _alpaca_pair(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
     if reason:
         return {}, reason
     return {"messages": messages, **replies, "tools": _tools(spec, rec, cols, loc)}, None
+
+
+def _kto_tag(spec: Spec, rec: dict, loc: str) -> bool:
+    """A KTO record's tag: true (desirable) or false (undesirable), a JSON bool as LLaMA-Factory requires."""
+    col = spec.columns["kto_tag"]
+    value = _column(spec, rec, col, loc, "kto_tag")
+    if not isinstance(value, bool):
+        raise UserError(f"data set '{spec.name}' ({spec.formatting}, kto): {loc}: column '{col}' holds "
+                        f"{json.dumps(value)[:40]}, not a JSON bool (true: desirable, false: undesirable); fix "
+                        "the record")
+    return value
+
+
+def _alpaca_feedback(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+    """A KTO alpaca record: instruction/input (system, history) as the prompt, the output as the response."""
+    conv, reason = _alpaca(spec, rec, loc)
+    desirable = _kto_tag(spec, rec, loc)
+    if reason:
+        return {}, reason
+    return {"messages": conv["messages"][:-1], "response": conv["messages"][-1], "desirable": desirable,
+            "tools": conv["tools"]}, None
+
+
+def _conversation_feedback(spec: Spec, rec: dict, loc: str) -> tuple[dict, Optional[str]]:
+    """A KTO sharegpt/openai record: the conversation up to its last assistant turn is the prompt, that turn the
+    response (LLaMA-Factory's kto_en_demo: `messages` and a `label`)."""
+    conv, reason = _conversation(spec, rec, loc)
+    desirable = _kto_tag(spec, rec, loc)
+    if reason:
+        return {}, reason
+    return {"messages": conv["messages"][:-1], "response": conv["messages"][-1], "desirable": desirable,
+            "tools": conv["tools"]}, None
 
 
 def _tools(spec: Spec, rec: dict, cols: dict, loc: str) -> Optional[list]:

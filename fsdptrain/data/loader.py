@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from ..core.errors import UserError
-from .encode import IGNORE, Example, Pair
+from .encode import IGNORE, Example, Feedback, Pair
 
 PAD_MULTIPLE = 8
 SORT_WINDOW = 2048  # token budget: examples sorted by length together before cutting micro-batches
@@ -268,11 +268,12 @@ def per_rank(key: str, what: str, values: list, world_size: int, local_world_siz
 # ----------------------------------------------------------------------------- batches
 
 
-def collate(examples: list[Example] | list[Pair], pad_id: int, multiple: int = PAD_MULTIPLE,
+def collate(examples: list[Example] | list[Pair] | list[Feedback], pad_id: int, multiple: int = PAD_MULTIPLE,
             flatten: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad to a multiple of `multiple`; labels are shifted so labels[b, t] is the target of position t.
 
     Pairs become rows [chosen of each pair..., rejected of each pair...]: row i and row n + i are one pair.
+    KTO examples become rows [each example..., each KL row...] and `desirable`, their tags (bool, n).
 
     Right padding under a causal mask never influences real tokens, so no
     attention mask is needed (the fast causal kernel path stays on). Packed rows
@@ -280,6 +281,10 @@ def collate(examples: list[Example] | list[Pair], pad_id: int, multiple: int = P
     end in one row for flash attention's varlen path and adds its boundaries
     (`flash_attn_kwargs`), so transformers need not find them on the GPU.
     """
+    tags = None
+    if isinstance(examples[0], Feedback):
+        tags = torch.tensor([f.desirable for f in examples], dtype=torch.bool)
+        examples = [f.example for f in examples] + [f.kl for f in examples]
     if isinstance(examples[0], Pair):
         examples = [p.chosen for p in examples] + [p.rejected for p in examples]
     longest = max(len(e.input_ids) for e in examples)
@@ -292,6 +297,8 @@ def collate(examples: list[Example] | list[Pair], pad_id: int, multiple: int = P
         labels[b, : n - 1] = torch.tensor(e.labels[1:n])
     n_tokens = sum(len(e.input_ids) for e in examples)
     batch = {"input_ids": ids, "labels": labels, "n_tokens": torch.tensor(n_tokens)}
+    if tags is not None:
+        batch["desirable"] = tags
     if any(e.seq_lens for e in examples):
         pos = torch.zeros((len(examples), width), dtype=torch.long)
         for b, e in enumerate(examples):

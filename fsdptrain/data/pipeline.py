@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ..config.schema import PAIRWISE, Config
+from ..config.schema import PAIRWISE, TWO_ROWS, Config
 from ..core.errors import ConfigError, UserError
 from . import evalset
 from .cache import Settings, prepare
@@ -50,7 +50,8 @@ def check(cfg: Config) -> None:
     longest = (d.pack_length or d.max_length) if d.packing else d.max_length
     rows = rows_per_item(cfg)
     if d.token_budget is not None and d.token_budget < padded(longest) * rows:
-        what = "pair (two rows)" if rows == 2 else "example"
+        what = "example" if rows == 1 else "KTO example (two rows)" if cfg.train.objective == "kto" else \
+            "pair (two rows)"
         raise ConfigError(f"data.token_budget: {d.token_budget} is below one padded {what} of {longest} tokens "
                           f"({padded(longest) * rows} with padding); raise it")
     if d.pack_length is not None and d.pack_length < d.max_length:
@@ -59,14 +60,22 @@ def check(cfg: Config) -> None:
 
 
 def rows_per_item(cfg: Config) -> int:
-    """Rows one item of the data takes in a batch: a preference pair two (chosen and rejected)."""
-    return 2 if cfg.train.objective in PAIRWISE else 1
+    """Rows one item of the data takes in a batch: a preference pair two (chosen and rejected), a KTO example two
+    (its own and its KL row)."""
+    return 2 if cfg.train.objective in TWO_ROWS else 1
 
 
 def check_objective(cfg: Config, specs: list, key: str = "data.datasets") -> None:
     """Preference pairs for dpo and rm, and only for them: a data set of the other kind is one line."""
     objective = cfg.train.objective
     for spec in specs:
+        if objective == "kto" and not spec.feedback:
+            raise UserError(f"{key}: data set '{spec.name}' has no kto_tag column (KTO data tags each record "
+                            "desirable or not); train.objective kto needs one: map it in the data set's columns, "
+                            'e.g. "columns": {"kto_tag": "label"} (docs/preference.md)')
+        if objective != "kto" and spec.feedback:
+            raise UserError(f"{key}: data set '{spec.name}' is KTO data (a kto_tag column); train it with "
+                            "train.objective=kto, or remove its kto_tag column")
         if objective in PAIRWISE and not spec.ranking:
             raise UserError(f"{key}: data set '{spec.name}' is not preference data (no `ranking: true` in its "
                             f"dataset_info.json entry); train.objective {objective} trains on pairs: pick a ranking "
@@ -81,6 +90,9 @@ def require_pairs_given(cfg: Config) -> None:
     if cfg.train.objective in PAIRWISE:
         raise ConfigError(f"data.datasets: train.objective {cfg.train.objective} needs preference data (no "
                           "synthetic task makes pairs); list data sets with `ranking: true` (docs/preference.md)")
+    if cfg.train.objective == "kto":
+        raise ConfigError("data.datasets: train.objective kto needs KTO data (no synthetic task tags examples); "
+                          "list data sets with a kto_tag column (docs/preference.md)")
 
 
 def load_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, rank: int = 0, local_rank: int = 0,

@@ -5,7 +5,8 @@ turns re-rendered by the template), dropped for having no target left. Then the 
 their trained spans marked (green on a terminal, `[[...]]` otherwise), and with an output file one JSON line
 per example: input_ids, labels, the source file and the record's number in it. A preference pair is shown as
 its chosen and its rejected row, each with its response marked (and written with rejected_ids and
-rejected_labels beside input_ids and labels). Records are read, converted,
+rejected_labels beside input_ids and labels); a KTO example as its own row (tagged desirable or undesirable)
+and its KL row (written as kl_ids, kl_labels and desirable). Records are read, converted,
 rendered and tokenised exactly as for training (the same functions, in process, no cache), and a template that
 cannot render the data stops here with the same one-line error.
 """
@@ -23,7 +24,17 @@ from ..config.schema import Config
 from ..core.errors import UserError
 from . import formats, sources
 from .cache import template_fix, template_label
-from .encode import IGNORE, Example, Pair, PairError, TemplateError, TokenizeStats, tokenize_all, tokenize_record
+from .encode import (
+    IGNORE,
+    Example,
+    Feedback,
+    Pair,
+    PairError,
+    TemplateError,
+    TokenizeStats,
+    tokenize_all,
+    tokenize_record,
+)
 from .pipeline import check_objective, require_pairs_given
 from .synthetic import generate
 from .tokenizer import apply_template, load_tokenizer
@@ -37,7 +48,7 @@ OPEN, CLOSE = "[[", "]]"
 
 @dataclass
 class Row:
-    example: Example | Pair
+    example: Example | Pair | Feedback
     source: str  # the file (or hub path) the record came from
     record: int  # its number there (0-based)
 
@@ -63,12 +74,16 @@ def collect(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[list[SetReport],
     reports, rows = [], []
     specs = sources.resolve(d.datasets, d.dataset_dir)
     check_objective(cfg, specs)
+    converted = []
     for n, spec in enumerate(specs):
         records, where = sources.read(spec)
         records, where = sources.sample(records, where, spec.num_samples, cfg.seed + n)
         if d.max_samples is not None:
             records, where = records[: d.max_samples], where[: d.max_samples]
-        conv = formats.convert(spec, records, where)
+        converted.append(formats.convert(spec, records, where))
+    if any(spec.feedback for spec in specs):  # KTO: the KL responses over all data sets, as the cache does
+        formats.assign_kl_responses([r for conv in converted for r in conv.records])
+    for spec, conv in zip(specs, converted):
         report = SetReport(spec.name, TokenizeStats(reasons=dict(conv.skipped)))
         for rec, loc in zip(conv.records, conv.where):
             try:
@@ -116,10 +131,12 @@ def write_jsonl(rows: list[Row], out: str) -> None:
         with open(tmp, "w") as fh:
             for r in rows:
                 e = r.example
-                first = e.chosen if isinstance(e, Pair) else e
+                first = e.chosen if isinstance(e, Pair) else e.example if isinstance(e, Feedback) else e
                 line = {"input_ids": list(first.input_ids), "labels": list(first.labels)}
                 if isinstance(e, Pair):
                     line.update(rejected_ids=list(e.rejected.input_ids), rejected_labels=list(e.rejected.labels))
+                if isinstance(e, Feedback):
+                    line.update(kl_ids=list(e.kl.input_ids), kl_labels=list(e.kl.labels), desirable=e.desirable)
                 fh.write(json.dumps({**line, "source": r.source, "record": r.record}) + "\n")
         os.replace(tmp, path)
     except BaseException:
@@ -144,6 +161,12 @@ def preview(cfg: Config, show: int, out: Optional[str], color: bool, echo: Calla
             for side in ("chosen", "rejected"):
                 e = getattr(r.example, side)
                 echo(f"--- pair {i} {side} ({where}, {len(e.input_ids)} tokens, {e.n_targets} trained)")
+                echo(marked(tok, e, color))
+            continue
+        if isinstance(r.example, Feedback):
+            tag = "desirable" if r.example.desirable else "undesirable"
+            for what, e in ((tag, r.example.example), ("KL row", r.example.kl)):
+                echo(f"--- example {i} {what} ({where}, {len(e.input_ids)} tokens, {e.n_targets} scored)")
                 echo(marked(tok, e, color))
             continue
         echo(f"--- example {i} ({where}, {len(r.example.input_ids)} tokens, {r.example.n_targets} trained)")

@@ -31,7 +31,7 @@ from .formats import FORMATS, Spec
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
               ".txt": "txt"}
-UNSUPPORTED = ("images", "videos", "audios", "kto_tag")
+UNSUPPORTED = ("images", "videos", "audios")
 PAIR_COLUMNS = ("chosen", "rejected")
 
 
@@ -117,9 +117,12 @@ def _spec(name: str, entry: dict, path: Optional[str], root: Path, info: Path) -
     where = f"data set '{name}'"
     bad = [k for k in UNSUPPORTED if entry.get(k) or k in entry.get("columns", {})]
     if bad:
-        raise UserError(f"{where}: uses {', '.join(bad)} (KTO or multimodal data), which fsdptrain does "
-                        "not train; pick a supervised, pretraining or preference (ranking) data set")
+        raise UserError(f"{where}: uses {', '.join(bad)} (multimodal data), which fsdptrain does "
+                        "not train; pick a supervised, pretraining, preference (ranking) or KTO data set")
     ranking = bool(entry.get("ranking"))
+    if ranking and (entry.get("columns") or {}).get("kto_tag"):
+        raise UserError(f"{where}: maps a kto_tag column and is marked `ranking: true`; KTO data is single "
+                        "responses tagged desirable or not: remove one of them")
     pair_columns = [k for k in PAIR_COLUMNS if k in (entry.get("columns") or {})]
     if pair_columns and not ranking:
         raise UserError(f"{where}: maps columns {', '.join(pair_columns)} (preference pairs) but is not marked "

@@ -8,11 +8,14 @@ The trainer knows no loss function. For every optimizer step it
      an auxiliary loss) the router's auxiliary loss of that forward;
   3. backpropagates the sum x world_size / global units (FSDP averages gradients over ranks, so the update is the
      gradient of the mean over every unit of the step however units are split across ranks and micro-batches),
-     and logs sum / global units as `loss` and each metric sum / global units under its name.
+     and logs sum / global units as `loss` and each metric sum / global units under its name (or, for a metric
+     the objective lists in `per`, its sum / another metric's sum: kto's rewards/chosen is a mean over the step's
+     desirable examples; `metric_means`).
 Evaluation uses the same two functions (no gradient): eval loss = summed loss / units over the eval set.
 
 An objective is a plain frozen dataclass of functions, not a class to subclass; objectives/choose.py picks the
-run's. Members: sft.py (token cross-entropy, SFT and pretraining), preference.py (dpo), reward.py (rm).
+run's. Members: sft.py (token cross-entropy, SFT and pretraining), preference.py (dpo), reward.py (rm), kto.py
+(kto).
 """
 
 from __future__ import annotations
@@ -47,3 +50,18 @@ class Objective:
     units: Callable[[dict], int]  # a micro-batch's count of units (host side: read from the collated batch)
     loss: LossFn  # (model, batch on the device, chunked loss head or None, router_aux wanted) -> MicroLoss
     metrics: tuple[str, ...] = ()  # the keys of MicroLoss.metrics, in the order they are gathered
+    per: tuple[tuple[str, str], ...] = ()  # (metric, the metric whose step sum divides it instead of the units)
+
+
+def metric_means(objective: Objective, sums: list[float], units: float) -> dict[str, float]:
+    """The logged value of each metric from the step's (or eval set's) sums over all ranks: sum / units, or for a
+    metric in `objective.per` sum / its divisor's sum, left out where that divisor is 0 (no such example)."""
+    raw = dict(zip(objective.metrics, sums))
+    per = dict(objective.per)
+    out = {}
+    for name, value in raw.items():
+        if name not in per:
+            out[name] = value / max(units, 1.0)
+        elif raw[per[name]] > 0:
+            out[name] = value / raw[per[name]]
+    return out

@@ -28,7 +28,7 @@ from ..config.schema import Config
 from ..data.evalset import eval_count, rank_eval_batches
 from ..data.loader import collate, to_device
 from ..dist import distributed
-from ..objectives.base import Objective
+from ..objectives.base import Objective, metric_means
 from ..objectives.loss import ChunkedLossHead
 
 
@@ -83,5 +83,5 @@ def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int,
     if torch.distributed.is_initialized():
         distributed.all_reduce_sum(sums)
     loss_sum, tokens, *metric_sums = sums.tolist()
-    extra = {name: v / max(tokens, 1.0) for name, v in zip(objective.metrics, metric_sums)}
+    extra = metric_means(objective, metric_sums, tokens)
     return EvalResult(loss_sum / max(tokens, 1.0), int(tokens), n, time.perf_counter() - t0, extra)
