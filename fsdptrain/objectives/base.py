@@ -47,3 +47,4 @@ class Objective:
     units: Callable[[dict], int]  # a micro-batch's count of units (host side: read from the collated batch)
     loss: LossFn  # (model, batch on the device, chunked loss head or None, router_aux wanted) -> MicroLoss
     metrics: tuple[str, ...] = ()  # the keys of MicroLoss.metrics, in the order they are gathered
+    token_nll: bool = False  # the loss is a mean token negative log-likelihood (SFT): eval reports exp(loss), ppl
