@@ -58,12 +58,18 @@ def resolve_source(path: str) -> tuple[str, Path, Optional[Path]]:
     return "checkpoint", ckpt / "hf", ckpt
 
 
-def load_dcp_model(model, ckpt: Path) -> None:
-    """The model's weights from a checkpoint's DCP shards (the optimizer state is not read)."""
+def load_dcp_model(model, ckpt: Path, partial: bool = False) -> None:
+    """The model's weights from a checkpoint's DCP shards (the optimizer state is not read). partial: a LoRA /
+    freeze checkpoint, which holds the trainable weights only (run/checkpoint.py Saved.state_dicts): those are
+    read, the frozen ones stay as built (loaded from the base folder)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-    msd = get_model_state_dict(model)
+    options = StateDictOptions(ignore_frozen_params=partial, strict=not partial)
+    msd = get_model_state_dict(model, options=options)
+    if partial:  # a tied weight's second name survives ignore_frozen_params: the checkpoint has neither
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        msd = {k: v for k, v in msd.items() if k not in frozen}
     try:
         dcp.load({"model": msd}, checkpoint_id=str(ckpt))
     except Exception as e:  # noqa: BLE001  (DCP wraps per-rank failures; name the folder)
@@ -71,7 +77,23 @@ def load_dcp_model(model, ckpt: Path) -> None:
         raise CheckpointError(f"{ckpt}: cannot read the model's DCP shards ({type(e).__name__}: "
                               f"{lines[-1] if lines else ''}); does the config describe this checkpoint's "
                               "model?") from None
-    set_model_state_dict(model, msd)
+    set_model_state_dict(model, msd, options=options)
+
+
+def frozen_base(cfg: Config, ckpt: Optional[Path]) -> Optional[str]:
+    """The folder a LoRA / freeze checkpoint's frozen weights load from (its DCP shards hold the trainable ones
+    only): the config's model.path (the run's base; it may have moved since), else the base the checkpoint
+    recorded. None for a full fine-tuning checkpoint or a Hugging Face folder (every weight in the source)."""
+    if ckpt is None:
+        return None
+    ident = read_json(ckpt / "train_state.json").get("finetune") or {}
+    if ident.get("method", "full") == "full":
+        return None
+    base = cfg.model.path if cfg.model.path is not None and not cfg.model.random_init else ident.get("base")
+    if base is None:
+        raise UserError(f"--checkpoint: {ckpt} is a {ident['method']} checkpoint (its trainable weights only) of a "
+                        "run from random weights; its frozen weights are in no folder, so it cannot be evaluated")
+    return str(base)
 
 
 def check_out(out: Path) -> None:
@@ -110,6 +132,7 @@ def eval_checkpoint(cfg: Config, source: str, out: Optional[str]) -> EvalResult:
     """Evaluate `source` on cfg's eval data; rank 0 prints the result and writes it to `out` (JSON)."""
     kind, hf_dir, ckpt = resolve_source(source)
     started = reference_start(cfg)  # the run's starting model: a dpo evaluation's reference
+    base = frozen_base(cfg, ckpt)  # a LoRA / freeze checkpoint: its frozen weights' folder
     out_path = Path(out) if out else Path(f"eval-{(ckpt or hf_dir).name}.json")
     check_out(out_path)  # before any work
     # the weights come from the source: model.path is its folder (random init stands in until DCP fills it)
@@ -127,10 +150,10 @@ def eval_checkpoint(cfg: Config, source: str, out: Optional[str]) -> EvalResult:
             if cfg.train.objective == "rm":  # as training built it (trainer.setup_hf_config)
                 hf_config = models.as_reward_config(hf_config, tokenizer.pad_token_id)
             ref_config = reference_config(started, hf_config) if started is not None else None
-        sharded = build_sharded_model(cfg, info, hf_config)
+        sharded = build_sharded_model(cfg, info, hf_config, weights=base)
         model = sharded.model
         if ckpt is not None:
-            load_dcp_model(model, ckpt)
+            load_dcp_model(model, ckpt, partial=base is not None)
         reference = None
         if started is not None:  # after the policy: both on the same mesh
             reference = build_reference(started, info, hf_config, sharded, ref_config)

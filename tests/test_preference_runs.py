@@ -41,6 +41,25 @@ def one_and_two_ranks(root: Path, name: str, make, model: Path) -> dict[int, Pat
     return paths
 
 
+# LoRA and freeze runs with held-out pairs on 2 ranks: their checkpoints hold the trainable weights only, and the
+# freeze reference swaps its initial shards in under the policy's evaluation forwards
+PARTIAL = {
+    "dpo_lora": (dpo_config, {"finetune": {"method": "lora", "lora": LORA}}),
+    "dpo_freeze": (dpo_config, {"finetune": {"method": "freeze", "freeze": {"trainable_layers": 1}}}),
+    "rm_lora": (rm_config, {"finetune": {"method": "lora", "lora": LORA}}),
+}
+
+
+def partial_config(root: Path, name: str, model: Path) -> Path:
+    make, sections = PARTIAL[name]
+    cfg = make(root, name, model, **sections)
+    cfg["train"].update(max_steps=3, **EVAL)
+    cfg["data"]["eval_datasets"] = ["sharegpt_pairs"]
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def lf_demo_model(path: Path) -> Path:
     """A tiny Qwen3 model folder with the real Qwen3 tokenizer (its 151,669 tokens) beside the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -80,6 +99,11 @@ def runs(tmp_path_factory):
     for name, paths in (("dpo", dpo), ("rm", rm)):  # `fsdptrain eval` of the 2-rank run's last checkpoint
         cases.append({"config": str(paths[2]), "kind": "eval", "source": str(root / f"{name}_w2"),
                       "out": str(root / f"eval-{name}-2.json")})
+    for name in PARTIAL:
+        path = partial_config(root, name, llama)
+        cases += [{"config": str(path), "kind": "train"},
+                  {"config": str(path), "kind": "eval", "source": str(root / name),
+                   "out": str(root / f"eval-{name}.json")}]
     if QWEN3_TOKENIZER.is_dir() and (LF / "dpo_zh_demo.json").is_file():
         configs["lf_demo"] = root / "lf_demo.yaml"
         configs["lf_demo"].write_text(yaml.safe_dump(lf_demo_config(root, lf_demo_model(root / "qwen3"))))
@@ -140,7 +164,8 @@ def test_ref_model_is_the_reference_under_lora(runs):
         assert all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(mine, want[key])), (key, mine, want[key])
     assert abs(got[0]["loss"] - LN2) > 1e-3 and got[0]["rewards/chosen"] != 0.0
     log = (root / "stdout.txt").read_text()
-    assert f"reference model: a frozen sharded copy of {ref} (preference.ref_model) (a separate copy under lora" in log
+    assert f"reference model: a frozen sharded copy of {ref} (under lora a separate copy: the reference is not " \
+           "the policy's base)" in log
 
 
 @pytest.mark.parametrize("arch, vocab, error", [
@@ -231,6 +256,23 @@ def test_eval_command_scores_pairs_alike_on_one_and_two_ranks(runs, one_rank, na
     line = next(x for x in one_rank[name].splitlines() if x.startswith("eval ") and ": loss " in x)
     assert f"loss {one['eval_loss']:.6f} rewards/accuracies {one['eval_rewards/accuracies']:.4f} pairs 32 " in line
     assert "ppl" not in line
+
+
+@pytest.mark.slow  # the module's 2-rank launch
+@pytest.mark.parametrize("name", list(PARTIAL))
+def test_lora_and_freeze_checkpoints_evaluate_as_the_run_did(runs, name):
+    """`fsdptrain eval` of a LoRA / freeze checkpoint (its trainable weights only; the frozen ones from the config's
+    model.path) equals the run's own evaluation after its last step, within 1e-6. For freeze dpo this also checks
+    the run's evaluation: its reference swaps the initial trainable shards in under units that the policy's
+    no-grad evaluation forward left gathered (before the fix their trained weights were reused: the run's eval
+    loss was 0.39 off the command's here); the command's reference is a separate copy of model.path."""
+    root = runs[0]
+    got = json.loads((root / f"eval-{name}.json").read_text())
+    trained = read_metrics(root / name)[-1]
+    assert got["step"] == trained["step"] == 3 and got["eval_tokens"] == trained["eval_tokens"] == 32
+    assert abs(got["eval_loss"] - trained["eval_loss"]) <= 1e-6, (got["eval_loss"], trained["eval_loss"])
+    assert got["eval_rewards/accuracies"] == trained["eval_rewards/accuracies"]
+    assert got["eval_loss"] < LN2 - 1e-3  # it trained
 
 
 def test_eval_of_a_dpo_config_without_a_reference_folder_is_one_line(tmp_path):

@@ -168,9 +168,8 @@ def build_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sh
     else:
         ref = build_sharded_model(cfg, info, ref_config, weights=cfg.preference.ref_model, mesh=sharded.mesh,
                                   frozen=True).model
-        extra = f" (a separate copy under {method}: the reference is not the policy's base)" if method != "full" else ""
-        log.info(f"reference model: a frozen sharded copy of {cfg.preference.ref_model} (preference.ref_model)"
-                 f"{extra}")
+        extra = f" (under {method} a separate copy: the reference is not the policy's base)" if method != "full" else ""
+        log.info(f"reference model: a frozen sharded copy of {cfg.preference.ref_model}{extra}")
 
     @contextmanager
     def separate(policy: nn.Module) -> Iterator[nn.Module]:
@@ -180,9 +179,14 @@ def build_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sh
 
 
 def _tidied(reference: Reference) -> Reference:
-    """`reference` with FSDP2's records of its forward tidied after it (parallelize.after_no_grad_forward)."""
+    """`reference` with FSDP2's records of its forward tidied after it (parallelize.after_no_grad_forward), and the
+    policy's tidied before it: a no-grad forward of the policy (evaluation) leaves the units that keep their
+    weights after forward (the root, the last block) gathered, since no backward follows to free them, so the
+    freeze reference's initial shards, copied in below those gathered weights, would not be seen: its forward would
+    reuse the policy's trained weights there. After a training step's backward this finds nothing to do."""
     @contextmanager
     def run(policy: nn.Module) -> Iterator[nn.Module]:
+        after_no_grad_forward(policy)
         with reference(policy) as model:
             try:
                 yield model
