@@ -319,3 +319,22 @@ def test_llamafactory_dpo_demo_trains_on_two_ranks_from_ln2(runs):
     assert [m["step"] for m in got] == [1, 2]
     assert got[0]["loss"] == LN2 and got[0]["rewards/margins"] == 0.0 and got[0]["target_tokens"] == 2
     assert got[0]["logps/chosen"] < 0 and got[1]["loss"] != LN2
+
+
+def test_eval_line_of_pairs_shows_reward_accuracy_not_perplexity(tmp_path, monkeypatch):
+    from fsdptrain.core import log
+    from fsdptrain.objectives.reward import REWARD
+    from fsdptrain.objectives.sft import SFT
+    from fsdptrain.run.metrics import RunLogger
+    from fsdptrain.train.evaluate import EvalResult
+
+    lines: list[str] = []
+    monkeypatch.setattr(log, "info", lines.append)
+    logger = RunLogger(tmp_path, True, False, "lines", 6)
+    pairs = EvalResult(0.5, 32, 11, 0.25, {"rewards/accuracies": 0.75}, REWARD.token_nll, REWARD.unit)
+    logger.eval_line(3, pairs.metrics(), pairs.units)
+    tokens = EvalResult(0.5, 320, 11, 0.25, {}, SFT.token_nll, SFT.unit)
+    logger.eval_line(6, tokens.metrics(), tokens.units)
+    logger.close()
+    assert lines == ["eval step 3: loss 0.5000 rewards/accuracies 0.750 (32 pairs, 0.2s)",
+                     f"eval step 6: loss 0.5000 ppl {math.exp(0.5):.3f} (320 tokens, 0.2s)"]
