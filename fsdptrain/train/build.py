@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -132,8 +133,6 @@ def reference_config(cfg: Config, policy: PretrainedConfig) -> Optional[Pretrain
     path = cfg.preference.ref_model
     if path is None:
         return None
-    from pathlib import Path
-
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"preference.ref_model: {path}: no config.json there; point it at a local Hugging Face "
                         "model folder (the reference model)")
