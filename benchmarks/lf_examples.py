@@ -17,6 +17,11 @@ resolves `deepspeed: examples/deepspeed/...` against the working folder, its rep
 
 Usage:
   PYTHONPATH=. python benchmarks/lf_examples.py --lf-repo /work/.mirror/hiyouga+LLaMA-Factory/repo
+  PYTHONPATH=. python benchmarks/lf_examples.py --lf-repo ... --doc docs/llamafactory.md
+
+With --doc the table also replaces the one between `<!-- examples: benchmarks/lf_examples.py -->` and
+`<!-- end of examples -->` in that file (docs/llamafactory.md), so the doc is this script's output, never edited
+by hand.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from fsdptrain.config.llamafactory import lf_yaml, translate  # noqa: E402
 from fsdptrain.config.schema import load_config  # noqa: E402
 from fsdptrain.core.errors import UserError  # noqa: E402
-from fsdptrain.core.files import read_yaml  # noqa: E402
+from fsdptrain.core.files import read_yaml, write_atomic  # noqa: E402
 
 
 def examples_root(lf_repo: Path, scratch: Path) -> Path:
@@ -104,12 +109,31 @@ def convert(rel: str) -> tuple[bool, str]:
     return True, "; ".join([what(cfg), *notes])
 
 
+BEGIN, END = "<!-- examples: benchmarks/lf_examples.py -->", "<!-- end of examples -->"
+
+
+def table(rows: list[tuple[str, bool, str]]) -> list[str]:
+    """The Markdown table of (file, converted, what it became / why refused) rows."""
+    return ["| file | result | what it became / why refused |", "| --- | --- | --- |",
+            *(f"| {name} | {'converted' if ok else 'refused'} | {why.replace('|', '/')} |" for name, ok, why in rows)]
+
+
+def replace_table(doc: str, lines: list[str]) -> str:
+    """`doc` with the block between BEGIN and END replaced by `lines`."""
+    start, end = doc.find(BEGIN), doc.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"--doc: no {BEGIN} ... {END} block to replace")
+    return doc[: start + len(BEGIN)] + "\n" + "\n".join(lines) + "\n" + doc[end:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lf-repo", type=Path, required=True, help="LLaMA-Factory checkout or bare git directory")
     ap.add_argument("--base", default="examples/train_lora/qwen3_lora_sft.yaml",
                     help="the YAML each DeepSpeed JSON is put into")
+    ap.add_argument("--doc", type=Path, help="also write the table into this Markdown file's examples block")
     args = ap.parse_args()
+    doc = args.doc.resolve() if args.doc is not None else None  # before the chdir below
     with tempfile.TemporaryDirectory() as scratch:
         root = examples_root(args.lf_repo.resolve(), Path(scratch))
         os.chdir(root)  # LLaMA-Factory's working folder: deepspeed paths are relative to it
@@ -126,10 +150,10 @@ def main() -> None:
             probe.write_text(yaml.safe_dump({**base, "deepspeed": str(ds)}))
             ok, why = convert(str(probe))
             rows.append((f"{ds} (in {Path(args.base).name})", ok, why.removeprefix(f"{probe}: ")))
-    print("| file | result | what it became / why refused |")
-    print("| --- | --- | --- |")
-    for name, ok, why in rows:
-        print(f"| {name} | {'converted' if ok else 'refused'} | {why.replace('|', '/')} |")
+    lines = table(rows)
+    print("\n".join(lines))
+    if doc is not None:
+        write_atomic(doc, replace_table(doc.read_text(), lines))
     n_ok = sum(1 for _, ok, _ in rows if ok)
     print(f"\n{len(rows)} files: {n_ok} converted, {len(rows) - n_ok} refused")
     for why, n in sorted(left_out.items()):

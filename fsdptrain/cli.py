@@ -282,8 +282,9 @@ def data_cmd(config: str | None, overrides: tuple[str, ...], show: int, out: str
               help="JSON result file; default: eval-<checkpoint name>.json in the current folder.")
 @friendly_errors
 def eval_cmd(config: str | None, overrides: tuple[str, ...], source: str, out_file: str | None) -> None:
-    """Eval loss, perplexity and tokens of --checkpoint on CONFIG's eval data (any number of ranks). CONFIG
-    defaults to the run's config.yaml when --checkpoint is a run directory or a checkpoint in one."""
+    """Eval loss and perplexity (sft), or loss and reward accuracy per held-out pair (dpo, rm), of --checkpoint on
+    CONFIG's eval data (any number of ranks). CONFIG defaults to the run's config.yaml when --checkpoint is a run
+    directory or a checkpoint in one."""
     from .config.schema import load_config
 
     found = run_config_of(source) if config is None or looks_like_override(config) else None

@@ -54,7 +54,7 @@ from .run.export import check_target, export_dtype, export_hf, training_export_c
 from .run.metrics import RunLogger, peak_tflops
 from .run.sinks import open_sinks
 from .train.balance import ComputeClock, ComputeTotals, SpeedBalance, time_report
-from .train.build import ShardedModel, build_reference, build_sharded_model
+from .train.build import ShardedModel, build_reference, build_sharded_model, reference_config
 from .train.evaluate import EvalResult, eval_micro_batch, evaluate
 from .train.optim import adamw_fused, build_optimizer, build_scheduler, use_cpu_optimizer_threads
 
@@ -233,11 +233,12 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples)
     hf_config = setup_hf_config(cfg, tokenizer)
+    ref_config = reference_config(cfg, hf_config) if needs_reference_model(cfg) else None  # preference.ref_model
     log.release()  # data and model config are fine: what was said so far is printed, the rest as it comes
     sharded = build_sharded_model(cfg, info, hf_config)
     log.info(sharded.describe(hf_config))
     # a preference run's reference: before resuming, so that it is the starting weights (train/build.py)
-    reference = build_reference(cfg, info, hf_config, sharded) if needs_reference_model(cfg) else None
+    reference = build_reference(cfg, info, hf_config, sharded, ref_config) if needs_reference_model(cfg) else None
     seed_everything(cfg.seed + info.rank)  # dropout etc. differ per rank; data order does not use this
 
     model, plan = sharded.model, sharded.plan
@@ -487,7 +488,7 @@ def evaluate_run(run: Run, step: int) -> EvalResult:
         run.tracker.evaluating = False
     run.tracker.phase("eval")
     run.result.evals.append((step, res.loss))
-    run.logger.eval_line(step, res.metrics())
+    run.logger.eval_line(step, res.metrics(), res.units)
     run.checkpointer.note_eval(step, res.loss)
     return res
 

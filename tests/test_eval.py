@@ -244,3 +244,23 @@ def test_plot_overlays_runs(two_ranks, tmp_path, monkeypatch):
         plot([str(runs["every"])], str(tmp_path / "q.png"))
     assert str(e.value) == ("plot: matplotlib is not installed; pip install 'fsdptrain[plot]' (or pip install "
                             "matplotlib)")
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze"])
+def test_lora_and_freeze_checkpoints_evaluate(tmp_path, method):
+    """A LoRA / freeze checkpoint holds the trainable weights only: `fsdptrain eval` loads the frozen ones from the
+    config's model.path (it failed in DCP with a missing key before) and gives the run's own eval loss."""
+    from fsdptrain import trainer
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.evalrun import eval_checkpoint
+
+    model = plain_model_dir(tmp_path / "model")
+    cfg = train_config(tmp_path / "run", max_steps=2, eval_every=2)
+    cfg["model"] = {"path": str(model)}
+    cfg["finetune"] = {"method": method, **({"lora": {"rank": 4, "alpha": 8, "target": "all"}} if method == "lora"
+                                            else {"freeze": {"trainable_layers": 1}})}
+    path = write(tmp_path / "cfg.yaml", cfg)
+    trainer.train(load_config(path))
+    trained = [m["eval_loss"] for m in read_metrics(tmp_path / "run") if "eval_loss" in m]
+    res = eval_checkpoint(load_config(path), str(tmp_path / "run"), str(tmp_path / "e.json"))
+    assert abs(res.loss - trained[-1]) < 1e-6 and res.ppl == pytest.approx(math.exp(res.loss))

@@ -79,6 +79,12 @@ def test_dpo_example_translates_exactly():
     assert simpo["preference"] == {"loss": "simpo", "simpo_gamma": 0.3}
     sft = translate({"model_name_or_path": "m", "stage": "sft", "pref_beta": 0.3}, "lf.yaml").config
     assert "preference" not in sft and "objective" not in sft.get("train", {})  # LLaMA-Factory ignores it too
+    # ref_model: a reference folder of its own, read by LLaMA-Factory only with a loss that has a reference
+    ref = translate({"model_name_or_path": "m", "stage": "dpo", "ref_model": "models/ref"}, "lf.yaml").config
+    assert ref["preference"] == {"ref_model": "models/ref"}
+    for ignored in ({"stage": "dpo", "pref_loss": "orpo"}, {"stage": "rm"}, {"stage": "sft"}):
+        out = translate({"model_name_or_path": "m", "ref_model": "models/ref", **ignored}, "lf.yaml").config
+        assert "ref_model" not in out.get("preference", {})
 
 
 def test_reward_example_translates_exactly():
@@ -199,9 +205,6 @@ REFUSALS = [  # (lines added to a minimal LF YAML, the one-line error after "FIL
                    "(preference pairs), kto (tagged responses) and rm (reward models) only"),
     ("stage: dpo\npref_loss: kto_pair", "pref_loss: 'kto_pair' is not supported; use sigmoid, ipo, hinge, orpo or "
                                         "simpo"),
-    ("stage: dpo\nref_model: models/base", "ref_model: the reference is the starting model (model_name_or_path; a "
-                                           "LoRA run's base); a separate reference folder is not supported yet: "
-                                           "remove it"),
     ("finetuning_type: oft", "finetuning_type: 'oft' is not supported; use full, lora or freeze"),
     ("fp16: true", "fp16: fsdptrain trains in bf16 or fp32, not fp16; set bf16: true (or remove fp16)"),
     ("quantization_bit: 4", "quantization_bit: quantized (QLoRA) training is not supported; remove it"),

@@ -164,6 +164,14 @@ def _simpo_gamma(v: Any, ctx: dict) -> Out:
     return {"preference.simpo_gamma": v} if ctx.get("stage") == "dpo" and ctx.get("pref_loss") == "simpo" else {}
 
 
+def _ref_model(v: Any, ctx: dict) -> Out:
+    """ref_model: a reference folder of its own, read by LLaMA-Factory only under stage dpo with a loss that has a
+    reference (not orpo or simpo); ignored otherwise, as there."""
+    if not v or ctx.get("stage") != "dpo" or ctx.get("pref_loss") in ("orpo", "simpo"):
+        return {}
+    return {"preference.ref_model": v}
+
+
 def _method(v: Any, ctx: dict) -> Out:
     if v in ("full", "lora", "freeze"):
         return {"finetune.method": v}
@@ -423,8 +431,7 @@ KEYS: dict[str, Any] = {
     "simpo_gamma": _simpo_gamma,
     "pref_bco_weight": _refuse_if_set("BCO's extra term is not supported; remove it (0)"),
     "ld_alpha": _refuse_if_set("LD-DPO is not supported; remove it"),
-    "ref_model": _refuse_if_set("the reference is the starting model (model_name_or_path; a LoRA run's base); a "
-                                "separate reference folder is not supported yet: remove it"),
+    "ref_model": _ref_model,
     "ref_model_adapters": _refuse_if_set("not supported; remove it"),
     "ref_model_quantization_bit": _refuse_if_set("quantized reference models are not supported; remove it"),
     "lora_rank": _to("finetune.lora.rank"),

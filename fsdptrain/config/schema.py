@@ -340,6 +340,10 @@ class PreferenceConfig:
                                         "(LLaMA-Factory kto_chosen_weight).", min=0)
     kto_rejected_weight: float = opt(1.0, "train.objective kto only: the weight of an undesirable example's loss "
                                           "(LLaMA-Factory kto_rejected_weight).", min=0)
+    ref_model: Optional[str] = opt(None, "A Hugging Face model folder for the reference model (sigmoid, ipo, hinge), "
+                                         "of the policy's family and vocabulary; built as a frozen sharded copy, "
+                                         "also under LoRA and freeze; null: the starting model (LLaMA-Factory "
+                                         "ref_model).")
 
 
 @dataclass
@@ -660,6 +664,9 @@ def validate_preference(cfg: Config, source: str) -> None:
     if p.simpo_gamma is not None and p.loss != "simpo":
         raise ConfigError(f"{source}: preference.simpo_gamma belongs to the simpo loss, not {p.loss}; remove it or "
                           "set preference.loss=simpo")
+    if p.ref_model is not None and p.loss in ("orpo", "simpo"):
+        raise ConfigError(f"{source}: preference.ref_model belongs to the losses with a reference model (sigmoid, "
+                          f"ipo, hinge), not {p.loss}; remove it or set another preference.loss")
     if p.beta <= 0:
         raise ConfigError(f"{source}: preference.beta: {p.beta} must be above 0 (e.g. 0.1)")
     rows = "a pair's chosen and rejected rows" if objective == "dpo" else "an example and its KL row"

@@ -51,6 +51,7 @@ class Objective:
     loss: LossFn  # (model, batch on the device, chunked loss head or None, router_aux wanted) -> MicroLoss
     metrics: tuple[str, ...] = ()  # the keys of MicroLoss.metrics, in the order they are gathered
     per: tuple[tuple[str, str], ...] = ()  # (metric, the metric whose step sum divides it instead of the units)
+    token_nll: bool = False  # the loss is a mean token negative log-likelihood (SFT): eval reports exp(loss), ppl
 
 
 def metric_means(objective: Objective, sums: list[float], units: float) -> dict[str, float]:

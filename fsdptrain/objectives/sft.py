@@ -27,4 +27,4 @@ def token_cross_entropy(model: nn.Module, batch: dict, head: Optional[ChunkedLos
     return MicroLoss(total, router_aux=aux[0] if aux else None)
 
 
-SFT = Objective("sft", "target tokens", target_tokens, token_cross_entropy)
+SFT = Objective("sft", "target tokens", target_tokens, token_cross_entropy, token_nll=True)

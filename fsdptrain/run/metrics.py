@@ -94,14 +94,18 @@ class RunLogger:
                      f"grad_norm {metrics['grad_norm']:.3f} tok/s/dev {metrics['tokens_per_s_per_device']:.0f} "
                      f"eta {eta:.0f}s")
 
-    def eval_line(self, step: int, metrics: dict) -> None:
-        """An evaluation after optimizer step `step`: one line now, and its loss on the following step lines."""
+    def eval_line(self, step: int, metrics: dict, units: str = "tokens") -> None:
+        """An evaluation after optimizer step `step`: one line now, and its loss on the following step lines.
+        A pair objective's metrics have no eval_ppl (its loss is no token NLL): the line shows the reward
+        accuracy instead, and `units` (pairs) what eval_tokens counts."""
         if not self.enabled:
             return
         self.last_eval = metrics["eval_loss"]
         if self.progress != "none":
-            log.info(f"eval step {step}: loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.3f} "
-                     f"({metrics['eval_tokens']} tokens, {metrics['eval_time_s']:.1f}s)")
+            shown = [f"{name} {metrics['eval_' + name]:.3f}" for name in ("ppl", "rewards/accuracies")
+                     if "eval_" + name in metrics]
+            log.info(" ".join([f"eval step {step}: loss {metrics['eval_loss']:.4f}", *shown]) +
+                     f" ({metrics['eval_tokens']} {units}, {metrics['eval_time_s']:.1f}s)")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -8,7 +8,8 @@ allocated and filled (random init, or each rank's rows read from safetensors).
 
 `build_reference` gives a preference run's reference model by the cheapest correct means: a LoRA run's policy
 with its adapters off, a freeze run's policy with its trainable shards as loaded swapped in, and for full
-fine-tuning a second sharded copy, frozen (no gradients, no optimizer state; bf16 under bf16-mixed).
+fine-tuning a second sharded copy, frozen (no gradients, no optimizer state; bf16 under bf16-mixed). A reference
+folder of its own (preference.ref_model, checked by `reference_config`) is always such a frozen copy.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -24,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..config.schema import Config
 from ..core import log
+from ..core.errors import UserError
 from ..dist.distributed import DistInfo
 from ..dist.mesh import build_mesh, describe
 from ..dist.plan import matmul_tf32, resolve_precision
@@ -123,16 +126,49 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
 Reference = Callable[[nn.Module], AbstractContextManager]  # policy -> a context yielding the reference model
 
 
-def build_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sharded: ShardedModel) -> Reference:
+def reference_config(cfg: Config, policy: PretrainedConfig) -> Optional[PretrainedConfig]:
+    """preference.ref_model's transformers config, or None when the run has none: refused in one line unless it
+    is a causal LM of the policy's family and vocabulary (the two log-probabilities of a response must score the
+    same token ids)."""
+    path = cfg.preference.ref_model
+    if path is None:
+        return None
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"preference.ref_model: {path}: no config.json there; point it at a local Hugging Face "
+                        "model folder (the reference model)")
+    ref = models.load_hf_config(path, None, None, cfg.model.trust_remote_code)
+    fix = "give a reference model of the policy's family and vocabulary (model.path), or remove preference.ref_model"
+    if ref.model_type != policy.model_type:
+        raise UserError(f"preference.ref_model: {path} is a {ref.model_type} model but the policy is "
+                        f"{policy.model_type}; {fix}")
+    if ref.vocab_size != policy.vocab_size:
+        raise UserError(f"preference.ref_model: {path} has vocab_size {ref.vocab_size} but the policy's is "
+                        f"{policy.vocab_size}; {fix}")
+    if models.is_reward_config(ref):
+        raise UserError(f"preference.ref_model: {path} holds a reward model ({ref.architectures[0]}, no "
+                        f"language-model head); {fix}")
+    return ref
+
+
+def build_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sharded: ShardedModel,
+                    ref_config: Optional[PretrainedConfig] = None) -> Reference:
     """The reference model of a preference run: given the policy, a context in which the yielded model computes
-    what the run started from (call it under no_grad, before the policy's own forward of the micro-batch)."""
+    what the run started from (call it under no_grad, before the policy's own forward of the micro-batch).
+    ref_config: preference.ref_model's config (`reference_config`): a frozen copy of that folder instead, whatever
+    the fine-tuning method (the policy with its adapters off would be the starting model, not that folder)."""
     method = sharded.finetune.method if sharded.finetune is not None else "full"
-    if method == "lora":
+    if ref_config is None and method == "lora":
         return _tidied(finetune.adapters_disabled)
-    if method == "freeze":
+    if ref_config is None and method == "freeze":
         return _tidied(finetune.InitialWeights(sharded.model))
-    ref = build_sharded_model(cfg, info, hf_config, mesh=sharded.mesh, frozen=True).model
-    log.info("reference model: a frozen sharded copy of the starting weights (full fine-tuning)")
+    if ref_config is None:
+        ref = build_sharded_model(cfg, info, hf_config, mesh=sharded.mesh, frozen=True).model
+        log.info("reference model: a frozen sharded copy of the starting weights (full fine-tuning)")
+    else:
+        ref = build_sharded_model(cfg, info, ref_config, weights=cfg.preference.ref_model, mesh=sharded.mesh,
+                                  frozen=True).model
+        extra = f" (under {method} a separate copy: the reference is not the policy's base)" if method != "full" else ""
+        log.info(f"reference model: a frozen sharded copy of {cfg.preference.ref_model}{extra}")
 
     @contextmanager
     def separate(policy: nn.Module) -> Iterator[nn.Module]:
@@ -142,9 +178,14 @@ def build_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sh
 
 
 def _tidied(reference: Reference) -> Reference:
-    """`reference` with FSDP2's records of its forward tidied after it (parallelize.after_no_grad_forward)."""
+    """`reference` with FSDP2's records of its forward tidied after it (parallelize.after_no_grad_forward), and the
+    policy's tidied before it: a no-grad forward of the policy (evaluation) leaves the units that keep their
+    weights after forward (the root, the last block) gathered, since no backward follows to free them, so the
+    freeze reference's initial shards, copied in below those gathered weights, would not be seen: its forward would
+    reuse the policy's trained weights there. After a training step's backward this finds nothing to do."""
     @contextmanager
     def run(policy: nn.Module) -> Iterator[nn.Module]:
+        after_no_grad_forward(policy)
         with reference(policy) as model:
             try:
                 yield model

@@ -3,7 +3,8 @@
 eval loss = (the objective's summed loss over the eval examples evaluated) /
 (their units: for SFT, per-token cross-entropy over every target token / the
 number of those tokens), summed in float64 over micro-batches and ranks;
-perplexity = exp(loss). data/evalset.py deals the
+perplexity = exp(loss) where the loss is a token NLL (SFT; a pair objective's
+loss per pair has no perplexity: none is reported). data/evalset.py deals the
 examples so that each is counted exactly once on any world size.
 
 The model runs under `torch.no_grad` in eval mode (dropout off) and goes back
@@ -39,14 +40,33 @@ class EvalResult:
     examples: int  # eval rows evaluated (packed rows when packing)
     seconds: float
     extra: dict[str, float] = field(default_factory=dict)  # the objective's metrics (dpo: rewards/...) per unit
+    token_nll: bool = True  # the loss is a mean token NLL (the objective's token_nll): it has a perplexity
+    unit: str = "tokens"  # what `tokens` counts, for the eval line (the objective's unit: tokens, pairs)
 
     @property
-    def ppl(self) -> float:
+    def ppl(self) -> Optional[float]:
+        """exp(loss) for a token NLL; None for a loss that is not one (dpo, rm: a loss per pair)."""
+        if not self.token_nll:
+            return None
         return math.exp(self.loss) if self.loss < 700 else float("inf")
 
     def metrics(self) -> dict:
-        return {"eval_loss": self.loss, "eval_ppl": self.ppl, "eval_tokens": self.tokens,
-                "eval_time_s": round(self.seconds, 3), **{f"eval_{k}": v for k, v in self.extra.items()}}
+        ppl = {"eval_ppl": self.ppl} if self.token_nll else {}
+        return {"eval_loss": self.loss, **ppl, "eval_tokens": self.tokens, "eval_time_s": round(self.seconds, 3),
+                **{f"eval_{k}": v for k, v in self.extra.items()}}
+
+    @property
+    def units(self) -> str:
+        """What `tokens` counts, in a word: tokens (SFT's target tokens), pairs (dpo, rm)."""
+        return self.unit.split()[-1]
+
+    def summary(self) -> str:
+        """The eval line's values: 'loss L ppl P' for a token NLL, 'loss L rewards/accuracies A' for pairs (their
+        loss has no perplexity), then the units counted."""
+        shown = {"ppl": self.ppl} if self.token_nll else {k: v for k, v in self.extra.items()
+                                                          if k == "rewards/accuracies"}
+        return " ".join([f"loss {self.loss:.6f}", *(f"{k} {v:.4f}" for k, v in shown.items()),
+                         f"{self.units} {self.tokens}"])
 
 
 def eval_micro_batch(cfg: Config) -> int:
@@ -84,4 +104,5 @@ def evaluate(model: nn.Module, objective: Objective, examples: Any, pad_id: int,
         distributed.all_reduce_sum(sums)
     loss_sum, tokens, *metric_sums = sums.tolist()
     extra = metric_means(objective, metric_sums, tokens)
-    return EvalResult(loss_sum / max(tokens, 1.0), int(tokens), n, time.perf_counter() - t0, extra)
+    return EvalResult(loss_sum / max(tokens, 1.0), int(tokens), n, time.perf_counter() - t0, extra,
+                      objective.token_nll, objective.unit)

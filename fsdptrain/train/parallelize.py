@@ -184,9 +184,10 @@ def after_no_grad_forward(model: nn.Module) -> None:
         if isinstance(m, FSDPModule):
             m.reshard()
     state = model._get_fsdp_state() if isinstance(model, FSDPModule) else None
-    if state is None:
+    order = getattr(state._comm_ctx, "post_forward_order", None) if state is not None else None
+    if order is None:  # no FSDP state, or before the model's first forward (FSDP2 sets the record up lazily)
         return
-    state._comm_ctx.post_forward_order.clear()
+    order.clear()
     for st in state._state_ctx.all_states:
         for group in st._fsdp_param_groups:
             group._post_forward_indices.clear()

@@ -7,6 +7,8 @@ SPEC: {"cases": [{"config": yaml path, "kind": "train" | "steps" | "refuse" | "p
          (its schedule unchanged, nothing saved); rank 0 writes {"step", "loss", "grad_norm"} lists to `out`,
          with the optimizer's class, the mesh shape and which blocks were compiled.
   refuse: setup must fail with a UserError; rank 0 writes its message to error_out.
+  eval: `fsdptrain eval` of `source` (a run directory or checkpoint) on the config's eval data; rank 0 writes the
+        result JSON to `out`.
   probe: one forward/backward and optimizer step; rank 0 writes PROBE.json into output_dir: which frozen
          tensors got a gradient, trainable parameters, optimizer state elements, local bytes per dtype (all ranks);
          each rank writes PROBE-rank{R}.json: its shards' storage bytes (parameters, gradients, optimizer state).
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fsdptrain import trainer
+from fsdptrain import evalrun, trainer
 from fsdptrain.config.schema import load_config
 from fsdptrain.core.errors import UserError
 from fsdptrain.data import pipeline
@@ -125,6 +127,8 @@ def main() -> None:
             probe(cfg, info, Path(cfg.output_dir))
         elif case.get("kind") == "steps":
             run_steps(cfg, info, case["steps"], case["out"])
+        elif case.get("kind") == "eval":
+            evalrun.eval_checkpoint(cfg, case["source"], case["out"])
         elif case.get("kind") == "refuse":  # a start that must fail with one line: record it
             try:
                 trainer.setup(cfg, info)
