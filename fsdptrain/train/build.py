@@ -123,15 +123,17 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
 Reference = Callable[[nn.Module], AbstractContextManager]  # policy -> a context yielding the reference model
 
 
-def build_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sharded: ShardedModel) -> Reference:
+def build_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sharded: ShardedModel,
+                    fill: bool = True) -> Reference:
     """The reference model of a preference run: given the policy, a context in which the yielded model computes
-    what the run started from (call it under no_grad, before the policy's own forward of the micro-batch)."""
+    what the run started from (call it under no_grad, before the policy's own forward of the micro-batch).
+    fill: as for build_sharded_model (memory.trace builds the reference copy on fake tensors, unfilled)."""
     method = sharded.finetune.method if sharded.finetune is not None else "full"
     if method == "lora":
         return _tidied(finetune.adapters_disabled)
     if method == "freeze":
         return _tidied(finetune.InitialWeights(sharded.model))
-    ref = build_sharded_model(cfg, info, hf_config, mesh=sharded.mesh, frozen=True).model
+    ref = build_sharded_model(cfg, info, hf_config, mesh=sharded.mesh, fill=fill, frozen=True).model
     log.info("reference model: a frozen sharded copy of the starting weights (full fine-tuning)")
 
     @contextmanager
