@@ -65,6 +65,7 @@ class StepTrace:
     """Per-phase peaks of the traced steps on one rank, and its exact optimizer state."""
     phases: list[PhasePeak]
     optimizer_state: int  # bytes of the optimizer's state tensors after the last step
+    reference_weights: int = 0  # bytes of a preference run's reference weights (sharded copy, or kept shards)
 
     @property
     def compared(self) -> list[PhasePeak]:
@@ -145,6 +146,11 @@ def forgetting(reference: Reference, run: SimpleNamespace) -> Reference:
     return traced
 
 
+def sharded_bytes(model: nn.Module) -> int:
+    """Bytes of an FSDP2 model's sharded parameters on this rank: each one's padded local storage."""
+    return sum(p.to_local().untyped_storage().nbytes() for p in model.parameters())
+
+
 def with_resident(tr: StepTrace, nbytes: int) -> StepTrace:
     """The trace with `nbytes` of sharded weights made before the tracker started (traced_reference) in every
     phase."""
@@ -152,7 +158,8 @@ def with_resident(tr: StepTrace, nbytes: int) -> StepTrace:
         return tr
     cat = "parameters (sharded)"
     return StepTrace([dataclasses.replace(p, total=p.total + nbytes, by_category={
-        **p.by_category, cat: p.by_category[cat] + nbytes}) for p in tr.phases], tr.optimizer_state)
+        **p.by_category, cat: p.by_category[cat] + nbytes}) for p in tr.phases], tr.optimizer_state,
+        tr.reference_weights)
 
 
 def state_on_host(tr: StepTrace) -> StepTrace:
@@ -160,7 +167,7 @@ def state_on_host(tr: StepTrace) -> StepTrace:
     state lives in host memory; optimizer_state still gives its bytes, now the host's)."""
     phases = [dataclasses.replace(p, total=p.total - p.by_category["optimizer state"],
                                   by_category={**p.by_category, "optimizer state": 0}) for p in tr.phases]
-    return StepTrace(phases, tr.optimizer_state)
+    return StepTrace(phases, tr.optimizer_state, tr.reference_weights)
 
 
 def step_run(cfg: Config, info: DistInfo, model: nn.Module, head,
@@ -275,6 +282,7 @@ def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_no
             sharded.model.train()
             tr = measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm, also)
             tr = with_resident(tr, kept)
+            tr.reference_weights = kept + sum(sharded_bytes(m) for m in also)
             return state_on_host(tr) if cfg.parallel.optimizer_offload else tr
     finally:
         dist.destroy_process_group()
@@ -301,6 +309,7 @@ def rank_groups(shape: analytic.ModelShape, world: int, shard_world: int) -> lis
 # analytic term -> the traced category it is compared with
 TERM_CATEGORY = {
     "parameters (sharded)": "parameters (sharded)",
+    "reference weights (sharded, frozen)": "parameters (sharded)",  # tracked with the policy's (PhaseTracker also)
     "gradients (sharded)": "gradients (sharded)",
     "optimizer state (AdamW m, v, step)": "optimizer state",
     "all-gather: root (embeddings, norm, lm_head)": "parameters (gathered)",
