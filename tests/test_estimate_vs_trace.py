@@ -1,14 +1,15 @@
 """The analytic estimator (memory/estimate.py) against the fake-tensor trace of the real step (memory/trace.py).
 
-Fourteen configurations of a small Llama (one of them a Qwen3-MoE) at 8 ranks under torch's fake process group:
+Sixteen configurations of a small Llama (one of them a Qwen3-MoE) at 8 ranks under torch's fake process group:
 checkpointing none / full / every_k / selective / auto, the chunked loss, hybrid sharding with accumulation reduced
 only on the last micro-step, accumulation with per-micro-step sync, fp32 and bf16-mixed, LoRA, freeze, optimizer
-offload, a mixture-of-experts family with q/k norms (qwen3_moe), and preference training (dpo: two rows per pair;
-full fine-tuning with its frozen reference copy, with accumulation and auto checkpointing; LoRA, whose reference is
-the policy with its adapters off). For each, on every group of ranks with equal shards: the analytic peak is within
-5% of the traced peak, and the model-state terms (sharded parameters, the reference's included, gradients,
-optimizer state) are exact. cpu_offload, which cannot be traced, has its host-side model state checked against the
-resident run's trace; the reference-weights line equals the reference model's sharded bytes, padded shards too.
+offload, a mixture-of-experts family with q/k norms (qwen3_moe), preference training (dpo: two rows per pair; full
+fine-tuning with its frozen reference copy, also with accumulation and auto checkpointing; LoRA, whose reference is
+the policy with its adapters off; freeze) and a reward model (rm). For each, on every group of ranks with equal
+shards: the analytic peak is within 5% of the traced peak, and the model-state terms (sharded parameters, the
+reference's included, gradients, optimizer state) are exact. cpu_offload, which cannot be traced, has its
+host-side model state checked against the resident run's trace; the reference-weights line equals the reference
+model's sharded bytes, padded shards too; auto checkpointing plans with the reference.
 
 The dimensions are in proportion to real models (vocabulary 8x the hidden size, MLP 2.75x) so that no single term
 swamps the others; fake tensors cost the same whatever their size. All traces run in this process (no torchrun).
@@ -59,6 +60,11 @@ CASES = {
                                    "train": {"micro_batch_size": 1, "grad_accum_steps": 2, "objective": "dpo"}}),
     "dpo_lora": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "dpo"},
                         "finetune": {"method": "lora"}}),
+    # freeze: the reference swaps the trainable shards as loaded in (a kept copy of them)
+    "dpo_freeze": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "dpo"},
+                          "finetune": {"method": "freeze"}}),
+    # a reward model: the score head (hidden x 1) in place of the lm_head and its logits, no reference
+    "rm": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "rm"}}),
 }
 
 
@@ -116,6 +122,37 @@ def test_the_cases_exercise_what_they_name(traced):
     assert full.est.terms["reference weights (sharded, frozen)"] > 0
     assert lora.est.settings.reference == "adapters-off" and lora.trace.reference_weights == 0
     assert len(set(traced["dpo_full_accum_auto"].traces[0].est.settings.block_modes)) > 1
+    assert traced["dpo_freeze"].traces[0].trace.reference_weights > 0
+    rm = traced["rm"].traces[0].est
+    assert rm.shape.lm_head_numel == 0 and rm.settings.reference is None
+    assert rm.terms["logits + loss (forward)"] < rm.terms["activations (saved for backward)"] // 100
+
+
+def test_auto_checkpointing_plans_with_the_reference_and_two_rows_per_pair(configs):
+    """The trainer's plan (plan_auto_checkpointing, on the built policy) is the estimate's, and it pays for the
+    reference and the pair's second row: the same budget gives sft on one row per pair less recomputation, and
+    the reference-free orpo no more than sigmoid."""
+    import torch
+
+    from fsdptrain.model import models
+
+    def plan(*overrides: str) -> tuple[str, ...]:
+        cfg = load_config(configs["dpo_full_accum_auto"], list(overrides))
+        est = analytic.estimate(cfg, 1, 8, 80 << 30)
+        hf = models.load_hf_config(None, LLAMA, None, False)
+        model = models.build_meta_model(hf, "sdpa", torch.float32, False)
+        modes, _ = analytic.plan_auto_checkpointing(cfg, model, 8, 8, torch.device("cpu"))
+        assert tuple(modes) == est.settings.block_modes
+        return est.settings.block_modes
+
+    order = {"none": 0, "selective": 1, "full": 2}
+
+    def cost(modes: tuple[str, ...]) -> int:
+        return sum(order[m] for m in modes)
+
+    dpo, sft = plan(), plan("train.objective=sft")
+    orpo = plan("preference.loss=orpo")
+    assert cost(sft) < cost(dpo) and cost(orpo) <= cost(dpo), (sft, orpo, dpo)
 
 
 def test_reference_weights_line_equals_the_reference_models_sharded_bytes(tmp_path):

@@ -554,7 +554,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "logits + loss (forward)": logits_fwd,
         "logits + loss (backward)": logits_bwd,
         "lm_head + hidden grads (fused loss)": fused_grads,
-        "reference forward (no grad: logits, one block)": ref_work,
+        "reference forward (no grad)": ref_work,
     }
     base = params_gpu + opt_gpu + offload_staging + accum + ref_gpu  # fused AdamW on CUDA: no full-size temporaries
     if chunked:  # the chunked loss runs inside the model's forward and backward: the root stays gathered
@@ -719,7 +719,7 @@ def render(est: Estimate) -> str:
               if m.moe else []),
              f"run: {nodes} node(s) x {s.facts.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
              f"micro-batch {s.micro_batch} x {s.seq_len} tokens"
-             + (f" ({s.micro_batch // 2} pairs)" if s.rows_per_unit == 2 else "")
+             + (f" ({s.micro_batch // 2} pair{'s' if s.micro_batch > 2 else ''})" if s.rows_per_unit == 2 else "")
              + f", grad accumulation {t.grad_accum_steps}, "
              f"checkpointing {p.activation_checkpointing}"
              + (f" ({describe_modes(list(s.block_modes))})" if s.block_modes else "") + f", offload {p.cpu_offload}"
@@ -741,8 +741,10 @@ def render(est: Estimate) -> str:
                    f"fragmentation and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about "
                    f"{format_bytes(need)} of {format_bytes(s.facts.gpu_memory)}")]
     if est.cpu_per_rank:
-        what = ("sharded params, grads and AdamW state" if s.cfg.parallel.cpu_offload
-                else "AdamW state and the pinned staging of the gradient and parameter shards")
+        what = "AdamW state and the pinned staging of the gradient and parameter shards"
+        if s.cfg.parallel.cpu_offload:
+            what = "sharded params, grads and AdamW state" + (
+                ", the reference's weights" if s.reference in ("copy", "initial") else "")
         cpu = (f"CPU (offload): {format_bytes(est.cpu_per_rank)} per rank, {format_bytes(est.cpu_per_node)} "
                f"per node ({what})")
         if s.facts.cpu_memory is not None:

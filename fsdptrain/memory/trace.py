@@ -118,16 +118,9 @@ def traced_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, s
     policy = sharded.model
     before = {id(p): p for p in policy.parameters() if p.requires_grad}
     reference = build_reference(cfg, info, hf_config, sharded, fill=False)
-    # Which model the reference forward runs: entered once outside any forward (its tidying after the forward
-    # reads FSDP2's per-root state, which exists once the root is lazily initialised; done before the tracker as
-    # PhaseTracker does for the policy).
-    policy._get_fsdp_state()._lazy_init()
-    context = reference(policy)
-    model = context.__enter__()
-    model._get_fsdp_state()._lazy_init()
-    context.__exit__(None, None, None)
-    if model is not policy:
-        return reference, (model,), 0
+    also = reference_models(reference, policy)
+    if also:
+        return reference, also, 0
     if sharded.finetune is not None and sharded.finetune.method == "freeze":
         locals_ = [p.to_local() if hasattr(p, "to_local") else p for p in before.values()]
         return reference, (), sum(t.numel() * t.element_size() for t in locals_)  # clones of the unpadded shards
@@ -144,6 +137,19 @@ def forgetting(reference: Reference, run: SimpleNamespace) -> Reference:
             yield model
         run.phase_tracker.forget_forwards()
     return traced
+
+
+def reference_models(reference: Reference, policy: nn.Module) -> tuple[nn.Module, ...]:
+    """The FSDP2 models a reference runs besides the policy (full fine-tuning's frozen copy; none for LoRA and
+    freeze), lazily initialised as PhaseTracker does the policy: the reference is entered once outside any
+    forward, where it yields its model and its tidying after a forward (which reads FSDP2's per-root state, made
+    by the lazy init) changes nothing."""
+    policy._get_fsdp_state()._lazy_init()
+    context = reference(policy)
+    model = context.__enter__()
+    model._get_fsdp_state()._lazy_init()
+    context.__exit__(None, None, None)
+    return () if model is policy else (model,)
 
 
 def sharded_bytes(model: nn.Module) -> int:
