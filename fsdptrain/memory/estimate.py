@@ -30,6 +30,13 @@ Two kinds of terms:
   save nothing. The peak is the largest of the phase sums in `phases`; the
   working-memory terms were checked against the fake-tensor trace of the real
   step (memory/trace.py, tests/test_estimate_vs_trace.py).
+- Preference runs (train.objective dpo, rm): a micro-batch of n pairs is 2n
+  rows; a run with a reference model (Settings.reference) adds its sharded
+  weights to the model state (full fine-tuning: a frozen copy in the compute
+  dtype; freeze: the trainable shards as loaded; LoRA: none, the policy with
+  its adapters off) and its no-grad forward as a phase of its own (the units
+  gathered as for the policy, one block's working set, then the logits'); rm's
+  score head gives one output per token in place of the vocabulary logits.
 The verdict adds a fixed allowance for the CUDA context, NCCL buffers and
 allocator fragmentation that torch's allocator does not count.
 

@@ -28,6 +28,11 @@ What the trace does not model:
 - Selective checkpointing is traced as trained: the profiler ops FSDP opens
   inside a block's recompute pass through the selective replay
   (parallelize._PROFILER_OPS).
+- Preference runs (dpo, rm) are traced as trained: micro-batches of two rows
+  per pair, and the reference built by build.build_reference (unfilled) and
+  run by the objective; full fine-tuning's frozen copy is tracked with the
+  policy (PhaseTracker `also`), freeze's kept shards are added to every phase
+  (they are made before the tracker starts).
 """
 
 from __future__ import annotations
@@ -135,7 +140,8 @@ def forgetting(reference: Reference, run: SimpleNamespace) -> Reference:
     def traced(policy: nn.Module) -> Iterator[nn.Module]:
         with reference(policy) as model:
             yield model
-        run.phase_tracker.forget_forwards()
+        if (tracker := getattr(run, "phase_tracker", None)) is not None:  # none outside measure_steps
+            tracker.forget_forwards()
     return traced
 
 
