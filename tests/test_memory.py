@@ -438,6 +438,10 @@ def test_estimate_cli_preference_runs(tmp_path):
     assert ref * 2 == est.terms["parameters (sharded)"]
     assert f"  {'reference weights (sharded, frozen)':<44} {format_bytes(ref):>12}" in res.output
     assert "  forward (reference, no grad)" in res.output
+    # the advice leaves out what dpo refuses (the chunked loss), and halves pairs, not rows
+    tight = CliRunner().invoke(cli, ["estimate", cfg, "data.max_length=2048", "--gpu-memory", "1GiB", *args[:4]])
+    assert "what to change (each alone):" in tight.output and "loss_chunk_tokens" not in tight.output
+    assert "  train.micro_batch_size=1 train.grad_accum_steps=2: peak" in tight.output
     res = CliRunner().invoke(cli, ["estimate", cfg, "finetune.method=lora", *args])
     assert "reference model: the policy with its adapters off (no second copy)" in res.output
     assert "reference weights" not in res.output and "  forward (reference, no grad)" in res.output

@@ -671,7 +671,8 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
     if s.cfg.parallel.activation_checkpointing in ("none", "every_k"):
         tries.append(("parallel.activation_checkpointing=selective", mode("selective")))
     tokens = s.micro_batch * s.seq_len
-    if not s.cfg.train.loss_chunk_tokens and tokens >= 2048:
+    # (dpo and rm refuse the chunked loss: their objectives read every row's logits or scores themselves)
+    if not s.cfg.train.loss_chunk_tokens and tokens >= 2048 and s.cfg.train.objective not in PAIRWISE:
         chunk = min(4096, tokens // 2)
         tries.append((f"train.loss_chunk_tokens={chunk}", s.vary(train={"loss_chunk_tokens": chunk})))
     if s.cfg.train.grad_accum_steps > 1 and not s.cfg.parallel.sync_grads_every_micro_step:
