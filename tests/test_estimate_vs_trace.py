@@ -1,12 +1,15 @@
 """The analytic estimator (memory/estimate.py) against the fake-tensor trace of the real step (memory/trace.py).
 
-Eleven configurations of a small Llama (one of them a Qwen3-MoE) at 8 ranks under torch's fake process group:
+Sixteen configurations of a small Llama (one of them a Qwen3-MoE) at 8 ranks under torch's fake process group:
 checkpointing none / full / every_k / selective / auto, the chunked loss, hybrid sharding with accumulation reduced
 only on the last micro-step, accumulation with per-micro-step sync, fp32 and bf16-mixed, LoRA, freeze, optimizer
-offload and a mixture-of-experts family with q/k norms (qwen3_moe). For each, on every group of ranks with equal
-shards: the analytic peak is within 5% of the traced peak, and the model-state terms (sharded parameters, gradients,
-optimizer state) are exact. cpu_offload, which cannot be traced, has its host-side model state checked against the
-resident run's trace.
+offload, a mixture-of-experts family with q/k norms (qwen3_moe), preference training (dpo: two rows per pair; full
+fine-tuning with its frozen reference copy, also with accumulation and auto checkpointing; LoRA, whose reference is
+the policy with its adapters off; freeze) and a reward model (rm). For each, on every group of ranks with equal
+shards: the analytic peak is within 5% of the traced peak, and the model-state terms (sharded parameters, the
+reference's included, gradients, optimizer state) are exact. cpu_offload, which cannot be traced, has its
+host-side model state checked against the resident run's trace; the reference-weights line equals the reference
+model's sharded bytes, padded shards too; auto checkpointing plans with the reference.
 
 The dimensions are in proportion to real models (vocabulary 8x the hidden size, MLP 2.75x) so that no single term
 swamps the others; fake tensors cost the same whatever their size. All traces run in this process (no torchrun).
@@ -51,6 +54,17 @@ CASES = {
     "freeze": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 2}, "finetune": {"method": "freeze"}}),
     "optimizer_offload": (1, 8, {"parallel": {**BF16, "optimizer_offload": True}, "train": {"micro_batch_size": 2}}),
     "qwen3_moe_chunked": (1, 8, {"parallel": BF16, "train": CHUNKED, "model": {"hf_config": QWEN3_MOE}}),
+    # a micro-batch of 1 pair is 2 rows; full fine-tuning builds the frozen reference copy
+    "dpo_full": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "dpo"}}),
+    "dpo_full_accum_auto": (1, 8, {"parallel": {**BF16, "activation_checkpointing": "auto", "memory_budget_gib": 0.046},
+                                   "train": {"micro_batch_size": 1, "grad_accum_steps": 2, "objective": "dpo"}}),
+    "dpo_lora": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "dpo"},
+                        "finetune": {"method": "lora"}}),
+    # freeze: the reference swaps the trainable shards as loaded in (a kept copy of them)
+    "dpo_freeze": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "dpo"},
+                          "finetune": {"method": "freeze"}}),
+    # a reward model: the score head (hidden x 1) in place of the lm_head and its logits, no reference
+    "rm": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "rm"}}),
 }
 
 
@@ -81,7 +95,9 @@ def test_analytic_peak_within_5_percent_and_model_state_exact(traced, name):
         tr, est = rt.trace, rt.est
         assert abs(est.peak - tr.peak.total) <= 0.05 * tr.peak.total, (
             name, rt.ranks, est.peak, est.peak_phase, tr.peak.total, tr.peak.label)
-        assert est.terms["parameters (sharded)"] == tr.category_max("parameters (sharded)")
+        reference = est.terms["reference weights (sharded, frozen)"]
+        assert est.terms["parameters (sharded)"] + reference == tr.category_max("parameters (sharded)")
+        assert reference == tr.reference_weights
         assert est.terms["gradients (sharded)"] == tr.category_max("gradients (sharded)")
         assert est.terms["optimizer state (AdamW m, v, step)"] == tr.category_max("optimizer state")
         assert est.state.optimizer == tr.optimizer_state  # on the GPU, or on the host with optimizer offload
@@ -101,6 +117,67 @@ def test_the_cases_exercise_what_they_name(traced):
     moe = traced["qwen3_moe_chunked"].traces[0].est.shape
     assert moe.moe is not None and moe.qk_norm
     assert traced["hybrid_no_sync"].traces[0].est.settings.shard_world == 4
+    full, lora = traced["dpo_full"].traces[0], traced["dpo_lora"].traces[0]
+    assert full.shapes[0] == [(2, 512)] and full.est.settings.reference == "copy"  # one pair: two rows
+    assert full.est.terms["reference weights (sharded, frozen)"] > 0
+    assert lora.est.settings.reference == "adapters-off" and lora.trace.reference_weights == 0
+    assert len(set(traced["dpo_full_accum_auto"].traces[0].est.settings.block_modes)) > 1
+    assert traced["dpo_freeze"].traces[0].trace.reference_weights > 0
+    rm = traced["rm"].traces[0].est
+    assert rm.shape.lm_head_numel == 0 and rm.settings.reference is None
+    assert rm.terms["logits + loss (forward)"] < rm.terms["activations (saved for backward)"] // 100
+
+
+def test_auto_checkpointing_plans_with_the_reference_and_two_rows_per_pair(configs):
+    """The trainer's plan (plan_auto_checkpointing, on the built policy) is the estimate's, and it pays for the
+    reference and the pair's second row: the same budget gives sft on one row per pair less recomputation, and
+    the reference-free orpo no more than sigmoid."""
+    import torch
+
+    from fsdptrain.model import models
+
+    def plan(*overrides: str) -> tuple[str, ...]:
+        cfg = load_config(configs["dpo_full_accum_auto"], list(overrides))
+        est = analytic.estimate(cfg, 1, 8, 80 << 30)
+        hf = models.load_hf_config(None, LLAMA, None, False)
+        model = models.build_meta_model(hf, "sdpa", torch.float32, False)
+        modes, _ = analytic.plan_auto_checkpointing(cfg, model, 8, 8, torch.device("cpu"))
+        assert tuple(modes) == est.settings.block_modes
+        return est.settings.block_modes
+
+    order = {"none": 0, "selective": 1, "full": 2}
+
+    def cost(modes: tuple[str, ...]) -> int:
+        return sum(order[m] for m in modes)
+
+    dpo, sft = plan(), plan("train.objective=sft")
+    orpo = plan("preference.loss=orpo")
+    assert cost(sft) < cost(dpo) and cost(orpo) <= cost(dpo), (sft, orpo, dpo)
+
+
+def test_reference_weights_line_equals_the_reference_models_sharded_bytes(tmp_path):
+    """Full fine-tuning's reference: every parameter's padded shard in bf16 under bf16-mixed (the vocabulary of
+    301 rows gives rank 1 fewer rows than its padded buffer); freeze's: its trainable shards as loaded, unpadded,
+    in fp32. Against the bytes of what build_reference makes, on both ranks."""
+    path = tmp_path / "ref.yaml"
+    tiny = {**LLAMA, "hidden_size": 64, "intermediate_size": 100, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 301, "num_hidden_layers": 2}
+    for method, bytes_per in (("full", 2), ("freeze", 4)):
+        path.write_text(yaml.safe_dump({"model": {"hf_config": tiny}, "data": {"max_length": 16},
+                                        "parallel": BF16, "finetune": {"method": method},
+                                        "train": {"objective": "dpo"}}))
+        rep = trace.run_trace(load_config(str(path), []), 1, 2, 80 << 30)
+        assert sorted(r for rt in rep.traces for r in rt.ranks) == [0, 1]
+        for rt in rep.traces:
+            rank = rt.ranks[0]
+            est = analytic.compute(rt.est.shape, rt.est.settings, rank)
+            line = est.terms["reference weights (sharded, frozen)"]
+            assert line == rt.trace.reference_weights > 0, (method, rank)
+            st = est.state
+            assert line == (st.padded_numel * bytes_per if method == "full" else st.trained_local * bytes_per)
+            assert f"  {'reference weights (sharded, frozen)':<44}" in analytic.render(est)
+        if method == "full":  # rank 1 holds fewer rows, in a padded buffer as large as rank 0's
+            assert len(rep.traces) == 2 and len({rt.trace.reference_weights for rt in rep.traces}) == 1
 
 
 def test_cpu_offload_model_state_equals_the_trace_of_the_resident_run(configs, traced):

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from fsdptrain.cli import main as cli
 from fsdptrain.config.schema import load_config
 from fsdptrain.core.errors import ConfigError, UserError
-from fsdptrain.core.units import GIB
+from fsdptrain.core.units import GIB, format_bytes
 from fsdptrain.memory import diff, estimate, report, snapshot
 from fsdptrain.memory import stats as memstats
 from fsdptrain.memory.tracker import likely_cause
@@ -420,6 +420,36 @@ def test_estimate_cli(tmp_path):
     assert "verdict: fits" in res.output
     res = CliRunner().invoke(cli, ["estimate", cfg, "--gpu-memory", "huge"])
     assert res.exit_code == 2 and "--gpu-memory: 'huge' is not a size" in res.output
+
+
+def test_estimate_cli_preference_runs(tmp_path):
+    """dpo: a micro-batch of 2 pairs is 4 rows; full fine-tuning names its reference copy and prints its weights
+    (bf16 under bf16-mixed: half the policy's fp32 shards, on a world of 2 with even shards) and its forward
+    phase; LoRA's reference is the policy; orpo has none; rm's row count doubles the same way."""
+    cfg = _write(tmp_path / "c.yaml", {"model": {"hf_config": TINY}, "data": {"max_length": 128},
+                                       "train": {"objective": "dpo", "micro_batch_size": 2}})
+    args = ["--nnodes", "1", "--gpus-per-node", "2", "--gpu-memory", "8GiB"]
+    res = CliRunner().invoke(cli, ["estimate", cfg, *args])
+    assert res.exit_code == 0, res.output
+    assert "micro-batch 4 x 128 tokens (2 pairs), grad accumulation 1" in res.output
+    assert "\nobjective: dpo (sigmoid), reference model: a frozen sharded copy (full fine-tuning)\n" in res.output
+    est = estimate.estimate(load_config(cfg), 1, 2, 8 * GIB)
+    ref = est.terms["reference weights (sharded, frozen)"]
+    assert ref * 2 == est.terms["parameters (sharded)"]
+    assert f"  {'reference weights (sharded, frozen)':<44} {format_bytes(ref):>12}" in res.output
+    assert "  forward (reference, no grad)" in res.output
+    # the advice leaves out what dpo refuses (the chunked loss), and halves pairs, not rows
+    tight = CliRunner().invoke(cli, ["estimate", cfg, "data.max_length=2048", "--gpu-memory", "1GiB", *args[:4]])
+    assert "what to change (each alone):" in tight.output and "loss_chunk_tokens" not in tight.output
+    assert "  train.micro_batch_size=1 train.grad_accum_steps=2: peak" in tight.output
+    res = CliRunner().invoke(cli, ["estimate", cfg, "finetune.method=lora", *args])
+    assert "reference model: the policy with its adapters off (no second copy)" in res.output
+    assert "reference weights" not in res.output and "  forward (reference, no grad)" in res.output
+    res = CliRunner().invoke(cli, ["estimate", cfg, "preference.loss=orpo", *args])
+    assert "objective: dpo (orpo), reference model: none\n" in res.output
+    assert "reference" not in res.output.replace("reference model: none", "")
+    res = CliRunner().invoke(cli, ["estimate", cfg, "train.objective=rm", *args])
+    assert "micro-batch 4 x 128 tokens (2 pairs)" in res.output and "objective: rm, reference model: none" in res.output
 
 
 # ----------------------------------------------------------------------------- CUDA only (skipped on CPU)

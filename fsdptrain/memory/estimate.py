@@ -30,6 +30,13 @@ Two kinds of terms:
   save nothing. The peak is the largest of the phase sums in `phases`; the
   working-memory terms were checked against the fake-tensor trace of the real
   step (memory/trace.py, tests/test_estimate_vs_trace.py).
+- Preference runs (train.objective dpo, rm): a micro-batch of n pairs is 2n
+  rows; a run with a reference model (Settings.reference) adds its sharded
+  weights to the model state (full fine-tuning: a frozen copy in the compute
+  dtype; freeze: the trainable shards as loaded; LoRA: none, the policy with
+  its adapters off) and its no-grad forward as a phase of its own (the units
+  gathered as for the policy, one block's working set, then the logits'); rm's
+  score head gives one output per token in place of the vocabulary logits.
 The verdict adds a fixed allowance for the CUDA context, NCCL buffers and
 allocator fragmentation that torch's allocator does not count.
 
@@ -45,7 +52,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config.schema import Config
+from ..config.schema import PAIRWISE, Config
 from ..core.errors import UserError
 from ..core.units import GIB, format_bytes
 from ..dist.plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
@@ -179,6 +186,8 @@ def shape_from_config(cfg: Config) -> ModelShape:
 
         vocab = len(load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code))
     hf = models.load_hf_config(cfg.model.path, inline, vocab, cfg.model.trust_remote_code)
+    if cfg.train.objective == "rm":  # the sequence-classification model: a score head, no lm_head (the pad id
+        hf = models.as_reward_config(hf, hf.pad_token_id or 0)  # only picks a token: no memory of its own)
     model = models.build_meta_model(hf, cfg.model.attn_implementation, torch.float32, cfg.model.trust_remote_code)
     if cfg.finetune.method != "full":  # adapters and frozen weights, as build_sharded_model makes them
         from ..model import finetune
@@ -279,10 +288,30 @@ class Settings:
         return (d.pack_length or d.max_length) if d.packing else d.max_length
 
     @property
+    def rows_per_unit(self) -> int:
+        """Rows a micro-batch holds per example: 2 for preference pairs (dpo, rm: chosen and rejected rows of the
+        pair's padded length in one forward), else 1."""
+        return 2 if self.cfg.train.objective in PAIRWISE else 1
+
+    @property
     def micro_batch(self) -> int:
+        """Rows of a micro-batch (a pair is two rows)."""
+        k = self.rows_per_unit
         if self.cfg.data.token_budget:  # micro-batches cut by padded tokens: about budget / row length rows
-            return max(1, self.cfg.data.token_budget // self.seq_len)
-        return self.cfg.train.micro_batch_size
+            return k * max(1, self.cfg.data.token_budget // (k * self.seq_len))
+        return k * self.cfg.train.micro_batch_size
+
+    @property
+    def reference(self) -> str | None:
+        """How a preference run gets its reference model (train/build.py build_reference): "copy" (full fine-tuning:
+        a second, frozen sharded model), "adapters-off" (lora: the policy with its adapters skipped), "initial"
+        (freeze: the policy with a copy of its trainable shards as loaded swapped in), None (no reference: sft,
+        rm, and the reference-free orpo and simpo losses)."""
+        from ..objectives.choose import needs_reference_model
+
+        if not needs_reference_model(self.cfg):
+            return None
+        return {"full": "copy", "lora": "adapters-off", "freeze": "initial"}[self.cfg.finetune.method]
 
     @property
     def precision(self) -> str:  # resolved: bf16-mixed | bf16-pure | fp32
@@ -317,6 +346,14 @@ class Settings:
     def with_plan(self, modes: list[str] | tuple[str, ...]) -> Settings:
         """Checkpointing auto with this per-block plan."""
         return dataclasses.replace(self.vary(parallel={"activation_checkpointing": "auto"}), block_modes=tuple(modes))
+
+
+REFERENCE_KINDS = {
+    None: "none",
+    "copy": "a frozen sharded copy (full fine-tuning)",
+    "adapters-off": "the policy with its adapters off (no second copy)",
+    "initial": "the policy with its trainable shards as loaded swapped in",
+}
 
 
 def settings_from_config(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int,
@@ -361,6 +398,33 @@ def block_activation_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: 
     if attn == "eager":  # s x s probabilities (fp32 softmax output, and its cast when c < 4), full-head k/v copies
         total += m.heads * seq_len * (4 + (c if c < 4 else 0)) + 2 * c * (qd - kvd) - 4 * m.heads
     return total
+
+
+def no_grad_block_bytes_per_token(m: ModelShape, c: int, attn: str, seq_len: int) -> int:
+    """What a block's forward under no_grad (a reference model's) holds at its worst moment per token: the block's
+    input and the normalised MLP input, and in the gated MLP act(gate), up and their product (3 c f; gate is
+    freed once activated); a routed block's width is top_k experts' plus the shared experts'. Eager attention adds
+    its s x s scores and probabilities. Nothing is kept for backward."""
+    f = m.intermediate
+    if m.moe and any(m.moe.moe_blocks):
+        f = max(f, m.moe.top_k * m.moe.expert_intermediate + m.moe.shared_intermediate)
+    eager = m.heads * seq_len * (4 + c) if attn == "eager" else 0
+    return c * (3 * f + 2 * m.hidden) + eager
+
+
+def reference_bytes(m: ModelShape, s: Settings, rank: int) -> int:
+    """Bytes `rank` keeps for a preference run's reference model (Settings.reference). copy: every parameter's
+    padded shard, frozen, in the compute dtype (build_sharded_model(frozen=True): bf16 under bf16-mixed, no
+    gradient, no optimizer state); initial (freeze): a clone of each trainable parameter's local shard, in its
+    storage dtype (finetune.InitialWeights); adapters-off (lora), none: nothing."""
+    pb = 2 if s.precision == "bf16-pure" else 4
+    if s.reference == "copy":
+        c = 2 if s.precision.startswith("bf16") else 4
+        frozen = dataclasses.replace(m, frozen=[[True] * len(u) for u in m.units])
+        return model_state(frozen, s.shard_world, rank, pb, frozen_bytes=c).params
+    if s.reference == "initial":
+        return pb * model_state(m, s.shard_world, rank, pb).trained_local
+    return 0
 
 
 def block_activation_bytes(m: ModelShape, c: int, attn: str, seq_len: int, tokens: int, routed: bool) -> int:
@@ -420,7 +484,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     root_un = unit_numel(root, W)
     tokens = s.micro_batch * s.seq_len
     routed = list(m.moe.moe_blocks) if m.moe else [False] * m.layers
-    h, V = m.hidden, m.vocab
+    h = m.hidden
+    V = 1 if t.objective == "rm" else m.vocab  # rm: the score head's one output per token, no vocabulary logits
     saved = [block_activation_bytes(m, c, s.cfg.model.attn_implementation, s.seq_len, tokens, r)
              - (2 * c * h * tokens if m.frozen_norms and m.frozen_norms[i] else 0)  # frozen norm weights
              if not m.in_graph or m.in_graph[i] else 0 for i, r in enumerate(routed)]
@@ -469,10 +534,21 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     grads_gpu = 0 if p.cpu_offload else st.grads
     opt_gpu = 0 if (p.cpu_offload or p.optimizer_offload) else st.optimizer
     offload_staging = pb * 2 * max((unit_numel(u, W) // W for u in m.units), default=0) if p.cpu_offload else 0
+    # a preference run's reference model: its weights (on the host with cpu_offload, as the policy's shards), and
+    # its no-grad forward at the start of each micro-step, before the policy's: the same units gathered as in the
+    # policy's forward, one block's working set, the log-prob working set; nothing saved for backward
+    ref_bytes = reference_bytes(m, s, rank)
+    ref_gpu = 0 if p.cpu_offload else ref_bytes
+    ref_work = 0
+    if s.reference:  # a block's working set, then (the block's freed) the logits, their fp32 copy, the log-softmax
+        ref_work = (max(no_grad_block_bytes_per_token(m, c, s.cfg.model.attn_implementation, s.seq_len),
+                        V * (c + 4 + 4 if c == 2 else 8)) * tokens
+                    + (0 if s.reference != "initial" else pb * st.trained_local))  # the current shards, put aside
     terms = {
         "parameters (sharded)": params_gpu,
         "gradients (sharded)": grads_gpu,
         "optimizer state (AdamW m, v, step)": opt_gpu,
+        "reference weights (sharded, frozen)": ref_gpu,
         "all-gather: root (embeddings, norm, lm_head)": root_buf,
         ("all-gather: current + prefetched block" if p.reshard_after_forward
          else "all-gather: every block (no reshard)"): c * (two_blocks if p.reshard_after_forward else sum(block_un)),
@@ -485,13 +561,15 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "logits + loss (forward)": logits_fwd,
         "logits + loss (backward)": logits_bwd,
         "lm_head + hidden grads (fused loss)": fused_grads,
+        "reference forward (no grad)": ref_work,
     }
-    base = params_gpu + opt_gpu + offload_staging + accum  # fused AdamW on CUDA: no full-size temporaries
+    base = params_gpu + opt_gpu + offload_staging + accum + ref_gpu  # fused AdamW on CUDA: no full-size temporaries
     if chunked:  # the chunked loss runs inside the model's forward and backward: the root stays gathered
         held_after_fwd = max(held_after_fwd, root_buf + c * last_block)
     # accumulating with per-micro-step sync, the micro-steps after the first hold the reduced gradients
     fwd = base + (grads_gpu if t.grad_accum_steps > 1 and p.sync_grads_every_micro_step else 0)
     phases = {
+        **({"forward (reference, no grad)": fwd + during_fwd + ref_work} if s.reference else {}),
         "forward (lm_head)": fwd + during_fwd + acts + logits_bf,
         "forward (loss)": fwd + held_after_fwd + acts + logits_fwd + fused_grads,
         "backward (loss)": fwd + held_after_fwd + acts + logits_bwd + fused_grads,
@@ -505,7 +583,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     peak = phases[peak_phase]
     cpu_rank = 0
     if p.cpu_offload:
-        cpu_rank = st.total  # fused CPU AdamW: no full-size temporary
+        cpu_rank = st.total + ref_bytes  # fused CPU AdamW: no full-size temporary
     elif p.optimizer_offload:  # state + the persistent host buffers (gradient, shard), pinned on CUDA
         cpu_rank = st.optimizer + offload_staging_bytes(m, W, rank, s.facts.device_type == "cuda")
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.facts.gpu_memory
@@ -593,7 +671,8 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
     if s.cfg.parallel.activation_checkpointing in ("none", "every_k"):
         tries.append(("parallel.activation_checkpointing=selective", mode("selective")))
     tokens = s.micro_batch * s.seq_len
-    if not s.cfg.train.loss_chunk_tokens and tokens >= 2048:
+    # (dpo and rm refuse the chunked loss: their objectives read every row's logits or scores themselves)
+    if not s.cfg.train.loss_chunk_tokens and tokens >= 2048 and s.cfg.train.objective not in PAIRWISE:
         chunk = min(4096, tokens // 2)
         tries.append((f"train.loss_chunk_tokens={chunk}", s.vary(train={"loss_chunk_tokens": chunk})))
     if s.cfg.train.grad_accum_steps > 1 and not s.cfg.parallel.sync_grads_every_micro_step:
@@ -601,8 +680,9 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
                       s.vary(parallel={"sync_grads_every_micro_step": True})))
     if not s.cfg.parallel.reshard_after_forward:
         tries.append(("parallel.reshard_after_forward=true", s.vary(parallel={"reshard_after_forward": True})))
-    if s.micro_batch > 1:  # half the rows of a micro-batch as it is now (so not cut by data.token_budget)
-        half = s.micro_batch // 2
+    units = s.micro_batch // s.rows_per_unit  # examples (pairs: two rows each) per micro-batch
+    if units > 1:  # half the rows of a micro-batch as it is now (so not cut by data.token_budget)
+        half = units // 2
         tries.append((f"train.micro_batch_size={half} train.grad_accum_steps={s.cfg.train.grad_accum_steps * 2}",
                       s.vary(train={"micro_batch_size": half, "grad_accum_steps": s.cfg.train.grad_accum_steps * 2},
                              data={"token_budget": None})))
@@ -613,7 +693,7 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
     if s.seq_len > 512:  # rows of half the length, as many of them as now
         tries.append((f"data.max_length={s.seq_len // 2}",
                       s.vary(data={"max_length": s.seq_len // 2, "packing": False, "token_budget": None},
-                             train={"micro_batch_size": s.micro_batch})))
+                             train={"micro_batch_size": units})))
     out = []
     for label, alt in tries:
         e = compute(m, alt)
@@ -646,12 +726,16 @@ def render(est: Estimate) -> str:
                 + (f", shared experts width {m.moe.shared_intermediate}" if m.moe.shared_intermediate else "")]
               if m.moe else []),
              f"run: {nodes} node(s) x {s.facts.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
-             f"micro-batch {s.micro_batch} x {s.seq_len} tokens, grad accumulation {t.grad_accum_steps}, "
+             f"micro-batch {s.micro_batch} x {s.seq_len} tokens"
+             + (f" ({s.micro_batch // 2} pair{'s' if s.micro_batch > 2 else ''})" if s.rows_per_unit == 2 else "")
+             + f", grad accumulation {t.grad_accum_steps}, "
              f"checkpointing {p.activation_checkpointing}"
              + (f" ({describe_modes(list(s.block_modes))})" if s.block_modes else "") + f", offload {p.cpu_offload}"
              + (", optimizer offload" if p.optimizer_offload else "")
              + (f", loss chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else "")
-             + (f", hybrid sharding over {s.shard_world} ranks" if s.hybrid else ""), "",
+             + (f", hybrid sharding over {s.shard_world} ranks" if s.hybrid else ""),
+             *([f"objective: {t.objective}" + (f" ({s.cfg.preference.loss})" if t.objective == "dpo" else "")
+                + ", reference model: " + REFERENCE_KINDS[s.reference]] if t.objective != "sft" else []), "",
              "per rank (rank 0, the largest shard):"]
     for k, v in est.terms.items():
         if v:
@@ -665,8 +749,10 @@ def render(est: Estimate) -> str:
                    f"fragmentation and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about "
                    f"{format_bytes(need)} of {format_bytes(s.facts.gpu_memory)}")]
     if est.cpu_per_rank:
-        what = ("sharded params, grads and AdamW state" if s.cfg.parallel.cpu_offload
-                else "AdamW state and the pinned staging of the gradient and parameter shards")
+        what = "AdamW state and the pinned staging of the gradient and parameter shards"
+        if s.cfg.parallel.cpu_offload:
+            what = "sharded params, grads and AdamW state" + (
+                ", the reference's weights" if s.reference in ("copy", "initial") else "")
         cpu = (f"CPU (offload): {format_bytes(est.cpu_per_rank)} per rank, {format_bytes(est.cpu_per_node)} "
                f"per node ({what})")
         if s.facts.cpu_memory is not None:

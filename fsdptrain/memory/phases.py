@@ -96,8 +96,9 @@ class PhaseTracker:
     `close(step, phase, i)` at the end of each phase; `phases` holds the peaks in order. `device`: count that
     device only (a CUDA run's host-side tensors, e.g. offloaded state, are left out); None: every device."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: Optional[torch.device] = None):
-        self.model, self.optimizer, self.device = model, optimizer, device
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: Optional[torch.device] = None,
+                 also: tuple[nn.Module, ...] = ()):
+        self.model, self.optimizer, self.device, self.also = model, optimizer, device, also
         self.phases: list[PhasePeak] = []
         self.tracker = None
 
@@ -106,13 +107,25 @@ class PhaseTracker:
 
         # FSDP's lazy init (run by the first forward; a no-op after it) re-allocates the padded shard of a rank
         # whose rows are fewer than the padded size; done inside the tracker, those shards would count as activations.
-        self.model._get_fsdp_state()._lazy_init()
+        for m in (self.model, *self.also):
+            m._get_fsdp_state()._lazy_init()
         self.tracker = FSDPMemTracker(self.model, self.optimizer)
+        if self.also:
+            # Other FSDP2 roots the step runs (a preference run's reference copy): the tracker instruments every
+            # FSDP module under its root when entered (torch 2.13 fsdp2_mem_tracker._instrument_fsdp_module reads
+            # _root_mod), so a plain container of both roots has it follow their shards, gathers and hooks alike;
+            # neither model's FSDP state is touched.
+            self.tracker._root_mod = nn.ModuleList([self.model, *self.also])
         self.tracker.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self.tracker.__exit__(*exc)
+
+    def forget_forwards(self) -> None:
+        """Forget the modules' forward records (kept for their backward): the next forward of the same modules is
+        then not taken for a second iteration (a preference run's reference forward through the policy)."""
+        self.tracker.reset_mod_stats()
 
     def close(self, step: int, name: str, i: Optional[int] = None, warmup: bool = False) -> PhasePeak:
         """Record the peak since the previous close as phase `name` (#i) of `step`, and start the next phase."""

@@ -28,6 +28,11 @@ What the trace does not model:
 - Selective checkpointing is traced as trained: the profiler ops FSDP opens
   inside a block's recompute pass through the selective replay
   (parallelize._PROFILER_OPS).
+- Preference runs (dpo, rm) are traced as trained: micro-batches of two rows
+  per pair, and the reference built by build.build_reference (unfilled) and
+  run by the objective; full fine-tuning's frozen copy is tracked with the
+  policy (PhaseTracker `also`), freeze's kept shards are added to every phase
+  (they are made before the tracker starts).
 """
 
 from __future__ import annotations
@@ -49,9 +54,9 @@ from ..core.errors import ConfigError
 from ..core.units import GIB, format_bytes
 from ..dist.distributed import DistInfo
 from ..dist.plan import resolve_precision
-from ..objectives.choose import objective_for
+from ..objectives.choose import needs_reference_model, objective_for
 from ..objectives.loss import install_chunked_loss
-from ..train.build import build_sharded_model
+from ..train.build import Reference, ShardedModel, build_reference, build_sharded_model
 from ..train.optim import build_optimizer
 from ..trainer import forward_backward, grad_norm_and_clip
 from . import estimate as analytic
@@ -65,6 +70,7 @@ class StepTrace:
     """Per-phase peaks of the traced steps on one rank, and its exact optimizer state."""
     phases: list[PhasePeak]
     optimizer_state: int  # bytes of the optimizer's state tensors after the last step
+    reference_weights: int = 0  # bytes of a preference run's reference weights (sharded copy, or kept shards)
 
     @property
     def compared(self) -> list[PhasePeak]:
@@ -79,15 +85,16 @@ class StepTrace:
 
 
 def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: SimpleNamespace,
-                  steps: list[list[dict]], max_grad_norm: float) -> StepTrace:
+                  steps: list[list[dict]], max_grad_norm: float, also: tuple[nn.Module, ...] = ()) -> StepTrace:
     """Run optimizer steps (each a list of micro-batches) under a phases.PhaseTracker, one peak per phase.
 
     `run` carries what trainer.forward_backward reads (cfg, info.device, model, objective, loss_head); its
-    `tracker` is
-    replaced here by the phase recorder. Works on fake and on real tensors alike.
+    `tracker` is replaced here by the phase recorder. `also`: other FSDP2 models the step runs (a preference
+    run's reference copy), tracked with the model. Works on fake and on real tensors alike.
     """
     fake = _is_fake(steps[0])
-    with PhaseTracker(model, optimizer) as pt:
+    with PhaseTracker(model, optimizer, also=also) as pt:
+        run.phase_tracker = pt
         step_no = [0]  # the step being traced, read by the phase records
 
         def close_phase(name: str, i: Optional[int] = None) -> None:
@@ -106,22 +113,86 @@ def measure_steps(model: nn.Module, optimizer: torch.optim.Optimizer, run: Simpl
     return StepTrace(pt.phases, state_bytes(optimizer))
 
 
+def traced_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sharded: ShardedModel
+                     ) -> tuple[Optional[Reference], tuple[nn.Module, ...], int]:
+    """A preference run's reference as training builds it (build.build_reference, unfilled), the models the
+    tracker must follow besides the policy (the frozen copy of full fine-tuning) and the bytes it keeps that no
+    tracked model owns (freeze: the clones of the trainable shards as loaded, made before the tracker starts)."""
+    if not needs_reference_model(cfg):
+        return None, (), 0
+    policy = sharded.model
+    before = {id(p): p for p in policy.parameters() if p.requires_grad}
+    reference = build_reference(cfg, info, hf_config, sharded, fill=False)
+    also = reference_models(reference, policy)
+    if also:
+        return reference, also, 0
+    if sharded.finetune is not None and sharded.finetune.method == "freeze":
+        locals_ = [p.to_local() if hasattr(p, "to_local") else p for p in before.values()]
+        return reference, (), sum(t.numel() * t.element_size() for t in locals_)  # clones of the unpadded shards
+    return reference, (), 0
+
+
+def forgetting(reference: Reference, run: SimpleNamespace) -> Reference:
+    """`reference` after whose forward the phase tracker (run.phase_tracker, set by measure_steps) forgets the
+    modules' per-forward records: FSDPMemTracker allows one forward of a root per iteration, and a LoRA or freeze
+    run's reference forward runs the policy's own modules before their forward with gradients."""
+    @contextmanager
+    def traced(policy: nn.Module) -> Iterator[nn.Module]:
+        with reference(policy) as model:
+            yield model
+        if (tracker := getattr(run, "phase_tracker", None)) is not None:  # none outside measure_steps
+            tracker.forget_forwards()
+    return traced
+
+
+def reference_models(reference: Reference, policy: nn.Module) -> tuple[nn.Module, ...]:
+    """The FSDP2 models a reference runs besides the policy (full fine-tuning's frozen copy; none for LoRA and
+    freeze), lazily initialised as PhaseTracker does the policy: the reference is entered once outside any
+    forward, where it yields its model and its tidying after a forward (which reads FSDP2's per-root state, made
+    by the lazy init) changes nothing."""
+    policy._get_fsdp_state()._lazy_init()
+    context = reference(policy)
+    model = context.__enter__()
+    model._get_fsdp_state()._lazy_init()
+    context.__exit__(None, None, None)
+    return () if model is policy else (model,)
+
+
+def sharded_bytes(model: nn.Module) -> int:
+    """Bytes of an FSDP2 model's sharded parameters on this rank: each one's padded local storage."""
+    return sum(p.to_local().untyped_storage().nbytes() for p in model.parameters())
+
+
+def with_resident(tr: StepTrace, nbytes: int) -> StepTrace:
+    """The trace with `nbytes` of sharded weights made before the tracker started (traced_reference) in every
+    phase."""
+    if not nbytes:
+        return tr
+    cat = "parameters (sharded)"
+    return StepTrace([dataclasses.replace(p, total=p.total + nbytes, by_category={
+        **p.by_category, cat: p.by_category[cat] + nbytes}) for p in tr.phases], tr.optimizer_state,
+        tr.reference_weights)
+
+
 def state_on_host(tr: StepTrace) -> StepTrace:
     """parallel.optimizer_offload: the trace of the resident optimizer with its state taken off every phase (the
     state lives in host memory; optimizer_state still gives its bytes, now the host's)."""
     phases = [dataclasses.replace(p, total=p.total - p.by_category["optimizer state"],
                                   by_category={**p.by_category, "optimizer state": 0}) for p in tr.phases]
-    return StepTrace(phases, tr.optimizer_state)
+    return StepTrace(phases, tr.optimizer_state, tr.reference_weights)
 
 
-def step_run(cfg: Config, info: DistInfo, model: nn.Module, head) -> SimpleNamespace:
-    """What trainer.forward_backward reads of a Run (its `tracker` is set by measure_steps). MoE expert-load
-    counting (a few int64 counters) is left out: its hooks read routing values."""
+def step_run(cfg: Config, info: DistInfo, model: nn.Module, head,
+             reference: Optional[Reference] = None) -> SimpleNamespace:
+    """What trainer.forward_backward reads of a Run (its `tracker` is set by measure_steps); `reference`: a
+    preference run's (train.build.build_reference). MoE expert-load counting (a few int64 counters) is left out:
+    its hooks read routing values."""
     from ..model import moe
 
-    return SimpleNamespace(cfg=cfg, info=info, model=model, objective=objective_for(cfg), loss_head=head,
-                           expert_load=None,
-                           router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model))
+    run = SimpleNamespace(cfg=cfg, info=info, model=model, loss_head=head, expert_load=None,
+                          router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model))
+    run.objective = objective_for(cfg, forgetting(reference, run) if reference is not None else None)
+    return run
 
 
 def _is_fake(batches: list[dict]) -> bool:
@@ -140,10 +211,6 @@ def check_traceable(cfg: Config, est: Optional[analytic.Estimate] = None) -> Non
         raise ConfigError("parallel.cpu_offload: --trace cannot trace it (the fake trace runs on one device, so "
                           "offloaded and resident memory cannot be told apart); trace with "
                           "parallel.cpu_offload=false, or drop --trace for the analytic estimate, which covers it")
-    if cfg.train.objective != "sft":
-        raise ConfigError(f"train.objective: --trace traces the sft step; a {cfg.train.objective} step (two rows per "
-                          "pair and a reference forward) is not traced yet; trace with train.objective=sft on "
-                          "twice the micro-batch for a lower bound")
 
 
 def trace_notes(cfg: Config) -> list[str]:
@@ -174,7 +241,8 @@ def trace_config(cfg: Config, facts, gpu_memory: int) -> Config:
 
 
 def fake_batch(rows: int, width: int, vocab: int, packed: bool) -> dict:
-    """A micro-batch in the loader's format (data/loader.collate); made inside the fake mode."""
+    """A micro-batch in the loader's format (data/loader.collate; preference pairs: `rows` counts both rows of
+    each pair, every token a target, which costs what a real pair batch does); made inside the fake mode."""
     b = {"input_ids": torch.randint(0, vocab, (rows, width)), "labels": torch.randint(0, vocab, (rows, width)),
          "n_tokens": torch.tensor(rows * width)}
     if packed:
@@ -217,13 +285,16 @@ def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_no
         mesh = build_mesh(info, tcfg.parallel)  # outside the fake mode: the mesh's set-up reads real values
         with FakeTensorMode(allow_non_fake_inputs=True), rows_unpacked(cfg.data.packing):
             sharded = build_sharded_model(tcfg, info, hf_config, mesh=mesh, fill=False)
+            reference, also, kept = traced_reference(tcfg, info, hf_config, sharded)
             head = install_chunked_loss(sharded.model, cfg.train.loss_chunk_tokens)
             optimizer = build_optimizer(sharded.model, cfg.train, fused=target_device == "cuda")
             packed = cfg.data.packing
             steps = [[fake_batch(r, w, hf_config.vocab_size, packed) for r, w in shapes] for shapes in step_shapes]
-            run = step_run(tcfg, info, sharded.model, head)
+            run = step_run(tcfg, info, sharded.model, head, reference)
             sharded.model.train()
-            tr = measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm)
+            tr = measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm, also)
+            tr = with_resident(tr, kept)
+            tr.reference_weights = kept + sum(sharded_bytes(m) for m in also)
             return state_on_host(tr) if cfg.parallel.optimizer_offload else tr
     finally:
         dist.destroy_process_group()
@@ -250,6 +321,7 @@ def rank_groups(shape: analytic.ModelShape, world: int, shard_world: int) -> lis
 # analytic term -> the traced category it is compared with
 TERM_CATEGORY = {
     "parameters (sharded)": "parameters (sharded)",
+    "reference weights (sharded, frozen)": "parameters (sharded)",  # tracked with the policy's (PhaseTracker also)
     "gradients (sharded)": "gradients (sharded)",
     "optimizer state (AdamW m, v, step)": "optimizer state",
     "all-gather: root (embeddings, norm, lm_head)": "parameters (gathered)",
@@ -307,8 +379,11 @@ def load_hf_config(cfg: Config):
         from ..data.tokenizer import load_tokenizer
 
         vocab = len(load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code))
-    return models.load_hf_config(cfg.model.path, cfg.model.hf_config if cfg.model.path is None else None, vocab,
-                                 cfg.model.trust_remote_code)
+    hf = models.load_hf_config(cfg.model.path, cfg.model.hf_config if cfg.model.path is None else None, vocab,
+                               cfg.model.trust_remote_code)
+    if cfg.train.objective == "rm":  # the sequence-classification model (its pad id picks a token, costs nothing)
+        hf = models.as_reward_config(hf, hf.pad_token_id or 0)
+    return hf
 
 
 def run_trace(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_memory: Optional[int] = None,
@@ -419,13 +494,14 @@ def plan_ranks(cfg: Config, world: int, gpus_per_node: int,
     examples = pipeline.load_examples(cfg, tokenizer, 0, 0, progress)
     lengths = pipeline.lengths_of(examples)
     flatten = cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"  # rows laid end to end
+    per_item = pipeline.rows_per_item(cfg)  # a preference pair: its chosen and rejected rows
     out = []
     for r in range(world):
         sampler = pipeline.build_sampler(cfg, examples, world, r, gpus_per_node)
         best, tokens = None, 0
         for step in range(sampler.steps_in_epoch(0)):
             for i, mb in enumerate(sampler.rank_micro_batches(step)):
-                rows, width = len(mb), padded(max(lengths[j] for j in mb))
+                rows, width = len(mb) * per_item, padded(max(lengths[j] for j in mb))
                 if flatten:
                     rows, width = 1, rows * width
                 tokens += sum(lengths[j] for j in mb)

@@ -151,22 +151,23 @@ def reference_config(cfg: Config, policy: PretrainedConfig) -> Optional[Pretrain
 
 
 def build_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, sharded: ShardedModel,
-                    ref_config: Optional[PretrainedConfig] = None) -> Reference:
+                    ref_config: Optional[PretrainedConfig] = None, fill: bool = True) -> Reference:
     """The reference model of a preference run: given the policy, a context in which the yielded model computes
     what the run started from (call it under no_grad, before the policy's own forward of the micro-batch).
     ref_config: preference.ref_model's config (`reference_config`): a frozen copy of that folder instead, whatever
-    the fine-tuning method (the policy with its adapters off would be the starting model, not that folder)."""
+    the fine-tuning method (the policy with its adapters off would be the starting model, not that folder).
+    fill: as for build_sharded_model (memory.trace builds the reference copy on fake tensors, unfilled)."""
     method = sharded.finetune.method if sharded.finetune is not None else "full"
     if ref_config is None and method == "lora":
         return _tidied(finetune.adapters_disabled)
     if ref_config is None and method == "freeze":
         return _tidied(finetune.InitialWeights(sharded.model))
     if ref_config is None:
-        ref = build_sharded_model(cfg, info, hf_config, mesh=sharded.mesh, frozen=True).model
+        ref = build_sharded_model(cfg, info, hf_config, mesh=sharded.mesh, fill=fill, frozen=True).model
         log.info("reference model: a frozen sharded copy of the starting weights (full fine-tuning)")
     else:
         ref = build_sharded_model(cfg, info, ref_config, weights=cfg.preference.ref_model, mesh=sharded.mesh,
-                                  frozen=True).model
+                                  fill=fill, frozen=True).model
         extra = f" (under {method} a separate copy: the reference is not the policy's base)" if method != "full" else ""
         log.info(f"reference model: a frozen sharded copy of {cfg.preference.ref_model}{extra}")
 
