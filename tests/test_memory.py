@@ -445,6 +445,10 @@ def test_estimate_cli_preference_runs(tmp_path):
     res = CliRunner().invoke(cli, ["estimate", cfg, "finetune.method=lora", *args])
     assert "reference model: the policy with its adapters off (no second copy)" in res.output
     assert "reference weights" not in res.output and "  forward (reference, no grad)" in res.output
+    # another folder as the reference: a frozen copy under LoRA too
+    res = CliRunner().invoke(cli, ["estimate", cfg, "finetune.method=lora", "preference.ref_model=refs/sft", *args])
+    assert "reference model: a frozen sharded copy of refs/sft (preference.ref_model)\n" in res.output
+    assert f"  {'reference weights (sharded, frozen)':<44}" in res.output
     res = CliRunner().invoke(cli, ["estimate", cfg, "preference.loss=orpo", *args])
     assert "objective: dpo (orpo), reference model: none\n" in res.output
     assert "reference" not in res.output.replace("reference model: none", "")

@@ -304,13 +304,16 @@ class Settings:
     @property
     def reference(self) -> str | None:
         """How a preference run gets its reference model (train/build.py build_reference): "copy" (full fine-tuning:
-        a second, frozen sharded model), "adapters-off" (lora: the policy with its adapters skipped), "initial"
+        a second, frozen sharded model; preference.ref_model: the same under any method), "adapters-off" (lora: the
+        policy with its adapters skipped), "initial"
         (freeze: the policy with a copy of its trainable shards as loaded swapped in), None (no reference: sft,
         rm, and the reference-free orpo and simpo losses)."""
         from ..objectives.choose import needs_reference_model
 
         if not needs_reference_model(self.cfg):
             return None
+        if self.cfg.preference.ref_model:  # another folder: a frozen copy whatever the method
+            return "copy"
         return {"full": "copy", "lora": "adapters-off", "freeze": "initial"}[self.cfg.finetune.method]
 
     @property
@@ -346,6 +349,13 @@ class Settings:
     def with_plan(self, modes: list[str] | tuple[str, ...]) -> Settings:
         """Checkpointing auto with this per-block plan."""
         return dataclasses.replace(self.vary(parallel={"activation_checkpointing": "auto"}), block_modes=tuple(modes))
+
+
+def reference_kind(s: Settings) -> str:
+    """How the run line names the reference model."""
+    if s.reference == "copy" and s.cfg.preference.ref_model:
+        return f"a frozen sharded copy of {s.cfg.preference.ref_model} (preference.ref_model)"
+    return REFERENCE_KINDS[s.reference]
 
 
 REFERENCE_KINDS = {
@@ -735,7 +745,7 @@ def render(est: Estimate) -> str:
              + (f", loss chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else "")
              + (f", hybrid sharding over {s.shard_world} ranks" if s.hybrid else ""),
              *([f"objective: {t.objective}" + (f" ({s.cfg.preference.loss})" if t.objective == "dpo" else "")
-                + ", reference model: " + REFERENCE_KINDS[s.reference]] if t.objective != "sft" else []), "",
+                + ", reference model: " + reference_kind(s)] if t.objective != "sft" else []), "",
              "per rank (rank 0, the largest shard):"]
     for k, v in est.terms.items():
         if v:

@@ -56,7 +56,7 @@ from ..dist.distributed import DistInfo
 from ..dist.plan import resolve_precision
 from ..objectives.choose import needs_reference_model, objective_for
 from ..objectives.loss import install_chunked_loss
-from ..train.build import Reference, ShardedModel, build_reference, build_sharded_model
+from ..train.build import Reference, ShardedModel, build_reference, build_sharded_model, reference_config
 from ..train.optim import build_optimizer
 from ..trainer import forward_backward, grad_norm_and_clip
 from . import estimate as analytic
@@ -122,7 +122,7 @@ def traced_reference(cfg: Config, info: DistInfo, hf_config: PretrainedConfig, s
         return None, (), 0
     policy = sharded.model
     before = {id(p): p for p in policy.parameters() if p.requires_grad}
-    reference = build_reference(cfg, info, hf_config, sharded, fill=False)
+    reference = build_reference(cfg, info, hf_config, sharded, reference_config(cfg, hf_config), fill=False)
     also = reference_models(reference, policy)
     if also:
         return reference, also, 0
