@@ -65,6 +65,7 @@ CASES = {
                           "finetune": {"method": "freeze"}}),
     # a reward model: the score head (hidden x 1) in place of the lm_head and its logits, no reference
     "rm": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "rm"}}),
+    "kto_full": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "kto"}}),
 }
 
 
@@ -123,6 +124,8 @@ def test_the_cases_exercise_what_they_name(traced):
     assert lora.est.settings.reference == "adapters-off" and lora.trace.reference_weights == 0
     assert len(set(traced["dpo_full_accum_auto"].traces[0].est.settings.block_modes)) > 1
     assert traced["dpo_freeze"].traces[0].trace.reference_weights > 0
+    kto = traced["kto_full"].traces[0].est  # an example and its KL row, against a frozen copy
+    assert kto.settings.micro_batch == 2 and kto.settings.reference == "copy"
     rm = traced["rm"].traces[0].est
     assert rm.shape.lm_head_numel == 0 and rm.settings.reference is None
     assert rm.terms["logits + loss (forward)"] < rm.terms["activations (saved for backward)"] // 100

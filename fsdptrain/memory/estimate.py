@@ -52,7 +52,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config.schema import PAIRWISE, Config
+from ..config.schema import TWO_ROWS, Config
 from ..core.errors import UserError
 from ..core.units import GIB, format_bytes
 from ..dist.plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
@@ -291,7 +291,7 @@ class Settings:
     def rows_per_unit(self) -> int:
         """Rows a micro-batch holds per example: 2 for preference pairs (dpo, rm: chosen and rejected rows of the
         pair's padded length in one forward), else 1."""
-        return 2 if self.cfg.train.objective in PAIRWISE else 1
+        return 2 if self.cfg.train.objective in TWO_ROWS else 1
 
     @property
     def micro_batch(self) -> int:
@@ -349,6 +349,14 @@ class Settings:
     def with_plan(self, modes: list[str] | tuple[str, ...]) -> Settings:
         """Checkpointing auto with this per-block plan."""
         return dataclasses.replace(self.vary(parallel={"activation_checkpointing": "auto"}), block_modes=tuple(modes))
+
+
+def items(s: Settings) -> str:
+    """What a micro-batch's rows hold when an item is two rows: ' (2 pairs)', ' (2 examples and their KL rows)'."""
+    n = s.micro_batch // 2
+    if s.cfg.train.objective == "kto":
+        return f" ({n} example{'s' if n > 1 else ''} and {'their' if n > 1 else 'its'} KL row{'s' if n > 1 else ''})"
+    return f" ({n} pair{'s' if n > 1 else ''})"
 
 
 def reference_kind(s: Settings) -> str:
@@ -682,7 +690,7 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
         tries.append(("parallel.activation_checkpointing=selective", mode("selective")))
     tokens = s.micro_batch * s.seq_len
     # (dpo and rm refuse the chunked loss: their objectives read every row's logits or scores themselves)
-    if not s.cfg.train.loss_chunk_tokens and tokens >= 2048 and s.cfg.train.objective not in PAIRWISE:
+    if not s.cfg.train.loss_chunk_tokens and tokens >= 2048 and s.cfg.train.objective not in TWO_ROWS:
         chunk = min(4096, tokens // 2)
         tries.append((f"train.loss_chunk_tokens={chunk}", s.vary(train={"loss_chunk_tokens": chunk})))
     if s.cfg.train.grad_accum_steps > 1 and not s.cfg.parallel.sync_grads_every_micro_step:
@@ -737,7 +745,7 @@ def render(est: Estimate) -> str:
               if m.moe else []),
              f"run: {nodes} node(s) x {s.facts.gpus_per_node} GPUs = {s.world} ranks, precision {s.precision}, "
              f"micro-batch {s.micro_batch} x {s.seq_len} tokens"
-             + (f" ({s.micro_batch // 2} pair{'s' if s.micro_batch > 2 else ''})" if s.rows_per_unit == 2 else "")
+             + (items(s) if s.rows_per_unit == 2 else "")
              + f", grad accumulation {t.grad_accum_steps}, "
              f"checkpointing {p.activation_checkpointing}"
              + (f" ({describe_modes(list(s.block_modes))})" if s.block_modes else "") + f", offload {p.cpu_offload}"

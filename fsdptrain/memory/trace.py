@@ -240,13 +240,16 @@ def trace_config(cfg: Config, facts, gpu_memory: int) -> Config:
     return dataclasses.replace(cfg, parallel=dataclasses.replace(p, **changes), train=train)
 
 
-def fake_batch(rows: int, width: int, vocab: int, packed: bool) -> dict:
+def fake_batch(rows: int, width: int, vocab: int, packed: bool, kto: bool = False) -> dict:
     """A micro-batch in the loader's format (data/loader.collate; preference pairs: `rows` counts both rows of
-    each pair, every token a target, which costs what a real pair batch does); made inside the fake mode."""
+    each pair, every token a target, which costs what a real pair batch does; kto: the examples' rows, then their
+    KL rows, half of the examples desirable); made inside the fake mode."""
     b = {"input_ids": torch.randint(0, vocab, (rows, width)), "labels": torch.randint(0, vocab, (rows, width)),
          "n_tokens": torch.tensor(rows * width)}
     if packed:
         b["position_ids"] = torch.arange(width).expand(rows, width).contiguous()
+    if kto:
+        b["desirable"] = torch.arange(rows // 2) % 2 == 0
     return b
 
 
@@ -289,7 +292,8 @@ def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_no
             head = install_chunked_loss(sharded.model, cfg.train.loss_chunk_tokens)
             optimizer = build_optimizer(sharded.model, cfg.train, fused=target_device == "cuda")
             packed = cfg.data.packing
-            steps = [[fake_batch(r, w, hf_config.vocab_size, packed) for r, w in shapes] for shapes in step_shapes]
+            kto = cfg.train.objective == "kto"
+            steps = [[fake_batch(r, w, hf_config.vocab_size, packed, kto) for r, w in shapes] for shapes in step_shapes]
             run = step_run(tcfg, info, sharded.model, head, reference)
             sharded.model.train()
             tr = measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm, also)
