@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from .config.schema import Config, parse_size
 from .core import log
 from .core.errors import RunStopped, TrainingError, UserError
+from .core.units import format_bytes
 from .data import pipeline
 from .data.encode import Example
 from .data.loader import StepSampler, to_device
@@ -53,6 +54,7 @@ from .run.checkpoint import Checkpointer, Saved, TrainState, resolve_resume, ste
 from .run.export import check_target, export_dtype, export_hf, training_export_check
 from .run.metrics import RunLogger, peak_tflops
 from .run.sinks import open_sinks
+from .train import offload_dir
 from .train.build import ShardedModel, build_reference, build_sharded_model
 from .train.evaluate import EvalResult, eval_micro_batch, evaluate
 from .train.optim import adamw_fused, build_optimizer, build_scheduler, use_cpu_optimizer_threads
@@ -229,6 +231,33 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples)
     hf_config = setup_hf_config(cfg, tokenizer)
+    scratch = claim_offload_dir(cfg, info, out)  # parallel.optimizer_offload: nvme; before the model is built
+    try:
+        return _setup_model(cfg, info, out, held, fresh, tokenizer, examples, sampler, total_steps, evals,
+                            hf_config, scratch)
+    except BaseException:
+        if scratch is not None:  # the optimizer's file with it
+            scratch.close()
+        raise
+
+
+def claim_offload_dir(cfg: Config, info: DistInfo, out: Path) -> Optional[offload_dir.Scratch]:
+    """parallel.optimizer_offload: nvme: this rank's marked subfolder of parallel.offload_dir (its checks)."""
+    if cfg.parallel.optimizer_offload != "nvme":
+        return None
+    return offload_dir.claim(cfg.parallel.offload_dir, out, info.rank, info.world_size)
+
+
+def close_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """parallel.optimizer_offload: nvme: stop its I/O threads and delete its scratch files."""
+    close = getattr(optimizer, "close", None)
+    if close is not None:
+        close()
+
+
+def _setup_model(cfg: Config, info: DistInfo, out: Path, held: Optional[rundir.RunLock], fresh: bool,
+                 tokenizer: PreTrainedTokenizerBase, examples: Any, sampler: StepSampler, total_steps: int,
+                 evals: Any, hf_config: PretrainedConfig, scratch: Optional[offload_dir.Scratch]) -> Run:
     log.release()  # data and model config are fine: what was said so far is printed, the rest as it comes
     sharded = build_sharded_model(cfg, info, hf_config)
     log.info(sharded.describe(hf_config))
@@ -245,7 +274,13 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
                  "ranks; OMP_NUM_THREADS chooses)" if threads else
                  f"optimizer: updates on the CPU with OMP_NUM_THREADS={torch.get_num_threads()} threads per rank")
     optimizer = build_optimizer(model, cfg.train, fused=adamw_fused(info.device_type),
-                                offload=cfg.parallel.optimizer_offload)
+                                offload=cfg.parallel.optimizer_offload, scratch=scratch,
+                                buffer_bytes=parse_size(cfg.parallel.offload_buffer_size,
+                                                        "parallel.offload_buffer_size"),
+                                local_world=info.local_world_size)
+    if scratch is not None:
+        log.info(f"optimizer: AdamW moments in {optimizer.path} ({format_bytes(optimizer.nbytes)} on rank "
+                 f"{info.rank}), streamed through {optimizer.slots} host buffers")
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     ft = sharded.finetune
     saved = Saved(model, optimizer, scheduler, sampler, hf_config, tokenizer,
@@ -538,5 +573,6 @@ def _train(cfg: Config, info: DistInfo, examples: Optional[list[Example]], start
     try:
         return loop(run)
     finally:
+        close_optimizer(run.optimizer)
         if run.lock is not None:
             run.lock.release()
