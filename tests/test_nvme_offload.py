@@ -19,7 +19,7 @@ from fsdptrain.train import offload_dir, optim_nvme
 from fsdptrain.train.offload_dir import OffloadDirError
 from fsdptrain.train.optim_nvme import NVMeOffloadAdamW
 from fsdptrain.train.optim_offload import CPUOffloadAdamW
-from tests.helpers import LLAMA, make_model_dir, read_metrics, torchrun
+from tests.helpers import LLAMA, cli_inproc, make_model_dir, read_metrics, torchrun
 from tests.reference import base_config
 
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
@@ -69,6 +69,9 @@ def test_moments_on_file_update_bitwise_like_in_memory(tmp_path):
     ms, ns = flat_state(mem), flat_state(nvme)
     assert ms.keys() == ns.keys() and all(torch.equal(ms[k], ns[k]) for k in ms)
     assert ms[(2, "step")].item() == 5.0  # the step without its gradient left it alone, as in memory
+    # what a checkpoint save gets: views of the file's memory map, no copy of the state
+    view = nvme.state_dict()["state"][0]["exp_avg"]
+    assert view.untyped_storage().data_ptr() == nvme._flat.untyped_storage().data_ptr()
     on_disk = torch.from_file(str(nvme.path), size=nvme.nbytes // 4, dtype=torch.float32)
     first = nvme._regions[0][0]
     n0 = SHAPES[0][0] * SHAPES[0][1]
@@ -182,6 +185,19 @@ def test_stale_files_of_this_run_are_cleared_and_others_kept(tmp_path):
     assert marker["rank"] == 1 and marker["output_dir"] == str((tmp_path / "run").resolve())
     scratch.close()
     assert not scratch.folder.exists()
+
+
+def test_train_refuses_a_foreign_folder_in_one_line_before_building_the_model(tmp_path):
+    from tests.test_bad_inputs import one_line_error
+
+    off = tmp_path / "scratch"
+    off.mkdir()
+    (off / "notes.txt").write_text("keep me")
+    proc = cli_inproc(["train", f"output_dir={tmp_path / 'run'}", "parallel.device=cpu", "train.max_steps=1",
+                       "parallel.optimizer_offload=nvme", f"parallel.offload_dir={off}"])
+    one_line_error(proc, f"parallel.offload_dir: {off} holds notes.txt, not written by fsdptrain")
+    assert "model:" not in proc.stdout  # said before the model was built
+    assert os.listdir(off) == ["notes.txt"] and (off / "notes.txt").read_text() == "keep me"
 
 
 def test_network_file_systems_are_named():
@@ -300,3 +316,40 @@ def test_resume_across_the_two_offloads(runs, resumed, source, tmp_path):
     a = dcp_state(runs / source / "checkpoints" / "step-00000006", tmp_path)
     b = dcp_state(runs / resumed / "checkpoints" / "step-00000006", tmp_path)
     assert [k for k in a if isinstance(a[k], torch.Tensor) and not torch.equal(a[k], b[k])] == []
+
+
+def near(got: list[float], ref: list[float]) -> bool:
+    return len(got) == len(ref) and max(abs(a - b) for a, b in zip(got, ref)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_rank(runs):
+    """nvme_plain's step-3 checkpoint (2 ranks) resumed on 1 rank with nvme offload, saving every step."""
+    from fsdptrain.trainer import train
+
+    llama = runs / "llama"
+    cfg = base_config(runs / "one", llama, train={"micro_batch_size": 4},
+                      parallel={"optimizer_offload": "nvme", "offload_dir": str(runs / "off1")},
+                      checkpoint={"resume": str(runs / "nvme_plain" / "checkpoints" / "step-00000003"),
+                                  "save_every": 1, "keep_last": 0})
+    (runs / "one.yaml").write_text(yaml.safe_dump(cfg))
+    return train(load_config(str(runs / "one.yaml")))
+
+
+@pytest.mark.slow
+def test_nvme_checkpoint_reshards_two_to_one(runs, one_rank):
+    assert near(one_rank.losses, losses(runs / "nvme_plain")[3:]), one_rank.losses
+    assert os.listdir(runs / "off1") == []
+
+
+@pytest.mark.slow
+def test_nvme_checkpoint_reshards_one_to_four(runs, one_rank):
+    cfg = base_config(runs / "four", runs / "llama", train={"micro_batch_size": 1},
+                      parallel={"optimizer_offload": "nvme", "offload_dir": str(runs / "off4")},
+                      checkpoint={"resume": str(runs / "one" / "checkpoints" / "step-00000004")})
+    (runs / "four.yaml").write_text(yaml.safe_dump(cfg))
+    (runs / "spec4.json").write_text(json.dumps({"cases": [{"name": "four", "config": str(runs / "four.yaml")}]}))
+    proc = torchrun(4, ["-m", "tests.workers.dist_cases", str(runs / "spec4.json")])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert near(losses(runs / "four"), losses(runs / "nvme_plain")[4:])
+    assert os.listdir(runs / "off4") == []
