@@ -229,7 +229,7 @@ def test_config_lines():
             load_config(None, list(overrides))
         assert str(e.value).endswith(line), str(e.value)
     cfg = load_config(None, ["parallel.optimizer_offload=nvme", "parallel.offload_dir=/x"])
-    assert cfg.parallel.optimizer_offload == "nvme" and cfg.parallel.offload_buffer_size == "1GiB"
+    assert cfg.parallel.optimizer_offload == "nvme" and cfg.parallel.offload_buffer_size == "256MiB"
 
 
 # ----------------------------------------------------------------------------- 2-rank runs
@@ -353,3 +353,29 @@ def test_nvme_checkpoint_reshards_one_to_four(runs, one_rank):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert near(losses(runs / "four"), losses(runs / "nvme_plain")[4:])
     assert os.listdir(runs / "off4") == []
+
+
+def test_estimate_puts_the_state_on_the_drive_for_70b():
+    """Llama-3-70B full fine-tuning on 2 x 8 x 80 GiB: nvme moves the AdamW state from host memory to the drive
+    (its own line); the host keeps the staging and the stream buffers."""
+    from fsdptrain.core.units import GIB
+    from fsdptrain.memory import estimate
+    from tests.helpers import REPO
+
+    path = str(REPO / "configs" / "estimate-llama3-70b-2x8-lora.yaml")
+    full = ["finetune.method=full", "finetune.lora.rank=8", "finetune.lora.alpha=null"]
+    shape = estimate.shape_from_config(load_config(path, full, quiet=True))
+    mem = estimate.estimate(load_config(path, full + ["parallel.optimizer_offload=true"], quiet=True), 2, 8,
+                            80 * GIB, shape=shape)
+    nvme = estimate.estimate(load_config(path, full + ["parallel.optimizer_offload=nvme",
+                                                       "parallel.offload_dir=/nvme"], quiet=True), 2, 8, 80 * GIB,
+                             shape=shape)
+    assert mem.nvme_per_rank == 0 and nvme.nvme_per_rank == mem.state.optimizer
+    assert nvme.nvme_per_node == 8 * nvme.nvme_per_rank
+    # 3 buffers of both moments of the largest shard (embed_tokens / lm_head: 128256 x 8192 / 16 rows)
+    buffers = 3 * 2 * 4 * (128256 // 16) * 8192
+    assert nvme.cpu_per_rank == mem.cpu_per_rank - mem.state.optimizer + buffers
+    assert nvme.peak == mem.peak
+    text = estimate.render(nvme)
+    assert (f"NVMe (optimizer_offload nvme): {estimate.format_bytes(nvme.nvme_per_rank)} per rank, "
+            f"{estimate.format_bytes(nvme.nvme_per_node)} per node (AdamW state, in parallel.offload_dir)") in text

@@ -234,9 +234,10 @@ class ParallelConfig:
     offload_dir: Optional[str] = opt(None, "optimizer_offload: nvme: a node-local folder (an NVMe drive) for the "
                                            "AdamW moments; fsdptrain writes only its own marked subfolder per run "
                                            "and rank there and deletes it at the end.")
-    offload_buffer_size: str = opt("1GiB", "optimizer_offload: nvme: host memory for the moments in flight "
-                                           "(read-ahead, update, write-behind); at least 3 chunks of up to 64 MiB "
-                                           "of parameters, or 3 of the largest parameter shard.",
+    offload_buffer_size: str = opt("256MiB", "optimizer_offload: nvme: host memory for the moments in flight "
+                                             "(read-ahead, update, write-behind): buffers of both moments of up to "
+                                             "64 MiB of parameters each, at least 3 (3 x the largest parameter "
+                                             "shard's moments if that is more).",
                                    check=lambda v: size_problem(v))
     compile: bool = opt(False, "torch.compile each transformer block.")
     compile_backend: str = opt("inductor", "torch.compile backend for compile: true.",

@@ -5,7 +5,7 @@ the same fused CPU AdamW per chunk, the same copies back; only where the moments
 parameters are bitwise those of `optimizer_offload: true`.
 
 The file: one per rank, `moments.bin` in the rank's marked scratch subfolder (train/offload_dir.py). Each
-staging chunk (a run of consecutive parameters of one group, at most `chunk_limit` bytes of fp32) owns one
+staging chunk (a run of consecutive parameters of one group, at most `staging.nvme_chunk_limit` bytes of fp32) owns one
 region: the exp_avg of its parameters, then their exp_avg_sq, so a chunk is one read and one write. The file is
 allocated in full at the start (posix_fallocate: reads as zeros, and a disk that fills up later cannot fail a
 moments write), after a free-space check with the numbers.
@@ -28,6 +28,8 @@ import errno
 import mmap
 import os
 import shutil
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,6 @@ from .optim_offload import CPUOffloadAdamW, adamw_update, flat_views, like_param
 MOMENTS_FILE = "moments.bin"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 FP32 = 4
-MIN_SLOTS = 3  # read-ahead, update, write-behind
 
 
 @dataclass
@@ -58,16 +59,18 @@ class Region:
         return sum(s.numel() for s in self.shapes)
 
 
-def chunk_limit(buffer_bytes: int) -> int:
-    """fp32 bytes of parameters per chunk: the in-memory offload's 64 MiB, or less so that MIN_SLOTS chunks of
-    both moments fit the buffer."""
-    return max(FP32, min(staging.CHUNK_BYTES, buffer_bytes // (2 * MIN_SLOTS)))
+@dataclass
+class IOStats:
+    """What the file I/O cost since the optimizer was made (benchmarks/nvme_offload.py reports it)."""
+    read_bytes: int = 0
+    written_bytes: int = 0
+    io_seconds: float = 0.0  # the I/O threads' time in pread / pwrite
+    wait_seconds: float = 0.0  # the update's time waiting for them: the I/O not hidden behind the update
 
-
-def slot_count(buffer_bytes: int, largest_chunk_numel: int) -> int:
-    """How many chunk buffers (both moments each) the buffer size pays for; at least MIN_SLOTS."""
-    per_slot = max(1, 2 * FP32 * largest_chunk_numel)
-    return max(MIN_SLOTS, buffer_bytes // per_slot)
+    @property
+    def hidden_share(self) -> float:
+        """The share of the I/O time that ran while the CPU updated."""
+        return 1.0 - min(self.wait_seconds, self.io_seconds) / self.io_seconds if self.io_seconds else 1.0
 
 
 def read_into(fd: int, buf: torch.Tensor, offset: int) -> None:
@@ -129,12 +132,11 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
     def __init__(self, params, scratch: Scratch, buffer_bytes: int, local_world: int = 1, **hyper):
         super().__init__(params, **hyper)
         self._scratch = scratch
-        self._limit = chunk_limit(buffer_bytes)
+        self._limit = staging.nvme_chunk_limit(buffer_bytes)
         self._regions = self._plan()
         total = sum(r.numel for regions in self._regions for r in regions)
         largest = max((r.numel for regions in self._regions for r in regions), default=0)
-        most = max((len(regions) for regions in self._regions), default=0)  # a group's chunks: the pipeline's length
-        self.slots = min(slot_count(buffer_bytes, largest), max(MIN_SLOTS, most))
+        self.slots = staging.nvme_slots(buffer_bytes, largest, max((len(r) for r in self._regions), default=0))
         self._slot_numel = 2 * largest
         self._buffers: list[torch.Tensor] = []  # made at the first step
         self.path = scratch.folder / MOMENTS_FILE
@@ -144,6 +146,8 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         self._flat = torch.frombuffer(self._map, dtype=torch.float32) if self._map is not None else None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="fsdptrain-nvme-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fsdptrain-nvme-write")
+        self.stats = IOStats()
+        self._stats_lock = threading.Lock()
         self._where = {p: (index, k, i) for index, group in enumerate(self.param_groups)
                        for k, chunk in enumerate(self.staged(index)) for i, p in enumerate(chunk.params)}
 
@@ -241,7 +245,7 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
             return slots[j % len(slots)][:2 * region.numel], FP32 * region.start
 
         def read(j: int) -> None:
-            reads[j] = self._reader.submit(read_into, self._fd, *io(j))
+            reads[j] = self._reader.submit(self._timed, read_into, *io(j))
 
         for j in range(min(len(slots) - 1, len(staged))):
             read(j)
@@ -252,7 +256,7 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
                     event.synchronize()
                 self._update_chunk(regions[k], io(j)[0], params, grads, host_params, group)
                 self._send_back(params, host_params)
-                writes[j] = self._writer.submit(write_from, self._fd, *io(j))
+                writes[j] = self._writer.submit(self._timed, write_from, *io(j))
                 ahead = j + len(slots) - 1  # uses the slot of chunk j - 1: its write must be done
                 if ahead < len(staged):
                     if j >= 1:
@@ -280,7 +284,20 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
             steps.append(st["step"])
         adamw_update(host_params, grads, m, v, steps, group)
 
+    def _timed(self, fn, buf: torch.Tensor, offset: int) -> None:
+        """fn(fd, buf, offset) in an I/O thread, counted in self.stats."""
+        t0 = time.perf_counter()
+        fn(self._fd, buf, offset)
+        dt = time.perf_counter() - t0
+        with self._stats_lock:
+            self.stats.io_seconds += dt
+            if fn is read_into:
+                self.stats.read_bytes += buf.nbytes
+            else:
+                self.stats.written_bytes += buf.nbytes
+
     def _wait(self, fut: Future, what: str) -> None:
+        t0 = time.perf_counter()
         try:
             fut.result()
         except OSError as e:
@@ -290,6 +307,15 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
                                   f"({e.strerror or e}{left}); the run stops without saving, its earlier "
                                   "checkpoints are intact: fix the drive and rerun the same command to continue "
                                   "from the newest") from None
+        finally:
+            self.stats.wait_seconds += time.perf_counter() - t0
+
+    def evict_page_cache(self) -> None:
+        """Write the file back and drop its pages from the page cache, so that the next step reads from the drive
+        (benchmarks: a state larger than the page cache, as a 70B model's is)."""
+        if self._fd is not None and hasattr(os, "posix_fadvise"):
+            os.fsync(self._fd)
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         """Stop the I/O threads and delete the rank's scratch subfolder (the file with it)."""
