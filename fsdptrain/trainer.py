@@ -245,6 +245,9 @@ def claim_offload_dir(cfg: Config, info: DistInfo, out: Path) -> Optional[offloa
     """parallel.optimizer_offload: nvme: this rank's marked subfolder of parallel.offload_dir (its checks)."""
     if cfg.parallel.optimizer_offload != "nvme":
         return None
+    if cfg.checkpoint.async_save:
+        log.info("checkpoint.async_save: every save copies the whole AdamW state from parallel.offload_dir into "
+                 "host memory while it is written; set checkpoint.async_save=false to stream it from the file")
     return offload_dir.claim(cfg.parallel.offload_dir, out, info.rank, info.world_size)
 
 
