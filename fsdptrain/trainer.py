@@ -248,7 +248,30 @@ def claim_offload_dir(cfg: Config, info: DistInfo, out: Path) -> Optional[offloa
     if cfg.checkpoint.async_save:
         log.info("checkpoint.async_save: every save copies the whole AdamW state from parallel.offload_dir into "
                  "host memory while it is written; set checkpoint.async_save=false to stream it from the file")
-    return offload_dir.claim(cfg.parallel.offload_dir, out, info.rank, info.world_size)
+    scratch = offload_dir.claim(cfg.parallel.offload_dir, out, info.rank, info.world_size)
+    need = predicted_state_bytes(cfg, info)
+    if need is not None:
+        try:
+            offload_dir.check_space(scratch.root, need, info.local_world_size)
+        except BaseException:
+            scratch.close()
+            raise
+    return scratch
+
+
+def predicted_state_bytes(cfg: Config, info: DistInfo) -> Optional[int]:
+    """This rank's AdamW state in bytes as the memory estimator predicts it from the config (a model skeleton on
+    the meta device, seconds even for 70B), so that a drive too small is said before the weights load; None when
+    the estimator cannot build the model (the optimizer checks the exact size anyway)."""
+    from .memory import estimate
+
+    nnodes = max(1, info.world_size // max(1, info.local_world_size))
+    try:
+        shape = estimate.shape_from_config(cfg)
+        s = estimate.settings_from_config(cfg, nnodes, info.world_size // nnodes, 1, device_type=info.device_type)
+        return estimate.model_state(shape, s.shard_world, info.rank % s.shard_world, 4).optimizer
+    except Exception:  # noqa: BLE001  (a best-effort early check; the exact one follows)
+        return None
 
 
 def close_optimizer(optimizer: torch.optim.Optimizer) -> None:

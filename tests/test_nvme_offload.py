@@ -200,6 +200,37 @@ def test_train_refuses_a_foreign_folder_in_one_line_before_building_the_model(tm
     assert os.listdir(off) == ["notes.txt"] and (off / "notes.txt").read_text() == "keep me"
 
 
+def test_train_says_a_too_small_drive_before_building_the_model(tmp_path, monkeypatch):
+    from tests.test_bad_inputs import one_line_error
+
+    monkeypatch.setattr(offload_dir, "free_bytes", lambda folder: 1000)
+    off = tmp_path / "scratch"
+    proc = cli_inproc(["train", f"output_dir={tmp_path / 'run'}", "parallel.device=cpu", "train.max_steps=1",
+                       "parallel.optimizer_offload=nvme", f"parallel.offload_dir={off}"])
+    # the demo model's state as the estimator predicts it (the file the optimizer would make: 6.11 MiB)
+    one_line_error(proc, f"parallel.offload_dir: {off} has 1000 B free and this rank's optimizer state needs "
+                         "6.11 MiB; free space there, or give a larger drive")
+    assert "model:" not in proc.stdout
+    assert os.listdir(off) == []  # the rank's subfolder removed again
+
+
+def test_a_failed_start_deletes_the_offload_files(tmp_path, monkeypatch):
+    """The optimizer made its file, then the resume failed: the rank's subfolder goes with the run."""
+    from fsdptrain import trainer
+    from fsdptrain.run.checkpoint import CheckpointError
+    from tests.test_bad_inputs import one_line_error
+
+    def damaged(self, total_steps):
+        raise CheckpointError("checkpoints/step-00000002: damaged; checkpoint.resume=none starts fresh")
+
+    monkeypatch.setattr(trainer.Checkpointer, "resume", damaged)
+    off = tmp_path / "scratch"
+    proc = cli_inproc(["train", f"output_dir={tmp_path / 'run'}", "parallel.device=cpu", "train.max_steps=1",
+                       "parallel.optimizer_offload=nvme", f"parallel.offload_dir={off}"])
+    one_line_error(proc, "checkpoints/step-00000002: damaged")
+    assert "optimizer: AdamW moments in" in proc.stdout and os.listdir(off) == []
+
+
 def test_network_file_systems_are_named():
     mounts = ("/dev/nvme0n1p1 / ext4 rw 0 0\n"
               "server:/export /shared nfs4 rw 0 0\n"

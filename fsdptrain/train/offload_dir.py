@@ -10,7 +10,8 @@ one but itself:
   deleted at the start; the rank's own subfolder is deleted at the end (`Scratch.close`);
 - a folder on a network file system gets a warning (the moments would cross the network every step; per-rank
   subfolders keep it correct), one that cannot be made or written to is one line.
-The free-space check needs the state's size, so the optimizer makes it when it creates its file (optim_nvme.py).
+The free-space check (`check_space`) runs twice: before the model is built, on the state's size the memory
+estimator predicts (the trainer), and exactly when the optimizer allocates its file (optim_nvme.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Optional
 
 from ..core import log
 from ..core.errors import UserError
+from ..core.units import format_bytes
 
 PREFIX = "fsdptrain-offload-"
 NAME = re.compile(r"^fsdptrain-offload-([0-9a-f]{12})-rank(\d{5})(\.creating)?$")
@@ -146,3 +148,20 @@ def claim(offload_dir: str, output_dir: str | Path, rank: int, world_size: int) 
         raise OffloadDirError(f"parallel.offload_dir: cannot write into {root} ({e.strerror}); give a folder this "
                               "user can write with free space") from None
     return Scratch(root, folder)
+
+
+def free_bytes(folder: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_space(root: Path, need: int, local_world: int, free: Optional[int] = None) -> None:
+    """One line when `root`'s file system has less free space than this rank's `need` (`free`: measured already)."""
+    free = free_bytes(root) if free is None else free
+    if free is not None and free < need:
+        node = f" ({local_world} ranks on this node: {format_bytes(need * local_world)} in all)" \
+            if local_world > 1 else ""
+        raise OffloadDirError(f"parallel.offload_dir: {root} has {format_bytes(free)} free and this rank's optimizer "
+                              f"state needs {format_bytes(need)}{node}; free space there, or give a larger drive")

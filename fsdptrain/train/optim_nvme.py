@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +39,7 @@ import torch
 from ..core.units import format_bytes
 from ..model.models import local_tensor
 from . import staging
-from .offload_dir import OffloadDirError, Scratch
+from .offload_dir import OffloadDirError, Scratch, check_space, free_bytes
 from .optim_offload import CPUOffloadAdamW, adamw_update, flat_views, like_param
 
 MOMENTS_FILE = "moments.bin"
@@ -92,23 +91,10 @@ def write_from(fd: int, buf: torch.Tensor, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def free_bytes(folder: Path) -> Optional[int]:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
 def allocate(path: Path, nbytes: int, local_world: int) -> int:
     """Create the moments file of `nbytes` (zeros, blocks reserved where the file system can) after checking the
     free space; returns its descriptor."""
-    free = free_bytes(path.parent)
-    if free is not None and free < nbytes:
-        node = f" ({local_world} ranks on this node: {format_bytes(nbytes * local_world)} in all)" \
-            if local_world > 1 else ""
-        raise OffloadDirError(f"parallel.offload_dir: {path.parent.parent} has {format_bytes(free)} free and this "
-                              f"rank's optimizer state needs {format_bytes(nbytes)}{node}; free space there, or "
-                              "give a larger drive")
+    check_space(path.parent.parent, nbytes, local_world, free=free_bytes(path.parent))
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         if nbytes:
