@@ -155,9 +155,9 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         """p's exp_avg and exp_avg_sq as views of the memory map (shaped like p's local shard)."""
         index, k, i = self._where[p]
         region = self._regions[index][k]
-        n = region.numel
-        chunk = self._flat[region.start:region.start + 2 * n]
-        return flat_views(chunk[:n], region.shapes)[i], flat_views(chunk[n:], region.shapes)[i]
+        shape = region.shapes[i]
+        first = region.start + sum(s.numel() for s in region.shapes[:i])  # exp_avg; exp_avg_sq one chunk later
+        return tuple(self._flat[at:at + shape.numel()].view(shape) for at in (first, first + region.numel))
 
     def _drop_mapped_pages(self) -> None:
         """Unmap the touched pages from this process (they stay in the file and the page cache): a save or load
