@@ -52,13 +52,25 @@ def flat_state(opt: torch.optim.Optimizer) -> dict:
     return {(k, name): v.clone() for k, st in sd["state"].items() for name, v in st.items()}
 
 
-def test_moments_on_file_update_bitwise_like_in_memory(tmp_path):
+@pytest.mark.parametrize("direct", [True, False])
+def test_moments_on_file_update_bitwise_like_in_memory(tmp_path, monkeypatch, direct):
     """Six steps (one with a parameter without gradient) through a buffer of 400 bytes per chunk: many chunks,
-    each slot reused; parameters and state bitwise the in-memory offload's, and the file holds the moments."""
+    each slot reused; parameters and state bitwise the in-memory offload's, and the file holds the moments. With
+    direct I/O (where /tmp's file system has it) and through the page cache."""
+    if not direct:
+        monkeypatch.setattr(optim_nvme, "open_direct", lambda path: None)
     mem_p, nvme_p = make_params(), make_params()
     mem = CPUOffloadAdamW(groups(mem_p), **HYPER)
     nvme = nvme_opt(nvme_p, tmp_path)
     assert len(nvme._regions[0]) >= 4 and nvme.slots == 3
+    if direct:  # direct I/O wherever the file system takes it (ext4, xfs: yes; tmpfs: no)
+        (tmp_path / "probe").touch()
+        probe = optim_nvme.open_direct(tmp_path / "probe")
+        assert nvme.direct == (probe is not None)
+        if probe is not None:
+            os.close(probe)
+    else:
+        assert not nvme.direct
     for step in range(6):
         for ps in (mem_p, nvme_p):
             set_grads(ps, step, skip=2 if step == 3 else -1)
@@ -126,12 +138,13 @@ def test_a_failed_write_is_one_line(tmp_path, monkeypatch):
 
 
 def test_not_enough_space_is_one_line_with_the_numbers(tmp_path, monkeypatch):
+    # 5 chunks of at most 400 bytes of parameters, each region rounded up to 4 KiB (direct I/O's blocks)
     monkeypatch.setattr(optim_nvme, "free_bytes", lambda folder: 1000)
     scratch = offload_dir.claim(str(tmp_path / "off"), tmp_path / "run", 0, 1)
     with pytest.raises(OffloadDirError) as e:
         NVMeOffloadAdamW(groups(make_params()), scratch, 2400, local_world=8, **HYPER)
     assert str(e.value) == (f"parallel.offload_dir: {tmp_path / 'off'} has 1000 B free and this rank's optimizer "
-                            "state needs 7.15 KiB (8 ranks on this node: 57.19 KiB in all); free space there, or "
+                            "state needs 20.00 KiB (8 ranks on this node: 160.00 KiB in all); free space there, or "
                             "give a larger drive")
 
 

@@ -45,6 +45,7 @@ from .optim_offload import CPUOffloadAdamW, adamw_update, flat_views, like_param
 MOMENTS_FILE = "moments.bin"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 FP32 = 4
+ALIGN = 4096  # bytes: direct I/O needs file offsets, lengths and buffer addresses on the drive's blocks
 
 
 @dataclass
@@ -56,6 +57,12 @@ class Region:
     @property
     def numel(self) -> int:
         return sum(s.numel() for s in self.shapes)
+
+    @property
+    def span(self) -> int:
+        """fp32 elements the region takes in the file and in a buffer: both moments, rounded up to ALIGN."""
+        per_block = ALIGN // FP32
+        return -(-2 * self.numel // per_block) * per_block
 
 
 @dataclass
@@ -112,6 +119,23 @@ def allocate(path: Path, nbytes: int, local_world: int) -> int:
     return fd
 
 
+def open_direct(path: Path) -> Optional[int]:
+    """A descriptor of `path` for direct I/O (O_DIRECT), or None where the file system refuses it."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def aligned_buffer(numel: int) -> torch.Tensor:
+    """A zeroed fp32 CPU tensor of `numel` elements whose address is a multiple of ALIGN (direct I/O's rule)."""
+    raw = torch.zeros(numel + ALIGN // FP32, dtype=torch.float32)
+    skip = (-raw.data_ptr() % ALIGN) // FP32
+    return raw[skip:skip + numel]
+
+
 class NVMeOffloadAdamW(CPUOffloadAdamW):
     """CPUOffloadAdamW whose moments stream from a file in the rank's scratch folder (module docstring)."""
 
@@ -120,14 +144,18 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         self._scratch = scratch
         self._limit = staging.nvme_chunk_limit(buffer_bytes)
         self._regions = self._plan()
-        total = sum(r.numel for regions in self._regions for r in regions)
+        total = sum(r.span for regions in self._regions for r in regions)
         largest = max((r.numel for regions in self._regions for r in regions), default=0)
         self.slots = staging.nvme_slots(buffer_bytes, largest, max((len(r) for r in self._regions), default=0))
-        self._slot_numel = 2 * largest
+        self._slot_numel = max((r.span for regions in self._regions for r in regions), default=0)
         self._buffers: list[torch.Tensor] = []  # made at the first step
         self.path = scratch.folder / MOMENTS_FILE
-        self.nbytes = 2 * FP32 * total
+        self.nbytes = FP32 * total
         self._fd: Optional[int] = allocate(self.path, self.nbytes, local_world)
+        # the stream bypasses the page cache where the file system allows (no copy through the kernel, and a
+        # state larger than memory does not churn the cache); elsewhere (tmpfs) it reads and writes through it
+        self._direct_fd = open_direct(self.path)
+        self.direct = self._direct_fd is not None
         self._map = mmap.mmap(self._fd, self.nbytes) if self.nbytes else None
         self._flat = torch.frombuffer(self._map, dtype=torch.float32) if self._map is not None else None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="fsdptrain-nvme-read")
@@ -145,7 +173,7 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
             for chunk in self.staged(index):
                 shapes = [local_tensor(p).shape for p in chunk.params]
                 regions.append(Region(start, shapes))
-                start += 2 * regions[-1].numel
+                start += regions[-1].span
             out.append(regions)
         return out
 
@@ -206,7 +234,7 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
 
     def _slots(self) -> list[torch.Tensor]:
         if not self._buffers:
-            self._buffers = [torch.empty(self._slot_numel, dtype=torch.float32) for _ in range(self.slots)]
+            self._buffers = [aligned_buffer(self._slot_numel) for _ in range(self.slots)]
         return self._buffers
 
     @torch.no_grad()
@@ -226,9 +254,9 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         reads: dict[int, Future] = {}
         writes: dict[int, Future] = {}
 
-        def io(j: int) -> tuple[torch.Tensor, int]:  # chunk j's slot (its first 2 x numel elements), byte offset
+        def io(j: int) -> tuple[torch.Tensor, int]:  # chunk j's slot (its region's span), byte offset
             region = regions[staged[j][0]]
-            return slots[j % len(slots)][:2 * region.numel], FP32 * region.start
+            return slots[j % len(slots)][:region.span], FP32 * region.start
 
         def read(j: int) -> None:
             reads[j] = self._reader.submit(self._timed, read_into, *io(j))
@@ -273,7 +301,7 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
     def _timed(self, fn, buf: torch.Tensor, offset: int) -> None:
         """fn(fd, buf, offset) in an I/O thread, counted in self.stats."""
         t0 = time.perf_counter()
-        fn(self._fd, buf, offset)
+        fn(self._direct_fd if self._direct_fd is not None else self._fd, buf, offset)
         dt = time.perf_counter() - t0
         with self._stats_lock:
             self.stats.io_seconds += dt
@@ -315,7 +343,8 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
             except BufferError:  # a tensor still views the map (a state dict kept by a caller): unmapped with it
                 pass
             self._map = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._direct_fd, self._fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._direct_fd = None
         self._scratch.close()
