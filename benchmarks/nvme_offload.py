@@ -7,9 +7,11 @@ fp32 parameters and gradients (a 2048-wide model with `--moments-gb` of AdamW mo
 as one rank's shards: one warm-up step, then the median of `--steps` steps of the optimizer alone (the part of a
 training step the mode changes). Modes:
 - memory: CPUOffloadAdamW, the moments in host memory;
-- nvme: the moments in a file under --dir, streamed through --buffer of host buffers; the file's pages may stay
-  in the page cache between steps, as a state smaller than the free memory does;
-- nvme-cold: the same, with the file written back and dropped from the page cache before every step, so every
+- nvme: the moments in a file under --dir, streamed through --buffer-mib of host buffers with direct I/O where
+  the file system allows it (what fsdptrain does): every read comes from the drive;
+- nvme-buffered: the same through the page cache (as on a file system without O_DIRECT); the file's pages may
+  stay cached between steps, as a state smaller than the free memory does;
+- nvme-buffered-cold: that, with the file written back and dropped from the page cache before every step, so every
   read comes from the drive (a state larger than the page cache: a 70B model's 280 GB per node).
 Before the modes, the drive's sequential write (with fsync) and read (after dropping the file from the page
 cache) speed is measured with a file of the state's size under --dir. Prints a Markdown table; "optimizer's
@@ -50,7 +52,7 @@ def make_params(moments_bytes: int, seed: int = 0) -> list[list[torch.nn.Paramet
 
 
 def child(mode: str, args: argparse.Namespace) -> dict:
-    from fsdptrain.train import offload_dir
+    from fsdptrain.train import offload_dir, optim_nvme
     from fsdptrain.train.optim_nvme import NVMeOffloadAdamW
     from fsdptrain.train.optim_offload import CPUOffloadAdamW
 
@@ -62,11 +64,13 @@ def child(mode: str, args: argparse.Namespace) -> dict:
     if mode == "memory":
         opt = CPUOffloadAdamW(groups, **hyper)
     else:
+        if mode.startswith("nvme-buffered"):
+            optim_nvme.open_direct = lambda path: None
         scratch = offload_dir.claim(args.dir, args.dir + "/run", 0, 1)
         opt = NVMeOffloadAdamW(groups, scratch, int(args.buffer_mib * 2**20), **hyper)
     times = []
     for step in range(args.steps + 1):
-        if mode == "nvme-cold":
+        if mode == "nvme-buffered-cold":
             opt.evict_page_cache()
         t0 = time.perf_counter()
         opt.step()
@@ -78,7 +82,7 @@ def child(mode: str, args: argparse.Namespace) -> dict:
     if mode != "memory":
         s = opt.stats
         out.update(io_s=s.io_seconds / args.steps, wait_s=s.wait_seconds / args.steps, hidden=s.hidden_share,
-                   read_gb=s.read_bytes / args.steps / 1e9, slots=opt.slots)
+                   read_gb=s.read_bytes / args.steps / 1e9, slots=opt.slots, direct=opt.direct)
         opt.close()
     return out
 
@@ -115,7 +119,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--buffer-mib", type=float, default=256.0, help="parallel.offload_buffer_size in MiB")
     ap.add_argument("--dir", default="/tmp/fsdptrain-nvme-bench", help="the offload folder (empty or new)")
-    ap.add_argument("--modes", default="memory,nvme,nvme-cold")
+    ap.add_argument("--modes", default="memory,nvme,nvme-buffered,nvme-buffered-cold")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -145,7 +149,8 @@ def main() -> None:
     for r in rows:
         saved = ((mem["peak_rss"] - mem["base_rss"]) - (r["peak_rss"] - r["base_rss"])) / moments
         io = (f"{r['io_s']:.2f} | {r['wait_s']:.2f} | {100 * r['hidden']:.0f}%" if "io_s" in r else "- | - | -")
-        print(f"| {r['mode']} | {r['peak_rss'] / 2**30:.2f} | {(r['peak_rss'] - r['base_rss']) / 2**30:.2f} | "
+        name = r["mode"] + (" (direct I/O)" if r.get("direct") else "")
+        print(f"| {name} | {r['peak_rss'] / 2**30:.2f} | {(r['peak_rss'] - r['base_rss']) / 2**30:.2f} | "
               f"{100 * saved:.0f}% | {r['step_s']:.2f} | {r['step_s'] / mem['step_s']:.2f}x | {io} |")
 
 

@@ -5,10 +5,12 @@ the same fused CPU AdamW per chunk, the same copies back; only where the moments
 parameters are bitwise those of `optimizer_offload: true`.
 
 The file: one per rank, `moments.bin` in the rank's marked scratch subfolder (train/offload_dir.py). Each
-staging chunk (a run of consecutive parameters of one group, at most `staging.nvme_chunk_limit` bytes of fp32) owns one
-region: the exp_avg of its parameters, then their exp_avg_sq, so a chunk is one read and one write. The file is
-allocated in full at the start (posix_fallocate: reads as zeros, and a disk that fills up later cannot fail a
-moments write), after a free-space check with the numbers.
+staging chunk (consecutive parameters of one group, at most `staging.nvme_chunk_limit` bytes of fp32) owns one
+region: the exp_avg of its parameters, then their exp_avg_sq, rounded up to 4 KiB, so a chunk is one read and one
+write, aligned for direct I/O (O_DIRECT: no copy through the page cache, and a state larger than memory does not
+churn it), which the stream uses where the file system allows it. The file is allocated in full at the start
+(posix_fallocate: reads as zeros, and a disk that fills up later cannot fail a moments write), after a free-space
+check with the numbers.
 
 A step streams the regions through `slots` host buffers (parallel.offload_buffer_size): a reader thread reads
 chunk k + slots - 2 ahead while the CPU updates chunk k, and a writer thread writes chunk k back while chunk
@@ -19,7 +21,9 @@ Checkpoints: `state_dict()` hands torch.distributed.checkpoint the moments as vi
 file (DTensors placed like the parameters, as the in-memory offload's), so DCP saves them chunk by chunk from
 the file, and a DCP load writes straight into the file through the same views; `load_state_dict` copies
 whatever else it is given (a state dict of the in-memory offload, one built by hand) into the file. The
-mapping's pages are the kernel's page cache, dropped from this process after every load and step.
+mapping's pages are the kernel's page cache, dropped from this process after every load and before every step
+(so that no page is mapped while direct I/O writes the file; the kernel writes dirty pages back before a direct
+read of them).
 """
 
 from __future__ import annotations
