@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from .config.schema import Config, parse_size
 from .core import log
 from .core.errors import RunStopped, TrainingError, UserError
+from .core.units import format_bytes
 from .data import pipeline
 from .data.encode import Example
 from .data.loader import StepSampler, to_device
@@ -53,6 +54,7 @@ from .run.checkpoint import Checkpointer, Saved, TrainState, resolve_resume, ste
 from .run.export import check_target, export_dtype, export_hf, training_export_check
 from .run.metrics import RunLogger, peak_tflops
 from .run.sinks import open_sinks
+from .train import offload_dir
 from .train.balance import ComputeClock, ComputeTotals, SpeedBalance, time_report
 from .train.build import ShardedModel, build_reference, build_sharded_model, reference_config
 from .train.evaluate import EvalResult, eval_micro_batch, evaluate
@@ -233,6 +235,59 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples)
     hf_config = setup_hf_config(cfg, tokenizer)
+    scratch = claim_offload_dir(cfg, info, out)  # parallel.optimizer_offload: nvme; before the model is built
+    try:
+        return _setup_model(cfg, info, out, held, fresh, tokenizer, examples, sampler, total_steps, evals,
+                            hf_config, scratch)
+    except BaseException:
+        if scratch is not None:  # the optimizer's file with it
+            scratch.close()
+        raise
+
+
+def claim_offload_dir(cfg: Config, info: DistInfo, out: Path) -> Optional[offload_dir.Scratch]:
+    """parallel.optimizer_offload: nvme: this rank's marked subfolder of parallel.offload_dir (its checks)."""
+    if cfg.parallel.optimizer_offload != "nvme":
+        return None
+    if cfg.checkpoint.async_save:
+        log.info("checkpoint.async_save: every save copies the whole AdamW state from parallel.offload_dir into "
+                 "host memory while it is written; set checkpoint.async_save=false to stream it from the file")
+    scratch = offload_dir.claim(cfg.parallel.offload_dir, out, info.rank, info.world_size)
+    need = predicted_state_bytes(cfg, info)
+    if need is not None:
+        try:
+            offload_dir.check_space(scratch.root, need, info.local_world_size)
+        except BaseException:
+            scratch.close()
+            raise
+    return scratch
+
+
+def predicted_state_bytes(cfg: Config, info: DistInfo) -> Optional[int]:
+    """This rank's AdamW state in bytes as the memory estimator predicts it from the config (a model skeleton on
+    the meta device, seconds even for 70B), so that a drive too small is said before the weights load; None when
+    the estimator cannot build the model (the optimizer checks the exact size anyway)."""
+    from .memory import estimate
+
+    nnodes = max(1, info.world_size // max(1, info.local_world_size))
+    try:
+        shape = estimate.shape_from_config(cfg)
+        s = estimate.settings_from_config(cfg, nnodes, info.world_size // nnodes, 1, device_type=info.device_type)
+        return estimate.model_state(shape, s.shard_world, info.rank % s.shard_world, 4).optimizer
+    except Exception:  # noqa: BLE001  (a best-effort early check; the exact one follows)
+        return None
+
+
+def close_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """parallel.optimizer_offload: nvme: stop its I/O threads and delete its scratch files."""
+    close = getattr(optimizer, "close", None)
+    if close is not None:
+        close()
+
+
+def _setup_model(cfg: Config, info: DistInfo, out: Path, held: Optional[rundir.RunLock], fresh: bool,
+                 tokenizer: PreTrainedTokenizerBase, examples: Any, sampler: StepSampler, total_steps: int,
+                 evals: Any, hf_config: PretrainedConfig, scratch: Optional[offload_dir.Scratch]) -> Run:
     ref_config = reference_config(cfg, hf_config) if needs_reference_model(cfg) else None  # preference.ref_model
     log.release()  # data and model config are fine: what was said so far is printed, the rest as it comes
     sharded = build_sharded_model(cfg, info, hf_config)
@@ -250,7 +305,14 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
                  "ranks; OMP_NUM_THREADS chooses)" if threads else
                  f"optimizer: updates on the CPU with OMP_NUM_THREADS={torch.get_num_threads()} threads per rank")
     optimizer = build_optimizer(model, cfg.train, fused=adamw_fused(info.device_type),
-                                offload=cfg.parallel.optimizer_offload)
+                                offload=cfg.parallel.optimizer_offload, scratch=scratch,
+                                buffer_bytes=parse_size(cfg.parallel.offload_buffer_size,
+                                                        "parallel.offload_buffer_size"),
+                                local_world=info.local_world_size)
+    if scratch is not None:
+        log.info(f"optimizer: AdamW moments in {optimizer.path} ({format_bytes(optimizer.nbytes)} on rank "
+                 f"{info.rank}), streamed through {optimizer.slots} host buffers "
+                 + ("with direct I/O" if optimizer.direct else "through the page cache (no direct I/O there)"))
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     ft = sharded.finetune
     saved = Saved(model, optimizer, scheduler, sampler, hf_config, tokenizer,
@@ -595,5 +657,6 @@ def _train(cfg: Config, info: DistInfo, examples: Optional[list[Example]], start
     try:
         return loop(run)
     finally:
+        close_optimizer(run.optimizer)
         if run.lock is not None:
             run.lock.release()

@@ -41,6 +41,17 @@ def test_optimizer_offload_keeps_state_off_the_gpu(tmp_path):
     assert off.peak_mem_bytes < plain.peak_mem_bytes
 
 
+def test_nvme_offload_matches_in_memory_offload_on_gpu(tmp_path):
+    """optimizer_offload nvme on CUDA (pinned staging, asynchronous copies, moments streamed from a file): the
+    in-memory offload's losses (up to the GPU's own run-to-run nondeterminism), no more GPU memory, files gone."""
+    mem = run(tmp_path, "mem", "parallel.precision=fp32", "parallel.optimizer_offload=true", steps=6)
+    nvme = run(tmp_path, "nvme", "parallel.precision=fp32", "parallel.optimizer_offload=nvme",
+               f"parallel.offload_dir={tmp_path / 'off'}", "parallel.offload_buffer_size=8MiB", steps=6)
+    assert max(abs(a - b) for a, b in zip(mem.losses, nvme.losses)) < 1e-4
+    assert nvme.peak_mem_bytes <= mem.peak_mem_bytes
+    assert list((tmp_path / "off").iterdir()) == []
+
+
 def test_chunked_loss_lowers_peak_memory_for_a_large_vocabulary(tmp_path):
     big = ["model.hf_config.vocab_size=65536", "train.micro_batch_size=16", "data.max_length=128"]
     full = run(tmp_path, "full", *big, steps=3)

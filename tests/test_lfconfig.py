@@ -6,6 +6,7 @@ The YAMLs in tests/lf_configs/ are written for these tests in the form of LLaMA-
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,17 @@ def test_deepspeed_json_not_found_is_noted_and_pt_packing_can_be_off(tmp_path):
     t = translate({"model_name_or_path": "m", "lr_scheduler_type": "constant", "warmup_ratio": 0.1}, "lf.yaml")
     assert "warmup_ratio" not in t.config["train"] and t.config["train"]["schedule"] == "constant"
     assert t.ignored == [("warmup_ratio", "lr_scheduler_type constant has no warmup (use constant_with_warmup)")]
+
+
+def test_deepspeed_nvme_offload_of_the_optimizer_maps_to_optimizer_offload_nvme(tmp_path):
+    ds = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme"},
+                                "offload_param": {"device": "nvme", "nvme_path": "/local_nvme"}}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    t = translate({"model_name_or_path": "m", "deepspeed": "ds.json"}, str(tmp_path / "lf.yaml"))
+    assert t.config["parallel"] == {"reshard_after_forward": True, "optimizer_offload": "nvme",
+                                    "offload_dir": "/local_nvme", "activation_checkpointing": "full"}
+    assert ("deepspeed", "offload_param to nvme: FSDP2 keeps the parameter shards in GPU memory; only the "
+                         "optimizer state can go to NVMe (offload_optimizer device nvme)") in t.ignored
 
 
 def test_keys_of_llamafactorys_other_back_ends_map_or_refuse_in_one_line():

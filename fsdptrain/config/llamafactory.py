@@ -314,10 +314,17 @@ def _deepspeed(v: Any, ctx: dict) -> Out:
     zero = ds.get("zero_optimization") or {} if isinstance(ds, dict) else {}
     # ZeRO-3 frees gathered weights after forward; ZeRO-2 and below keep them until backward
     out: Out = {"parallel.reshard_after_forward": zero.get("stage", 0) >= 3}
-    if (zero.get("offload_param") or {}).get("device") == "cpu":
+    param_off, opt_off = zero.get("offload_param") or {}, zero.get("offload_optimizer") or {}
+    if param_off.get("device") == "cpu":
         out["parallel.cpu_offload"] = True  # FSDP2 CPU offload holds the optimizer state on the CPU too
-    elif (zero.get("offload_optimizer") or {}).get("device") == "cpu":
+    elif opt_off.get("device") == "cpu":
         out["parallel.optimizer_offload"] = True
+    elif opt_off.get("device") == "nvme" and opt_off.get("nvme_path"):  # ZeRO-Infinity: the state in files
+        out.update({"parallel.optimizer_offload": "nvme", "parallel.offload_dir": str(opt_off["nvme_path"])})
+    if param_off.get("device") == "nvme":
+        ctx["__notes__"].append(("deepspeed", "offload_param to nvme: FSDP2 keeps the parameter shards in GPU "
+                                              "memory; only the optimizer state can go to NVMe "
+                                              "(offload_optimizer device nvme)"))
     tp = (ds.get("tensor_parallel") or {}).get("autotp_size", 1) if isinstance(ds, dict) else 1
     if tp not in (None, 1):
         ctx["__notes__"].append(("deepspeed", f"tensor_parallel.autotp_size {tp}: FSDP2 has no tensor parallelism; "

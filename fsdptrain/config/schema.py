@@ -92,6 +92,21 @@ def step_list_problem(value: list) -> Optional[str]:
     return None
 
 
+def offload_mode_problem(value: Any) -> Optional[str]:
+    """What keeps `value` from being a parallel.optimizer_offload mode: false, true (host memory) or nvme."""
+    if isinstance(value, bool) or value == "nvme":
+        return None
+    return f"expected true, false or nvme, got {value!r}"
+
+
+def size_problem(value: str) -> Optional[str]:
+    try:
+        parse_size(value, "size")
+    except ConfigError as e:
+        return str(e).partition(": ")[2]
+    return None
+
+
 SINKS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -232,9 +247,20 @@ class ParallelConfig:
                                         "rank (GiB); 0: the smallest GPU's total memory less the estimator's "
                                         "allowance for CUDA context, NCCL and fragmentation (on CPU a budget must be "
                                         "given).", min=0)
-    optimizer_offload: bool = opt(False, "Keep AdamW state in CPU memory and run the update there; parameters and "
-                                         "gradients stay on the GPU (less GPU memory than none, much faster than "
-                                         "cpu_offload).")
+    optimizer_offload: bool | str = opt(False, "Keep AdamW state in CPU memory and run the update there; "
+                                                     "parameters and gradients stay on the GPU (less GPU memory than "
+                                                     "none, much faster than cpu_offload). nvme: the same update, "
+                                                     "but the moments live in files under parallel.offload_dir and "
+                                                     "stream through parallel.offload_buffer_size of host memory "
+                                                     "(docs/performance.md).", check=offload_mode_problem)
+    offload_dir: Optional[str] = opt(None, "optimizer_offload: nvme: a node-local folder (an NVMe drive) for the "
+                                           "AdamW moments; fsdptrain writes only its own marked subfolder per run "
+                                           "and rank there and deletes it at the end.")
+    offload_buffer_size: str = opt("256MiB", "optimizer_offload: nvme: host memory for the moments in flight "
+                                             "(read-ahead, update, write-behind): buffers of both moments of up to "
+                                             "64 MiB of parameters each, at least 3 (3 x the largest parameter "
+                                             "shard's moments if that is more).",
+                                   check=lambda v: size_problem(v))
     compile: bool = opt(False, "torch.compile each transformer block.")
     compile_backend: str = opt("inductor", "torch.compile backend for compile: true.",
                                            choices=["inductor", "aot_eager", "eager"])
@@ -524,7 +550,13 @@ def _coerce(value: Any, typ: Any, f: dataclasses.Field, source: str, dotted: str
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        typ = next(a for a in args if a is not type(None))
+        kinds = [a for a in args if a is not type(None)]
+        # bool | str (parallel.optimizer_offload): the kind the value is; its `check` says what is allowed
+        fits = [a for a in kinds if isinstance(value, a) and not (a is int and isinstance(value, bool))]
+        check = f.metadata.get("check")
+        if len(kinds) > 1 and not fits and value is not None and check is not None and check(value):
+            raise ConfigError(f"{source}: {dotted}: {check(value)}")
+        typ = fits[0] if fits else kinds[0]
         origin = typing.get_origin(typ)
     if value is None:
         raise ConfigError(f"{source}: {dotted}: must not be null ({_describe(typ, f)})")
@@ -609,6 +641,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     if cfg.parallel.cpu_offload and cfg.parallel.optimizer_offload:
         raise ConfigError(f"{source}: parallel.cpu_offload already keeps the optimizer state on the CPU; "
                           "set parallel.optimizer_offload=false (or cpu_offload=false to keep parameters on the GPU)")
+    validate_offload(cfg.parallel, source)
     t = cfg.train
     if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"{source}: train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas!r}")
@@ -629,6 +662,22 @@ def validate(cfg: Config, source: str = "config") -> None:
     parse_size(cfg.checkpoint.export_max_shard_size, f"{source}: checkpoint.export_max_shard_size")
     validate_finetune(cfg.finetune, source, cfg.checkpoint.export_hf)
     validate_preference(cfg, source)
+
+
+def validate_offload(p: ParallelConfig, source: str) -> None:
+    """parallel.offload_dir and offload_buffer_size belong to optimizer_offload: nvme, which needs the folder."""
+    if p.optimizer_offload == "nvme":
+        if p.offload_dir is None or not p.offload_dir.strip():
+            raise ConfigError(f"{source}: parallel.optimizer_offload: nvme needs parallel.offload_dir; give a "
+                              "node-local folder on an NVMe drive, e.g. parallel.offload_dir=/local_nvme/fsdptrain")
+        return
+    if p.offload_dir is not None:
+        raise ConfigError(f"{source}: parallel.offload_dir is set but parallel.optimizer_offload is "
+                          f"{str(p.optimizer_offload).lower()}; set parallel.optimizer_offload=nvme, or remove "
+                          "offload_dir")
+    if p.offload_buffer_size != ParallelConfig().offload_buffer_size:
+        raise ConfigError(f"{source}: parallel.offload_buffer_size belongs to parallel.optimizer_offload: nvme; set "
+                          "it, or remove offload_buffer_size")
 
 
 PAIRWISE = ("dpo", "rm")  # objectives trained on preference pairs (ranking data)

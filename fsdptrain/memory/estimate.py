@@ -52,11 +52,11 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config.schema import TWO_ROWS, Config
+from ..config.schema import TWO_ROWS, Config, parse_size
 from ..core.errors import UserError
 from ..core.units import GIB, format_bytes
 from ..dist.plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
-from ..train.staging import staging_bytes
+from ..train.staging import nvme_buffer_bytes, staging_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -485,6 +485,8 @@ class Estimate:
     cpu_per_node: int
     fits: bool
     advice: list[str] = field(default_factory=list)
+    nvme_per_rank: int = 0  # optimizer_offload nvme: the AdamW state's file under parallel.offload_dir
+    nvme_per_node: int = 0
 
 
 def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
@@ -602,26 +604,42 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     cpu_rank = 0
     if p.cpu_offload:
         cpu_rank = st.total + ref_bytes  # fused CPU AdamW: no full-size temporary
+    elif p.optimizer_offload == "nvme":  # the staging, the moments' stream buffers; the state on the drive
+        cpu_rank = (offload_staging_bytes(m, W, rank, s.facts.device_type == "cuda")
+                    + nvme_buffers(m, W, rank, parse_size(p.offload_buffer_size, "parallel.offload_buffer_size")))
     elif p.optimizer_offload:  # state + the persistent host buffers (gradient, shard), pinned on CUDA
         cpu_rank = st.optimizer + offload_staging_bytes(m, W, rank, s.facts.device_type == "cuda")
+    nvme_rank = st.optimizer if p.optimizer_offload == "nvme" and not p.cpu_offload else 0
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.facts.gpu_memory
     if cpu_rank and s.facts.cpu_memory is not None:
         fits = fits and cpu_rank * s.facts.gpus_per_node <= s.facts.cpu_memory
     return Estimate(settings=s, shape=m, state=st, terms=terms, phases=phases, peak=peak, peak_phase=peak_phase,
-                    cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.facts.gpus_per_node, fits=fits)
+                    cpu_per_rank=cpu_rank, cpu_per_node=cpu_rank * s.facts.gpus_per_node, fits=fits,
+                    nvme_per_rank=nvme_rank, nvme_per_node=nvme_rank * s.facts.gpus_per_node)
 
 
-def offload_staging_bytes(m: ModelShape, world: int, rank: int, pinned: bool) -> int:
-    """Host bytes of optimizer_offload's staging buffers on `rank`: per parameter group (weights with decay, 1-D
-    tensors without) one flat fp32 gradient and one shard buffer per 64 MiB chunk, each rounded up to a power
-    of two by CUDA's pinned allocator (train.optim_offload). Parameters in the units' order: the root's come
-    last here and first in the model, which moves a few chunk boundaries, not the total much."""
+def local_groups(m: ModelShape, world: int, rank: int) -> list[list[int]]:
+    """The local sizes of `rank`'s trainable shards by optimizer group (weights with decay, 1-D tensors without).
+    Parameters in the units' order: the root's come last here and first in the model, which moves a few chunk
+    boundaries, not the totals much."""
     groups: dict[bool, list[int]] = {True: [], False: []}
     for unit in trainable_units(m):
         for shape in unit:
             rows = shard_rows(shape[0], world, rank)[0] if shape else 1
             groups[len(shape) >= 2].append(rows * math.prod(shape[1:]))
-    return sum(staging_bytes(numels, pinned) for numels in groups.values())
+    return list(groups.values())
+
+
+def offload_staging_bytes(m: ModelShape, world: int, rank: int, pinned: bool) -> int:
+    """Host bytes of optimizer_offload's staging buffers on `rank`: per parameter group one flat fp32 gradient and
+    one shard buffer per 64 MiB chunk, each rounded up to a power of two by CUDA's pinned allocator
+    (train.optim_offload)."""
+    return sum(staging_bytes(numels, pinned) for numels in local_groups(m, world, rank))
+
+
+def nvme_buffers(m: ModelShape, world: int, rank: int, buffer_bytes: int) -> int:
+    """Host bytes of optimizer_offload nvme's stream buffers on `rank` (train.optim_nvme; not pinned)."""
+    return nvme_buffer_bytes(local_groups(m, world, rank), buffer_bytes)
 
 
 def block_backward_phases(m: ModelShape, s: Settings, rank: int, st: ModelState, kept_bytes: list[int],
@@ -749,7 +767,8 @@ def render(est: Estimate) -> str:
              + f", grad accumulation {t.grad_accum_steps}, "
              f"checkpointing {p.activation_checkpointing}"
              + (f" ({describe_modes(list(s.block_modes))})" if s.block_modes else "") + f", offload {p.cpu_offload}"
-             + (", optimizer offload" if p.optimizer_offload else "")
+             + (", optimizer offload to NVMe" if p.optimizer_offload == "nvme"
+                else ", optimizer offload" if p.optimizer_offload else "")
              + (f", loss chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else "")
              + (f", hybrid sharding over {s.shard_world} ranks" if s.hybrid else ""),
              *([f"objective: {t.objective}" + (f" ({s.cfg.preference.loss})" if t.objective == "dpo" else "")
@@ -767,15 +786,18 @@ def render(est: Estimate) -> str:
                    f"fragmentation and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about "
                    f"{format_bytes(need)} of {format_bytes(s.facts.gpu_memory)}")]
     if est.cpu_per_rank:
-        what = "AdamW state and the pinned staging of the gradient and parameter shards"
-        if s.cfg.parallel.cpu_offload:
-            what = "sharded params, grads and AdamW state" + (
-                ", the reference's weights" if s.reference in ("copy", "initial") else "")
+        ref = ", the reference's weights" if s.reference in ("copy", "initial") else ""
+        what = ("sharded params, grads and AdamW state" + ref if s.cfg.parallel.cpu_offload
+                else "the pinned staging of the gradient and parameter shards and the moments' stream buffers"
+                if est.nvme_per_rank else "AdamW state and the pinned staging of the gradient and parameter shards")
         cpu = (f"CPU (offload): {format_bytes(est.cpu_per_rank)} per rank, {format_bytes(est.cpu_per_node)} "
                f"per node ({what})")
         if s.facts.cpu_memory is not None:
             cpu += f" of {format_bytes(s.facts.cpu_memory)}"
         lines.append(cpu)
+    if est.nvme_per_rank:
+        lines.append(f"NVMe (optimizer_offload nvme): {format_bytes(est.nvme_per_rank)} per rank, "
+                     f"{format_bytes(est.nvme_per_node)} per node (AdamW state, in parallel.offload_dir)")
     lines.append(f"verdict: {'fits' if est.fits else 'does NOT fit'}")
     if est.advice:
         lines.append("what to change (each alone):" if not est.fits else "more room:")

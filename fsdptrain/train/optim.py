@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config.schema import TrainConfig
+from .offload_dir import Scratch
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -26,12 +27,23 @@ def adamw_fused(device_type: str) -> bool:
     return device_type == "cuda"
 
 
-def build_optimizer(model: nn.Module, tcfg: TrainConfig, fused: bool, offload: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, tcfg: TrainConfig, fused: bool, offload: bool | str = False,
+                    scratch: Optional[Scratch] = None, buffer_bytes: int = 0,
+                    local_world: int = 1) -> torch.optim.Optimizer:
+    """AdamW over the model's trainable parameters. offload: parallel.optimizer_offload (true: state in host
+    memory; nvme: in a file of `scratch`, streamed through `buffer_bytes` of host memory)."""
     decay, plain = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (plain if no_decay(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    if offload == "nvme":
+        from .optim_nvme import NVMeOffloadAdamW
+
+        if scratch is None:
+            raise ValueError("optimizer_offload: nvme needs the rank's scratch folder (offload_dir.claim)")
+        return NVMeOffloadAdamW(groups, scratch, buffer_bytes, local_world, lr=tcfg.lr, betas=tuple(tcfg.adam_betas),
+                                eps=tcfg.adam_eps)
     if offload:
         from .optim_offload import CPUOffloadAdamW
 

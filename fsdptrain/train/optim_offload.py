@@ -71,7 +71,7 @@ def build_staging(params: list[torch.Tensor], pin: bool, limit: int) -> list[Sta
     return out
 
 
-def _like_param(local_cpu: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def like_param(local_cpu: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if isinstance(param, DTensor):
         return DTensor.from_local(local_cpu, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
@@ -86,7 +86,7 @@ def host_state(value: Any, param: torch.Tensor, key: Any) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
     local = local_tensor(value).to("cpu", torch.float32)
-    return local if key == "step" else _like_param(local, param)
+    return local if key == "step" else like_param(local, param)
 
 
 class CPUOffloadAdamW(torch.optim.Optimizer):
@@ -95,6 +95,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._pin = torch.cuda.is_available()
+        self._limit = staging.CHUNK_BYTES  # fp32 bytes of parameters per staging chunk
         self._staging: dict[int, list[StagingChunk]] = {}  # parameter group index -> its host staging
         # fp32 shards whose device copy was last written by this optimizer from its host buffer: that buffer
         # already holds the shard, so the step skips the device -> host copy (half the PCIe traffic)
@@ -120,7 +121,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         """Parameter group `index`'s host staging, made at its first step and kept (allocating and page-faulting
         fresh buffers every step cost more than the update)."""
         if index not in self._staging:
-            self._staging[index] = build_staging(self.param_groups[index]["params"], self._pin, staging.CHUNK_BYTES)
+            self._staging[index] = build_staging(self.param_groups[index]["params"], self._pin, self._limit)
         return self._staging[index]
 
     @torch.no_grad()
@@ -136,11 +137,15 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
                 if event is not None:
                     event.synchronize()
                 self._update(params, grads, host_params, group)
-                for p, hp in zip(params, host_params):
-                    local_tensor(p).copy_(hp, non_blocking=self._pin)
-                    if local_tensor(p).dtype == torch.float32:  # lower-precision shards are re-read: same rounding
-                        self._in_sync.add(p)
+                self._send_back(params, host_params)
         return loss
+
+    def _send_back(self, params: list[torch.Tensor], host_params: list[torch.Tensor]) -> None:
+        """Copy a chunk's updated shards to the parameters (asynchronously on CUDA)."""
+        for p, hp in zip(params, host_params):
+            local_tensor(p).copy_(hp, non_blocking=self._pin)
+            if local_tensor(p).dtype == torch.float32:  # lower-precision shards are re-read: same rounding
+                self._in_sync.add(p)
 
     def _stage(self, chunk: StagingChunk) -> Optional[tuple[list, list, list, Optional[torch.cuda.Event]]]:
         """Start the device -> host copies of the chunk's parameters that have a gradient."""
@@ -167,11 +172,18 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             st = self.state[p]
             if not st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = _like_param(torch.zeros(local_tensor(p).shape, dtype=torch.float32), p)
-                st["exp_avg_sq"] = _like_param(torch.zeros(local_tensor(p).shape, dtype=torch.float32), p)
+                st["exp_avg"] = like_param(torch.zeros(local_tensor(p).shape, dtype=torch.float32), p)
+                st["exp_avg_sq"] = like_param(torch.zeros(local_tensor(p).shape, dtype=torch.float32), p)
             m.append(local_tensor(st["exp_avg"]))
             v.append(local_tensor(st["exp_avg_sq"]))
             steps.append(st["step"])
-        (b1, b2) = group["betas"]
-        adamw(host_params, grads, m, v, [], steps, fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
-              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)  # increments `steps` too
+        adamw_update(host_params, grads, m, v, steps, group)
+
+
+def adamw_update(host_params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],
+                 v: list[torch.Tensor], steps: list[torch.Tensor], group: dict) -> None:
+    """One AdamW update of host tensors in place, with torch's fused CPU kernel (elementwise per tensor: how the
+    tensors are grouped into calls does not change a bit). Increments `steps` too."""
+    (b1, b2) = group["betas"]
+    adamw(host_params, grads, m, v, [], steps, fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
+          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

@@ -38,3 +38,29 @@ def staging_bytes(numels: list[int], pinned: bool, limit: int = CHUNK_BYTES) -> 
     allocator does when `pinned`."""
     sizes = [sum(numels[i] for i in chunk) * STAGING_DTYPE_BYTES for chunk in staging_chunks(numels, limit)]
     return 2 * sum(pinned_size(n) if pinned else n for n in sizes)
+
+
+MIN_SLOTS = 3  # optimizer_offload nvme: read-ahead, update, write-behind
+
+
+def nvme_chunk_limit(buffer_bytes: int) -> int:
+    """optimizer_offload nvme: fp32 bytes of parameters per chunk: CHUNK_BYTES, or less so that MIN_SLOTS chunks
+    of both moments fit parallel.offload_buffer_size."""
+    return max(STAGING_DTYPE_BYTES, min(CHUNK_BYTES, buffer_bytes // (2 * MIN_SLOTS)))
+
+
+def nvme_slots(buffer_bytes: int, largest_chunk_numel: int, most_chunks: int) -> int:
+    """optimizer_offload nvme: how many chunk buffers (both moments each) stream the state: what the buffer size
+    pays for, at least MIN_SLOTS, at most a group's number of chunks (the pipeline's length)."""
+    per_slot = max(1, 2 * STAGING_DTYPE_BYTES * largest_chunk_numel)
+    return min(max(MIN_SLOTS, buffer_bytes // per_slot), max(MIN_SLOTS, most_chunks))
+
+
+def nvme_buffer_bytes(groups: list[list[int]], buffer_bytes: int) -> int:
+    """optimizer_offload nvme: host bytes of the moments' stream buffers for parameter groups of these local
+    sizes."""
+    limit = nvme_chunk_limit(buffer_bytes)
+    chunks = [[sum(numels[i] for i in c) for c in staging_chunks(numels, limit)] for numels in groups if numels]
+    largest = max((n for group in chunks for n in group), default=0)
+    slots = nvme_slots(buffer_bytes, largest, max((len(c) for c in chunks), default=0))
+    return slots * 2 * STAGING_DTYPE_BYTES * largest

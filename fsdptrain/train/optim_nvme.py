@@ -1,0 +1,354 @@
+"""parallel.optimizer_offload: nvme: CPUOffloadAdamW with AdamW's moments in a file instead of host memory.
+
+The update is the in-memory offload's (train/optim_offload.py): the same staging of gradients and fp32 shards,
+the same fused CPU AdamW per chunk, the same copies back; only where the moments live changes, so losses and
+parameters are bitwise those of `optimizer_offload: true`.
+
+The file: one per rank, `moments.bin` in the rank's marked scratch subfolder (train/offload_dir.py). Each
+staging chunk (consecutive parameters of one group, at most `staging.nvme_chunk_limit` bytes of fp32) owns one
+region: the exp_avg of its parameters, then their exp_avg_sq, rounded up to 4 KiB, so a chunk is one read and one
+write, aligned for direct I/O (O_DIRECT: no copy through the page cache, and a state larger than memory does not
+churn it), which the stream uses where the file system allows it. The file is allocated in full at the start
+(posix_fallocate: reads as zeros, and a disk that fills up later cannot fail a moments write), after a free-space
+check with the numbers.
+
+A step streams the regions through `slots` host buffers (parallel.offload_buffer_size): a reader thread reads
+chunk k + slots - 2 ahead while the CPU updates chunk k, and a writer thread writes chunk k back while chunk
+k + 1 updates; a buffer is reused only once its write has finished. The threads do plain pread/pwrite, which
+release the GIL, as does the fused update. Host memory for the moments: slots x 2 x the largest chunk.
+
+Checkpoints: `state_dict()` hands torch.distributed.checkpoint the moments as views of a shared memory map of the
+file (DTensors placed like the parameters, as the in-memory offload's), so DCP saves them chunk by chunk from
+the file, and a DCP load writes straight into the file through the same views; `load_state_dict` copies
+whatever else it is given (a state dict of the in-memory offload, one built by hand) into the file. The
+mapping's pages are the kernel's page cache, dropped from this process after every load and before every step
+(so that no page is mapped while direct I/O writes the file; the kernel writes dirty pages back before a direct
+read of them).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..core.units import format_bytes
+from ..model.models import local_tensor
+from . import staging
+from .offload_dir import OffloadDirError, Scratch, check_space, free_bytes
+from .optim_offload import CPUOffloadAdamW, adamw_update, flat_views, like_param
+
+MOMENTS_FILE = "moments.bin"
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+FP32 = 4
+ALIGN = 4096  # bytes: direct I/O needs file offsets, lengths and buffer addresses on the drive's blocks
+
+
+@dataclass
+class Region:
+    """One staging chunk's place in the file: its first element, its parameters' sizes and shapes."""
+    start: int  # in fp32 elements from the file's start: exp_avg of the chunk's parameters, then exp_avg_sq
+    shapes: list[torch.Size]
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shapes)
+
+    @property
+    def span(self) -> int:
+        """fp32 elements the region takes in the file and in a buffer: both moments, rounded up to ALIGN."""
+        per_block = ALIGN // FP32
+        return -(-2 * self.numel // per_block) * per_block
+
+
+@dataclass
+class IOStats:
+    """What the file I/O cost since the optimizer was made (benchmarks/nvme_offload.py reports it)."""
+    read_bytes: int = 0
+    written_bytes: int = 0
+    io_seconds: float = 0.0  # the I/O threads' time in pread / pwrite
+    wait_seconds: float = 0.0  # the update's time waiting for them: the I/O not hidden behind the update
+
+    @property
+    def hidden_share(self) -> float:
+        """The share of the I/O time that ran while the CPU updated."""
+        return 1.0 - min(self.wait_seconds, self.io_seconds) / self.io_seconds if self.io_seconds else 1.0
+
+
+def read_into(fd: int, buf: torch.Tensor, offset: int) -> None:
+    """Fill the contiguous CPU tensor `buf` from the file at byte `offset`."""
+    view = memoryview(buf.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "the file is shorter than the optimizer state")
+        done += n
+
+
+def write_from(fd: int, buf: torch.Tensor, offset: int) -> None:
+    """Write the contiguous CPU tensor `buf` to the file at byte `offset`."""
+    view = memoryview(buf.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def allocate(path: Path, nbytes: int, local_world: int) -> int:
+    """Create the moments file of `nbytes` (zeros, blocks reserved where the file system can) after checking the
+    free space; returns its descriptor."""
+    check_space(path.parent.parent, nbytes, local_world, free=free_bytes(path.parent))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if nbytes:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, nbytes)  # no reservation on this file system: a sparse file of zeros
+    except OSError as e:
+        os.close(fd)
+        raise OffloadDirError(f"parallel.offload_dir: cannot allocate {format_bytes(nbytes)} for the optimizer "
+                              f"state in {path.parent} ({e.strerror}); free space there, or give a larger "
+                              "drive") from None
+    return fd
+
+
+def open_direct(path: Path) -> Optional[int]:
+    """A descriptor of `path` for direct I/O (O_DIRECT), or None where the file system refuses it."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def aligned_buffer(numel: int) -> torch.Tensor:
+    """A zeroed fp32 CPU tensor of `numel` elements whose address is a multiple of ALIGN (direct I/O's rule)."""
+    raw = torch.zeros(numel + ALIGN // FP32, dtype=torch.float32)
+    skip = (-raw.data_ptr() % ALIGN) // FP32
+    return raw[skip:skip + numel]
+
+
+class NVMeOffloadAdamW(CPUOffloadAdamW):
+    """CPUOffloadAdamW whose moments stream from a file in the rank's scratch folder (module docstring)."""
+
+    def __init__(self, params, scratch: Scratch, buffer_bytes: int, local_world: int = 1, **hyper):
+        super().__init__(params, **hyper)
+        self._scratch = scratch
+        self._limit = staging.nvme_chunk_limit(buffer_bytes)
+        self._regions = self._plan()
+        total = sum(r.span for regions in self._regions for r in regions)
+        largest = max((r.numel for regions in self._regions for r in regions), default=0)
+        self.slots = staging.nvme_slots(buffer_bytes, largest, max((len(r) for r in self._regions), default=0))
+        self._slot_numel = max((r.span for regions in self._regions for r in regions), default=0)
+        self._buffers: list[torch.Tensor] = []  # made at the first step
+        self.path = scratch.folder / MOMENTS_FILE
+        self.nbytes = FP32 * total
+        self._fd: Optional[int] = allocate(self.path, self.nbytes, local_world)
+        # the stream bypasses the page cache where the file system allows (no copy through the kernel, and a
+        # state larger than memory does not churn the cache); elsewhere (tmpfs) it reads and writes through it
+        self._direct_fd = open_direct(self.path)
+        self.direct = self._direct_fd is not None
+        self._map = mmap.mmap(self._fd, self.nbytes) if self.nbytes else None
+        self._flat = torch.frombuffer(self._map, dtype=torch.float32) if self._map is not None else None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="fsdptrain-nvme-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fsdptrain-nvme-write")
+        self.stats = IOStats()
+        self._stats_lock = threading.Lock()
+        self._where = {p: (index, k, i) for index, group in enumerate(self.param_groups)
+                       for k, chunk in enumerate(self.staged(index)) for i, p in enumerate(chunk.params)}
+
+    def _plan(self) -> list[list[Region]]:
+        """Every group's chunks (the staging's, same limit) laid end to end in the file."""
+        out, start = [], 0
+        for index in range(len(self.param_groups)):
+            regions = []
+            for chunk in self.staged(index):
+                shapes = [local_tensor(p).shape for p in chunk.params]
+                regions.append(Region(start, shapes))
+                start += regions[-1].span
+            out.append(regions)
+        return out
+
+    # -- the file's contents as tensors ---------------------------------------------------------------
+
+    def _file_views(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p's exp_avg and exp_avg_sq as views of the memory map (shaped like p's local shard)."""
+        index, k, i = self._where[p]
+        region = self._regions[index][k]
+        shape = region.shapes[i]
+        first = region.start + sum(s.numel() for s in region.shapes[:i])  # exp_avg; exp_avg_sq one chunk later
+        return tuple(self._flat[at:at + shape.numel()].view(shape) for at in (first, first + region.numel))
+
+    def _drop_mapped_pages(self) -> None:
+        """Unmap the touched pages from this process (they stay in the file and the page cache): a save or load
+        through the map would otherwise count the whole state in the process's resident memory."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def state_dict(self) -> dict:
+        """torch's state dict with the moments of every parameter that has state, as views of the file."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in sd["param_groups"] for i in g["params"]]
+        by_id = dict(zip(ids, params))
+        state = {}
+        for key, st in sd["state"].items():
+            p = by_id.get(key)
+            if p is None or p not in self._where or "step" not in st:
+                state[key] = st
+                continue
+            m, v = self._file_views(p)
+            state[key] = {**st, "exp_avg": like_param(m, p), "exp_avg_sq": like_param(v, p)}
+        return {**sd, "state": state}
+
+    def load_state_dict(self, state_dict) -> None:
+        """CPUOffloadAdamW's load, then the moments into the file (unless a DCP load already wrote them there
+        through the views state_dict gave it); parameters without state get zeros, as a fresh start has."""
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for p in self._where:
+                st = self.state.get(p)
+                views = self._file_views(p)
+                if not st or not all(k in st for k in MOMENT_KEYS):
+                    for view in views:
+                        view.zero_()
+                    if st:
+                        self.state[p] = {k: v for k, v in st.items() if k not in MOMENT_KEYS}
+                    continue
+                for key, view in zip(MOMENT_KEYS, views):
+                    value = local_tensor(st[key])
+                    if value.data_ptr() != view.data_ptr():
+                        view.copy_(value)
+                self.state[p] = {k: v for k, v in st.items() if k not in MOMENT_KEYS}
+        self._drop_mapped_pages()
+
+    # -- the step ---------------------------------------------------------------------------------------
+
+    def _slots(self) -> list[torch.Tensor]:
+        if not self._buffers:
+            self._buffers = [aligned_buffer(self._slot_numel) for _ in range(self.slots)]
+        return self._buffers
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self._drop_mapped_pages()  # a checkpoint save since the last step read the state through the map
+        for index, group in enumerate(self.param_groups):
+            chunks = self.staged(index)
+            staged = [(k, s) for k, s in enumerate(self._stage(chunk) for chunk in chunks) if s is not None]
+            self._stream(index, group, staged)
+        return loss
+
+    def _stream(self, index: int, group: dict, staged: list) -> None:
+        """Update the staged chunks of group `index`, streaming their moments (module docstring)."""
+        slots = self._slots()
+        regions = self._regions[index]
+        reads: dict[int, Future] = {}
+        writes: dict[int, Future] = {}
+
+        def io(j: int) -> tuple[torch.Tensor, int]:  # chunk j's slot (its region's span), byte offset
+            region = regions[staged[j][0]]
+            return slots[j % len(slots)][:region.span], FP32 * region.start
+
+        def read(j: int) -> None:
+            reads[j] = self._reader.submit(self._timed, read_into, *io(j))
+
+        for j in range(min(len(slots) - 1, len(staged))):
+            read(j)
+        try:
+            for j, (k, (params, grads, host_params, event)) in enumerate(staged):
+                self._wait(reads.pop(j), "read")
+                if event is not None:
+                    event.synchronize()
+                self._update_chunk(regions[k], io(j)[0], params, grads, host_params, group)
+                self._send_back(params, host_params)
+                writes[j] = self._writer.submit(self._timed, write_from, *io(j))
+                ahead = j + len(slots) - 1  # uses the slot of chunk j - 1: its write must be done
+                if ahead < len(staged):
+                    if j >= 1:
+                        self._wait(writes.pop(j - 1), "write")
+                    read(ahead)
+            for j in sorted(writes):
+                self._wait(writes.pop(j), "write")
+        finally:
+            for fut in (*reads.values(), *writes.values()):  # a failure: let the threads finish with the buffers
+                fut.exception()
+
+    def _update_chunk(self, region: Region, slot: torch.Tensor, params: list, grads: list, host_params: list,
+                      group: dict) -> None:
+        """The in-memory offload's update, with the moments taken from the chunk's slot."""
+        n = region.numel
+        m_all, v_all = flat_views(slot[:n], region.shapes), flat_views(slot[n:], region.shapes)
+        m, v, steps = [], [], []
+        for p in params:
+            i = self._where[p][2]
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+            m.append(m_all[i])
+            v.append(v_all[i])
+            steps.append(st["step"])
+        adamw_update(host_params, grads, m, v, steps, group)
+
+    def _timed(self, fn, buf: torch.Tensor, offset: int) -> None:
+        """fn(fd, buf, offset) in an I/O thread, counted in self.stats."""
+        t0 = time.perf_counter()
+        fn(self._direct_fd if self._direct_fd is not None else self._fd, buf, offset)
+        dt = time.perf_counter() - t0
+        with self._stats_lock:
+            self.stats.io_seconds += dt
+            if fn is read_into:
+                self.stats.read_bytes += buf.nbytes
+            else:
+                self.stats.written_bytes += buf.nbytes
+
+    def _wait(self, fut: Future, what: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            fut.result()
+        except OSError as e:
+            free = free_bytes(self.path.parent)
+            left = f"; {format_bytes(free)} free there" if free is not None else ""
+            raise OffloadDirError(f"parallel.offload_dir: could not {what} the optimizer state in {self.path} "
+                                  f"({e.strerror or e}{left}); the run stops without saving, its earlier "
+                                  "checkpoints are intact: fix the drive and rerun the same command to continue "
+                                  "from the newest") from None
+        finally:
+            self.stats.wait_seconds += time.perf_counter() - t0
+
+    def evict_page_cache(self) -> None:
+        """Write the file back and drop its pages from the page cache, so that the next step reads from the drive
+        (benchmarks: a state larger than the page cache, as a 70B model's is)."""
+        if self._fd is not None and hasattr(os, "posix_fadvise"):
+            os.fsync(self._fd)
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        """Stop the I/O threads and delete the rank's scratch subfolder (the file with it)."""
+        self._reader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        self._buffers = []
+        self._flat = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a tensor still views the map (a state dict kept by a caller): unmapped with it
+                pass
+            self._map = None
+        for fd in (self._direct_fd, self._fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._direct_fd = None
+        self._scratch.close()
