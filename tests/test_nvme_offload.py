@@ -280,10 +280,9 @@ def test_config_lines():
 
 
 def dcp_state(ckpt: Path, tmp: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """Every tensor and value of a DCP checkpoint, flattened (read in this process, no pickle of tensors)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    out = tmp / f"{ckpt.parent.parent.name}-{ckpt.name}.pt"
-    dcp_to_torch_save(str(ckpt), str(out))
     flat: dict = {}
 
     def walk(obj, prefix: str) -> None:
@@ -292,7 +291,7 @@ def dcp_state(ckpt: Path, tmp: Path) -> dict:
                 walk(v, f"{prefix}{k}.")
         else:
             flat[prefix[:-1]] = obj
-    walk(torch.load(out, weights_only=False), "")
+    walk(_load_state_dict_from_keys(checkpoint_id=str(ckpt)), "")
     return flat
 
 
