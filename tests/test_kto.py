@@ -22,10 +22,10 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import LLAMA, cli_inproc, make_model_dir, read_metrics, torchrun
+from tests.helpers import LLAMA, cli_inproc, make_model_dir, read_metrics
 from tests.reference import HYPER, STEPS, base_config, optimizer_and_schedule, row_logps_reference
 from tests.test_bad_inputs import one_line_error
-from tests.test_preference import LORA, alpaca_pairs
+from tests.test_preference import LORA, alpaca_pairs, train_cases
 
 KTO_SHAREGPT = {"file_name": "kto_en_demo.json", "formatting": "sharegpt",
                 "columns": {"messages": "messages", "kto_tag": "label"},
@@ -87,17 +87,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("kto")
     llama = make_model_dir(root / "llama", LLAMA, seed=1)
     data_dir(root)
-    spec = {"cases": []}
-    for name, (dataset, pref, sections) in CASES.items():
-        path = root / f"{name}.yaml"
-        cfg = kto_config(root, name, llama, dataset, pref, **sections)
-        if "eval_every" in cfg["train"]:  # held-out examples of another data set: the training data stays the same
-            cfg["data"]["eval_datasets"] = ["kto_en_demo"]
-        path.write_text(yaml.safe_dump(cfg))
-        spec["cases"].append({"config": str(path), "kind": "train"})
-    (root / "spec.json").write_text(json.dumps(spec))
-    proc = torchrun(2, ["-m", "tests.workers.lora_cases", str(root / "spec.json")])
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    train_cases(root, {name: kto_config(root, name, llama, dataset, pref, **sections)
+                       for name, (dataset, pref, sections) in CASES.items()}, eval_data="kto_en_demo")
     return root, llama
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -96,19 +97,26 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("preference")
     llama = make_model_dir(root / "llama", LLAMA, seed=1)
     data_dir(root)
+    proc = train_cases(root, {name: dpo_config(root, name, llama, dataset, pref, **sections)
+                              for name, (dataset, pref, sections) in CASES.items()}, eval_data="sharegpt_pairs")
+    (root / "stdout.txt").write_text(proc.stdout)
+    return root, llama
+
+
+def train_cases(root: Path, configs: dict[str, dict], eval_data: str) -> subprocess.CompletedProcess:
+    """Train every config in one 2-rank launch (tests/workers/lora_cases); a config with train.eval_every
+    evaluates on held-out items of `eval_data`, another data set, so that its training data stays the same."""
     spec = {"cases": []}
-    for name, (dataset, pref, sections) in CASES.items():
+    for name, cfg in configs.items():
+        if "eval_every" in cfg["train"]:
+            cfg["data"]["eval_datasets"] = [eval_data]
         path = root / f"{name}.yaml"
-        cfg = dpo_config(root, name, llama, dataset, pref, **sections)
-        if "eval_every" in cfg["train"]:  # held-out pairs of another data set: the training data stays the same
-            cfg["data"]["eval_datasets"] = ["sharegpt_pairs"]
         path.write_text(yaml.safe_dump(cfg))
         spec["cases"].append({"config": str(path), "kind": "train"})
     (root / "spec.json").write_text(json.dumps(spec))
     proc = torchrun(2, ["-m", "tests.workers.lora_cases", str(root / "spec.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (root / "stdout.txt").write_text(proc.stdout)
-    return root, llama
+    return proc
 
 
 def reference_for(root: Path, llama: Path, name: str) -> dict:
