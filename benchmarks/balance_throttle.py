@@ -5,7 +5,8 @@
 Three 2-rank runs of the same training (one CPU thread per rank; the machine needs 2 free cores):
   even       no quota, data.balance none: both ranks at full speed (the step time the ideal is scaled from);
   throttled  rank 1 under the quota, data.balance none: the fast rank waits for the slow one at every block;
-  balanced   rank 1 under the quota, data.balance speed: shares measured after step 3 and every 5 steps.
+  balanced   rank 1 under the quota, data.balance speed: shares measured after step 3 and every 5 steps;
+  weights    rank 1 under the quota, data.balance [2, 1] (--weights): the split a 2:1 speed ratio calls for.
 The ideal for the throttled pair is the even step time x 2 / (1 + r), r = the slow rank's speed over the fast
 one's as the balanced run measured it (tokens / the two ranks' summed speeds). Median step time over the steps
 after the first 10 (the shares have settled by then). Needs root (cgroup v1 cpu.cfs_quota_us or v2 cpu.max).
@@ -88,27 +89,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quota", type=float, default=0.5, help="rank 1's share of one core")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--weights", default="[2,1]", help="the fixed weights of the last run ('' to skip it)")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="balance-"))
     group, procs = make_cgroup(a.quota)
     try:
         even, _ = run(root / "even", a.steps, "none", None)
-        throttled, _ = run(root / "throttled", a.steps, "none", procs)
+        throttled, told = run(root / "throttled", a.steps, "none", procs)
         balanced, text = run(root / "balanced", a.steps, "speed", procs)
+        weights = run(root / "weights", a.steps, a.weights, procs)[0] if a.weights else None
     finally:
         time.sleep(0.5)
         group.rmdir()
     lines = re.findall(r"balance: step \d+: compute speed per rank \[(\d+), (\d+)\] tokens/s; shares of each "
                        r"step's tokens now \[([\d.]+), ([\d.]+)\]", text)
     v0, v1, s0, s1 = (float(x) for x in lines[-1])
-    median = {k: statistics.median(t[10:]) for k, t in (("even", even), ("throttled", throttled),
-                                                         ("balanced", balanced))}
+    times = {"even": even, "throttled": throttled, "balanced": balanced}
+    if weights:
+        times[f"weights {a.weights}"] = weights
+    median = {k: statistics.median(t[10:]) for k, t in times.items()}
     ideal = median["even"] * 2 / (1 + v1 / v0)
     print(f"rank 1 at {a.quota:g} of a core; measured compute speeds {v0:.0f} and {v1:.0f} tokens/s "
           f"(ratio {v1 / v0:.2f}); final shares [{s0}, {s1}]; median of steps 11-{a.steps}")
+    for line in [x for x in told.splitlines() if x.startswith("time: ")] + \
+            [x for x in text.splitlines() if x.startswith(("data: balance", "balance: "))]:
+        print(line)
     print("| run | median step (s) | vs throttled | vs ideal |")
     print("| --- | --- | --- | --- |")
-    for name in ("even", "throttled", "balanced"):
+    for name in median:
         print(f"| {name} | {median[name]:.3f} | {median[name] / median['throttled']:.2f}x | "
               f"{median[name] / ideal:.2f}x |")
     print(f"| ideal (even x 2 / (1 + {v1 / v0:.2f})) | {ideal:.3f} | {ideal / median['throttled']:.2f}x | 1.00x |")
