@@ -84,6 +84,17 @@ def balance_problem(value: Any) -> Optional[str]:
     return f"expected none, speed or a list of per-rank weights (e.g. [2, 1]), got {value!r}"
 
 
+def budget_problem(value: Any) -> Optional[str]:
+    """What keeps `value` from being parallel.memory_budget_gib: a number >= 0, or a non-empty list of them."""
+    values = value if isinstance(value, list) and value else [value]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+           or v < 0]
+    if bad:
+        return (f"expected GiB as a number >= 0 or a list of them (one per node or per rank), got {value!r}; e.g. "
+                "70 or [22, 76]")
+    return None
+
+
 def step_list_problem(value: list) -> Optional[str]:
     """What keeps `value` from being a list of 1-based optimizer steps."""
     bad = [s for s in value if not (isinstance(s, int) and not isinstance(s, bool) and s >= 1)]
@@ -243,10 +254,11 @@ class ParallelConfig:
                                                 "parallel.memory_budget_gib: blocks turn selective first, then full).",
                                                 choices=["none", "full", "every_k", "selective", "auto"])
     activation_checkpointing_k: int = opt(2, "k for activation_checkpointing: every_k.", min=1)
-    memory_budget_gib: float = opt(0.0, "activation_checkpointing: auto plans for this peak allocated GPU memory per "
-                                        "rank (GiB); 0: the smallest GPU's total memory less the estimator's "
-                                        "allowance for CUDA context, NCCL and fragmentation (on CPU a budget must be "
-                                        "given).", min=0)
+    memory_budget_gib: Any = opt(0.0, "activation_checkpointing: auto plans each rank for this peak allocated GPU "
+                                      "memory (GiB): one value, or a list with one per node or one per rank (mixed "
+                                      "GPUs); 0: the rank's own GPU memory less the estimator's allowance for CUDA "
+                                      "context, NCCL and fragmentation (on CPU a budget must be given).",
+                                      check=budget_problem)
     optimizer_offload: bool | str = opt(False, "Keep AdamW state in CPU memory and run the update there; "
                                                      "parameters and gradients stay on the GPU (less GPU memory than "
                                                      "none, much faster than cpu_offload). nvme: the same update, "

@@ -48,6 +48,27 @@ def describe_modes(modes: list[str]) -> str:
     return "blocks " + ", ".join(f"{a}-{b} {m}" if a != b else f"{a} {m}" for a, b, m in runs)
 
 
+def budgets(pcfg: ParallelConfig) -> list[float]:
+    """parallel.memory_budget_gib as a list (one value: a list of one)."""
+    b = pcfg.memory_budget_gib
+    return [float(x) for x in b] if isinstance(b, list) else [float(b)]
+
+
+def rank_budget_gib(pcfg: ParallelConfig, rank: int, world_size: int, local_world_size: int) -> float:
+    """This rank's parallel.memory_budget_gib: the one value, or its entry of a list given per rank or per node
+    (ranks of node k share entry k)."""
+    b = budgets(pcfg)
+    if len(b) == 1:
+        return b[0]
+    if len(b) == world_size:
+        return b[rank]
+    if local_world_size > 0 and len(b) * local_world_size == world_size:
+        return b[rank // local_world_size]
+    raise ConfigError(f"parallel.memory_budget_gib: {len(b)} entries, but the job has {world_size} ranks on "
+                      f"{world_size // max(1, local_world_size)} node(s); give one budget, one per node or one per "
+                      "rank")
+
+
 def check_device_support(pcfg: ParallelConfig, device_type: str) -> None:
     """Fail before any work is done when the options cannot run on this device."""
     if pcfg.cpu_offload and device_type != "cuda":
@@ -58,7 +79,7 @@ def check_device_support(pcfg: ParallelConfig, device_type: str) -> None:
     if pcfg.reduce_dtype == "bf16" and resolve_precision(pcfg.precision, device_type) == "fp32":
         raise ConfigError(f"parallel.reduce_dtype: bf16 needs bf16 compute, but precision {pcfg.precision} is fp32 "
                           f"on {device_type}; set parallel.reduce_dtype=fp32 or parallel.precision=bf16-mixed")
-    if pcfg.activation_checkpointing == "auto" and device_type != "cuda" and pcfg.memory_budget_gib <= 0:
+    if pcfg.activation_checkpointing == "auto" and device_type != "cuda" and min(budgets(pcfg)) <= 0:
         raise ConfigError("parallel.memory_budget_gib: activation_checkpointing=auto on CPU needs a budget; "
                           "set parallel.memory_budget_gib (GiB) or choose another activation_checkpointing")
 

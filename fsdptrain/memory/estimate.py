@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 from ..config.schema import TWO_ROWS, Config, parse_size
 from ..core.errors import UserError
 from ..core.units import GIB, format_bytes
-from ..dist.plan import RunFacts, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
+from ..dist.plan import RunFacts, budgets, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
 from ..train.staging import nvme_buffer_bytes, staging_bytes
 
 if TYPE_CHECKING:
@@ -812,7 +812,7 @@ def estimate(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_
     m = shape or shape_from_config(cfg)
     s = settings_from_config(cfg, nnodes, gpus_per_node, gpu_memory, cpu_memory)
     if s.cfg.parallel.activation_checkpointing == "auto":
-        _, est = plan_checkpointing(m, s, budget_bytes(cfg.parallel.memory_budget_gib, gpu_memory))
+        _, est = plan_checkpointing(m, s, budget_bytes(min(budgets(cfg.parallel)), gpu_memory))
     else:
         est = compute(m, s)
     est.advice = advise(m, est)
@@ -820,22 +820,37 @@ def estimate(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_
 
 
 def plan_auto_checkpointing(cfg: Config, model: nn.Module, world_size: int, local_world_size: int,
-                            device: torch.device) -> tuple[list[str], str]:
-    """activation_checkpointing auto: the least recomputation whose estimated peak fits the budget (the
-    configured one, or the smallest GPU's memory across ranks). Returns the per-block modes and a log line."""
+                            device: torch.device, rank: int = 0) -> tuple[list[str], str]:
+    """activation_checkpointing auto: on each rank, the least recomputation whose estimated peak fits that rank's
+    budget (its parallel.memory_budget_gib entry, or its own GPU's memory: a 24 GB card checkpoints more than an
+    80 GB one beside it). FSDP2 issues the same collectives whatever a block recomputes (the pre-backward hook
+    gathers, not the recomputation), so ranks may differ. Returns this rank's per-block modes and a log line
+    with every rank's plan (one all_gather)."""
     import torch
 
     from ..dist import distributed
+    from ..dist.plan import rank_budget_gib
 
-    gpu_memory = 0
-    if device.type == "cuda":
-        total = torch.tensor([torch.cuda.get_device_properties(device).total_memory], dtype=torch.float64,
-                             device=device)
-        gpu_memory = int(distributed.all_reduce_min(total).item())  # mixed GPU types: plan for the smallest
-    budget = budget_bytes(cfg.parallel.memory_budget_gib, gpu_memory)
+    gpu_memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    budget = budget_bytes(rank_budget_gib(cfg.parallel, rank, world_size, local_world_size), gpu_memory)
     nnodes = max(1, world_size // max(1, local_world_size))
     settings = settings_from_config(cfg, nnodes, world_size // nnodes, gpu_memory or budget, device_type=device.type)
     modes, est = plan_checkpointing(shape_of_model(model), settings, budget)
-    verdict = "fits" if est.peak <= budget else "does NOT fit even with every block full; see `fsdptrain estimate`"
-    return modes, (f"activation checkpointing auto: {describe_modes(modes)}; estimated peak "
-                   f"{format_bytes(est.peak)} for a budget of {format_bytes(budget)} ({verdict})")
+    codes = {"none": 0, "selective": 1, "full": 2}
+    row = [float(budget), float(est.peak), *(float(codes[x]) for x in modes)]
+    rows = [row]
+    # a launched group (not the fake one memory.trace plans in, whose tensors hold no values)
+    if world_size > 1 and torch.distributed.is_initialized() and torch.distributed.get_backend() != "fake":
+        rows = distributed.all_gather_rows(torch.tensor(row, dtype=torch.float64, device=device), world_size).tolist()
+    names = {v: k for k, v in codes.items()}
+
+    def line(r: list[float]) -> str:
+        plan, peak, cap = [names[int(x)] for x in r[2:]], int(r[1]), int(r[0])
+        verdict = "fits" if peak <= cap else "does NOT fit even with every block full; see `fsdptrain estimate`"
+        return (f"{describe_modes(plan)}; estimated peak {format_bytes(peak)} for a budget of {format_bytes(cap)} "
+                f"({verdict})")
+
+    if all(r == rows[0] for r in rows):
+        return modes, f"activation checkpointing auto: {line(rows[0])}"
+    return modes, "activation checkpointing auto, planned per rank: " + "; ".join(
+        f"rank {k}: {line(r)}" for k, r in enumerate(rows))

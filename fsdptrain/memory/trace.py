@@ -53,7 +53,7 @@ from ..config.schema import Config
 from ..core.errors import ConfigError
 from ..core.units import GIB, format_bytes
 from ..dist.distributed import DistInfo
-from ..dist.plan import resolve_precision
+from ..dist.plan import budgets, resolve_precision
 from ..objectives.choose import needs_reference_model, objective_for
 from ..objectives.loss import install_chunked_loss
 from ..train.build import Reference, ShardedModel, build_reference, build_sharded_model, reference_config
@@ -236,7 +236,7 @@ def trace_config(cfg: Config, facts, gpu_memory: int) -> Config:
     if p.sharding == "hybrid":
         changes["shard_group_size"] = facts.shard_group
     if p.activation_checkpointing == "auto":
-        changes["memory_budget_gib"] = analytic.budget_bytes(p.memory_budget_gib, gpu_memory) / GIB
+        changes["memory_budget_gib"] = analytic.budget_bytes(min(budgets(p)), gpu_memory) / GIB  # the tightest
     return dataclasses.replace(cfg, parallel=dataclasses.replace(p, **changes), train=train)
 
 

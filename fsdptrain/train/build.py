@@ -101,7 +101,8 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
     mesh = mesh if mesh is not None else build_mesh(info, cfg.parallel)
     modes = None
     if cfg.parallel.activation_checkpointing == "auto":  # planned from the memory estimate, before sharding
-        modes, note = plan_auto_checkpointing(cfg, model, info.world_size, info.local_world_size, info.device)
+        modes, note = plan_auto_checkpointing(cfg, model, info.world_size, info.local_world_size, info.device,
+                                             info.rank)
         log.info(note)
     plan = apply_fsdp(model, blocks, mesh, cfg.parallel, precision, modes)
     # Offloaded shards live in host memory, but random init runs on the GPU (CPU init of a large model is slow).

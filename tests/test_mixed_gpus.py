@@ -1,4 +1,5 @@
-"""data.balance: a step's global batch split between ranks by shares of its tokens (weights, or measured speed)."""
+"""Mixed GPUs: data.balance (a step's global batch split between ranks by shares of its tokens: weights, or
+measured speed), the time report, and activation_checkpointing auto planned per rank."""
 
 from __future__ import annotations
 
@@ -57,18 +58,27 @@ def test_weighted_and_speed_balanced_runs_train_like_the_unbalanced_run(tmp_path
     """2 ranks: by count, by weights [3, 1], and by measured speed with rank 1 made twice as slow per token (a
     sleep inside its blocks' timed forward). The losses match the by-count run; the speed shares converge to 2:1."""
     cases = {"none": {}, "weights": {"balance": [3, 1]}, "speed": {"balance": "speed", "balance_every": 2},
-             "slow": {}}
+             "slow": {}, "plans": {}}
     spec = {"cases": [{"config": _config(tmp_path / f"{k}.yaml", tmp_path / k, **v),
                        "seconds_per_token": [1e-4, 2e-4] if k in ("speed", "slow") else None}
                       for k, v in cases.items()]}
+    # activation_checkpointing auto with a budget per rank: rank 0 plans no recomputation, rank 1 full blocks
+    plans = yaml.safe_load(Path(spec["cases"][-1]["config"]).read_text())
+    plans["parallel"].update(activation_checkpointing="auto", memory_budget_gib=[100, 0.0001])
+    Path(spec["cases"][-1]["config"]).write_text(yaml.safe_dump(plans))
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     proc = torchrun(2, ["-m", "tests.workers.balance_cases", str(tmp_path / "spec.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     ref = [m["loss"] for m in read_metrics(tmp_path / "none")]
     assert len(ref) == 6
-    for k in ("weights", "speed"):
+    for k in ("weights", "speed", "plans"):
         got = [m["loss"] for m in read_metrics(tmp_path / k)]
         assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-6, (k, got, ref)
+    # the two ranks recompute different blocks (FSDP2 gathers in the pre-backward hook either way: no hang)
+    assert re.search(r"activation checkpointing auto, planned per rank: rank 0: blocks 0-1 none; estimated peak "
+                     r"[\d.]+ \w+ for a budget of 100\.00 GiB \(fits\); rank 1: blocks 0-1 full; estimated peak "
+                     r"[\d.]+ \w+ for a budget of 104\.86 KiB \(does NOT fit even with every block full; see "
+                     r"`fsdptrain estimate`\)", proc.stdout), proc.stdout[-3000:]
     assert "data: balance: each step's tokens split between the ranks by the shares [0.750, 0.250]" in proc.stdout
     updates = re.findall(r"balance: step (\d+): compute speed per rank \[\d+, \d+\] tokens/s; shares of each "
                          r"step's tokens now \[([\d.]+), ([\d.]+)\]", proc.stdout)
@@ -106,17 +116,22 @@ def test_weighted_and_speed_balanced_runs_train_like_the_unbalanced_run(tmp_path
     ({"balance": "speed", "compile": True},
      "data.balance: speed times each rank's blocks with forward hooks, which parallel.compile would trace into the "
      "compiled blocks; give the ranks' weights instead (e.g. data.balance=[2,1]) or set parallel.compile=false"),
+    ({"budget": [10, 20, 30]}, "parallel.memory_budget_gib: 3 entries, but the job has 1 ranks on 1 node(s); "
+                               "give one budget, one per node or one per rank"),
+    ({"budget": [10, -1]}, "parallel.memory_budget_gib: expected GiB as a number >= 0 or a list of them (one per "
+                           "node or per rank), got [10, -1]; e.g. 70 or [22, 76]"),
     ({"balance": [1, 2, 3]}, "data.balance: 3 entries, but the job has 1 ranks on 1 node(s); give one weight per "
                              "rank or one per node"),
 ])
 def test_bad_balance_settings_are_one_line(tmp_path, data, line):
     data = dict(data)
-    compile_ = data.pop("compile", False)
+    parallel = {"compile": data.pop("compile")} if "compile" in data else {}
+    if "budget" in data:
+        parallel = {"activation_checkpointing": "auto", "memory_budget_gib": data.pop("budget")}
     cfg = _config(tmp_path / "c.yaml", tmp_path / "run", **data)
-    if compile_:
-        text = yaml.safe_load(Path(cfg).read_text())
-        text["parallel"]["compile"] = True
-        Path(cfg).write_text(yaml.safe_dump(text))
+    text = yaml.safe_load(Path(cfg).read_text())
+    text["parallel"].update(parallel)
+    Path(cfg).write_text(yaml.safe_dump(text))
     proc = run_cli(["train", cfg], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()
