@@ -383,12 +383,28 @@ def mem_diff(a: str, b: str, top: int) -> None:
     click.echo(diff.render(rows, pa, pb, a, b, top), nl=False)
 
 
+def gpu_speeds(text: str, nnodes: int, gpus_per_node: int) -> list[float]:
+    """--gpu-speed: relative speeds per rank (one value, one per node or one per GPU), all above zero."""
+    from .memory import estimate
+
+    try:
+        values = [float(x) for x in estimate.rank_sizes(text, nnodes, gpus_per_node, "--gpu-speed")]
+    except ValueError:
+        raise UserError(f"--gpu-speed: {text!r}: give relative speeds as numbers, e.g. 4x1,4x3") from None
+    if min(values) <= 0:
+        raise UserError(f"--gpu-speed: {text!r}: every speed must be above zero")
+    return values
+
+
 @main.command("estimate", cls=FileFirst)
 @click.argument("config")
 @click.argument("overrides", nargs=-1)
 @click.option("--nnodes", default=1, show_default=True, help="Nodes.")
 @click.option("--gpus-per-node", default=8, show_default=True, help="GPUs per node.")
-@click.option("--gpu-memory", default="80GiB", show_default=True, help="Memory per GPU, e.g. 80GiB, 141GB.")
+@click.option("--gpu-memory", default="80GiB", show_default=True, help="Memory per GPU, e.g. 80GiB, 141GB; mixed "
+              "GPUs: one per node or one per GPU, e.g. 4x24GiB,4x80GiB.")
+@click.option("--gpu-speed", default=None, help="Relative GPU speeds (one per node or per GPU, e.g. 4x1,4x3): the "
+              "share of each step data.balance: speed would give each rank.")
 @click.option("--cpu-memory", default=None, help="Host memory per node (checked when offloading), e.g. 1TiB.")
 @click.option("--trace", is_flag=True, help="Also trace the real training step on fake tensors at this world "
               "size and compare, category by category (docs/memory.md).")
@@ -396,15 +412,18 @@ def mem_diff(a: str, b: str, top: int) -> None:
               "first epoch from the configured data, and forecast every rank's peak and the imbalance.")
 @friendly_errors
 def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_node: int, gpu_memory: str,
-                 cpu_memory: str | None, trace: bool, forecast: bool) -> None:
+                 gpu_speed: str | None, cpu_memory: str | None, trace: bool, forecast: bool) -> None:
     """Per-rank memory of CONFIG from the model config alone (no weights, no GPU), the verdict and what to change."""
     from .config.schema import load_config, parse_size
     from .memory import allowance, estimate
 
     config, overrides = config_first("estimate", config, overrides, "", " (the model and settings to estimate)")
     cfg = load_config(config, overrides)
-    est = estimate.estimate(cfg, nnodes, gpus_per_node, parse_size(gpu_memory, "--gpu-memory"),
-                            parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None)
+    sizes = [parse_size(x, "--gpu-memory") for x in estimate.rank_sizes(gpu_memory, nnodes, gpus_per_node)]
+    speeds = gpu_speeds(gpu_speed, nnodes, gpus_per_node) if gpu_speed else None
+    cpu = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
+    by_size = {size: estimate.estimate(cfg, nnodes, gpus_per_node, size, cpu) for size in sorted(set(sizes))}
+    est = by_size[min(sizes)]  # the whole breakdown for the smallest GPU
     trace = trace or forecast  # the forecast is traced
     if trace:  # what cannot be traced is refused before anything is printed
         from .memory import trace as traced
@@ -412,6 +431,11 @@ def estimate_cmd(config: str, overrides: tuple[str, ...], nnodes: int, gpus_per_
         traced.check_traceable(cfg, est)
     click.echo(estimate.render(est), nl=False)
     click.echo(allowance.estimate_line(est.peak, est.settings.facts.gpu_memory), nl=False)
+    if len(by_size) > 1:
+        ranks = {size: [r for r, x in enumerate(sizes) if x == size] for size in by_size}
+        click.echo(estimate.render_mixed(by_size, ranks), nl=False)
+    if speeds:
+        click.echo(estimate.render_speeds(speeds), nl=False)
     if trace:
         facts, say = est.settings.facts, (lambda m: click.echo(m, err=True))
         plans = traced.plan_ranks(cfg, facts.world_size, facts.gpus_per_node, say) if forecast else None

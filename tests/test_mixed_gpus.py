@@ -152,3 +152,35 @@ def test_time_report_names_the_rank_the_others_waited_for():
     assert time_report([[1.0, 1000.0, 0], [2.0, 1000.0, 0]], balancing=False) is None  # no step timed
     assert time_report([[1.0, 1000.0, 10], [2.0, 1000.0, 10]], balancing=True).endswith(
         "(data.balance: speed was on: its shares are in the balance lines above)")
+
+
+def test_estimate_plans_each_gpu_size_and_the_speed_shares():
+    """Llama-3.1-8B full fine-tuning on a node of 4 x 24 GB and 4 x 80 GB: each size gets its own auto plan, and
+    relative speeds give the shares data.balance: speed would reach."""
+    from click.testing import CliRunner
+
+    from fsdptrain.cli import main
+    from tests.helpers import REPO
+
+    args = ["estimate", str(REPO / "configs" / "estimate-llama3.1-8b-1x8.yaml"),
+            "parallel.activation_checkpointing=auto", "parallel.optimizer_offload=true", "--nnodes", "1",
+            "--gpus-per-node", "8"]
+    res = CliRunner().invoke(main, [*args, "--gpu-memory", "4x24GiB,4x80GiB", "--gpu-speed", "4x1,4x3"])
+    assert res.exit_code == 0, res.output
+    tail = res.output[res.output.index("per GPU size"):].splitlines()
+    assert tail == [
+        "per GPU size (each rank plans for its own memory):",
+        "  ranks 0-3 (24.00 GiB): blocks 0-15 full, 16-31 selective; peak 20.67 GiB; fits",
+        "  ranks 4-7 (80.00 GiB): blocks 0-31 none; peak 38.43 GiB; fits",
+        "data.balance: speed for these speeds: shares of each step's tokens ranks 0-3 0.062 each; ranks 4-7 0.188 "
+        "each; a step's compute about 0.50x of the unbalanced step (where every rank waits for the slowest)"]
+    # the breakdown above is the smallest GPU's, as for one size
+    one = CliRunner().invoke(main, [*args, "--gpu-memory", "24GiB"])
+    assert res.output.startswith(one.output)
+    bad = CliRunner().invoke(main, [*args, "--gpu-memory", "24GiB,80GiB,80GiB"])
+    assert bad.exit_code == 2 and bad.output.strip() == (
+        "fsdptrain: error: --gpu-memory: 3 values for 1 node(s) x 8 GPUs; give one value, one per node (1) or one "
+        "per GPU (8), e.g. 4x24GiB,4x80GiB")
+    bad = CliRunner().invoke(main, [*args, "--gpu-speed", "8x0"])
+    assert bad.exit_code == 2
+    assert bad.output.strip() == "fsdptrain: error: --gpu-speed: '8x0': every speed must be above zero"

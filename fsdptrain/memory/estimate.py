@@ -854,3 +854,61 @@ def plan_auto_checkpointing(cfg: Config, model: nn.Module, world_size: int, loca
         return modes, f"activation checkpointing auto: {line(rows[0])}"
     return modes, "activation checkpointing auto, planned per rank: " + "; ".join(
         f"rank {k}: {line(r)}" for k, r in enumerate(rows))
+
+
+def rank_sizes(text: str, nnodes: int, gpus_per_node: int, option: str = "--gpu-memory") -> list[str]:
+    """A per-rank list from `option`: one value for every GPU, one per node, or one per rank; `NxV` repeats V N
+    times (4x24GiB,4x80GiB). One-line UserError for a length that fits neither."""
+    values: list[str] = []
+    for part in (x.strip() for x in text.split(",")):
+        count, x, value = part.partition("x")
+        if x and count.isdigit() and value:
+            values += [value] * int(count)
+        else:
+            values.append(part)
+    world = nnodes * gpus_per_node
+    if len(values) == 1:
+        return values * world
+    if len(values) == world:
+        return values
+    if len(values) == nnodes:
+        return [values[r // gpus_per_node] for r in range(world)]
+    raise UserError(f"{option}: {len(values)} values for {nnodes} node(s) x {gpus_per_node} GPUs; give one value, "
+                    f"one per node ({nnodes}) or one per GPU ({world}), e.g. 4x24GiB,4x80GiB")
+
+
+def ranks_text(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'ranks 0-2, 5'."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and runs[-1][1] == r - 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
+def render_mixed(estimates: dict[int, Estimate], ranks: dict[int, list[int]]) -> str:
+    """One line per GPU size of a mixed cluster: its ranks, their own plan (activation_checkpointing auto plans
+    each rank for its memory), peak and verdict."""
+    lines = ["per GPU size (each rank plans for its own memory):"]
+    for size, est in sorted(estimates.items()):
+        s = est.settings
+        plan = describe_modes(s.modes(est.shape.layers)) if s.cfg.parallel.activation_checkpointing == "auto" \
+            else f"checkpointing {s.cfg.parallel.activation_checkpointing}"
+        lines.append(f"  {ranks_text(ranks[size])} ({format_bytes(size)}): {plan}; peak {format_bytes(est.peak)}; "
+                     f"{'fits' if est.fits else 'does NOT fit'}")
+    return "\n".join(lines) + "\n"
+
+
+def render_speeds(speeds: list[float]) -> str:
+    """data.balance: speed's expected split for relative GPU speeds, and the step against an unbalanced one
+    (there the slowest GPU sets the pace: each rank's equal share over the slowest speed)."""
+    total = sum(speeds)
+    groups: dict[float, list[int]] = {}
+    for r, v in enumerate(speeds):
+        groups.setdefault(v, []).append(r)
+    shares = "; ".join(f"{ranks_text(rs)} {v / total:.3f} each" for v, rs in sorted(groups.items()))
+    ratio = len(speeds) * min(speeds) / total
+    return (f"data.balance: speed for these speeds: shares of each step's tokens {shares}; a step's compute about "
+            f"{ratio:.2f}x of the unbalanced step (where every rank waits for the slowest)\n")
