@@ -364,6 +364,7 @@ def mem_report(run_dir: str, plot_file: str | None) -> None:
 
     runs = report.read_run(run_dir)
     click.echo(report.render(run_dir, runs), nl=False)
+    click.echo(report.render_time(run_dir), nl=False)  # several ranks: who waited for whom
     click.echo(report.render_breakdowns(run_dir), nl=False)  # memory.breakdown_steps
     if plot_file:
         report.plot(runs, plot_file)

@@ -19,6 +19,7 @@ Step numbers are 1-based throughout: step s is the s-th optimizer step, and
 from __future__ import annotations
 
 import gc
+import json
 import math
 import random
 import time
@@ -34,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from .config.schema import Config, parse_size
 from .core import log
 from .core.errors import RunStopped, TrainingError, UserError
+from .core.files import write_atomic
 from .core.units import format_bytes
 from .data import pipeline
 from .data.encode import Example
@@ -55,7 +57,7 @@ from .run.export import check_target, export_dtype, export_hf, training_export_c
 from .run.metrics import RunLogger, peak_tflops
 from .run.sinks import open_sinks
 from .train import offload_dir
-from .train.balance import ComputeClock, ComputeTotals, SpeedBalance, time_report
+from .train.balance import COMPUTE_FILE, ComputeClock, ComputeTotals, SpeedBalance, time_report
 from .train.build import ShardedModel, build_reference, build_sharded_model, reference_config
 from .train.evaluate import EvalResult, eval_micro_batch, evaluate
 from .train.optim import adamw_fused, build_optimizer, build_scheduler, use_cpu_optimizer_threads
@@ -566,9 +568,14 @@ def finish(run: Run) -> None:
     if run.clock is not None:  # every rank: one all_gather
         c = run.compute
         row = torch.tensor([c.seconds, c.tokens, c.steps], dtype=torch.float64, device=run.info.device)
-        line = time_report(distributed.all_gather_rows(row, run.info.world_size).tolist(), run.balance is not None)
+        gathered = distributed.all_gather_rows(row, run.info.world_size).tolist()
+        line = time_report(gathered, run.balance is not None)
         if line:
             log.info(line)
+        if run.info.is_main:  # for `fsdptrain mem report`
+            (run.out / "memory").mkdir(exist_ok=True)
+            write_atomic(run.out / "memory" / COMPUTE_FILE,
+                         json.dumps({"ranks": gathered, "balancing": run.balance is not None}) + "\n")
     if result.losses:
         log.info(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
                  f"skipped {result.skipped_steps}; outputs in {out}")

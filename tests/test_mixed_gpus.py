@@ -93,6 +93,13 @@ def test_weighted_and_speed_balanced_runs_train_like_the_unbalanced_run(tmp_path
                   r"for it; data.balance: speed would split each step's tokens by the ranks' speeds \(the compute of "
                   r"a step about ([\d.]+)x of now\)", slow)
     assert m and 1.6 < float(m[1]) < 2.4 and 0.6 < float(m[3]) < 0.8, slow[:3000]
+    # and `fsdptrain mem report` says it again from memory/compute.json
+    from click.testing import CliRunner
+
+    from fsdptrain.cli import main
+
+    rep = CliRunner().invoke(main, ["mem", "report", str(tmp_path / "slow")])
+    assert rep.exit_code == 0 and f"\n{m[0]}\n" in rep.output, rep.output
 
     def taken(k: str) -> list[list[int]]:  # examples per step, rank 0 and rank 1
         return [json.loads((tmp_path / k / f"examples-rank{r}.json").read_text()) for r in range(2)]

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..core.errors import UserError
 from ..core.files import read_json, read_text
 from ..core.units import GIB, format_bytes
+from ..train.balance import COMPUTE_FILE, time_report
 
 
 @dataclass
@@ -80,6 +81,24 @@ def imbalance(summaries: list[RankSummary]) -> tuple[float, int, float]:
     med = statistics.median(peaks)
     r = max(range(len(peaks)), key=peaks.__getitem__)
     return (peaks[r] / med if med else 1.0), summaries[r].rank, med
+
+
+def render_time(run_dir: str | Path) -> str:
+    """The time line of a run of several ranks (memory/compute.json, written at its end): which rank the others
+    waited for and what data.balance: speed would do; empty when the file is not there (one rank, compile, a
+    run that did not finish)."""
+    path = Path(run_dir) / "memory" / COMPUTE_FILE
+    if not path.is_file():
+        return ""
+    data = read_json(path, "the ranks' compute times", "delete it (the next run writes it again)")
+    try:
+        ranks, balancing = [[float(x) for x in r] for r in data["ranks"]], bool(data["balancing"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: not the ranks' compute times (expected ranks and balancing); delete it") from None
+    line = time_report(ranks, balancing)
+    if line is None:
+        return "\ntime: the ranks' compute per step was within 10% of each other\n"
+    return "\n" + line + "\n"
 
 
 def render(run_dir: str | Path, runs: dict[int, list[dict]]) -> str:

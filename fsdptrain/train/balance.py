@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+COMPUTE_FILE = "compute.json"  # output_dir/memory/: every rank's [compute seconds, tokens, steps] (mem report)
+
 
 class ComputeClock:
     """Seconds this rank spends in its blocks' forwards, collective waits excluded. Hooks are added after
