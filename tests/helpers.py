@@ -193,7 +193,13 @@ def cli_inproc(args: list[str], cwd: Path | None = None, **extra_env: str) -> su
 def torchrun(nproc: int, args: list[str], timeout: float = 600, **extra_env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
+    if proc.returncode != 0 and "Fatal Python error" in proc.stderr:
+        # a rank crashed (faulthandler's report, PYTHONFAULTHANDLER=1): the tests show stderr's tail, which
+        # torchrun fills with its own report; repeat the crashed rank's stacks at the end
+        at = proc.stderr.index("Fatal Python error")
+        proc.stderr += "\n--- the first crash, again ---\n" + proc.stderr[at:at + 2500]
+    return proc
 
 
 def make_model_dir(path: Path, arch: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
