@@ -127,8 +127,10 @@ def test_launcher_a_killed_agent_is_one_line_per_rank_and_the_log_path(tmp_path)
     rc, lines, log, _ = launched_faults(tmp_path, "agent")
     assert rc == -signal.SIGKILL
     gone = [f"fsdptrain: error: rank {r}: the rendezvous store at 127.0.0.1:" for r in (0, 1)]
-    assert lines[0] == log_line(log, held=False), lines  # torchrun is gone: said at once
-    assert len(lines) == 3 and all(any(x.startswith(g) and x.endswith(STOP_TAIL) for x in lines[1:]) for g in gone)
+    # torchrun is gone: the follower names the log as soon as it sees that (it polls every 0.1 s), the ranks within
+    # a second (their heartbeat); on a loaded machine either may come first
+    assert len(lines) == 3 and lines.count(log_line(log, held=False)) == 1, lines
+    assert all(any(x.startswith(g) and x.endswith(STOP_TAIL) for x in lines) for g in gone), lines
     assert "frame #" not in log.read_text()  # the heartbeat no longer calls the dead store (C++ stacks)
 
 
