@@ -91,8 +91,8 @@ def test_ulysses_attention_equals_whole_sequence_attention_in_value_and_gradient
 def train_run(tmp: Path, name: str, nproc: int, extra: list[str]) -> Path:
     out = tmp / name
     args = ["-m", "fsdptrain", "train", f"output_dir={out}", "train.max_steps=6", "logging.log_every=1",
-            "logging.progress=lines", "data.synthetic_examples=200", "data.val_size=0", "train.eval_every=0", "train.micro_batch_size=4",
-            "train.grad_accum_steps=2", "checkpoint.export_hf=true", *extra]
+            "logging.progress=lines", "data.synthetic_examples=200", "data.val_size=0", "train.eval_every=0",
+            "train.micro_batch_size=4", "train.grad_accum_steps=2", "checkpoint.export_hf=true", *extra]
     proc = torchrun(nproc, args, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
