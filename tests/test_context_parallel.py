@@ -98,14 +98,10 @@ def train_run(tmp: Path, name: str, nproc: int, extra: list[str]) -> Path:
     return out
 
 
-@pytest.mark.parametrize("extra", [[], ["data.packing=true", "data.pack_length=128"],
-                                   ["parallel.activation_checkpointing=full", "train.loss_chunk_tokens=64"]],
-                         ids=["plain", "packing", "full-checkpointing"])
-def test_two_ranks_cp2_train_like_one_rank(tmp_path, extra):
+def assert_same_training(one: Path, two: Path) -> None:
+    """The same losses, token counts and gradient norms every step, and the same weights at the end."""
     from safetensors.torch import load_file
 
-    one = train_run(tmp_path, "cp1", 1, extra)
-    two = train_run(tmp_path, "cp2", 2, ["parallel.context_parallel=2", *extra])
     a, b = read_metrics(one), read_metrics(two)
     assert [m["step"] for m in b] == list(range(1, 7))
     for x, y in zip(a, b):
@@ -116,6 +112,22 @@ def test_two_ranks_cp2_train_like_one_rank(tmp_path, extra):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), (k, (wa[k] - wb[k]).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["data.packing=true", "data.pack_length=128"],
+                                   ["parallel.activation_checkpointing=full", "train.loss_chunk_tokens=64"]],
+                         ids=["plain", "packing", "full-checkpointing"])
+def test_two_ranks_cp2_train_like_one_rank(tmp_path, extra):
+    assert_same_training(train_run(tmp_path, "cp1", 1, extra),
+                         train_run(tmp_path, "cp2", 2, ["parallel.context_parallel=2", *extra]))
+
+
+@pytest.mark.slow
+def test_data2_x_cp2_on_four_ranks_trains_like_two_data_ranks(tmp_path):
+    extra = ["data.packing=true", "data.pack_length=128", "train.micro_batch_size=2"]
+    assert_same_training(train_run(tmp_path, "dp2", 2, extra),
+                         train_run(tmp_path, "dp2cp2", 4, ["parallel.context_parallel=2", *extra]))
 
 
 # ----------------------------------------------------------------------------- refusals
