@@ -108,6 +108,9 @@ def assert_same_training(one: Path, two: Path) -> None:
         assert x["tokens"] == y["tokens"] and x["target_tokens"] == y["target_tokens"]
         assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])
         assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * max(1.0, x["grad_norm"])
+        # evaluation runs whole rows on every rank (no sequence set: model/ulysses.py's plain path)
+        assert ("eval_loss" in x) == ("eval_loss" in y)
+        assert abs(x.get("eval_loss", 0.0) - y.get("eval_loss", 0.0)) < 1e-5
     wa, wb = load_file(str(one / "hf" / "model.safetensors")), load_file(str(two / "hf" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -115,12 +118,15 @@ def assert_same_training(one: Path, two: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["data.packing=true", "data.pack_length=128"],
+@pytest.mark.parametrize("extra", [["data.val_size=0.1", "train.eval_every=3"],
+                                   ["data.packing=true", "data.pack_length=128"],
                                    ["parallel.activation_checkpointing=full", "train.loss_chunk_tokens=64"]],
-                         ids=["plain", "packing", "full-checkpointing"])
+                         ids=["plain-with-eval", "packing", "full-checkpointing"])
 def test_two_ranks_cp2_train_like_one_rank(tmp_path, extra):
-    assert_same_training(train_run(tmp_path, "cp1", 1, extra),
-                         train_run(tmp_path, "cp2", 2, ["parallel.context_parallel=2", *extra]))
+    two = train_run(tmp_path, "cp2", 2, ["parallel.context_parallel=2", *extra])
+    assert_same_training(train_run(tmp_path, "cp1", 1, extra), two)
+    if "train.eval_every=3" in extra:
+        assert [m["step"] for m in read_metrics(two) if "eval_loss" in m] == [3, 6]
 
 
 @pytest.mark.slow
@@ -136,6 +142,8 @@ def test_data2_x_cp2_on_four_ranks_trains_like_two_data_ranks(tmp_path):
 @pytest.mark.parametrize("override,text", [
     ("data.token_budget=512", "parallel.context_parallel: 2: does not work with data.token_budget yet"),
     ("data.balance=[1,1]", "parallel.context_parallel: 2: does not work with data.balance yet"),
+    ("data.micro_batch_sizes=[2,4]", "parallel.context_parallel: 2: does not work with data.micro_batch_sizes yet"),
+    ("parallel.compile=true", "parallel.context_parallel: 2: does not work with parallel.compile yet"),
     ("model.attn_implementation=flash_attention_2", "the attention inside Ulysses is sdpa, not "
                                                     "model.attn_implementation=flash_attention_2"),
     ("train.objective=dpo", "train.objective dpo scores whole sequences"),
