@@ -15,7 +15,7 @@ from fsdptrain.data.encode import IGNORE, Example
 from fsdptrain.data.loader import StepSampler, _StepBatches, collate, context_chunk
 from fsdptrain.dist.context import layout
 from fsdptrain.model import ulysses
-from tests.helpers import read_metrics, torchrun
+from tests.helpers import LLAMA, make_model_dir, read_metrics, run_cli, torchrun
 
 
 def examples(lengths: list[int], seq_lens: bool = False) -> list[Example]:
@@ -93,6 +93,8 @@ def train_run(tmp: Path, name: str, nproc: int, extra: list[str]) -> Path:
     args = ["-m", "fsdptrain", "train", f"output_dir={out}", "train.max_steps=6", "logging.log_every=1",
             "logging.progress=lines", "data.synthetic_examples=200", "data.val_size=0", "train.eval_every=0",
             "train.micro_batch_size=4", "train.grad_accum_steps=2", "checkpoint.export_hf=true", *extra]
+    if "finetune.method=lora" in extra:
+        args.append("checkpoint.export_hf=false")
     proc = torchrun(nproc, args, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -106,12 +108,18 @@ def assert_same_training(one: Path, two: Path) -> None:
     assert [m["step"] for m in b] == list(range(1, 7))
     for x, y in zip(a, b):
         assert x["tokens"] == y["tokens"] and x["target_tokens"] == y["target_tokens"]
-        assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])
+        # 1e-5, and float32's relative rounding on top for large losses (LoRA's random base starts at 64)
+        assert abs(x["loss"] - y["loss"]) < 1e-5 + 1e-7 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
         assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * max(1.0, x["grad_norm"])
         # evaluation runs whole rows on every rank (no sequence set: model/ulysses.py's plain path)
         assert ("eval_loss" in x) == ("eval_loss" in y)
         assert abs(x.get("eval_loss", 0.0) - y.get("eval_loss", 0.0)) < 1e-5
-    wa, wb = load_file(str(one / "hf" / "model.safetensors")), load_file(str(two / "hf" / "model.safetensors"))
+    if not (one / "hf").exists():  # LoRA: the adapters, exported after training (PEFT layout)
+        for run in (one, two):
+            proc = run_cli(["export", str(run), "--out", str(run / "hf")])
+            assert proc.returncode == 0, proc.stderr[-2000:]
+    [fa], [fb] = sorted((one / "hf").glob("*.safetensors")), sorted((two / "hf").glob("*.safetensors"))
+    wa, wb = load_file(str(fa)), load_file(str(fb))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), (k, (wa[k] - wb[k]).abs().max())
@@ -120,13 +128,31 @@ def assert_same_training(one: Path, two: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["data.val_size=0.1", "train.eval_every=3"],
                                    ["data.packing=true", "data.pack_length=128"],
-                                   ["parallel.activation_checkpointing=full", "train.loss_chunk_tokens=64"]],
-                         ids=["plain-with-eval", "packing", "full-checkpointing"])
+                                   ["parallel.activation_checkpointing=full", "train.loss_chunk_tokens=64"],
+                                   ["finetune.method=lora"]],
+                         ids=["plain-with-eval", "packing", "full-checkpointing", "lora"])
 def test_two_ranks_cp2_train_like_one_rank(tmp_path, extra):
+    if "finetune.method=lora" in extra:  # adapters on a saved base (the export needs one)
+        extra = [*extra, f"model.path={make_model_dir(tmp_path / 'base', LLAMA)}", "model.hf_config=null"]
     two = train_run(tmp_path, "cp2", 2, ["parallel.context_parallel=2", *extra])
     assert_same_training(train_run(tmp_path, "cp1", 1, extra), two)
     if "train.eval_every=3" in extra:
         assert [m["step"] for m in read_metrics(two) if "eval_loss" in m] == [3, 6]
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_context_parallel_sizes(tmp_path):
+    """A CP=2 run's checkpoint continues with CP=1 and a CP=1 run's with CP=2, each like the uninterrupted run."""
+    extra = ["data.packing=true", "data.pack_length=128"]
+    ref = read_metrics(train_run(tmp_path, "ref", 1, [*extra, "train.max_steps=9"]))
+    for first, then in ((2, 1), (1, 2)):
+        name = f"cp{first}-then-cp{then}"
+        train_run(tmp_path, name, first, [*extra, f"parallel.context_parallel={first}"])
+        out = train_run(tmp_path, name, then, [*extra, f"parallel.context_parallel={then}", "train.max_steps=9"])
+        got = read_metrics(out)
+        assert [m["step"] for m in got] == list(range(1, 10)), name
+        for x, y in zip(ref[6:], got[6:]):
+            assert abs(x["loss"] - y["loss"]) < 1e-5, (name, x["step"], x["loss"], y["loss"])
 
 
 @pytest.mark.slow
