@@ -76,13 +76,15 @@ def test_document_mask():
     assert ulysses.document_mask(torch.arange(5)[None]) is None  # no restart: the causal kernel
 
 
-def test_ulysses_attention_equals_whole_sequence_attention_in_value_and_gradient():
-    proc = torchrun(2, ["-m", "tests.workers.context_cases"], timeout=300)
+@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_ulysses_attention_equals_whole_sequence_attention_in_value_and_gradient(ranks):
+    """2 ranks split the 2 key/value heads; 4 ranks repeat them to the 4 query heads first."""
+    proc = torchrun(ranks, ["-m", "tests.workers.context_cases"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    found = re.findall(r"case (\S+) rank (\d) out (\S+) grad (\S+)", proc.stdout)
-    assert len(found) == 8, proc.stdout
-    for name, rank, out, grad in found:
-        assert float(out) < 1e-12 and float(grad) < 1e-12, (name, rank, out, grad)
+    found = re.findall(rf"^case (\S+) ranks {ranks} out (\S+) grad (\S+)$", proc.stdout, re.M)
+    assert [f[0] for f in found] == ["split-kv", "repeat-kv", "packed", "packed-repeat"], proc.stdout
+    for name, out, grad in found:
+        assert float(out) < 1e-12 and float(grad) < 1e-12, (name, out, grad)
 
 
 # ----------------------------------------------------------------------------- training parity

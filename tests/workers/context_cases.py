@@ -1,7 +1,8 @@
 """Ulysses attention against whole-sequence attention, under torchrun with N ranks (tests/test_context_parallel.py).
 
 Usage: python -m tests.workers.context_cases
-Every rank prints one line per case: `case <name> out <max abs diff> grad <max abs diff of q, k, v gradients>`,
+Rank 0 prints one line per case: `case <name> ranks <N> out <max abs diff> grad <max abs diff of q, k, v
+gradients>`, the largest over the ranks,
 where the reference is sdpa over the whole rows (float64) and the gradients of a rank's chunk are summed over the
 group (each position's query, key and value feed the other ranks' outputs through the all-to-all).
 """
@@ -53,7 +54,10 @@ def run_case(name: str, kv_heads: int, pos: torch.Tensor, group: dist.ProcessGro
         total[:, :, lo:hi] = part.grad
         dist.all_reduce(total, group=group)
         grad_diff = max(grad_diff, (total - full.grad).abs().max().item())
-    print(f"case {name} rank {rank} out {out_diff:.3e} grad {grad_diff:.3e}", flush=True)
+    worst = torch.tensor([out_diff, grad_diff], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)  # one line for all ranks (theirs would interleave)
+    if rank == 0:
+        print(f"case {name} ranks {n} out {worst[0].item():.3e} grad {worst[1].item():.3e}", flush=True)
 
 
 def main() -> None:
