@@ -120,6 +120,8 @@ def assert_same_training(one: Path, two: Path) -> None:
         for run in (one, two):
             proc = run_cli(["export", str(run), "--out", str(run / "hf")])
             assert proc.returncode == 0, proc.stderr[-2000:]
+    if (two / "hf" / "config.json").exists():  # the export names no attention of fsdptrain's own
+        assert "fsdptrain_ulysses" not in (two / "hf" / "config.json").read_text()
     [fa], [fb] = sorted((one / "hf").glob("*.safetensors")), sorted((two / "hf").glob("*.safetensors"))
     wa, wb = load_file(str(fa)), load_file(str(fb))
     assert wa.keys() == wb.keys()
