@@ -160,10 +160,13 @@ def test_checkpoints_resume_across_context_parallel_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_data2_x_cp2_on_four_ranks_trains_like_two_data_ranks(tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["parallel.sharding=hybrid", "parallel.shard_group_size=2"]],
+                         ids=["full", "hybrid"])
+def test_data2_x_cp2_on_four_ranks_trains_like_two_data_ranks(tmp_path, sharding):
+    """Full sharding over the 4 ranks, or hybrid: 2 replicas of a shard group of 2 (a context group each)."""
     extra = ["data.packing=true", "data.pack_length=128", "train.micro_batch_size=2"]
     assert_same_training(train_run(tmp_path, "dp2", 2, extra),
-                         train_run(tmp_path, "dp2cp2", 4, ["parallel.context_parallel=2", *extra]))
+                         train_run(tmp_path, "dp2cp2", 4, ["parallel.context_parallel=2", *extra, *sharding]))
 
 
 # ----------------------------------------------------------------------------- refusals
