@@ -347,6 +347,9 @@ def _setup_model(cfg: Config, info: DistInfo, out: Path, held: Optional[rundir.R
     if lay.size > 1:
         log.info(f"context parallel: {lay.size} consecutive ranks per row (Ulysses attention), {lay.data_world} "
                  f"data-parallel group(s); weights sharded over all {lay.world} ranks")
+        if run.router_aux_coef:  # transformers' balancing loss multiplies two means over the forward's tokens
+            log.info("context parallel: the router's auxiliary loss is computed over each rank's chunk of the rows, "
+                     "not over whole rows, so it differs from the unsplit run's (the token loss does not)")
     return run
 
 
