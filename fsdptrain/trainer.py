@@ -41,13 +41,13 @@ from .data import pipeline
 from .data.encode import Example
 from .data.loader import StepSampler, to_device
 from .data.tokenizer import load_tokenizer
-from .dist import distributed
+from .dist import context, distributed
 from .dist.distributed import DistInfo
 from .dist.plan import check_device_support
 from .dist.stopping import StopRequests, job_deadline
 from .memory import breakdown
 from .memory.tracker import MemoryTracker
-from .model import models, moe, packcheck
+from .model import models, moe, packcheck, ulysses
 from .objectives.base import Objective, metric_means
 from .objectives.choose import needs_reference_model, objective_for
 from .objectives.loss import ChunkedLossHead, install_chunked_loss
@@ -109,6 +109,7 @@ class Run:
     balance: Optional[SpeedBalance] = None  # data.balance speed: the ranks' shares of a step, from their speeds
     clock: Optional[ComputeClock] = None  # this rank's compute time (several ranks: the time report, balance)
     compute: ComputeTotals = field(default_factory=ComputeTotals)  # the clock's sums over the run
+    context_index: int = 0  # parallel.context_parallel: the chunk of every row this rank takes (dist/context.py)
 
     @property
     def model(self) -> nn.Module:
@@ -191,9 +192,11 @@ def write_run_files(cfg: Config, info: DistInfo, out: Path, fresh: bool) -> None
 
 def setup_data(cfg: Config, info: DistInfo, tokenizer: PreTrainedTokenizerBase,
                examples: Optional[list[Example]]) -> tuple[Any, StepSampler, int, Any]:
-    """Examples, this rank's sampler, the number of optimizer steps and the eval examples (or None)."""
+    """Examples, this rank's sampler, the number of optimizer steps and the eval examples (or None). Under
+    parallel.context_parallel N the sampler deals to world / N data ranks: a context group reads the same rows."""
     examples, evals = pipeline.load_train_eval(cfg, tokenizer, info.rank, info.local_rank, log.info, examples)
-    sampler = pipeline.build_sampler(cfg, examples, info.world_size, info.rank, info.local_world_size)
+    lay = context.layout(cfg.parallel.context_parallel, info.world_size, info.rank)
+    sampler = pipeline.build_sampler(cfg, examples, lay.data_world, lay.data_rank, info.local_world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
     return examples, sampler, total_steps, evals
 
@@ -234,6 +237,7 @@ def setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]] = None)
 def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: Path,
            held: Optional[rundir.RunLock], fresh: bool) -> Run:
     seed_everything(cfg.seed)
+    context.layout(cfg.parallel.context_parallel, info.world_size, info.rank)  # refused before any work
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples)
     hf_config = setup_hf_config(cfg, tokenizer)
@@ -337,6 +341,15 @@ def _setup_model(cfg: Config, info: DistInfo, out: Path, held: Optional[rundir.R
               router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model),
               expert_load=moe.track_expert_load(model, info.device), eval_examples=evals)
     setup_balance(run)
+    lay = context.layout(cfg.parallel.context_parallel, info.world_size, info.rank)
+    ulysses.use_group(context.build_group(lay), lay.size)
+    run.context_index = lay.index
+    if lay.size > 1:
+        log.info(f"context parallel: {lay.size} consecutive ranks per row (Ulysses attention), {lay.data_world} "
+                 f"data-parallel group(s); weights sharded over all {lay.world} ranks")
+        if run.router_aux_coef:  # transformers' balancing loss multiplies two means over the forward's tokens
+            log.info("context parallel: the router's auxiliary loss is computed over each rank's chunk of the rows, "
+                     "not over whole rows, so it differs from the unsplit run's (the token loss does not)")
     return run
 
 
@@ -394,14 +407,17 @@ def forward_backward(run: Run, batches: list[dict], scale: torch.Tensor) -> torc
         if not cfg.parallel.sync_grads_every_micro_step:
             model.set_requires_gradient_sync(i == cfg.train.grad_accum_steps - 1)
         batch = to_device(b, device)
-        with moe.counting(run.expert_load):
-            out = obj.loss(model, batch, run.loss_head, bool(run.router_aux_coef))
-        run.tracker.phase("forward", i)
-        minimised = out.loss * scale
-        if out.router_aux is not None:
-            minimised = minimised + out.router_aux * (run.router_aux_coef / len(batches))
-            sums[1] += out.router_aux.detach()
-        minimised.backward()
+        # context parallelism: the full rows' positions, for the attention's mask, until backward has recomputed
+        # any checkpointed block (model/ulysses.py)
+        with ulysses.sequence(batch.pop("context_position_ids", None)):
+            with moe.counting(run.expert_load):
+                out = obj.loss(model, batch, run.loss_head, bool(run.router_aux_coef))
+            run.tracker.phase("forward", i)
+            minimised = out.loss * scale
+            if out.router_aux is not None:
+                minimised = minimised + out.router_aux * (run.router_aux_coef / len(batches))
+                sums[1] += out.router_aux.detach()
+            minimised.backward()
         run.tracker.phase("backward", i)
         sums[0] += out.loss.detach()
         for k, name in enumerate(obj.metrics):
@@ -421,7 +437,10 @@ def skip_or_stop(run: Run, step: int, loss: float, norm: float, per_rank: list[f
 
 def longest_sequence(batch: dict) -> int:
     """The attention context of a micro-batch (MFU's attention term): its row width, or for rows laid end to end
-    for flash attention (data/loader.py) the longest of their sequences, not the flattened width."""
+    for flash attention (data/loader.py) the longest of their sequences, not the flattened width; under context
+    parallelism the full row's width, not the chunk's."""
+    if "context_position_ids" in batch:
+        return int(batch["context_position_ids"].shape[1])
     return int(batch.get("max_length_q", batch["input_ids"].shape[1]))
 
 
@@ -586,7 +605,7 @@ def loop(run: Run) -> RunResult:
     the next step boundary (RunStopped); an out-of-memory error stops every rank with a post-mortem."""
     cfg, pad_id = run.cfg, run.tokenizer.pad_token_id
     steps = pipeline.batches(cfg, run.sampler, run.examples, pad_id, run.state.step, run.total_steps,
-                             run.info.device_type)
+                             run.info.device_type, run.context_index)
     stop = StopRequests(*job_deadline(cfg.checkpoint.save_before_minutes, cfg.checkpoint.wall_time_minutes,
                                       run.started))
     stopped: Optional[str] = None
@@ -654,6 +673,7 @@ def train(cfg: Config, examples: Optional[list[Example]] = None) -> RunResult:
         traceback.clear_frames(e.__traceback__)
         raise
     finally:
+        ulysses.use_group(None, 1)
         release_memory(info)
         distributed.shutdown(info)
 

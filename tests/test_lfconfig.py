@@ -179,11 +179,18 @@ def test_keys_of_llamafactorys_other_back_ends_map_or_refuse_in_one_line():
     assert t.config["data"] == {"packing": True}
     assert dict(t.ignored)["galore_rank"] == "only used with use_galore, which fsdptrain does not support"
     assert "ray_num_workers" in dict(t.ignored)
+    for key in ("context_parallel_size", "sequence_parallel_size", "cp_size"):  # docs/long-context.md
+        t = translate({**base, key: 4, "cp_mode": "ulysses"}, "lf.yaml")
+        assert t.config["parallel"]["context_parallel"] == 4, key
+    assert "context_parallel" not in translate({**base, "cp_size": 1}, "lf.yaml").config.get("parallel", {})
     assert translate({**base, "fsdp": "hybrid_shard offload"}, "lf.yaml").config["parallel"] == {
         "reshard_after_forward": True, "sharding": "hybrid", "cpu_offload": True, "activation_checkpointing": "full"}
     for extra, error in (
             ({"image_max_pixels": 262144}, "image_max_pixels: multimodal (image, video, audio) training is not "
                                            "supported; fsdptrain trains text-only causal LMs"),
+            ({"cp_size": 2, "cp_mode": "ring"}, "cp_mode: 'ring' is not supported; fsdptrain's context "
+                                                "parallelism is ulysses (set cp_mode: ulysses, it trains to the "
+                                                "same result)"),
             ({"pipeline_model_parallel_size": 4}, "pipeline_model_parallel_size: 4 is not supported; fsdptrain "
                                                   "shards data-parallel with FSDP2 and has no pipeline parallelism: "
                                                   "set 1 or remove it"),

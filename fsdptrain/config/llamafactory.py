@@ -373,6 +373,23 @@ def _model_parallel(kind: str) -> Callable[[Any, dict], Out]:
     return one
 
 
+def _context_parallel(v: Any, ctx: dict) -> Out:
+    """A sequence split over ranks (Megatron's and v0's context/sequence parallel size, v1's cp_size): fsdptrain's
+    Ulysses context parallelism, which trains like the unsplit run whatever the split method."""
+    if v in (None, 1):
+        return {}
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise Refused(f"{v!r} is not a number of ranks; give a positive integer")
+    return {"parallel.context_parallel": v}
+
+
+def _cp_mode(v: Any, ctx: dict) -> Out:
+    if v in (None, "ulysses"):
+        return {}
+    raise Refused(f"{v!r} is not supported; fsdptrain's context parallelism is ulysses (set cp_mode: ulysses, "
+                  "it trains to the same result)")
+
+
 def _recompute(v: Any, ctx: dict) -> Out:
     if v in ("full", "selective"):
         return {"parallel.activation_checkpointing": v}
@@ -560,7 +577,10 @@ KEYS: dict[str, Any] = {
     # Megatron (LLaMA-Factory's Megatron-Bridge back end)
     "tensor_model_parallel_size": _model_parallel("tensor"),
     "pipeline_model_parallel_size": _model_parallel("pipeline"),
-    "context_parallel_size": _model_parallel("context"),
+    "context_parallel_size": _context_parallel,
+    "sequence_parallel_size": _context_parallel,
+    "cp_size": _context_parallel,
+    "cp_mode": _cp_mode,
     "expert_model_parallel_size": _model_parallel("expert"),
     "sequence_parallel": _refuse_if_set("Megatron sequence parallelism is not supported (it needs tensor "
                                         "parallelism); remove it"),

@@ -287,6 +287,10 @@ class ParallelConfig:
                                 choices=["full", "hybrid"])
     shard_group_size: Optional[int] = opt(None, "hybrid: ranks per shard group; null: the processes of one node "
                                                 "(LOCAL_WORLD_SIZE). Set it to try hybrid layouts on one host.", min=1)
+    context_parallel: int = opt(1, "Context parallelism (Ulysses): N consecutive ranks take the same rows and each "
+                                   "one contiguous 1/N of the sequence; attention swaps sequence for heads with an "
+                                   "all-to-all (docs/long-context.md). N must divide the world size and the "
+                                   "attention heads; 1: off.", min=1)
     timeout_minutes: float = opt(30.0, "Process-group timeout: a collective waiting longer fails instead of "
                                        "hanging.", min=0.1)
 
@@ -670,10 +674,36 @@ def validate(cfg: Config, source: str = "config") -> None:
     if t.min_lr_ratio > 1:
         raise ConfigError(f"{source}: train.min_lr_ratio: {t.min_lr_ratio} must be at most 1")
     check_eval(cfg, source)
+    validate_context_parallel(cfg, source)
 
     parse_size(cfg.checkpoint.export_max_shard_size, f"{source}: checkpoint.export_max_shard_size")
     validate_finetune(cfg.finetune, source, cfg.checkpoint.export_hf)
     validate_preference(cfg, source)
+
+
+def validate_context_parallel(cfg: Config, source: str) -> None:
+    """parallel.context_parallel > 1: what its first version holds (docs/long-context.md); the world size and the
+    model's heads are checked at start-up, where they are known."""
+    n = cfg.parallel.context_parallel
+    if n == 1:
+        return
+    where = f"{source}: parallel.context_parallel: {n}"
+    d = cfg.data
+    for key, value, off in (("data.token_budget", d.token_budget is not None, "null"),
+                            ("data.micro_batch_sizes", bool(d.micro_batch_sizes), "[]"),
+                            ("data.balance", d.balance != "none", "none"),
+                            ("parallel.compile", cfg.parallel.compile, "false")):
+        if value:
+            raise ConfigError(f"{where}: does not work with {key} yet (the ranks of a context group must take the "
+                              f"same rows, cut the same way); set {key}={off} or parallel.context_parallel=1")
+    if cfg.model.attn_implementation != "sdpa":
+        raise ConfigError(f"{where}: the attention inside Ulysses is sdpa, not model.attn_implementation="
+                          f"{cfg.model.attn_implementation}; set model.attn_implementation=sdpa or "
+                          "parallel.context_parallel=1")
+    if cfg.train.objective != "sft":
+        raise ConfigError(f"{where}: train.objective {cfg.train.objective} scores whole sequences, which context "
+                          "parallelism splits over ranks (not supported yet); use train.objective=sft or "
+                          "parallel.context_parallel=1")
 
 
 def validate_offload(p: ParallelConfig, source: str) -> None:

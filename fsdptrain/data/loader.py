@@ -341,28 +341,62 @@ def to_device(batch: dict, device: torch.device, pin: bool = False) -> dict:
             for k, v in batch.items() if k != "n_tokens"}
 
 
-class _StepBatches(torch.utils.data.Dataset):
-    """Item i = this rank's collated micro-batches of global step start + i (map-style keeps the order)."""
+def context_chunk(batch: dict[str, torch.Tensor], lengths: list[int], size: int, index: int
+                  ) -> dict[str, torch.Tensor]:
+    """Context parallelism: chunk `index` of `size` of every row of a collated micro-batch (its width a multiple of
+    `size`). input_ids, labels and position_ids are cut to the chunk (labels were shifted before the cut, so a
+    chunk's last label is the first token of the next chunk); `context_position_ids` keeps the full rows'
+    positions for the attention's mask (model/ulysses.py) and RoPE sees each chunk's slice of them; n_tokens
+    counts the real tokens of the chunk (`lengths`: each row's), so the group's chunks sum to the row's counts."""
+    width = batch["input_ids"].shape[1]
+    if width % size:
+        raise ValueError(f"row width {width} is not a multiple of {size}")
+    step = width // size
+    lo, hi = index * step, (index + 1) * step
+    pos = batch.get("position_ids")
+    if pos is None:
+        pos = torch.arange(width, dtype=torch.long).expand(batch["input_ids"].shape[0], width).contiguous()
+    out = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "position_ids", "n_tokens")}
+    out.update(input_ids=batch["input_ids"][:, lo:hi].contiguous(), labels=batch["labels"][:, lo:hi].contiguous(),
+               position_ids=pos[:, lo:hi].contiguous(), context_position_ids=pos,
+               n_tokens=torch.tensor(sum(min(max(n - lo, 0), step) for n in lengths)))
+    return out
 
-    def __init__(self, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, flatten: bool):
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item i = this rank's collated micro-batches of global step start + i (map-style keeps the order);
+    with context = (N, index), each cut to this rank's chunk of the sequence (`context_chunk`)."""
+
+    def __init__(self, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, flatten: bool,
+                 context: Optional[tuple[int, int]] = None):
         self.sampler, self.examples, self.pad_id = sampler, examples, pad_id
-        self.start, self.stop, self.flatten = start, stop, flatten
+        self.start, self.stop, self.flatten, self.context = start, stop, flatten, context
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
-        return [collate([self.examples[j] for j in ids], self.pad_id, flatten=self.flatten)
+        return [self.micro_batch([self.examples[j] for j in ids])
                 for ids in self.sampler.rank_micro_batches(self.start + i)]
+
+    def micro_batch(self, examples: list) -> dict[str, torch.Tensor]:
+        if self.context is None:
+            return collate(examples, self.pad_id, flatten=self.flatten)
+        size, index = self.context
+        multiple = PAD_MULTIPLE * size // math.gcd(PAD_MULTIPLE, size)  # the width also divides into N chunks
+        batch = collate(examples, self.pad_id, multiple=multiple)
+        return context_chunk(batch, [len(e.input_ids) for e in examples], size, index)
 
 
 def step_batches(sampler: StepSampler, examples, pad_id: int, start: int, stop: int, num_workers: int = 0,
-                 pin_memory: bool = False, flatten: bool = False) -> Iterator[list[dict[str, torch.Tensor]]]:
+                 pin_memory: bool = False, flatten: bool = False, context: Optional[tuple[int, int]] = None
+                 ) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Iterate steps [start, stop): each item is this rank's list of micro-batch dicts, built by workers.
+    context: (parallel.context_parallel N, this rank's chunk) when N > 1.
 
     The sampler advances its own position as steps are handed out: once step s's batches are out,
     `sampler.step` is s + 1, the data position a checkpoint taken after step s resumes from."""
-    ds = _StepBatches(sampler, examples, pad_id, start, stop, flatten)
+    ds = _StepBatches(sampler, examples, pad_id, start, stop, flatten, context)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
                                          pin_memory=pin_memory, prefetch_factor=2 if num_workers > 0 else None,
                                          persistent_workers=False)

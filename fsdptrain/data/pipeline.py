@@ -215,12 +215,16 @@ def initial_shares(balance, world_size: int, local_world_size: int) -> Optional[
     return [float(w) / sum(weights) for w in weights]
 
 
-def batches(cfg: Config, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, device_type: str):
-    """This rank's micro-batches for steps [start, stop), prepared by DataLoader workers."""
+def batches(cfg: Config, sampler: StepSampler, examples, pad_id: int, start: int, stop: int, device_type: str,
+            context_index: int = 0):
+    """This rank's micro-batches for steps [start, stop), prepared by DataLoader workers; under
+    parallel.context_parallel N, each cut to chunk `context_index` of the sequence."""
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if device_type == "cuda" else 0)
     if cfg.data.balance == "speed":
         # the split between ranks follows shares measured during the run: each step's batches are cut here, when
         # the loop asks for them, not ahead in worker processes holding a copy of the sampler's old shares
         workers = 0
     flatten = cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"
-    return step_batches(sampler, examples, pad_id, start, stop, workers, device_type == "cuda", flatten)
+    n = cfg.parallel.context_parallel
+    return step_batches(sampler, examples, pad_id, start, stop, workers, device_type == "cuda", flatten,
+                        (n, context_index) if n > 1 else None)

@@ -31,7 +31,7 @@ from ..dist.distributed import DistInfo
 from ..dist.mesh import build_mesh, describe
 from ..dist.plan import matmul_tf32, resolve_precision
 from ..memory.estimate import plan_auto_checkpointing
-from ..model import families, finetune, models
+from ..model import families, finetune, models, ulysses
 from .parallelize import ParallelPlan, after_no_grad_forward, apply_fsdp
 
 if TYPE_CHECKING:
@@ -81,8 +81,13 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
         weights = cfg.model.path
     precision = resolve_precision(cfg.parallel.precision, info.device_type)
     use_matmul_precision(precision, info.device_type)
-    model = models.build_meta_model(hf_config, cfg.model.attn_implementation, models.DTYPES[precision],
-                                    cfg.model.trust_remote_code)
+    attn, context = cfg.model.attn_implementation, cfg.parallel.context_parallel
+    if context > 1:  # every layer's attention: the Ulysses exchange over the context group (model/ulysses.py)
+        ulysses.register()
+        attn = ulysses.NAME
+    model = models.build_meta_model(hf_config, attn, models.DTYPES[precision], cfg.model.trust_remote_code)
+    if context > 1:
+        ulysses.check_model(model, hf_config, context)
     n_params = models.count_params(model)
     blocks = models.find_blocks(model)
     families.check_trainable(model, blocks, hf_config.model_type)  # before any weight is read

@@ -1,0 +1,183 @@
+"""Ulysses attention: the attention function transformers calls in every layer under context parallelism.
+
+Each rank of a context group holds a contiguous 1/N of the sequence (dist/context.py). Attention needs the whole
+sequence, so q, k and v [B, H, S/N, D] go through an all-to-all over the group and come out as [B, H/N, S, D]: the
+whole sequence for a slice of the heads. Attention runs there (sdpa), and a second all-to-all turns the output back
+into [B, S/N, H, D], this rank's positions for every head, the layout transformers' own attention functions return.
+The all-to-all is its own autograd function, so backward sends the gradients the same way back.
+
+Grouped-query attention: when the key/value heads divide by N they are split like the query heads (query head h
+uses key/value head h // (H / Hkv), so contiguous slices line up); else they are repeated to H heads first.
+
+The mask: the model builds its mask from its local chunk, which is wrong for the whole sequence, so this
+function is registered for attention only (not in transformers' mask interface: the model then builds no mask)
+and makes its own from the full row's position ids, set for each micro-batch by the trainer with `sequence`:
+causal, and, when positions restart inside a row (packed examples), within each document only. Right padding
+needs no mask under a causal one (it never precedes a real token). Without a `sequence` in force (evaluation,
+`fsdptrain eval`: every rank holds whole rows) it is plain attention on the local rows, with the same mask made
+from the position ids the layer was given.
+
+`register` adds the function under NAME; train/build.py builds the model with that attention implementation
+when parallel.context_parallel > 1 and `check_model` refuses families that do not call the interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import ConfigError
+
+NAME = "fsdptrain_ulysses"
+
+
+@dataclass
+class _State:
+    group: Optional[dist.ProcessGroup] = None  # this rank's context group (set for the run)
+    size: int = 1
+    position_ids: Optional[torch.Tensor] = None  # the current micro-batch's full rows' positions [B, S]
+    active: bool = False  # a context-parallel micro-batch is in flight
+
+
+_state = _State()
+
+
+def register() -> None:
+    """Add the Ulysses attention to transformers' attention functions (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, ulysses_attention)
+
+
+def use_group(group: Optional[dist.ProcessGroup], size: int) -> None:
+    """The run's context group (None, 1: off)."""
+    _state.group, _state.size = group, size
+    _state.position_ids, _state.active = None, False
+
+
+@contextmanager
+def sequence(position_ids: Optional[torch.Tensor]) -> Iterator[None]:
+    """While a context-parallel micro-batch runs forward and backward (recomputed blocks call attention again in
+    backward): its full rows' position ids [B, S] (None: no context parallelism, nothing set)."""
+    if position_ids is None:
+        yield
+        return
+    _state.position_ids, _state.active = position_ids, True
+    try:
+        yield
+    finally:
+        _state.position_ids, _state.active = None, False
+
+
+def check_model(model: nn.Module, hf_config: Any, size: int) -> None:
+    """Refuse, in one line, a model Ulysses cannot split: its attention does not go through transformers'
+    attention interface, or N does not divide its attention heads."""
+    family = getattr(hf_config, "model_type", type(model).__name__)
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise ConfigError(f"parallel.context_parallel: {size}: {family} ({type(model).__name__}) does not call "
+                          "transformers' attention interface, so its attention cannot be split over ranks; set "
+                          "parallel.context_parallel=1")
+    windowed = getattr(hf_config, "sliding_window", None) is not None or any(
+        "sliding" in str(t) for t in getattr(hf_config, "layer_types", None) or ())
+    capped = getattr(hf_config, "attn_logit_softcapping", None) is not None
+    if windowed or capped:
+        what = "sliding-window attention" if windowed else "attention logit soft-capping"
+        raise ConfigError(f"parallel.context_parallel: {size}: {family} uses {what}, which the Ulysses attention "
+                          "does not apply yet; set parallel.context_parallel=1")
+    heads = getattr(hf_config, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads % size:
+        raise ConfigError(f"parallel.context_parallel: {size} does not divide the {heads} attention heads of "
+                          f"{family}; use a divisor of {heads}")
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single over dim 0 (N equal parts) in forward; the same exchange of the gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return exchange(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return exchange(grad, ctx.group), None
+
+
+def exchange(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """all_to_all_single of dim 0's N parts. Both buffers contiguous: the collective reads and writes them as flat
+    memory, and empty_like of a permuted tensor (autograd hands such gradients) would keep its strides."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def seq_to_heads(x: torch.Tensor, n: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """[B, H, S/N, D] (this rank's positions, all heads) -> [B, H/N, S, D] (all positions, this rank's heads)."""
+    b, h, s, d = x.shape
+    parts = x.reshape(b, n, h // n, s, d).permute(1, 0, 2, 3, 4)  # part j: head group j, to rank j
+    got = _AllToAll.apply(parts.contiguous(), group)  # part j: rank j's positions of this rank's head group
+    return got.permute(1, 2, 0, 3, 4).reshape(b, h // n, n * s, d)
+
+
+def heads_to_seq(x: torch.Tensor, n: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """[B, H/N, S, D] -> [B, S/N, H, D], the inverse exchange of `seq_to_heads` (output transposed as
+    transformers' attention functions return it)."""
+    b, hn, s, d = x.shape
+    parts = x.reshape(b, hn, n, s // n, d).permute(2, 0, 1, 3, 4)  # part j: positions of chunk j, to rank j
+    got = _AllToAll.apply(parts.contiguous(), group)  # part j: head group j of this rank's positions
+    return got.permute(1, 3, 0, 2, 4).reshape(b, s // n, n * hn, d)
+
+
+def document_mask(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, 1, S, S] bool, True where query i may attend key j: j <= i within the same document (a document
+    starts where positions restart at 0); None when no row restarts (the plain causal mask does)."""
+    restarts = position_ids[:, 1:] == 0
+    if not bool(restarts.any()):
+        return None
+    doc = torch.cumsum(torch.cat([torch.zeros_like(restarts[:, :1]), restarts], 1).long(), 1)
+    s = position_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
+    return (causal[None] & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
+    """[B, Hkv, S, D] -> [B, Hkv * times, S, D], each head repeated `times` times in place (query-group order)."""
+    return x if times == 1 else x.repeat_interleave(times, dim=1)
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+           dropout: float, scaling: Optional[float]) -> torch.Tensor:
+    """sdpa over [B, h, S, D] with key/value heads repeated to the query's; causal when no mask is given."""
+    key = repeat_heads(key, query.shape[1] // key.shape[1])
+    value = repeat_heads(value, query.shape[1] // value.shape[1])
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                          is_causal=mask is None)
+
+
+def ulysses_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: q [B, H, s, D], k/v [B, Hkv, s, D] -> ([B, s, H, D], None)."""
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:  # check_model refuses them
+        raise ValueError(f"{NAME}: sliding windows and soft-capping are not supported")
+    if not _state.active:  # whole rows on this rank (evaluation)
+        pos = kwargs.get("position_ids")
+        mask = document_mask(pos) if pos is not None else None
+        if attention_mask is not None and attention_mask.ndim == 4:
+            mask = attention_mask
+        return attend(query, key, value, mask, dropout, scaling).transpose(1, 2).contiguous(), None
+    n, group = _state.size, _state.group
+    if key.shape[1] % n:  # too few key/value heads to split: repeat them to one per query head first
+        key = repeat_heads(key, query.shape[1] // key.shape[1])
+        value = repeat_heads(value, query.shape[1] // value.shape[1])
+    q, k, v = (seq_to_heads(t, n, group) for t in (query, key, value))
+    out = attend(q, k, v, document_mask(_state.position_ids), dropout, scaling)
+    return heads_to_seq(out, n, group), None

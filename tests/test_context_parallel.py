@@ -1,0 +1,222 @@
+"""Context parallelism (parallel.context_parallel, Ulysses): the chunking of a micro-batch, the attention's
+exchange against whole-sequence attention, training parity with the CP=1 run, and the one-line refusals."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsdptrain.config.schema import load_config
+from fsdptrain.core.errors import ConfigError
+from fsdptrain.data.encode import IGNORE, Example
+from fsdptrain.data.loader import StepSampler, _StepBatches, collate, context_chunk
+from fsdptrain.dist.context import layout
+from fsdptrain.model import ulysses
+from tests.helpers import LLAMA, make_model_dir, read_metrics, run_cli, torchrun
+
+
+def examples(lengths: list[int], seq_lens: bool = False) -> list[Example]:
+    out = []
+    for n in lengths:
+        ids = list(range(1, n + 1))
+        out.append(Example(ids, [IGNORE] + ids[1:], seq_lens=[n - 2, 2] if seq_lens else None))
+    return out
+
+
+# ----------------------------------------------------------------------------- the data path
+
+
+def test_chunks_put_back_together_are_the_collated_rows():
+    rows = examples([13, 7])
+    full = collate(rows, pad_id=0)
+    chunks = [context_chunk(full, [13, 7], 2, i) for i in range(2)]
+    assert torch.equal(torch.cat([c["input_ids"] for c in chunks], 1), full["input_ids"])
+    assert torch.equal(torch.cat([c["labels"] for c in chunks], 1), full["labels"])
+    # labels were shifted before the cut: chunk 0's last label is chunk 1's first token
+    assert chunks[0]["labels"][0, -1] == chunks[1]["input_ids"][0, 0] == 9
+    assert [int(c["n_tokens"]) for c in chunks] == [8 + 7, 5]  # rows of 13 and 7 real tokens, width 16
+    assert sum(int(c["n_tokens"]) for c in chunks) == int(full["n_tokens"])
+    for i, c in enumerate(chunks):  # RoPE: each chunk's slice of the full rows' positions
+        assert torch.equal(c["position_ids"], torch.arange(8 * i, 8 * i + 8).expand(2, 8))
+        assert torch.equal(c["context_position_ids"], torch.arange(16).expand(2, 16))
+
+
+def test_packed_chunks_keep_the_documents_positions():
+    full = collate(examples([12], seq_lens=True), pad_id=0)
+    chunk = context_chunk(full, [12], 2, 1)
+    assert chunk["position_ids"].tolist() == [[8, 9, 0, 1, 0, 1, 2, 3]]  # docs of 10 and 2, then 4 padding
+    assert torch.equal(chunk["context_position_ids"], full["position_ids"])
+
+
+def test_rows_are_padded_to_a_multiple_of_n_with_ignored_labels():
+    sampler = StepSampler(2, 1, 0, 2, 1, seed=0, shuffle=False)
+    rows = examples([13, 7])
+    cut = [_StepBatches(sampler, rows, 0, 0, 1, False, (3, i))[0][0] for i in range(3)]
+    assert [c["input_ids"].shape[1] for c in cut] == [8, 8, 8]  # 16 rounded up to 24 (8 and 3 both divide it)
+    assert (cut[2]["labels"] == IGNORE).all() and (cut[2]["input_ids"] == 0).all()
+    assert sum(int(c["n_tokens"]) for c in cut) == 20
+
+
+def test_a_context_group_reads_the_rows_of_one_data_rank():
+    lay = [layout(2, 4, r) for r in range(4)]
+    assert [(x.data_world, x.data_rank, x.index) for x in lay] == [(2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1)]
+    assert lay[3].group_ranks == [2, 3]
+
+
+# ----------------------------------------------------------------------------- the attention
+
+
+def test_document_mask():
+    pos = torch.tensor([[0, 1, 2, 0, 1]])
+    mask = ulysses.document_mask(pos)[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    assert ulysses.document_mask(torch.arange(5)[None]) is None  # no restart: the causal kernel
+
+
+@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_ulysses_attention_equals_whole_sequence_attention_in_value_and_gradient(ranks):
+    """2 ranks split the 2 key/value heads; 4 ranks repeat them to the 4 query heads first."""
+    proc = torchrun(ranks, ["-m", "tests.workers.context_cases"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.findall(rf"^case (\S+) ranks {ranks} out (\S+) grad (\S+)$", proc.stdout, re.M)
+    assert [f[0] for f in found] == ["split-kv", "repeat-kv", "packed", "packed-repeat"], proc.stdout
+    for name, out, grad in found:
+        assert float(out) < 1e-12 and float(grad) < 1e-12, (name, out, grad)
+
+
+# ----------------------------------------------------------------------------- training parity
+
+
+def train_run(tmp: Path, name: str, nproc: int, extra: list[str]) -> Path:
+    out = tmp / name
+    args = ["-m", "fsdptrain", "train", f"output_dir={out}", "train.max_steps=6", "logging.log_every=1",
+            "logging.progress=lines", "data.synthetic_examples=200", "data.val_size=0", "train.eval_every=0",
+            "train.micro_batch_size=4", "train.grad_accum_steps=2", "checkpoint.export_hf=true", *extra]
+    if "finetune.method=lora" in extra:
+        args.append("checkpoint.export_hf=false")
+    proc = torchrun(nproc, args, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    """The same losses, token counts and gradient norms every step, and the same weights at the end."""
+    from safetensors.torch import load_file
+
+    a, b = read_metrics(one), read_metrics(two)
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"] and x["target_tokens"] == y["target_tokens"]
+        # 1e-5, and float32's relative rounding on top for large losses (LoRA's random base starts at 64)
+        assert abs(x["loss"] - y["loss"]) < 1e-5 + 1e-7 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
+        assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * max(1.0, x["grad_norm"])
+        # evaluation runs whole rows on every rank (no sequence set: model/ulysses.py's plain path)
+        assert ("eval_loss" in x) == ("eval_loss" in y)
+        assert abs(x.get("eval_loss", 0.0) - y.get("eval_loss", 0.0)) < 1e-5
+    if not (one / "hf").exists():  # LoRA: the adapters, exported after training (PEFT layout)
+        for run in (one, two):
+            proc = run_cli(["export", str(run), "--out", str(run / "hf")])
+            assert proc.returncode == 0, proc.stderr[-2000:]
+    if (two / "hf" / "config.json").exists():  # the export names no attention of fsdptrain's own
+        assert "fsdptrain_ulysses" not in (two / "hf" / "config.json").read_text()
+    [fa], [fb] = sorted((one / "hf").glob("*.safetensors")), sorted((two / "hf").glob("*.safetensors"))
+    wa, wb = load_file(str(fa)), load_file(str(fb))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), (k, (wa[k] - wb[k]).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["data.val_size=0.1", "train.eval_every=3"],
+                                   ["data.packing=true", "data.pack_length=128"],
+                                   ["parallel.activation_checkpointing=full", "train.loss_chunk_tokens=64"],
+                                   ["finetune.method=lora"]],
+                         ids=["plain-with-eval", "packing", "full-checkpointing", "lora"])
+def test_two_ranks_cp2_train_like_one_rank(tmp_path, extra):
+    if "finetune.method=lora" in extra:  # adapters on a saved base (the export needs one)
+        extra = [*extra, f"model.path={make_model_dir(tmp_path / 'base', LLAMA)}", "model.hf_config=null"]
+    two = train_run(tmp_path, "cp2", 2, ["parallel.context_parallel=2", *extra])
+    assert_same_training(train_run(tmp_path, "cp1", 1, extra), two)
+    if "train.eval_every=3" in extra:
+        assert [m["step"] for m in read_metrics(two) if "eval_loss" in m] == [3, 6]
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_context_parallel_sizes(tmp_path):
+    """A CP=2 run's checkpoint continues with CP=1 and a CP=1 run's with CP=2, each like the uninterrupted run."""
+    extra = ["data.packing=true", "data.pack_length=128"]
+    ref = read_metrics(train_run(tmp_path, "ref", 1, [*extra, "train.max_steps=9"]))
+    for first, then in ((2, 1), (1, 2)):
+        name = f"cp{first}-then-cp{then}"
+        train_run(tmp_path, name, first, [*extra, f"parallel.context_parallel={first}"])
+        out = train_run(tmp_path, name, then, [*extra, f"parallel.context_parallel={then}", "train.max_steps=9"])
+        got = read_metrics(out)
+        assert [m["step"] for m in got] == list(range(1, 10)), name
+        for x, y in zip(ref[6:], got[6:]):
+            assert abs(x["loss"] - y["loss"]) < 1e-5, (name, x["step"], x["loss"], y["loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", [[], ["parallel.sharding=hybrid", "parallel.shard_group_size=2"]],
+                         ids=["full", "hybrid"])
+def test_data2_x_cp2_on_four_ranks_trains_like_two_data_ranks(tmp_path, sharding):
+    """Full sharding over the 4 ranks, or hybrid: 2 replicas of a shard group of 2 (a context group each)."""
+    extra = ["data.packing=true", "data.pack_length=128", "train.micro_batch_size=2"]
+    assert_same_training(train_run(tmp_path, "dp2", 2, extra),
+                         train_run(tmp_path, "dp2cp2", 4, ["parallel.context_parallel=2", *extra, *sharding]))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("override,text", [
+    ("data.token_budget=512", "parallel.context_parallel: 2: does not work with data.token_budget yet"),
+    ("data.balance=[1,1]", "parallel.context_parallel: 2: does not work with data.balance yet"),
+    ("data.micro_batch_sizes=[2,4]", "parallel.context_parallel: 2: does not work with data.micro_batch_sizes yet"),
+    ("parallel.compile=true", "parallel.context_parallel: 2: does not work with parallel.compile yet"),
+    ("model.attn_implementation=flash_attention_2", "the attention inside Ulysses is sdpa, not "
+                                                    "model.attn_implementation=flash_attention_2"),
+    ("train.objective=dpo", "train.objective dpo scores whole sequences"),
+])
+def test_refused_combinations(override, text):
+    overrides = ["parallel.context_parallel=2", override]
+    if "flash" in override:
+        overrides.append("parallel.precision=bf16-mixed")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert text in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_n_must_divide_the_world():
+    with pytest.raises(ConfigError, match=r"^parallel.context_parallel: 3 does not divide the world size 4; "):
+        layout(3, 4, 0)
+
+
+def meta_model(fields: dict):
+    from transformers import AutoConfig
+
+    from fsdptrain.model import models
+
+    cfg = AutoConfig.for_model(fields.pop("model_type"), vocab_size=64, **fields)
+    ulysses.register()
+    return models.build_meta_model(cfg, ulysses.NAME, torch.float32, False), cfg
+
+
+def test_model_refusals():
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_key_value_heads": 2}
+    model, cfg = meta_model({"model_type": "llama", "num_attention_heads": 4, **small})
+    ulysses.check_model(model, cfg, 2)  # 4 heads over 2 ranks: fine
+    with pytest.raises(ConfigError, match=r"^parallel.context_parallel: 8 does not divide the 4 attention heads "
+                                          r"of llama; use a divisor of 4$"):
+        ulysses.check_model(model, cfg, 8)
+    model, cfg = meta_model({"model_type": "mistral", "num_attention_heads": 4, "sliding_window": 8, **small})
+    with pytest.raises(ConfigError, match="mistral uses sliding-window attention"):
+        ulysses.check_model(model, cfg, 2)
+    model, cfg = meta_model({"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 1})
+    with pytest.raises(ConfigError, match=r"mamba \(MambaForCausalLM\) does not call transformers' attention "
+                                          "interface"):
+        ulysses.check_model(model, cfg, 2)
