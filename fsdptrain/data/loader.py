@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from ..core.errors import UserError
+from ..dist.plan import per_rank
 from .encode import IGNORE, Example, Feedback, Pair
 
 PAD_MULTIPLE = 8
@@ -252,17 +253,8 @@ def resolve_rank_sizes(sizes: Optional[list], world_size: int, local_world_size:
         return None
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in sizes):
         raise UserError(f"data.micro_batch_sizes: expected positive integers, got {sizes!r}")
-    return per_rank("data.micro_batch_sizes", "size", sizes, world_size, local_world_size)
-
-
-def per_rank(key: str, what: str, values: list, world_size: int, local_world_size: int) -> list:
-    """A list given one entry per rank, or one per node (ranks of node k share entry k), as one per rank."""
-    if len(values) == world_size:
-        return list(values)
-    if local_world_size > 0 and len(values) * local_world_size == world_size:
-        return [values[r // local_world_size] for r in range(world_size)]
-    raise UserError(f"{key}: {len(values)} entries, but the job has {world_size} ranks on "
-                    f"{world_size // max(1, local_world_size)} node(s); give one {what} per rank or one per node")
+    return per_rank("data.micro_batch_sizes", sizes, world_size, local_world_size,
+                    "one size per rank or one per node")
 
 
 # ----------------------------------------------------------------------------- batches

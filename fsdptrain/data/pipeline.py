@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Optional
 
 from ..config.schema import PAIRWISE, TWO_ROWS, Config
 from ..core.errors import ConfigError, UserError
+from ..dist.plan import per_rank
 from . import evalset
 from .cache import Settings, prepare
 from .encode import example_length, tokenize_all
-from .loader import StepSampler, padded, per_rank, resolve_rank_sizes, step_batches
+from .loader import StepSampler, padded, resolve_rank_sizes, step_batches
 from .packing import pack
 from .sources import resolve
 from .synthetic import generate
@@ -211,7 +212,8 @@ def initial_shares(balance, world_size: int, local_world_size: int) -> Optional[
         return None
     if balance == "speed":
         return [1.0 / world_size] * world_size
-    weights = per_rank("data.balance", "weight", balance, world_size, local_world_size)
+    weights = per_rank("data.balance", balance, world_size, local_world_size,
+                       "one weight per rank or one per node")
     return [float(w) / sum(weights) for w in weights]
 
 

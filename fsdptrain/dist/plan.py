@@ -60,13 +60,19 @@ def rank_budget_gib(pcfg: ParallelConfig, rank: int, world_size: int, local_worl
     b = budgets(pcfg)
     if len(b) == 1:
         return b[0]
-    if len(b) == world_size:
-        return b[rank]
-    if local_world_size > 0 and len(b) * local_world_size == world_size:
-        return b[rank // local_world_size]
-    raise ConfigError(f"parallel.memory_budget_gib: {len(b)} entries, but the job has {world_size} ranks on "
-                      f"{world_size // max(1, local_world_size)} node(s); give one budget, one per node or one per "
-                      "rank")
+    return per_rank("parallel.memory_budget_gib", b, world_size, local_world_size,
+                    "one budget, one per node or one per rank")[rank]
+
+
+def per_rank(key: str, values: list, world_size: int, local_world_size: int, give: str) -> list:
+    """A list given one entry per rank, or one per node (ranks of node k share entry k), as one per rank; any other
+    length is one line naming `key`, ending 'give <give>'."""
+    if len(values) == world_size:
+        return list(values)
+    if local_world_size > 0 and len(values) * local_world_size == world_size:
+        return [values[r // local_world_size] for r in range(world_size)]
+    raise ConfigError(f"{key}: {len(values)} entries, but the job has {world_size} ranks on "
+                      f"{world_size // max(1, local_world_size)} node(s); give {give}")
 
 
 def check_device_support(pcfg: ParallelConfig, device_type: str) -> None:

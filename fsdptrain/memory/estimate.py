@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 
 from ..config.schema import TWO_ROWS, Config, parse_size
 from ..core.errors import UserError
-from ..core.units import GIB, format_bytes
+from ..core.units import GIB, format_bytes, rank_ranges
 from ..dist.plan import RunFacts, budgets, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
 from ..train.staging import nvme_buffer_bytes, staging_bytes
 
@@ -879,13 +879,7 @@ def rank_sizes(text: str, nnodes: int, gpus_per_node: int, option: str = "--gpu-
 
 def ranks_text(ranks: list[int]) -> str:
     """[0, 1, 2, 5] -> 'ranks 0-2, 5'."""
-    runs: list[list[int]] = []
-    for r in ranks:
-        if runs and runs[-1][1] == r - 1:
-            runs[-1][1] = r
-        else:
-            runs.append([r, r])
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+    return ("rank " if len(ranks) == 1 else "ranks ") + rank_ranges(ranks)
 
 
 def render_mixed(estimates: dict[int, Estimate], ranks: dict[int, list[int]]) -> str:

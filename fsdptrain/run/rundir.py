@@ -29,6 +29,7 @@ from ..config.schema import Config, dump_yaml
 from ..core import log
 from ..core.errors import LaunchError, UserError
 from ..core.files import write_atomic
+from ..core.units import rank_ranges
 from ..dist.distributed import DistInfo, all_gather_rows
 from .checkpoint import SUBDIR
 
@@ -190,21 +191,10 @@ def check_shared(output_dir: Path, info: DistInfo) -> None:
     blind = [r for r, ok in enumerate(rows) if not ok]
     if blind:
         where = ", ".join(sorted({str(hosts[r]) for r in blind}))
-        raise LaunchError(f"output_dir: {output_dir} is not shared by all nodes: rank(s) {_ranges(blind)} on host(s) "
-                          f"{where} do not see the file rank 0 wrote there; every rank writes checkpoint shards into "
-                          "output_dir, so put it on a file system every node mounts (an absolute path on NFS, "
-                          "Lustre, ...)")
-
-
-def _ranges(ranks: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    out: list[list[int]] = []
-    for r in ranks:
-        if out and out[-1][1] == r - 1:
-            out[-1][1] = r
-        else:
-            out.append([r, r])
-    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
+        raise LaunchError(f"output_dir: {output_dir} is not shared by all nodes: rank(s) {rank_ranges(blind)} on "
+                          f"host(s) {where} do not see the file rank 0 wrote there; every rank writes checkpoint "
+                          "shards into output_dir, so put it on a file system every node mounts (an absolute path "
+                          "on NFS, Lustre, ...)")
 
 
 def note_stop(msg: str) -> None:
