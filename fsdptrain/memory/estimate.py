@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+ULYSSES_TERM = "Ulysses all-to-all buffers (one in flight)"
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context + NCCL + allocator slack, outside torch.cuda.memory_allocated
 FRAGMENTATION = 1.05
 
@@ -288,6 +289,26 @@ class Settings:
         return (d.pack_length or d.max_length) if d.packing else d.max_length
 
     @property
+    def context(self) -> int:
+        """parallel.context_parallel N: ranks that split each row (1: off)."""
+        return self.cfg.parallel.context_parallel
+
+    @property
+    def local_seq(self) -> int:
+        """Positions of a row one rank holds: the whole row, or under context parallelism its 1/N chunk of the row
+        padded to a multiple of lcm(8, N) (data/loader.py)."""
+        n = self.context
+        if n == 1:
+            return self.seq_len
+        step = math.lcm(8, n)
+        return -(-self.seq_len // step) * step // n
+
+    @property
+    def data_world(self) -> int:
+        """Ranks that read different rows: world / N (a context group reads the same rows)."""
+        return self.world // self.context
+
+    @property
     def rows_per_unit(self) -> int:
         """Rows a micro-batch holds per example: 2 for preference pairs (dpo, rm: chosen and rejected rows of the
         pair's padded length in one forward), else 1."""
@@ -445,6 +466,39 @@ def reference_bytes(m: ModelShape, s: Settings, rank: int) -> int:
     return 0
 
 
+def ulysses_saved_bytes_per_token(m: ModelShape, c: int) -> int:
+    """What a block saves per token under context parallelism on top of block_activation_bytes_per_token (checked
+    against autograd's saved tensors in the tests): the Ulysses attention (model/ulysses.py) hands sdpa key and
+    value repeated to every query head ([B, H/N, S, D], where transformers' sdpa on whole rows keeps the grouped
+    heads: 2 c (q - kv) more), and its output in the head layout, which sdpa saves, is a tensor of its own beside
+    the sequence-layout copy o_proj saves (c q more; on whole rows the two share storage)."""
+    qd, kvd = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    return 2 * c * (qd - kvd) + c * qd
+
+
+def ulysses_exchange_bytes_per_token(m: ModelShape, c: int) -> int:
+    """The all-to-all's working set at its worst moment, per token of the rank's chunk: one exchange in flight
+    (q, k, v and the output go one after the other, forward and backward alike), its receive buffer and the copy
+    into the next layout, each the size of q ([B, H, S/N, D] = [B, H/N, S, D] elements) at most."""
+    return 2 * c * m.heads * m.head_dim
+
+
+def document_mask_bytes(s: Settings, c: int) -> int:
+    """Packed rows under context parallelism: the Ulysses attention masks each document of the whole row
+    (ulysses.document_mask, [B, 1, S, S] bool), and sdpa turns it into an additive mask in the compute dtype that it
+    saves for backward, in every block (checked against autograd in the tests): c B S^2 bytes per block on every
+    rank of the group, whatever N. Rows that are not packed attend causally with no mask."""
+    if not s.cfg.data.packing:
+        return 0
+    return c * s.micro_batch * (s.local_seq * s.context) ** 2
+
+
+def exchanged_kv_width(m: ModelShape, n: int) -> int:
+    """Elements per token of k (or v) that go through the all-to-all: the key/value heads when N divides them,
+    else the heads repeated to one per query head first (model/ulysses.py)."""
+    return (m.kv_heads if m.kv_heads % n == 0 else m.heads) * m.head_dim
+
+
 def block_activation_bytes(m: ModelShape, c: int, attn: str, seq_len: int, tokens: int, routed: bool) -> int:
     """Bytes one block saves for a micro-batch of `tokens` tokens: per token, plus a routed block's int32 expert
     offsets (grouped_mm)."""
@@ -502,15 +556,17 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     two_blocks = sum(sorted(block_un, reverse=True)[:1 + ahead])  # the current block and the prefetched ones
     last_block = block_un[-1] if block_un else 0  # parallelize never reshards the last block after forward
     root_un = unit_numel(root, W)
-    tokens = s.micro_batch * s.seq_len
+    tokens = s.micro_batch * s.local_seq  # this rank's tokens: under context parallelism its chunk of each row
     routed = list(m.moe.moe_blocks) if m.moe else [False] * m.layers
     h = m.hidden
     V = 1 if t.objective == "rm" else m.vocab  # rm: the score head's one output per token, no vocabulary logits
-    saved = [block_activation_bytes(m, c, s.cfg.model.attn_implementation, s.seq_len, tokens, r)
+    ulysses = ulysses_saved_bytes_per_token(m, c) * tokens + document_mask_bytes(s, c) if s.context > 1 else 0
+    saved = [block_activation_bytes(m, c, s.cfg.model.attn_implementation, s.seq_len, tokens, r) + ulysses
              - (2 * c * h * tokens if m.frozen_norms and m.frozen_norms[i] else 0)  # frozen norm weights
              if not m.in_graph or m.in_graph[i] else 0 for i, r in enumerate(routed)]
     a_block = max(saved, default=0)
     bw_block = max((block_backward_bytes_per_token(m, c, r) for r in routed), default=0) * tokens
+    exchange = ulysses_exchange_bytes_per_token(m, c) * tokens if s.context > 1 else 0
     modes = s.modes(m.layers)
 
     def kept(mode: str, i: int) -> int:  # saved bytes of block i in a checkpointing mode
@@ -576,6 +632,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "activations (saved for backward)": acts,
         "recompute of one block (checkpointing)": recompute,
         "backward working set (one block)": bw_block,
+        ULYSSES_TERM: exchange,
         "unit gradient + reduce-scatter input": unit_grad,
         "fp32 gradient accumulation (no sync)": accum,
         "logits + loss (forward)": logits_fwd,
@@ -595,7 +652,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "backward (loss)": fwd + held_after_fwd + acts + logits_bwd + fused_grads,
         "backward (lm_head)": fwd + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
         **block_backward_phases(m, s, rank, st, kept_bytes, saved, tokens,
-                                base + root_buf + lm_head_grad + c * two_blocks + c * max(block_un, default=0)),
+                                base + root_buf + lm_head_grad + c * two_blocks + c * max(block_un, default=0)
+                                + exchange),
         "backward (root reduce)": base + grads_gpu + root_buf + (c + rs) * unit_numel(grad_units[-1], W),
         "optimizer": base + grads_gpu,
     }
@@ -667,6 +725,64 @@ def block_backward_phases(m: ModelShape, s: Settings, rank: int, st: ModelState,
     # the block whose backward is the largest stands for all (the phase list stays short)
     worst = max(out, key=out.get, default=None)
     return {worst: out[worst]} if worst else {}
+
+
+@dataclass
+class Communication:
+    """Bytes one rank sends per optimizer step, by collective (each receives as much). A ring collective over g
+    ranks sends (g - 1) / g of the gathered (or reduced) tensor per rank; an all-to-all over N ranks sends the
+    (N - 1) / N of its tensor that belongs to the others."""
+    all_gather: int  # FSDP: parameters, compute dtype
+    reduce_scatter: int  # FSDP: gradients, reduce dtype
+    all_reduce: int  # hybrid sharding: the reduced gradient shards across replicas (2 (R - 1) / R of a shard)
+    all_to_all: int  # context parallelism (Ulysses): q, k, v and the output, and their gradients
+    exchanges: int  # all-to-alls per micro-step (4 per block forward, 4 backward, 4 per recomputed block)
+
+
+def communication(est: Estimate) -> Communication:
+    """Per-rank traffic of a step of `est`'s settings. FSDP gathers every unit in forward and, resharded after it,
+    again in backward (all but the last block, which parallelize keeps gathered; none without
+    reshard_after_forward); it reduce-scatters the trainable gradients on every micro-step (or only the last
+    without sync_grads_every_micro_step). Context parallelism exchanges q, k, v (key/value heads as exchanged:
+    exchanged_kv_width) and the attention output in each block's forward, their gradients in its backward, and a
+    checkpointed block's forward again when it is recomputed."""
+    s, m = est.settings, est.shape
+    p, t = s.cfg.parallel, s.cfg.train
+    c = 2 if s.precision.startswith("bf16") else 4
+    rs = 2 if c == 2 and p.reduce_dtype == "bf16" else 4
+    W, n, micro = s.shard_world, s.context, t.grad_accum_steps
+    ring = (W - 1) / W
+    units = [unit_numel(u, W) for u in m.units]
+    blocks, root = units[:-1], units[-1]
+    backward = (sum(blocks[:-1]) + root) if p.reshard_after_forward else 0
+    gather = c * ring * (sum(units) + backward) * micro
+    reduces = micro if p.sync_grads_every_micro_step else 1
+    grads = sum(unit_numel(u, W) for u in trainable_units(m))
+    scatter = rs * ring * grads * reduces
+    replicas = s.world // W
+    allreduce = rs * 2 * (replicas - 1) / replicas * (grads / W) * reduces if replicas > 1 else 0
+    a2a, exchanges = 0.0, 0
+    if n > 1:
+        tokens = s.micro_batch * s.local_seq
+        per_block = c * tokens * (2 * m.heads * m.head_dim + 2 * exchanged_kv_width(m, n)) * (n - 1) / n
+        passes = sum(3 if mode != "none" else 2 for mode in s.modes(m.layers))  # forward, backward, recompute
+        a2a, exchanges = per_block * passes * micro, 4 * passes
+    return Communication(int(gather), int(scatter), int(allreduce), int(a2a), exchanges)
+
+
+def render_communication(est: Estimate) -> list[str]:
+    """The communication lines of `render` (under context parallelism: the all-to-alls beside FSDP's)."""
+    s = est.settings
+    k = communication(est)
+    lines = ["", "communication per rank per optimizer step (bytes sent; as many received):",
+             f"  {'FSDP all-gather (parameters)':<44} {format_bytes(k.all_gather):>12}",
+             f"  {'FSDP reduce-scatter (gradients)':<44} {format_bytes(k.reduce_scatter):>12}"]
+    if k.all_reduce:
+        lines.append(f"  {'all-reduce across replicas (hybrid)':<44} {format_bytes(k.all_reduce):>12}")
+    lines.append(f"  {'context-parallel all-to-all (Ulysses)':<44} {format_bytes(k.all_to_all):>12}  "
+                 f"({k.exchanges} per micro-step over {s.context} ranks, x{s.cfg.train.grad_accum_steps} "
+                 "micro-steps)")
+    return lines
 
 
 def budget_bytes(budget_gib: float, gpu_memory: int) -> int:
@@ -770,7 +886,10 @@ def render(est: Estimate) -> str:
              + (", optimizer offload to NVMe" if p.optimizer_offload == "nvme"
                 else ", optimizer offload" if p.optimizer_offload else "")
              + (f", loss chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else "")
-             + (f", hybrid sharding over {s.shard_world} ranks" if s.hybrid else ""),
+             + (f", hybrid sharding over {s.shard_world} ranks" if s.hybrid else "")
+             + (f", context parallel {s.context}: {s.local_seq} tokens of each row per rank, {s.data_world} "
+                f"data-parallel group(s), {s.data_world * s.micro_batch * t.grad_accum_steps * s.seq_len} tokens "
+                "per step" if s.context > 1 else ""),
              *([f"objective: {t.objective}" + (f" ({s.cfg.preference.loss})" if t.objective == "dpo" else "")
                 + ", reference model: " + reference_kind(s)] if t.objective != "sft" else []), "",
              "per rank (rank 0, the largest shard):"]
@@ -781,6 +900,8 @@ def render(est: Estimate) -> str:
     for k, v in est.phases.items():
         mark = "  <- peak" if k == est.peak_phase else ""
         lines.append(f"  {k:<44} {format_bytes(v):>12}{mark}")
+    if s.context > 1:
+        lines += render_communication(est)
     need = est.peak * FRAGMENTATION + RUNTIME_OVERHEAD
     lines += ["", (f"GPU: peak allocated {format_bytes(est.peak)}; with {int((FRAGMENTATION - 1) * 100)}% "
                    f"fragmentation and {RUNTIME_OVERHEAD / GIB:.0f} GiB CUDA context/NCCL about "

@@ -1,0 +1,125 @@
+"""Context parallelism on CPU: the per-rank activation peak with CP = 1, 2, 4 against the estimator, and the step time.
+
+A tiny Llama (hidden 256, 4 blocks, 8 heads, 4 key/value heads) trains 3 steps on rows of exactly --seq tokens
+(default 8192), one row per step, fp32, sdpa, with parallel.context_parallel N on N ranks (gloo), so every run
+reads the same tokens (the losses agree). Step 2 is measured by category with memory.breakdown_steps (torch's
+FSDPMemTracker on the real tensors: memory/breakdown.py); its largest "activations" value on each rank (the
+tracker labels every tensor made in forward an activation: at the end of forward, what every block saved plus
+the logits) is set against the estimator's "activations (saved for backward)" line for the same config. Step
+time: step 3's `step_time_s` from metrics.jsonl (step 2 runs under the tracker, which slows it; gloo all-to-alls
+between processes on one host's CPU cores: it says what the exchange costs on CPU, little about NVLink).
+All-to-all bytes: the estimator's communication line (per rank per step).
+
+Usage (each N launches its own torchrun; the table is printed at the end):
+  python benchmarks/context_parallel.py [--seq 8192] [--sizes 1,2,4] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+         "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 8192, "vocab_size": 128}
+STEPS = 3
+
+
+def overrides(out: Path, n: int, seq: int) -> list[str]:
+    """The run's config: one row of `seq` tokens per data rank and step, step 2 measured by category."""
+    return [f"output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=1", "train.grad_accum_steps=1",
+            f"data.max_length={seq}", "data.shuffle=false", "logging.tensorboard=false", "logging.progress=none",
+            "logging.log_every=1", "train.eval_every=0", "data.val_size=0", "parallel.device=cpu",
+            "parallel.precision=fp32", "model.attn_implementation=sdpa", f"parallel.context_parallel={n}",
+            "memory.breakdown_steps=[2]", "checkpoint.save_every=0", "checkpoint.export_hf=false"]
+
+
+def config(out: Path, n: int, seq: int):
+    from fsdptrain.config.schema import load_config
+
+    cfg = load_config(None, overrides(out, n, seq))
+    cfg.model.hf_config = dict(MODEL, max_position_embeddings=max(seq, MODEL["max_position_embeddings"]))
+    return cfg
+
+
+def worker(out: Path, n: int, seq: int) -> None:
+    """One rank of a CP=n run (under torchrun)."""
+    from fsdptrain.data.encode import IGNORE, Example
+    from fsdptrain.trainer import train
+
+    rows = []
+    for i in range(STEPS):  # one data rank: the context group reads the same row
+        ids = [(7 * i + k) % 120 + 4 for k in range(seq)]
+        rows.append(Example(ids, [IGNORE] + ids[1:]))
+    train(config(out, n, seq), examples=rows)
+
+
+def estimated(out: Path, n: int, seq: int) -> tuple[int, int]:
+    """(activation line, all-to-all bytes per rank per step) of the estimate for the run."""
+    from fsdptrain.memory import estimate
+
+    est = estimate.estimate(config(out, n, seq), 1, n, 80 << 30)
+    comm = estimate.communication(est)
+    return est.terms["activations (saved for backward)"], comm.all_to_all
+
+
+def measure(root: Path, n: int, seq: int, threads: int) -> dict:
+    out = root / f"cp{n}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
+           "--master-port", str(29500 + 17 * n + os.getpid() % 997), __file__, "--worker", str(out),
+           "--cp", str(n), "--seq", str(seq)]
+    repo = str(Path(__file__).resolve().parents[1])  # the ranks import this checkout's fsdptrain
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"CP={n} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    peaks = [json.loads((out / "memory" / f"breakdown_step2_rank{r}.json").read_text())["category_max"]["activations"]
+             for r in range(n)]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = next(m for m in metrics if m.get("step") == STEPS)
+    acts, a2a = estimated(out, n, seq)
+    return {"n": n, "measured": max(peaks), "acts": acts, "a2a": a2a, "seconds": last["step_time_s"],
+            "loss": last["loss"]}
+
+
+def table(rows: list[dict], seq: int, threads: int) -> str:
+    mib = 1 << 20
+    lines = [f"tiny Llama (hidden 256, 4 blocks, 8 heads, 4 kv heads), one row of {seq} tokens per step, fp32, sdpa, "
+             f"CPU gloo, OMP_NUM_THREADS={threads}; measured = step 2's largest 'activations' of any rank "
+             "(memory.breakdown_steps, step 2); step time: step 3",
+             "| CP | ranks | measured activations / rank (MiB) | estimated (MiB) | measured / estimated "
+             "| step time (s) | all-to-all / rank / step (MiB) | loss |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        est = r["acts"]
+        lines.append(f"| {r['n']} | {r['n']} | {r['measured'] / mib:.1f} | {est / mib:.1f} | "
+                     f"{r['measured'] / est:.3f} | {r['seconds']:.2f} | {r['a2a'] / mib:.1f} | {r['loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--sizes", default="1,2,4")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cp", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(Path(args.worker), args.cp, args.seq)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for n in (int(x) for x in args.sizes.split(",")):
+            rows.append(measure(Path(tmp), n, args.seq, args.threads))
+            print(f"CP={n}: measured {rows[-1]['measured'] / (1 << 20):.1f} MiB", file=sys.stderr, flush=True)
+    print(table(rows, args.seq, args.threads))
+
+
+if __name__ == "__main__":
+    main()
