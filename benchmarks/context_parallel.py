@@ -12,6 +12,11 @@ All-to-all bytes: the estimator's communication line (per rank per step).
 
 Usage (each N launches its own torchrun; the table is printed at the end):
   python benchmarks/context_parallel.py [--seq 8192] [--sizes 1,2,4] [--threads 1]
+
+`--estimates` prints instead docs/long-context.md's estimate tables (no training): Llama-3.1-8B at 32k, 64k and
+128k tokens on 1 x 8 x 80 GiB and Qwen2.5-32B at 32k and 128k on 2 x 8 x 80 GiB with CP 1, 2, 4, 8, each the
+same numbers as `fsdptrain estimate CONFIG OVERRIDES` (the model is built once per family; ESTIMATES lists the
+configs and overrides).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's fsdptrain, in the driver and (PYTHONPATH below) in the ranks
 
 MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
          "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 8192, "vocab_size": 128}
@@ -72,9 +80,8 @@ def measure(root: Path, n: int, seq: int, threads: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
            "--master-port", str(29500 + 17 * n + os.getpid() % 997), __file__, "--worker", str(out),
            "--cp", str(n), "--seq", str(seq)]
-    repo = str(Path(__file__).resolve().parents[1])  # the ranks import this checkout's fsdptrain
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])]))
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"CP={n} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -102,16 +109,66 @@ def table(rows: list[dict], seq: int, threads: int) -> str:
     return "\n".join(lines)
 
 
+# (title, config, nnodes, sequence lengths, overrides): one row of tokens per micro-batch, not packed
+ESTIMATES = [
+    ("Llama-3.1-8B, 1 x 8 x 80 GiB", "configs/estimate-llama3.1-8b-1x8.yaml", 1, [32768, 65536, 131072],
+     ["data.packing=false", "parallel.compile=false"]),
+    ("Qwen2.5-32B, 2 x 8 x 80 GiB", "configs/estimate-qwen2.5-32b-2x8-offload.yaml", 2, [32768, 131072],
+     ["parallel.cpu_offload=false"]),
+]
+CHECKPOINTING = ["selective", "full"]
+
+
+def estimate_tables() -> str:
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.units import GIB
+    from fsdptrain.memory import estimate
+
+    out = []
+    for title, path, nnodes, seqs, extra in ESTIMATES:
+        shape = None
+        out += [f"**{title}** (`{path}` with {' '.join(extra)}; per GPU; full fine-tuning, bf16-mixed, AdamW)", "",
+                "| tokens per row | CP | tokens per rank | activations, selective | peak, selective | "
+                "activations, full | peak, full | FSDP all-gather + reduce-scatter / step | all-to-all / step "
+                "| tokens / step |",
+                "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for seq in seqs:
+            for n in (1, 2, 4, 8):
+                row = [f"{seq // 1024}k", str(n)]
+                for mode in CHECKPOINTING:
+                    cfg = load_config(str(REPO / path), [*extra, f"data.max_length={seq}",
+                                                          f"parallel.context_parallel={n}",
+                                                          f"parallel.activation_checkpointing={mode}"])
+                    shape = shape or estimate.shape_from_config(cfg)
+                    est = estimate.estimate(cfg, nnodes, 8, 80 * GIB, shape=shape)
+                    if mode == CHECKPOINTING[0]:
+                        row.append(str(est.settings.micro_batch * est.settings.local_seq))
+                    row += [f"{est.terms['activations (saved for backward)'] / GIB:.1f} GiB",
+                            f"{est.peak / GIB:.1f} GiB {'fits' if est.fits else '**no**'}"]
+                k = estimate.communication(est)  # the same in both modes: each recomputes every block
+                s = est.settings
+                row += [f"{(k.all_gather + k.reduce_scatter + k.all_reduce) / GIB:.0f} GiB",
+                        f"{k.all_to_all / GIB:.1f} GiB" if n > 1 else "-",
+                        f"{s.data_world * s.micro_batch * s.cfg.train.grad_accum_steps * seq // 1024}k"]
+                out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--sizes", default="1,2,4")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    ap.add_argument("--estimates", action="store_true", help="print the estimate tables instead (no training)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cp", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(Path(args.worker), args.cp, args.seq)
+        return
+    if args.estimates:
+        print(estimate_tables())
         return
     with tempfile.TemporaryDirectory() as tmp:
         rows = []

@@ -1,15 +1,15 @@
 """The analytic estimator (memory/estimate.py) against the fake-tensor trace of the real step (memory/trace.py).
 
-Sixteen configurations of a small Llama (one of them a Qwen3-MoE) at 8 ranks under torch's fake process group:
+Eighteen configurations of a small Llama (one of them a Qwen3-MoE) at 8 ranks under torch's fake process group:
 checkpointing none / full / every_k / selective / auto, the chunked loss, hybrid sharding with accumulation reduced
 only on the last micro-step, accumulation with per-micro-step sync, fp32 and bf16-mixed, LoRA, freeze, optimizer
 offload, a mixture-of-experts family with q/k norms (qwen3_moe), preference training (dpo: two rows per pair; full
 fine-tuning with its frozen reference copy, also with accumulation and auto checkpointing; LoRA, whose reference is
-the policy with its adapters off; freeze) and a reward model (rm). For each, on every group of ranks with equal
-shards: the analytic peak is within 5% of the traced peak, and the model-state terms (sharded parameters, the
-reference's included, gradients, optimizer state) are exact. cpu_offload, which cannot be traced, has its
-host-side model state checked against the resident run's trace; the reference-weights line equals the reference
-model's sharded bytes, padded shards too; auto checkpointing plans with the reference.
+the policy with its adapters off; freeze), a reward model (rm) and context parallelism (CP=2, packed rows). For each,
+on every group of ranks with equal shards: the analytic peak is within 5% of the traced peak, and the model-state
+terms (sharded parameters, the reference's included, gradients, optimizer state) are exact. cpu_offload, which cannot
+be traced, has its host-side model state checked against the resident run's trace; the reference-weights line equals
+the reference model's sharded bytes, padded shards too; auto checkpointing plans with the reference.
 
 The dimensions are in proportion to real models (vocabulary 8x the hidden size, MLP 2.75x) so that no single term
 swamps the others; fake tensors cost the same whatever their size. All traces run in this process (no torchrun).
@@ -66,6 +66,10 @@ CASES = {
     # a reward model: the score head (hidden x 1) in place of the lm_head and its logits, no reference
     "rm": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "rm"}}),
     "kto_full": (1, 8, {"parallel": BF16, "train": {"micro_batch_size": 1, "objective": "kto"}}),
+    # context parallelism: each rank traces its half of the packed rows, the Ulysses attention exchanging over a
+    # fake group, and the whole rows' document mask (saved by sdpa in every block)
+    "cp2_packed": (1, 8, {"parallel": {**BF16, "context_parallel": 2}, "train": {"micro_batch_size": 2},
+                          "data": {"max_length": 512, "packing": True}}),
 }
 
 
@@ -129,6 +133,9 @@ def test_the_cases_exercise_what_they_name(traced):
     rm = traced["rm"].traces[0].est
     assert rm.shape.lm_head_numel == 0 and rm.settings.reference is None
     assert rm.terms["logits + loss (forward)"] < rm.terms["activations (saved for backward)"] // 100
+    cp = traced["cp2_packed"].traces[0]  # a chunk of 256 of each row of 512, the exchange and the mask counted
+    assert cp.shapes[0] == [(2, 512)] and cp.est.settings.local_seq == 256
+    assert cp.est.terms[analytic.ULYSSES_TERM] > 0 and analytic.document_mask_bytes(cp.est.settings, 2) > 0
 
 
 def test_auto_checkpointing_plans_with_the_reference_and_two_rows_per_pair(configs):

@@ -28,6 +28,13 @@ What the trace does not model:
 - Selective checkpointing is traced as trained: the profiler ops FSDP opens
   inside a block's recompute pass through the selective replay
   (parallelize._PROFILER_OPS).
+- Context parallelism (parallel.context_parallel N) is traced as trained on
+  one rank of a context group: its chunk of each row (the width padded to a
+  multiple of lcm(8, N), over N), the Ulysses attention exchanging over a fake
+  context group (all-to-alls on fake tensors move nothing but have the
+  shapes), and for packed rows the whole row's document mask, made in the
+  shape ulysses.document_mask makes it (`context_masks`: its values cannot be
+  read on fake tensors).
 - Preference runs (dpo, rm) are traced as trained: micro-batches of two rows
   per pair, and the reference built by build.build_reference (unfilled) and
   run by the objective; full fine-tuning's frozen copy is tracked with the
@@ -38,6 +45,7 @@ What the trace does not model:
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -52,8 +60,10 @@ from torch import nn
 from ..config.schema import Config
 from ..core.errors import ConfigError
 from ..core.units import GIB, format_bytes
+from ..dist import context
 from ..dist.distributed import DistInfo
 from ..dist.plan import budgets, resolve_precision
+from ..model import ulysses
 from ..objectives.choose import needs_reference_model, objective_for
 from ..objectives.loss import install_chunked_loss
 from ..train.build import Reference, ShardedModel, build_reference, build_sharded_model, reference_config
@@ -269,6 +279,39 @@ def rows_unpacked(packed: bool) -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = real
 
 
+@contextmanager
+def context_masks(packed: bool) -> Iterator[None]:
+    """ulysses.document_mask reads the positions' values (where documents restart), which fake tensors do not
+    have: answer as the real batch would, a [B, 1, S, S] mask for packed rows (they restart), none otherwise."""
+    from ..model import ulysses
+
+    real = ulysses.document_mask
+
+    def shaped(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        if not packed:
+            return None
+        b, s = position_ids.shape
+        return torch.ones(b, 1, s, s, dtype=torch.bool, device=position_ids.device).tril()
+
+    ulysses.document_mask = shaped
+    try:
+        yield
+    finally:
+        ulysses.document_mask = real
+
+
+def chunk_batch(batch: dict, n: int) -> dict:
+    """A fake micro-batch of whole rows as one rank of a context group of `n` holds it (data/loader.py
+    context_chunk): its chunk of the width padded to a multiple of lcm(8, n), and the whole rows' positions."""
+    rows, width = batch["input_ids"].shape
+    step = math.lcm(8, n)
+    full = -(-width // step) * step
+    out = fake_batch(rows, full // n, 2, False)  # (token values are not read)
+    out["position_ids"] = torch.arange(full // n).expand(rows, full // n).contiguous()
+    out["context_position_ids"] = torch.arange(full).expand(rows, full).contiguous()
+    return out
+
+
 def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_node: int, rank: int,
                step_shapes: list[list[tuple[int, int]]], gpu_memory: int, target_device: str) -> StepTrace:
     """Build rank `rank`'s shards of the model on fake tensors under a fake process group of `world` ranks and
@@ -284,9 +327,12 @@ def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_no
     tcfg = trace_config(cfg, facts, gpu_memory)
     info = DistInfo(rank, rank % gpus_per_node, world, gpus_per_node, torch.device("cpu"), "fake", True)
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    n = cfg.parallel.context_parallel
     try:
         mesh = build_mesh(info, tcfg.parallel)  # outside the fake mode: the mesh's set-up reads real values
-        with FakeTensorMode(allow_non_fake_inputs=True), rows_unpacked(cfg.data.packing):
+        ulysses.use_group(context.build_group(context.layout(n, world, rank)), n)  # N = 1: none
+        with (FakeTensorMode(allow_non_fake_inputs=True), rows_unpacked(cfg.data.packing),
+              context_masks(cfg.data.packing)):
             sharded = build_sharded_model(tcfg, info, hf_config, mesh=mesh, fill=False)
             reference, also, kept = traced_reference(tcfg, info, hf_config, sharded)
             head = install_chunked_loss(sharded.model, cfg.train.loss_chunk_tokens)
@@ -294,6 +340,8 @@ def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_no
             packed = cfg.data.packing
             kto = cfg.train.objective == "kto"
             steps = [[fake_batch(r, w, hf_config.vocab_size, packed, kto) for r, w in shapes] for shapes in step_shapes]
+            if n > 1:
+                steps = [[chunk_batch(b, n) for b in batches] for batches in steps]
             run = step_run(tcfg, info, sharded.model, head, reference)
             sharded.model.train()
             tr = measure_steps(sharded.model, optimizer, run, steps, cfg.train.max_grad_norm, also)
@@ -301,6 +349,7 @@ def trace_rank(cfg: Config, hf_config: PretrainedConfig, world: int, gpus_per_no
             tr.reference_weights = kept + sum(sharded_bytes(m) for m in also)
             return state_on_host(tr) if cfg.parallel.optimizer_offload else tr
     finally:
+        ulysses.use_group(None, 1)
         dist.destroy_process_group()
 
 
