@@ -37,6 +37,15 @@ Two kinds of terms:
   its adapters off) and its no-grad forward as a phase of its own (the units
   gathered as for the policy, one block's working set, then the logits'); rm's
   score head gives one output per token in place of the vocabulary logits.
+- Context parallelism (parallel.context_parallel N): every sequence-scaled
+  term is that of the rank's chunk (Settings.local_seq: the row padded to a
+  multiple of lcm(8, N), over N); each block saves what the Ulysses attention
+  adds (ulysses_saved_bytes_per_token; packed rows: the whole rows' mask,
+  document_mask_bytes) and one exchange's buffers are in flight; the model
+  state is unchanged (context ranks are FSDP ranks). `communication` gives the
+  bytes each rank sends per step: FSDP's all-gather and reduce-scatter, and
+  the all-to-alls (printed under context parallelism only, so the CP=1 output
+  is unchanged). docs/long-context.md has the checks.
 The verdict adds a fixed allowance for the CUDA context, NCCL buffers and
 allocator fragmentation that torch's allocator does not count.
 
