@@ -187,3 +187,23 @@ def test_measured_activation_peak_per_rank_against_the_estimate():
     (m1, p1), (m2, p2) = found[1], found[2]
     assert m2 < 0.56 * m1 and abs(m2 / m1 - p2 / p1) <= 0.02, (m1, m2, p1, p2)
 
+
+
+def test_forecast_deals_rows_to_data_ranks_like_training(tmp_path):
+    """`estimate --forecast` plans each rank's micro-batches with the sampler training uses: under CP=2 on 4 ranks,
+    2 data ranks, the ranks of a context group reading the same rows (each traced as its chunk), the same rows as
+    a 2-rank CP=1 run's."""
+    from fsdptrain.memory import trace
+
+    path = tmp_path / "fc.yaml"
+    path.write_text(yaml.safe_dump({"model": {"hf_config": {k: v for k, v in LLAMA.items() if k != "vocab_size"}},
+                                    "data": {"synthetic_examples": 40, "max_length": 64},
+                                    "parallel": {"device": "cpu", "precision": "fp32"}}))
+
+    def plans(n: int, world: int) -> list[tuple]:
+        cfg = load_config(str(path), [f"parallel.context_parallel={n}"])
+        return [(p.rows, p.width, p.step, p.micro, p.tokens) for p in trace.plan_ranks(cfg, world, world)]
+
+    cp2 = plans(2, 4)
+    assert cp2[0] == cp2[1] and cp2[2] == cp2[3] and cp2[0] != cp2[2]
+    assert [cp2[0], cp2[2]] == plans(1, 2)

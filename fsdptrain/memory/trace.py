@@ -538,7 +538,9 @@ class RankPlan:
 
 def plan_ranks(cfg: Config, world: int, gpus_per_node: int,
                progress: Callable[[str], None] = lambda _: None) -> list[RankPlan]:
-    """Every rank's micro-batch shapes over the first epoch, from the run's own data pipeline and sampler."""
+    """Every rank's micro-batch shapes over the first epoch, from the run's own data pipeline and sampler (under
+    context parallelism the sampler deals to world / N data ranks, as in training: a context group's ranks read the
+    same rows, each traced as its chunk)."""
     from ..data import pipeline
     from ..data.loader import padded
     from ..data.tokenizer import load_tokenizer
@@ -550,7 +552,8 @@ def plan_ranks(cfg: Config, world: int, gpus_per_node: int,
     per_item = pipeline.rows_per_item(cfg)  # a preference pair: its chosen and rejected rows
     out = []
     for r in range(world):
-        sampler = pipeline.build_sampler(cfg, examples, world, r, gpus_per_node)
+        lay = context.layout(cfg.parallel.context_parallel, world, r)
+        sampler = pipeline.build_sampler(cfg, examples, lay.data_world, lay.data_rank, gpus_per_node)
         best, tokens = None, 0
         for step in range(sampler.steps_in_epoch(0)):
             for i, mb in enumerate(sampler.rank_micro_batches(step)):
