@@ -851,6 +851,9 @@ def advise(m: ModelShape, est: Estimate) -> list[str]:
         tries.append(("parallel.optimizer_offload=true", s.vary(parallel={"optimizer_offload": True})))
     if not s.cfg.parallel.cpu_offload:
         tries.append(("parallel.cpu_offload=true", s.vary(parallel={"cpu_offload": True})))
+    wider = 2 * s.context  # under context parallelism: twice the ranks per row, if they divide the world and heads
+    if s.context > 1 and s.world % wider == 0 and m.heads % wider == 0:
+        tries.append((f"parallel.context_parallel={wider}", s.vary(parallel={"context_parallel": wider})))
     if s.seq_len > 512:  # rows of half the length, as many of them as now
         tries.append((f"data.max_length={s.seq_len // 2}",
                       s.vary(data={"max_length": s.seq_len // 2, "packing": False, "token_budget": None},
@@ -941,6 +944,12 @@ def estimate(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_
         raise UserError(f"estimate: --nnodes {nnodes} and --gpus-per-node {gpus_per_node} must be at least 1")
     m = shape or shape_from_config(cfg)
     s = settings_from_config(cfg, nnodes, gpus_per_node, gpu_memory, cpu_memory)
+    if s.context > 1:  # what training refuses at start-up, refused here too (the same lines)
+        from ..dist import context
+        from ..model import ulysses
+
+        context.layout(s.context, s.world, 0)
+        ulysses.check_heads(m.heads, s.context, m.model_type)
     if s.cfg.parallel.activation_checkpointing == "auto":
         _, est = plan_checkpointing(m, s, budget_bytes(min(budgets(cfg.parallel)), gpu_memory))
     else:

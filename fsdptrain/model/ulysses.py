@@ -91,7 +91,11 @@ def check_model(model: nn.Module, hf_config: Any, size: int) -> None:
         what = "sliding-window attention" if windowed else "attention logit soft-capping"
         raise ConfigError(f"parallel.context_parallel: {size}: {family} uses {what}, which the Ulysses attention "
                           "does not apply yet; set parallel.context_parallel=1")
-    heads = getattr(hf_config, "num_attention_heads", None)
+    check_heads(getattr(hf_config, "num_attention_heads", None), size, family)
+
+
+def check_heads(heads: Any, size: int, family: str) -> None:
+    """Refuse, in one line, N not dividing the attention heads (each rank attends H/N of them)."""
     if not isinstance(heads, int) or heads % size:
         raise ConfigError(f"parallel.context_parallel: {size} does not divide the {heads} attention heads of "
                           f"{family}; use a divisor of {heads}")

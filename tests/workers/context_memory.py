@@ -2,7 +2,7 @@
 (tests/test_context_parallel_memory.py).
 
 Usage: python -m tests.workers.context_memory SEQ
-On the same 2 gloo ranks, a tiny Llama is built twice, with parallel.context_parallel 1 (two data ranks, each
+On the same 2 gloo ranks, a tiny Llama (2 blocks) is built twice, with parallel.context_parallel 1 (two data ranks, each
 holding a whole row of SEQ tokens) and 2 (one context group: each rank holds half of the same row), and two
 optimizer steps run under memory.phases.PhaseTracker (torch's FSDPMemTracker on the real tensors, the categories
 `fsdptrain estimate --trace` and memory.breakdown_steps report). Rank 0 prints one line per N:
@@ -26,7 +26,7 @@ from fsdptrain.objectives.loss import install_chunked_loss
 from fsdptrain.train.build import build_sharded_model
 from fsdptrain.train.optim import build_optimizer
 
-MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2,
          "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 128}
 
 
