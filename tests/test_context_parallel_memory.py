@@ -55,10 +55,14 @@ def test_context_parallel_halves_the_sequence_terms_and_adds_the_ulysses_tensors
         assert two.terms[term] * 2 == one.terms[term] > 0, term
     # one exchange in flight: its receive buffer and the re-laid copy, q-sized: 2 x 4 bytes x 256 x 512 tokens
     assert two.terms[analytic.ULYSSES_TERM] == 2 * 4 * 256 * 512 and one.terms[analytic.ULYSSES_TERM] == 0
-    # packed rows: the whole row's document mask, which sdpa saves as fp32 in every block: 4 x 2 rows x 512^2 x 3
-    packed = est(config_file, shape, "parallel.context_parallel=2", "data.packing=true")
-    assert packed.terms["activations (saved for backward)"] == two.terms["activations (saved for backward)"] \
-        + 4 * 2 * 512 * 512 * 3
+    # packed rows: the whole rows' document mask, fp32, one for the micro-batch (every block's sdpa saves the same
+    # tensor), whatever the checkpointing: 4 x 2 rows x 512^2
+    for mode in ("none", "full"):
+        packed = est(config_file, shape, "parallel.context_parallel=2", "data.packing=true",
+                     f"parallel.activation_checkpointing={mode}")
+        unpacked = est(config_file, shape, "parallel.context_parallel=2", f"parallel.activation_checkpointing={mode}")
+        assert packed.terms["activations (saved for backward)"] == unpacked.terms["activations (saved for backward)"] \
+            + 4 * 2 * 512 * 512
 
 
 def test_all_to_all_bytes_per_step(config_file, shape):
@@ -118,9 +122,10 @@ def test_auto_checkpointing_plans_for_the_chunk(config_file):
     assert modes == ["full"] * 3 and "does NOT fit" in line, line
 
 
-def block_saved(model, b: int, s: int, pos: torch.Tensor, ulysses_on: bool) -> int:
-    """Bytes autograd saves in block 0 (parameters and the rotary tables left out), the Ulysses attention over a
-    1-rank group (the same tensors any N saves per token of the chunk) or plain sdpa on the whole rows."""
+def blocks_saved(model, b: int, s: int, pos: torch.Tensor, ulysses_on: bool) -> int:
+    """Bytes autograd saves in the model's blocks, one after the other (parameters and the rotary tables left
+    out), with the Ulysses attention over a 1-rank group (the same tensors any N saves per token of the chunk) or
+    plain sdpa on the whole rows."""
     from fsdptrain.model import ulysses
 
     x = model.model.embed_tokens(torch.randint(0, 100, (b, s))).detach().requires_grad_()
@@ -136,19 +141,21 @@ def block_saved(model, b: int, s: int, pos: torch.Tensor, ulysses_on: bool) -> i
     model.config._attn_implementation = ulysses.NAME if ulysses_on else "sdpa"
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             ulysses.sequence(pos if ulysses_on else None):
-        model.model.layers[0](x, position_embeddings=cos_sin, position_ids=pos)
+        for layer in model.model.layers:
+            x = layer(x, position_embeddings=cos_sin, position_ids=pos)
+            x = x[0] if isinstance(x, tuple) else x
     return sum(saved.values())
 
 
 def test_ulysses_saved_tensors_equal_autograd():
-    """What the estimate adds per block under CP (ulysses_saved_bytes_per_token, document_mask_bytes), against
-    autograd's saved tensors of a real block: Ulysses over a 1-rank gloo group against transformers' sdpa."""
+    """What the estimate adds under CP (ulysses_saved_bytes_per_token per block, document_mask_bytes once), against
+    autograd's saved tensors of two real blocks: Ulysses over a 1-rank gloo group against transformers' sdpa."""
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fsdptrain.model import ulysses
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=100)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
@@ -160,11 +167,11 @@ def test_ulysses_saved_tensors_equal_autograd():
         ulysses.use_group(dist.new_group([0]), 1)
         causal = torch.arange(s).expand(b, s)
         packed = torch.cat([torch.arange(40), torch.arange(s - 40)]).expand(b, s)
-        plain = block_saved(model, b, s, causal, False)
+        plain = blocks_saved(model, b, s, causal, False)
         extra = analytic.ulysses_saved_bytes_per_token(shape, 4) * b * s
-        assert block_saved(model, b, s, causal, True) - plain == extra == (2 * 4 * (64 - 32) + 4 * 64) * b * s
-        # packed rows: the fp32 mask of the whole rows sdpa saves
-        assert block_saved(model, b, s, packed, True) - plain == extra + 4 * b * s * s
+        assert blocks_saved(model, b, s, causal, True) - plain == 2 * extra == 2 * (2 * 4 * (64 - 32) + 4 * 64) * b * s
+        # packed rows: the fp32 mask of the whole rows, one tensor both blocks' sdpa save
+        assert blocks_saved(model, b, s, packed, True) - plain == 2 * extra + 4 * b * s * s
     finally:
         ulysses.use_group(None, 1)
         dist.destroy_process_group()

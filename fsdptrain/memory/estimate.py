@@ -40,8 +40,8 @@ Two kinds of terms:
 - Context parallelism (parallel.context_parallel N): every sequence-scaled
   term is that of the rank's chunk (Settings.local_seq: the row padded to a
   multiple of lcm(8, N), over N); each block saves what the Ulysses attention
-  adds (ulysses_saved_bytes_per_token; packed rows: the whole rows' mask,
-  document_mask_bytes) and one exchange's buffers are in flight; the model
+  adds (ulysses_saved_bytes_per_token), packed rows hold the whole rows'
+  mask (document_mask_bytes) and one exchange's buffers are in flight; the model
   state is unchanged (context ranks are FSDP ranks). `communication` gives the
   bytes each rank sends per step: FSDP's all-gather and reduce-scatter, and
   the all-to-alls (printed under context parallelism only, so the CP=1 output
@@ -493,10 +493,11 @@ def ulysses_exchange_bytes_per_token(m: ModelShape, c: int) -> int:
 
 
 def document_mask_bytes(s: Settings, c: int) -> int:
-    """Packed rows under context parallelism: the Ulysses attention masks each document of the whole row
-    (ulysses.document_mask, [B, 1, S, S] bool), and sdpa turns it into an additive mask in the compute dtype that it
-    saves for backward, in every block (checked against autograd in the tests): c B S^2 bytes per block on every
-    rank of the group, whatever N. Rows that are not packed attend causally with no mask."""
+    """Packed rows under context parallelism: the Ulysses attention masks each document of the whole row with one
+    additive mask in the compute dtype ([B, 1, S, S], ulysses.context_mask), made by the first block and saved by
+    every block's sdpa, held from the first block's forward to the end of backward (checked against autograd in
+    the tests): c B S^2 bytes on every rank of the group, whatever N, whatever the checkpointing. Rows that are
+    not packed attend causally with no mask."""
     if not s.cfg.data.packing:
         return 0
     return c * s.micro_batch * (s.local_seq * s.context) ** 2
@@ -569,7 +570,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     routed = list(m.moe.moe_blocks) if m.moe else [False] * m.layers
     h = m.hidden
     V = 1 if t.objective == "rm" else m.vocab  # rm: the score head's one output per token, no vocabulary logits
-    ulysses = ulysses_saved_bytes_per_token(m, c) * tokens + document_mask_bytes(s, c) if s.context > 1 else 0
+    ulysses = ulysses_saved_bytes_per_token(m, c) * tokens if s.context > 1 else 0
+    mask = document_mask_bytes(s, c) if s.context > 1 else 0  # one for the micro-batch, saved by every block
     saved = [block_activation_bytes(m, c, s.cfg.model.attn_implementation, s.seq_len, tokens, r) + ulysses
              - (2 * c * h * tokens if m.frozen_norms and m.frozen_norms[i] else 0)  # frozen norm weights
              if not m.in_graph or m.in_graph[i] else 0 for i, r in enumerate(routed)]
@@ -588,7 +590,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
                 + mlp_matmul_bytes_per_token(m, c, routed[i])) * tokens
 
     kept_bytes = [kept(mode, i) for i, mode in enumerate(modes)]
-    acts = sum(kept_bytes) + (4 * h + 4 + 2 * c * h) * tokens  # + the final norm (its output is the lm_head input)
+    acts = sum(kept_bytes) + (4 * h + 4 + 2 * c * h) * tokens + mask  # + the final norm (the lm_head's input)
     recompute = a_block if any(mode != "none" for mode in modes) else 0
     root_buf = c * root_un  # gathered at the start of forward and again at the start of backward
     # After forward FSDP frees the gathered blocks (and the root, which parallelize shards with an explicit
@@ -662,7 +664,7 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         "backward (lm_head)": fwd + max(held_after_fwd, root_buf + c * last_block) + acts + logits_grad + lm_head_grad,
         **block_backward_phases(m, s, rank, st, kept_bytes, saved, tokens,
                                 base + root_buf + lm_head_grad + c * two_blocks + c * max(block_un, default=0)
-                                + exchange),
+                                + exchange + mask),
         "backward (root reduce)": base + grads_gpu + root_buf + (c + rs) * unit_numel(grad_units[-1], W),
         "optimizer": base + grads_gpu,
     }

@@ -12,10 +12,11 @@ uses key/value head h // (H / Hkv), so contiguous slices line up); else they are
 The mask: the model builds its mask from its local chunk, which is wrong for the whole sequence, so this
 function is registered for attention only (not in transformers' mask interface: the model then builds no mask)
 and makes its own from the full row's position ids, set for each micro-batch by the trainer with `sequence`:
-causal, and, when positions restart inside a row (packed examples), within each document only. Right padding
-needs no mask under a causal one (it never precedes a real token). Without a `sequence` in force (evaluation,
-`fsdptrain eval`: every rank holds whole rows) it is plain attention on the local rows, with the same mask made
-from the position ids the layer was given.
+causal, and, when positions restart inside a row (packed examples), within each document only, one additive
+mask for the micro-batch that every layer shares (`context_mask`: sdpa saves its mask, so a mask per layer would
+be a saved S x S tensor per layer). Right padding needs no mask under a causal one (it never precedes a real
+token). Without a `sequence` in force (evaluation, `fsdptrain eval`: every rank holds whole rows) it is plain
+attention on the local rows, with the same mask made from the position ids the layer was given.
 
 `register` adds the function under NAME; train/build.py builds the model with that attention implementation
 when parallel.context_parallel > 1 and `check_model` refuses families that do not call the interface.
@@ -44,6 +45,8 @@ class _State:
     size: int = 1
     position_ids: Optional[torch.Tensor] = None  # the current micro-batch's full rows' positions [B, S]
     active: bool = False  # a context-parallel micro-batch is in flight
+    mask: Optional[torch.Tensor] = None  # its additive mask, made by the first layer, shared by all (context_mask)
+    mask_made: bool = False
 
 
 _state = _State()
@@ -70,10 +73,12 @@ def sequence(position_ids: Optional[torch.Tensor]) -> Iterator[None]:
         yield
         return
     _state.position_ids, _state.active = position_ids, True
+    _state.mask, _state.mask_made = None, False
     try:
         yield
     finally:
         _state.position_ids, _state.active = None, False
+        _state.mask, _state.mask_made = None, False
 
 
 def check_model(model: nn.Module, hf_config: Any, size: int) -> None:
@@ -152,6 +157,20 @@ def document_mask(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
     return (causal[None] & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
+def context_mask(dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The in-flight micro-batch's mask for sdpa (None: causal), made by the first layer that asks and then shared
+    by every layer and by recomputation: additive (0 where a key is visible, -inf elsewhere, in the compute dtype),
+    the values sdpa would make of the bool mask itself. sdpa saves its mask for backward, and a bool mask is
+    converted inside each call, so every layer would save its own S x S copy; one tensor made here is saved by
+    all layers at the cost of one (memory/estimate.py document_mask_bytes)."""
+    if not _state.mask_made:
+        keep = document_mask(_state.position_ids)
+        _state.mask = None if keep is None else torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
+            keep.logical_not(), float("-inf"))
+        _state.mask_made = True
+    return _state.mask
+
+
 def repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
     """[B, Hkv, S, D] -> [B, Hkv * times, S, D], each head repeated `times` times in place (query-group order)."""
     return x if times == 1 else x.repeat_interleave(times, dim=1)
@@ -183,5 +202,5 @@ def ulysses_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         key = repeat_heads(key, query.shape[1] // key.shape[1])
         value = repeat_heads(value, query.shape[1] // value.shape[1])
     q, k, v = (seq_to_heads(t, n, group) for t in (query, key, value))
-    out = attend(q, k, v, document_mask(_state.position_ids), dropout, scaling)
+    out = attend(q, k, v, context_mask(q.dtype), dropout, scaling)
     return heads_to_seq(out, n, group), None
