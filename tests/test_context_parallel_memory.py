@@ -70,7 +70,8 @@ def test_all_to_all_bytes_per_step(config_file, shape):
     N = 2 splits the 4 key/value heads: 4 x 512 x (2 x 256 + 2 x 128) / 2 = 786432 bytes; forward and backward
     in each of 3 blocks: 6 passes = 4718592, 4 all-to-alls a pass. Full checkpointing recomputes forward: 9
     passes. N = 8 repeats the key/value heads to 8 first: 4 x 128 tokens x (4 x 256) x 7 / 8 = 458752 a pass.
-    FSDP's traffic is that of the 8 ranks, whatever N."""
+    FSDP's traffic is that of the 8 ranks, whatever N. (The model's units are the same under freeze: only what
+    trains differs.)"""
     one, two = est(config_file, shape), est(config_file, shape, "parallel.context_parallel=2")
     k1, k2 = analytic.communication(one), analytic.communication(two)
     assert (k2.all_to_all, k2.exchanges) == (4718592, 24) and (k1.all_to_all, k1.exchanges) == (0, 0)
@@ -84,6 +85,14 @@ def test_all_to_all_bytes_per_step(config_file, shape):
     assert (full.all_to_all, full.exchanges) == (2 * 9 * 786432, 36)
     eight = analytic.communication(est(config_file, shape, "parallel.context_parallel=8"))
     assert eight.all_to_all == 6 * 458752
+    # freeze: block 0 is before every trainable parameter, so it runs no backward: 1 + 2 + 2 passes, and FSDP
+    # gathers it in forward only
+    frozen = analytic.estimate(load_config(config_file, ["finetune.method=freeze", "parallel.context_parallel=2"]),
+                               1, 8, 80 << 30)
+    assert frozen.shape.in_graph == [False, True, True]
+    k = analytic.communication(frozen)
+    assert (k.all_to_all, k.exchanges) == (5 * 786432, 20)
+    assert k.all_gather == int(4 * 7 / 8 * (2 * sum(units) - units[-2] - units[0]))
 
 
 def test_the_estimate_prints_the_context_split_and_the_traffic_only_under_context_parallelism(config_file):

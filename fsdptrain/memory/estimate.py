@@ -756,7 +756,8 @@ def communication(est: Estimate) -> Communication:
     reshard_after_forward); it reduce-scatters the trainable gradients on every micro-step (or only the last
     without sync_grads_every_micro_step). Context parallelism exchanges q, k, v (key/value heads as exchanged:
     exchanged_kv_width) and the attention output in each block's forward, their gradients in its backward, and a
-    checkpointed block's forward again when it is recomputed."""
+    checkpointed block's forward again when it is recomputed. Blocks before every trainable parameter (lora,
+    freeze: ModelShape.in_graph) run no backward: gathered and exchanged in forward only."""
     s, m = est.settings, est.shape
     p, t = s.cfg.parallel, s.cfg.train
     c = 2 if s.precision.startswith("bf16") else 4
@@ -765,7 +766,8 @@ def communication(est: Estimate) -> Communication:
     ring = (W - 1) / W
     units = [unit_numel(u, W) for u in m.units]
     blocks, root = units[:-1], units[-1]
-    backward = (sum(blocks[:-1]) + root) if p.reshard_after_forward else 0
+    graph = m.in_graph or [True] * m.layers
+    backward = (sum(b for b, g in zip(blocks[:-1], graph) if g) + root) if p.reshard_after_forward else 0
     gather = c * ring * (sum(units) + backward) * micro
     reduces = micro if p.sync_grads_every_micro_step else 1
     grads = sum(unit_numel(u, W) for u in trainable_units(m))
@@ -776,7 +778,8 @@ def communication(est: Estimate) -> Communication:
     if n > 1:
         tokens = s.micro_batch * s.local_seq
         per_block = c * tokens * (2 * m.heads * m.head_dim + 2 * exchanged_kv_width(m, n)) * (n - 1) / n
-        passes = sum(3 if mode != "none" else 2 for mode in s.modes(m.layers))  # forward, backward, recompute
+        passes = sum((3 if mode != "none" else 2) if g else 1  # forward, backward, recompute
+                     for mode, g in zip(s.modes(m.layers), graph))
         a2a, exchanges = per_block * passes * micro, 4 * passes
     return Communication(int(gather), int(scatter), int(allreduce), int(a2a), exchanges)
 
