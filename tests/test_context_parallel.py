@@ -352,3 +352,18 @@ def test_compositions_train_like_cp1(compositions, name):
     logits = [load_file(str(compositions / f"{name}-cp{cp}-logits.safetensors"))["logits"] for cp in (1, 2)]
     # the weights' rounding differences summed over the hidden size: 1e-5 of the largest logit (about 70)
     assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[0].abs().max(), (logits[0] - logits[1]).abs().max()
+
+
+def test_a_balancing_loss_that_cannot_be_combined_is_refused():
+    """A family whose module has no transformers-style balancing-loss function (router logits first)."""
+    from types import SimpleNamespace
+
+    from fsdptrain.model import moe
+
+    class Routed(torch.nn.Module):
+        config = SimpleNamespace(model_type="routed")
+
+    with pytest.raises(ConfigError, match=r"^parallel.context_parallel: model_type 'routed' computes its router "
+                                          r"auxiliary loss in a way fsdptrain cannot combine over the context group; "
+                                          r"set train.router_aux_loss_coef=0 or parallel.context_parallel=1$"):
+        moe.balance_over_context(Routed())
