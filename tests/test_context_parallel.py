@@ -155,21 +155,6 @@ def assert_same_training(one: Path, two: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["data.val_size=0.1", "train.eval_every=3"],
-                                   ["data.packing=true", "data.pack_length=128"],
-                                   ["parallel.activation_checkpointing=full", "train.loss_chunk_tokens=64"],
-                                   ["finetune.method=lora"]],
-                         ids=["plain-with-eval", "packing", "full-checkpointing", "lora"])
-def test_two_ranks_cp2_train_like_one_rank(tmp_path, extra):
-    if "finetune.method=lora" in extra:  # adapters on a saved base (the export needs one)
-        extra = [*extra, f"model.path={make_model_dir(tmp_path / 'base', LLAMA)}", "model.hf_config=null"]
-    two = train_run(tmp_path, "cp2", 2, ["parallel.context_parallel=2", *extra])
-    assert_same_training(train_run(tmp_path, "cp1", 1, extra), two)
-    if "train.eval_every=3" in extra:
-        assert [m["step"] for m in read_metrics(two) if "eval_loss" in m] == [3, 6]
-
-
-@pytest.mark.slow
 def test_checkpoints_resume_across_context_parallel_sizes(tmp_path):
     """A CP=2 run's checkpoint continues with CP=1 and a CP=1 run's with CP=2, each like the uninterrupted run."""
     extra = ["data.packing=true", "data.pack_length=128"]
@@ -258,7 +243,20 @@ def composition_configs(root: Path, cp: int) -> dict[str, dict]:
     pref_root, kto_root = root / "pref", root / "kto"
     accum = {"micro_batch_size": 1, "grad_accum_steps": 2, "eval_every": 3, "eval_micro_batch_size": 3}
     lora = {"finetune": {"method": "lora", "lora": test_preference.LORA}}
+    sft = {"data": {"synthetic_examples": 200}, "train": {"micro_batch_size": 4, "grad_accum_steps": 2}}
+
+    def sft_case(**sections: dict) -> dict:
+        merged = {k: {**sft.get(k, {}), **sections.get(k, {})} for k in {*sft, *sections}}
+        return base_config(out, llama, **merged)
+
     cases = {
+        # SFT: evaluation every 3 steps (whole rows on every rank), packing (rows of 128, about 3 documents each,
+        # straddling the chunks), full checkpointing with the chunked loss, LoRA
+        "sft-eval": sft_case(data={"val_size": 0.1}, train={"eval_every": 3}),
+        "sft-packing": sft_case(data={"packing": True, "pack_length": 128}),
+        "sft-full-chunked": sft_case(parallel={"activation_checkpointing": "full"},
+                                     train={"loss_chunk_tokens": 64}),
+        "sft-lora": sft_case(finetune={"method": "lora"}),
         # a frozen copy of the starting weights as the reference; evaluation on held-out pairs
         "dpo-sigmoid": test_preference.dpo_config(pref_root, "x", llama, pref={"label_smoothing": 0.1},
                                                    train=accum),
@@ -275,7 +273,7 @@ def composition_configs(root: Path, cp: int) -> dict[str, dict]:
     }
     cases["rm"]["train"]["objective"] = "rm"
     for name, cfg in cases.items():
-        if "eval_every" in cfg["train"]:
+        if "eval_every" in cfg["train"] and "datasets" in cfg["data"]:  # held-out pairs of another data set
             cfg["data"]["eval_datasets"] = ["sharegpt_pairs"]
         cfg["output_dir"] = str(out / name)
         cfg["parallel"].update(context_parallel=cp)
@@ -313,15 +311,17 @@ def compositions(tmp_path_factory):
     return root
 
 
-COMPOSITIONS = ("dpo-sigmoid", "dpo-ipo-lora", "kto", "rm", "freeze-selective", "moe-every-k")
+COMPOSITIONS = ("sft-eval", "sft-packing", "sft-full-chunked", "sft-lora", "dpo-sigmoid", "dpo-ipo-lora", "kto",
+                "rm", "freeze-selective", "moe-every-k")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", COMPOSITIONS)
 def test_compositions_train_like_cp1(compositions, name):
-    """The preference objectives (whole-row sums over the context group), MoE with the router's auxiliary loss,
-    freeze, selective and every_k checkpointing: with CP=2 on 2 ranks as with CP=1 on 1 rank, every step's loss,
-    units, metrics and gradient norm, the evaluations, and the final weights (LoRA: the trained model's logits)."""
+    """SFT (with evaluation, packing, full checkpointing with the chunked loss, LoRA), the preference objectives
+    (whole-row sums over the context group), MoE with the router's auxiliary loss, freeze, selective and every_k
+    checkpointing: with CP=2 on 2 ranks as with CP=1 on 1 rank, every step's loss, units, metrics and gradient
+    norm, the evaluations, the trained model's logits and the final weights (LoRA: the exported adapters)."""
     from safetensors.torch import load_file
 
     one, two = compositions / "cp1" / name, compositions / "cp2" / name
@@ -341,9 +341,15 @@ def test_compositions_train_like_cp1(compositions, name):
                     not key.endswith("_s"):
                 scale = logps if key == "kl" else max(1.0, abs(x[key]))
                 assert abs(x[key] - y[key]) <= 1e-5 * scale, (name, x["step"], key, x[key], y[key])
-    if name.startswith(("dpo-sigmoid", "rm")):
+    if name in ("sft-eval", "dpo-sigmoid", "rm"):
         assert [m["step"] for m in b if "eval_loss" in m] == [3, 6]
+    if name == "sft-lora":  # the adapters (PEFT layout), exported after training
+        for run in (one, two):
+            proc = run_cli(["export", str(run), "--out", str(run / "hf")])
+            assert proc.returncode == 0, proc.stderr[-2000:]
     if (one / "hf").exists():
+        if (two / "hf" / "config.json").exists():  # the export names no attention of fsdptrain's own
+            assert "fsdptrain_ulysses" not in (two / "hf" / "config.json").read_text()
         [fa], [fb] = sorted((one / "hf").glob("*.safetensors")), sorted((two / "hf").glob("*.safetensors"))
         wa, wb = load_file(str(fa)), load_file(str(fb))
         assert wa.keys() == wb.keys()
