@@ -263,6 +263,10 @@ def composition_configs(root: Path, cp: int) -> dict[str, dict]:
         # the per-token mean (summed target counts) and the policy with its adapters off as the reference
         "dpo-ipo-lora": test_preference.dpo_config(pref_root, "x", llama, "sharegpt_pairs",
                                                     {"loss": "ipo", "beta": 0.5, "ftx": 0.5}, **lora),
+        # preference.ref_model: a separate frozen copy of another folder (here under freeze), hinge
+        "dpo-hinge-ref-model": test_preference.dpo_config(
+            pref_root, "x", llama, pref={"loss": "hinge", "beta": 0.05, "ref_model": str(root / "ref")},
+            finetune={"method": "freeze", "freeze": {"trainable_layers": 1}}),
         "kto": test_kto.kto_config(kto_root, "x", llama, train={"micro_batch_size": 2, "grad_accum_steps": 2}),
         "rm": test_preference.dpo_config(pref_root, "x", llama, train=accum),
         "freeze-selective": base_config(out, llama, finetune={"method": "freeze", "freeze": {"trainable_layers": 1}},
@@ -294,6 +298,7 @@ def compositions(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp-compositions")
     llama = make_model_dir(root / "llama", LLAMA, seed=1)
     make_model_dir(root / "moe", FAMILIES["qwen3_moe"], seed=1)
+    make_model_dir(root / "ref", LLAMA, seed=2)  # preference.ref_model: other weights than the policy's
     for sub, module in (("pref", test_preference), ("kto", test_kto)):
         (root / sub).mkdir()
         module.data_dir(root / sub)
@@ -311,8 +316,8 @@ def compositions(tmp_path_factory):
     return root
 
 
-COMPOSITIONS = ("sft-eval", "sft-packing", "sft-full-chunked", "sft-lora", "dpo-sigmoid", "dpo-ipo-lora", "kto",
-                "rm", "freeze-selective", "moe-every-k")
+COMPOSITIONS = ("sft-eval", "sft-packing", "sft-full-chunked", "sft-lora", "dpo-sigmoid", "dpo-ipo-lora",
+                "dpo-hinge-ref-model", "kto", "rm", "freeze-selective", "moe-every-k")
 
 
 @pytest.mark.slow
@@ -330,8 +335,8 @@ def test_compositions_train_like_cp1(compositions, name):
     for x, y in zip(a, b):
         assert x["target_tokens"] == y["target_tokens"] and x["tokens"] == y["tokens"], x["step"]
         # within 1e-5, relative above 1 (fp32's rounding of the row sums, now added up chunk by chunk, amplified
-        # by ipo's square and over the steps); KTO's KL, a mean of differences of summed log-probabilities,
-        # relative to those (as tests/test_kto.py against TRL)
+        # by ipo's square and over the steps); KTO's KL and the rewards, (beta x) differences of summed
+        # log-probabilities, relative to those (as tests/test_kto.py against TRL)
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(1.0, abs(x["loss"])), (name, x["step"], x["loss"], y["loss"])
         assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * max(1.0, x["grad_norm"]), x["step"]
         assert sorted(x) == sorted(y), x["step"]  # the same metrics, evaluations included
@@ -339,7 +344,8 @@ def test_compositions_train_like_cp1(compositions, name):
         for key in x:
             if key.startswith(("rewards/", "logps/", "kl", "share/", "eval_", "aux_loss", "moe_")) and \
                     not key.endswith("_s"):
-                scale = logps if key == "kl" else max(1.0, abs(x[key]))
+                ratio = key == "kl" or (key.startswith(("rewards/", "eval_rewards/")) and "accuracies" not in key)
+                scale = logps if ratio else max(1.0, abs(x[key]))
                 assert abs(x[key] - y[key]) <= 1e-5 * scale, (name, x["step"], key, x[key], y[key])
     if name in ("sft-eval", "dpo-sigmoid", "rm"):
         assert [m["step"] for m in b if "eval_loss" in m] == [3, 6]
