@@ -24,8 +24,9 @@ Whole-row values. An objective that scores whole sequences (dpo, kto, rm: object
 the rank's chunk; `row_sum` adds them up over the group while a context-parallel micro-batch is in flight (an
 autograd all-reduce: backward sums the group's gradients of the same combined value the same way), so every rank
 of the group then holds the whole rows' values and computes the same loss. `holds_last_token` tells which rank's
-chunk holds a row's last non-pad token (the reward model's score). Outside a context-parallel micro-batch both
-are the plain single-rank values.
+chunk holds a row's last non-pad token (the reward model's score); `gather_rows` concatenates the group's
+per-token values (an autograd all-gather: MoE's router logits for the balancing loss, model/moe.py). Outside a
+context-parallel micro-batch all three are the plain single-rank values.
 """
 
 from __future__ import annotations
