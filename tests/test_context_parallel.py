@@ -267,6 +267,8 @@ def composition_configs(root: Path, cp: int) -> dict[str, dict]:
         "dpo-hinge-ref-model": test_preference.dpo_config(
             pref_root, "x", llama, pref={"loss": "hinge", "beta": 0.05, "ref_model": str(root / "ref")},
             finetune={"method": "freeze", "freeze": {"trainable_layers": 1}}),
+        # reference-free: no reference forward, per-token means
+        "dpo-simpo": test_preference.dpo_config(pref_root, "x", llama, pref={"loss": "simpo", "beta": 0.5}),
         "kto": test_kto.kto_config(kto_root, "x", llama, train={"micro_batch_size": 2, "grad_accum_steps": 2}),
         "rm": test_preference.dpo_config(pref_root, "x", llama, train=accum),
         "freeze-selective": base_config(out, llama, finetune={"method": "freeze", "freeze": {"trainable_layers": 1}},
@@ -317,7 +319,7 @@ def compositions(tmp_path_factory):
 
 
 COMPOSITIONS = ("sft-eval", "sft-packing", "sft-full-chunked", "sft-lora", "dpo-sigmoid", "dpo-ipo-lora",
-                "dpo-hinge-ref-model", "kto", "rm", "freeze-selective", "moe-every-k")
+                "dpo-hinge-ref-model", "dpo-simpo", "kto", "rm", "freeze-selective", "moe-every-k")
 
 
 @pytest.mark.slow
@@ -353,6 +355,10 @@ def test_compositions_train_like_cp1(compositions, name):
         for run in (one, two):
             proc = run_cli(["export", str(run), "--out", str(run / "hf")])
             assert proc.returncode == 0, proc.stderr[-2000:]
+    # simpo: beta (c - r) of two per-token means of about -65 on this random model cancels (1 ulp of them: 8e-6,
+    # where a reference's log-ratios start at exactly 0), and by step 6 its gradient norm is 6e-5, so Adam's
+    # normalised steps carry that rounding into the weights: 3e-5 apart in 2 of 12k weights
+    atol = 5e-5 if name == "dpo-simpo" else 1e-5
     if (one / "hf").exists():
         if (two / "hf" / "config.json").exists():  # the export names no attention of fsdptrain's own
             assert "fsdptrain_ulysses" not in (two / "hf" / "config.json").read_text()
@@ -360,7 +366,7 @@ def test_compositions_train_like_cp1(compositions, name):
         wa, wb = load_file(str(fa)), load_file(str(fb))
         assert wa.keys() == wb.keys()
         for k in wa:
-            assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), (k, (wa[k] - wb[k]).abs().max())
+            assert torch.allclose(wa[k], wb[k], rtol=0, atol=atol), (k, (wa[k] - wb[k]).abs().max())
     logits = [load_file(str(compositions / f"{name}-cp{cp}-logits.safetensors"))["logits"] for cp in (1, 2)]
     # the weights' rounding differences summed over the hidden size: 1e-5 of the largest logit (about 70)
     assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[0].abs().max(), (logits[0] - logits[1]).abs().max()
