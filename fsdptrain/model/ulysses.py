@@ -248,7 +248,7 @@ def holds_last_token(input_ids: torch.Tensor, pad_id: Optional[int]) -> torch.Te
 class _GroupGather(torch.autograd.Function):
     """The group's tensors concatenated along dim 0 (rank order) in forward; in backward each rank's slice of the
     gradients of the group's copies summed (the group all-reduces the whole gradient: gloo has no reduce-scatter;
-    the tensors gathered here are small)."""
+    what is gathered here, router logits, is small beside the activations)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, size: int, index: int
