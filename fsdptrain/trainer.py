@@ -347,9 +347,8 @@ def _setup_model(cfg: Config, info: DistInfo, out: Path, held: Optional[rundir.R
     if lay.size > 1:
         log.info(f"context parallel: {lay.size} consecutive ranks per row (Ulysses attention), {lay.data_world} "
                  f"data-parallel group(s); weights sharded over all {lay.world} ranks")
-        if run.router_aux_coef:  # transformers' balancing loss multiplies two means over the forward's tokens
-            log.info("context parallel: the router's auxiliary loss is computed over each rank's chunk of the rows, "
-                     "not over whole rows, so it differs from the unsplit run's (the token loss does not)")
+        if run.router_aux_coef:  # the balancing loss multiplies two means over the forward's tokens: the rows'
+            moe.balance_over_context(run.model)
     return run
 
 
@@ -493,7 +492,9 @@ def train_step(run: Run, batches: list[dict], t0: Optional[float] = None,
     targets_total, global_tokens, loss_sum, norm, aux_sum, *metric_sums, stop_code = values
     global_targets = max(1.0, targets_total)
     run.state.step, run.state.tokens_seen = step, run.state.tokens_seen + int(global_tokens)
-    stats = StepStats(step, loss_sum / global_targets, norm, lr, int(global_tokens), int(global_targets),
+    # whole-row units (pairs, examples) are counted by every rank of a context group (objectives/base.py)
+    counted = run.cfg.parallel.context_parallel if run.objective.whole_rows else 1
+    stats = StepStats(step, loss_sum / global_targets, norm, lr, int(global_tokens), int(global_targets) // counted,
                       max(longest_sequence(b) for b in batches), stop_code=int(stop_code))
     if run.router_aux_coef:
         stats.aux_loss = aux_sum / (info.world_size * len(batches))

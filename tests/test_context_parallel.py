@@ -15,7 +15,7 @@ from fsdptrain.data.encode import IGNORE, Example
 from fsdptrain.data.loader import StepSampler, _StepBatches, collate, context_chunk
 from fsdptrain.dist.context import layout
 from fsdptrain.model import ulysses
-from tests.helpers import LLAMA, make_model_dir, read_metrics, run_cli, torchrun
+from tests.helpers import FAMILIES, LLAMA, make_model_dir, read_metrics, run_cli, torchrun
 
 
 def examples(lengths: list[int], seq_lens: bool = False) -> list[Example]:
@@ -58,6 +58,31 @@ def test_rows_are_padded_to_a_multiple_of_n_with_ignored_labels():
     assert [c["input_ids"].shape[1] for c in cut] == [8, 8, 8]  # 16 rounded up to 24 (8 and 3 both divide it)
     assert (cut[2]["labels"] == IGNORE).all() and (cut[2]["input_ids"] == 0).all()
     assert sum(int(c["n_tokens"]) for c in cut) == 20
+
+
+def test_pairs_and_kto_examples_are_cut_with_their_whole_rows_counted():
+    """A chunk may hold none of a row's response: the units (pairs, KTO examples) come from the whole rows'
+    target counts the chunk keeps (`row_targets`, host only), and n_tokens from each row's real length."""
+    from fsdptrain.data.encode import Feedback, Pair
+    from fsdptrain.data.loader import to_device
+    from fsdptrain.objectives.kto import examples_in
+    from fsdptrain.objectives.preference import pairs_in
+
+    def ex(prompt: int, response: int) -> Example:
+        return Example(list(range(1, prompt + response + 1)), [IGNORE] * prompt + [7] * response)
+
+    sampler = StepSampler(2, 1, 0, 2, 1, seed=0, shuffle=False)
+    pairs = [Pair(ex(10, 3), ex(10, 5)), Pair(ex(4, 2), ex(4, 1))]
+    cut = [_StepBatches(sampler, pairs, 0, 0, 1, False, (2, i))[0][0] for i in range(2)]
+    assert [c["input_ids"].shape[1] for c in cut] == [8, 8]  # the longest row, 15, padded to 16
+    assert cut[0]["row_targets"].tolist() == cut[1]["row_targets"].tolist() == [3, 2, 5, 1]
+    assert (cut[1]["labels"][1] == IGNORE).all()  # the second pair's chosen response lies in chunk 0 only
+    assert [pairs_in(c) for c in cut] == [2, 2]  # each rank counts the pairs in full (objectives/base.py)
+    assert [int(c["n_tokens"]) for c in cut] == [8 + 6 + 8 + 5, 5 + 0 + 7 + 0]
+    assert "row_targets" not in to_device(cut[0], torch.device("cpu"))  # never given to the model
+    kto = [Feedback(ex(10, 3), ex(10, 0), True), Feedback(ex(4, 2), ex(4, 2), False)]
+    cut = [_StepBatches(sampler, kto, 0, 0, 1, False, (2, i))[0][0] for i in range(2)]
+    assert [examples_in(c) for c in cut] == [2, 2] and cut[1]["desirable"].tolist() == [True, False]
 
 
 def test_a_context_group_reads_the_rows_of_one_data_rank():
@@ -130,21 +155,6 @@ def assert_same_training(one: Path, two: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["data.val_size=0.1", "train.eval_every=3"],
-                                   ["data.packing=true", "data.pack_length=128"],
-                                   ["parallel.activation_checkpointing=full", "train.loss_chunk_tokens=64"],
-                                   ["finetune.method=lora"]],
-                         ids=["plain-with-eval", "packing", "full-checkpointing", "lora"])
-def test_two_ranks_cp2_train_like_one_rank(tmp_path, extra):
-    if "finetune.method=lora" in extra:  # adapters on a saved base (the export needs one)
-        extra = [*extra, f"model.path={make_model_dir(tmp_path / 'base', LLAMA)}", "model.hf_config=null"]
-    two = train_run(tmp_path, "cp2", 2, ["parallel.context_parallel=2", *extra])
-    assert_same_training(train_run(tmp_path, "cp1", 1, extra), two)
-    if "train.eval_every=3" in extra:
-        assert [m["step"] for m in read_metrics(two) if "eval_loss" in m] == [3, 6]
-
-
-@pytest.mark.slow
 def test_checkpoints_resume_across_context_parallel_sizes(tmp_path):
     """A CP=2 run's checkpoint continues with CP=1 and a CP=1 run's with CP=2, each like the uninterrupted run."""
     extra = ["data.packing=true", "data.pack_length=128"]
@@ -179,7 +189,6 @@ def test_data2_x_cp2_on_four_ranks_trains_like_two_data_ranks(tmp_path, sharding
     ("parallel.compile=true", "parallel.context_parallel: 2: does not work with parallel.compile yet"),
     ("model.attn_implementation=flash_attention_2", "the attention inside Ulysses is sdpa, not "
                                                     "model.attn_implementation=flash_attention_2"),
-    ("train.objective=dpo", "train.objective dpo scores whole sequences"),
 ])
 def test_refused_combinations(override, text):
     overrides = ["parallel.context_parallel=2", override]
@@ -220,3 +229,159 @@ def test_model_refusals():
     with pytest.raises(ConfigError, match=r"mamba \(MambaForCausalLM\) does not call transformers' attention "
                                           "interface"):
         ulysses.check_model(model, cfg, 2)
+
+
+# ----------------------------------------------------------------------------- compositions: one launch per size
+
+
+def composition_configs(root: Path, cp: int) -> dict[str, dict]:
+    """The cases of `test_compositions_train_like_cp1`, for context parallel size `cp` (outputs under root/cpN)."""
+    from tests import test_kto, test_preference
+    from tests.reference import base_config
+
+    llama, out = root / "llama", root / f"cp{cp}"
+    pref_root, kto_root = root / "pref", root / "kto"
+    accum = {"micro_batch_size": 1, "grad_accum_steps": 2, "eval_every": 3, "eval_micro_batch_size": 3}
+    lora = {"finetune": {"method": "lora", "lora": test_preference.LORA}}
+    sft = {"data": {"synthetic_examples": 200}, "train": {"micro_batch_size": 4, "grad_accum_steps": 2}}
+
+    def sft_case(**sections: dict) -> dict:
+        merged = {k: {**sft.get(k, {}), **sections.get(k, {})} for k in {*sft, *sections}}
+        return base_config(out, llama, **merged)
+
+    cases = {
+        # SFT: evaluation every 3 steps (whole rows on every rank), packing (rows of 128, about 3 documents each,
+        # straddling the chunks), full checkpointing with the chunked loss, LoRA
+        "sft-eval": sft_case(data={"val_size": 0.1}, train={"eval_every": 3}),
+        "sft-packing": sft_case(data={"packing": True, "pack_length": 128}),
+        "sft-full-chunked": sft_case(parallel={"activation_checkpointing": "full"},
+                                     train={"loss_chunk_tokens": 64}),
+        "sft-lora": sft_case(finetune={"method": "lora"}),
+        # a frozen copy of the starting weights as the reference; evaluation on held-out pairs
+        "dpo-sigmoid": test_preference.dpo_config(pref_root, "x", llama, pref={"label_smoothing": 0.1},
+                                                   train=accum),
+        # the per-token mean (summed target counts) and the policy with its adapters off as the reference
+        "dpo-ipo-lora": test_preference.dpo_config(pref_root, "x", llama, "sharegpt_pairs",
+                                                    {"loss": "ipo", "beta": 0.5, "ftx": 0.5}, **lora),
+        # preference.ref_model: a separate frozen copy of another folder (here under freeze), hinge
+        "dpo-hinge-ref-model": test_preference.dpo_config(
+            pref_root, "x", llama, pref={"loss": "hinge", "beta": 0.05, "ref_model": str(root / "ref")},
+            finetune={"method": "freeze", "freeze": {"trainable_layers": 1}}),
+        # reference-free: no reference forward, per-token means
+        "dpo-simpo": test_preference.dpo_config(pref_root, "x", llama, pref={"loss": "simpo", "beta": 0.5}),
+        "kto": test_kto.kto_config(kto_root, "x", llama, train={"micro_batch_size": 2, "grad_accum_steps": 2}),
+        "rm": test_preference.dpo_config(pref_root, "x", llama, train=accum),
+        "freeze-selective": base_config(out, llama, finetune={"method": "freeze", "freeze": {"trainable_layers": 1}},
+                                        parallel={"activation_checkpointing": "selective"}),
+        # the router's balancing loss over the whole rows (model/moe.py balance_over_context)
+        "moe-every-k": base_config(out, root / "moe", train={"router_aux_loss_coef": 0.1},
+                                   parallel={"activation_checkpointing": "every_k", "activation_checkpointing_k": 2}),
+    }
+    cases["rm"]["train"]["objective"] = "rm"
+    for name, cfg in cases.items():
+        if "eval_every" in cfg["train"] and "datasets" in cfg["data"]:  # held-out pairs of another data set
+            cfg["data"]["eval_datasets"] = ["sharegpt_pairs"]
+        cfg["output_dir"] = str(out / name)
+        cfg["parallel"].update(context_parallel=cp)
+        cfg["checkpoint"] = {"export_hf": "lora" not in name}
+    return cases
+
+
+@pytest.fixture(scope="module")
+def compositions(tmp_path_factory):
+    """Every case trained with CP=2 on 2 ranks (one launch) and with CP=1 on 1 rank (one launch)."""
+    import json
+
+    import yaml
+
+    from tests import test_kto, test_preference
+    from tests.reference import synthetic_examples
+
+    root = tmp_path_factory.mktemp("cp-compositions")
+    llama = make_model_dir(root / "llama", LLAMA, seed=1)
+    make_model_dir(root / "moe", FAMILIES["qwen3_moe"], seed=1)
+    make_model_dir(root / "ref", LLAMA, seed=2)  # preference.ref_model: other weights than the policy's
+    for sub, module in (("pref", test_preference), ("kto", test_kto)):
+        (root / sub).mkdir()
+        module.data_dir(root / sub)
+    ids = synthetic_examples(llama)[0].input_ids
+    for cp in (2, 1):
+        spec = {"cases": [], "ids": ids}
+        for name, cfg in composition_configs(root, cp).items():
+            path = root / f"{name}-cp{cp}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            spec["cases"].append({"config": str(path), "kind": "train",
+                                  "logits_out": str(root / f"{name}-cp{cp}-logits.safetensors")})
+        (root / f"spec{cp}.json").write_text(json.dumps(spec))
+        proc = torchrun(cp, ["-m", "tests.workers.lora_cases", str(root / f"spec{cp}.json")], timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return root
+
+
+COMPOSITIONS = ("sft-eval", "sft-packing", "sft-full-chunked", "sft-lora", "dpo-sigmoid", "dpo-ipo-lora",
+                "dpo-hinge-ref-model", "dpo-simpo", "kto", "rm", "freeze-selective", "moe-every-k")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMPOSITIONS)
+def test_compositions_train_like_cp1(compositions, name):
+    """SFT (with evaluation, packing, full checkpointing with the chunked loss, LoRA), the preference objectives
+    (whole-row sums over the context group), MoE with the router's auxiliary loss, freeze, selective and every_k
+    checkpointing: with CP=2 on 2 ranks as with CP=1 on 1 rank, every step's loss, units, metrics and gradient
+    norm, the evaluations, the trained model's logits and the final weights (LoRA: the exported adapters)."""
+    from safetensors.torch import load_file
+
+    one, two = compositions / "cp1" / name, compositions / "cp2" / name
+    a, b = read_metrics(one), read_metrics(two)
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        assert x["target_tokens"] == y["target_tokens"] and x["tokens"] == y["tokens"], x["step"]
+        # within 1e-5, relative above 1 (fp32's rounding of the row sums, now added up chunk by chunk, amplified
+        # by ipo's square and over the steps); KTO's KL and the rewards, (beta x) differences of summed
+        # log-probabilities, relative to those (as tests/test_kto.py against TRL)
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(1.0, abs(x["loss"])), (name, x["step"], x["loss"], y["loss"])
+        assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * max(1.0, x["grad_norm"]), x["step"]
+        assert sorted(x) == sorted(y), x["step"]  # the same metrics, evaluations included
+        logps = max([1.0, *(abs(v) for k, v in x.items() if k.startswith(("logps/", "eval_logps/")))])
+        for key in x:
+            if key.startswith(("rewards/", "logps/", "kl", "share/", "eval_", "aux_loss", "moe_")) and \
+                    not key.endswith("_s"):
+                ratio = key == "kl" or (key.startswith(("rewards/", "eval_rewards/")) and "accuracies" not in key)
+                scale = logps if ratio else max(1.0, abs(x[key]))
+                assert abs(x[key] - y[key]) <= 1e-5 * scale, (name, x["step"], key, x[key], y[key])
+    if name in ("sft-eval", "dpo-sigmoid", "rm"):
+        assert [m["step"] for m in b if "eval_loss" in m] == [3, 6]
+    if name == "sft-lora":  # the adapters (PEFT layout), exported after training
+        for run in (one, two):
+            proc = run_cli(["export", str(run), "--out", str(run / "hf")])
+            assert proc.returncode == 0, proc.stderr[-2000:]
+    # simpo: beta (c - r) of two per-token means of about -65 on this random model cancels (1 ulp of them: 8e-6,
+    # where a reference's log-ratios start at exactly 0), and by step 6 its gradient norm is 6e-5, so Adam's
+    # normalised steps carry that rounding into the weights: 3e-5 apart in 2 of 12k weights
+    atol = 5e-5 if name == "dpo-simpo" else 1e-5
+    if (one / "hf").exists():
+        if (two / "hf" / "config.json").exists():  # the export names no attention of fsdptrain's own
+            assert "fsdptrain_ulysses" not in (two / "hf" / "config.json").read_text()
+        [fa], [fb] = sorted((one / "hf").glob("*.safetensors")), sorted((two / "hf").glob("*.safetensors"))
+        wa, wb = load_file(str(fa)), load_file(str(fb))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.allclose(wa[k], wb[k], rtol=0, atol=atol), (k, (wa[k] - wb[k]).abs().max())
+    logits = [load_file(str(compositions / f"{name}-cp{cp}-logits.safetensors"))["logits"] for cp in (1, 2)]
+    # the weights' rounding differences summed over the hidden size: 1e-5 of the largest logit (about 70)
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[0].abs().max(), (logits[0] - logits[1]).abs().max()
+
+
+def test_a_balancing_loss_that_cannot_be_combined_is_refused():
+    """A family whose module has no transformers-style balancing-loss function (router logits first)."""
+    from types import SimpleNamespace
+
+    from fsdptrain.model import moe
+
+    class Routed(torch.nn.Module):
+        config = SimpleNamespace(model_type="routed")
+
+    with pytest.raises(ConfigError, match=r"^parallel.context_parallel: model_type 'routed' computes its router "
+                                          r"auxiliary loss in a way fsdptrain cannot combine over the context group; "
+                                          r"set train.router_aux_loss_coef=0 or parallel.context_parallel=1$"):
+        moe.balance_over_context(Routed())

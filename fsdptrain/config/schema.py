@@ -700,10 +700,6 @@ def validate_context_parallel(cfg: Config, source: str) -> None:
         raise ConfigError(f"{where}: the attention inside Ulysses is sdpa, not model.attn_implementation="
                           f"{cfg.model.attn_implementation}; set model.attn_implementation=sdpa or "
                           "parallel.context_parallel=1")
-    if cfg.train.objective != "sft":
-        raise ConfigError(f"{where}: train.objective {cfg.train.objective} scores whole sequences, which context "
-                          "parallelism splits over ranks (not supported yet); use train.objective=sft or "
-                          "parallel.context_parallel=1")
 
 
 def validate_offload(p: ParallelConfig, source: str) -> None:

@@ -45,6 +45,7 @@ from ..dist.plan import per_rank
 from .encode import IGNORE, Example, Feedback, Pair
 
 PAD_MULTIPLE = 8
+HOST_ONLY = ("n_tokens", "row_targets")  # counts read on the host, never given to the model (to_device)
 SORT_WINDOW = 2048  # token budget: examples sorted by length together before cutting micro-batches
 
 
@@ -326,11 +327,11 @@ def flash_attn_kwargs(lengths: list[int]) -> dict:
 
 
 def to_device(batch: dict, device: torch.device, pin: bool = False) -> dict:
-    """A collated micro-batch's model inputs on `device` (n_tokens stays on the host; the flash attention max
+    """A collated micro-batch's model inputs on `device` (HOST_ONLY counts stay on the host; the flash attention max
     lengths are Python ints and stay so). pin: through pinned memory first, for batches collated outside the
     DataLoader (evaluation): on CUDA a non_blocking copy from pageable memory is a synchronous one."""
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items() if k != "n_tokens"}
+            for k, v in batch.items() if k not in HOST_ONLY}
 
 
 def context_chunk(batch: dict[str, torch.Tensor], lengths: list[int], size: int, index: int
@@ -339,7 +340,9 @@ def context_chunk(batch: dict[str, torch.Tensor], lengths: list[int], size: int,
     `size`). input_ids, labels and position_ids are cut to the chunk (labels were shifted before the cut, so a
     chunk's last label is the first token of the next chunk); `context_position_ids` keeps the full rows'
     positions for the attention's mask (model/ulysses.py) and RoPE sees each chunk's slice of them; n_tokens
-    counts the real tokens of the chunk (`lengths`: each row's), so the group's chunks sum to the row's counts."""
+    counts the real tokens of the chunk (`lengths`: each row's), so the group's chunks sum to the row's counts;
+    `row_targets` (host only) keeps each whole row's target count, for the objectives that count whole rows
+    (pairs, KTO examples: objectives/preference.py response_rows)."""
     width = batch["input_ids"].shape[1]
     if width % size:
         raise ValueError(f"row width {width} is not a multiple of {size}")
@@ -351,7 +354,8 @@ def context_chunk(batch: dict[str, torch.Tensor], lengths: list[int], size: int,
     out = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "position_ids", "n_tokens")}
     out.update(input_ids=batch["input_ids"][:, lo:hi].contiguous(), labels=batch["labels"][:, lo:hi].contiguous(),
                position_ids=pos[:, lo:hi].contiguous(), context_position_ids=pos,
-               n_tokens=torch.tensor(sum(min(max(n - lo, 0), step) for n in lengths)))
+               n_tokens=torch.tensor(sum(min(max(n - lo, 0), step) for n in lengths)),
+               row_targets=(batch["labels"] != IGNORE).sum(1))
     return out
 
 
@@ -377,7 +381,16 @@ class _StepBatches(torch.utils.data.Dataset):
         size, index = self.context
         multiple = PAD_MULTIPLE * size // math.gcd(PAD_MULTIPLE, size)  # the width also divides into N chunks
         batch = collate(examples, self.pad_id, multiple=multiple)
-        return context_chunk(batch, [len(e.input_ids) for e in examples], size, index)
+        return context_chunk(batch, row_lengths(examples), size, index)
+
+
+def row_lengths(examples: list[Example] | list[Pair] | list[Feedback]) -> list[int]:
+    """The real length of each row `collate` makes of `examples`, in its row order."""
+    if isinstance(examples[0], Feedback):
+        examples = [f.example for f in examples] + [f.kl for f in examples]
+    if isinstance(examples[0], Pair):
+        examples = [p.chosen for p in examples] + [p.rejected for p in examples]
+    return [len(e.input_ids) for e in examples]
 
 
 def step_batches(sampler: StepSampler, examples, pad_id: int, start: int, stop: int, num_workers: int = 0,

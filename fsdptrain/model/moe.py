@@ -14,6 +14,19 @@ So does a config whose layers have no learned router although the forward takes
 no auxiliary loss, and a DeepSeek-V4 whose MoE layers are all hash-routed
 fails inside transformers' `load_balancing_loss_func` when asked for one.
 
+Under context parallelism (each rank of a group holds a chunk of every row)
+the routing of each token is the same as without it, but the balancing loss
+multiplies two means over the forward's tokens, so a chunk's loss is not the
+rows'. `balance_over_context` makes it the rows' again: the family's
+`load_balancing_loss_func` (module-level in every transformers MoE family, its
+first argument each layer's router logits, one row per token) is wrapped so that
+during a context-parallel micro-batch it gets the group's router logits
+concatenated (model/ulysses.py gather_rows, differentiable): every rank of the
+group computes the rows' loss, and backward hands each rank its tokens'
+gradients summed over the group's copies (which FSDP's average over all ranks
+turns into the unsplit run's gradient, as for the preference objectives:
+objectives/base.py).
+
 Expert load. A forward pre-hook on every experts module (the module that takes
 the router's top-k expert indices as its second argument) adds the tokens each
 expert receives to a [layers, experts] counter on the device (scatter_add: no
@@ -25,8 +38,10 @@ log step reports the tokens routed since the previous log step.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -35,6 +50,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from . import ulysses
 
 ROUTED_ARGS = ("top_k_index", "router_indices")  # an experts module's forward(hidden_states, <this>, weights)
 IMBALANCE_WARN = 2.0  # warn when the busiest expert of a layer gets this many times the layer's mean ...
@@ -90,6 +106,45 @@ def resolve_aux_coef(configured: Optional[float], model: nn.Module) -> float:
     if configured is not None:
         return float(configured)
     return float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+BALANCING = "load_balancing_loss_func"  # the module-level function transformers' MoE families compute it with
+
+
+def balance_over_context(model: nn.Module) -> None:
+    """Context parallelism with a router auxiliary loss: wrap the model family's balancing-loss function so that
+    it sees the whole rows' router logits (see the module docstring); idempotent. Refuses a family whose function
+    does not take the router logits first."""
+    for cls in type(model).__mro__:
+        module = sys.modules.get(cls.__module__)
+        func = getattr(module, BALANCING, None)
+        if func is None:
+            continue
+        if getattr(func, "_fsdptrain_context", False):
+            return
+        if next(iter(inspect.signature(func).parameters), None) != "gate_logits":
+            break
+        setattr(module, BALANCING, whole_rows_balancing(func))
+        return
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    raise ConfigError(f"parallel.context_parallel: model_type '{model_type}' computes its router auxiliary loss in "
+                      "a way fsdptrain cannot combine over the context group; set train.router_aux_loss_coef=0 or "
+                      "parallel.context_parallel=1")
+
+
+def whole_rows_balancing(func: Callable) -> Callable:
+    """`func` (a transformers balancing-loss function) on the context group's router logits while a
+    context-parallel micro-batch is in flight; `func` itself otherwise."""
+    @functools.wraps(func)
+    def wrapped(gate_logits: Any, *args: Any, **kwargs: Any) -> Any:
+        if ulysses.splitting() and isinstance(gate_logits, tuple):
+            if any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):  # an attention mask
+                raise ValueError("context parallelism: a balancing loss with an attention mask is not supported")
+            gate_logits = tuple(ulysses.gather_rows(g) for g in gate_logits)
+        return func(gate_logits, *args, **kwargs)
+
+    wrapped._fsdptrain_context = True  # type: ignore[attr-defined]
+    return wrapped
 
 
 @dataclass

@@ -20,6 +20,14 @@ attention on the local rows, with the same mask made from the position ids the l
 
 `register` adds the function under NAME; train/build.py builds the model with that attention implementation
 when parallel.context_parallel > 1 and `check_model` refuses families that do not call the interface.
+
+Whole-row values. An objective that scores whole sequences (dpo, kto, rm: objectives/) sums per-row values over
+the rank's chunk; `row_sum` adds them up over the group while a context-parallel micro-batch is in flight (an
+autograd all-reduce: backward sums the group's gradients of the same combined value the same way), so every rank
+of the group then holds the whole rows' values and computes the same loss. `holds_last_token` tells which rank's
+chunk holds a row's last non-pad token (the reward model's score); `gather_rows` concatenates the group's
+per-token values (an autograd all-gather: MoE's router logits for the balancing loss, model/moe.py). Outside a
+context-parallel micro-batch all three are the plain single-rank values.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ NAME = "fsdptrain_ulysses"
 class _State:
     group: Optional[dist.ProcessGroup] = None  # this rank's context group (set for the run)
     size: int = 1
+    index: int = 0  # this rank's chunk of every row (its rank within the group)
     position_ids: Optional[torch.Tensor] = None  # the current micro-batch's full rows' positions [B, S]
     active: bool = False  # a context-parallel micro-batch is in flight
     mask: Optional[torch.Tensor] = None  # its additive mask, made by the first layer, shared by all (context_mask)
@@ -62,6 +71,7 @@ def register() -> None:
 def use_group(group: Optional[dist.ProcessGroup], size: int) -> None:
     """The run's context group (None, 1: off)."""
     _state.group, _state.size = group, size
+    _state.index = dist.get_rank(group) if group is not None else 0
     _state.position_ids, _state.active = None, False
 
 
@@ -204,3 +214,83 @@ def ulysses_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     q, k, v = (seq_to_heads(t, n, group) for t in (query, key, value))
     out = attend(q, k, v, context_mask(q.dtype), dropout, scaling)
     return heads_to_seq(out, n, group), None
+
+
+# ----------------------------------------------------------------------------- whole-row values (objectives)
+
+
+class _GroupSum(torch.autograd.Function):
+    """all_reduce (sum) over the group in forward; in backward the gradients of the group's copies of the sum are
+    summed the same way, the gradient of each rank's part (torch.distributed.nn's all_reduce does this too, but
+    is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def splitting() -> bool:
+    """Whether a context-parallel micro-batch is in flight (each rank holds a chunk of every row)."""
+    return _state.active
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """Per-row sums over this rank's chunk -> the whole rows' sums, the same on every rank of the group
+    (differentiable); `x` itself when no context-parallel micro-batch is in flight."""
+    if not _state.active:
+        return x
+    return _GroupSum.apply(x, _state.group)
+
+
+def holds_last_token(input_ids: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
+    """[B] bool: whether this rank's chunk holds each row's last non-pad token, the token transformers'
+    sequence-classification models score (a row of padding only: its first token, in chunk 0; no pad id: the
+    last position, in the last chunk). All True when no context-parallel micro-batch is in flight."""
+    if not _state.active:
+        return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    if pad_id is None:
+        return torch.full((input_ids.shape[0],), _state.index == _state.size - 1, device=input_ids.device)
+    width = input_ids.shape[1]
+    real = input_ids != pad_id
+    local = (torch.arange(width, device=input_ids.device) * real).argmax(-1)
+    mine = torch.where(real.any(-1) | (_state.index == 0), _state.index * width + local, -1)
+    last = mine.clone()
+    dist.all_reduce(last, op=dist.ReduceOp.MAX, group=_state.group)
+    return mine == last
+
+
+class _GroupGather(torch.autograd.Function):
+    """The group's tensors concatenated along dim 0 (rank order) in forward; in backward each rank's slice of the
+    gradients of the group's copies summed (the group all-reduces the whole gradient: gloo has no reduce-scatter;
+    what is gathered here, router logits, is small beside the activations)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, size: int, index: int
+                ) -> torch.Tensor:  # type: ignore[override]
+        ctx.group, ctx.index, ctx.rows = group, index, x.shape[0]
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total[ctx.index * ctx.rows:(ctx.index + 1) * ctx.rows], None, None, None
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The group's `x` concatenated along dim 0 in rank order (differentiable), the same on every rank; `x` itself
+    when no context-parallel micro-batch is in flight."""
+    if not _state.active:
+        return x
+    return _GroupGather.apply(x, _state.group, _state.size, _state.index)

@@ -13,6 +13,15 @@ The trainer knows no loss function. For every optimizer step it
      desirable examples; `metric_means`).
 Evaluation uses the same two functions (no gradient): eval loss = summed loss / units over the eval set.
 
+Context parallelism (parallel.context_parallel N: each rank of a group of N holds a chunk of every row). Token
+objectives (sft) count their chunk's target tokens and sum their chunk's loss: the group's chunks add up to the
+rows'. Objectives that score whole rows (`whole_rows`: dpo, kto, rm) sum their per-row values over the group
+first (model/ulysses.py row_sum, an autograd all-reduce), so every rank of the group computes the same loss of
+the same rows, and each counts those rows in full: units, loss sums and metric sums are then all N times the
+unsplit run's, so every logged mean is unchanged (the trainer divides only the logged unit count by N), and the
+gradient is too: the scale world / (N x units) times the N gradients the all-reduce's backward adds up on each
+rank is world / units, and FSDP averages over all N x (world / N) ranks.
+
 An objective is a plain frozen dataclass of functions, not a class to subclass; objectives/choose.py picks the
 run's. Members: sft.py (token cross-entropy, SFT and pretraining), preference.py (dpo), reward.py (rm), kto.py
 (kto).
@@ -52,6 +61,7 @@ class Objective:
     metrics: tuple[str, ...] = ()  # the keys of MicroLoss.metrics, in the order they are gathered
     per: tuple[tuple[str, str], ...] = ()  # (metric, the metric whose step sum divides it instead of the units)
     token_nll: bool = False  # the loss is a mean token negative log-likelihood (SFT): eval reports exp(loss), ppl
+    whole_rows: bool = False  # units are rows, counted in full by every rank of a context group (see above)
 
 
 def metric_means(objective: Objective, sums: list[float], units: float) -> dict[str, float]:

@@ -22,6 +22,11 @@ log-ratio; the policy's log-probability); rewards/rejected and logps/rejected ov
 step's KL estimate (the mean over its micro-steps, weighted by examples); share/desirable and share/undesirable,
 the shares of the step's examples with each tag. A step (all ranks together) without a desirable example logs no
 rewards/chosen and logps/chosen, as TRL logs none; a rank without one adds nothing to them.
+
+Context parallelism: the rows' log-probabilities are summed over the group (preference.py row_logps), so every
+rank of a group holds the same whole-row ratios and counts the examples in full (`whole_rows`,
+objectives/base.py); the KL's sum and count over all ranks are then both N times the unsplit run's, its mean
+the same.
 """
 
 from __future__ import annotations
@@ -33,11 +38,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config.schema import PreferenceConfig
-from ..data.encode import IGNORE
 from ..dist.distributed import all_reduce_sum
 from .base import MicroLoss, Objective
 from .loss import ChunkedLossHead
-from .preference import Reference, row_logps
+from .preference import Reference, response_rows, row_logps
 
 METRICS = ("rewards/chosen", "rewards/rejected", "kl", "logps/chosen", "logps/rejected", "share/desirable",
            "share/undesirable")
@@ -48,7 +52,7 @@ PER = (("rewards/chosen", "share/desirable"), ("logps/chosen", "share/desirable"
 def examples_in(batch: dict) -> int:
     """The KTO examples of a collated micro-batch that have a response (eval fillers have none)."""
     n = batch["labels"].shape[0] // 2
-    return int((batch["labels"][:n] != IGNORE).any(dim=1).sum())
+    return int(response_rows(batch)[:n].sum())
 
 
 def kl_estimate(ratios: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -95,4 +99,4 @@ def kto_objective(p: PreferenceConfig, reference: Reference) -> Objective:
                    "share/undesirable": rejected.sum()}
         return MicroLoss(torch.where(valid, losses, 0.0).sum(), metrics, aux[0] if aux else None)
 
-    return Objective("kto", "examples", examples_in, loss, METRICS, PER)
+    return Objective("kto", "examples", examples_in, loss, METRICS, PER, whole_rows=True)

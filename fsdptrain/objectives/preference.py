@@ -22,6 +22,10 @@ The reference's log-probabilities are computed under no_grad inside `loss`, befo
 same micro-batch, rather than precomputed in a pass before training: that pass would cost a data-order-aware
 store of two numbers per pair and a resume story, for a forward that costs a third of a training step; here a
 LoRA run's reference is its own policy with the adapters off, and nothing is kept between steps.
+
+Context parallelism: each rank of a group holds a chunk of every row; `row_logps` sums the chunks' log-
+probabilities and target counts over the group (the policy's and the reference's alike), so every rank computes
+the same pair losses, and each counts the pairs in full (`whole_rows`, objectives/base.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch import nn
 
 from ..config.schema import PreferenceConfig
 from ..data.encode import IGNORE
+from ..model import ulysses
 from .base import MicroLoss, Objective
 from .loss import ChunkedLossHead
 
@@ -52,7 +57,10 @@ def needs_reference(p: PreferenceConfig) -> bool:
 
 
 def response_rows(batch: dict) -> torch.Tensor:
-    """Which rows of a collated micro-batch have a response (eval filler pairs have none)."""
+    """Which rows of a collated micro-batch have a response (eval filler pairs have none); of the whole rows
+    under context parallelism (the chunk's `row_targets`, data/loader.py context_chunk)."""
+    if "row_targets" in batch:
+        return batch["row_targets"] > 0
     return (batch["labels"] != IGNORE).any(dim=1)
 
 
@@ -72,7 +80,8 @@ def row_logps(model: nn.Module, batch: dict, router_aux: Optional[list] = None) 
     per_token = torch.gather(out.logits.float().log_softmax(-1), 2, labels.masked_fill(~mask, 0).unsqueeze(2))
     if router_aux is not None:
         router_aux.append(out.aux_loss.float())
-    return (per_token.squeeze(2) * mask).sum(-1), mask.sum(-1)
+    # context parallelism: the chunk's sums -> the whole rows', on every rank of the group (model/ulysses.py)
+    return ulysses.row_sum((per_token.squeeze(2) * mask).sum(-1)), ulysses.row_sum(mask.sum(-1))
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -138,4 +147,4 @@ def preference_objective(p: PreferenceConfig, reference: Optional[Reference]) ->
         metrics = {name: (v * w).sum() for name, v in zip(METRICS, values)}
         return MicroLoss(torch.where(valid, losses, 0.0).sum(), metrics, aux[0] if aux else None)
 
-    return Objective("dpo", "pairs", pairs_in, loss, METRICS)
+    return Objective("dpo", "pairs", pairs_in, loss, METRICS, whole_rows=True)

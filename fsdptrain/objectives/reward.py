@@ -12,6 +12,11 @@ The unit is a pair: the step's loss is the mean over every pair of the step on a
 each a mean over the step's pairs): rewards/chosen, rewards/rejected (the scores), rewards/accuracies (chosen
 scored above rejected), rewards/margins (c - r). The labels only tell which rows are filler (evaluation pads a
 rank's last round with pairs that have no response): those pairs count as none.
+
+Context parallelism (each rank of a group holds a chunk of every row): the score comes from the rank holding
+the row's last token and is summed over the group, so every rank computes the same pair losses; each counts the
+pairs in full (`whole_rows`), which keeps the loss, metrics and gradient those of the unsplit run
+(objectives/base.py).
 """
 
 from __future__ import annotations
@@ -22,17 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.encode import IGNORE
+from ..model import ulysses
 from .base import MicroLoss, Objective
 from .loss import ChunkedLossHead
-from .preference import pairs_in, response_rows
+from .preference import pairs_in
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
 def row_scores(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Each row's reward (fp32): the score head at the row's last non-pad token."""
+    """Each row's reward (fp32): the score head at the row's last non-pad token. Under context parallelism the
+    model scores its chunk's last non-pad token; the rank whose chunk holds the row's last one gives the score
+    (model/ulysses.py holds_last_token), summed over the group so that every rank has it."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "n_tokens")} | {"use_cache": False}
-    return model(**inputs).logits.float().squeeze(-1)
+    scores = model(**inputs).logits.float().squeeze(-1)
+    if not ulysses.splitting():
+        return scores
+    holds = ulysses.holds_last_token(batch["input_ids"], model.config.get_text_config().pad_token_id)
+    return ulysses.row_sum(torch.where(holds, scores, 0.0))
 
 
 def reward_loss(model: nn.Module, batch: dict, head: Optional[ChunkedLossHead], router_aux: bool) -> MicroLoss:
@@ -41,7 +54,8 @@ def reward_loss(model: nn.Module, batch: dict, head: Optional[ChunkedLossHead], 
     scores = row_scores(model, batch)
     n = scores.shape[0] // 2
     c, r = scores[:n], scores[n:]
-    valid = response_rows(batch)[:n]
+    # the whole rows' targets under context parallelism (the chunk may hold none of a row's response)
+    valid = ulysses.row_sum((batch["labels"] != IGNORE).sum(1))[:n] > 0
     w = valid.to(scores.dtype)
     losses = torch.where(valid, -F.logsigmoid(c - r), 0.0)
     cd, rd = c.detach(), r.detach()
@@ -49,4 +63,4 @@ def reward_loss(model: nn.Module, batch: dict, head: Optional[ChunkedLossHead], 
     return MicroLoss(losses.sum(), {name: (v * w).sum() for name, v in zip(METRICS, values)})
 
 
-REWARD = Objective("rm", "pairs", pairs_in, reward_loss, METRICS)
+REWARD = Objective("rm", "pairs", pairs_in, reward_loss, METRICS, whole_rows=True)
