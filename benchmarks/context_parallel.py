@@ -91,7 +91,18 @@ def measure(root: Path, n: int, seq: int, threads: int) -> dict:
     last = next(m for m in metrics if m.get("step") == STEPS)
     acts, a2a = estimated(out, n, seq)
     return {"n": n, "measured": max(peaks), "acts": acts, "a2a": a2a, "seconds": last["step_time_s"],
-            "loss": last["loss"]}
+            "loss": last["loss"], "compute": rank_compute(out)}
+
+
+def rank_compute(out: Path) -> list[float]:
+    """Each rank's block compute seconds per step over the run (memory/compute.json, written by every multi-rank
+    run: ComputeClock's forward and backward intervals, collectives excluded), or [] for one rank. Under Ulysses
+    every rank attends the whole sequence for H/N heads, so these should be equal: the measured reason for no
+    causal-balanced split (docs/long-context.md)."""
+    path = out / "memory" / "compute.json"
+    if not path.exists():
+        return []
+    return [seconds / max(steps, 1) for seconds, _tokens, steps in json.loads(path.read_text())["ranks"]]
 
 
 def table(rows: list[dict], seq: int, threads: int) -> str:
@@ -100,13 +111,21 @@ def table(rows: list[dict], seq: int, threads: int) -> str:
              f"CPU gloo, OMP_NUM_THREADS={threads}; measured = step 2's largest 'activations' of any rank "
              "(memory.breakdown_steps, step 2); step time: step 3",
              "| CP | ranks | measured activations / rank (MiB) | estimated (MiB) | measured / estimated "
-             "| step time (s) | all-to-all / rank / step (MiB) | loss |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| step time (s) | block compute / step per rank (s) (slowest / fastest) | all-to-all / rank / step (MiB) "
+             "| loss |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         est = r["acts"]
         lines.append(f"| {r['n']} | {r['n']} | {r['measured'] / mib:.1f} | {est / mib:.1f} | "
-                     f"{r['measured'] / est:.3f} | {r['seconds']:.2f} | {r['a2a'] / mib:.1f} | {r['loss']:.4f} |")
+                     f"{r['measured'] / est:.3f} | {r['seconds']:.2f} | {per_rank(r['compute'])} | "
+                     f"{r['a2a'] / mib:.1f} | {r['loss']:.4f} |")
     return "\n".join(lines)
+
+
+def per_rank(seconds: list[float]) -> str:
+    if not seconds:
+        return "-"
+    return f"{' / '.join(f'{x:.2f}' for x in seconds)} ({max(seconds) / min(seconds):.2f}x)"
 
 
 # (title, config, nnodes, sequence lengths, overrides): one row of tokens per micro-batch, not packed
