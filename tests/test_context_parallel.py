@@ -3,6 +3,7 @@ exchange against whole-sequence attention, training parity with the CP=1 run, an
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -175,8 +176,25 @@ def test_checkpoints_resume_across_context_parallel_sizes(tmp_path):
 def test_data2_x_cp2_on_four_ranks_trains_like_two_data_ranks(tmp_path, sharding):
     """Full sharding over the 4 ranks, or hybrid: 2 replicas of a shard group of 2 (a context group each)."""
     extra = ["data.packing=true", "data.pack_length=128", "train.micro_batch_size=2"]
-    assert_same_training(train_run(tmp_path, "dp2", 2, extra),
-                         train_run(tmp_path, "dp2cp2", 4, ["parallel.context_parallel=2", *extra, *sharding]))
+    dp2, cp = train_run(tmp_path, "dp2", 2, extra), train_run(tmp_path, "dp2cp2", 4,
+                                                            ["parallel.context_parallel=2", *extra, *sharding])
+    assert_same_training(dp2, cp)
+    # the memory tracker under CP: every rank records every phase of every step, each micro-batch's padded tokens
+    # are its half of the data rank's rows, and a context group's real tokens add up to the data rank's
+    for rank in range(4):
+        mine, data_rank = memory_records(cp, rank), memory_records(dp2, rank // 2)
+        assert [(r["step"], r["phase"], r["micro"]) for r in mine] == \
+            [(r["step"], r["phase"], r["micro"]) for r in data_rank]
+        assert [2 * r["batch_tokens"] for r in mine] == [r["batch_tokens"] for r in data_rank]
+        assert all(r["allocated_peak"] >= r["allocated"] > 0 for r in mine)
+    for group in range(2):
+        halves = [memory_records(cp, 2 * group + i) for i in range(2)]
+        assert [a["tokens"] + b["tokens"] for a, b in zip(*halves)] == \
+            [r["tokens"] for r in memory_records(dp2, group)]
+
+
+def memory_records(run: Path, rank: int) -> list[dict]:
+    return [json.loads(x) for x in (run / "memory" / f"rank{rank}.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- refusals
