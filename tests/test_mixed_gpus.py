@@ -64,7 +64,7 @@ def test_weighted_and_speed_balanced_runs_train_like_the_unbalanced_run(tmp_path
     cases = {"none": {}, "weights": {"balance": [3, 1]}, "speed": {"balance": "speed", "balance_every": 2},
              "slow": {}, "plans": {}}
     spec = {"cases": [{"config": _config(tmp_path / f"{k}.yaml", tmp_path / k, **v),
-                       "slow": {"forward": [5e-5, 5e-5], "backward": [5e-5, 1.5e-4]} if k in ("speed", "slow")
+                       "slow": {"forward": [1e-4, 1e-4], "backward": [1e-4, 3e-4]} if k in ("speed", "slow")
                        else None}
                       for k, v in cases.items()]}
     # activation_checkpointing auto with a budget per rank: rank 0 plans no recomputation, rank 1 full blocks
@@ -201,6 +201,45 @@ def test_the_clock_times_each_blocks_backward_between_fsdp2s_gather_and_reduce_s
         cpu.close(), gpu.close()
     finally:
         distributed.shutdown(info)
+
+
+def test_auto_checkpointing_plans_each_rank_for_its_weighted_share():
+    """data.balance [3, 1]: rank 0's micro-batches hold about 3/4 of the step's 2 x 4 examples, rank 1's 1/4, so
+    auto plans rank 0 for 6 examples (more recomputation than for the nominal 4) and rank 1 for 2 (less). Under
+    speed the shares are not known yet: the plan is for the nominal size, with a line saying how far it can grow."""
+    import dataclasses
+
+    from fsdptrain.config.schema import Config
+    from fsdptrain.memory import estimate
+    from fsdptrain.model import models
+
+    hf = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97, "max_position_embeddings": 512}
+    model = models.build_meta_model(models.load_hf_config(None, hf, None, False), "sdpa", torch.float32, False)
+    cfg = Config()
+    cfg.train.micro_batch_size, cfg.data.max_length, cfg.parallel.precision = 4, 512, "fp32"
+    cfg.parallel.activation_checkpointing = "auto"
+    s = estimate.settings_from_config(cfg, 1, 2, 2**30, device_type="cpu")
+    shape = estimate.shape_of_model(model)
+    nominal = estimate.compute(shape, s.with_plan(["none"] * 4)).peak
+    cfg.parallel.memory_budget_gib = nominal / 2**30  # the nominal micro-batch fits without recomputation
+    assert estimate.plan_auto_checkpointing(cfg, model, 2, 2, torch.device("cpu"), 0)[0] == ["none"] * 4
+
+    weighted = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, balance=[3, 1]))
+    assert [estimate.weighted_micro_batch(weighted, r, 2, 2) for r in range(2)] == [6, 2]
+    assert [estimate.weighted_micro_batch(weighted, r, 4, 2) for r in range(4)] == [6, 6, 2, 2]  # one per node
+    plans = [estimate.plan_auto_checkpointing(weighted, model, 2, 2, torch.device("cpu"), r)[0] for r in range(2)]
+    assert plans[0] != ["none"] * 4 and plans[1] == ["none"] * 4, plans
+    bigger = estimate.settings_from_config(weighted, 1, 2, 2**30, device_type="cpu").vary(train={"micro_batch_size": 6})
+    assert plans[0] == estimate.plan_checkpointing(shape, bigger, int(nominal))[0]
+
+    speed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, balance="speed"))
+    assert estimate.weighted_micro_batch(speed, 0, 2, 2) is None and estimate.speed_balance_note(cfg, 2) is None
+    assert estimate.speed_balance_note(speed, 2) == (
+        "activation checkpointing auto: planned for train.micro_batch_size 4, but under data.balance: speed a fast "
+        "rank's micro-batches grow with its measured share, up to 7 examples; leave the fast GPUs headroom "
+        "(parallel.memory_budget_gib per rank) or give the ranks fixed weights (data.balance: [..], planned for "
+        "each rank's share)")
 
 
 @pytest.mark.parametrize("data, line", [
