@@ -15,12 +15,14 @@ a quota (--fast-quota) and a scheduling weight above the others' (--weight), so 
 The ideal is the step's tokens over the two ranks' summed speeds, each rank's speed measured over its whole step
 while nobody waits for it: rank 0's in the even run (both ranks equal), rank 1's in the throttled run (everyone
 waits for it, it waits for no one). With equal tokens per rank that is 2 e t / (e + t), e and t the even and
-throttled median steps. It is reachable when every part of a rank's step slows by the same factor: the shares
-then take the part that does not scale with tokens (the optimizer step) into account. The ratio the balance
-measured, and the ideal by it (the previous definition, even x 2 / (1 + r)), are printed beside it.
+throttled median steps. It is reachable when every part of a rank's step slows by the same factor and the
+shares allow for the part of a step that does not grow with tokens (data.balance: speed evens out what its clock
+times, the blocks' compute). The ratio the balance measured, and the ideal by it (the previous definition, even x
+2 / (1 + r), which grades the measure by itself), are printed beside it.
 
 Per run and rank: the blocks' compute per step (the clock data.balance reads, memory/compute.json, steps 2 on),
-the process's CPU seconds per step (all its threads, /proc, over the timed steps), and the share of the quota's
+the process's CPU seconds per step (all its threads, and in brackets its main thread's: the rest is gloo's
+communication threads and other helpers; /proc, over the timed steps), and the share of the quota's
 periods in which rank 1's cgroup was throttled. The load average before and after every run says how busy the
 machine was. Needs root (cgroup v1 cpu.cfs_quota_us or v2 cpu.max). Writes every number to results.json in the
 printed folder.
@@ -54,7 +56,7 @@ class Result:
     name: str
     times: list[float]  # step seconds (metrics.jsonl)
     compute: list[list[float]]  # per rank [blocks' compute seconds, tokens, steps] (memory/compute.json)
-    cpu_per_step: list[float]  # per rank: CPU seconds (all threads) per step over the timed steps
+    cpu_per_step: list[float]  # per rank: CPU seconds per step of all threads, then of the main thread
     throttled: float | None  # rank 1's cgroup: throttled periods / periods over the run
     load: tuple[float, float]  # the 1-minute load average before and after
     lines: list[str] = field(default_factory=list)  # its time: / balance lines
@@ -114,13 +116,19 @@ def rank_pid(out: Path, rank: int, deadline: float) -> int:
     raise SystemExit(f"rank {rank} of {out} did not start")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid`, all its threads; None once it has exited."""
+def cpu_seconds(stat: Path) -> float | None:
+    """User + system CPU seconds from a /proc stat file (a process's: all its threads); None once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        fields = stat.read_text().rpartition(")")[2].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14 and 15 of stat)
+
+
+def process_and_main_thread(pid: int) -> list[float | None]:
+    """CPU seconds of the process (all threads) and of its main thread (the training loop; the rest is gloo's and
+    the other helper threads')."""
+    return [cpu_seconds(Path(f"/proc/{pid}/stat")), cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))]
 
 
 def steps_done(out: Path) -> int:
@@ -131,12 +139,13 @@ def steps_done(out: Path) -> int:
 
 
 def watch(proc: subprocess.Popen, out: Path, pids: list[int]) -> list[float]:
-    """Poll the ranks' CPU seconds until the run ends: per rank, CPU seconds per step from step FIRST to the
-    last step seen while both processes were alive."""
+    """Poll the ranks' CPU seconds until the run ends: per rank, the CPU seconds per step of the process and of its
+    main thread ([rank 0's, rank 0's main thread's, rank 1's, ...]), from step FIRST to the last step seen while
+    both processes were alive."""
     start: tuple[int, list[float]] | None = None
     last: tuple[int, list[float]] | None = None
     while proc.poll() is None:
-        done, cpu = steps_done(out), [cpu_seconds(p) for p in pids]
+        done, cpu = steps_done(out), [c for p in pids for c in process_and_main_thread(p)]
         if None not in cpu:
             if start is None and done >= FIRST:
                 start = (done, cpu)
@@ -144,7 +153,7 @@ def watch(proc: subprocess.Popen, out: Path, pids: list[int]) -> list[float]:
                 last = (done, cpu)
         time.sleep(0.1)
     if start is None or last is None:
-        return [0.0] * len(pids)
+        return [0.0] * 2 * len(pids)
     return [(b - a) / (last[0] - start[0]) for a, b in zip(start[1], last[1])]
 
 
@@ -192,11 +201,12 @@ def report(results: dict[str, Result], a: argparse.Namespace) -> None:
     for r in results.values():
         for line in r.lines:
             print(f"  {r.name}: {line}")
-    print("\n| run | median step (s) | rank 0 compute / CPU per step (s) | rank 1 compute / CPU per step (s) | "
-          "rank 1 throttled | load before/after |")
+    print("\n| run | median step (s) | rank 0 compute / CPU (main thread) per step (s) | rank 1 compute / CPU (main "
+          "thread) per step (s) | rank 1 throttled | load before/after |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results.values():
-        per = [f"{s / max(n, 1):.3f} / {c:.3f}" for (s, _, n), c in zip(r.compute, r.cpu_per_step)]
+        per = [f"{s / max(n, 1):.3f} / {c:.3f} ({m:.3f})"
+               for (s, _, n), c, m in zip(r.compute, r.cpu_per_step[::2], r.cpu_per_step[1::2])]
         thr = f"{r.throttled:.0%} of periods" if r.throttled is not None else "-"  # rank 1's group
         print(f"| {r.name} | {r.median:.3f} | {per[0]} | {per[1]} | {thr} | {r.load[0]:.1f} / {r.load[1]:.1f} |")
     bal = results.get("balanced")
