@@ -36,7 +36,7 @@ class ComputeClock:
     The hooks are added after fully_shard's and are placed so that every interval lies inside FSDP2's own
     (torch/distributed/fsdp/_fully_shard/_fsdp_state.py and _fsdp_param_group.py):
     - forward: FSDP2's pre-forward hook is prepended, ours appended, so ours starts after the all-gather wait; its
-      post-forward hook was registered before ours, so ours ends before it reshards.
+      post-forward hook was registered before ours, so ours ends after it (it only frees the gathered weights).
     - backward start: FSDP2's post-forward registers `_pre_backward` (all-gather, wait for it) as a hook on each
       output tensor; ours, registered on the same tensors afterwards, runs after it (a tensor's hooks run in the
       order they were added). This needs the output FSDP2 hooked to be the one we see: no `output_dtype` in the
@@ -124,6 +124,7 @@ class ComputeClock:
         if self.cuda:
             self.seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
             self._events.clear()
+        self._started = self._back_started = None  # open at a step's end: cut short by an error, never closed
         taken, self.seconds = self.seconds, 0.0
         return taken
 
