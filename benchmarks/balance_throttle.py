@@ -157,14 +157,15 @@ def watch(proc: subprocess.Popen, out: Path, pids: list[int]) -> list[float]:
     return [(b - a) / (last[0] - start[0]) for a, b in zip(start[1], last[1])]
 
 
-def run(root: Path, name: str, steps: int, balance: str, groups: list[Group]) -> Result:
+def run(root: Path, name: str, a: argparse.Namespace, balance: str, groups: list[Group]) -> Result:
     """One 2-rank training run, rank r's process in groups[r]; rank 1's group is the slow one in the throttled
     runs."""
     out = root / name
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
             "--master-port", str(29400 + os.getpid() % 500), "-m", "fsdptrain", "train", f"output_dir={out}",
             f"model.hf_config={json.dumps(MODEL)}", "data.synthetic_task=sort", "data.synthetic_examples=4000",
-            "data.max_length=128", "train.micro_batch_size=16", "train.grad_accum_steps=2", f"train.max_steps={steps}",
+            "data.max_length=128", f"train.micro_batch_size={a.micro_batch}", f"train.grad_accum_steps={a.accum}",
+            f"train.max_steps={a.steps}",
             "parallel.precision=fp32", "logging.log_every=1", "logging.tensorboard=false", "logging.progress=lines",
             "checkpoint.save_every=0", f"data.balance={balance}", "data.balance_every=5", "data.val_size=0",
             "train.eval_every=0"]
@@ -197,7 +198,8 @@ def report(results: dict[str, Result], a: argparse.Namespace) -> None:
     ideal = 2 * even * throttled / (even + throttled)
     fast = f"{a.fast_quota:g} of a core each" if a.fast_quota else "unlimited"
     print(f"rank 1 at {a.quota:g} of a core (the others {fast}), quota period {a.period_ms:g} ms, scheduling weight "
-          f"{a.weight:g}x; medians over steps {FIRST + 1}-{a.steps}")
+          f"{a.weight:g}x; {a.accum} micro-steps of {a.micro_batch} x 128 tokens per rank; medians over steps "
+          f"{FIRST + 1}-{a.steps}")
     for r in results.values():
         for line in r.lines:
             print(f"  {r.name}: {line}")
@@ -235,6 +237,9 @@ def main() -> None:
     ap.add_argument("--period-ms", type=float, default=100.0, help="the quota's period (the kernel's default: 100)")
     ap.add_argument("--weight", type=float, default=1.0, help="the ranks' scheduling weight, times the default")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--micro-batch", type=int, default=16, help="examples per rank and micro-step (128 tokens each)")
+    ap.add_argument("--accum", type=int, default=2, help="micro-steps per step (each gathers every block's weights "
+                    "twice and reduce-scatters their gradients: work per step that does not grow with tokens)")
     ap.add_argument("--weights", default="[2,1]", help="the fixed weights of the last run ('' to skip it)")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="balance-"))
@@ -247,7 +252,7 @@ def main() -> None:
     results: dict[str, Result] = {}
     try:
         for name, balance, into in runs:
-            results[name] = run(root, name.split()[0], a.steps, balance, into)
+            results[name] = run(root, name.split()[0], a, balance, into)
             results[name].name = name
     finally:
         time.sleep(0.5)
