@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fsdptrain.data.loader import StepSampler, even_cuts, split_by_shares
@@ -55,12 +57,15 @@ def _config(path: Path, out: Path, **data) -> str:
 
 @pytest.mark.slow
 def test_weighted_and_speed_balanced_runs_train_like_the_unbalanced_run(tmp_path):
-    """2 ranks: by count, by weights [3, 1], and by measured speed with rank 1 made twice as slow per token (a
-    sleep inside its blocks' timed forward). The losses match the by-count run; the speed shares converge to 2:1."""
+    """2 ranks: by count, by weights [3, 1], and by measured speed with rank 1 made twice as slow per token (sleeps
+    inside its blocks: as fast as rank 0 in the forward, three times as slow in the backward, so a clock that
+    timed only the forwards would see equal speeds). The losses match the by-count run; the speed shares converge
+    to 2:1."""
     cases = {"none": {}, "weights": {"balance": [3, 1]}, "speed": {"balance": "speed", "balance_every": 2},
              "slow": {}, "plans": {}}
     spec = {"cases": [{"config": _config(tmp_path / f"{k}.yaml", tmp_path / k, **v),
-                       "seconds_per_token": [1e-4, 2e-4] if k in ("speed", "slow") else None}
+                       "slow": {"forward": [1e-4, 1e-4], "backward": [1e-4, 3e-4]} if k in ("speed", "slow")
+                       else None}
                       for k, v in cases.items()]}
     # activation_checkpointing auto with a budget per rank: rank 0 plans no recomputation, rank 1 full blocks
     plans = yaml.safe_load(Path(spec["cases"][-1]["config"]).read_text())
@@ -88,7 +93,8 @@ def test_weighted_and_speed_balanced_runs_train_like_the_unbalanced_run(tmp_path
 
     # unbalanced with the slow rank: the end of the run names it and what balancing would do
     slow = proc.stdout[proc.stdout.index(f"outputs in {tmp_path / 'speed'}"):]
-    m = re.search(r"time: compute per token \(block forwards\) by rank \[[\d.]+, [\d.]+\] us; rank 1 computed "
+    m = re.search(r"time: compute per token \(blocks, forward and backward\) by rank \[[\d.]+, [\d.]+\] us; "
+                  r"rank 1 computed "
                   r"([\d.]+)x as long per step as the fastest, and the other ranks waited about ([\d.]+) s per step "
                   r"for it; data.balance: speed would split each step's tokens by the ranks' speeds \(the compute of "
                   r"a step about ([\d.]+)x of now\)", slow)
@@ -110,6 +116,130 @@ def test_weighted_and_speed_balanced_runs_train_like_the_unbalanced_run(tmp_path
     s0, s1 = taken("speed")
     assert all(a + b == 16 for a, b in zip(s0, s1)) and all(4 <= a <= 12 for a in s0[:3]), (s0, s1)
     assert all(a > 1.5 * b for a, b in zip(s0[3:], s1[3:])), (s0, s1)  # from step 4 on, 2/3 of the tokens
+
+
+class _Event:
+    """Stand-in for torch.cuda.Event: record() notes the wall clock, elapsed_time() is in milliseconds."""
+
+    def __init__(self, enable_timing: bool = False):
+        assert enable_timing
+        self.at: float | None = None
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def elapsed_time(self, end: _Event) -> float:
+        return (end.at - self.at) * 1000.0
+
+
+def test_the_clock_times_each_blocks_backward_between_fsdp2s_gather_and_reduce_scatter(monkeypatch):
+    """3 fully_shard blocks on a one-rank gloo group, blocks 0 and 2 fully checkpointed. In the forward each
+    block's interval opens after FSDP2's pre-forward (the all-gather wait) and closes before its post-forward; in
+    the backward it opens after FSDP2's pre-backward (the all-gather wait) and closes before its post-backward
+    (the reduce-scatter), with the checkpointed blocks' recomputation inside it and not timed a second time. The
+    GPU path (CUDA events, a stand-in here) gives the CPU path's seconds."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.dist import distributed
+    from fsdptrain.model import models
+    from fsdptrain.objectives.loss import token_loss_sum
+    from fsdptrain.train.balance import ComputeClock
+    from fsdptrain.train.build import build_sharded_model
+
+    events: list[tuple] = []
+    cfg = load_config(None, ["parallel.device=cpu", "parallel.precision=fp32",
+                             "parallel.activation_checkpointing=every_k", "parallel.activation_checkpointing_k=2"])
+    cfg.model.hf_config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97,
+                           "max_position_embeddings": 64}
+    info = distributed.init("cpu")
+    try:
+        sharded = build_sharded_model(cfg, info, models.load_hf_config(None, cfg.model.hf_config, None, False))
+        blocks = sharded.blocks
+        name = {id(b): i for i, b in enumerate(blocks)}
+
+        def spy(hook: str):
+            real = getattr(FSDPParamGroup, hook)
+
+            def wrapped(self, *a, **k):
+                events.append((hook, name.get(id(self.modules[0]), "root")))
+                return real(self, *a, **k)
+            monkeypatch.setattr(FSDPParamGroup, hook, wrapped)
+
+        for hook in ("pre_forward", "post_forward", "pre_backward", "post_backward"):
+            spy(hook)
+        for i, b in enumerate(blocks):  # the block's own compute (its MLP), forward or recomputed in backward
+            b.mlp.register_forward_pre_hook(lambda m, a, i=i: events.append(
+                ("recompute" if torch._C._current_graph_task_id() != -1 else "compute", i)))
+        cpu = ComputeClock(blocks, torch.device("cpu"))
+        real_mark, real_close = ComputeClock._mark, ComputeClock._close
+        monkeypatch.setattr(ComputeClock, "_mark", lambda self: (events.append(("open", self.cuda)),
+                                                                 real_mark(self))[1])
+        monkeypatch.setattr(ComputeClock, "_close", lambda self, s: (real_close(self, s),
+                                                                     events.append(("close", self.cuda)))[0])
+        g = torch.Generator().manual_seed(1)
+        batch = {"input_ids": torch.randint(0, 97, (2, 24), generator=g),
+                 "labels": torch.randint(0, 97, (2, 24), generator=g)}
+        token_loss_sum(sharded.model, batch).backward()
+        seq = [e for e in events if e[1] is not True and e[1] != "root"]  # the CPU clock and the blocks
+        fwd = [[("pre_forward", i), ("open", False), ("compute", i), ("post_forward", i), ("close", False)]
+               for i in range(3)]
+        bwd = [[("pre_backward", i), ("open", False)] + ([("recompute", i)] if i != 1 else [])
+               + [("close", False), ("post_backward", i)] for i in (2, 1, 0)]
+        assert seq == sum(fwd + bwd, []), "\n".join(map(str, seq))
+        assert cpu.take() > 0 and cpu.take() == 0.0
+
+        # the GPU path: the same intervals from (stand-in) CUDA events, read at take()
+        monkeypatch.setattr(torch.cuda, "Event", _Event)
+        gpu = ComputeClock(blocks, torch.device("cuda"))
+        token_loss_sum(sharded.model, batch).backward()
+        assert len(gpu._events) == 6  # forward and backward of 3 blocks
+        a, b = cpu.take(), gpu.take()
+        assert abs(a - b) < 0.05 * a, (a, b)
+        assert not gpu._events and gpu.take() == 0.0
+        cpu.close(), gpu.close()
+    finally:
+        distributed.shutdown(info)
+
+
+def test_auto_checkpointing_plans_each_rank_for_its_weighted_share():
+    """data.balance [3, 1]: rank 0's micro-batches hold about 3/4 of the step's 2 x 4 examples, rank 1's 1/4, so
+    auto plans rank 0 for 6 examples (more recomputation than for the nominal 4) and rank 1 for 2 (less). Under
+    speed the shares are not known yet: the plan is for the nominal size, with a line saying how far it can grow."""
+    import dataclasses
+
+    from fsdptrain.config.schema import Config
+    from fsdptrain.memory import estimate
+    from fsdptrain.model import models
+
+    hf = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97, "max_position_embeddings": 512}
+    model = models.build_meta_model(models.load_hf_config(None, hf, None, False), "sdpa", torch.float32, False)
+    cfg = Config()
+    cfg.train.micro_batch_size, cfg.data.max_length, cfg.parallel.precision = 4, 512, "fp32"
+    cfg.parallel.activation_checkpointing = "auto"
+    s = estimate.settings_from_config(cfg, 1, 2, 2**30, device_type="cpu")
+    shape = estimate.shape_of_model(model)
+    nominal = estimate.compute(shape, s.with_plan(["none"] * 4)).peak
+    cfg.parallel.memory_budget_gib = nominal / 2**30  # the nominal micro-batch fits without recomputation
+    assert estimate.plan_auto_checkpointing(cfg, model, 2, 2, torch.device("cpu"), 0)[0] == ["none"] * 4
+
+    weighted = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, balance=[3, 1]))
+    assert [estimate.weighted_micro_batch(weighted, r, 2, 2) for r in range(2)] == [6, 2]
+    assert [estimate.weighted_micro_batch(weighted, r, 4, 2) for r in range(4)] == [6, 6, 2, 2]  # one per node
+    plans = [estimate.plan_auto_checkpointing(weighted, model, 2, 2, torch.device("cpu"), r)[0] for r in range(2)]
+    assert plans[0] != ["none"] * 4 and plans[1] == ["none"] * 4, plans
+    bigger = estimate.settings_from_config(weighted, 1, 2, 2**30, device_type="cpu").vary(train={"micro_batch_size": 6})
+    assert plans[0] == estimate.plan_checkpointing(shape, bigger, int(nominal))[0]
+
+    speed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, balance="speed"))
+    assert estimate.weighted_micro_batch(speed, 0, 2, 2) is None and estimate.speed_balance_note(cfg, 2) is None
+    assert estimate.speed_balance_note(speed, 2) == (
+        "activation checkpointing auto: planned for train.micro_batch_size 4, but under data.balance: speed a fast "
+        "rank's micro-batches grow with its measured share, up to 7 examples; leave the fast GPUs headroom "
+        "(parallel.memory_budget_gib per rank) or give the ranks fixed weights (data.balance: [..], planned for "
+        "each rank's share)")
 
 
 @pytest.mark.parametrize("data, line", [
@@ -151,7 +281,8 @@ def test_time_report_names_the_rank_the_others_waited_for():
 
     # [compute seconds, tokens, steps]: rank 1 twice as slow per token on equal tokens
     line = time_report([[1.0, 1000.0, 10], [2.0, 1000.0, 10], [1.0, 1000.0, 10]], balancing=False)
-    assert line == ("time: compute per token (block forwards) by rank [1000.0, 2000.0, 1000.0] us; rank 1 computed "
+    assert line == ("time: compute per token (blocks, forward and backward) by rank [1000.0, 2000.0, 1000.0] us; "
+                    "rank 1 computed "
                     "2.00x as long per step as the fastest, and the other ranks waited about 0.100 s per step for it; "
                     "data.balance: speed would split each step's tokens by the ranks' speeds (the compute of a step "
                     "about 0.60x of now)")  # 300 tokens / (1 + 0.5 + 1) tokens per ms = 120 ms instead of 200

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING
 from ..config.schema import TWO_ROWS, Config, parse_size
 from ..core.errors import UserError
 from ..core.units import GIB, format_bytes, rank_ranges
-from ..dist.plan import RunFacts, budgets, checkpoint_modes, describe_modes, resolve_facts, resolve_precision
+from ..dist.plan import RunFacts, budgets, checkpoint_modes, describe_modes, per_rank, resolve_facts, resolve_precision
 from ..train.staging import nvme_buffer_bytes, staging_bytes
 
 if TYPE_CHECKING:
@@ -963,6 +963,30 @@ def estimate(cfg: Config, nnodes: int, gpus_per_node: int, gpu_memory: int, cpu_
     return est
 
 
+def weighted_micro_batch(cfg: Config, rank: int, world_size: int, local_world_size: int) -> int | None:
+    """data.balance with fixed weights: the examples a micro-batch of `rank` holds, about its share of the step's
+    world_size x train.micro_batch_size examples (the split is by tokens: rounded up, at least one); None when
+    the split is by count (none) or not known before the run (speed)."""
+    balance = cfg.data.balance
+    if not isinstance(balance, list) or world_size < 2:
+        return None
+    weights = per_rank("data.balance", balance, world_size, local_world_size, "one weight per rank or one per node")
+    return max(1, math.ceil(weights[rank] / sum(weights) * world_size * cfg.train.micro_batch_size - 1e-9))
+
+
+def speed_balance_note(cfg: Config, world_size: int) -> str | None:
+    """activation_checkpointing auto under data.balance: speed plans for train.micro_batch_size, but the shares
+    are measured during the run: a fast rank's micro-batches grow with its share. One line saying how far, or
+    None when the run does not balance by speed."""
+    if cfg.data.balance != "speed" or world_size < 2:
+        return None
+    mbs = cfg.train.micro_batch_size
+    return (f"activation checkpointing auto: planned for train.micro_batch_size {mbs}, but under data.balance: speed "
+            f"a fast rank's micro-batches grow with its measured share, up to {world_size * mbs - (world_size - 1)} "
+            f"examples; leave the fast GPUs headroom (parallel.memory_budget_gib per rank) or give the ranks fixed "
+            f"weights (data.balance: [..], planned for each rank's share)")
+
+
 def plan_auto_checkpointing(cfg: Config, model: nn.Module, world_size: int, local_world_size: int,
                             device: torch.device, rank: int = 0) -> tuple[list[str], str]:
     """activation_checkpointing auto: on each rank, the least recomputation whose estimated peak fits that rank's
@@ -979,6 +1003,8 @@ def plan_auto_checkpointing(cfg: Config, model: nn.Module, world_size: int, loca
     budget = budget_bytes(rank_budget_gib(cfg.parallel, rank, world_size, local_world_size), gpu_memory)
     nnodes = max(1, world_size // max(1, local_world_size))
     settings = settings_from_config(cfg, nnodes, world_size // nnodes, gpu_memory or budget, device_type=device.type)
+    if (examples := weighted_micro_batch(cfg, rank, world_size, local_world_size)) is not None:
+        settings = settings.vary(train={"micro_batch_size": examples})  # its share, not the nominal size
     modes, est = plan_checkpointing(shape_of_model(model), settings, budget)
     codes = {"none": 0, "selective": 1, "full": 2}
     row = [float(budget), float(est.peak), *(float(codes[x]) for x in modes)]

@@ -30,7 +30,7 @@ from ..core.errors import UserError
 from ..dist.distributed import DistInfo
 from ..dist.mesh import build_mesh, describe
 from ..dist.plan import matmul_tf32, resolve_precision
-from ..memory.estimate import plan_auto_checkpointing
+from ..memory.estimate import plan_auto_checkpointing, speed_balance_note
 from ..model import families, finetune, models, ulysses
 from .parallelize import ParallelPlan, after_no_grad_forward, apply_fsdp
 
@@ -109,6 +109,8 @@ def build_sharded_model(cfg: Config, info: DistInfo, hf_config: PretrainedConfig
         modes, note = plan_auto_checkpointing(cfg, model, info.world_size, info.local_world_size, info.device,
                                              info.rank)
         log.info(note)
+        if (warning := speed_balance_note(cfg, info.world_size)) is not None:
+            log.info(warning)
     plan = apply_fsdp(model, blocks, mesh, cfg.parallel, precision, modes)
     # Offloaded shards live in host memory, but random init runs on the GPU (CPU init of a large model is slow).
     device = torch.device("cpu") if plan.offload else info.device

@@ -1,9 +1,10 @@
 """Training cases for data.balance in one launched process group, with an optional stand-in for a slow GPU.
 
 Usage (under torchrun): python -m tests.workers.balance_cases SPEC.json
-SPEC: {"cases": [{"config": yaml path, "seconds_per_token": null | [s_rank0, s_rank1, ...]}]}
-seconds_per_token: each block's forward on rank r also sleeps s_r x (rows x width) seconds, inside the compute
-time the balance measures (the hook runs after ComputeClock's start), so rank r computes as if that much slower.
+SPEC: {"cases": [{"config": yaml path, "slow": null | {"forward": [s_rank0, s_rank1, ...], "backward": [...]}}]}
+slow: inside every block (a hook on its MLP), rank r sleeps forward[r] x (rows x width) seconds in the forward
+and backward[r] x (rows x width) in the backward, so its blocks compute as if that much slower each way. The stand-in
+is part of the block's compute, not of the clock that measures it.
 Each rank writes the examples it took at each step to OUTPUT_DIR/examples-rank<r>.json.
 """
 
@@ -22,21 +23,47 @@ from fsdptrain.dist import distributed
 from fsdptrain.train import balance
 from fsdptrain.trainer import train
 
-_begin = balance.ComputeClock._begin
+_clock_init = balance.ComputeClock.__init__
 _train_step = trainer.train_step
+
+
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward sleeps `seconds` first."""
+
+    @staticmethod
+    def forward(ctx, seconds: float, x: torch.Tensor) -> torch.Tensor:
+        ctx.seconds = seconds
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        time.sleep(ctx.seconds)
+        return None, grad
+
+
+def slow_blocks(forward: float, backward: float):
+    """ComputeClock.__init__ that also slows every block's MLP by these seconds per token, each way."""
+
+    def init(self, blocks, device) -> None:
+        _clock_init(self, blocks, device)
+
+        def hook(module, args, output):
+            tokens = output.shape[0] * output.shape[1]
+            time.sleep(forward * tokens)
+            return _SlowBackward.apply(backward * tokens, output)
+
+        if forward or backward:
+            self._handles.extend(block.mlp.register_forward_hook(hook) for block in blocks)
+
+    return init
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     info = distributed.init("cpu")
     for case in spec["cases"]:
-        slow = case.get("seconds_per_token")
-
-        def begin(self, module, args, _s=slow[info.rank] if slow else 0.0) -> None:
-            _begin(self, module, args)
-            time.sleep(_s * args[0].shape[0] * args[0].shape[1])
-
-        balance.ComputeClock._begin = begin
+        slow = case.get("slow") or {"forward": [0.0] * info.world_size, "backward": [0.0] * info.world_size}
+        balance.ComputeClock.__init__ = slow_blocks(slow["forward"][info.rank], slow["backward"][info.rank])
         cfg = load_config(case["config"])
         taken: list[int] = []
 
