@@ -7,6 +7,7 @@ import copy
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,48 @@ def test_state_moves_between_in_memory_and_file(tmp_path):
     back.load_state_dict(copy.deepcopy(nvme.state_dict()))
     ms, ns, bs = flat_state(mem), flat_state(nvme), flat_state(back)
     assert all(torch.equal(ms[k], ns[k]) and torch.equal(ms[k], bs[k]) for k in ms)
+    assert all(torch.equal(a, b) for a, b in zip(sum(mem_p, []), sum(nvme_p, [])))
+    nvme.close()
+
+
+def test_reads_ahead_and_writes_behind_across_steps(tmp_path, monkeypatch):
+    """A step returns with its last chunks' writes running and the next step's first chunks being read into the
+    buffers: a state dict then waits for the writes, a state loaded then replaces what was read ahead, and the
+    updates stay bitwise the in-memory offload's (slow writes make a missing wait show)."""
+    write = optim_nvme.write_from
+
+    def slow_write(fd, buf, offset):
+        time.sleep(0.02)
+        write(fd, buf, offset)
+
+    monkeypatch.setattr(optim_nvme, "write_from", slow_write)
+    mem_p, nvme_p = make_params(), make_params()
+    mem = CPUOffloadAdamW(groups(mem_p), **HYPER)
+    nvme = nvme_opt(nvme_p, tmp_path)
+    for ps in (mem_p, nvme_p):
+        set_grads(ps, 0)
+    mem.step()
+    nvme.step()
+    assert sorted(nvme._prefetched) == [0, 1, 2]  # the first group's first chunks, one per buffer
+    ms, ns = flat_state(mem), flat_state(nvme)
+    assert all(torch.equal(ms[k], ns[k]) for k in ms)
+    for slot, (index, k, fut) in nvme._prefetched.items():  # read after their buffers' writes: the new state
+        fut.result()
+        region = nvme._regions[index][k]
+        assert torch.equal(nvme._buffers[slot][:2 * region.numel], nvme._flat[region.start:][:2 * region.numel])
+    set_grads(mem_p, 1)
+    mem.step()  # the in-memory run goes one step further; its state replaces what the file-backed one read ahead
+    with torch.no_grad():
+        for a, b in zip(sum(mem_p, []), sum(nvme_p, [])):
+            b.copy_(a)
+    nvme.load_state_dict(copy.deepcopy(mem.state_dict()))
+    for step in (2, 3):
+        for ps in (mem_p, nvme_p):
+            set_grads(ps, step)
+        mem.step()
+        nvme.step()
+    ms, ns = flat_state(mem), flat_state(nvme)
+    assert all(torch.equal(ms[k], ns[k]) for k in ms)
     assert all(torch.equal(a, b) for a, b in zip(sum(mem_p, []), sum(nvme_p, [])))
     nvme.close()
 
