@@ -159,6 +159,7 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         self._buffers: list[torch.Tensor] = []  # made at the first step
         self._writes: dict[int, Future] = {}  # buffer -> its chunk's write, possibly still running
         self._prefetched: dict[int, tuple[int, int, Future]] = {}  # buffer -> (group, chunk, read) for next step
+        self.across_steps = True  # False: each step waits for its own writes and reads nothing ahead (benchmarks)
         self.path = scratch.folder / MOMENTS_FILE
         self.nbytes = FP32 * total
         self._fd: Optional[int] = allocate(self.path, self.nbytes, local_world)
@@ -225,7 +226,7 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         """CPUOffloadAdamW's load, then the moments into the file (unless a DCP load already wrote them there
         through the views state_dict gave it); parameters without state get zeros, as a fresh start has. The
         reads ahead hold the old state: dropped."""
-        self.settle(keep_reads=False)
+        self.settle(drop_reads=True)
         super().load_state_dict(state_dict)
         with torch.no_grad():
             for p in self._where:
@@ -259,7 +260,10 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
             chunks = self.staged(index)
             staged = [(k, s) for k, s in enumerate(self._stage(chunk) for chunk in chunks) if s is not None]
             self._stream(index, group, staged)
-        self._prefetch()
+        if self.across_steps:
+            self._prefetch()
+        else:
+            self.settle()
         return loss
 
     def _io(self, index: int, k: int, slot: int) -> tuple[torch.Tensor, int]:
@@ -321,14 +325,14 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
             write.exception()  # its failure, if any, is said where the step waits for the write itself
         self._timed(read_into, buf, offset)
 
-    def settle(self, keep_reads: bool = True) -> None:
-        """Wait for the writes still running (the file then holds the state); with keep_reads=False also for
-        the reads ahead, which are dropped (the file is about to change)."""
+    def settle(self, drop_reads: bool = False) -> None:
+        """Wait for the I/O still running: the writes (the file then holds the state) and the reads ahead, which
+        `drop_reads` drops (the file is about to change)."""
         for slot in sorted(self._writes):
             self._wait(self._writes.pop(slot), "write")
-        if not keep_reads:
-            for *_, fut in self._prefetched.values():
-                fut.exception()
+        for *_, fut in self._prefetched.values():
+            fut.exception()  # a failed read is said where a step waits for it
+        if drop_reads:
             self._prefetched.clear()
 
     def _update_chunk(self, region: Region, slot: torch.Tensor, params: list, grads: list, host_params: list,
@@ -377,10 +381,10 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         """Write the file back and drop its pages from the page cache, so that the next step reads from the drive
         (benchmarks: a state larger than the page cache, as a 70B model's is)."""
         if self._fd is not None and hasattr(os, "posix_fadvise"):
-            self.settle(keep_reads=False)
+            self.settle(drop_reads=True)
             os.fsync(self._fd)
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            if self._buffers:
+            if self._buffers and self.across_steps:  # read ahead again, from the drive
                 self._prefetch()
 
     def close(self) -> None:
