@@ -53,7 +53,7 @@ from .optim_offload import CPUOffloadAdamW, adamw_update, flat_views, like_param
 MOMENTS_FILE = "moments.bin"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 FP32 = 4
-ALIGN = 4096  # bytes: direct I/O needs file offsets, lengths and buffer addresses on the drive's blocks
+ALIGN = staging.NVME_ALIGN
 
 
 @dataclass
