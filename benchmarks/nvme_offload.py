@@ -23,11 +23,12 @@ chunks and writes the last step's last chunks during it. Modes:
   (outside the timing; this also finishes the last step's writes), so every read comes from the drive (a state
   larger than the page cache: a 70B model's 280 GB per node).
 Before the modes, the speed of --dir itself is measured with a file of the state's size, the way the stream
-does its I/O (4 KiB-aligned buffers of 64 MiB, pread/pwrite, direct I/O where the file system takes it, else
-buffered with the write fsync'd and the file dropped from the page cache before the read). `--rounds R` runs
-the modes R times in turn (a shared machine's load drifts) and reports the median over rounds. Prints a
-Markdown table; "optimizer's part" is the peak less the resident memory once the parameters and gradients exist
-(staging, moments or their buffers, the update's temporaries); the saving is taken on that part, since the
+does its I/O (the file allocated first, 4 KiB-aligned buffers of 64 MiB, pread/pwrite, direct I/O where the file
+system takes it, else buffered with the write fsync'd and the file dropped from the page cache before the read),
+with the CPU time it costs per GB (near zero for a drive's DMA; tmpfs's reads and writes are CPU copies).
+`--rounds R` runs the modes R times in turn (a shared machine's load drifts) and reports the median over rounds.
+Prints a Markdown table; "optimizer's part" is the peak less the resident memory once the parameters and gradients
+exist (staging, moments or their buffers, the update's temporaries); the saving is taken on that part, since the
 whole process's peak varies by a few hundred MiB from run to run. "CPU" is the process's CPU time per step (the
 update's threads and the I/O threads' copies in the kernel), which a loaded machine inflates less than the wall
 time.
@@ -125,10 +126,11 @@ def child(mode: str, args: argparse.Namespace) -> dict:
     return out
 
 
-def drive_speed(folder: Path, nbytes: int) -> tuple[float, float, bool]:
-    """(write, read) GB/s of one sequential pass over a file of about nbytes in `folder`, and whether it was direct
-    I/O: the stream's way (aligned 64 MiB buffers, pwrite/pread, O_DIRECT where the file system takes it; else
-    buffered, the write fsync'd and the file dropped from the page cache before the read)."""
+def drive_speed(folder: Path, nbytes: int) -> dict:
+    """Write and read GB/s of one sequential pass over a file of about nbytes in `folder`, the CPU seconds per GB
+    each cost this process (a drive copies by DMA; tmpfs's "drive" is the CPU), and whether it was direct I/O: the
+    stream's way (the file allocated in full first, aligned 64 MiB buffers, pwrite/pread, O_DIRECT where the file
+    system takes it; else buffered, the write fsync'd and the file dropped from the page cache before the read)."""
     from fsdptrain.train.optim_nvme import aligned_buffer, open_direct, read_into, write_from
 
     block = 64 * 2**20
@@ -140,22 +142,26 @@ def drive_speed(folder: Path, nbytes: int) -> tuple[float, float, bool]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     direct = open_direct(path)
     io = direct if direct is not None else fd
+    out = {"direct": direct is not None}
     try:
-        t0 = time.perf_counter()
-        for i in range(blocks):
-            write_from(io, buf, i * block)
-        os.fsync(fd)
-        write = blocks * block / (time.perf_counter() - t0) / 1e9
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        for i in range(blocks):
-            read_into(io, buf, i * block)
-        read = blocks * block / (time.perf_counter() - t0) / 1e9
+        os.posix_fallocate(fd, 0, blocks * block)  # as the optimizer allocates its file
+        for name, fn in (("write", write_from), ("read", read_into)):
+            if name == "read":
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(blocks):
+                fn(io, buf, i * block)
+            if name == "write":
+                os.fsync(fd)
+            gb = blocks * block / 1e9
+            out[name] = gb / (time.perf_counter() - t0)
+            out[name + "_cpu"] = (time.process_time() - c0) / gb
     finally:
         for d in {fd, io}:
             os.close(d)
         path.unlink()
-    return write, read, direct is not None
+    return out
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
@@ -197,11 +203,12 @@ def main() -> None:
     sys.path.insert(0, ROOT)
     folder = Path(args.dir)
     made = not folder.exists()
-    write, read, direct = drive_speed(folder, int(args.moments_gb * 2**30))
+    speed = drive_speed(folder, int(args.moments_gb * 2**30))
     if made:
         folder.rmdir()
-    how = "direct I/O" if direct else "buffered, fsync'd write, read after dropping the page cache"
-    print(f"{args.dir}: sequential write {write:.2f} GB/s, read {read:.2f} GB/s ({how})")
+    how = "direct I/O" if speed["direct"] else "buffered, fsync'd write, read after dropping the page cache"
+    print(f"{args.dir}: sequential write {speed['write']:.2f} GB/s ({speed['write_cpu']:.3f} CPU s/GB), read "
+          f"{speed['read']:.2f} GB/s ({speed['read_cpu']:.3f} CPU s/GB) ({how})")
     modes = args.modes.split(",")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.rounds):
