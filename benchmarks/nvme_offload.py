@@ -26,6 +26,7 @@ Before the modes, the speed of --dir itself is measured with a file of the state
 does its I/O (the file allocated first, 4 KiB-aligned buffers of 64 MiB, pread/pwrite, direct I/O where the file
 system takes it, else buffered with the write fsync'd and the file dropped from the page cache before the read),
 with the CPU time it costs per GB (near zero for a drive's DMA; tmpfs's reads and writes are CPU copies).
+`--interleave` instead runs the modes' optimizers in one process, a step of each in turn, for timings only.
 `--rounds R` runs the modes R times in turn (a shared machine's load drifts) and reports the median over rounds.
 Prints a Markdown table; "optimizer's part" is the peak less the resident memory once the parameters and gradients
 exist (staging, moments or their buffers, the update's temporaries); the saving is taken on that part, since the
@@ -65,7 +66,8 @@ def make_params(moments_bytes: int, seed: int = 0) -> list[list[torch.nn.Paramet
     return [mats, norms]
 
 
-def make_optimizer(mode: str, groups: list[dict], args: argparse.Namespace, hyper: dict) -> torch.optim.Optimizer:
+def make_optimizer(mode: str, groups: list[dict], args: argparse.Namespace, hyper: dict,
+                   slot: tuple[int, int] = (0, 1)) -> torch.optim.Optimizer:
     from fsdptrain.train import offload_dir, optim_nvme
     from fsdptrain.train.optim_nvme import NVMeOffloadAdamW
     from fsdptrain.train.optim_offload import CPUOffloadAdamW
@@ -80,7 +82,7 @@ def make_optimizer(mode: str, groups: list[dict], args: argparse.Namespace, hype
             def _timed(self, fn, buf, offset):  # the read or write skipped
                 return None
         kind = NoIO
-    scratch = offload_dir.claim(args.dir, args.dir + "/run", 0, 1)
+    scratch = offload_dir.claim(args.dir, args.dir + "/run", *slot)  # (rank, world): one file per optimizer
     opt = kind(groups, scratch, int(args.buffer_mib * 2**20), **hyper)
     opt.across_steps = mode != "nvme-within-step"
     return opt
@@ -124,6 +126,40 @@ def child(mode: str, args: argparse.Namespace) -> dict:
                    read_gb=s.read_bytes / args.steps / 1e9, slots=opt.slots, direct=opt.direct)
         opt.close()
     return out
+
+
+def interleaved(args: argparse.Namespace) -> None:
+    """--interleave: the modes' optimizers over the same parameters in one process, taking steps in turn (with the
+    stand-in before each), so that a shared machine's load drifts over all of them alike; prints each mode's median
+    step, CPU time and wait for the drive (no memory figures: the process holds every mode at once)."""
+    modes = args.modes.split(",")
+    if any(m.startswith("nvme-buffered") for m in modes):
+        sys.exit("--interleave: the buffered modes turn direct I/O off for the whole process; run them without it")
+    params = make_params(int(args.moments_gb * 2**30))
+    groups = [{"params": params[0], "weight_decay": 0.1}, {"params": params[1], "weight_decay": 0.0}]
+    hyper = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8}
+    opts = {m: make_optimizer(m, groups, args, hyper, (i, len(modes))) for i, m in enumerate(modes)}
+    for opt in opts.values():
+        opt.step()  # warm-up
+    rows: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    for _ in range(args.steps):
+        for mode, opt in opts.items():
+            stats = getattr(opt, "stats", None)
+            waited = stats.wait_seconds if stats else 0.0
+            time.sleep(args.fwd_bwd_s)
+            t0, c0 = time.perf_counter(), time.process_time()
+            opt.step()
+            rows[mode].append((time.perf_counter() - t0, time.process_time() - c0,
+                               opt.stats.wait_seconds - waited if stats else 0.0))
+    print(f"{args.steps} steps of each mode in turn, forward/backward stand-in {args.fwd_bwd_s:g} s, medians:\n")
+    print("| mode | optimizer step (s) | CPU (s) | waited for the drive (s) |")
+    print("| --- | --- | --- | --- |")
+    for mode, r in rows.items():
+        step, cpu, wait = (statistics.median(x[i] for x in r) for i in range(3))
+        print(f"| {mode} | {step:.2f} | {cpu:.2f} | {wait:.2f} |")
+    for opt in opts.values():
+        if hasattr(opt, "close"):
+            opt.close()
 
 
 def drive_speed(folder: Path, nbytes: int) -> dict:
@@ -195,8 +231,13 @@ def main() -> None:
     ap.add_argument("--modes", default="memory,nvme,nvme-within-step,nvme-noio,nvme-buffered,nvme-buffered-cold")
     ap.add_argument("--fwd-bwd-s", type=float, default=0.0, help="seconds of forward/backward stand-in per step")
     ap.add_argument("--rounds", type=int, default=1, help="run the modes this many times in turn")
+    ap.add_argument("--interleave", action="store_true", help="all modes in one process, steps in turn (timing only)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.interleave:
+        sys.path.insert(0, ROOT)
+        interleaved(args)
+        return
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
