@@ -13,7 +13,7 @@ churn it), which the stream uses where the file system allows it. The file is al
 check with the numbers.
 
 A step streams the regions through `slots` host buffers (parallel.offload_buffer_size): a reader thread reads
-chunk k + slots - 1 ahead while the CPU updates chunk k, and a writer thread writes chunk k back while chunk
+chunk k + slots - 2 ahead while the CPU updates chunk k, and a writer thread writes chunk k back while chunk
 k + 1 updates; a buffer is reused only once its write has finished. The stream also runs across the step
 boundary, in the same buffers: the step returns with its last chunks' writes still running, and reads the next
 step's first chunks (one per buffer, each once its buffer's write is done) while forward and backward run, so
@@ -321,6 +321,7 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
                                                                        *self._io(index, slot, slot)))
 
     def _read_after(self, write: Optional[Future], buf: torch.Tensor, offset: int) -> None:
+        """In the reader thread: fill `buf` from the file once the buffer's previous write is done."""
         if write is not None:
             write.exception()  # its failure, if any, is said where the step waits for the write itself
         self._timed(read_into, buf, offset)
