@@ -7,6 +7,7 @@ import copy
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,48 @@ def test_state_moves_between_in_memory_and_file(tmp_path):
     back.load_state_dict(copy.deepcopy(nvme.state_dict()))
     ms, ns, bs = flat_state(mem), flat_state(nvme), flat_state(back)
     assert all(torch.equal(ms[k], ns[k]) and torch.equal(ms[k], bs[k]) for k in ms)
+    assert all(torch.equal(a, b) for a, b in zip(sum(mem_p, []), sum(nvme_p, [])))
+    nvme.close()
+
+
+def test_reads_ahead_and_writes_behind_across_steps(tmp_path, monkeypatch):
+    """A step returns with its last chunks' writes running and the next step's first chunks being read into the
+    buffers: a state dict then waits for the writes, a state loaded then replaces what was read ahead, and the
+    updates stay bitwise the in-memory offload's (slow writes make a missing wait show)."""
+    write = optim_nvme.write_from
+
+    def slow_write(fd, buf, offset):
+        time.sleep(0.02)
+        write(fd, buf, offset)
+
+    monkeypatch.setattr(optim_nvme, "write_from", slow_write)
+    mem_p, nvme_p = make_params(), make_params()
+    mem = CPUOffloadAdamW(groups(mem_p), **HYPER)
+    nvme = nvme_opt(nvme_p, tmp_path)
+    for ps in (mem_p, nvme_p):
+        set_grads(ps, 0)
+    mem.step()
+    nvme.step()
+    assert sorted(nvme._prefetched) == [0, 1, 2]  # the first group's first chunks, one per buffer
+    ms, ns = flat_state(mem), flat_state(nvme)
+    assert all(torch.equal(ms[k], ns[k]) for k in ms)
+    for slot, (index, k, fut) in nvme._prefetched.items():  # read after their buffers' writes: the new state
+        fut.result()
+        region = nvme._regions[index][k]
+        assert torch.equal(nvme._buffers[slot][:2 * region.numel], nvme._flat[region.start:][:2 * region.numel])
+    set_grads(mem_p, 1)
+    mem.step()  # the in-memory run goes one step further; its state replaces what the file-backed one read ahead
+    with torch.no_grad():
+        for a, b in zip(sum(mem_p, []), sum(nvme_p, [])):
+            b.copy_(a)
+    nvme.load_state_dict(copy.deepcopy(mem.state_dict()))
+    for step in (2, 3):
+        for ps in (mem_p, nvme_p):
+            set_grads(ps, step)
+        mem.step()
+        nvme.step()
+    ms, ns = flat_state(mem), flat_state(nvme)
+    assert all(torch.equal(ms[k], ns[k]) for k in ms)
     assert all(torch.equal(a, b) for a, b in zip(sum(mem_p, []), sum(nvme_p, [])))
     nvme.close()
 
@@ -415,10 +458,44 @@ def test_estimate_puts_the_state_on_the_drive_for_70b():
                              shape=shape)
     assert mem.nvme_per_rank == 0 and nvme.nvme_per_rank == mem.state.optimizer
     assert nvme.nvme_per_node == 8 * nvme.nvme_per_rank
-    # 3 buffers of both moments of the largest shard (embed_tokens / lm_head: 128256 x 8192 / 16 rows)
-    buffers = 3 * 2 * 4 * (128256 // 16) * 8192
+    # 3 buffers of both moments of the largest shard (embed_tokens / lm_head: 128256 x 8192 / 16 rows), each with
+    # 4 KiB to align its address
+    buffers = 3 * (2 * 4 * (128256 // 16) * 8192 + 4096)
     assert nvme.cpu_per_rank == mem.cpu_per_rank - mem.state.optimizer + buffers
     assert nvme.peak == mem.peak
     text = estimate.render(nvme)
     assert (f"NVMe (optimizer_offload nvme): {estimate.format_bytes(nvme.nvme_per_rank)} per rank, "
             f"{estimate.format_bytes(nvme.nvme_per_node)} per node (AdamW state, in parallel.offload_dir)") in text
+
+
+def test_estimated_host_memory_is_what_the_optimizer_allocates(tmp_path):
+    """The estimator's host line for nvme against the optimizer's own allocations on a tiny model (one rank, a
+    64 KiB buffer: many chunks): the staging in nvme's smaller chunks (each rounded to a power of two when pinned
+    on CUDA) and the stream buffers with their 4 KiB alignment, to the byte."""
+    from transformers import AutoModelForCausalLM
+
+    from fsdptrain.core.units import GIB
+    from fsdptrain.memory import estimate
+    from fsdptrain.train import staging
+    from fsdptrain.train.optim import build_optimizer
+
+    model_dir = make_model_dir(tmp_path / "model", LLAMA)
+    raw = base_config(tmp_path / "run", model_dir)
+    raw["parallel"].update(optimizer_offload="nvme", offload_dir=str(tmp_path / "off"), offload_buffer_size="64KiB")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(tmp_path / "c.yaml"), quiet=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    opt = build_optimizer(model, cfg.train, False, "nvme", offload_dir.claim(str(tmp_path / "off"), tmp_path / "run",
+                                                                                0, 1), 64 * 1024)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    flats = [views[0].untyped_storage().nbytes() for i in range(len(opt.param_groups)) for c in opt.staged(i)
+             for views in (c.grads, c.shards)]
+    buffers = sum(b.untyped_storage().nbytes() for b in opt._buffers)
+    opt.close()
+    shape = estimate.shape_from_config(cfg)
+    assert len(flats) > 10 and opt.slots == 3
+    assert estimate.estimate(cfg, 1, 1, 80 * GIB, shape=shape).cpu_per_rank == sum(flats) + buffers
+    pinned = estimate.offload_staging_bytes(shape, 1, 0, True, staging.nvme_chunk_limit(64 * 1024))
+    assert pinned == sum(staging.pinned_size(n) for n in flats)

@@ -14,8 +14,12 @@ check with the numbers.
 
 A step streams the regions through `slots` host buffers (parallel.offload_buffer_size): a reader thread reads
 chunk k + slots - 2 ahead while the CPU updates chunk k, and a writer thread writes chunk k back while chunk
-k + 1 updates; a buffer is reused only once its write has finished. The threads do plain pread/pwrite, which
-release the GIL, as does the fused update. Host memory for the moments: slots x 2 x the largest chunk.
+k + 1 updates; a buffer is reused only once its write has finished. The stream also runs across the step
+boundary, in the same buffers: the step returns with its last chunks' writes still running, and reads the next
+step's first chunks (one per buffer, each once its buffer's write is done) while forward and backward run, so
+that the next step starts with full buffers. Whatever reads the file waits for the writes (`settle`: the state
+dict, the page-cache eviction); a load drops the reads ahead. The threads do plain pread/pwrite, which release
+the GIL, as does the fused update. Host memory for the moments: slots x 2 x the largest chunk.
 
 Checkpoints: `state_dict()` hands torch.distributed.checkpoint the moments as views of a shared memory map of the
 file (DTensors placed like the parameters, as the in-memory offload's), so DCP saves them chunk by chunk from
@@ -49,7 +53,7 @@ from .optim_offload import CPUOffloadAdamW, adamw_update, flat_views, like_param
 MOMENTS_FILE = "moments.bin"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 FP32 = 4
-ALIGN = 4096  # bytes: direct I/O needs file offsets, lengths and buffer addresses on the drive's blocks
+ALIGN = staging.NVME_ALIGN
 
 
 @dataclass
@@ -153,6 +157,9 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         self.slots = staging.nvme_slots(buffer_bytes, largest, max((len(r) for r in self._regions), default=0))
         self._slot_numel = max((r.span for regions in self._regions for r in regions), default=0)
         self._buffers: list[torch.Tensor] = []  # made at the first step
+        self._writes: dict[int, Future] = {}  # buffer -> its chunk's write, possibly still running
+        self._prefetched: dict[int, tuple[int, int, Future]] = {}  # buffer -> (group, chunk, read) for next step
+        self.across_steps = True  # False: each step waits for its own writes and reads nothing ahead (benchmarks)
         self.path = scratch.folder / MOMENTS_FILE
         self.nbytes = FP32 * total
         self._fd: Optional[int] = allocate(self.path, self.nbytes, local_world)
@@ -198,7 +205,9 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
             self._map.madvise(mmap.MADV_DONTNEED)
 
     def state_dict(self) -> dict:
-        """torch's state dict with the moments of every parameter that has state, as views of the file."""
+        """torch's state dict with the moments of every parameter that has state, as views of the file (once the
+        writes still running have finished)."""
+        self.settle()
         sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         ids = [i for g in sd["param_groups"] for i in g["params"]]
@@ -215,7 +224,9 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
 
     def load_state_dict(self, state_dict) -> None:
         """CPUOffloadAdamW's load, then the moments into the file (unless a DCP load already wrote them there
-        through the views state_dict gave it); parameters without state get zeros, as a fresh start has."""
+        through the views state_dict gave it); parameters without state get zeros, as a fresh start has. The
+        reads ahead hold the old state: dropped."""
+        self.settle(drop_reads=True)
         super().load_state_dict(state_dict)
         with torch.no_grad():
             for p in self._where:
@@ -249,42 +260,81 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
             chunks = self.staged(index)
             staged = [(k, s) for k, s in enumerate(self._stage(chunk) for chunk in chunks) if s is not None]
             self._stream(index, group, staged)
+        if self.across_steps:
+            self._prefetch()
+        else:
+            self.settle()
         return loss
 
-    def _stream(self, index: int, group: dict, staged: list) -> None:
-        """Update the staged chunks of group `index`, streaming their moments (module docstring)."""
-        slots = self._slots()
-        regions = self._regions[index]
-        reads: dict[int, Future] = {}
-        writes: dict[int, Future] = {}
+    def _io(self, index: int, k: int, slot: int) -> tuple[torch.Tensor, int]:
+        """Group `index`'s chunk k in buffer `slot`: the buffer's view of its region's span, the byte offset."""
+        region = self._regions[index][k]
+        return self._slots()[slot][:region.span], FP32 * region.start
 
-        def io(j: int) -> tuple[torch.Tensor, int]:  # chunk j's slot (its region's span), byte offset
-            region = regions[staged[j][0]]
-            return slots[j % len(slots)][:region.span], FP32 * region.start
+    def _stream(self, index: int, group: dict, staged: list) -> None:
+        """Update the staged chunks of group `index`, streaming their moments (module docstring). The chunk at
+        position j of `staged` uses buffer j % slots; the last chunks' writes are left running when it returns
+        (the next read into their buffers, `settle` or `close` waits for them)."""
+        n = len(self._slots())
+        reads: dict[int, Future] = {}
 
         def read(j: int) -> None:
-            reads[j] = self._reader.submit(self._timed, read_into, *io(j))
+            slot, k = j % n, staged[j][0]
+            write = self._writes.pop(slot, None)  # the buffer's previous chunk must be on the file first
+            if write is not None:
+                self._wait(write, "write")
+            ahead = self._prefetched.pop(slot, None)
+            if ahead is not None and ahead[:2] == (index, k):
+                reads[j] = ahead[2]  # read at the end of the last step, while forward and backward ran
+                return
+            if ahead is not None:  # read ahead for a chunk this step does not update (no gradients): not used
+                ahead[2].exception()
+            reads[j] = self._reader.submit(self._timed, read_into, *self._io(index, k, slot))
 
-        for j in range(min(len(slots) - 1, len(staged))):
+        for j in range(min(n - 1, len(staged))):
             read(j)
         try:
             for j, (k, (params, grads, host_params, event)) in enumerate(staged):
                 self._wait(reads.pop(j), "read")
                 if event is not None:
                     event.synchronize()
-                self._update_chunk(regions[k], io(j)[0], params, grads, host_params, group)
+                buf, offset = self._io(index, k, j % n)
+                self._update_chunk(self._regions[index][k], buf, params, grads, host_params, group)
                 self._send_back(params, host_params)
-                writes[j] = self._writer.submit(self._timed, write_from, *io(j))
-                ahead = j + len(slots) - 1  # uses the slot of chunk j - 1: its write must be done
-                if ahead < len(staged):
-                    if j >= 1:
-                        self._wait(writes.pop(j - 1), "write")
-                    read(ahead)
-            for j in sorted(writes):
-                self._wait(writes.pop(j), "write")
+                self._writes[j % n] = self._writer.submit(self._timed, write_from, buf, offset)
+                if j + n - 1 < len(staged):
+                    read(j + n - 1)  # into the buffer of chunk j - 1, once its write is done
         finally:
-            for fut in (*reads.values(), *writes.values()):  # a failure: let the threads finish with the buffers
+            for fut in reads.values():  # a failure: let the reader finish with the buffers
                 fut.exception()
+
+    def _prefetch(self) -> None:
+        """Start reading the first chunks of the next step into the buffers (all of them, a chunk each), so that
+        they load while forward and backward run; each read waits in the reader thread for its buffer's write.
+        The next step uses a read only if it updates that chunk in that buffer; loading a state drops them."""
+        index = next((i for i, regions in enumerate(self._regions) if regions), None)
+        if index is None:
+            return
+        for slot in range(min(len(self._slots()), len(self._regions[index]))):
+            write = self._writes.get(slot)
+            self._prefetched[slot] = (index, slot, self._reader.submit(self._read_after, write,
+                                                                       *self._io(index, slot, slot)))
+
+    def _read_after(self, write: Optional[Future], buf: torch.Tensor, offset: int) -> None:
+        """In the reader thread: fill `buf` from the file once the buffer's previous write is done."""
+        if write is not None:
+            write.exception()  # its failure, if any, is said where the step waits for the write itself
+        self._timed(read_into, buf, offset)
+
+    def settle(self, drop_reads: bool = False) -> None:
+        """Wait for the I/O still running: the writes (the file then holds the state) and the reads ahead, which
+        `drop_reads` drops (the file is about to change)."""
+        for slot in sorted(self._writes):
+            self._wait(self._writes.pop(slot), "write")
+        for *_, fut in self._prefetched.values():
+            fut.exception()  # a failed read is said where a step waits for it
+        if drop_reads:
+            self._prefetched.clear()
 
     def _update_chunk(self, region: Region, slot: torch.Tensor, params: list, grads: list, host_params: list,
                       group: dict) -> None:
@@ -332,11 +382,18 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         """Write the file back and drop its pages from the page cache, so that the next step reads from the drive
         (benchmarks: a state larger than the page cache, as a 70B model's is)."""
         if self._fd is not None and hasattr(os, "posix_fadvise"):
+            self.settle(drop_reads=True)
             os.fsync(self._fd)
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if self._buffers and self.across_steps:  # read ahead again, from the drive
+                self._prefetch()
 
     def close(self) -> None:
         """Stop the I/O threads and delete the rank's scratch subfolder (the file with it)."""
+        for fut in (*self._writes.values(), *(f for *_, f in self._prefetched.values())):
+            fut.exception()  # the state is discarded: a failure no longer matters
+        self._writes.clear()
+        self._prefetched.clear()
         self._reader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self._buffers = []

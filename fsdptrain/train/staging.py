@@ -41,6 +41,7 @@ def staging_bytes(numels: list[int], pinned: bool, limit: int = CHUNK_BYTES) -> 
 
 
 MIN_SLOTS = 3  # optimizer_offload nvme: read-ahead, update, write-behind
+NVME_ALIGN = 4096  # bytes: direct I/O needs file offsets, lengths and buffer addresses on the drive's blocks
 
 
 def nvme_chunk_limit(buffer_bytes: int) -> int:
@@ -58,9 +59,11 @@ def nvme_slots(buffer_bytes: int, largest_chunk_numel: int, most_chunks: int) ->
 
 def nvme_buffer_bytes(groups: list[list[int]], buffer_bytes: int) -> int:
     """optimizer_offload nvme: host bytes of the moments' stream buffers for parameter groups of these local
-    sizes."""
+    sizes: per buffer both moments of the largest chunk rounded up to NVME_ALIGN, and NVME_ALIGN more to align
+    its address (train.optim_nvme.aligned_buffer)."""
     limit = nvme_chunk_limit(buffer_bytes)
     chunks = [[sum(numels[i] for i in c) for c in staging_chunks(numels, limit)] for numels in groups if numels]
     largest = max((n for group in chunks for n in group), default=0)
     slots = nvme_slots(buffer_bytes, largest, max((len(c) for c in chunks), default=0))
-    return slots * 2 * STAGING_DTYPE_BYTES * largest
+    span = -(-2 * STAGING_DTYPE_BYTES * largest // NVME_ALIGN) * NVME_ALIGN
+    return slots * (span + NVME_ALIGN) if largest else 0
