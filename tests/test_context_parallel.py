@@ -130,7 +130,6 @@ def train_run(tmp: Path, name: str, nproc: int, extra: list[str]) -> Path:
 
 def assert_same_training(one: Path, two: Path) -> None:
     """The same losses, token counts and gradient norms every step, and the same weights at the end."""
-    from safetensors.torch import load_file
 
     a, b = read_metrics(one), read_metrics(two)
     assert [m["step"] for m in b] == list(range(1, 7))
@@ -146,13 +145,20 @@ def assert_same_training(one: Path, two: Path) -> None:
         for run in (one, two):
             proc = run_cli(["export", str(run), "--out", str(run / "hf")])
             assert proc.returncode == 0, proc.stderr[-2000:]
-    if (two / "hf" / "config.json").exists():  # the export names no attention of fsdptrain's own
+    assert_same_exports(one, two)
+
+
+def assert_same_exports(one: Path, two: Path, atol: float = 1e-5) -> None:
+    """The two runs' exported weights (hf/) agree within atol; the CP run's config names no attention of ours."""
+    from safetensors.torch import load_file
+
+    if (two / "hf" / "config.json").exists():
         assert "fsdptrain_ulysses" not in (two / "hf" / "config.json").read_text()
     [fa], [fb] = sorted((one / "hf").glob("*.safetensors")), sorted((two / "hf").glob("*.safetensors"))
     wa, wb = load_file(str(fa)), load_file(str(fb))
     assert wa.keys() == wb.keys()
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), (k, (wa[k] - wb[k]).abs().max())
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=atol), (k, (wa[k] - wb[k]).abs().max())
 
 
 @pytest.mark.slow
@@ -378,13 +384,7 @@ def test_compositions_train_like_cp1(compositions, name):
     # normalised steps carry that rounding into the weights: 3e-5 apart in 2 of 12k weights
     atol = 5e-5 if name == "dpo-simpo" else 1e-5
     if (one / "hf").exists():
-        if (two / "hf" / "config.json").exists():  # the export names no attention of fsdptrain's own
-            assert "fsdptrain_ulysses" not in (two / "hf" / "config.json").read_text()
-        [fa], [fb] = sorted((one / "hf").glob("*.safetensors")), sorted((two / "hf").glob("*.safetensors"))
-        wa, wb = load_file(str(fa)), load_file(str(fb))
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            assert torch.allclose(wa[k], wb[k], rtol=0, atol=atol), (k, (wa[k] - wb[k]).abs().max())
+        assert_same_exports(one, two, atol)
     logits = [load_file(str(compositions / f"{name}-cp{cp}-logits.safetensors"))["logits"] for cp in (1, 2)]
     # the weights' rounding differences summed over the hidden size: 1e-5 of the largest logit (about 70)
     assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[0].abs().max(), (logits[0] - logits[1]).abs().max()
