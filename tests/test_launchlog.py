@@ -151,3 +151,23 @@ def test_the_heartbeat_probe_sees_the_store_go_without_a_store_call(monkeypatch)
     assert peers.probe is None
     monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens there: no probe, the heartbeat as before
     assert open_probe() is None
+
+
+def test_closing_the_watch_waits_for_a_tick_in_flight():
+    """The watchdog's tick may be inside a store call when the run ends; close() must wait for it, or the
+    interpreter finalizes under a daemon thread in C++ and the finished rank aborts (SIGABRT, seen twice in CI)."""
+    import threading
+
+    from fsdptrain.dist.distributed import PeerStop
+
+    peers = PeerStop(0, 2)
+    ended = threading.Event()
+
+    def slow_tick() -> None:
+        time.sleep(0.5)  # a store call in flight
+        ended.set()
+
+    peers._watch = threading.Thread(target=slow_tick, daemon=True)
+    peers._watch.start()
+    peers.close()
+    assert ended.is_set()

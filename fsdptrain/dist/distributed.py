@@ -457,7 +457,13 @@ class PeerStop:
             time.sleep(1.5)  # rank 0 hosts the store: let the others read the key before it goes
 
     def close(self) -> None:
+        """Stop the watchdog and wait for its last tick. A tick is a store call in C++ with the GIL released: if the
+        process group is destroyed and the interpreter finalizes while a daemon thread is inside one, the thread is
+        unwound through C++ when it wants the GIL back, and the process aborts (SIGABRT) after a finished run."""
         self._stop.set()
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not threading.current_thread():
+            watch.join(timeout=10)  # a tick takes milliseconds; a store that hangs is bounded by the 10 s
         if self.probe is not None:
             self.probe.close()
             self.probe = None
