@@ -210,7 +210,8 @@ def memory_records(run: Path, rank: int) -> list[dict]:
     ("data.token_budget=512", "parallel.context_parallel: 2: does not work with data.token_budget yet"),
     ("data.balance=[1,1]", "parallel.context_parallel: 2: does not work with data.balance yet"),
     ("data.micro_batch_sizes=[2,4]", "parallel.context_parallel: 2: does not work with data.micro_batch_sizes yet"),
-    ("parallel.compile=true", "parallel.context_parallel: 2: does not work with parallel.compile yet"),
+    ("parallel.compile=true", "parallel.context_parallel: 2: does not work with parallel.compile yet (compiled "
+                                "blocks around the Ulysses exchange"),
     ("model.attn_implementation=flash_attention_2", "the attention inside Ulysses is sdpa, not "
                                                     "model.attn_implementation=flash_attention_2"),
 ])

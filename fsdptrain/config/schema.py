@@ -689,13 +689,16 @@ def validate_context_parallel(cfg: Config, source: str) -> None:
         return
     where = f"{source}: parallel.context_parallel: {n}"
     d = cfg.data
-    for key, value, off in (("data.token_budget", d.token_budget is not None, "null"),
-                            ("data.micro_batch_sizes", bool(d.micro_batch_sizes), "[]"),
-                            ("data.balance", d.balance != "none", "none"),
-                            ("parallel.compile", cfg.parallel.compile, "false")):
+    same_rows = "the ranks of a context group must take the same rows, cut the same way"
+    for key, value, off, why in (
+            ("data.token_budget", d.token_budget is not None, "null", same_rows),
+            ("data.micro_batch_sizes", bool(d.micro_batch_sizes), "[]", same_rows),
+            ("data.balance", d.balance != "none", "none", same_rows),
+            ("parallel.compile", cfg.parallel.compile, "false",
+             "compiled blocks around the Ulysses exchange and its per-micro-batch mask are not built or tested")):
         if value:
-            raise ConfigError(f"{where}: does not work with {key} yet (the ranks of a context group must take the "
-                              f"same rows, cut the same way); set {key}={off} or parallel.context_parallel=1")
+            raise ConfigError(f"{where}: does not work with {key} yet ({why}); set {key}={off} or "
+                              "parallel.context_parallel=1")
     if cfg.model.attn_implementation != "sdpa":
         raise ConfigError(f"{where}: the attention inside Ulysses is sdpa, not model.attn_implementation="
                           f"{cfg.model.attn_implementation}; set model.attn_implementation=sdpa or "
