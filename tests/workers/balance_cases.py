@@ -75,7 +75,7 @@ def main() -> None:
         train(cfg)
         Path(cfg.output_dir, f"examples-rank{info.rank}.json").write_text(json.dumps(taken))
     distributed.barrier()
-    torch.distributed.destroy_process_group()
+    distributed.shutdown(info)  # closes the peer watchdog first: a tick in flight at exit aborts the process
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from fsdptrain.config.schema import load_config
 from fsdptrain.dist import distributed
 from fsdptrain.model import models
@@ -43,7 +41,7 @@ def main() -> None:
     if spec.get("init_out"):
         gather_random_init(spec["init_model_yaml"], spec["init_out"], info)
     distributed.barrier()
-    torch.distributed.destroy_process_group()
+    distributed.shutdown(info)  # closes the peer watchdog first: a tick in flight at exit aborts the process
 
 
 if __name__ == "__main__":

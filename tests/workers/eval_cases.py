@@ -56,6 +56,9 @@ def run(spec: dict) -> dict:
 
 def main() -> None:
     run(json.loads(Path(sys.argv[1]).read_text()))
+    watch = distributed.peers()
+    if watch is not None:  # the peer watchdog first: a tick in flight at exit aborts the process
+        watch.close()
     torch.distributed.destroy_process_group()
 
 

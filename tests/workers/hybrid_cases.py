@@ -12,8 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from fsdptrain.config.schema import load_config
 from fsdptrain.dist import distributed
 from fsdptrain.model import models
@@ -48,7 +46,7 @@ def main() -> None:
     if spec.get("layout_yaml"):
         dump_layout(spec["layout_yaml"], Path(spec["layout_dir"]), info)
     distributed.barrier()
-    torch.distributed.destroy_process_group()
+    distributed.shutdown(info)  # closes the peer watchdog first: a tick in flight at exit aborts the process
 
 
 if __name__ == "__main__":

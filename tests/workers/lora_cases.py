@@ -143,7 +143,7 @@ def main() -> None:
         if info.is_main:  # where a launch's seconds go (the test budget)
             print(f"case {Path(case['config']).stem}: {time.perf_counter() - t0:.1f} s "
                   f"({time.process_time() - c0:.1f} s CPU on rank 0)", flush=True)
-    torch.distributed.destroy_process_group()
+    distributed.shutdown(info)  # closes the peer watchdog first: a tick in flight at exit aborts the process
 
 
 if __name__ == "__main__":
