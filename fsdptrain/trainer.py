@@ -191,11 +191,10 @@ def write_run_files(cfg: Config, info: DistInfo, out: Path, fresh: bool) -> None
 
 
 def setup_data(cfg: Config, info: DistInfo, tokenizer: PreTrainedTokenizerBase,
-               examples: Optional[list[Example]]) -> tuple[Any, StepSampler, int, Any]:
+               examples: Optional[list[Example]], lay: context.ContextLayout) -> tuple[Any, StepSampler, int, Any]:
     """Examples, this rank's sampler, the number of optimizer steps and the eval examples (or None). Under
     parallel.context_parallel N the sampler deals to world / N data ranks: a context group reads the same rows."""
     examples, evals = pipeline.load_train_eval(cfg, tokenizer, info.rank, info.local_rank, log.info, examples)
-    lay = context.layout(cfg.parallel.context_parallel, info.world_size, info.rank)
     sampler = pipeline.build_sampler(cfg, examples, lay.data_world, lay.data_rank, info.local_world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
     return examples, sampler, total_steps, evals
@@ -237,14 +236,14 @@ def setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]] = None)
 def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: Path,
            held: Optional[rundir.RunLock], fresh: bool) -> Run:
     seed_everything(cfg.seed)
-    context.layout(cfg.parallel.context_parallel, info.world_size, info.rank)  # refused before any work
+    lay = context.layout(cfg.parallel.context_parallel, info.world_size, info.rank)  # refused before any work
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
-    examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples)
+    examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples, lay)
     hf_config = setup_hf_config(cfg, tokenizer)
     scratch = claim_offload_dir(cfg, info, out)  # parallel.optimizer_offload: nvme; before the model is built
     try:
         return _setup_model(cfg, info, out, held, fresh, tokenizer, examples, sampler, total_steps, evals,
-                            hf_config, scratch)
+                            hf_config, scratch, lay)
     except BaseException:
         if scratch is not None:  # the optimizer's file with it
             scratch.close()
@@ -293,7 +292,8 @@ def close_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 def _setup_model(cfg: Config, info: DistInfo, out: Path, held: Optional[rundir.RunLock], fresh: bool,
                  tokenizer: PreTrainedTokenizerBase, examples: Any, sampler: StepSampler, total_steps: int,
-                 evals: Any, hf_config: PretrainedConfig, scratch: Optional[offload_dir.Scratch]) -> Run:
+                 evals: Any, hf_config: PretrainedConfig, scratch: Optional[offload_dir.Scratch],
+                 lay: context.ContextLayout) -> Run:
     ref_config = reference_config(cfg, hf_config) if needs_reference_model(cfg) else None  # preference.ref_model
     log.release()  # data and model config are fine: what was said so far is printed, the rest as it comes
     sharded = build_sharded_model(cfg, info, hf_config)
@@ -341,7 +341,6 @@ def _setup_model(cfg: Config, info: DistInfo, out: Path, held: Optional[rundir.R
               router_aux_coef=moe.resolve_aux_coef(cfg.train.router_aux_loss_coef, model),
               expert_load=moe.track_expert_load(model, info.device), eval_examples=evals)
     setup_balance(run)
-    lay = context.layout(cfg.parallel.context_parallel, info.world_size, info.rank)
     ulysses.use_group(context.build_group(lay), lay.size)
     run.context_index = lay.index
     if lay.size > 1:

@@ -379,8 +379,8 @@ class _StepBatches(torch.utils.data.Dataset):
         if self.context is None:
             return collate(examples, self.pad_id, flatten=self.flatten)
         size, index = self.context
-        multiple = PAD_MULTIPLE * size // math.gcd(PAD_MULTIPLE, size)  # the width also divides into N chunks
-        batch = collate(examples, self.pad_id, multiple=multiple)
+        # the width also divides into N chunks (memory/estimate.py context_width counts it so)
+        batch = collate(examples, self.pad_id, multiple=math.lcm(PAD_MULTIPLE, size))
         return context_chunk(batch, row_lengths(examples), size, index)
 
 

@@ -305,12 +305,9 @@ class Settings:
     @property
     def local_seq(self) -> int:
         """Positions of a row one rank holds: the whole row, or under context parallelism its 1/N chunk of the row
-        padded to a multiple of lcm(8, N) (data/loader.py)."""
+        padded as the loader pads it (`context_width`)."""
         n = self.context
-        if n == 1:
-            return self.seq_len
-        step = math.lcm(8, n)
-        return -(-self.seq_len // step) * step // n
+        return self.seq_len if n == 1 else context_width(self.seq_len, n) // n
 
     @property
     def data_world(self) -> int:
@@ -473,6 +470,13 @@ def reference_bytes(m: ModelShape, s: Settings, rank: int) -> int:
     if s.reference == "initial":
         return pb * model_state(m, s.shard_world, rank, pb).trained_local
     return 0
+
+
+def context_width(width: int, n: int) -> int:
+    """A row's width under context parallelism N: padded up to a multiple of lcm(8, N), so that it holds N equal
+    chunks and each stays a multiple of 8 tokens where N allows (data/loader.py pads it so)."""
+    step = math.lcm(8, n)
+    return -(-width // step) * step
 
 
 def ulysses_saved_bytes_per_token(m: ModelShape, c: int) -> int:

@@ -45,7 +45,6 @@ What the trace does not model:
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -302,10 +301,9 @@ def context_masks(packed: bool) -> Iterator[None]:
 
 def chunk_batch(batch: dict, n: int) -> dict:
     """A fake micro-batch of whole rows as one rank of a context group of `n` holds it (data/loader.py
-    context_chunk): its chunk of the width padded to a multiple of lcm(8, n), and the whole rows' positions."""
+    context_chunk): its chunk of the padded width (estimate.context_width), and the whole rows' positions."""
     rows, width = batch["input_ids"].shape
-    step = math.lcm(8, n)
-    full = -(-width // step) * step
+    full = analytic.context_width(width, n)
     out = fake_batch(rows, full // n, 2, False)  # (token values are not read)
     out["position_ids"] = torch.arange(full // n).expand(rows, full // n).contiguous()
     out["context_position_ids"] = torch.arange(full).expand(rows, full).contiguous()
