@@ -227,15 +227,18 @@ class _GroupSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
         ctx.group = group
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
+        return summed(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        out = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=ctx.group)
-        return out, None
+        return summed(grad, ctx.group), None
+
+
+def summed(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """A contiguous copy of `x` summed over the group (all_reduce works in place on flat memory)."""
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
 
 
 def splitting() -> bool:
@@ -283,8 +286,7 @@ class _GroupGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        total = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total, group=ctx.group)
+        total = summed(grad, ctx.group)
         return total[ctx.index * ctx.rows:(ctx.index + 1) * ctx.rows], None, None, None
 
 
