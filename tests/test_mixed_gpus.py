@@ -190,7 +190,12 @@ def test_the_clock_times_each_blocks_backward_between_fsdp2s_gather_and_reduce_s
         assert seq == sum(fwd + bwd, []), "\n".join(map(str, seq))
         assert cpu.take() > 0 and cpu.take() == 0.0
 
-        # the GPU path: the same intervals from (stand-in) CUDA events, read at take()
+        # the GPU path: the same intervals from (stand-in) CUDA events, read at take(). Both clocks time this
+        # pass; their hooks sit at slightly different places (each interval holds some of the other clock's hook
+        # work), so a 10 ms stand-in compute in every block's forward and recomputation makes the intervals'
+        # contents, not the hooks, what is compared (a tiny block alone: 8% apart once on a loaded machine)
+        for b in blocks:
+            b.mlp.register_forward_pre_hook(lambda m, a: time.sleep(0.01))
         monkeypatch.setattr(torch.cuda, "Event", _Event)
         gpu = ComputeClock(blocks, torch.device("cuda"))
         token_loss_sum(sharded.model, batch).backward()
