@@ -22,6 +22,7 @@ from fsdptrain.config.schema import load_config
 from fsdptrain.dist import distributed
 from fsdptrain.train import balance
 from fsdptrain.trainer import train
+from tests.workers import finish
 
 _clock_init = balance.ComputeClock.__init__
 _train_step = trainer.train_step
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

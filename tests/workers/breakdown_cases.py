@@ -28,6 +28,7 @@ from fsdptrain.data import pipeline
 from fsdptrain.data.encode import IGNORE, Example
 from fsdptrain.dist import distributed
 from fsdptrain.memory import trace
+from tests.workers import finish
 from tests.workers.settled import settled_collectives
 
 
@@ -96,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

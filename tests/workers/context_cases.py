@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fsdptrain.model import ulysses
+from tests.workers import finish
 
 B, H, S, D = 2, 4, 12, 4
 
@@ -76,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

@@ -25,6 +25,7 @@ from fsdptrain.model import ulysses
 from fsdptrain.objectives.loss import install_chunked_loss
 from fsdptrain.train.build import build_sharded_model
 from fsdptrain.train.optim import build_optimizer
+from tests.workers import finish
 
 MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2,
          "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 128}
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

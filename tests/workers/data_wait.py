@@ -17,6 +17,7 @@ from fsdptrain.data import cache
 from fsdptrain.data.sources import resolve
 from fsdptrain.data.tokenizer import build_char_tokenizer
 from fsdptrain.dist import distributed
+from tests.workers import finish
 
 
 def main(folder: Path) -> None:
@@ -45,4 +46,4 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    finish(main, Path(sys.argv[1]))

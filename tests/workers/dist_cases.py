@@ -17,6 +17,7 @@ from fsdptrain.model import models
 from fsdptrain.train.build import build_sharded_model
 from fsdptrain.trainer import train
 from tests.parity_data import uneven_examples
+from tests.workers import finish
 
 
 def gather_random_init(model_yaml: str, out: str, info: distributed.DistInfo) -> None:
@@ -45,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

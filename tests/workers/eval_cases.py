@@ -24,6 +24,7 @@ from fsdptrain.objectives.sft import SFT
 from fsdptrain.train.build import build_sharded_model
 from fsdptrain.train.evaluate import eval_micro_batch, evaluate
 from fsdptrain.trainer import train
+from tests.workers import finish
 
 
 def eval_case(config: str, info: distributed.DistInfo) -> dict:
@@ -63,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

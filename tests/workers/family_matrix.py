@@ -30,6 +30,7 @@ from fsdptrain.dist import distributed
 from fsdptrain.model import packcheck
 from fsdptrain.objectives.loss import token_loss_sum
 from fsdptrain.trainer import loop, setup
+from tests.workers import finish
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -113,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

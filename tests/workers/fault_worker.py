@@ -11,12 +11,12 @@ fsdptrain.
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import sys
 
 from torch.distributed.checkpoint import FileSystemWriter
 
-from fsdptrain.cli import main
 from fsdptrain.run import checkpoint
 
 
@@ -68,4 +68,5 @@ def install() -> None:
 
 if __name__ == "__main__":
     install()
-    main()
+    # fsdptrain's own entry point, its end included (a succeeded rank of a multi-process run leaves by os._exit)
+    runpy.run_module("fsdptrain", run_name="__main__", alter_sys=True)

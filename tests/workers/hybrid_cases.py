@@ -18,6 +18,7 @@ from fsdptrain.model import models
 from fsdptrain.train.build import build_sharded_model
 from fsdptrain.trainer import train
 from tests.parity_data import uneven_examples
+from tests.workers import finish
 
 
 def dump_layout(config: str, out: Path, info: distributed.DistInfo) -> None:
@@ -50,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

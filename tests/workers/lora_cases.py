@@ -30,6 +30,7 @@ from fsdptrain.core.errors import UserError
 from fsdptrain.data import pipeline
 from fsdptrain.dist import distributed
 from fsdptrain.model.models import local_tensor
+from tests.workers import finish
 
 
 def run_train(cfg, info, ids: list[int], logits_out: str | None) -> None:
@@ -147,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

@@ -22,6 +22,7 @@ from fsdptrain.dist import distributed
 from fsdptrain.model import models
 from fsdptrain.train.build import build_sharded_model
 from fsdptrain.train.optim import build_optimizer
+from tests.workers import finish
 
 LONG, SHORT = 1536, 32
 
@@ -128,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from fsdptrain.config.schema import load_config
 from fsdptrain.dist import distributed
+from tests.workers import finish
 
 
 def routing_case(spec: dict, info: distributed.DistInfo) -> None:
@@ -65,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)

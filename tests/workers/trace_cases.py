@@ -28,6 +28,7 @@ from fsdptrain.memory import trace
 from fsdptrain.objectives.loss import install_chunked_loss
 from fsdptrain.train.build import build_sharded_model
 from fsdptrain.train.optim import build_optimizer
+from tests.workers import finish
 from tests.workers.settled import settled_collectives
 
 REPEATS = 3
@@ -71,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main)
