@@ -4,6 +4,8 @@ Usage (under torchrun): python -m tests.workers.mem_cases SPEC.json
 SPEC: {"train": [config yaml, ...],            runs with imbalanced_examples(world_size)
        "model_state": {"config": yaml, "out": dir},  writes out/rank{R}.json (real shard sizes)
        "oom": {"config": yaml, "rank": R, "at_call": N}}  then rank R raises OutOfMemoryError in its N-th forward
+                         (with "in": "ulysses": in its N-th sequence-to-heads exchange of context parallelism,
+                         where its context peer waits in the all-to-all)
    or {"watchdog": run_dir}: the peer-failure watchdog alone (2 ranks)
 """
 
@@ -70,11 +72,14 @@ def measure_model_state(config: str, info: distributed.DistInfo) -> dict:
 
 
 def run_oom(spec: dict) -> None:
-    """Rank spec['rank'] fails its spec['at_call']-th forward with the error CUDA would raise."""
+    """Rank spec['rank'] fails its spec['at_call']-th forward (or Ulysses exchange) with the error CUDA would
+    raise."""
     from fsdptrain import cli
+    from fsdptrain.model import ulysses
     from fsdptrain.objectives import sft
 
-    real = sft.token_loss_sum
+    module, name = (ulysses, "seq_to_heads") if spec.get("in") == "ulysses" else (sft, "token_loss_sum")
+    real = getattr(module, name)
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -83,7 +88,7 @@ def run_oom(spec: dict) -> None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated in a test)")
         return real(*args, **kwargs)
 
-    sft.token_loss_sum = failing  # what the SFT objective calls for each forward
+    setattr(module, name, failing)  # what the SFT objective calls for each forward; what Ulysses' attention calls
     cli.main(["train", spec["config"]])
 
 
