@@ -129,9 +129,14 @@ def test_launcher_a_killed_agent_is_one_line_per_rank_and_the_log_path(tmp_path)
     gone = [f"fsdptrain: error: rank {r}: the rendezvous store at 127.0.0.1:" for r in (0, 1)]
     # torchrun is gone: the follower names the log as soon as it sees that (it polls every 0.1 s), the ranks within
     # a second (their heartbeat); on a loaded machine either may come first
-    assert len(lines) == 3 and lines.count(log_line(log, held=False)) == 1, lines
+    text = log.read_text()
+    # a heartbeat call in flight when the store went away fails inside TCPStore, whose C++ warning (a stack) the
+    # follower holds back, saying so in its line; the heartbeat calls the dead store no more after that, so at
+    # most one such stack per rank (it was one per second until the rank stopped)
+    stacks = text.count("Exception raised from")
+    assert stacks <= 2, text[-3000:]
+    assert len(lines) == 3 and lines.count(log_line(log, held=stacks > 0)) == 1, (stacks, lines)
     assert all(any(x.startswith(g) and x.endswith(STOP_TAIL) for x in lines) for g in gone), lines
-    assert "frame #" not in log.read_text()  # the heartbeat no longer calls the dead store (C++ stacks)
 
 
 @pytest.mark.slow
