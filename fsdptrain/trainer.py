@@ -317,7 +317,7 @@ def _setup_model(cfg: Config, info: DistInfo, out: Path, held: Optional[rundir.R
                                 local_world=info.local_world_size)
     if scratch is not None:
         log.info(f"optimizer: AdamW moments in {optimizer.path} ({format_bytes(optimizer.nbytes)} on rank "
-                 f"{info.rank}), streamed through {optimizer.slots} host buffers "
+                 f"{info.rank}), streamed with the gradients and shards through {optimizer.slots} host buffers "
                  + ("with direct I/O" if optimizer.direct else "through the page cache (no direct I/O there)"))
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     ft = sharded.finetune

@@ -43,7 +43,7 @@ def set_grads(params: list[list[torch.nn.Parameter]], step: int, skip: int = -1)
         p.grad = None if i == skip else torch.randn(p.shape, generator=g)
 
 
-def nvme_opt(params, tmp_path: Path, buffer_bytes: int = 6 * 400) -> NVMeOffloadAdamW:
+def nvme_opt(params, tmp_path: Path, buffer_bytes: int = 12 * 512) -> NVMeOffloadAdamW:
     scratch = offload_dir.claim(str(tmp_path / "off"), tmp_path / "run", 0, 1)
     return NVMeOffloadAdamW(groups(params), scratch, buffer_bytes, **HYPER)
 
@@ -55,9 +55,9 @@ def flat_state(opt: torch.optim.Optimizer) -> dict:
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_moments_on_file_update_bitwise_like_in_memory(tmp_path, monkeypatch, direct):
-    """Six steps (one with a parameter without gradient) through a buffer of 400 bytes per chunk: many chunks,
-    each slot reused; parameters and state bitwise the in-memory offload's, and the file holds the moments. With
-    direct I/O (where /tmp's file system has it) and through the page cache."""
+    """Six steps (one with a parameter without gradient) through chunks of at most 512 bytes of parameters: many
+    chunks, each slot reused; parameters and state bitwise the in-memory offload's, and the file holds the moments.
+    With direct I/O (where /tmp's file system has it) and through the page cache."""
     if not direct:
         monkeypatch.setattr(optim_nvme, "open_direct", lambda path: None)
     mem_p, nvme_p = make_params(), make_params()
@@ -181,11 +181,11 @@ def test_a_failed_write_is_one_line(tmp_path, monkeypatch):
 
 
 def test_not_enough_space_is_one_line_with_the_numbers(tmp_path, monkeypatch):
-    # 5 chunks of at most 400 bytes of parameters, each region rounded up to 4 KiB (direct I/O's blocks)
+    # 5 chunks of at most 512 bytes of parameters, each region rounded up to 4 KiB (direct I/O's blocks)
     monkeypatch.setattr(optim_nvme, "free_bytes", lambda folder: 1000)
     scratch = offload_dir.claim(str(tmp_path / "off"), tmp_path / "run", 0, 1)
     with pytest.raises(OffloadDirError) as e:
-        NVMeOffloadAdamW(groups(make_params()), scratch, 2400, local_world=8, **HYPER)
+        NVMeOffloadAdamW(groups(make_params()), scratch, 12 * 512, local_world=8, **HYPER)
     assert str(e.value) == (f"parallel.offload_dir: {tmp_path / 'off'} has 1000 B free and this rank's optimizer "
                             "state needs 20.00 KiB (8 ranks on this node: 160.00 KiB in all); free space there, or "
                             "give a larger drive")
@@ -443,9 +443,10 @@ def test_nvme_checkpoint_reshards_one_to_four(runs, one_rank):
 
 def test_estimate_puts_the_state_on_the_drive_for_70b():
     """Llama-3-70B full fine-tuning on 2 x 8 x 80 GiB: nvme moves the AdamW state from host memory to the drive
-    (its own line); the host keeps the staging and the stream buffers."""
+    (its own line) and the host keeps only the stream buffers."""
     from fsdptrain.core.units import GIB
     from fsdptrain.memory import estimate
+    from fsdptrain.train import staging
     from tests.helpers import REPO
 
     path = str(REPO / "configs" / "estimate-llama3-70b-2x8-lora.yaml")
@@ -458,10 +459,12 @@ def test_estimate_puts_the_state_on_the_drive_for_70b():
                              shape=shape)
     assert mem.nvme_per_rank == 0 and nvme.nvme_per_rank == mem.state.optimizer
     assert nvme.nvme_per_node == 8 * nvme.nvme_per_rank
-    # 3 buffers of both moments of the largest shard (embed_tokens / lm_head: 128256 x 8192 / 16 rows), each with
-    # 4 KiB to align its address
-    buffers = 3 * (2 * 4 * (128256 // 16) * 8192 + 4096)
-    assert nvme.cpu_per_rank == mem.cpu_per_rank - mem.state.optimizer + buffers
+    # 3 buffers, each for the largest shard (embed_tokens / lm_head: 128256 x 8192 / 16 rows): both moments with
+    # 4 KiB to align its address, and the pinned staging of its gradient and shard (rounded to a power of two)
+    largest = (128256 // 16) * 8192
+    buffers = 3 * (2 * 4 * largest + 4096 + staging.pinned_size(2 * 4 * largest))
+    assert nvme.cpu_per_rank == buffers == 3_186_634_752  # 2.97 GiB per rank, where in-memory offload holds:
+    assert mem.cpu_per_rank == 79_301_319_500  # 73.86 GiB per rank: the moments (32.85) and the staging (41.00)
     assert nvme.peak == mem.peak
     text = estimate.render(nvme)
     assert (f"NVMe (optimizer_offload nvme): {estimate.format_bytes(nvme.nvme_per_rank)} per rank, "
@@ -470,8 +473,8 @@ def test_estimate_puts_the_state_on_the_drive_for_70b():
 
 def test_estimated_host_memory_is_what_the_optimizer_allocates(tmp_path):
     """The estimator's host line for nvme against the optimizer's own allocations on a tiny model (one rank, a
-    64 KiB buffer: many chunks): the staging in nvme's smaller chunks (each rounded to a power of two when pinned
-    on CUDA) and the stream buffers with their 4 KiB alignment, to the byte."""
+    64 KiB buffer: many chunks): the stream buffers, the moments' with their 4 KiB alignment and the staging's
+    (rounded to a power of two when pinned on CUDA), to the byte; no other host buffer."""
     from transformers import AutoModelForCausalLM
 
     from fsdptrain.core.units import GIB
@@ -490,12 +493,13 @@ def test_estimated_host_memory_is_what_the_optimizer_allocates(tmp_path):
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
-    flats = [views[0].untyped_storage().nbytes() for i in range(len(opt.param_groups)) for c in opt.staged(i)
-             for views in (c.grads, c.shards)]
+    flats = [b.untyped_storage().nbytes() for b in opt._staging_buffers]
     buffers = sum(b.untyped_storage().nbytes() for b in opt._buffers)
+    assert opt._staging == {} and not opt._in_sync  # no staging kept: every step copies the shards down
+    chunks = sum(len(r) for r in opt._regions)
     opt.close()
     shape = estimate.shape_from_config(cfg)
-    assert len(flats) > 10 and opt.slots == 3
+    assert chunks > 10 and opt.slots == 3 == len(flats)
     assert estimate.estimate(cfg, 1, 1, 80 * GIB, shape=shape).cpu_per_rank == sum(flats) + buffers
-    pinned = estimate.offload_staging_bytes(shape, 1, 0, True, staging.nvme_chunk_limit(64 * 1024))
-    assert pinned == sum(staging.pinned_size(n) for n in flats)
+    pinned = estimate.nvme_buffers(shape, 1, 0, 64 * 1024, True)
+    assert pinned == sum(staging.pinned_size(n) for n in flats) + buffers

@@ -268,10 +268,10 @@ class ParallelConfig:
     offload_dir: Optional[str] = opt(None, "optimizer_offload: nvme: a node-local folder (an NVMe drive) for the "
                                            "AdamW moments; fsdptrain writes only its own marked subfolder per run "
                                            "and rank there and deletes it at the end.")
-    offload_buffer_size: str = opt("256MiB", "optimizer_offload: nvme: host memory for the moments in flight "
-                                             "(read-ahead, update, write-behind): buffers of both moments of up to "
-                                             "64 MiB of parameters each, at least 3 (3 x the largest parameter "
-                                             "shard's moments if that is more).",
+    offload_buffer_size: str = opt("256MiB", "optimizer_offload: nvme: all the host memory the optimizer holds "
+                                             "(read-ahead, update, write-behind): buffers of the moments, "
+                                             "gradients and shards of up to 16 MiB of parameters each, at least 3 "
+                                             "(3 x 16 bytes x the largest parameter shard if that is more).",
                                    check=lambda v: size_problem(v))
     compile: bool = opt(False, "torch.compile each transformer block.")
     compile_backend: str = opt("inductor", "torch.compile backend for compile: true.",

@@ -65,7 +65,7 @@ from ..config.schema import TWO_ROWS, Config, parse_size
 from ..core.errors import UserError
 from ..core.units import GIB, format_bytes, rank_ranges
 from ..dist.plan import RunFacts, budgets, checkpoint_modes, describe_modes, per_rank, resolve_facts, resolve_precision
-from ..train.staging import CHUNK_BYTES, nvme_buffer_bytes, nvme_chunk_limit, staging_bytes
+from ..train.staging import nvme_buffer_bytes, staging_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -677,10 +677,9 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     cpu_rank = 0
     if p.cpu_offload:
         cpu_rank = st.total + ref_bytes  # fused CPU AdamW: no full-size temporary
-    elif p.optimizer_offload == "nvme":  # the staging, the moments' stream buffers; the state on the drive
+    elif p.optimizer_offload == "nvme":  # the stream's buffers only; the state on the drive
         buffer_bytes = parse_size(p.offload_buffer_size, "parallel.offload_buffer_size")
-        cpu_rank = (offload_staging_bytes(m, W, rank, s.facts.device_type == "cuda", nvme_chunk_limit(buffer_bytes))
-                    + nvme_buffers(m, W, rank, buffer_bytes))
+        cpu_rank = nvme_buffers(m, W, rank, buffer_bytes, s.facts.device_type == "cuda")
     elif p.optimizer_offload:  # state + the persistent host buffers (gradient, shard), pinned on CUDA
         cpu_rank = st.optimizer + offload_staging_bytes(m, W, rank, s.facts.device_type == "cuda")
     nvme_rank = st.optimizer if p.optimizer_offload == "nvme" and not p.cpu_offload else 0
@@ -704,16 +703,17 @@ def local_groups(m: ModelShape, world: int, rank: int) -> list[list[int]]:
     return list(groups.values())
 
 
-def offload_staging_bytes(m: ModelShape, world: int, rank: int, pinned: bool, limit: int = CHUNK_BYTES) -> int:
+def offload_staging_bytes(m: ModelShape, world: int, rank: int, pinned: bool) -> int:
     """Host bytes of optimizer_offload's staging buffers on `rank`: per parameter group one flat fp32 gradient and
-    one shard buffer per chunk of at most `limit` bytes (64 MiB; nvme's chunks are smaller, staging.nvme_chunk_limit),
-    each rounded up to a power of two by CUDA's pinned allocator (train.optim_offload)."""
-    return sum(staging_bytes(numels, pinned, limit) for numels in local_groups(m, world, rank))
+    one shard buffer per chunk of at most 64 MiB, each rounded up to a power of two by CUDA's pinned allocator
+    (train.optim_offload)."""
+    return sum(staging_bytes(numels, pinned) for numels in local_groups(m, world, rank))
 
 
-def nvme_buffers(m: ModelShape, world: int, rank: int, buffer_bytes: int) -> int:
-    """Host bytes of optimizer_offload nvme's stream buffers on `rank` (train.optim_nvme; not pinned)."""
-    return nvme_buffer_bytes(local_groups(m, world, rank), buffer_bytes)
+def nvme_buffers(m: ModelShape, world: int, rank: int, buffer_bytes: int, pinned: bool) -> int:
+    """Host bytes of optimizer_offload nvme's stream buffers on `rank`, all it holds in host memory (the moments'
+    part unpinned, the staging's pinned on CUDA; train.optim_nvme)."""
+    return nvme_buffer_bytes(local_groups(m, world, rank), buffer_bytes, pinned)
 
 
 def block_backward_phases(m: ModelShape, s: Settings, rank: int, st: ModelState, kept_bytes: list[int],
@@ -931,7 +931,7 @@ def render(est: Estimate) -> str:
     if est.cpu_per_rank:
         ref = ", the reference's weights" if s.reference in ("copy", "initial") else ""
         what = ("sharded params, grads and AdamW state" + ref if s.cfg.parallel.cpu_offload
-                else "the pinned staging of the gradient and parameter shards and the moments' stream buffers"
+                else "the stream buffers: a few chunks' moments, gradients and parameter shards"
                 if est.nvme_per_rank else "AdamW state and the pinned staging of the gradient and parameter shards")
         cpu = (f"CPU (offload): {format_bytes(est.cpu_per_rank)} per rank, {format_bytes(est.cpu_per_node)} "
                f"per node ({what})")

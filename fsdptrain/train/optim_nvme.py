@@ -1,8 +1,11 @@
 """parallel.optimizer_offload: nvme: CPUOffloadAdamW with AdamW's moments in a file instead of host memory.
 
-The update is the in-memory offload's (train/optim_offload.py): the same staging of gradients and fp32 shards,
-the same fused CPU AdamW per chunk, the same copies back; only where the moments live changes, so losses and
-parameters are bitwise those of `optimizer_offload: true`.
+The update is the in-memory offload's (train/optim_offload.py): the same chunks of gradients and fp32 shards
+copied to the host, the same fused CPU AdamW per chunk, the same copies back; only where the moments live
+changes, so losses and parameters are bitwise those of `optimizer_offload: true`. Nor does any staging persist
+between steps: a chunk's gradients and shards pass through its stream buffer (each step copies the shards down
+again, 4 more bytes per parameter over PCIe than the in-memory offload, which keeps them), so the host holds
+only the buffers, whatever the model's size.
 
 The file: one per rank, `moments.bin` in the rank's marked scratch subfolder (train/offload_dir.py). Each
 staging chunk (consecutive parameters of one group, at most `staging.nvme_chunk_limit` bytes of fp32) owns one
@@ -12,14 +15,16 @@ churn it), which the stream uses where the file system allows it. The file is al
 (posix_fallocate: reads as zeros, and a disk that fills up later cannot fail a moments write), after a free-space
 check with the numbers.
 
-A step streams the regions through `slots` host buffers (parallel.offload_buffer_size): a reader thread reads
-chunk k + slots - 2 ahead while the CPU updates chunk k, and a writer thread writes chunk k back while chunk
-k + 1 updates; a buffer is reused only once its write has finished. The stream also runs across the step
-boundary, in the same buffers: the step returns with its last chunks' writes still running, and reads the next
-step's first chunks (one per buffer, each once its buffer's write is done) while forward and backward run, so
-that the next step starts with full buffers. Whatever reads the file waits for the writes (`settle`: the state
-dict, the page-cache eviction); a load drops the reads ahead. The threads do plain pread/pwrite, which release
-the GIL, as does the fused update. Host memory for the moments: slots x 2 x the largest chunk.
+A step streams the regions through `slots` host buffers (parallel.offload_buffer_size): a reader thread reads chunk
+k + slots - 2 ahead while the CPU updates chunk k, and a writer thread writes chunk k back while chunk k + 1
+updates; a buffer is reused only once its write has finished. The stream also runs across the step boundary, in the
+same buffers: the step returns with its last chunks' writes still running, and reads the next step's first chunks
+(one per buffer, each once its buffer's write is done) while forward and backward run, so that the next step starts
+with full buffers. A buffer's staging (the chunk's gradients and shards, pinned on CUDA) is filled when its moments
+are read, by device -> host copies issued on the current stream after the host -> device copies of the chunk it held
+before: the stream's order, not a wait, keeps them apart. Whatever reads the file waits for the writes (`settle`:
+the state dict, the page-cache eviction); a load drops the reads ahead. The threads do plain pread/pwrite, which
+release the GIL, as does the fused update. Host memory: slots x 4 x the largest chunk (staging.nvme_buffer_bytes).
 
 Checkpoints: `state_dict()` hands torch.distributed.checkpoint the moments as views of a shared memory map of the
 file (DTensors placed like the parameters, as the in-memory offload's), so DCP saves them chunk by chunk from
@@ -48,7 +53,7 @@ from ..core.units import format_bytes
 from ..model.models import local_tensor
 from . import staging
 from .offload_dir import OffloadDirError, Scratch, check_space, free_bytes
-from .optim_offload import CPUOffloadAdamW, adamw_update, flat_views, like_param
+from .optim_offload import CPUOffloadAdamW, adamw_update, copy_down, flat_views, like_param
 
 MOMENTS_FILE = "moments.bin"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -149,14 +154,17 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
 
     def __init__(self, params, scratch: Scratch, buffer_bytes: int, local_world: int = 1, **hyper):
         super().__init__(params, **hyper)
+        self._keeps_shards = False  # no staging between steps: every step copies the shards down
         self._scratch = scratch
         self._limit = staging.nvme_chunk_limit(buffer_bytes)
+        self._chunks = [self._layout(group["params"]) for group in self.param_groups]  # per group: chunks
         self._regions = self._plan()
         total = sum(r.span for regions in self._regions for r in regions)
-        largest = max((r.numel for regions in self._regions for r in regions), default=0)
-        self.slots = staging.nvme_slots(buffer_bytes, largest, max((len(r) for r in self._regions), default=0))
+        self._largest = max((r.numel for regions in self._regions for r in regions), default=0)
+        self.slots = staging.nvme_slots(buffer_bytes, self._largest, max((len(r) for r in self._regions), default=0))
         self._slot_numel = max((r.span for regions in self._regions for r in regions), default=0)
-        self._buffers: list[torch.Tensor] = []  # made at the first step
+        self._buffers: list[torch.Tensor] = []  # per slot: a chunk's moments (made at the first step)
+        self._staging_buffers: list[torch.Tensor] = []  # per slot: its gradients, then its shards (likewise)
         self._writes: dict[int, Future] = {}  # buffer -> its chunk's write, possibly still running
         self._prefetched: dict[int, tuple[int, int, Future]] = {}  # buffer -> (group, chunk, read) for next step
         self.across_steps = True  # False: each step waits for its own writes and reads nothing ahead (benchmarks)
@@ -173,17 +181,21 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fsdptrain-nvme-write")
         self.stats = IOStats()
         self._stats_lock = threading.Lock()
-        self._where = {p: (index, k, i) for index, group in enumerate(self.param_groups)
-                       for k, chunk in enumerate(self.staged(index)) for i, p in enumerate(chunk.params)}
+        self._where = {p: (index, k, i) for index, chunks in enumerate(self._chunks)
+                       for k, chunk in enumerate(chunks) for i, p in enumerate(chunk)}
+
+    def _layout(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """A group's parameters in chunks of at most self._limit bytes of fp32 (the in-memory staging's rule)."""
+        numels = [local_tensor(p).numel() for p in params]
+        return [[params[i] for i in chunk] for chunk in staging.staging_chunks(numels, self._limit)]
 
     def _plan(self) -> list[list[Region]]:
-        """Every group's chunks (the staging's, same limit) laid end to end in the file."""
+        """Every group's chunks laid end to end in the file."""
         out, start = [], 0
-        for index in range(len(self.param_groups)):
+        for chunks in self._chunks:
             regions = []
-            for chunk in self.staged(index):
-                shapes = [local_tensor(p).shape for p in chunk.params]
-                regions.append(Region(start, shapes))
+            for chunk in chunks:
+                regions.append(Region(start, [local_tensor(p).shape for p in chunk]))
                 start += regions[-1].span
             out.append(regions)
         return out
@@ -250,6 +262,8 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
     def _slots(self) -> list[torch.Tensor]:
         if not self._buffers:
             self._buffers = [aligned_buffer(self._slot_numel) for _ in range(self.slots)]
+            self._staging_buffers = [torch.empty(2 * self._largest, dtype=torch.float32, pin_memory=self._pin)
+                                     for _ in range(self.slots)]
         return self._buffers
 
     @torch.no_grad()
@@ -257,9 +271,8 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         loss = closure() if closure is not None else None
         self._drop_mapped_pages()  # a checkpoint save since the last step read the state through the map
         for index, group in enumerate(self.param_groups):
-            chunks = self.staged(index)
-            staged = [(k, s) for k, s in enumerate(self._stage(chunk) for chunk in chunks) if s is not None]
-            self._stream(index, group, staged)
+            live = ((k, [p for p in chunk if p.grad is not None]) for k, chunk in enumerate(self._chunks[index]))
+            self._stream(index, group, [(k, params) for k, params in live if params])
         if self.across_steps:
             self._prefetch()
         else:
@@ -271,15 +284,28 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         region = self._regions[index][k]
         return self._slots()[slot][:region.span], FP32 * region.start
 
-    def _stream(self, index: int, group: dict, staged: list) -> None:
-        """Update the staged chunks of group `index`, streaming their moments (module docstring). The chunk at
-        position j of `staged` uses buffer j % slots; the last chunks' writes are left running when it returns
-        (the next read into their buffers, `settle` or `close` waits for them)."""
+    def _stage_slot(self, slot: int, params: list[torch.Tensor]) -> tuple[list, list, list, Optional[torch.cuda.Event]]:
+        """Start the device -> host copies of the gradients and shards of `params` (a chunk's, those with a
+        gradient) into buffer `slot`'s staging; on CUDA with an event the update waits for."""
+        shapes = [local_tensor(p).shape for p in params]
+        n = sum(s.numel() for s in shapes)
+        flat = self._staging_buffers[slot]
+        grads, host_params = flat_views(flat[:n], shapes), flat_views(flat[self._largest:self._largest + n], shapes)
+        return params, grads, host_params, copy_down(params, grads, host_params, self._pin)
+
+    def _stream(self, index: int, group: dict, todo: list[tuple[int, list[torch.Tensor]]]) -> None:
+        """Update group `index`'s chunks in `todo` ((chunk, its parameters with a gradient)), streaming their
+        moments, gradients and shards (module docstring). The chunk at position j uses buffer j % slots; the last
+        chunks' writes are left running when it returns (the next read into their buffers, `settle` or `close`
+        waits for them)."""
         n = len(self._slots())
         reads: dict[int, Future] = {}
+        staged: dict[int, tuple] = {}
 
         def read(j: int) -> None:
-            slot, k = j % n, staged[j][0]
+            slot, k = j % n, todo[j][0]
+            # the buffer's staging: its last chunk's copies back were issued before these, on the same stream
+            staged[j] = self._stage_slot(slot, todo[j][1])
             write = self._writes.pop(slot, None)  # the buffer's previous chunk must be on the file first
             if write is not None:
                 self._wait(write, "write")
@@ -291,18 +317,19 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
                 ahead[2].exception()
             reads[j] = self._reader.submit(self._timed, read_into, *self._io(index, k, slot))
 
-        for j in range(min(n - 1, len(staged))):
+        for j in range(min(n - 1, len(todo))):
             read(j)
         try:
-            for j, (k, (params, grads, host_params, event)) in enumerate(staged):
+            for j, (k, _) in enumerate(todo):
                 self._wait(reads.pop(j), "read")
+                params, grads, host_params, event = staged.pop(j)
                 if event is not None:
                     event.synchronize()
                 buf, offset = self._io(index, k, j % n)
                 self._update_chunk(self._regions[index][k], buf, params, grads, host_params, group)
                 self._send_back(params, host_params)
                 self._writes[j % n] = self._writer.submit(self._timed, write_from, buf, offset)
-                if j + n - 1 < len(staged):
+                if j + n - 1 < len(todo):
                     read(j + n - 1)  # into the buffer of chunk j - 1, once its write is done
         finally:
             for fut in reads.values():  # a failure: let the reader finish with the buffers
@@ -397,6 +424,7 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
         self._reader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self._buffers = []
+        self._staging_buffers = []
         self._flat = None
         if self._map is not None:
             try:

@@ -29,6 +29,7 @@ a regular AdamW's state. Loading puts it back on the CPU in fp32
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Optional
@@ -100,6 +101,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         # fp32 shards whose device copy was last written by this optimizer from its host buffer: that buffer
         # already holds the shard, so the step skips the device -> host copy (half the PCIe traffic)
         self._in_sync: set[torch.Tensor] = set()
+        self._keeps_shards = True  # the staging persists between steps (nvme's does not: it reads every shard)
 
     def load_state_dict(self, state_dict) -> None:
         """torch's load casts every state tensor to its parameter's device and dtype
@@ -144,7 +146,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         """Copy a chunk's updated shards to the parameters (asynchronously on CUDA)."""
         for p, hp in zip(params, host_params):
             local_tensor(p).copy_(hp, non_blocking=self._pin)
-            if local_tensor(p).dtype == torch.float32:  # lower-precision shards are re-read: same rounding
+            if self._keeps_shards and local_tensor(p).dtype == torch.float32:  # lower precision: re-read
                 self._in_sync.add(p)
 
     def _stage(self, chunk: StagingChunk) -> Optional[tuple[list, list, list, Optional[torch.cuda.Event]]]:
@@ -154,15 +156,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             return None
         params = [chunk.params[i] for i in live]
         grads, host_params = [chunk.grads[i] for i in live], [chunk.shards[i] for i in live]
-        for p, g, hp in zip(params, grads, host_params):
-            g.copy_(local_tensor(p.grad), non_blocking=self._pin)
-            if p not in self._in_sync:
-                hp.copy_(local_tensor(p), non_blocking=self._pin)
-        event = None
-        if self._pin:
-            event = torch.cuda.Event()
-            event.record()
-        return params, grads, host_params, event
+        return params, grads, host_params, copy_down(params, grads, host_params, self._pin, self._in_sync)
 
     def _update(self, params, grads, host_params, group) -> None:
         """The AdamW update of one chunk in host memory, with torch's fused CPU kernel: one pass over
@@ -178,6 +172,21 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             v.append(local_tensor(st["exp_avg_sq"]))
             steps.append(st["step"])
         adamw_update(host_params, grads, m, v, steps, group)
+
+
+def copy_down(params: list[torch.Tensor], grads: list[torch.Tensor], host_params: list[torch.Tensor], pin: bool,
+              in_sync: Collection[torch.Tensor] = ()) -> Optional[torch.cuda.Event]:
+    """Start the device -> host copies of `params`' gradients and shards into their host buffers (asynchronous on
+    CUDA; a shard in `in_sync` is on the host already); on CUDA the event the update waits for."""
+    for p, g, hp in zip(params, grads, host_params):
+        g.copy_(local_tensor(p.grad), non_blocking=pin)
+        if p not in in_sync:
+            hp.copy_(local_tensor(p), non_blocking=pin)
+    if not pin:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def adamw_update(host_params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],

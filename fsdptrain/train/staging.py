@@ -3,8 +3,9 @@
 `train.optim_offload` stages each parameter group's gradients and fp32 shards in host memory in chunks of
 CHUNK_BYTES; each chunk is one flat buffer per kind, pinned on CUDA. CUDA's caching host allocator rounds
 every pinned request up to a power of two (ATen's CachingHostAllocator with its default
-pinned_max_round_threshold), so the layout decides how much host memory the staging really takes. The memory
-estimator counts it with the same functions.
+pinned_max_round_threshold), so the layout decides how much host memory the staging really takes. With
+`optimizer_offload: nvme` (`train.optim_nvme`) no staging persists: each of a few stream buffers holds one
+chunk's moments, gradients and shards at a time. The memory estimator counts both with the same functions.
 """
 
 from __future__ import annotations
@@ -42,28 +43,38 @@ def staging_bytes(numels: list[int], pinned: bool, limit: int = CHUNK_BYTES) -> 
 
 MIN_SLOTS = 3  # optimizer_offload nvme: read-ahead, update, write-behind
 NVME_ALIGN = 4096  # bytes: direct I/O needs file offsets, lengths and buffer addresses on the drive's blocks
+IN_FLIGHT = 4  # optimizer_offload nvme: what a chunk holds in host memory, in fp32 copies of its parameters:
+#                both moments, the gradients and the shards (nothing of the state stays in host memory)
 
 
 def nvme_chunk_limit(buffer_bytes: int) -> int:
     """optimizer_offload nvme: fp32 bytes of parameters per chunk: CHUNK_BYTES, or less so that MIN_SLOTS chunks
-    of both moments fit parallel.offload_buffer_size."""
-    return max(STAGING_DTYPE_BYTES, min(CHUNK_BYTES, buffer_bytes // (2 * MIN_SLOTS)))
+    in flight (IN_FLIGHT copies each) fit parallel.offload_buffer_size; a power of two, so that a buffer's pinned
+    staging (gradients and shards, 2 x the chunk) is not rounded up by CUDA's pinned allocator."""
+    fit = max(STAGING_DTYPE_BYTES, buffer_bytes // (IN_FLIGHT * MIN_SLOTS))
+    return min(CHUNK_BYTES, 1 << (fit.bit_length() - 1))
 
 
 def nvme_slots(buffer_bytes: int, largest_chunk_numel: int, most_chunks: int) -> int:
-    """optimizer_offload nvme: how many chunk buffers (both moments each) stream the state: what the buffer size
-    pays for, at least MIN_SLOTS, at most a group's number of chunks (the pipeline's length)."""
-    per_slot = max(1, 2 * STAGING_DTYPE_BYTES * largest_chunk_numel)
+    """optimizer_offload nvme: how many chunk buffers (both moments, gradients and shards each) stream the state:
+    what the buffer size pays for, at least MIN_SLOTS, at most a group's number of chunks (the pipeline's
+    length)."""
+    per_slot = max(1, IN_FLIGHT * STAGING_DTYPE_BYTES * largest_chunk_numel)
     return min(max(MIN_SLOTS, buffer_bytes // per_slot), max(MIN_SLOTS, most_chunks))
 
 
-def nvme_buffer_bytes(groups: list[list[int]], buffer_bytes: int) -> int:
-    """optimizer_offload nvme: host bytes of the moments' stream buffers for parameter groups of these local
-    sizes: per buffer both moments of the largest chunk rounded up to NVME_ALIGN, and NVME_ALIGN more to align
-    its address (train.optim_nvme.aligned_buffer)."""
+def nvme_buffer_bytes(groups: list[list[int]], buffer_bytes: int, pinned: bool) -> int:
+    """optimizer_offload nvme: host bytes of the stream's buffers for parameter groups of these local sizes, all
+    the host memory the optimizer holds: per buffer both moments of the largest chunk rounded up to NVME_ALIGN
+    and NVME_ALIGN more to align its address (train.optim_nvme.aligned_buffer), and its staging, one flat fp32
+    buffer for the gradients and the shards of the largest chunk (pinned on CUDA, rounded as the allocator
+    does)."""
     limit = nvme_chunk_limit(buffer_bytes)
     chunks = [[sum(numels[i] for i in c) for c in staging_chunks(numels, limit)] for numels in groups if numels]
     largest = max((n for group in chunks for n in group), default=0)
+    if not largest:
+        return 0
     slots = nvme_slots(buffer_bytes, largest, max((len(c) for c in chunks), default=0))
     span = -(-2 * STAGING_DTYPE_BYTES * largest // NVME_ALIGN) * NVME_ALIGN
-    return slots * (span + NVME_ALIGN) if largest else 0
+    stage = 2 * STAGING_DTYPE_BYTES * largest
+    return slots * (span + NVME_ALIGN + (pinned_size(stage) if pinned else stage))
