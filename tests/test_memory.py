@@ -175,6 +175,26 @@ def test_model_state_terms_equal_the_real_shards(launch, tmp_path):
     assert measured[3]["params_local"] == shape.n_params
 
 
+def test_cpu_offload_host_bytes_are_fsdp2s_pinned_shards_and_gradients(launch):
+    """parallel.cpu_offload's host line against FSDP2's own shards on 3 ranks (padded ones included): each
+    parameter's padded shard and each gradient's unpadded shard, every one a pinned request that CUDA's host
+    allocator rounds up to a power of two (ATen's CachingHostAllocator, default pinned_max_round_threshold)."""
+    from fsdptrain.train import staging
+
+    root = launch[0]
+    cfg = load_config(str(root / "state.yaml"), ["parallel.cpu_offload=true"])
+    shape = estimate.shape_from_config(cfg)
+    for r in range(3):
+        m = json.loads((root / "state" / f"rank{r}.json").read_text())
+        pinned = sum(staging.pinned_size(b) for b in m["param_storages"] + m["grad_bytes"])
+        assert estimate.cpu_offload_pinned_bytes(shape, 3, r, 4, 4, True) == pinned
+        assert estimate.cpu_offload_pinned_bytes(shape, 3, r, 4, 4, False) == \
+            sum(m["param_storages"]) + sum(m["grad_bytes"]) == m["params_storage"] + 4 * m["grads_local"]
+        est = estimate.compute(shape, estimate.settings_from_config(cfg, 1, 3, 80 * GIB, device_type="cuda"), r)
+        assert est.cpu_per_rank == pinned + m["optimizer_bytes"]  # the moments unpinned, exact
+        assert pinned > m["params_storage"] + 4 * m["grads_local"]  # the rounding is exercised
+
+
 def test_oom_on_one_rank_stops_all_with_one_message(launch):
     root, proc, seconds = launch
     assert proc.returncode != 0
@@ -398,8 +418,11 @@ def test_qwen25_32b_on_2x8_with_and_without_offload():
     assert shape.n_params == L * per_layer + 2 * v * h + h == 32_763_876_352
     off = estimate.estimate(cfg, 2, 8, 80 * GIB, 1024 * GIB, shape=shape)
     st = estimate.model_state(shape, 16, 0, 4)
-    assert (off.fits and off.cpu_per_node == 8 * st.total
+    # on the host: the shards and gradients pinned one by one (each rounded to a power of two), AdamW's state
+    pinned = estimate.cpu_offload_pinned_bytes(shape, 16, 0, 4, 2, True)
+    assert (off.fits and off.cpu_per_node == 8 * (pinned + st.optimizer)
             and off.terms["parameters (sharded)"] == 0)
+    assert round(off.cpu_per_node / GIB) == 342 and round(8 * st.total / GIB) == 244  # the rounding: +40%
     assert st.params == st.padded_numel * 4 and st.total == pytest.approx(16 * shape.n_params / 16, rel=0.01)
     plain = estimate.estimate(load_config(path, ["parallel.cpu_offload=false",
                                                  "parallel.activation_checkpointing=none"]),

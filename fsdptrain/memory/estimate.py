@@ -65,7 +65,7 @@ from ..config.schema import TWO_ROWS, Config, parse_size
 from ..core.errors import UserError
 from ..core.units import GIB, format_bytes, rank_ranges
 from ..dist.plan import RunFacts, budgets, checkpoint_modes, describe_modes, per_rank, resolve_facts, resolve_precision
-from ..train.staging import nvme_buffer_bytes, staging_bytes
+from ..train.staging import nvme_buffer_bytes, pinned_size, staging_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -255,6 +255,26 @@ def model_state(shape: ModelShape, world: int, rank: int, param_bytes: int,
                       params=t_padded * param_bytes + (padded - t_padded) * fb,
                       grads=t_padded * param_bytes, optimizer=2 * t_local * param_bytes + 4 * t_n,
                       trainable_numel=t_local if shape.frozen else -1)
+
+
+def cpu_offload_pinned_bytes(shape: ModelShape, world: int, rank: int, param_bytes: int, frozen_bytes: int,
+                             pinned: bool) -> int:
+    """Host bytes of parallel.cpu_offload's parameters and gradients on `rank`. FSDP2's CPUOffloadPolicy(pin_memory
+    =True) pins each parameter's padded shard on its own, and copies each trainable one's reduced gradient (its
+    unpadded shard, in the parameter's dtype) into memory it pins as it goes; CUDA's caching host allocator rounds
+    every pinned request up to a power of two and keeps a freed gradient's block for the next step's. `pinned`
+    False: the bytes themselves."""
+    size = pinned_size if pinned else int
+    total = 0
+    for u, unit in enumerate(shape.units):
+        for i, s in enumerate(unit):
+            rest = math.prod(s[1:]) if len(s) > 1 else 1
+            lr, pr = shard_rows(s[0], world, rank) if s else (1, 1)
+            frozen = bool(shape.frozen and shape.frozen[u][i])
+            total += size(pr * rest * (frozen_bytes if frozen else param_bytes))
+            if not frozen:
+                total += size(lr * rest * param_bytes)
+    return total
 
 
 def unit_numel(unit: list[tuple[int, ...]], world: int) -> int:
@@ -675,8 +695,12 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     cpu_rank = 0
-    if p.cpu_offload:
-        cpu_rank = st.total + ref_bytes  # fused CPU AdamW: no full-size temporary
+    if p.cpu_offload:  # the pinned shards and gradients, AdamW's state (fused CPU AdamW: no full-size temporary)
+        pinned = s.facts.device_type == "cuda"
+        if s.reference == "copy":  # its frozen shards pinned the same way
+            ref_bytes = cpu_offload_pinned_bytes(dataclasses.replace(m, frozen=[[True] * len(u) for u in m.units]),
+                                                 W, rank, pb, c, pinned)
+        cpu_rank = cpu_offload_pinned_bytes(m, W, rank, pb, c, pinned) + st.optimizer + ref_bytes
     elif p.optimizer_offload == "nvme":  # the stream's buffers only; the state on the drive
         buffer_bytes = parse_size(p.offload_buffer_size, "parallel.offload_buffer_size")
         cpu_rank = nvme_buffers(m, W, rank, buffer_bytes, s.facts.device_type == "cuda")
@@ -930,7 +954,7 @@ def render(est: Estimate) -> str:
                    f"{format_bytes(need)} of {format_bytes(s.facts.gpu_memory)}")]
     if est.cpu_per_rank:
         ref = ", the reference's weights" if s.reference in ("copy", "initial") else ""
-        what = ("sharded params, grads and AdamW state" + ref if s.cfg.parallel.cpu_offload
+        what = ("the pinned parameter and gradient shards, AdamW state" + ref if s.cfg.parallel.cpu_offload
                 else "the stream buffers: a few chunks' moments, gradients and parameter shards"
                 if est.nvme_per_rank else "AdamW state and the pinned staging of the gradient and parameter shards")
         cpu = (f"CPU (offload): {format_bytes(est.cpu_per_rank)} per rank, {format_bytes(est.cpu_per_node)} "

@@ -64,7 +64,10 @@ def measure_model_state(config: str, info: distributed.DistInfo) -> dict:
     out = {"rank": info.rank, "world": info.world_size,
            "params_local": sum(t.numel() for t in params), "params_storage": _storage_bytes(params),
            "grads_local": sum(t.numel() for t in grads), "grads_storage": _storage_bytes(grads),
-           "n_tensors": len(params)}
+           "n_tensors": len(params),
+           # per parameter: its padded shard's own storage, its gradient's unpadded shard (what cpu_offload pins)
+           "param_storages": [t.untyped_storage().nbytes() for t in params],
+           "grad_bytes": [t.numel() * t.element_size() for t in grads]}
     opt.step()
     out["optimizer_bytes"] = sum(local_tensor(v).numel() * v.element_size()
                                  for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
