@@ -13,7 +13,7 @@ from torch import nn
 
 from fsdptrain.train import optim_offload as oo
 from fsdptrain.train.optim_offload import CPUOffloadAdamW
-from fsdptrain.train.staging import pinned_size, staging_bytes, staging_chunks
+from fsdptrain.train.staging import pinned_size, staging_bytes, staging_chunks, staging_slabs
 
 # ----------------------------------------------------------------------------- offloaded AdamW: state on load
 
@@ -63,14 +63,20 @@ def test_staging_chunks_and_the_pinned_allocators_rounding():
     assert staging_chunks([12, 5, 4, 30], limit=80) == [[0, 1], [2], [3]]  # 20 fp32 per chunk; 30 alone
     assert staging_chunks([], limit=80) == []
     assert [pinned_size(n) for n in (0, 1, 68, 64, 65, 2**26 + 1)] == [0, 1, 128, 64, 128, 2**27]
-    # two buffers (gradients, shards) per chunk: 68 -> 128, 16 -> 16, 120 -> 128 bytes each
-    assert staging_bytes([12, 5, 4, 30], pinned=True, limit=80) == 2 * (128 + 16 + 128)
+    # chunks of 68, 16 and 120 bytes in slabs: one up to 128 (the largest power of two within the 204 bytes left)
+    # takes the first two (84 bytes), one up to 64 (of the 120 left) the third, larger, alone
+    assert staging_slabs([68, 16, 120]) == [[0, 1], [2]]
+    assert staging_slabs([68, 16, 120], slab=64) == [[0], [1], [2]]
+    assert staging_slabs([40] * 15, slab=1024) == [list(range(12)), [12], [13], [14]]  # 600: 480 in 512, then 40s
+    assert staging_slabs([]) == []
+    # two buffers (gradients, shards) per slab: 84 -> 128, 120 -> 128 bytes each (per chunk: 128 + 16 + 128)
+    assert staging_bytes([12, 5, 4, 30], pinned=True, limit=80) == 2 * (128 + 128)
     assert staging_bytes([12, 5, 4, 30], pinned=False, limit=80) == 2 * 4 * 51
 
 
-def test_offloaded_adamw_stages_each_chunk_in_one_flat_buffer(monkeypatch):
-    # One allocation per chunk and kind, views handed out: pinned per parameter, every request was rounded up to
-    # a power of two (up to 2x the planned 8 bytes per parameter)
+def test_offloaded_adamw_stages_each_slab_of_chunks_in_one_flat_buffer(monkeypatch):
+    # One allocation per slab of chunks and kind, views handed out: pinned per parameter, every request was rounded
+    # up to a power of two (up to 2x the planned 8 bytes per parameter), per chunk again up to 2x
     monkeypatch.setattr(oo.staging, "CHUNK_BYTES", 80)
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(2, 2)),
@@ -81,14 +87,16 @@ def test_offloaded_adamw_stages_each_chunk_in_one_flat_buffer(monkeypatch):
     opt.step()
     chunks = opt.staged(0)
     assert [[next(i for i, q in enumerate(params) if q is p) for p in c.params] for c in chunks] == [[0, 1], [2], [3]]
+    # chunks of 68, 16 and 120 bytes: the first two in one slab (staging_slabs), the third in another
+    for kind in ("grads", "shards"):
+        views = [v for c in chunks for v in getattr(c, kind)]
+        storages = [v.untyped_storage() for v in views]
+        assert [s.data_ptr() for s in storages[:3]] == [storages[0].data_ptr()] * 3
+        assert storages[3].data_ptr() != storages[0].data_ptr()
+        assert [v.storage_offset() for v in views] == [0, 12, 17, 0]
+        assert [s.nbytes() for s in (storages[0], storages[3])] == [4 * 21, 4 * 30]  # exact: the allocator rounds
+        assert [v.shape for v in views] == [p.shape for p in params]
     for c in chunks:
-        for views in (c.grads, c.shards):
-            base = views[0].untyped_storage()
-            assert all(v.untyped_storage().data_ptr() == base.data_ptr() for v in views)
-            assert [v.storage_offset() for v in views] == [sum(p.numel() for p in c.params[:i])
-                                                            for i in range(len(views))]
-            assert base.nbytes() == 4 * sum(p.numel() for p in c.params)  # exact: the allocator rounds it
-            assert [v.shape for v in views] == [p.shape for p in c.params]
         for p, g, s in zip(c.params, c.grads, c.shards):
             assert torch.equal(g, p.grad) and torch.equal(s, p.detach())  # staged gradient, updated shard
 

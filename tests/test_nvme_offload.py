@@ -464,7 +464,7 @@ def test_estimate_puts_the_state_on_the_drive_for_70b():
     largest = (128256 // 16) * 8192
     buffers = 3 * (2 * 4 * largest + 4096 + staging.pinned_size(2 * 4 * largest))
     assert nvme.cpu_per_rank == buffers == 3_186_634_752  # 2.97 GiB per rank, where in-memory offload holds:
-    assert mem.cpu_per_rank == 79_301_319_500  # 73.86 GiB per rank: the moments (32.85) and the staging (41.00)
+    assert mem.cpu_per_rank == 70_711_384_908  # 65.86 GiB per rank: the moments (32.85) and the staging (33.00)
     assert nvme.peak == mem.peak
     text = estimate.render(nvme)
     assert (f"NVMe (optimizer_offload nvme): {estimate.format_bytes(nvme.nvme_per_rank)} per rank, "

@@ -13,13 +13,15 @@ the CPU update: all device-to-host copies are issued at once, each chunk is
 updated as soon as its copies land, and its host-to-device copy runs while the
 next chunk updates. GPU memory saved: the whole optimizer state.
 
-Host staging: each chunk has two flat fp32 buffers (gradients, parameter
-shards), and every parameter's staging copies are views into them
-(`staging_chunks` fixes the layout once per parameter group). One allocation
-per chunk and buffer, not per parameter: CUDA's caching host allocator rounds
-every pinned request up to a power of two, which per parameter cost up to 2x
-the planned 8 bytes per parameter; per chunk the rounding is paid once
-(train/staging.py, also what the memory estimator counts).
+Host staging: the chunks' gradients and parameter shards are views of a few
+flat fp32 buffers, two per slab of consecutive chunks (`staging_chunks` and
+`staging_slabs` fix the layout once per parameter group). CUDA's caching host
+allocator rounds every pinned request up to a power of two, which per
+parameter cost up to 2x the planned 8 bytes per parameter, and per chunk up to
+2x again (Llama-3-70B on 2 x 8: 591 GiB of host per node where the bytes are
+526); slabs of up to 1 GiB, each closed below a power of two, pay it once
+each and by less than a chunk (527 GiB; train/staging.py, also what the
+memory estimator counts).
 
 The state is kept as DTensors with CPU local tensors and the parameters'
 placements, so torch.distributed.checkpoint saves and reshards it exactly like
@@ -61,14 +63,23 @@ def flat_views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tenso
 
 
 def build_staging(params: list[torch.Tensor], pin: bool, limit: int) -> list[StagingChunk]:
-    """The host staging of one parameter group: per chunk two flat fp32 buffers (pinned on CUDA) and views."""
+    """The host staging of one parameter group: per slab of chunks two flat fp32 buffers (pinned on CUDA), each
+    chunk's parameters views of them (staging.staging_slabs)."""
     shapes = [local_tensor(p).shape for p in params]
+    chunks = [[shapes[i] for i in chunk] for chunk in staging.staging_chunks([s.numel() for s in shapes], limit)]
+    firsts = [0]  # each chunk's first parameter in `params`
+    for c in chunks:
+        firsts.append(firsts[-1] + len(c))
+    sizes = [sum(s.numel() for s in c) for c in chunks]
     out = []
-    for chunk in staging.staging_chunks([s.numel() for s in shapes], limit):
-        mine = [shapes[i] for i in chunk]
-        total = sum(s.numel() for s in mine)
+    for slab in staging.staging_slabs([staging.STAGING_DTYPE_BYTES * n for n in sizes]):
+        total = sum(sizes[k] for k in slab)
         flats = [torch.empty(total, dtype=torch.float32, device="cpu", pin_memory=pin) for _ in range(2)]
-        out.append(StagingChunk([params[i] for i in chunk], flat_views(flats[0], mine), flat_views(flats[1], mine)))
+        at = 0
+        for k in slab:
+            views = [flat_views(flat[at:at + sizes[k]], chunks[k]) for flat in flats]
+            out.append(StagingChunk(params[firsts[k]:firsts[k + 1]], *views))
+            at += sizes[k]
     return out
 
 

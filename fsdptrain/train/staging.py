@@ -1,31 +1,62 @@
 """The host staging layout of the CPU-offloaded optimizer, in plain arithmetic (no torch).
 
 `train.optim_offload` stages each parameter group's gradients and fp32 shards in host memory in chunks of
-CHUNK_BYTES; each chunk is one flat buffer per kind, pinned on CUDA. CUDA's caching host allocator rounds
-every pinned request up to a power of two (ATen's CachingHostAllocator with its default
-pinned_max_round_threshold), so the layout decides how much host memory the staging really takes. With
-`optimizer_offload: nvme` (`train.optim_nvme`) no staging persists: each of a few stream buffers holds one
-chunk's moments, gradients and shards at a time. The memory estimator counts both with the same functions.
+CHUNK_BYTES (the unit of the copies' overlap with the update), views of slabs of up to SLAB_BYTES: one flat
+buffer per slab and kind, pinned on CUDA. CUDA's caching host allocator rounds every pinned request up to a power
+of two (ATen's CachingHostAllocator with its default pinned_max_round_threshold), so the layout decides how much
+host memory the staging really takes. With `optimizer_offload: nvme` (`train.optim_nvme`) no staging persists:
+each of a few stream buffers holds one chunk's moments, gradients and shards at a time. The memory estimator
+counts both with the same functions.
 """
 
 from __future__ import annotations
 
 CHUNK_BYTES = 64 * 2**20  # host staging granularity: big enough for foreach, small enough to pipeline
+SLAB_BYTES = 1 << 30  # host staging allocations: several chunks each (a power of two, so a full one is not rounded)
 STAGING_DTYPE_BYTES = 4  # the host copies are fp32 whatever the parameters' dtype
+
+
+def pack(sizes: list[int], limit: int) -> list[list[int]]:
+    """Positions of `sizes` (in order) in consecutive groups of at most `limit` in total; a size larger than
+    `limit` gets a group of its own."""
+    out: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if not out or (out[-1] and total + n > limit):
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += n
+    return out
 
 
 def staging_chunks(numels: list[int], limit: int = CHUNK_BYTES) -> list[list[int]]:
     """Positions of a group's parameters (given by their local sizes, in order) in consecutive chunks of at most
     `limit` bytes of fp32; a parameter larger than `limit` gets a chunk of its own."""
+    return pack([n * STAGING_DTYPE_BYTES for n in numels], limit)
+
+
+def staging_slabs(chunk_bytes: list[int], slab: int | None = None) -> list[list[int]]:
+    """Positions of a group's chunks (given by their bytes, in order) in the slabs they are views of: one
+    allocation per slab and kind (gradients, shards). Per chunk, CUDA's pinned allocator would round each request up
+    to a power of two (up to 2x). A slab takes consecutive chunks up to the largest power of two that is at most
+    what is left to place and at most `slab` (SLAB_BYTES): it closes only when the next chunk would pass that size,
+    so it rounds up to it at most, by less than a chunk; what is left goes into smaller slabs the same way (a chunk
+    larger than that size gets a slab of its own)."""
+    limit = SLAB_BYTES if slab is None else slab
     out: list[list[int]] = []
-    size = 0
-    for i, n in enumerate(numels):
-        n *= STAGING_DTYPE_BYTES
-        if not out or (out[-1] and size + n > limit):
-            out.append([])
-            size = 0
-        out[-1].append(i)
-        size += n
+    left = sum(chunk_bytes)
+    i = 0
+    while i < len(chunk_bytes):
+        cap = min(limit, 1 << (left.bit_length() - 1)) if left > 0 else 0
+        group, total = [i], chunk_bytes[i]
+        i += 1
+        while i < len(chunk_bytes) and total + chunk_bytes[i] <= cap:
+            total += chunk_bytes[i]
+            group.append(i)
+            i += 1
+        out.append(group)
+        left -= total
     return out
 
 
@@ -34,11 +65,12 @@ def pinned_size(nbytes: int) -> int:
     return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
-def staging_bytes(numels: list[int], pinned: bool, limit: int = CHUNK_BYTES) -> int:
-    """Host bytes of one group's staging (a gradient and a shard buffer per chunk), rounded as the pinned
+def staging_bytes(numels: list[int], pinned: bool, limit: int = CHUNK_BYTES, slab: int | None = None) -> int:
+    """Host bytes of one group's staging (a gradient and a shard buffer per slab of chunks), rounded as the pinned
     allocator does when `pinned`."""
-    sizes = [sum(numels[i] for i in chunk) * STAGING_DTYPE_BYTES for chunk in staging_chunks(numels, limit)]
-    return 2 * sum(pinned_size(n) if pinned else n for n in sizes)
+    chunks = [sum(numels[i] for i in chunk) * STAGING_DTYPE_BYTES for chunk in staging_chunks(numels, limit)]
+    slabs = [sum(chunks[i] for i in group) for group in staging_slabs(chunks, slab)]
+    return 2 * sum(pinned_size(n) if pinned else n for n in slabs)
 
 
 MIN_SLOTS = 3  # optimizer_offload nvme: read-ahead, update, write-behind
