@@ -46,6 +46,7 @@ from .dist.distributed import DistInfo
 from .dist.plan import check_device_support
 from .dist.stopping import StopRequests, job_deadline
 from .memory import breakdown
+from .memory import stats as memstats
 from .memory.tracker import MemoryTracker
 from .model import models, moe, packcheck, ulysses
 from .objectives.base import Objective, metric_means
@@ -240,6 +241,7 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples, lay)
     hf_config = setup_hf_config(cfg, tokenizer)
+    check_host_memory(cfg, info)  # offload: the node's host memory, before any weight loads
     scratch = claim_offload_dir(cfg, info, out)  # parallel.optimizer_offload: nvme; before the model is built
     try:
         return _setup_model(cfg, info, out, held, fresh, tokenizer, examples, sampler, total_steps, evals,
@@ -266,6 +268,51 @@ def claim_offload_dir(cfg: Config, info: DistInfo, out: Path) -> Optional[offloa
             scratch.close()
             raise
     return scratch
+
+
+def check_host_memory(cfg: Config, info: DistInfo) -> None:
+    """cpu_offload / optimizer_offload: the host memory this node's ranks will hold, as the memory estimator
+    predicts it (its CPU line), against what the node has available (MemAvailable). One line before any weight
+    loads when it will not fit, instead of the kernel's out-of-memory killer mid-run, which ends a rank with
+    SIGKILL and no word (parallel.host_memory_check: false skips it)."""
+    p = cfg.parallel
+    if not (p.cpu_offload or p.optimizer_offload) or not p.host_memory_check:
+        return
+    need, avail = predicted_host_bytes(cfg, info), memstats.available_host_bytes()
+    if need is None or avail is None or need * info.local_world_size <= avail:
+        return
+    ranks = info.local_world_size
+    if p.cpu_offload:
+        key, held, instead = "cpu_offload", "parameters, gradients and AdamW state", \
+            "parallel.optimizer_offload instead (parameters and gradients stay on the GPU)"
+    elif p.optimizer_offload == "nvme":
+        key, held, instead = "optimizer_offload", "the stream's buffers", "a smaller parallel.offload_buffer_size"
+    else:
+        key, held, instead = "optimizer_offload", "AdamW state and its staging", \
+            "parallel.optimizer_offload=nvme (the state on a drive)"
+    who = (f"the {ranks} ranks on this node need about {format_bytes(need * ranks)} of host memory "
+           f"({format_bytes(need)} each: {held})" if ranks > 1 else
+           f"this rank needs about {format_bytes(need)} of host memory ({held})")
+    raise UserError(f"parallel.{key}: {who} and {format_bytes(avail)} is available (MemAvailable); use more "
+                    f"nodes, {instead}, or set parallel.host_memory_check=false to start anyway")
+
+
+def predicted_host_bytes(cfg: Config, info: DistInfo) -> Optional[int]:
+    """This rank's host memory for the offloaded state as the memory estimator predicts it; None when the
+    estimator cannot build the model."""
+    import dataclasses
+
+    from .memory import estimate
+
+    nnodes = max(1, info.world_size // max(1, info.local_world_size))
+    # the host line does not depend on what is recomputed; auto would plan for a GPU budget first
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, activation_checkpointing="none"))
+    try:
+        shape = estimate.shape_from_config(cfg)
+        s = estimate.settings_from_config(cfg, nnodes, info.world_size // nnodes, 1, device_type=info.device_type)
+        return estimate.compute(shape, s, info.rank % s.shard_world).cpu_per_rank
+    except Exception:  # noqa: BLE001  (a best-effort early check)
+        return None
 
 
 def predicted_state_bytes(cfg: Config, info: DistInfo) -> Optional[int]:

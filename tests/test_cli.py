@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import LLAMA, cli_inproc, make_model_dir, read_metrics, run_cli
+from tests.helpers import LLAMA, REPO, cli_inproc, make_model_dir, read_metrics, run_cli
 
 
 def assert_one_line_error(proc, expected_start: str) -> None:
@@ -190,3 +190,57 @@ def test_lines_stay_whole_when_a_signal_handler_writes_mid_line(tmp_path):
     assert fired >= 200  # the handler wrote mid-line often (a fast machine once gave only 10 in 5,000 lines)
     assert lines.count("r" * 40) == written and lines.count("S" * 40) == fired
     assert {x for x in lines} == {"r" * 40, "S" * 40}
+
+
+def test_offload_that_the_nodes_host_memory_cannot_hold_is_one_line_before_the_weights_load(tmp_path, monkeypatch):
+    """parallel.host_memory_check: the estimator's CPU line (what `fsdptrain estimate` prints for the same config)
+    against MemAvailable, said in one line before the model is built; false starts anyway."""
+    import re
+
+    from fsdptrain.memory import stats
+
+    args = ["parallel.optimizer_offload=true", "parallel.device=cpu", "train.max_steps=1", "data.synthetic_examples=64"]
+    est = run_cli(["estimate", str(REPO / "fsdptrain" / "demo.yaml"), *args, "--nnodes", "1", "--gpus-per-node", "1"])
+    assert est.returncode == 0, est.stderr
+    per_rank = re.search(r"^CPU \(offload\): (.+?) per rank", est.stdout, re.M).group(1)
+    monkeypatch.setattr(stats, "available_host_bytes", lambda: 5 << 20)  # 5 MiB: less than the ~12 MiB needed
+    proc = cli_inproc(["train", *args, f"output_dir={tmp_path / 'run'}"])
+    assert_one_line_error(proc, f"parallel.optimizer_offload: this rank needs about {per_rank} of host memory "
+                                "(AdamW state and its staging) and 5.00 MiB is available (MemAvailable); use more "
+                                "nodes, parallel.optimizer_offload=nvme (the state on a drive), or set "
+                                "parallel.host_memory_check=false to start anyway")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    proc = cli_inproc(["train", *args, "parallel.host_memory_check=false", f"output_dir={tmp_path / 'run2'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "run2")] == [1]
+
+
+def test_the_host_memory_line_counts_every_rank_of_the_node_and_says_what_helps(monkeypatch):
+    from fsdptrain import trainer
+    from fsdptrain.config.schema import load_config
+    from fsdptrain.core.errors import UserError
+    from fsdptrain.dist.distributed import DistInfo
+    from fsdptrain.memory import stats
+
+    info = DistInfo(rank=9, local_rank=1, world_size=16, local_world_size=8, device=torch.device("cpu"),
+                    backend="gloo", owns_group=False)
+    monkeypatch.setattr(stats, "available_host_bytes", lambda: 1 << 20)
+    cases = {("parallel.optimizer_offload=nvme", "parallel.offload_dir=/x"):
+             "parallel.optimizer_offload: the 8 ranks on this node need about {} of host memory ({} each: the "
+             "stream's buffers) and 1.00 MiB is available (MemAvailable); use more nodes, a smaller "
+             "parallel.offload_buffer_size, or set parallel.host_memory_check=false to start anyway",
+             ("parallel.optimizer_offload=true",): None}
+    for overrides, text in cases.items():
+        cfg = load_config(None, list(overrides))
+        need = trainer.predicted_host_bytes(cfg, info)
+        assert need and need > (1 << 20) // 8
+        with pytest.raises(UserError) as e:
+            trainer.check_host_memory(cfg, info)
+        if text:
+            from fsdptrain.core.units import format_bytes
+
+            assert str(e.value) == text.format(format_bytes(8 * need), format_bytes(need))
+        cfg = load_config(None, [*overrides, "parallel.host_memory_check=false"])
+        trainer.check_host_memory(cfg, info)  # skipped
+    monkeypatch.setattr(stats, "available_host_bytes", lambda: None)  # no /proc/meminfo: nothing to compare with
+    trainer.check_host_memory(load_config(None, ["parallel.optimizer_offload=true"]), info)

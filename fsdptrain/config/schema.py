@@ -268,6 +268,10 @@ class ParallelConfig:
     offload_dir: Optional[str] = opt(None, "optimizer_offload: nvme: a node-local folder (an NVMe drive) for the "
                                            "AdamW moments; fsdptrain writes only its own marked subfolder per run "
                                            "and rank there and deletes it at the end.")
+    host_memory_check: bool = opt(True, "With cpu_offload or optimizer_offload: before any weight loads, compare the "
+                                        "host memory the node's ranks need (the memory estimator's CPU line) with "
+                                        "what the node has available (MemAvailable) and stop in one line if it "
+                                        "will not fit; false starts anyway.")
     offload_buffer_size: str = opt("256MiB", "optimizer_offload: nvme: all the host memory the optimizer holds "
                                              "(read-ahead, update, write-behind): buffers of the moments, "
                                              "gradients and shards of up to 16 MiB of parameters each, at least 3 "

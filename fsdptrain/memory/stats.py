@@ -14,6 +14,7 @@ them apart) and fragmentation, retries and OOM counts are 0.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -46,6 +47,19 @@ def _read_status_kib(field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def available_host_bytes() -> Optional[int]:
+    """The memory this node can still give without swapping (MemAvailable of /proc/meminfo), or None where there is
+    no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def reset_peak(device: torch.device) -> None:
