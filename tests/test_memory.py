@@ -254,6 +254,34 @@ def test_cpu_peak_resets_per_phase():
     assert memstats.from_proc_status("VmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n")["reserved_peak"] == 2048 * 1024
 
 
+def test_cuda_records_carry_the_hosts_resident_memory_with_its_own_per_phase_peak(monkeypatch):
+    """A stand-in CUDA device (the allocator's statistics given): the record has the allocator's fields and the
+    process's resident host memory, whose peak reset_peak starts again as on CPU."""
+    raw = {"allocated_bytes.all.current": 10, "allocated_bytes.all.peak": 50}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: raw)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    cuda = torch.device("cuda")
+    memstats.reset_peak(cuda)
+    big = torch.ones(256 * 2**20 // 4)  # 256 MiB touched
+    del big
+    a = memstats.sample(cuda)
+    memstats.reset_peak(cuda)
+    b = memstats.sample(cuda)
+    assert set(a) == set(memstats.SCHEMA) | set(memstats.HOST_FIELDS)
+    assert a["allocated"] == 10 and a["allocated_peak"] == 50  # the allocator's, not the host's
+    cpu = memstats.sample(torch.device("cpu"))  # the same process's resident set, read the CPU way
+    assert abs(b["host_rss"] - cpu["allocated"]) < 16 * 2**20
+    assert a["host_rss_peak"] - b["host_rss_peak"] > 200 * 2**20  # the freed 256 MiB left the new interval's peak
+
+
+def test_report_shows_the_host_peak_per_rank_when_recorded(tmp_path):
+    rows = {0: [_row(phase="forward", host_rss_peak=3 * GIB), _row(phase="optimizer", host_rss_peak=5 * GIB)],
+            1: [_row(phase="forward", host_rss_peak=4 * GIB)]}
+    text = report.render("run", rows).splitlines()
+    assert text[1].endswith("longest host peak GiB") and text[2].endswith(" 5.000") and text[3].endswith(" 4.000")
+    assert "host peak" not in report.render("run", {0: [_row(phase="forward")]})  # CPU records: the RSS is the peak
+
+
 def _row(**kw):
     base = {"allocated_peak": 10 * GIB, "reserved_peak": 11 * GIB, "inactive_split_peak": 0, "num_alloc_retries": 0,
             "num_ooms": 0, "step": 5, "phase": 2, "module": -1, "micro": 0, "batch_tokens": 1000, "longest": 1000}

@@ -36,6 +36,7 @@ class RankSummary:
     peak_micro: object
     peak_tokens: int
     peak_longest: int
+    host_peak: int = 0  # the process's peak resident host memory (CUDA records; 0 where not recorded)
 
 
 def read_run(run_dir: str | Path) -> dict[int, list[dict]]:
@@ -72,7 +73,8 @@ def summarize(rank: int, rows: list[dict]) -> RankSummary:
         fragmentation=max(r.get("inactive_split_peak", 0) for r in rows),
         retries=max(r.get("num_alloc_retries", 0) for r in rows), ooms=max(r.get("num_ooms", 0) for r in rows),
         peak_step=top["step"], peak_phase=top["phase"], peak_micro=top.get("micro"),
-        peak_tokens=top.get("batch_tokens", 0), peak_longest=top.get("longest", 0))
+        peak_tokens=top.get("batch_tokens", 0), peak_longest=top.get("longest", 0),
+        host_peak=max(r.get("host_rss_peak", 0) for r in rows))
 
 
 def imbalance(summaries: list[RankSummary]) -> tuple[float, int, float]:
@@ -103,14 +105,16 @@ def render_time(run_dir: str | Path) -> str:
 
 def render(run_dir: str | Path, runs: dict[int, list[dict]]) -> str:
     sums = [summarize(r, rows) for r, rows in sorted(runs.items())]
+    host = any(s.host_peak for s in sums)  # CUDA runs record the host's resident memory too
     lines = [f"memory per rank: {run_dir}",
              f"{'rank':>4} {'peak alloc GiB':>14} {'peak resv GiB':>13} {'frag GiB':>8} {'retries':>7} "
-             f"{'step':>5}  {'phase at peak':<28} {'tokens':>8} {'longest':>7}"]
+             f"{'step':>5}  {'phase at peak':<28} {'tokens':>8} {'longest':>7}" + (f" {'host peak GiB':>13}" if host
+                                                                                 else "")]
     for s in sums:
         phase = s.peak_phase + (f" #{s.peak_micro}" if s.peak_micro is not None else "")
         lines.append(f"{s.rank:>4} {s.peak_allocated / GIB:>14.3f} {s.peak_reserved / GIB:>13.3f} "
                      f"{s.fragmentation / GIB:>8.3f} {s.retries:>7} {s.peak_step:>5}  {phase:<28} "
-                     f"{s.peak_tokens:>8,} {s.peak_longest:>7,}")
+                     f"{s.peak_tokens:>8,} {s.peak_longest:>7,}" + (f" {s.host_peak / GIB:>13.3f}" if host else ""))
     ratio, r, med = imbalance(sums)
     top = next(s for s in sums if s.rank == r)
     lines.append("")

@@ -8,7 +8,9 @@ read VmRSS (current) and VmHWM (peak) from /proc/self/status and reset the
 peak by writing 5 to /proc/self/clear_refs, which gives a per-interval peak
 just like `reset_peak_memory_stats` does on CUDA. On CPU allocated, reserved
 and active are all the resident set (there is no caching allocator to tell
-them apart) and fragmentation, retries and OOM counts are 0.
+them apart) and fragmentation, retries and OOM counts are 0. CUDA records
+carry the resident set too (HOST_FIELDS), with its peak reset the same way:
+host memory is where offload runs fill up.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 _POOLS = [("allocated", "allocated_bytes.all"), ("reserved", "reserved_bytes.all"),
           ("active", "active_bytes.all"), ("inactive_split", "inactive_split_bytes.all")]
 SCHEMA = [f for name, _ in _POOLS for f in (name, f"{name}_peak")] + ["num_alloc_retries", "num_ooms"]
+HOST_FIELDS = ["host_rss", "host_rss_peak"]  # CUDA records: the process's resident host memory, current and peak
 
 
 _FDS: dict[tuple[int, str], int] = {}  # (pid, path) -> open fd: /proc reads without open/close per phase
@@ -63,9 +66,9 @@ def available_host_bytes() -> Optional[int]:
 
 
 def reset_peak(device: torch.device) -> None:
+    """Start a new interval: the allocator's peaks on CUDA, and the process's resident peak on either device."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
     try:
         os.write(_proc_fd("/proc/self/clear_refs", os.O_WRONLY), b"5")  # resets VmHWM to the current RSS
     except OSError:
@@ -113,10 +116,14 @@ def from_proc_status(text: str) -> dict[str, int]:
 
 
 def sample(device: torch.device) -> dict[str, int]:
-    """Current and peak-since-reset memory of this process on `device`, as SCHEMA fields."""
-    if device.type == "cuda":
-        return from_cuda_stats(torch.cuda.memory_stats(device))
+    """Current and peak-since-reset memory of this process on `device`, as SCHEMA fields; on CUDA also the
+    process's host memory (HOST_FIELDS: what offload, the data and the pinned buffers hold)."""
     try:
-        return from_proc_status(_status_text())
+        text = _status_text()
     except OSError:
-        return from_proc_status("")
+        text = ""
+    if device.type == "cuda":
+        host = from_proc_status(text)
+        return {**from_cuda_stats(torch.cuda.memory_stats(device)), "host_rss": host["allocated"],
+                "host_rss_peak": host["allocated_peak"]}
+    return from_proc_status(text)
