@@ -278,8 +278,17 @@ def check_host_memory(cfg: Config, info: DistInfo) -> None:
     p = cfg.parallel
     if not (p.cpu_offload or p.optimizer_offload) or not p.host_memory_check:
         return
-    need, avail = predicted_host_bytes(cfg, info), memstats.available_host_bytes()
-    if need is None or avail is None or need * info.local_world_size <= avail:
+    need = predicted_host_bytes(cfg, info)
+    # every rank reads the node's memory at once, before any of them allocates (one that has would count twice)
+    distributed.barrier()
+    host = memstats.available_host_bytes()
+    distributed.barrier()
+    if need is None or host is None:
+        log.info("parallel.host_memory_check: skipped (" + ("the memory estimator cannot build this model"
+                 if need is None else "no /proc/meminfo or memory cgroup to read") + ")")
+        return
+    avail, source = host
+    if need * info.local_world_size <= avail:
         return
     ranks = info.local_world_size
     if p.cpu_offload:
@@ -293,7 +302,7 @@ def check_host_memory(cfg: Config, info: DistInfo) -> None:
     who = (f"the {ranks} ranks on this node need about {format_bytes(need * ranks)} of host memory "
            f"({format_bytes(need)} each: {held})" if ranks > 1 else
            f"this rank needs about {format_bytes(need)} of host memory ({held})")
-    raise UserError(f"parallel.{key}: {who} and {format_bytes(avail)} is available (MemAvailable); use more "
+    raise UserError(f"parallel.{key}: {who} and {format_bytes(avail)} is available ({source}); use more "
                     f"nodes, {instead}, or set parallel.host_memory_check=false to start anyway")
 
 

@@ -203,7 +203,7 @@ def test_offload_that_the_nodes_host_memory_cannot_hold_is_one_line_before_the_w
     est = run_cli(["estimate", str(REPO / "fsdptrain" / "demo.yaml"), *args, "--nnodes", "1", "--gpus-per-node", "1"])
     assert est.returncode == 0, est.stderr
     per_rank = re.search(r"^CPU \(offload\): (.+?) per rank", est.stdout, re.M).group(1)
-    monkeypatch.setattr(stats, "available_host_bytes", lambda: 5 << 20)  # 5 MiB: less than the ~12 MiB needed
+    monkeypatch.setattr(stats, "available_host_bytes", lambda: (5 << 20, "MemAvailable"))  # less than ~12 MiB
     proc = cli_inproc(["train", *args, f"output_dir={tmp_path / 'run'}"])
     assert_one_line_error(proc, f"parallel.optimizer_offload: this rank needs about {per_rank} of host memory "
                                 "(AdamW state and its staging) and 5.00 MiB is available (MemAvailable); use more "
@@ -215,7 +215,7 @@ def test_offload_that_the_nodes_host_memory_cannot_hold_is_one_line_before_the_w
     assert [m["step"] for m in read_metrics(tmp_path / "run2")] == [1]
 
 
-def test_the_host_memory_line_counts_every_rank_of_the_node_and_says_what_helps(monkeypatch):
+def test_the_host_memory_line_counts_every_rank_of_the_node_and_says_what_helps(monkeypatch, capsys):
     from fsdptrain import trainer
     from fsdptrain.config.schema import load_config
     from fsdptrain.core.errors import UserError
@@ -224,7 +224,7 @@ def test_the_host_memory_line_counts_every_rank_of_the_node_and_says_what_helps(
 
     info = DistInfo(rank=9, local_rank=1, world_size=16, local_world_size=8, device=torch.device("cpu"),
                     backend="gloo", owns_group=False)
-    monkeypatch.setattr(stats, "available_host_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(stats, "available_host_bytes", lambda: (1 << 20, "MemAvailable"))
     cases = {("parallel.optimizer_offload=nvme", "parallel.offload_dir=/x"):
              "parallel.optimizer_offload: the 8 ranks on this node need about {} of host memory ({} each: the "
              "stream's buffers) and 1.00 MiB is available (MemAvailable); use more nodes, a smaller "
@@ -242,5 +242,49 @@ def test_the_host_memory_line_counts_every_rank_of_the_node_and_says_what_helps(
             assert str(e.value) == text.format(format_bytes(8 * need), format_bytes(need))
         cfg = load_config(None, [*overrides, "parallel.host_memory_check=false"])
         trainer.check_host_memory(cfg, info)  # skipped
-    monkeypatch.setattr(stats, "available_host_bytes", lambda: None)  # no /proc/meminfo: nothing to compare with
+    monkeypatch.setattr(stats, "available_host_bytes", lambda: None)  # nothing to read: skipped, said once
+    capsys.readouterr()
     trainer.check_host_memory(load_config(None, ["parallel.optimizer_offload=true"]), info)
+    out = capsys.readouterr()
+    assert (out.out + out.err).strip().splitlines()[-1] == ("parallel.host_memory_check: skipped (no /proc/meminfo "
+                                                            "or memory cgroup to read)")
+
+
+def test_available_host_memory_is_the_lower_of_memavailable_and_the_memory_cgroups_headroom(tmp_path):
+    """A Slurm job's or a container's memory cgroup limits the process below the node's MemAvailable: v1's memory
+    controller and v2's unified hierarchy, the least headroom over the cgroup and its ancestors that set a limit."""
+    from fsdptrain.memory.stats import available_host_bytes, cgroup_headroom
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       100000000 kB\nMemAvailable:    80000000 kB\n")
+    root = tmp_path / "cg"
+    # v2: the job's cgroup (64 GiB, 10 GiB used) under a slice without a limit under one of 60 GiB (5 used)
+    job = root / "system.slice" / "job42"
+    job.mkdir(parents=True)
+    (job / "memory.max").write_text(f"{64 << 30}\n")
+    (job / "memory.current").write_text(f"{10 << 30}\n")
+    (root / "system.slice" / "memory.max").write_text("max\n")
+    (root / "system.slice" / "memory.current").write_text(f"{12 << 30}\n")
+    (root / "memory.max").write_text(f"{60 << 30}\n")
+    (root / "memory.current").write_text(f"{5 << 30}\n")
+    v2 = tmp_path / "cgroup-v2"
+    v2.write_text("0::/system.slice/job42\n")
+    assert cgroup_headroom(str(v2), str(root)) == 54 << 30  # 64 - 10, and 60 - 5 above it: 54
+    assert available_host_bytes(str(meminfo), str(v2), str(root)) == (54 << 30, "the memory cgroup's limit less its "
+                                                                               "usage")
+    # v1 (with a v2 line beside it, as on hybrid hosts): the memory controller's files; unlimited is 2**63 - 4096
+    mem = root / "memory" / "slurm" / "job7"
+    mem.mkdir(parents=True)
+    (mem / "memory.limit_in_bytes").write_text(f"{200 << 30}\n")
+    (mem / "memory.usage_in_bytes").write_text(f"{1 << 30}\n")
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (root / "memory" / "memory.usage_in_bytes").write_text(f"{3 << 30}\n")
+    v1 = tmp_path / "cgroup-v1"
+    v1.write_text("4:memory:/slurm/job7\n0::/\n")
+    assert cgroup_headroom(str(v1), str(root)) == 199 << 30
+    assert available_host_bytes(str(meminfo), str(v1), str(root)) == (80000000 * 1024, "MemAvailable")  # lower
+    none = tmp_path / "cgroup-none"
+    none.write_text("4:memory:/elsewhere\n")  # no limit anywhere on its way up
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_headroom(str(none), str(root)) is None
+    assert available_host_bytes(str(tmp_path / "missing"), str(tmp_path / "missing"), str(root)) is None

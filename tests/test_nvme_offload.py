@@ -503,3 +503,34 @@ def test_estimated_host_memory_is_what_the_optimizer_allocates(tmp_path):
     assert estimate.estimate(cfg, 1, 1, 80 * GIB, shape=shape).cpu_per_rank == sum(flats) + buffers
     pinned = estimate.nvme_buffers(shape, 1, 0, 64 * 1024, True)
     assert pinned == sum(staging.pinned_size(n) for n in flats) + buffers
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-pure"])
+def test_in_memory_offload_host_line_is_what_the_optimizer_allocates(tmp_path, precision):
+    """optimizer_offload: true on one rank: the estimator's host line equals the optimizer's fp32 moments and step
+    counters plus its staging slabs, to the byte, also when the parameters are bf16 (its state stays fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from fsdptrain.core.units import GIB
+    from fsdptrain.memory import estimate
+    from fsdptrain.train.optim import build_optimizer
+
+    model_dir = make_model_dir(tmp_path / "model", LLAMA)
+    raw = base_config(tmp_path / "run", model_dir)
+    raw["parallel"].update(optimizer_offload=True, precision=precision)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(tmp_path / "c.yaml"), quiet=True)
+    dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    opt = build_optimizer(model, cfg.train, False, True)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    assert {v.dtype for v in state} == {torch.float32}
+    slabs = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+             for i in range(len(opt.param_groups)) for c in opt.staged(i) for views in (c.grads, c.shards)
+             for v in views}
+    allocated = sum(v.numel() * v.element_size() for v in state) + sum(slabs.values())
+    est = estimate.estimate(cfg, 1, 1, 80 * GIB, shape=estimate.shape_from_config(cfg))
+    assert est.cpu_per_rank == allocated

@@ -695,6 +695,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     cpu_rank = 0
+    # optimizer_offload keeps AdamW's state in fp32 whatever the parameters' dtype (train.optim_offload)
+    offloaded_state = model_state(m, W, rank, 4).optimizer if p.optimizer_offload else st.optimizer
     if p.cpu_offload:  # the pinned shards and gradients, AdamW's state (fused CPU AdamW: no full-size temporary)
         pinned = s.facts.device_type == "cuda"
         if s.reference == "copy":  # its frozen shards pinned the same way
@@ -705,8 +707,8 @@ def compute(m: ModelShape, s: Settings, rank: int = 0) -> Estimate:
         buffer_bytes = parse_size(p.offload_buffer_size, "parallel.offload_buffer_size")
         cpu_rank = nvme_buffers(m, W, rank, buffer_bytes, s.facts.device_type == "cuda")
     elif p.optimizer_offload:  # state + the persistent host buffers (gradient, shard), pinned on CUDA
-        cpu_rank = st.optimizer + offload_staging_bytes(m, W, rank, s.facts.device_type == "cuda")
-    nvme_rank = st.optimizer if p.optimizer_offload == "nvme" and not p.cpu_offload else 0
+        cpu_rank = offloaded_state + offload_staging_bytes(m, W, rank, s.facts.device_type == "cuda")
+    nvme_rank = offloaded_state if p.optimizer_offload == "nvme" and not p.cpu_offload else 0
     fits = peak * FRAGMENTATION + RUNTIME_OVERHEAD <= s.facts.gpu_memory
     if cpu_rank and s.facts.cpu_memory is not None:
         fits = fits and cpu_rank * s.facts.gpus_per_node <= s.facts.cpu_memory

@@ -16,6 +16,7 @@ host memory is where offload runs fill up.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -52,17 +53,62 @@ def _read_status_kib(field: str) -> int:
     return 0
 
 
-def available_host_bytes() -> Optional[int]:
-    """The memory this node can still give without swapping (MemAvailable of /proc/meminfo), or None where there is
-    no such file."""
+def available_host_bytes(meminfo: str = "/proc/meminfo", cgroups: str = "/proc/self/cgroup",
+                         root: str = "/sys/fs/cgroup") -> Optional[tuple[int, str]]:
+    """What this node can still give this process without swapping or the out-of-memory killer, and where that
+    number comes from: the node's MemAvailable (/proc/meminfo), or, when lower, what this process's memory cgroup
+    still allows (a Slurm job's or a container's limit less its usage). None where neither can be read."""
+    found: list[tuple[int, str]] = []
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable"))
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    headroom = cgroup_headroom(cgroups, root)
+    if headroom is not None:
+        found.append((headroom, "the memory cgroup's limit less its usage"))
+    return min(found) if found else None
+
+
+def cgroup_headroom(cgroups: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """Limit less usage of this process's memory cgroup, the least over it and its ancestors that set a limit
+    (cgroup v1's memory controller, else v2's unified hierarchy); None where no level sets one."""
+    try:
+        lines = Path(cgroups).read_text().splitlines()
+    except OSError:
+        return None
+    v1 = v2 = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[1] == "":
+            v2 = parts[2]
+        elif len(parts) == 3 and "memory" in parts[1].split(","):
+            v1 = parts[2]
+    if v1 is not None:
+        base, path, names = Path(root) / "memory", v1, ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    elif v2 is not None:
+        base, path, names = Path(root), v2, ("memory.max", "memory.current")
+    else:
+        return None
+    best: Optional[int] = None
+    d = base / path.lstrip("/")
+    while True:
+        limit, usage = _read_number(d / names[0]), _read_number(d / names[1])
+        if limit is not None and usage is not None and limit < 1 << 60:  # v2 "max", v1's page-rounded 2**63
+            best = limit - usage if best is None else min(best, limit - usage)
+        if d == base or base not in d.parents:
+            break
+        d = d.parent
+    return None if best is None else max(0, best)
+
+
+def _read_number(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):  # missing, or "max"
+        return None
 
 
 def reset_peak(device: torch.device) -> None:

@@ -286,7 +286,9 @@ class NVMeOffloadAdamW(CPUOffloadAdamW):
 
     def _stage_slot(self, slot: int, params: list[torch.Tensor]) -> tuple[list, list, list, Optional[torch.cuda.Event]]:
         """Start the device -> host copies of the gradients and shards of `params` (a chunk's, those with a
-        gradient) into buffer `slot`'s staging; on CUDA with an event the update waits for."""
+        gradient) into buffer `slot`'s staging; on CUDA with an event the update waits for. Called from the step's
+        own thread: its copies and the copies back go to the same current stream, whose order keeps a buffer's
+        next chunk from overwriting what its last chunk still sends back."""
         shapes = [local_tensor(p).shape for p in params]
         n = sum(s.numel() for s in shapes)
         flat = self._staging_buffers[slot]
