@@ -69,6 +69,8 @@ def test_staging_chunks_and_the_pinned_allocators_rounding():
     assert staging_slabs([68, 16, 120], slab=64) == [[0], [1], [2]]
     assert staging_slabs([40] * 15, slab=1024) == [list(range(12)), [12], [13], [14]]  # 600: 480 in 512, then 40s
     assert staging_slabs([]) == []
+    mib = 2**20  # power-of-two chunks the packing would fragment (320 MiB reserved against 201): each keeps its own
+    assert staging_slabs([8 * mib, 64 * mib, 64 * mib, 1 * mib, 64 * mib]) == [[0], [1], [2], [3], [4]]
     # two buffers (gradients, shards) per slab: 84 -> 128, 120 -> 128 bytes each (per chunk: 128 + 16 + 128)
     assert staging_bytes([12, 5, 4, 30], pinned=True, limit=80) == 2 * (128 + 128)
     assert staging_bytes([12, 5, 4, 30], pinned=False, limit=80) == 2 * 4 * 51

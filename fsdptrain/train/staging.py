@@ -42,8 +42,19 @@ def staging_slabs(chunk_bytes: list[int], slab: int | None = None) -> list[list[
     to a power of two (up to 2x). A slab takes consecutive chunks up to the largest power of two that is at most
     what is left to place and at most `slab` (SLAB_BYTES): it closes only when the next chunk would pass that size,
     so it rounds up to it at most, by less than a chunk; what is left goes into smaller slabs the same way (a chunk
-    larger than that size gets a slab of its own)."""
+    larger than that size gets a slab of its own). Where chunks of sizes that are powers of two already interleave
+    so that this packing reserves more (e.g. 8, 64, 64, 1, 64 MiB: 320 MiB against 201), each chunk keeps its own."""
     limit = SLAB_BYTES if slab is None else slab
+    packed = _pack_slabs(chunk_bytes, limit)
+    alone = [[i] for i in range(len(chunk_bytes))]  # one slab per chunk, as before slabs: never worse than that
+
+    def reserved(groups: list[list[int]]) -> int:
+        return sum(pinned_size(sum(chunk_bytes[i] for i in g)) for g in groups)
+
+    return alone if reserved(alone) < reserved(packed) else packed
+
+
+def _pack_slabs(chunk_bytes: list[int], limit: int) -> list[list[int]]:
     out: list[list[int]] = []
     left = sum(chunk_bytes)
     i = 0
