@@ -32,7 +32,7 @@ context-parallel micro-batch all three are the plain single-rank values.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -116,17 +116,21 @@ def check_heads(heads: Any, size: int, family: str) -> None:
                           f"{family}; use a divisor of {heads}")
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single over dim 0 (N equal parts) in forward; the same exchange of the gradient in backward."""
+class _SelfAdjoint(torch.autograd.Function):
+    """A collective over the group that is its own adjoint: `op(x, group)` in forward, the same `op` of the gradient
+    in backward. `exchange` (the all-to-all over dim 0's N parts: each rank's part j goes to rank j and comes back
+    there) and `summed` (the all-reduce: every rank's copy of the sum takes a gradient, and each part's gradient is
+    their sum; torch.distributed.nn's all_reduce does this too, but is deprecated)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
-        return exchange(x, group)
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup,  # type: ignore[override]
+                op: Callable[[torch.Tensor, dist.ProcessGroup], torch.Tensor]) -> torch.Tensor:
+        ctx.group, ctx.op = group, op
+        return op(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return exchange(grad, ctx.group), None
+        return ctx.op(grad, ctx.group), None, None
 
 
 def exchange(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -142,7 +146,7 @@ def seq_to_heads(x: torch.Tensor, n: int, group: dist.ProcessGroup) -> torch.Ten
     """[B, H, S/N, D] (this rank's positions, all heads) -> [B, H/N, S, D] (all positions, this rank's heads)."""
     b, h, s, d = x.shape
     parts = x.reshape(b, n, h // n, s, d).permute(1, 0, 2, 3, 4)  # part j: head group j, to rank j
-    got = _AllToAll.apply(parts.contiguous(), group)  # part j: rank j's positions of this rank's head group
+    got = _SelfAdjoint.apply(parts.contiguous(), group, exchange)  # part j: rank j's positions of my head group
     return got.permute(1, 2, 0, 3, 4).reshape(b, h // n, n * s, d)
 
 
@@ -151,7 +155,7 @@ def heads_to_seq(x: torch.Tensor, n: int, group: dist.ProcessGroup) -> torch.Ten
     transformers' attention functions return it)."""
     b, hn, s, d = x.shape
     parts = x.reshape(b, hn, n, s // n, d).permute(2, 0, 1, 3, 4)  # part j: positions of chunk j, to rank j
-    got = _AllToAll.apply(parts.contiguous(), group)  # part j: head group j of this rank's positions
+    got = _SelfAdjoint.apply(parts.contiguous(), group, exchange)  # part j: head group j of this rank's positions
     return got.permute(1, 3, 0, 2, 4).reshape(b, s // n, n * hn, d)
 
 
@@ -219,21 +223,6 @@ def ulysses_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 # ----------------------------------------------------------------------------- whole-row values (objectives)
 
 
-class _GroupSum(torch.autograd.Function):
-    """all_reduce (sum) over the group in forward; in backward the gradients of the group's copies of the sum are
-    summed the same way, the gradient of each rank's part (torch.distributed.nn's all_reduce does this too, but
-    is deprecated)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
-        return summed(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return summed(grad, ctx.group), None
-
-
 def summed(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """A contiguous copy of `x` summed over the group (all_reduce works in place on flat memory)."""
     out = x.clone(memory_format=torch.contiguous_format)
@@ -251,7 +240,7 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     (differentiable); `x` itself when no context-parallel micro-batch is in flight."""
     if not _state.active:
         return x
-    return _GroupSum.apply(x, _state.group)
+    return _SelfAdjoint.apply(x, _state.group, summed)
 
 
 def holds_last_token(input_ids: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
