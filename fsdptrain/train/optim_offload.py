@@ -66,19 +66,17 @@ def build_staging(params: list[torch.Tensor], pin: bool, limit: int) -> list[Sta
     """The host staging of one parameter group: per slab of chunks two flat fp32 buffers (pinned on CUDA), each
     chunk's parameters views of them (staging.staging_slabs)."""
     shapes = [local_tensor(p).shape for p in params]
-    chunks = [[shapes[i] for i in chunk] for chunk in staging.staging_chunks([s.numel() for s in shapes], limit)]
-    firsts = [0]  # each chunk's first parameter in `params`
-    for c in chunks:
-        firsts.append(firsts[-1] + len(c))
-    sizes = [sum(s.numel() for s in c) for c in chunks]
+    chunks = staging.staging_chunks([s.numel() for s in shapes], limit)  # positions in `params`
+    sizes = [sum(shapes[i].numel() for i in chunk) for chunk in chunks]
     out = []
     for slab in staging.staging_slabs([staging.STAGING_DTYPE_BYTES * n for n in sizes]):
-        total = sum(sizes[k] for k in slab)
-        flats = [torch.empty(total, dtype=torch.float32, device="cpu", pin_memory=pin) for _ in range(2)]
+        flats = [torch.empty(sum(sizes[k] for k in slab), dtype=torch.float32, device="cpu", pin_memory=pin)
+                 for _ in range(2)]
         at = 0
         for k in slab:
-            views = [flat_views(flat[at:at + sizes[k]], chunks[k]) for flat in flats]
-            out.append(StagingChunk(params[firsts[k]:firsts[k + 1]], *views))
+            mine = [shapes[i] for i in chunks[k]]
+            views = [flat_views(flat[at:at + sizes[k]], mine) for flat in flats]
+            out.append(StagingChunk([params[i] for i in chunks[k]], *views))
             at += sizes[k]
     return out
 
