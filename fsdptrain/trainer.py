@@ -66,6 +66,8 @@ from .train.optim import adamw_fused, build_optimizer, build_scheduler, use_cpu_
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+    from .memory.estimate import Estimate
+
 
 @dataclass
 class RunResult:
@@ -241,8 +243,9 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     examples, sampler, total_steps, evals = setup_data(cfg, info, tokenizer, examples, lay)
     hf_config = setup_hf_config(cfg, tokenizer)
-    check_host_memory(cfg, info)  # offload: the node's host memory, before any weight loads
-    scratch = claim_offload_dir(cfg, info, out)  # parallel.optimizer_offload: nvme; before the model is built
+    predicted = offload_estimate(cfg, info)  # offload: this rank's host and drive bytes, from the model's skeleton
+    check_host_memory(cfg, info, predicted)  # the node's host memory, before any weight loads
+    scratch = claim_offload_dir(cfg, info, out, predicted)  # parallel.optimizer_offload: nvme; before the model
     try:
         return _setup_model(cfg, info, out, held, fresh, tokenizer, examples, sampler, total_steps, evals,
                             hf_config, scratch, lay)
@@ -252,25 +255,27 @@ def _setup(cfg: Config, info: DistInfo, examples: Optional[list[Example]], out: 
         raise
 
 
-def claim_offload_dir(cfg: Config, info: DistInfo, out: Path) -> Optional[offload_dir.Scratch]:
-    """parallel.optimizer_offload: nvme: this rank's marked subfolder of parallel.offload_dir (its checks)."""
+def claim_offload_dir(cfg: Config, info: DistInfo, out: Path,
+                      predicted: Optional[Estimate]) -> Optional[offload_dir.Scratch]:
+    """parallel.optimizer_offload: nvme: this rank's marked subfolder of parallel.offload_dir (its checks; the free
+    space against the state's predicted size, when the estimator could build the model: the optimizer checks the
+    exact size anyway)."""
     if cfg.parallel.optimizer_offload != "nvme":
         return None
     if cfg.checkpoint.async_save:
         log.info("checkpoint.async_save: every save copies the whole AdamW state from parallel.offload_dir into "
                  "host memory while it is written; set checkpoint.async_save=false to stream it from the file")
     scratch = offload_dir.claim(cfg.parallel.offload_dir, out, info.rank, info.world_size)
-    need = predicted_state_bytes(cfg, info)
-    if need is not None:
+    if predicted is not None:
         try:
-            offload_dir.check_space(scratch.root, need, info.local_world_size)
+            offload_dir.check_space(scratch.root, predicted.nvme_per_rank, info.local_world_size)
         except BaseException:
             scratch.close()
             raise
     return scratch
 
 
-def check_host_memory(cfg: Config, info: DistInfo) -> None:
+def check_host_memory(cfg: Config, info: DistInfo, predicted: Optional[Estimate]) -> None:
     """cpu_offload / optimizer_offload: the host memory this node's ranks will hold, as the memory estimator
     predicts it (its CPU line), against what the node has available (MemAvailable). One line before any weight
     loads when it will not fit, instead of the kernel's out-of-memory killer mid-run, which ends a rank with
@@ -278,7 +283,7 @@ def check_host_memory(cfg: Config, info: DistInfo) -> None:
     p = cfg.parallel
     if not (p.cpu_offload or p.optimizer_offload) or not p.host_memory_check:
         return
-    need = predicted_host_bytes(cfg, info)
+    need = predicted.cpu_per_rank if predicted is not None else None
     # every rank reads the node's memory at once, before any of them allocates (one that has would count twice)
     distributed.barrier()
     host = memstats.available_host_bytes()
@@ -306,36 +311,24 @@ def check_host_memory(cfg: Config, info: DistInfo) -> None:
                     f"nodes, {instead}, or set parallel.host_memory_check=false to start anyway")
 
 
-def predicted_host_bytes(cfg: Config, info: DistInfo) -> Optional[int]:
-    """This rank's host memory for the offloaded state as the memory estimator predicts it; None when the
-    estimator cannot build the model."""
+def offload_estimate(cfg: Config, info: DistInfo) -> Optional[Estimate]:
+    """With cpu_offload or optimizer_offload: this rank's memory estimate (its host line, its NVMe bytes) from the
+    config's model skeleton on the meta device, seconds even for 70B, so that a node's host memory or a drive too
+    small is said before the weights load; None without offload, or when the estimator cannot build the model."""
     import dataclasses
 
     from .memory import estimate
 
+    if not (cfg.parallel.cpu_offload or cfg.parallel.optimizer_offload):
+        return None
     nnodes = max(1, info.world_size // max(1, info.local_world_size))
-    # the host line does not depend on what is recomputed; auto would plan for a GPU budget first
+    # the host and drive lines do not depend on what is recomputed; auto would plan for a GPU budget first
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, activation_checkpointing="none"))
     try:
         shape = estimate.shape_from_config(cfg)
         s = estimate.settings_from_config(cfg, nnodes, info.world_size // nnodes, 1, device_type=info.device_type)
-        return estimate.compute(shape, s, info.rank % s.shard_world).cpu_per_rank
-    except Exception:  # noqa: BLE001  (a best-effort early check)
-        return None
-
-
-def predicted_state_bytes(cfg: Config, info: DistInfo) -> Optional[int]:
-    """This rank's AdamW state in bytes as the memory estimator predicts it from the config (a model skeleton on
-    the meta device, seconds even for 70B), so that a drive too small is said before the weights load; None when
-    the estimator cannot build the model (the optimizer checks the exact size anyway)."""
-    from .memory import estimate
-
-    nnodes = max(1, info.world_size // max(1, info.local_world_size))
-    try:
-        shape = estimate.shape_from_config(cfg)
-        s = estimate.settings_from_config(cfg, nnodes, info.world_size // nnodes, 1, device_type=info.device_type)
-        return estimate.model_state(shape, s.shard_world, info.rank % s.shard_world, 4).optimizer
-    except Exception:  # noqa: BLE001  (a best-effort early check; the exact one follows)
+        return estimate.compute(shape, s, info.rank % s.shard_world)
+    except Exception:  # noqa: BLE001  (a best-effort early check; the exact ones follow)
         return None
 
 

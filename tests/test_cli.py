@@ -232,19 +232,21 @@ def test_the_host_memory_line_counts_every_rank_of_the_node_and_says_what_helps(
              ("parallel.optimizer_offload=true",): None}
     for overrides, text in cases.items():
         cfg = load_config(None, list(overrides))
-        need = trainer.predicted_host_bytes(cfg, info)
+        predicted = trainer.offload_estimate(cfg, info)
+        need = predicted.cpu_per_rank
         assert need and need > (1 << 20) // 8
         with pytest.raises(UserError) as e:
-            trainer.check_host_memory(cfg, info)
+            trainer.check_host_memory(cfg, info, predicted)
         if text:
             from fsdptrain.core.units import format_bytes
 
             assert str(e.value) == text.format(format_bytes(8 * need), format_bytes(need))
         cfg = load_config(None, [*overrides, "parallel.host_memory_check=false"])
-        trainer.check_host_memory(cfg, info)  # skipped
+        trainer.check_host_memory(cfg, info, trainer.offload_estimate(cfg, info))  # skipped
     monkeypatch.setattr(stats, "available_host_bytes", lambda: None)  # nothing to read: skipped, said once
     capsys.readouterr()
-    trainer.check_host_memory(load_config(None, ["parallel.optimizer_offload=true"]), info)
+    cfg = load_config(None, ["parallel.optimizer_offload=true"])
+    trainer.check_host_memory(cfg, info, trainer.offload_estimate(cfg, info))
     out = capsys.readouterr()
     assert (out.out + out.err).strip().splitlines()[-1] == ("parallel.host_memory_check: skipped (no /proc/meminfo "
                                                             "or memory cgroup to read)")
